@@ -1,0 +1,14 @@
+"""Typed configuration dataclasses. Imports nothing else from the package."""
+
+from megatron_vlm.config.checkpoint import CheckpointConfig
+from megatron_vlm.config.data import DataConfig
+from megatron_vlm.config.job import JobConfig, apply_overrides, from_dict, load_yaml
+from megatron_vlm.config.model import LLMConfig, ModelConfig, YarnConfig
+from megatron_vlm.config.optim import OptimConfig
+from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.config.train import TrainConfig
+
+__all__ = [
+    "CheckpointConfig", "DataConfig", "JobConfig", "LLMConfig", "ModelConfig", "OptimConfig",
+    "ParallelConfig", "TrainConfig", "YarnConfig", "apply_overrides", "from_dict", "load_yaml",
+]

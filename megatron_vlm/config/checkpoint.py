@@ -1,0 +1,29 @@
+"""Checkpoint configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """Where and when to save; whether to resume."""
+
+    dir: str | None = None
+    """Checkpoint root; None = <train.output_dir>/checkpoints."""
+    save_interval: int = 0
+    """Steps between saves (0 = only at the end and on SIGTERM)."""
+    resume: bool = False
+    """Resume from the newest complete checkpoint under ``dir`` if one exists."""
+    load: str | None = None
+    """Load this specific checkpoint directory (overrides ``resume``'s search)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after a successful save."""
+    save_on_exit: bool = True
+    """Save when training ends or on SIGTERM."""
+
+    def __post_init__(self) -> None:
+        if self.save_interval < 0:
+            raise ValueError("checkpoint.save_interval must be >= 0")
+        if self.keep_last < 1:
+            raise ValueError("checkpoint.keep_last must be >= 1")

@@ -1,0 +1,181 @@
+"""JobConfig joins the per-concern configs; dotted overrides and YAML for saving what ran."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from megatron_vlm.config.checkpoint import CheckpointConfig
+from megatron_vlm.config.data import DataConfig
+from megatron_vlm.config.model import ModelConfig
+from megatron_vlm.config.optim import OptimConfig
+from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.config.train import TrainConfig
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """Everything one run needs; built by a recipe, edited by overrides, saved as YAML."""
+
+    name: str = "job"
+    """Recipe name (for logs)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data and packing."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, logging, failure policy."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+
+    def __post_init__(self) -> None:
+        llm, par = self.model.llm, self.parallel
+        if llm.num_attention_heads % par.tp:
+            ok = [d for d in range(1, llm.num_attention_heads + 1) if llm.num_attention_heads % d == 0]
+            raise ValueError(
+                f"parallel.tp={par.tp} does not divide model.llm.num_attention_heads="
+                f"{llm.num_attention_heads}; choose tp in {ok}"
+            )
+        if llm.num_experts is not None:
+            if llm.num_experts % par.ep:
+                raise ValueError(
+                    f"parallel.ep={par.ep} does not divide model.llm.num_experts={llm.num_experts}"
+                )
+            if par.tp > 1 and not par.sequence_parallel:
+                raise ValueError(
+                    f"parallel.tp={par.tp} with MoE requires sequence parallelism in megatron-core "
+                    "0.16.1 (moe_layer.py:380); set parallel.sequence_parallel=true"
+                )
+        if llm.num_layers % par.pp:
+            raise ValueError(
+                f"parallel.pp={par.pp} does not divide model.llm.num_layers={llm.num_layers}"
+            )
+        if self.data.seq_length > llm.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} exceeds model.llm.max_position_embeddings="
+                f"{llm.max_position_embeddings}; raise the latter or enable YaRN"
+            )
+        align = 2 * par.cp * par.tp if (par.cp > 1 or par.sequence_parallel) else 1
+        if self.data.seq_length % align:
+            raise ValueError(
+                f"data.seq_length={self.data.seq_length} must be a multiple of 2*cp*tp={align}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass type in an annotation (``X`` or ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(unknown)} for {cls.__name__}; "
+                         f"valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = _dataclass_of(hints[key])
+        kwargs[key] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML-parsed override value against the field annotation."""
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"override {key}=null but the field is not optional")
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+        raise ValueError(f"override {key}={value!r} does not match type {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"override {key}={value!r}: choose one of {list(args)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"override {key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"override {key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"override {key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        return str(value)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"override {key}={value!r}: expected a list like [1,2]")
+        return value
+    return value
+
+
+def apply_overrides(job: JobConfig, overrides: list[str]) -> JobConfig:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) and re-validate."""
+    data = job.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        cls: type = JobConfig
+        node = data
+        for i, part in enumerate(parts):
+            hints = _field_types(cls)
+            if part not in hints:
+                valid = sorted(f.name for f in dataclasses.fields(cls))
+                raise ValueError(f"unknown config field {'.'.join(parts[: i + 1])!r}; "
+                                 f"valid here: {valid}")
+            if i == len(parts) - 1:
+                node[part] = _coerce(yaml.safe_load(raw), hints[part], key)
+            else:
+                sub = _dataclass_of(hints[part])
+                if sub is None:
+                    raise ValueError(f"{'.'.join(parts[: i + 1])!r} is not a config section")
+                cls, node = sub, node[part]
+    return from_dict(JobConfig, data)
+
+
+def load_yaml(path: str) -> JobConfig:
+    """Load a JobConfig saved with :meth:`JobConfig.to_yaml`."""
+    with open(path) as f:
+        return from_dict(JobConfig, yaml.safe_load(f))

@@ -1,0 +1,162 @@
+"""Model configuration: the Kimi K2 / DeepSeek-V3 style MoE LLM with MLA (SPEC §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class YarnConfig:
+    """YaRN RoPE extension (SPEC §2). Off when ``factor`` is 1."""
+
+    factor: float = 1.0
+    """Context extension factor s (K2.5: 64)."""
+    original_max_position_embeddings: int = 4096
+    """L0: the context length the base RoPE was trained at."""
+    beta_fast: float = 32.0
+    """Rotations per window above which dims are extrapolated (high-frequency end)."""
+    beta_slow: float = 1.0
+    """Rotations per window below which dims are interpolated (low-frequency end)."""
+    mscale: float = 1.0
+    """m in mscale(s, m) = 0.1 m ln s + 1 for cos/sin."""
+    mscale_all_dim: float = 1.0
+    """m' dividing the cos/sin scale; softmax scale gets mscale(s, m')^2. 0 means 1 (HF rule)."""
+
+    def __post_init__(self) -> None:
+        if self.factor < 1.0:
+            raise ValueError(f"model.yarn.factor={self.factor} must be >= 1 (1 disables YaRN)")
+        if self.beta_fast < self.beta_slow:
+            raise ValueError(
+                f"model.yarn.beta_fast={self.beta_fast} < beta_slow={self.beta_slow}; "
+                "beta_fast must be the larger (e.g. 32 and 1)"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.factor > 1.0
+
+
+@dataclass(kw_only=True)
+class LLMConfig:
+    """The language model: MLA attention, DeepSeek-V3 style MoE, RMSNorm, SwiGLU."""
+
+    vocab_size: int = 163840
+    """Vocabulary size (padded vocab is computed from it and TP)."""
+    hidden_size: int = 7168
+    """Model width."""
+    num_layers: int = 61
+    """Transformer layers."""
+    num_attention_heads: int = 64
+    """Attention heads."""
+    q_lora_rank: int | None = 1536
+    """Rank of the query down-projection; None = full q_proj (Moonlight / Kimi-VL)."""
+    kv_lora_rank: int = 512
+    """Rank of the compressed KV latent."""
+    qk_nope_head_dim: int = 128
+    """Per-head query/key dim without RoPE."""
+    qk_rope_head_dim: int = 64
+    """Per-head query/key dim with RoPE (the rope key is shared across heads)."""
+    v_head_dim: int = 128
+    """Per-head value dim."""
+    ffn_hidden_size: int = 18432
+    """FFN size of the dense layers."""
+    num_dense_layers: int = 1
+    """The first layers use a dense FFN (Kimi K2: 1, DeepSeek-V3: 3)."""
+    num_experts: int | None = 384
+    """Routed experts per MoE layer; None = dense model."""
+    moe_router_topk: int = 8
+    """Experts per token."""
+    num_shared_experts: int = 1
+    """Shared experts (their FFN is num_shared_experts * moe_ffn_hidden_size wide)."""
+    moe_ffn_hidden_size: int = 2048
+    """FFN size of one routed expert."""
+    moe_router_score_function: Literal["sigmoid", "softmax"] = "sigmoid"
+    """Router score function."""
+    moe_router_topk_scaling_factor: float = 2.827
+    """Routed scaling factor applied to the normalised top-k probabilities."""
+    moe_router_num_groups: int | None = None
+    """Expert groups for group-limited routing (DeepSeek-V3: 8); None = off."""
+    moe_router_group_topk: int | None = None
+    """Groups selected per token (DeepSeek-V3: 4)."""
+    moe_router_enable_expert_bias: bool = True
+    """Aux-loss-free balancing with a per-expert routing bias."""
+    moe_router_bias_update_rate: float = 1e-3
+    """Step of the expert-bias sign rule per global batch."""
+    moe_aux_loss_coeff: float = 0.0
+    """Sequence-level auxiliary balance loss coefficient (0 = off)."""
+    moe_token_dispatcher: Literal["allgather", "alltoall"] = "alltoall"
+    """megatron-core token dispatcher."""
+    rope_theta: float = 50000.0
+    """RoPE base."""
+    yarn: YarnConfig = field(default_factory=YarnConfig)
+    """YaRN context extension."""
+    norm_epsilon: float = 1e-6
+    """RMSNorm epsilon."""
+    init_method_std: float = 0.02
+    """Std of the normal weight init."""
+    untie_embeddings: bool = True
+    """Separate input embedding and output head (Kimi K2: untied)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout on residual branches."""
+    max_position_embeddings: int = 131072
+    """Longest sequence the model is configured for."""
+    qk_clip: bool = False
+    """Record per-head max logits for QK-Clip (MuonClip)."""
+    qk_clip_threshold: float = 100.0
+    """QK-Clip tau."""
+    log_max_attention_logit: bool = False
+    """Record per-head max attention logits for logging only."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_attention_heads <= 0:
+            raise ValueError("model.llm hidden_size, num_layers and num_attention_heads must be > 0")
+        if self.num_dense_layers > self.num_layers:
+            raise ValueError(
+                f"model.llm.num_dense_layers={self.num_dense_layers} exceeds "
+                f"num_layers={self.num_layers}; set num_dense_layers <= num_layers"
+            )
+        if self.num_experts is not None:
+            if self.moe_router_topk > self.num_experts:
+                raise ValueError(
+                    f"model.llm.moe_router_topk={self.moe_router_topk} > num_experts="
+                    f"{self.num_experts}; choose topk <= num_experts"
+                )
+            if (self.moe_router_num_groups is None) != (self.moe_router_group_topk is None):
+                raise ValueError(
+                    "model.llm.moe_router_num_groups and moe_router_group_topk must be set "
+                    "together (e.g. 8 and 4) or both left None"
+                )
+            if self.moe_router_num_groups and self.num_experts % self.moe_router_num_groups:
+                raise ValueError(
+                    f"model.llm.moe_router_num_groups={self.moe_router_num_groups} does not "
+                    f"divide num_experts={self.num_experts}"
+                )
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key head dim including the rope part (K2: 192)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return 0 if self.num_experts is None else self.num_layers - self.num_dense_layers
+
+    @property
+    def moe_layer_freq(self) -> list[int]:
+        """megatron's per-layer pattern: 0 = dense FFN, 1 = MoE."""
+        if self.num_experts is None:
+            return [0] * self.num_layers
+        return [0] * self.num_dense_layers + [1] * (self.num_layers - self.num_dense_layers)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The whole model. The vision tower and projector join in the vision-tower issue."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    """Language model."""
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Parameter/compute dtype (bf16 keeps fp32 main params in the optimizer)."""

@@ -1,0 +1,211 @@
+"""Core attention for packed (THD) sequences when Transformer Engine is absent.
+
+megatron-core 0.16.1's local ``DotProductAttention`` rejects MLA's separate k/v head dims, packed
+THD batches and context parallelism, and records no max logits (SPEC §6). This module is the
+``core_attention`` submodule of our local layer specs:
+
+* ``sbhd`` input ``[s, b, np, hn]`` or packed ``thd`` input ``[t, np, hn]`` with ``cu_seqlens``
+  (block-diagonal, causal or bidirectional), where documents may be padded
+  (``cu_seqlens_*_padded``): padding keys are never attended;
+* key and value head dims may differ (MLA: 192 vs 128);
+* per-head max of the scaled pre-softmax logit over unmasked entries, kept as
+  ``current_max_attn_logits`` (the attribute megatron's ``MLASelfAttention.clip_qk`` reads) when
+  ``config.qk_clip`` or ``config.log_max_attention_logit`` is set.
+
+Computation uses torch SDPA with a boolean mask; when max logits are recorded, the logits are
+formed explicitly (same math, one extra read) so the max is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def segment_ids_from_cu_seqlens(
+    cu_seqlens: torch.Tensor, total: int, cu_seqlens_real: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token document id and validity for a packed sequence.
+
+    Args:
+        cu_seqlens: ``[n + 1]`` cumulative (padded) document boundaries.
+        total: number of tokens in the packed sequence (``>= cu_seqlens[-1]``; tokens after the
+            last boundary are padding).
+        cu_seqlens_real: ``[n + 1]`` cumulative real lengths; token ``i`` of document ``d`` is
+            valid when ``i - start_d < real_len_d``. ``None`` means all tokens are real.
+
+    Returns:
+        ``(segment_ids [total], valid [total])``; trailing padding gets segment id ``-1``.
+    """
+    cu = cu_seqlens.to(torch.long).cpu()
+    lengths = cu[1:] - cu[:-1]
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    pos = torch.arange(int(cu[-1])) - torch.repeat_interleave(cu[:-1], lengths)
+    if cu_seqlens_real is not None:
+        real = (cu_seqlens_real[1:] - cu_seqlens_real[:-1]).to(torch.long).cpu()
+        valid = pos < torch.repeat_interleave(real, lengths)
+    else:
+        valid = torch.ones_like(seg, dtype=torch.bool)
+    tail = total - int(cu[-1])
+    if tail < 0:
+        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but the sequence has {total} tokens")
+    seg = torch.cat([seg, torch.full((tail,), -1, dtype=seg.dtype)])
+    valid = torch.cat([valid, torch.zeros(tail, dtype=torch.bool)])
+    return seg, valid
+
+
+def packed_attention_mask(
+    segment_ids: torch.Tensor, valid: torch.Tensor, causal: bool
+) -> torch.Tensor:
+    """Boolean ``[t, t]`` mask (True = attend) for a packed sequence.
+
+    A query attends keys of its own document that are real (not padding), and earlier ones when
+    causal. A padding query attends only itself, so its (unused) output stays finite.
+    """
+    same = segment_ids[:, None] == segment_ids[None, :]
+    mask = same & valid[None, :] & (segment_ids[None, :] >= 0)
+    if causal:
+        mask = mask & torch.ones_like(mask).tril()
+    eye = torch.eye(len(segment_ids), dtype=torch.bool, device=mask.device)
+    mask = torch.where(valid[:, None], mask, eye)
+    return mask
+
+
+class PackedSelfAttention(MegatronModule):
+    """``core_attention`` for megatron-core layer specs: SDPA over padded or packed sequences."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise NotImplementedError(
+                "PackedSelfAttention does not support context parallelism yet; set "
+                "parallel.cp=1 (CP for the non-TE path is tracked in the parallel-layouts issue)"
+            )
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.k_channels = k_channels or config.kv_channels
+        self.v_channels = v_channels or config.kv_channels
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.k_channels)
+        )
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+        self.record_max_logits = bool(config.qk_clip or config.log_max_attention_logit)
+        # Per local head, max over all calls since the last reset (megatron's clip_qk resets it).
+        self.current_max_attn_logits: torch.Tensor | None = None
+
+    def _is_causal(self, attn_mask_type: AttnMaskType | None) -> bool:
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        return mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """Attention output: ``[s, b, np * hv]`` for sbhd input, ``[t, np, hv]`` for thd input."""
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by PackedSelfAttention")
+        causal = self._is_causal(attn_mask_type)
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._forward_thd(query, key, value, causal, packed_seq_params)
+        # sbhd -> [b, np, s, hn]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        mask = None
+        if attention_mask is not None:
+            # megatron masks are True where attention is *forbidden*.
+            mask = ~attention_mask.bool()
+            if causal:
+                sq, sk = q.shape[2], k.shape[2]
+                mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        elif causal:
+            sq, sk = q.shape[2], k.shape[2]
+            mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        out = self._attend(q, k, v, mask)  # [b, np, s, hv]
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+    def _forward_thd(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        causal: bool,
+        params: PackedSeqParams,
+    ) -> torch.Tensor:
+        squeeze_batch = query.dim() == 4  # [t, 1, np, hn] from non-MLA attention
+        if squeeze_batch:
+            query, key, value = (x.squeeze(1) for x in (query, key, value))
+        if params.cu_seqlens_q_padded is not None:
+            cu_q, cu_q_real = params.cu_seqlens_q_padded, params.cu_seqlens_q
+        else:
+            cu_q, cu_q_real = params.cu_seqlens_q, None
+        seg, valid = segment_ids_from_cu_seqlens(cu_q, query.shape[0], cu_q_real)
+        mask = packed_attention_mask(seg, valid, causal).to(query.device)
+        # [t, np, hn] -> [1, np, t, hn]
+        q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
+        # Padding queries attend themselves only to stay finite; they never count in max logits.
+        record_mask = mask & valid.to(mask.device)[:, None]
+        out = self._attend(q, k, v, mask, record_mask)[0].permute(1, 0, 2)  # [t, np, hv]
+        if squeeze_batch:
+            out = out.reshape(out.shape[0], 1, -1)
+        return out.contiguous()
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        mask: torch.Tensor | None,
+        record_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``q, k [b, np, s, hk]``, ``v [b, np, s, hv]``, ``mask [s, s]`` True = attend."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.record_max_logits:
+            self._record_max_logits(q, k, mask if record_mask is None else record_mask)
+        if dropout_p > 0.0:
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale
+                )
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
+    @torch.no_grad()
+    def _record_max_logits(
+        self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
+    ) -> None:
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        per_head = logits.amax(dim=(0, 2, 3))  # [np]
+        if self.current_max_attn_logits is None:
+            self.current_max_attn_logits = per_head
+        else:
+            self.current_max_attn_logits = torch.maximum(self.current_max_attn_logits, per_head)

@@ -1,0 +1,190 @@
+"""The LLM: a megatron-core ``GPTModel`` with MLA and DeepSeek-V3 style MoE, from ``LLMConfig``.
+
+``build_transformer_config`` is the one place our config becomes megatron's
+``MLATransformerConfig``; every field that matters is set explicitly, because some megatron
+defaults are traps for this family (``rotary_scaling_factor=40``, ``mscale_all_dim=0.0``,
+``moe_router_load_balancing_type='aux_loss'``, ``add_bias_linear=True``...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+from megatron_vlm.config.model import LLMConfig
+from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.models.attention import PackedSelfAttention
+from megatron_vlm.models.router import PaddingFreeTopKRouter
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Vocab padded so each TP shard is a multiple of ``multiple`` (megatron's convention)."""
+    step = multiple * tp
+    return ((vocab_size + step - 1) // step) * step
+
+
+def build_transformer_config(
+    llm: LLMConfig, parallel: ParallelConfig, params_dtype: str = "fp32"
+) -> MLATransformerConfig:
+    """Map our LLM config onto megatron-core's ``MLATransformerConfig``, field by field."""
+    dtype = _DTYPES[params_dtype]
+    on_gpu = torch.cuda.is_available()
+    moe = llm.num_experts is not None
+    yarn = llm.yarn
+    # HF treats mscale_all_dim == 0 as "absent" (-> 1 in the ratio); megatron only None. We follow
+    # HF (the reference users compare against): mscale(s, 0) == 1 either way, so pass it through.
+    kwargs = dict(
+        # --- shape
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        # --- block structure
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_epsilon,
+        qk_layernorm=True,  # MLA's q_a_layernorm / kv_a_layernorm
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=llm.hidden_dropout,
+        attention_dropout=llm.attention_dropout,
+        init_method_std=llm.init_method_std,
+        # --- MLA
+        multi_latent_attention=True,
+        q_lora_rank=llm.q_lora_rank,
+        kv_lora_rank=llm.kv_lora_rank,
+        qk_head_dim=llm.qk_nope_head_dim,
+        qk_pos_emb_head_dim=llm.qk_rope_head_dim,
+        v_head_dim=llm.v_head_dim,
+        rope_type="yarn" if yarn.enabled else "rope",
+        rotary_base=llm.rope_theta,
+        rotary_percent=1.0,
+        rotary_scaling_factor=yarn.factor,
+        original_max_position_embeddings=yarn.original_max_position_embeddings,
+        beta_fast=yarn.beta_fast,
+        beta_slow=yarn.beta_slow,
+        mscale=yarn.mscale,
+        mscale_all_dim=yarn.mscale_all_dim,
+        qk_clip=llm.qk_clip,
+        qk_clip_threshold=llm.qk_clip_threshold,
+        log_max_attention_logit=llm.log_max_attention_logit,
+        # --- parallelism
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp,
+        context_parallel_size=parallel.cp,
+        expert_model_parallel_size=parallel.ep,
+        expert_tensor_parallel_size=parallel.etp if parallel.etp is not None else parallel.tp,
+        sequence_parallel=parallel.sequence_parallel,
+        # --- numerics / kernels
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        # --- loss: global per-token mean across micro-batches and DP ranks (SPEC §11)
+        calculate_per_token_loss=True,
+    )
+    if moe:
+        kwargs.update(
+            num_moe_experts=llm.num_experts,
+            moe_layer_freq=llm.moe_layer_freq,
+            moe_ffn_hidden_size=llm.moe_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=(
+                llm.moe_ffn_hidden_size * llm.num_shared_experts
+                if llm.num_shared_experts
+                else None
+            ),
+            moe_shared_expert_overlap=False,
+            moe_router_topk=llm.moe_router_topk,
+            moe_router_score_function=llm.moe_router_score_function,
+            moe_router_topk_scaling_factor=llm.moe_router_topk_scaling_factor,
+            moe_router_num_groups=llm.moe_router_num_groups,
+            moe_router_group_topk=llm.moe_router_group_topk,
+            moe_router_enable_expert_bias=llm.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=llm.moe_router_bias_update_rate,
+            moe_router_pre_softmax=False,
+            moe_router_dtype="fp32",
+            moe_router_load_balancing_type="seq_aux_loss" if llm.moe_aux_loss_coeff else "none",
+            moe_aux_loss_coeff=llm.moe_aux_loss_coeff,
+            moe_token_dispatcher_type=llm.moe_token_dispatcher,
+            moe_grouped_gemm=False,
+            moe_expert_capacity_factor=None,  # dropless
+            moe_permute_fusion=False,
+            moe_router_fusion=False,
+        )
+    return MLATransformerConfig(**kwargs)
+
+
+def _replace_core_modules(layer_spec: ModuleSpec) -> ModuleSpec:
+    """Swap in our core attention and padding-free router (local spec, no TE)."""
+    sub = layer_spec.submodules
+    attn = dataclasses.replace(
+        sub.self_attention,
+        submodules=dataclasses.replace(
+            sub.self_attention.submodules, core_attention=PackedSelfAttention
+        ),
+    )
+    mlp = sub.mlp
+    if hasattr(mlp, "submodules") and hasattr(mlp.submodules, "router"):
+        mlp = dataclasses.replace(
+            mlp, submodules=dataclasses.replace(mlp.submodules, router=PaddingFreeTopKRouter)
+        )
+    new_sub = dataclasses.replace(sub, self_attention=attn, mlp=mlp)
+    return dataclasses.replace(layer_spec, submodules=new_sub)
+
+
+def llm_block_spec(
+    config: MLATransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None
+) -> TransformerBlockSubmodules:
+    """The decoder block spec for this pipeline stage: megatron's local MLA/MoE layers with our
+    packed attention and router (Transformer Engine specs arrive with the GPU-path issue)."""
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=False, normalization="RMSNorm",
+        vp_stage=vp_stage, pp_rank=pp_rank,
+    )
+    block.layer_specs = [_replace_core_modules(s) for s in block.layer_specs]
+    return block
+
+
+def build_llm(
+    llm: LLMConfig,
+    parallel: ParallelConfig,
+    params_dtype: str = "fp32",
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+    pg_collection=None,
+) -> GPTModel:
+    """Build this rank's part of the LLM (process groups must be initialised)."""
+    config = build_transformer_config(llm, parallel, params_dtype)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=llm_block_spec(config, vp_stage=vp_stage),
+        vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
+        max_sequence_length=llm.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not llm.untie_embeddings,
+        position_embedding_type="none",  # MLA applies RoPE inside attention
+        vp_stage=vp_stage,
+        pg_collection=pg_collection,
+    )

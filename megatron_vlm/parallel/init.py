@@ -1,0 +1,68 @@
+"""Process-group setup: torch.distributed (gloo|nccl) and megatron-core's model-parallel groups."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for single-process and test rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) -> int:
+    """Initialise torch.distributed and megatron's groups; returns the data-parallel size.
+
+    Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) and as a plain single
+    process (world size 1 on a free localhost port).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    apply_cpu_shims()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        backend = parallel.backend
+        if backend == "auto":
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    world = dist.get_world_size()
+    dp = parallel.data_parallel_size(world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            virtual_pipeline_model_parallel_size=parallel.vpp,
+            context_parallel_size=parallel.cp,
+            expert_model_parallel_size=parallel.ep,
+            expert_tensor_parallel_size=parallel.etp,
+        )
+    model_parallel_cuda_manual_seed(seed)
+    return dp
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,22 @@
+"""Recipes: functions returning a JobConfig. Import only ``megatron_vlm.config``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from megatron_vlm.config import JobConfig
+from megatron_vlm.recipes.kimi import kimi_k25, kimi_vl_a3b
+from megatron_vlm.recipes.tiny import tiny_cpu
+
+RECIPES: dict[str, Callable[[], JobConfig]] = {
+    "tiny_cpu": tiny_cpu,
+    "kimi_vl_a3b": kimi_vl_a3b,
+    "kimi_k25": kimi_k25,
+}
+
+
+def get_recipe(name: str) -> JobConfig:
+    """The JobConfig of recipe ``name``, with a helpful error for unknown names."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]()
