@@ -7,6 +7,10 @@ cost expert FLOPs, all-to-all bandwidth and (with capacity) displace real tokens
 clears the routing of padding tokens, so with a dropless dispatcher they reach no expert (their
 MoE output is the shared expert's alone, and it is masked out of the loss anyway).
 
+It also fixes the expert-bias token count with a padding mask: ``router.py:542`` computes
+``routing_map & (~padding_mask)`` with shapes ``[T, E]`` and ``[T]``, which raises (or, when
+``T == E``, silently masks the wrong axis).
+
 Mask convention: as in megatron's code (``moe_utils.py:794``, ``router.py:541``), ``True`` marks a
 *padding* token (its docstrings say the opposite; the code is what runs).
 """
@@ -19,6 +23,13 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 class PaddingFreeTopKRouter(TopKRouter):
     """``TopKRouter`` whose routing map and probabilities are zero for padding tokens."""
+
+    def _apply_expert_bias(
+        self, routing_map: torch.Tensor, padding_mask: torch.Tensor | None = None
+    ) -> None:
+        if padding_mask is not None:
+            routing_map = routing_map & ~padding_mask.reshape(-1, 1).bool()
+        super()._apply_expert_bias(routing_map, padding_mask=None)
 
     def routing(
         self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None

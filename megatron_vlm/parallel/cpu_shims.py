@@ -157,8 +157,13 @@ def _shim_type_asserts() -> None:
     @functools.wraps(orig_type)
     def _type(self: torch.Tensor, *args: Any, **kwargs: Any):
         out = orig_type(self, *args, **kwargs)
-        if not args and not kwargs and isinstance(out, str) and out.startswith("torch.") and (
-            self.device.type == "cpu"
+        if (
+            not args
+            and not kwargs
+            and isinstance(out, str)
+            and out.startswith("torch.")
+            and not out.startswith("torch.cuda.")
+            and self.device.type == "cpu"
         ):
             return out.replace("torch.", "torch.cuda.", 1)
         return out

@@ -1,0 +1,1 @@
+"""Optimizers and schedules; they see models only through parameters and state dicts."""

@@ -1,0 +1,62 @@
+"""Build this rank's model chunks and wrap them in megatron-core DDP."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_vlm.config.job import JobConfig
+from megatron_vlm.models.llm import build_llm
+
+
+def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronModule]:
+    """This rank's model chunk(s) (one per virtual pipeline stage), optionally DDP-wrapped.
+
+    The megatron ``TransformerConfig`` of each chunk is told how to finalise gradients
+    (DP all-reduce, expert-bias update, per-token loss scaling) and how to sync under gradient
+    accumulation -- the hooks megatron's pipeline schedules call.
+    """
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = job.parallel.vpp or 1
+    chunks = []
+    for vp_stage in range(vpp):
+        first = pp_rank == 0 and vp_stage == 0
+        last = pp_rank == pp_size - 1 and vp_stage == vpp - 1
+        model = build_llm(
+            job.model.llm, job.parallel, job.model.params_dtype,
+            pre_process=first, post_process=last,
+            vp_stage=vp_stage if job.parallel.vpp else None,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    if not wrap_ddp:
+        return chunks
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=job.parallel.use_distributed_optimizer,
+        check_for_nan_in_grad=False,  # the trainer skips non-finite steps itself, all ranks agreeing
+        bucket_size=None,
+    )
+    wrapped = [
+        DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m,
+                                disable_bucketing=(i > 0))
+        for i, m in enumerate(chunks)
+    ]
+    for m in wrapped:
+        cfg = m.config
+        cfg.finalize_model_grads_func = finalize_model_grads
+        cfg.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        cfg.grad_sync_func = None
+        cfg.param_sync_func = None
+    return wrapped
+
+
+def unwrap(model: MegatronModule) -> MegatronModule:
+    """The bare model inside a DDP wrapper."""
+    return model.module if isinstance(model, DistributedDataParallel) else model

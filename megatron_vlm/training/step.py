@@ -1,0 +1,62 @@
+"""``forward_step`` for megatron-core's pipeline schedules: PackedBatch -> model -> loss.
+
+The loss is a global per-token mean (SPEC §11): each micro-batch returns its *sum* of token
+losses and its token count; megatron's ``finalize_model_grads`` divides gradients by the token
+count all-reduced over micro-batches and DP ranks (``calculate_per_token_loss=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_vlm.data.contract import PackedBatch
+
+
+def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqParams:
+    """THD parameters for megatron attention: real and padded cumulative lengths."""
+    cu = batch.cu_seqlens.to(device=device, dtype=torch.int32)
+    cu_pad = batch.cu_seqlens_padded.to(device=device, dtype=torch.int32)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu_pad,
+        cu_seqlens_kv_padded=cu_pad,
+        max_seqlen_q=batch.max_seqlen,
+        max_seqlen_kv=batch.max_seqlen,
+    )
+
+
+def model_inputs(batch: PackedBatch, device: torch.device) -> dict:
+    """Keyword arguments of ``GPTModel.forward`` for one packed micro-batch."""
+    return dict(
+        input_ids=batch.tokens.to(device),
+        position_ids=batch.position_ids.to(device),
+        attention_mask=None,
+        labels=batch.labels.to(device),
+        packed_seq_params=packed_seq_params(batch, device),
+        padding_mask=batch.padding_mask.to(device),
+    )
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses and the token count (megatron's per-token-loss protocol)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[PackedBatch], model):
+    """One micro-batch forward; returns the output and the loss function to apply to it."""
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    inputs = model_inputs(batch, device)
+    output = model(**inputs)
+    return output, partial(loss_func, batch.loss_mask.to(device))
