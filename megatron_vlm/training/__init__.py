@@ -1,0 +1,1 @@
+"""Training: the one place that wires data, model, optimizer and checkpoint together."""

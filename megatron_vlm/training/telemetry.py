@@ -1,0 +1,72 @@
+"""MoE telemetry: expert loads per layer and expert-bias drift.
+
+megatron-core's ``finalize_model_grads`` updates the expert bias from ``local_tokens_per_expert``
+and then zeroes those counters (``distributed/finalize_model_grads.py:477``,
+``reset_model_temporary_tensors``), so the loads must be read inside it: ``FinalizeWithTelemetry``
+wraps megatron's function, snapshots the counters (summed over TP x CP x DP like megatron does),
+and calls it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+
+def routers_of(model_chunks: list) -> list:
+    """Every MoE router with an expert bias, in layer order."""
+    found = []
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if hasattr(module, "expert_bias") and module.expert_bias is not None:
+                found.append(module)
+    return found
+
+
+class FinalizeWithTelemetry:
+    """``config.finalize_model_grads_func`` that records expert loads before megatron resets them."""
+
+    def __init__(self, model_chunks: list) -> None:
+        self.routers = routers_of(model_chunks)
+        self.last_loads: list[torch.Tensor] = []
+
+    def __call__(self, model, *args, **kwargs):
+        if self.routers:
+            loads = torch.stack([r.local_tokens_per_expert.detach().clone() for r in self.routers])
+            if dist.is_initialized():
+                dist.all_reduce(
+                    loads,
+                    group=parallel_state.get_tensor_and_data_parallel_group(
+                        with_context_parallel=True
+                    ),
+                )
+            self.last_loads = list(loads)
+        return finalize_model_grads(model, *args, **kwargs)
+
+
+def expert_bias_snapshot(routers: list) -> list[torch.Tensor]:
+    """Copies of every router's expert bias (to restore after a skipped step, or measure drift)."""
+    return [r.expert_bias.detach().clone() for r in routers]
+
+
+def restore_expert_bias(routers: list, snapshot: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for router, saved in zip(routers, snapshot):
+            router.expert_bias.copy_(saved)
+
+
+def moe_metrics(
+    loads: list[torch.Tensor], routers: list, bias_at_start: list[torch.Tensor]
+) -> dict[str, float]:
+    """Per-layer max/mean expert load and expert-bias drift (L_inf distance from the start)."""
+    out: dict[str, float] = {}
+    for i, (load, router) in enumerate(zip(loads, routers)):
+        name = f"moe/layer{router.layer_number}"
+        mean = load.float().mean().item()
+        out[f"{name}/max_over_mean_load"] = load.float().max().item() / mean if mean > 0 else 0.0
+        if i < len(bias_at_start):
+            drift = (router.expert_bias.detach().float() - bias_at_start[i].float()).abs().max()
+            out[f"{name}/bias_drift"] = drift.item()
+    return out

@@ -1,0 +1,215 @@
+"""The training loop: data -> model -> loss -> optimizer -> checkpoint.
+
+``train(job)`` reads top to bottom: set up, maybe resume, then per step: this rank's micro-batches
+-> megatron's forward-backward schedule -> all ranks agree the loss is finite (else skip and count)
+-> optimizer + LR step -> metrics -> periodic validation and checkpoint. SIGTERM saves and exits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_vlm.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_vlm.config.job import JobConfig
+from megatron_vlm.optim.builder import build_optimizer
+from megatron_vlm.optim.schedules import build_scheduler
+from megatron_vlm.parallel.init import init_distributed
+from megatron_vlm.training.data_setup import DataSetup, build_data
+from megatron_vlm.training.flops import llm_flops_per_token
+from megatron_vlm.training.metrics import MetricsLogger, plot_loss_curves
+from megatron_vlm.training.model_setup import build_model_chunks
+from megatron_vlm.training.state import StopSignal, TrainState
+from megatron_vlm.training.step import forward_step
+from megatron_vlm.training import telemetry
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss."""
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind (for the CLI and tests)."""
+
+    state: TrainState
+    final_valid_loss: dict[str, float]
+    first_valid_loss: dict[str, float]
+    checkpoint: Path | None
+    stopped_by_signal: bool
+
+
+def _reduce_loss_reports(reports: list[dict]) -> torch.Tensor:
+    """[sum of token losses, token count] of this step over micro-batches, PP and DP ranks."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for r in reports:
+        total += r["lm loss"].detach().to("cpu", torch.float64)
+    if dist.is_initialized():
+        # Only the last pipeline stage holds losses; the others contribute zeros.
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(
+            total, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+    return total
+
+
+def _agree_any(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (one small collective per step)."""
+    t = torch.tensor([float(f) for f in flags])
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def run_forward_backward(chunks, batches, seq_length: int, forward_only: bool) -> torch.Tensor:
+    """megatron's schedule over this rank's micro-batches; returns [loss_sum, tokens]."""
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=chunks,
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+    return _reduce_loss_reports(reports)
+
+
+@torch.no_grad()
+def evaluate(chunks, data: DataSetup, seq_length: int) -> dict[str, float]:
+    """Per-token mean validation loss for each held-out dataset."""
+    for c in chunks:
+        c.eval()
+    out = {}
+    for name, batches in data.valid.items():
+        total = run_forward_backward(chunks, batches, seq_length, forward_only=True)
+        out[name] = (total[0] / total[1].clamp(min=1)).item()
+    for c in chunks:
+        c.train()
+    return out
+
+
+def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, stop: StopSignal):
+    """One optimizer step; returns (loss, tokens, grad_norm, skipped, stop_requested)."""
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    bias_before = telemetry.expert_bias_snapshot(routers)
+    total = run_forward_backward(chunks, batches, seq_length, forward_only=False)
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    nonfinite, stop_requested = _agree_any(not torch.isfinite(total[0]).item(), stop.requested)
+    if nonfinite:
+        # The expert-bias update ran inside finalize_model_grads: undo it with the step.
+        telemetry.restore_expert_bias(routers, bias_before)
+        return loss, int(total[1].item()), float("nan"), True, stop_requested
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return loss, int(total[1].item()), float(grad_norm or 0.0), False, stop_requested
+
+
+def _save(job, run_dir, ckpt_root, state, chunks, optimizer, scheduler, data, bias0) -> Path:
+    extra = {
+        "train_state": state.to_dict(),
+        "loader": data.loader.state_dict(),
+        "expert_bias_at_start": [b.tolist() for b in bias0],
+    }
+    return save_checkpoint(
+        ckpt_root, state.step, chunks, optimizer, scheduler, extra, job.to_yaml(),
+        keep_last=job.checkpoint.keep_last,
+    )
+
+
+def train(job: JobConfig) -> TrainResult:
+    """Run (or resume) the job; returns the final state and validation losses."""
+    dp = init_distributed(job.parallel, job.train.seed)
+    rank = dist.get_rank()
+    run_dir = Path(job.train.output_dir)
+    ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
+    data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+                      run_dir=run_dir)
+    chunks = build_model_chunks(job)
+    routers = telemetry.routers_of(chunks)
+    finalize = telemetry.FinalizeWithTelemetry(chunks)
+    for c in chunks:
+        c.config.finalize_model_grads_func = finalize
+    optimizer = build_optimizer(job.optim, chunks, job.model.params_dtype,
+                                job.parallel.use_distributed_optimizer)
+    scheduler = build_scheduler(job.optim, optimizer, job.train.steps)
+    state, bias0 = TrainState(), telemetry.expert_bias_snapshot(routers)
+
+    resume_from = Path(job.checkpoint.load) if job.checkpoint.load else (
+        find_latest_checkpoint(ckpt_root) if job.checkpoint.resume else None)
+    if resume_from is not None:
+        extra = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+        state = TrainState.from_dict(extra["train_state"])
+        data.loader.load_state_dict(extra["loader"])
+        bias0 = [torch.tensor(b) for b in extra["expert_bias_at_start"]]
+
+    metrics = MetricsLogger(run_dir, is_writer=rank == 0, tensorboard=job.train.tensorboard,
+                            total_steps=job.train.steps)
+    if resume_from is not None:
+        metrics.message(f"resumed from {resume_from} at step {state.step}")
+    seq_len = job.data.seq_length
+    flops_per_token = llm_flops_per_token(job.model.llm, seq_len)
+    world = dist.get_world_size()
+    first_valid = evaluate(chunks, data, seq_len) if state.step == 0 else {}
+    if first_valid:
+        metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in first_valid.items()})
+    stop, last_ckpt, steps_here, stopped = StopSignal(), None, 0, False
+
+    while state.step < job.train.steps:
+        t0 = time.perf_counter()
+        batches = data.loader.next_global_batch()
+        loss, tokens, grad_norm, skipped, stop_requested = train_step(
+            chunks, optimizer, scheduler, batches, seq_len, routers, stop)
+        dt = time.perf_counter() - t0
+        state.step += 1
+        steps_here += 1
+        state.consumed_sequences += job.data.global_batch_size
+        state.consumed_tokens += tokens
+        state.skipped_steps += int(skipped)
+        state.consecutive_nonfinite = state.consecutive_nonfinite + 1 if skipped else 0
+        if state.consecutive_nonfinite >= job.train.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss (last at "
+                f"step {state.step}); lower optim.lr or check the data. Raise "
+                "train.max_consecutive_nonfinite to tolerate more.")
+        seq_tokens = job.data.global_batch_size * seq_len
+        tflops = flops_per_token * seq_tokens / dt / world / 1e12
+        values = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                  "tokens_per_s": seq_tokens / dt, "tflops_per_device": tflops,
+                  "mfu": tflops / job.train.peak_tflops, "skipped_steps": state.skipped_steps,
+                  "step_time_s": dt,
+                  **telemetry.moe_metrics(finalize.last_loads, routers, bias0)}
+        metrics.log(state.step, "train", values, progress=state.step % job.train.log_interval == 0)
+        if job.train.eval_interval and state.step % job.train.eval_interval == 0:
+            metrics.log(state.step, "valid",
+                        {f"loss/{k}": v for k, v in evaluate(chunks, data, seq_len).items()})
+        done_here = job.train.exit_after_steps is not None and steps_here >= job.train.exit_after_steps
+        save_now = (job.checkpoint.save_interval and state.step % job.checkpoint.save_interval == 0)
+        if save_now or stop_requested or done_here:
+            last_ckpt = _save(job, run_dir, ckpt_root, state, chunks, optimizer, scheduler, data, bias0)
+        if stop_requested or done_here:
+            stopped = stop_requested
+            metrics.message(f"stopping at step {state.step} "
+                            f"({'signal' if stop_requested else 'exit_after_steps'}); "
+                            f"checkpoint {last_ckpt}")
+            break
+    else:
+        if job.checkpoint.save_on_exit and (last_ckpt is None or
+                                            not last_ckpt.name.endswith(f"{state.step:07d}")):
+            last_ckpt = _save(job, run_dir, ckpt_root, state, chunks, optimizer, scheduler, data, bias0)
+
+    final_valid = evaluate(chunks, data, seq_len)
+    metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in final_valid.items()})
+    metrics.close()
+    if rank == 0 and job.train.plot:
+        plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    stop.restore()
+    return TrainResult(state, final_valid, first_valid, last_ckpt, stopped)
