@@ -1,0 +1,1 @@
+"""Models: built from megatron-core modules through specs. Never import data/training/optim/checkpoint."""
