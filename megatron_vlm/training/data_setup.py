@@ -58,5 +58,6 @@ def build_data(job: JobConfig, dp_rank: int, dp_size: int, run_dir: Path) -> Dat
         seed=job.data.seed, pad_to_multiple=job.data.pad_to_multiple,
     )
     num_valid = max(job.train.eval_batches, dp_size)
-    all_valid = validation_batches(corpus_dir / "valid.txt", tok, job.data.seq_length, num_valid)
+    all_valid = validation_batches(corpus_dir / "valid.txt", tok, job.data.seq_length, num_valid,
+                                   pad_to_multiple=job.data.pad_to_multiple)
     return DataSetup(tok, loader, {"text": all_valid[dp_rank::dp_size]})
