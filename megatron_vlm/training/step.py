@@ -17,9 +17,18 @@ from megatron_vlm.data.contract import PackedBatch
 
 
 def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqParams:
-    """THD parameters for megatron attention: real and padded cumulative lengths."""
-    cu = batch.cu_seqlens.to(device=device, dtype=torch.int32)
-    cu_pad = batch.cu_seqlens_padded.to(device=device, dtype=torch.int32)
+    """THD parameters for megatron attention: real and padded cumulative lengths.
+
+    Tail padding after the last document becomes one empty document (real length 0), because
+    megatron's THD RoPE (``rope_utils.py:235``) splits the sequence by the padded boundaries and
+    needs them to cover all S tokens.
+    """
+    cu = batch.cu_seqlens.to(dtype=torch.int32)
+    cu_pad = batch.cu_seqlens_padded.to(dtype=torch.int32)
+    if int(cu_pad[-1]) < batch.seq_length:
+        cu = torch.cat([cu, cu[-1:]])
+        cu_pad = torch.cat([cu_pad, torch.tensor([batch.seq_length], dtype=torch.int32)])
+    cu, cu_pad = cu.to(device), cu_pad.to(device)
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
