@@ -1,0 +1,192 @@
+"""Parameter counts of the LLM: closed form from ``LLMConfig`` (SPEC §2), counted from a built
+module, and a way to build the full-size model on the ``meta`` device (no memory, seconds).
+
+Groups (same keys in both counts, so a mismatch names its part):
+
+* ``embedding``: input word embeddings, ``vocab x hidden``.
+* ``attention``: MLA projections and the two latent RMSNorms (q_a_layernorm, kv_a_layernorm).
+* ``layer_norms``: per-layer input and pre-MLP RMSNorms and the final norm.
+* ``dense_mlp``: SwiGLU FFN of the first ``num_dense_layers`` layers.
+* ``router``: the MoE gate ``num_experts x hidden`` (the expert bias is a buffer, not counted).
+* ``routed_experts``: all routed experts.
+* ``shared_experts``: the shared expert(s).
+* ``output_layer``: the untied output head (0 when tied).
+
+``activated`` counts what one token uses: everything except the routed experts it is not sent to
+(``topk`` of ``num_experts`` per MoE layer), embeddings and head included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_vlm.config.model import LLMConfig
+from megatron_vlm.config.parallel import ParallelConfig
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+
+PARAM_GROUPS = (
+    "embedding", "attention", "layer_norms", "dense_mlp", "router", "routed_experts",
+    "shared_experts", "output_layer",
+)
+
+
+def _padded_vocab(vocab_size: int, tp: int) -> int:
+    # Same rule as models.llm.padded_vocab_size; kept here so the closed form imports no megatron.
+    step = 128 * tp
+    return ((vocab_size + step - 1) // step) * step
+
+
+def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
+    """Parameters of the whole (unsharded) LLM from its dimensions.
+
+    Args:
+        llm: the LLM config.
+        tp: tensor-parallel size, only for the vocabulary padding megatron applies
+            (``vocab`` rounded up to a multiple of ``128 * tp``).
+
+    Returns:
+        One count per group of :data:`PARAM_GROUPS`, plus ``total``, ``activated`` (per token) and
+        ``expert`` (one routed expert).
+    """
+    h = llm.hidden_size
+    n = llm.num_attention_heads
+    d_qk, d_v, d_rope = llm.qk_head_dim, llm.v_head_dim, llm.qk_rope_head_dim
+    vocab = _padded_vocab(llm.vocab_size, tp)
+
+    if llm.q_lora_rank is None:
+        q = h * n * d_qk  # q_proj
+    else:
+        q = h * llm.q_lora_rank + llm.q_lora_rank + llm.q_lora_rank * n * d_qk  # down, norm, up
+    kv = (
+        h * (llm.kv_lora_rank + d_rope)  # kv_down: latent + shared rope key
+        + llm.kv_lora_rank  # kv_a_layernorm
+        + llm.kv_lora_rank * n * (llm.qk_nope_head_dim + d_v)  # kv_up: k_nope and v per head
+    )
+    o = n * d_v * h
+    attention = llm.num_layers * (q + kv + o)
+
+    num_moe = llm.num_moe_layers
+    num_dense = llm.num_layers - num_moe
+    swiglu = 3 * h  # gate, up, down: 3 matrices of hidden x ffn
+    expert = swiglu * llm.moe_ffn_hidden_size
+    counts = {
+        "embedding": vocab * h,
+        "attention": attention,
+        "layer_norms": llm.num_layers * 2 * h + h,
+        "dense_mlp": num_dense * swiglu * llm.ffn_hidden_size,
+        "router": num_moe * (llm.num_experts or 0) * h,
+        "routed_experts": num_moe * (llm.num_experts or 0) * expert,
+        "shared_experts": num_moe * llm.num_shared_experts * expert,
+        "output_layer": vocab * h if llm.untie_embeddings else 0,
+    }
+    total = sum(counts.values())
+    inactive = num_moe * ((llm.num_experts or 0) - llm.moe_router_topk) * expert
+    return {**counts, "total": total, "activated": total - inactive, "expert": expert}
+
+
+# megatron-core 0.16.1 parameter names (local spec) -> group; first match wins.
+_GROUP_PATTERNS = (
+    ("embedding", re.compile(r"(^|\.)embedding\.word_embeddings\.")),
+    ("output_layer", re.compile(r"(^|\.)output_layer\.")),
+    ("attention", re.compile(r"\.self_attention\.")),
+    ("layer_norms", re.compile(r"(input_layernorm|pre_mlp_layernorm|final_layernorm)\.")),
+    ("router", re.compile(r"\.mlp\.router\.")),
+    ("routed_experts", re.compile(r"\.mlp\.experts\.")),
+    ("shared_experts", re.compile(r"\.mlp\.shared_experts\.")),
+    ("dense_mlp", re.compile(r"\.mlp\.linear_fc[12]\.")),
+)
+
+
+def count_module_params(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters held by ``model`` (this rank's shard under TP/EP/PP), per group and ``total``.
+
+    Works on meta tensors. A parameter shared by two modules (tied embeddings) counts once.
+
+    Raises:
+        ValueError: a parameter name matches no group (the model has a part this count does not
+            know; extend ``_GROUP_PATTERNS``).
+    """
+    counts = dict.fromkeys(PARAM_GROUPS, 0)
+    for name, param in model.named_parameters():  # deduplicates shared parameters
+        for group, pattern in _GROUP_PATTERNS:
+            if pattern.search(name):
+                counts[group] += param.numel()
+                break
+        else:
+            raise ValueError(f"parameter {name!r} belongs to no group of {PARAM_GROUPS}")
+    counts["total"] = sum(counts[g] for g in PARAM_GROUPS)
+    return counts
+
+
+class _AllocateOnMeta(TorchFunctionMode):
+    """Every tensor a torch call creates or moves lands on ``meta``.
+
+    megatron-core 0.16.1 allocates weights with
+    ``torch.empty(..., device=torch.cuda.current_device())`` (``tensor_parallel/layers.py:873``,
+    ``moe/experts.py:184``), moves buffers with ``.to(device=...)``
+    (``rotary_pos_embedding.py:162``, ``yarn_rotary_pos_embedding.py:122``), and creates the router
+    weight with no device at all (``moe/router.py:54``). ``with torch.device('meta')`` covers only
+    the last kind, so this mode rewrites explicit devices too.
+    It sits above the CPU shim's cuda->cpu mode, so it sees (and rewrites) calls first.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is not None:
+            kwargs["device"] = "meta"
+        if func is torch.Tensor.to and len(args) > 1 and isinstance(args[1], (str, torch.device)):
+            args = (args[0], "meta", *args[2:])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def allocate_on_meta() -> Iterator[None]:
+    """Within this context, torch and megatron-core allocate every tensor on ``meta``."""
+    with torch.device("meta"), _AllocateOnMeta():
+        yield
+
+
+def build_llm_on_meta(
+    llm: LLMConfig,
+    parallel: ParallelConfig,
+    params_dtype: str = "bf16",
+    *,
+    pre_process: bool = True,
+    post_process: bool = True,
+) -> GPTModel:
+    """This rank's part of the LLM with every parameter and buffer on ``meta`` (no memory).
+
+    The same config, spec and ``GPTModel`` arguments as :func:`megatron_vlm.models.llm.build_llm`,
+    but with ``perform_initialization=False`` (initialising 1T meta parameters through megatron's
+    CPU-init path costs 4x the build time) and ``use_cpu_initialization=True`` (no per-rank RNG
+    forks). Kimi K2.5 (61 layers, 60 x 384 ``SequentialMLP`` experts) builds in ~6 s on one core.
+    Process groups must be initialised for ``parallel`` (as for ``build_llm``).
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_vlm.models.llm import build_transformer_config, llm_block_spec, padded_vocab_size
+
+    config = build_transformer_config(llm, parallel, params_dtype)
+    config.use_cpu_initialization = True
+    config.perform_initialization = False
+    with allocate_on_meta():
+        # Keep these arguments in step with models/llm.py::build_llm; the tiny-model test checks
+        # that the two builds have the same parameter names and shapes.
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=llm_block_spec(config),
+            vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
+            max_sequence_length=llm.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=not llm.untie_embeddings,
+            position_embedding_type="none",
+        )
