@@ -1,0 +1,160 @@
+"""Model FLOPs of the LLM, the way Megatron-LM counts them (SPEC §8), and MFU.
+
+megatron-core 0.16.1 does not ship the FLOPs formula: it lives in Megatron-LM's
+``megatron/training/training.py::num_floating_point_operations`` (SPEC §6). This module
+re-implements its multi-latent-attention + MoE branch as a function of our ``LLMConfig``, so that
+MFU numbers are comparable with Megatron-LM / Megatron-Bridge reports.
+
+Conventions (identical to Megatron-LM):
+
+* A GEMM of an ``[m, n]`` by ``[n, k]`` operand costs ``2 m n k`` FLOPs (one multiply, one add per
+  multiply-accumulate, MAC).
+* Training costs 3x the forward pass: forward, backward data-gradient, backward weight-gradient are
+  one GEMM of the same size each. So every per-token MAC below is multiplied by ``3 * 2 = 6``.
+* Only matrix multiplies count, plus one MAC per element for the two MLA latent RMSNorms (the
+  ``+ 1`` terms Megatron-LM carries); elementwise ops, softmax, RoPE, the other norms and the
+  router GEMM (``hidden x num_experts``, about 0.5% for Kimi K2) are not counted.
+* Core attention uses the configured sequence length; with a causal mask only half of the
+  ``seq x seq`` score matrix is computed (``/ 2``). With packed documents the real attention work is
+  smaller (block-diagonal); Megatron-LM still counts the full sequence and so do we.
+* The output layer uses the padded vocabulary the model is built with.
+"""
+
+from __future__ import annotations
+
+from megatron_vlm.config.model import LLMConfig
+
+#: SwiGLU: fc1 holds gate and up (two ``hidden x ffn`` matrices) plus fc2, i.e. 3 matrices where a
+#: plain MLP has 2; Megatron-LM's formula counts 2 GEMMs per MLP and scales by this.
+GATED_LINEAR_MULTIPLIER = 3.0 / 2.0
+
+#: FLOPs per MAC (2) times passes per training step (forward + 2 backward GEMMs = 3).
+TRAIN_FLOPS_PER_MAC = 3 * 2
+
+
+def _default_padded_vocab(vocab_size: int, multiple: int = 128) -> int:
+    """Vocab padded to ``multiple`` (megatron's convention at tp=1; see ``models/llm.py``)."""
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def llm_flops_breakdown_per_token(
+    llm: LLMConfig,
+    seq_length: int,
+    causal: bool = True,
+    padded_vocab_size: int | None = None,
+) -> dict[str, float]:
+    """Training FLOPs (forward + backward) per token, split by term, as Megatron-LM counts them.
+
+    Per token and per layer, with ``h`` hidden, ``n`` heads, ``d_nope``/``d_rope``/``d_v`` head
+    dims, ``r_q``/``r_kv`` the LoRA ranks and ``s`` the sequence length (MACs; times 6 for FLOPs):
+
+    * ``attn_q``: with ``r_q``: q_down ``h*r_q`` + q_a_layernorm ``r_q`` + q_up
+      ``r_q*n*(d_nope+d_rope)``; without: q_proj ``h*n*(d_nope+d_rope)``.
+    * ``attn_kv``: kv_down ``h*(r_kv+d_rope)`` + kv_a_layernorm ``r_kv`` + kv_up
+      ``r_kv*n*(d_nope+d_v)``.
+    * ``attn_out``: o_proj ``n*d_v*h``.
+    * ``attn_core``: ``Q K^T`` is ``s*n*(d_nope+d_rope)`` and ``P V`` is ``s*n*d_v`` per query
+      token, halved when causal.
+    * ``mlp_dense``: ``num_dense_layers`` SwiGLU layers, ``3*h*ffn`` each.
+    * ``mlp_routed``: ``num_moe_layers * topk`` experts, ``3*h*moe_ffn`` each.
+    * ``mlp_shared``: ``num_moe_layers`` shared experts, ``3*h*moe_ffn*num_shared`` each.
+    * ``logits``: output layer ``h*vocab`` (padded vocab).
+
+    Args:
+        llm: the LLM config.
+        seq_length: tokens per sequence the attention runs over.
+        causal: halve the core-attention work (causal mask).
+        padded_vocab_size: vocabulary of the output layer; default ``llm.vocab_size`` padded to a
+            multiple of 128 (megatron at tp=1; pass ``models.llm.padded_vocab_size(v, tp)``).
+
+    Returns:
+        FLOPs per token for each term above (keys as listed); their sum is the total.
+    """
+    if seq_length <= 0:
+        raise ValueError(f"seq_length={seq_length} must be > 0")
+    h = llm.hidden_size
+    n = llm.num_attention_heads
+    d_nope, d_rope, d_v = llm.qk_nope_head_dim, llm.qk_rope_head_dim, llm.v_head_dim
+    num_layers = llm.num_layers
+    vocab = padded_vocab_size or _default_padded_vocab(llm.vocab_size)
+
+    if llm.q_lora_rank is None:
+        q_macs = h * n * (d_nope + d_rope)
+    else:
+        q_macs = llm.q_lora_rank * (h + n * (d_nope + d_rope) + 1)
+    kv_macs = llm.kv_lora_rank * (h + n * (d_nope + d_v) + 1) + h * d_rope
+    out_macs = n * d_v * h
+    core_macs = seq_length * n * (d_nope + d_rope) + seq_length * n * d_v
+    if causal:
+        core_macs /= 2  # only the lower triangle of the score matrix is computed
+
+    moe = llm.num_experts is not None
+    num_moe_layers = llm.num_moe_layers
+    num_dense_layers = num_layers - num_moe_layers
+    # Megatron-LM: 2 GEMMs per MLP (h -> ffn, ffn -> h) scaled by 3/2 for SwiGLU = 3 h*ffn MACs.
+    mlp_unit = 2 * GATED_LINEAR_MULTIPLIER * h
+    dense_macs = num_dense_layers * mlp_unit * llm.ffn_hidden_size
+    routed_macs = (
+        num_moe_layers * mlp_unit * llm.moe_ffn_hidden_size * llm.moe_router_topk if moe else 0.0
+    )
+    shared_macs = (
+        num_moe_layers * mlp_unit * llm.moe_ffn_hidden_size * llm.num_shared_experts
+        if moe
+        else 0.0
+    )
+
+    f = float(TRAIN_FLOPS_PER_MAC)
+    return {
+        "attn_q": f * num_layers * q_macs,
+        "attn_kv": f * num_layers * kv_macs,
+        "attn_out": f * num_layers * out_macs,
+        "attn_core": f * num_layers * core_macs,
+        "mlp_dense": f * dense_macs,
+        "mlp_routed": f * routed_macs,
+        "mlp_shared": f * shared_macs,
+        "logits": f * h * vocab,
+    }
+
+
+def llm_flops_per_token(
+    llm: LLMConfig,
+    seq_length: int,
+    causal: bool = True,
+    padded_vocab_size: int | None = None,
+) -> float:
+    """Training FLOPs (forward + backward) per token: Megatron-LM's
+    ``num_floating_point_operations(args, batch_size) / (batch_size * seq_length)``.
+
+    See :func:`llm_flops_breakdown_per_token` for the terms and arguments.
+    """
+    return sum(llm_flops_breakdown_per_token(llm, seq_length, causal, padded_vocab_size).values())
+
+
+def model_flops(
+    llm: LLMConfig,
+    num_tokens: int,
+    seq_length: int,
+    causal: bool = True,
+    padded_vocab_size: int | None = None,
+) -> float:
+    """Training FLOPs of ``num_tokens`` tokens in sequences of ``seq_length``.
+
+    For a step of ``global_batch_size`` sequences, ``num_tokens = global_batch_size * seq_length``
+    gives Megatron-LM's ``num_floating_point_operations(args, global_batch_size)``.
+    """
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens={num_tokens} must be >= 0")
+    return num_tokens * llm_flops_per_token(llm, seq_length, causal, padded_vocab_size)
+
+
+def mfu(tflops_per_s_per_device: float, peak_tflops: float) -> float:
+    """Model FLOPs utilisation as a fraction (0.4 = 40%).
+
+    Args:
+        tflops_per_s_per_device: achieved model TFLOP/s of one device (model FLOPs of the step
+            divided by step time and device count).
+        peak_tflops: the device's dense peak for the compute dtype (H100 bf16: 989).
+    """
+    if peak_tflops <= 0:
+        raise ValueError(f"peak_tflops={peak_tflops} must be > 0 (H100 bf16 dense: 989)")
+    return tflops_per_s_per_device / peak_tflops
