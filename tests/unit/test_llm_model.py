@@ -1,0 +1,81 @@
+"""The tiny LLM on packed batches exactly as the data contract (SPEC §11) allows them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_vlm.data.contract import PackedBatch
+
+
+@pytest.fixture(scope="module")
+def megatron_groups():
+    """World-size-1 process groups; reused when another test module already made them."""
+    from megatron.core import parallel_state
+
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
+    from megatron_vlm.parallel.init import init_distributed
+
+    if parallel_state.model_parallel_is_initialized():
+        apply_cpu_shims()
+    else:
+        init_distributed(ParallelConfig(), seed=1234)
+
+
+def packed_batch(tokens: torch.Tensor, real: list[int], spans: list[int]) -> PackedBatch:
+    """Documents of ``real`` lengths in padded ``spans``; ``tokens`` may extend past the spans
+    (tail padding, allowed by the contract: ``cu_seqlens_padded[-1] <= S``)."""
+    s = tokens.shape[1]
+    cu = torch.tensor([0, *torch.tensor(real).cumsum(0).tolist()], dtype=torch.int32)
+    cu_pad = torch.tensor([0, *torch.tensor(spans).cumsum(0).tolist()], dtype=torch.int32)
+    position_ids = torch.zeros(1, s, dtype=torch.long)
+    loss_mask = torch.zeros(1, s)
+    for start, n in zip(cu_pad[:-1].tolist(), real):
+        position_ids[0, start : start + n] = torch.arange(n)
+        loss_mask[0, start : start + n - 1] = 1.0
+    return PackedBatch(
+        tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=loss_mask,
+        position_ids=position_ids, cu_seqlens=cu, cu_seqlens_padded=cu_pad, max_seqlen=max(spans),
+    )
+
+
+@pytest.mark.parametrize(
+    "real,spans,tail",
+    [([10, 6], [12, 8], 4), ([4, 3], [4, 4], 16)],
+    ids=["short-tail", "tail-longer-than-every-document"],
+)
+def test_packed_batch_with_tail_padding(megatron_groups, real, spans, tail):
+    """A micro-batch whose last document ends before S (tail padding, which the contract and
+    ``data/packing.py`` produce) must run, and its real tokens' logits must equal those of the
+    same documents without the tail. The tail may be longer than every document (a nearly empty
+    micro-batch at the end of an epoch), i.e. longer than ``max_seqlen``."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.models.llm import build_llm
+    from megatron_vlm.recipes.tiny import tiny_llm
+    from megatron_vlm.training.step import model_inputs
+
+    torch.manual_seed(0)
+    model_parallel_cuda_manual_seed(0)
+    llm = dataclasses.replace(tiny_llm(vocab_size=128), init_method_std=0.2)
+    model = build_llm(llm, ParallelConfig()).eval()
+    tokens = torch.randint(0, 128, (1, sum(spans) + tail),
+                           generator=torch.Generator().manual_seed(2))
+    with_tail = packed_batch(tokens, real, spans)
+    without_tail = packed_batch(tokens[:, : sum(spans)], real, spans)
+
+    def logits(batch: PackedBatch) -> torch.Tensor:
+        inputs = model_inputs(batch, torch.device("cpu"))
+        inputs.pop("labels")
+        with torch.no_grad():
+            return model(**inputs)
+
+    ref = logits(without_tail)
+    out = logits(with_tail)
+    assert out.shape[1] == tokens.shape[1]
+    real_pos = ~with_tail.padding_mask[0, : sum(spans)]
+    torch.testing.assert_close(out[0, : sum(spans)][real_pos], ref[0][real_pos], atol=2e-5, rtol=0)
