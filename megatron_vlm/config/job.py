@@ -64,6 +64,10 @@ class JobConfig:
                 f"data.seq_length={self.data.seq_length} exceeds model.llm.max_position_embeddings="
                 f"{llm.max_position_embeddings}; raise the latter or enable YaRN"
             )
+        if self.optim.warmup_steps >= self.train.steps:
+            raise ValueError(
+                f"optim.warmup_steps={self.optim.warmup_steps} must be < train.steps="
+                f"{self.train.steps}; lower optim.warmup_steps or raise train.steps")
         align = 2 * par.cp * par.tp if (par.cp > 1 or par.sequence_parallel) else 1
         if self.data.seq_length % align:
             raise ValueError(
@@ -137,6 +141,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"override {key}={value!r}: expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e30" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"override {key}={value!r}: expected a number")
         return float(value)

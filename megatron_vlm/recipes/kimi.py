@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from megatron_vlm.config import (
-    DataConfig, JobConfig, LLMConfig, ModelConfig, OptimConfig, ParallelConfig, YarnConfig,
+    DataConfig, JobConfig, LLMConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig,
+    YarnConfig,
 )
 
 
@@ -45,6 +46,9 @@ def kimi_k25() -> JobConfig:
                                 use_distributed_optimizer=True),
         data=DataConfig(seq_length=4096, global_batch_size=4096, tokenizer_vocab_size=163840),
         optim=OptimConfig(lr=2e-4, min_lr=2e-5, warmup_steps=500, schedule="wsd"),
+        # 16.8M tokens per step (4096 x 4096): ~15T tokens is ~900k steps.
+        train=TrainConfig(steps=900_000, eval_interval=1000, log_interval=10,
+                          output_dir="runs/kimi_k25"),
     )
 
 
@@ -56,4 +60,7 @@ def kimi_vl_a3b() -> JobConfig:
         parallel=ParallelConfig(tp=1, pp=1, ep=8, use_distributed_optimizer=True),
         data=DataConfig(seq_length=8192, global_batch_size=1024, tokenizer_vocab_size=163840),
         optim=OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=500, schedule="wsd"),
+        # 8.4M tokens per step (1024 x 8192): ~4.4T tokens is ~520k steps.
+        train=TrainConfig(steps=520_000, eval_interval=1000, log_interval=10,
+                          output_dir="runs/kimi_vl_a3b"),
     )

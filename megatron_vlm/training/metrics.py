@@ -46,6 +46,8 @@ def format_eta(seconds: float | None) -> str:
 
 
 def _to_float(value: Any) -> float | None:
+    if value is None:  # already flattened: a non-finite value
+        return None
     if isinstance(value, torch.Tensor):
         value = value.detach().float().item()
     value = float(value)

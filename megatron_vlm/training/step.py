@@ -28,6 +28,8 @@ def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqPara
     if int(cu_pad[-1]) < batch.seq_length:
         cu = torch.cat([cu, cu[-1:]])
         cu_pad = torch.cat([cu_pad, torch.tensor([batch.seq_length], dtype=torch.int32)])
+    # The tail may be longer than every document: megatron sizes its RoPE table by max_seqlen.
+    max_seqlen = max(batch.max_seqlen, int((cu_pad[1:] - cu_pad[:-1]).max()))
     cu, cu_pad = cu.to(device), cu_pad.to(device)
     return PackedSeqParams(
         qkv_format="thd",
@@ -35,8 +37,8 @@ def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqPara
         cu_seqlens_kv=cu,
         cu_seqlens_q_padded=cu_pad,
         cu_seqlens_kv_padded=cu_pad,
-        max_seqlen_q=batch.max_seqlen,
-        max_seqlen_kv=batch.max_seqlen,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
     )
 
 

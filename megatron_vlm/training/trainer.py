@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vlm.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_vlm.config.job import JobConfig
+from megatron_vlm.models.llm import padded_vocab_size
 from megatron_vlm.optim.builder import build_optimizer
 from megatron_vlm.optim.schedules import build_scheduler
 from megatron_vlm.parallel.init import init_distributed
@@ -103,7 +105,12 @@ def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, 
     bias_before = telemetry.expert_bias_snapshot(routers)
     total = run_forward_backward(chunks, batches, seq_length, forward_only=False)
     loss = (total[0] / total[1].clamp(min=1)).item()
-    nonfinite, stop_requested = _agree_any(not torch.isfinite(total[0]).item(), stop.requested)
+    # A finite loss can still give NaN/Inf gradients, which would poison the weights: check the
+    # global grad norm before stepping (optimizer.step recomputes it; a small price on ~MBs).
+    optimizer.prepare_grads()
+    pre_norm = optimizer.get_grad_norm()
+    bad = not (torch.isfinite(total[0]).item() and math.isfinite(float(pre_norm or 0.0)))
+    nonfinite, stop_requested = _agree_any(bad, stop.requested)
     if nonfinite:
         # The expert-bias update ran inside finalize_model_grads: undo it with the step.
         telemetry.restore_expert_bias(routers, bias_before)
@@ -156,7 +163,9 @@ def train(job: JobConfig) -> TrainResult:
     if resume_from is not None:
         metrics.message(f"resumed from {resume_from} at step {state.step}")
     seq_len = job.data.seq_length
-    flops_per_token = llm_flops_per_token(job.model.llm, seq_len)
+    flops_per_token = llm_flops_per_token(
+        job.model.llm, seq_len,
+        padded_vocab_size=padded_vocab_size(job.model.llm.vocab_size, job.parallel.tp))
     world = dist.get_world_size()
     first_valid = evaluate(chunks, data, seq_len) if state.step == 0 else {}
     if first_valid:

@@ -21,10 +21,10 @@ def test_recipes_validate_and_roundtrip_yaml(name, tmp_path):
 
 def test_overrides_apply_with_types():
     job = apply_overrides(get_recipe("tiny_cpu"), [
-        "train.steps=7", "optim.lr=0.01", "model.llm.q_lora_rank=null",
+        "train.steps=17", "optim.lr=0.01", "model.llm.q_lora_rank=null",
         "optim.schedule=wsd", "model.llm.yarn.factor=4",
     ])
-    assert job.train.steps == 7 and job.optim.lr == 0.01 and job.model.llm.q_lora_rank is None
+    assert job.train.steps == 17 and job.optim.lr == 0.01 and job.model.llm.q_lora_rank is None
     assert job.optim.schedule == "wsd" and job.model.llm.yarn.factor == 4.0
 
 
@@ -66,3 +66,8 @@ def test_data_parallel_size_derivation():
     with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
         apply_overrides(job, ["parallel.pp=3", "model.llm.num_layers=3"]).parallel.data_parallel_size(4)
     assert isinstance(job, JobConfig)
+
+
+def test_warmup_longer_than_run_is_a_config_error():
+    with pytest.raises(ValueError, match="optim.warmup_steps=10 must be < train.steps=6"):
+        apply_overrides(get_recipe("tiny_cpu"), ["train.steps=6"])
