@@ -1,0 +1,205 @@
+"""Checkpoint manifest: what a complete checkpoint holds, and the checks that refuse a bad one.
+
+A checkpoint directory is ours and complete iff it has a ``manifest.json`` with our ``format``
+tag, and every file the manifest lists exists with the listed size (and, on a full check, the
+listed sha256). The manifest is the last thing written before the directory is renamed into
+place, so a crash mid-save never leaves a directory that passes these checks.
+
+Nothing here touches torch.distributed: these are plain file checks any process can run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "megatron_vlm.checkpoint"
+FORMAT_VERSION = 1
+_HASH_CHUNK = 1 << 22  # 4 MiB reads
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, foreign, or incompatible with this run."""
+
+
+def sha256_file(path: Path, fsync: bool = False) -> str:
+    """Hex sha256 of a file's bytes; optionally fsync it while it is open."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def list_files(ckpt_dir: Path) -> list[str]:
+    """Every regular file under ``ckpt_dir`` (relative POSIX paths, sorted), manifest excluded."""
+    out = []
+    for p in sorted(ckpt_dir.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(ckpt_dir).as_posix()
+            if rel != MANIFEST_NAME:
+                out.append(rel)
+    return out
+
+
+def file_entries(ckpt_dir: Path, rel_paths: Iterable[str], fsync: bool = False) -> list[dict]:
+    """``{"path", "size", "sha256"}`` for each file (fsynced on the way if asked)."""
+    entries = []
+    for rel in rel_paths:
+        p = ckpt_dir / rel
+        entries.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p, fsync)})
+    return entries
+
+
+def write_manifest(ckpt_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` and fsync it."""
+    path = ckpt_dir / MANIFEST_NAME
+    with open(path, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
+    """The parsed manifest of ``ckpt_dir``.
+
+    Raises:
+        CheckpointError: no directory, no manifest (a foreign directory), unparsable JSON,
+            another format tag, or a newer format version.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist")
+    path = ckpt_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise CheckpointError(
+            f"not a megatron_vlm checkpoint: no {MANIFEST_NAME} in {ckpt_dir} "
+            "(an interrupted save, or a directory written by another tool)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"corrupt manifest {path}: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CheckpointError(
+            f"not a megatron_vlm checkpoint: {path} has format {found!r}, expected {FORMAT!r}"
+        )
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version!r}; this megatron_vlm reads <= {FORMAT_VERSION}"
+        )
+    if not isinstance(manifest.get("files"), list):
+        raise CheckpointError(f"corrupt manifest {path}: no 'files' list")
+    return manifest
+
+
+def check_files(
+    ckpt_dir: Path, entries: Iterable[dict], hash_paths: set[str] | None = None
+) -> list[str]:
+    """Problems with the listed files: missing, wrong size, or (for ``hash_paths``) wrong sha256.
+
+    Returns one message per bad file, each naming the file; empty when all is well.
+    """
+    problems = []
+    for e in entries:
+        rel, size = e["path"], e["size"]
+        p = ckpt_dir / rel
+        if not p.is_file():
+            problems.append(f"missing file {p}")
+            continue
+        actual = p.stat().st_size
+        if actual != size:
+            problems.append(f"wrong size for {p}: {actual} bytes, manifest says {size}")
+            continue
+        if hash_paths is not None and rel in hash_paths:
+            digest = sha256_file(p)
+            if digest != e["sha256"]:
+                problems.append(f"sha256 mismatch for {p}: {digest[:16]}..., "
+                                f"manifest says {e['sha256'][:16]}...")
+    return problems
+
+
+def verify_checkpoint(path: Path, full: bool = False) -> dict[str, Any]:
+    """Check a checkpoint directory against its manifest; return the manifest.
+
+    Args:
+        path: the checkpoint directory (``<root>/step_0000123``).
+        full: also compare every file's sha256 (reads all bytes); otherwise sizes only.
+
+    Raises:
+        CheckpointError: naming the first bad file (and how many are bad), or the manifest problem.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    entries = manifest["files"]
+    hash_paths = {e["path"] for e in entries} if full else None
+    raise_problems(path, check_files(path, entries, hash_paths))
+    return manifest
+
+
+def raise_problems(path: Path, problems: list[str]) -> None:
+    """Raise one CheckpointError summarising ``problems`` (no-op when empty)."""
+    if not problems:
+        return
+    more = ""
+    if len(problems) > 1:
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:4])})"
+    raise CheckpointError(f"checkpoint {path} is damaged: {problems[0]}{more}")
+
+
+# --- model-config compatibility -----------------------------------------------------------------
+
+
+def model_section(config_yaml: str | None) -> Any:
+    """The ``model`` section of a JobConfig YAML (None if there is no YAML or no such section)."""
+    if not config_yaml:
+        return None
+    data = yaml.safe_load(config_yaml)
+    return data.get("model") if isinstance(data, dict) else None
+
+
+def structural_hash(obj: Any) -> str:
+    """sha256 of a canonical JSON rendering (key order and YAML formatting do not matter)."""
+    canon = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def diff_fields(a: Any, b: Any, prefix: str) -> list[str]:
+    """Dotted paths where two nested dicts differ, with both values: ``"model.x: 1 != 2"``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            key = f"{prefix}.{k}"
+            if k not in a:
+                out.append(f"{key}: absent in checkpoint, {b[k]!r} now")
+            elif k not in b:
+                out.append(f"{key}: {a[k]!r} in checkpoint, absent now")
+            else:
+                out.extend(diff_fields(a[k], b[k], key))
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} in checkpoint != {b!r} now"]
+
+
+def check_model_config(manifest: dict[str, Any], config_yaml: str, ckpt_dir: Path) -> None:
+    """Refuse a checkpoint whose model section differs from ``config_yaml``'s, naming the fields."""
+    current = model_section(config_yaml)
+    if manifest.get("model_config_sha256") == structural_hash(current):
+        return
+    saved = model_section(manifest.get("config_yaml"))
+    diffs = diff_fields(saved, current, "model")
+    if not diffs:  # same parsed values, hash of an older rendering: compatible
+        return
+    raise CheckpointError(
+        f"checkpoint {ckpt_dir} was saved with a different model config: " + "; ".join(diffs)
+    )
