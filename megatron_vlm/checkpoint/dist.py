@@ -1,0 +1,807 @@
+"""Distributed checkpoints on megatron-core ``dist_checkpointing`` (torch_dist format), atomic.
+
+Layout of one checkpoint::
+
+    <root>/step_0000123/
+        __0_0.distcp ...      model + optimizer tensors (megatron torch_dist, any TP/PP/EP layout)
+        .metadata             torch DCP index of the above
+        common.pt             rank 0's non-sharded state: scheduler, step, optimizer param groups
+        metadata.json         megatron's backend tag
+        rank_00000.pt ...     per rank: RNG states and the caller's ``extra`` (data-loader state...)
+        manifest.json         ours, written last: step, config, versions, layout, every file's
+                              size and sha256
+
+A save writes into ``<root>/.tmp-step_0000123-<random>``, fsyncs, writes the manifest and renames
+the directory into place, so a crash mid-save leaves only a ``.tmp-*`` directory that resume
+ignores. Every file is read back only through ``torch.load(weights_only=True)``, JSON, or a
+restricted unpickler (see ``_SafeMetadataReader``).
+
+The module sees models only through ``sharded_state_dict``/``load_state_dict``.
+
+megatron-core 0.16.1 specifics handled here:
+
+* The torch_dist save strategy writes through ``FileSystemWriterAsync``, which even for a
+  synchronous save starts a ``spawn`` multiprocessing Manager (re-importing ``__main__``) and
+  forks one writer process per bucket (``strategies/filesystem_async.py:54,266``).
+  ``_InProcessFileSystemWriter`` writes the same buckets in this process instead.
+* ``common.pt`` is read with ``torch.load(map_location='cpu')`` and no ``weights_only``
+  argument (``strategies/common.py:86``): safe only because torch >= 2.6 defaults to
+  ``weights_only=True`` and an env var (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) can flip it.
+  ``_SafeCommonLoadStrategy`` passes ``weights_only=True`` explicitly.
+* ShardedObjects (the model's ``_extra_state`` entries, DistributedOptimizer param groups under
+  ``dp_reshardable``) are unpickled by torch DCP's ``DefaultLoadPlanner.load_bytes`` with
+  ``weights_only=False`` (torch 2.13 ``default_planner.py:387``), and DCP's ``.metadata`` with a
+  bare ``pickle.load`` (``filesystem.py:930``). ``_SafeTorchDistLoadStrategy`` swaps in a
+  planner and a reader that do neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import logging
+import os
+import pickle
+import queue
+import re
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from enum import Enum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.strategies import filesystem_async as _fs_async
+from megatron.core.dist_checkpointing.strategies import torch as _torch_strategy
+from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+    CachedMetadataFileSystemReader,
+)
+from megatron.core.dist_checkpointing.strategies.common import (
+    COMMON_STATE_FNAME,
+    TorchCommonLoadStrategy,
+)
+from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+from megatron_vlm.checkpoint.manifest import (
+    FORMAT,
+    FORMAT_VERSION,
+    CheckpointError,
+    check_files,
+    check_model_config,
+    file_entries,
+    list_files,
+    model_section,
+    raise_problems,
+    read_manifest,
+    structural_hash,
+    write_manifest,
+)
+from megatron_vlm.checkpoint.rng import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger(__name__)
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+TMP_PREFIX = ".tmp-"
+
+# Passed to every sharded_state_dict call (model and optimizer) on save, stored in the manifest,
+# and passed back on load so both sides describe the same layout. ``dp_reshardable``: each
+# DistributedOptimizer buffer shard is one tensor; reshardable across DP only (SPEC §6).
+_SHARDED_METADATA = {
+    "distrib_optim_sharding_type": "dp_reshardable",
+    "singleton_local_shards": False,
+    "chained_optim_avoid_prefix": True,
+}
+
+
+# --- collectives (tensor-only, so nothing is unpickled across ranks) ----------------------------
+
+
+def _rank_world() -> tuple[int, int]:
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "megatron dist_checkpointing needs torch.distributed: call "
+            "megatron_vlm.parallel.init.init_distributed first"
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_json(obj: Any) -> list[Any]:
+    """Every rank's JSON-serialisable ``obj``, in rank order."""
+    world = dist.get_world_size()
+    if world == 1:
+        return [json.loads(json.dumps(obj))]
+    device = _comm_device()
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    max_size = int(max(s.item() for s in sizes))
+    padded = torch.zeros(max_size, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [
+        json.loads(bytes(g[: int(s.item())].cpu().tolist()).decode())
+        for g, s in zip(gathered, sizes)
+    ]
+
+
+def _agree(check: Callable[[], Any]) -> Any:
+    """Run ``check`` on every rank; if it raised CheckpointError on any, raise it on all.
+
+    A refusal seen by one rank only (a file visible to some nodes) must not leave the others
+    blocked in the next collective.
+    """
+    try:
+        result, error = check(), None
+    except CheckpointError as e:
+        result, error = None, str(e)
+    errors = [e for e in _all_gather_json(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    return result
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    """Rebind ``module.name`` for the duration of the block (megatron has no hook there)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+# --- save strategy: torch_dist, written in this process -----------------------------------------
+
+
+def _write_buckets_in_process(
+    transform_list: list, rank: int, write_buckets: list, results_queue: queue.Queue
+) -> None:
+    """In-process stand-in for ``FileSystemWriterAsync.write_preloaded_data_multiproc``.
+
+    Same per-bucket writer (with fsync), same result protocol, no forked workers.
+    """
+    # filesystem_async.py:642 raises without psutil (not a megatron-core dependency) just to log
+    # memory use; in megatron's forked workers that kills the worker before it reports.
+    no_psutil = contextlib.nullcontext()
+    if not _fs_async.HAVE_PSUTIL:
+        no_psutil = _patched(_fs_async, "_process_memory", lambda: 0)
+    with no_psutil:
+        # An exception goes into the queue, as from megatron's workers: its finalize step then
+        # reports the failure on every rank instead of leaving the others in a collective.
+        results_queue.put(_write_buckets(transform_list, write_buckets))
+
+
+def _write_buckets(transform_list: list, write_buckets: list) -> dict[int, list] | Exception:
+    results: dict[int, list] = {}
+    for idx, bucket in enumerate(write_buckets):
+        local_q: queue.Queue = queue.Queue()
+        count_q: queue.Queue = queue.Queue()
+        count_q.put(idx)
+        _fs_async.FileSystemWriterAsync.write_preloaded_data(
+            transform_list, idx, bucket, local_q, count_q, use_fsync=True
+        )
+        _, out = local_q.get_nowait()
+        if isinstance(out, Exception):
+            return out
+        results[idx] = out
+    return results
+
+
+class _InProcessFileSystemWriter(_fs_async.FileSystemWriterAsync):
+    """megatron 0.16.1's async writer, made synchronous and in-process (see module docstring)."""
+
+    def prepare_write_data(self, plan, planner) -> None:
+        # filesystem_async.py:54 would start a spawn-context Manager for the results queue.
+        with _patched(_fs_async, "_get_write_results_queue", queue.Queue):
+            super().prepare_write_data(plan, planner)
+
+    def get_save_function_and_args(self):
+        fn, preload_fn, args = super().get_save_function_and_args()
+        if fn is None:
+            return fn, preload_fn, args
+        transform_list = [self.transforms] if hasattr(self, "transforms") else []
+        return partial(_write_buckets_in_process, transform_list), preload_fn, args
+
+
+class _InProcessTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
+    """The torch_dist save strategy with :class:`_InProcessFileSystemWriter`; used synchronously."""
+
+    def __init__(self) -> None:
+        # thread_count=1: one data file per rank (the in-process writer is sequential anyway).
+        super().__init__("torch_dist", 1, thread_count=1)
+
+    def async_save(self, sharded_state_dict, checkpoint_dir):
+        with _patched(_torch_strategy, "FileSystemWriterAsync", _InProcessFileSystemWriter):
+            return super().async_save(sharded_state_dict, checkpoint_dir)
+
+
+# --- load strategies: nothing is unpickled unrestricted ----------------------------------------
+
+
+def _weights_only_load(source: Path | io.BytesIO, what: str) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a refused object becomes a CheckpointError."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text goes on to suggest weights_only=False; never for a checkpoint.
+        reason = str(e).split(" In PyTorch 2.6")[0]
+        raise CheckpointError(
+            f"refusing to load {what}: {reason} It holds objects other than tensors and plain "
+            "containers (written by another tool, or tampered with)."
+        ) from e
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickler for torch DCP's ``.metadata``: constructs only DCP's own plain data classes
+    (dataclasses and enums of its metadata/planner/filesystem modules), torch dtypes, layouts,
+    memory formats and ``torch.Size``; anything else is refused."""
+
+    _DCP_MODULES = frozenset({
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.planner",
+        "torch.distributed.checkpoint.filesystem",
+    })
+    _GLOBALS = frozenset({
+        ("torch.serialization", "_get_layout"),  # layout name -> torch.layout
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    })
+    _TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._DCP_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, Enum)):
+                return obj
+        elif module == "torch":
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, self._TORCH_VALUE_TYPES):
+                return obj
+        elif (module, name) in self._GLOBALS:
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"refusing to unpickle {module}.{name} from a torch DCP .metadata file"
+        )
+
+
+class _SafeMetadataReader(CachedMetadataFileSystemReader):
+    """Reads ``.metadata`` with :class:`_MetadataUnpickler` (torch 2.13 ``FileSystemReader.
+    read_metadata`` is a bare ``pickle.load``); otherwise the same reader megatron uses."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        if self._cached_metadata is None:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            self._cached_metadata = metadata
+        return self._cached_metadata
+
+
+def _safe_reader(checkpoint_dir, cache_metadata: bool = False) -> _SafeMetadataReader:
+    return _SafeMetadataReader(checkpoint_dir)
+
+
+class _SafeLoadPlanner(_torch_strategy.MCoreLoadPlanner):
+    """megatron's load planner, but ShardedObject bytes load with ``weights_only=True``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = _weights_only_load(value, f"checkpoint object {read_item.dest_index.fqn!r}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class _SafeTorchDistLoadStrategy(_torch_strategy.TorchDistLoadShardedStrategy):
+    """megatron's torch_dist load strategy with the safe planner and reader swapped in."""
+
+    @contextlib.contextmanager
+    def _safe(self) -> Iterator[None]:
+        with (
+            _patched(_torch_strategy, "MCoreLoadPlanner", _SafeLoadPlanner),
+            _patched(_torch_strategy, "_get_filesystem_reader", _safe_reader),
+        ):
+            yield
+
+    def load(self, sharded_state_dict, checkpoint_dir):
+        with self._safe():
+            return super().load(sharded_state_dict, checkpoint_dir)
+
+    def load_tensors_metadata(self, checkpoint_dir, metadata=None):
+        with self._safe():
+            return super().load_tensors_metadata(checkpoint_dir, metadata)
+
+    def load_sharded_metadata(self, checkpoint_dir):
+        with self._safe():
+            return super().load_sharded_metadata(checkpoint_dir)
+
+
+class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
+    """``common.pt`` with an explicit ``weights_only=True`` (see module docstring)."""
+
+    def load_common(self, checkpoint_dir):
+        path = Path(checkpoint_dir) / COMMON_STATE_FNAME
+        if not path.is_file():
+            raise CheckpointError(f"missing file {path}")
+        return _weights_only_load(path, str(path))
+
+    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+        # torch_dist handles ShardedObjects itself; megatron's fallback here is an unsafe load.
+        raise CheckpointError("ShardedObjects outside the torch_dist files are not supported")
+
+
+# --- state dicts --------------------------------------------------------------------------------
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare megatron module inside DDP / Float16Module wrappers."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(model, (DistributedDataParallel, Float16Module)):
+        model = model.module
+    return model
+
+
+def _model_keys(num_chunks: int) -> list[str]:
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def _sharded_state_dict(
+    model_chunks: list, optimizer, metadata: dict, is_loading: bool
+) -> dict[str, Any]:
+    """``{"model" | "model0".., "optimizer"}`` sharded state dicts built from the live objects."""
+    chunks = [_unwrap(m) for m in model_chunks]
+    state: dict[str, Any] = {
+        key: chunk.sharded_state_dict(metadata=dict(metadata))
+        for key, chunk in zip(_model_keys(len(chunks)), chunks)
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(
+            dict(state), is_loading=is_loading, metadata=dict(metadata)
+        )
+    return state
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if optimizer is None:
+        return False
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _optimizer_has_state(optimizer) -> bool:
+    """Whether the (inner torch) optimizer(s) hold per-parameter state, i.e. have stepped."""
+    if optimizer is None:
+        return False
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(len(getattr(o, "optimizer", o).state) > 0 for o in inner)
+
+
+def _allocate_distributed_optimizer_state(optimizer) -> None:
+    """Give a DistributedOptimizer that has not stepped the state a loaded one will overwrite.
+
+    Workaround for megatron-core 0.16.1 without Apex/TE (the CPU path):
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` first calls ``state_dict()``,
+    which reads ``step`` from every parameter's state (``distrib_optimizer.py:641``) and fails
+    on an optimizer that has none. We allocate what torch Adam would have before its first step
+    (``init_state_fn``'s zero moments, ``step = 0``); the checkpoint then overwrites all of it.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(o, distrib_optimizer.DistributedOptimizer) or len(o.optimizer.state):
+            continue
+        o.init_state_fn(o.optimizer, o.config)
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                o.optimizer.state[p]["step"] = torch.tensor(0.0)
+
+
+def _fix_distributed_optimizer_steps(optimizer) -> None:
+    """Give every parameter its own, restored Adam ``step`` after a DistributedOptimizer load.
+
+    Workaround for megatron-core 0.16.1 without Apex/TE: ``DistributedOptimizer.
+    load_state_dict`` puts one shared step tensor into every parameter's state
+    (``distrib_optimizer.py:825``; torch Adam then increments it once per parameter), and the
+    ``dp_reshardable`` parameter load copies the pre-load live step over it (``step`` is a
+    ``LocalNonpersistentObject`` there, ``distrib_optimizer.py:1664``; copy at ``:940``). The
+    checkpoint's step survives in the inner optimizer's param groups.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(o, distrib_optimizer.DistributedOptimizer):
+            continue
+        for group in o.optimizer.param_groups:
+            for p in group["params"]:
+                if p in o.optimizer.state:
+                    o.optimizer.state[p]["step"] = torch.tensor(float(group["step"]), dtype=dtype)
+
+
+def _layout() -> dict[str, int]:
+    """This run's parallel layout as recorded in the manifest."""
+    if not parallel_state.model_parallel_is_initialized():
+        return {}
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "cp": parallel_state.get_context_parallel_world_size(),
+        "ep": parallel_state.get_expert_model_parallel_world_size(),
+        "etp": parallel_state.get_expert_tensor_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata as importlib_metadata
+
+    import megatron.core
+
+    try:
+        ours = importlib_metadata.version("megatron_vlm")
+    except importlib_metadata.PackageNotFoundError:
+        ours = "unknown (not installed)"
+    return {
+        "torch": torch.__version__,
+        "megatron_core": megatron.core.__version__,
+        "megatron_vlm": ours,
+        "python": sys.version.split()[0],
+    }
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def step_dir_name(step: int) -> str:
+    """``step_0000123``: the directory name of the checkpoint of ``step``."""
+    return f"step_{step:07d}"
+
+
+# --- save ----------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    extra: dict,
+    config_yaml: str,
+    keep_last: int = 3,
+) -> Path:
+    """Save a complete checkpoint of ``step`` atomically; collective over all ranks.
+
+    Args:
+        root: checkpoint root; the checkpoint lands in ``root/step_XXXXXXX``.
+        step: optimizer steps completed.
+        model_chunks: this rank's model chunks (DDP-wrapped or bare), one per virtual stage.
+        optimizer: megatron optimizer (DistributedOptimizer saved as ``dp_reshardable``), or None.
+        scheduler: ``OptimizerParamScheduler`` or None.
+        extra: this rank's JSON-serialisable state (data-loader position, counters, ...);
+            returned by :func:`load_checkpoint` on the same rank.
+        config_yaml: the run's JobConfig YAML, kept verbatim in the manifest.
+        keep_last: complete checkpoints to keep under ``root``; older ones are deleted.
+
+    Returns:
+        The final checkpoint directory (the same path on every rank).
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    try:
+        extra_json = json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint extra state must be JSON-serialisable: {e}") from e
+    rank, world = _rank_world()
+    root = Path(root)
+    final = root / step_dir_name(step)
+
+    tmp_name = None
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        tmp_name = str(tmp)
+    tmp = Path(_all_gather_json(tmp_name)[0])
+
+    # Model + optimizer tensors and rank 0's common state (scheduler, step).
+    # An optimizer that has not stepped has no state to save, and a fresh one equals it.
+    has_state = all(_all_gather_json(_optimizer_has_state(optimizer)))
+    with_optimizer = optimizer if has_state else None
+    state = _sharded_state_dict(model_chunks, with_optimizer, _SHARDED_METADATA, is_loading=False)
+    state["step"] = step
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_InProcessTorchDistSaveStrategy())
+
+    # Per-rank state: plain tensors/ints/strings only, so weights_only=True can read it.
+    rank_state = {
+        "format": FORMAT,
+        "rank": rank,
+        "world_size": world,
+        "step": step,
+        "rng": capture_rng_state(),
+        "extra_json": extra_json,
+    }
+    torch.save(rank_state, tmp / _rank_file(rank))
+    dist.barrier()
+
+    # Hash (and fsync) the files, each rank a slice; rank 0 writes the manifest and renames.
+    files = list_files(tmp)
+    entries = [e for part in _all_gather_json(file_entries(tmp, files[rank::world], fsync=True))
+               for e in part]
+    if rank == 0:
+        _fsync_dir(tmp)
+        manifest = _build_manifest(step, config_yaml, with_optimizer, world, extra, entries)
+        write_manifest(tmp, manifest)
+        _fsync_dir(tmp)
+        _rename_into_place(tmp, final)
+    dist.barrier()
+    if rank == 0:
+        prune_checkpoints(root, keep_last)
+    dist.barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _build_manifest(
+    step: int, config_yaml: str, optimizer, world: int, extra: dict, entries: list[dict]
+) -> dict[str, Any]:
+    now = time.time()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "time_unix": now,
+        "time_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
+        "versions": _versions(),
+        "world_size": world,
+        "layout": _layout(),
+        "optimizer_state": optimizer is not None,
+        "distributed_optimizer": _uses_distributed_optimizer(optimizer),
+        "sharded_state_dict_metadata": dict(_SHARDED_METADATA),
+        "model_config_sha256": structural_hash(model_section(config_yaml)),
+        "config_yaml": config_yaml,
+        "extra_rank0": extra,
+        "files": sorted(entries, key=lambda e: e["path"]),
+    }
+
+
+def _rename_into_place(tmp: Path, final: Path) -> None:
+    """Atomic rename; an existing checkpoint of the same step is replaced (moved aside first)."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{TMP_PREFIX}replaced-{final.name}-{secrets.token_hex(4)}")
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` for every ``step_*`` directory under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out, reverse=True)
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints under ``root`` beyond the newest ``keep_last``.
+
+    Directories that fail verification are left alone (never count as kept, never deleted).
+    Returns the deleted paths.
+    """
+    complete = []
+    for _, path in _step_dirs(Path(root)):
+        try:
+            read_manifest(path)
+        except CheckpointError:
+            continue
+        complete.append(path)
+    deleted = complete[keep_last:]
+    for path in deleted:
+        shutil.rmtree(path)
+        logger.info("deleted old checkpoint %s (keep_last=%d)", path, keep_last)
+    return deleted
+
+
+# --- find / load ---------------------------------------------------------------------------------
+
+
+def find_latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (manifest present, listed files present with
+    their listed sizes), or None. ``.tmp-*`` leftovers of interrupted saves and damaged
+    checkpoints are skipped with a warning."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    leftovers = sorted(p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX))
+    if leftovers:
+        logger.warning(
+            "ignoring %d incomplete checkpoint dir(s) in %s (interrupted saves, safe to delete "
+            "when no save is running): %s",
+            len(leftovers), root, ", ".join(leftovers),
+        )
+    for _, path in _step_dirs(root):
+        try:
+            manifest = read_manifest(path)
+            raise_problems(path, check_files(path, manifest["files"]))
+        except CheckpointError as e:
+            logger.warning("skipping checkpoint: %s", e)
+            continue
+        return path
+    return None
+
+
+def _check_layout(manifest: dict, optimizer, load_optimizer: bool, ckpt_dir: Path) -> None:
+    """A DistributedOptimizer checkpoint reshards across DP only (``dp_reshardable``)."""
+    if not (load_optimizer and manifest.get("distributed_optimizer")):
+        return
+    saved, now = manifest.get("layout", {}), _layout()
+    diffs = [f"{k}: {saved.get(k)} in checkpoint != {now.get(k)} now"
+             for k in ("tp", "pp", "vpp", "cp", "ep", "etp") if saved.get(k) != now.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} holds DistributedOptimizer state (dp_reshardable), which "
+            f"reshards across data-parallel ranks only; layout differs: {'; '.join(diffs)}. "
+            "Load with load_optimizer=False to take the model weights only."
+        )
+
+
+def _describe_load_error(e: BaseException) -> str:
+    """One line per cause; DCP's own message is only a list of failed ranks plus tracebacks."""
+    if isinstance(e, DCPCheckpointException):
+        causes = [f"rank {rank}: {type(exc).__name__}: {exc}"
+                  for rank, (exc, _) in sorted(e.failures.items())]
+        return "; ".join(causes) or str(e)
+    return f"{type(e).__name__}: {e}"
+
+
+def load_checkpoint(
+    path: Path,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    strict: bool = True,
+    load_optimizer: bool = True,
+    verify_hashes: bool = True,
+    config_yaml: str | None = None,
+) -> dict:
+    """Load a checkpoint into live objects; collective over all ranks. Returns this rank's extra.
+
+    Args:
+        path: a checkpoint directory (``<root>/step_XXXXXXX``).
+        model_chunks: this rank's model chunks, built for the same model config.
+        optimizer: megatron optimizer to restore, or None.
+        scheduler: ``OptimizerParamScheduler`` to restore, or None to keep the live one.
+        strict: require every model key in the checkpoint and vice versa.
+        load_optimizer: restore optimizer state; if False, model weights only (fp32 main params
+            re-copied from the loaded weights).
+        verify_hashes: check every file's sha256, not only its size (each rank checks a slice
+            of the files).
+        config_yaml: this run's JobConfig YAML; if given, the model section must match the
+            checkpoint's (the error lists the differing fields).
+
+    Returns:
+        The ``extra`` dict this rank saved. RNG states (python, numpy, torch, CUDA, megatron's
+        tracker) are restored as a side effect. If the world size changed, RNG states are left
+        alone and rank 0's ``extra`` is returned on every rank.
+
+    Raises:
+        CheckpointError: damaged, foreign or incompatible checkpoint (same error on every rank).
+    """
+    rank, world = _rank_world()
+    path = Path(path)
+
+    def check() -> dict:
+        manifest = read_manifest(path)
+        mine = manifest["files"][rank::world]  # _agree() joins the ranks' verdicts
+        hash_paths = {e["path"] for e in mine} if verify_hashes else None
+        raise_problems(path, check_files(path, mine, hash_paths))
+        if config_yaml is not None:
+            check_model_config(manifest, config_yaml, path)
+        _check_layout(manifest, optimizer, load_optimizer, path)
+        return manifest
+
+    manifest = _agree(check)
+    with_optimizer = optimizer if load_optimizer else None
+    if with_optimizer is not None and not manifest["optimizer_state"]:
+        logger.info("checkpoint %s has no optimizer state (saved before the first step)", path)
+        with_optimizer = None
+    if with_optimizer is not None:
+        _allocate_distributed_optimizer_state(with_optimizer)
+    state = _sharded_state_dict(
+        model_chunks, with_optimizer, manifest["sharded_state_dict_metadata"], is_loading=True
+    )
+    try:
+        loaded = dist_checkpointing.load(
+            state,
+            str(path),
+            sharded_strategy=_SafeTorchDistLoadStrategy(),
+            common_strategy=_SafeCommonLoadStrategy(),
+            strict=StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_ALL,
+        )
+    except CheckpointError:
+        raise
+    # megatron's CheckpointingException, key/shape errors; DCP's CheckpointException (which
+    # derives from BaseException) carries the per-rank errors of its read phase.
+    except (Exception, DCPCheckpointException) as e:
+        raise CheckpointError(f"cannot load {path}: {_describe_load_error(e)}") from e
+
+    chunks = [_unwrap(m) for m in model_chunks]
+    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+        chunk.load_state_dict(loaded[key], strict=strict)
+    if with_optimizer is not None:
+        # DistributedOptimizer's dp_reshardable load writes into parameters in place.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _fix_distributed_optimizer_steps(optimizer)
+    elif optimizer is not None:
+        optimizer.reload_model_params()  # fp32 main params <- the loaded (bf16) weights
+    if scheduler is not None:
+        if "scheduler" not in loaded:
+            raise CheckpointError(f"checkpoint {path} has no scheduler state")
+        scheduler.load_state_dict(loaded["scheduler"])
+
+    same_world = manifest["world_size"] == world
+    rank_file = path / _rank_file(rank if same_world else 0)
+    rank_state = _weights_only_load(rank_file, str(rank_file))
+    if same_world:
+        restore_rng_state(rank_state["rng"])
+    else:
+        logger.warning(
+            "checkpoint %s was saved by %d ranks, this run has %d: RNG states not restored, "
+            "every rank gets rank 0's extra state", path, manifest["world_size"], world,
+        )
+    dist.barrier()
+    logger.info("loaded checkpoint %s (step %d)", path, manifest["step"])
+    return json.loads(rank_state["extra_json"])
