@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -55,6 +58,11 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
             expert_model_parallel_size=parallel.ep,
             expert_tensor_parallel_size=parallel.etp,
         )
+    # Every generator a run may touch starts from the job seed, so runs are reproducible and a
+    # resumed run's restored RNG states equal an uninterrupted run's.
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     return dp
 

@@ -150,6 +150,10 @@ def train(job: JobConfig) -> TrainResult:
     scheduler = build_scheduler(job.optim, optimizer, job.train.steps)
     state, bias0 = TrainState(), telemetry.expert_bias_snapshot(routers)
 
+    # Everything that may touch a global RNG (TensorBoard's import draws from numpy's) happens
+    # before the checkpoint restores RNG states, so a resumed run continues bit-exactly.
+    metrics = MetricsLogger(run_dir, is_writer=rank == 0, tensorboard=job.train.tensorboard,
+                            total_steps=job.train.steps, peak_tflops=job.train.peak_tflops)
     resume_from = Path(job.checkpoint.load) if job.checkpoint.load else (
         find_latest_checkpoint(ckpt_root) if job.checkpoint.resume else None)
     if resume_from is not None:
@@ -158,8 +162,6 @@ def train(job: JobConfig) -> TrainResult:
         data.loader.load_state_dict(extra["loader"])
         bias0 = [torch.tensor(b) for b in extra["expert_bias_at_start"]]
 
-    metrics = MetricsLogger(run_dir, is_writer=rank == 0, tensorboard=job.train.tensorboard,
-                            total_steps=job.train.steps)
     if resume_from is not None:
         metrics.message(f"resumed from {resume_from} at step {state.step}")
     seq_len = job.data.seq_length
@@ -184,11 +186,6 @@ def train(job: JobConfig) -> TrainResult:
         state.consumed_tokens += tokens
         state.skipped_steps += int(skipped)
         state.consecutive_nonfinite = state.consecutive_nonfinite + 1 if skipped else 0
-        if state.consecutive_nonfinite >= job.train.max_consecutive_nonfinite:
-            raise NonFiniteLossError(
-                f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss (last at "
-                f"step {state.step}); lower optim.lr or check the data. Raise "
-                "train.max_consecutive_nonfinite to tolerate more.")
         seq_tokens = job.data.global_batch_size * seq_len
         tflops = flops_per_token * seq_tokens / dt / world / 1e12
         values = {"loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
@@ -196,7 +193,14 @@ def train(job: JobConfig) -> TrainResult:
                   "mfu": tflops / job.train.peak_tflops, "skipped_steps": state.skipped_steps,
                   "step_time_s": dt,
                   **telemetry.moe_metrics(finalize.last_loads, routers, bias0)}
-        metrics.log(state.step, "train", values, progress=state.step % job.train.log_interval == 0)
+        metrics.log(state.step, "train", values,
+                    progress=skipped or state.step % job.train.log_interval == 0)
+        if state.consecutive_nonfinite >= job.train.max_consecutive_nonfinite:
+            metrics.close()
+            raise NonFiniteLossError(
+                f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or "
+                f"gradient (last at step {state.step}); lower optim.lr or check the data. Raise "
+                "train.max_consecutive_nonfinite to tolerate more.")
         if job.train.eval_interval and state.step % job.train.eval_interval == 0:
             metrics.log(state.step, "valid",
                         {f"loss/{k}": v for k, v in evaluate(chunks, data, seq_len).items()})
