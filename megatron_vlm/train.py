@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         print(job.to_yaml())
         return 0
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+    # Without TE/Apex (the CPU path) megatron-core warns at import that it falls back to torch:
+    # expected (SPEC §6), and one line per module per rank buries the progress output.
+    warnings.filterwarnings("ignore", message=r".*not installed.*[Ff]all(ing)? back.*")
     from megatron_vlm.training.trainer import train
 
     out = Path(job.train.output_dir)

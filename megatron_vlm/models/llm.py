@@ -99,6 +99,7 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         # --- loss: global per-token mean across micro-batches and DP ranks (SPEC §11)
         calculate_per_token_loss=True,
     )
