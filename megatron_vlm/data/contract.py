@@ -13,6 +13,37 @@ import torch
 
 
 @dataclass
+class VisionInputs:
+    """The media of one micro-batch (SPEC §11): every image and video chunk, patchified.
+
+    Items are images (t = 1) or video chunks of up to 4 frames (the last chunk of a video may be
+    shorter). Item ``m`` owns ``t*h*w`` consecutive patches of ``pixel_values`` (raster order:
+    frame, row, col) and, after the 2x2 merge with temporal mean pooling, ``h*w/4`` consecutive
+    placeholder tokens of the text sequence starting at ``placeholder_starts[m]``.
+    """
+
+    pixel_values: torch.Tensor
+    """[N_patches, 3, 14, 14] float32, normalised (x/255 - 0.5)/0.5."""
+    grid_thw: torch.Tensor
+    """[M, 3] int64: (t, h, w) of each item in patches; h and w even."""
+    placeholder_starts: torch.Tensor
+    """[M] int64: index in the packed token sequence of each item's first placeholder token."""
+    is_video: torch.Tensor
+    """[M] bool: the item is a video chunk (for metrics and budgets)."""
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        """[M + 1] int32 ViT cumulative patch counts (t*h*w per item)."""
+        lengths = self.grid_thw.prod(dim=1)
+        return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+    @property
+    def num_llm_tokens(self) -> torch.Tensor:
+        """[M] placeholder tokens per item: h*w/4 (temporal mean pooling keeps one frame)."""
+        return self.grid_thw[:, 1] * self.grid_thw[:, 2] // 4
+
+
+@dataclass
 class PackedBatch:
     """One packed micro-batch. All tensors on CPU; the trainer moves them."""
 
@@ -32,6 +63,8 @@ class PackedBatch:
     ``cu_seqlens_padded[-1] <= S``, the rest is tail padding."""
     max_seqlen: int
     """Longest padded document span (for attention kernels)."""
+    vision: VisionInputs | None = None
+    """Media of this micro-batch; None for text-only batches."""
 
     @property
     def seq_length(self) -> int:
