@@ -14,65 +14,34 @@ Layout of one checkpoint::
 A save writes into ``<root>/.tmp-step_0000123-<random>``, fsyncs, writes the manifest and renames
 the directory into place, so a crash mid-save leaves only a ``.tmp-*`` directory that resume
 ignores. Every file is read back only through ``torch.load(weights_only=True)``, JSON, or a
-restricted unpickler (see ``_SafeMetadataReader``).
+restricted unpickler.
 
+This module holds save/load/find/prune, the manifest contents and the rank exchange helpers.
+The megatron-core 0.16.1 / torch DCP I/O workarounds (in-process writer, safe load strategies)
+live in ``megatron_io.py``; the model/optimizer sharded state dicts in ``sharded_state.py``.
 The module sees models only through ``sharded_state_dict``/``load_state_dict``.
-
-megatron-core 0.16.1 specifics handled here:
-
-* The torch_dist save strategy writes through ``FileSystemWriterAsync``, which even for a
-  synchronous save starts a ``spawn`` multiprocessing Manager (re-importing ``__main__``) and
-  forks one writer process per bucket (``strategies/filesystem_async.py:54,266``).
-  ``_InProcessFileSystemWriter`` writes the same buckets in this process instead.
-* ``common.pt`` is read with ``torch.load(map_location='cpu')`` and no ``weights_only``
-  argument (``strategies/common.py:86``): safe only because torch >= 2.6 defaults to
-  ``weights_only=True`` and an env var (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) can flip it.
-  ``_SafeCommonLoadStrategy`` passes ``weights_only=True`` explicitly.
-* ShardedObjects (the model's ``_extra_state`` entries, DistributedOptimizer param groups under
-  ``dp_reshardable``) are unpickled by torch DCP's ``DefaultLoadPlanner.load_bytes`` with
-  ``weights_only=False`` (torch 2.13 ``default_planner.py:387``), and DCP's ``.metadata`` with a
-  bare ``pickle.load`` (``filesystem.py:930``). ``_SafeTorchDistLoadStrategy`` swaps in a
-  planner and a reader that do neither.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import datetime
-import io
 import json
 import logging
 import os
-import pickle
-import queue
 import re
 import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from enum import Enum
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.strategies import filesystem_async as _fs_async
-from megatron.core.dist_checkpointing.strategies import torch as _torch_strategy
-from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
-    CachedMetadataFileSystemReader,
-)
-from megatron.core.dist_checkpointing.strategies.common import (
-    COMMON_STATE_FNAME,
-    TorchCommonLoadStrategy,
-)
 from megatron.core.dist_checkpointing.validation import StrictHandling
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
-from torch.distributed.checkpoint.metadata import StorageMeta
 
 from megatron_vlm.checkpoint.manifest import (
     FORMAT,
@@ -88,7 +57,22 @@ from megatron_vlm.checkpoint.manifest import (
     structural_hash,
     write_manifest,
 )
+from megatron_vlm.checkpoint.megatron_io import (
+    InProcessTorchDistSaveStrategy,
+    SafeCommonLoadStrategy,
+    SafeTorchDistLoadStrategy,
+    weights_only_load,
+)
 from megatron_vlm.checkpoint.rng import capture_rng_state, restore_rng_state
+from megatron_vlm.checkpoint.sharded_state import (
+    allocate_distributed_optimizer_state,
+    fix_distributed_optimizer_steps,
+    model_keys,
+    optimizer_has_state,
+    sharded_state_dict,
+    unwrap,
+    uses_distributed_optimizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,295 +152,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
-    """Rebind ``module.name`` for the duration of the block (megatron has no hook there)."""
-    old = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, old)
-
-
-# --- save strategy: torch_dist, written in this process -----------------------------------------
-
-
-def _write_buckets_in_process(
-    transform_list: list, rank: int, write_buckets: list, results_queue: queue.Queue
-) -> None:
-    """In-process stand-in for ``FileSystemWriterAsync.write_preloaded_data_multiproc``.
-
-    Same per-bucket writer (with fsync), same result protocol, no forked workers.
-    """
-    # filesystem_async.py:642 raises without psutil (not a megatron-core dependency) just to log
-    # memory use; in megatron's forked workers that kills the worker before it reports.
-    no_psutil = contextlib.nullcontext()
-    if not _fs_async.HAVE_PSUTIL:
-        no_psutil = _patched(_fs_async, "_process_memory", lambda: 0)
-    with no_psutil:
-        # An exception goes into the queue, as from megatron's workers: its finalize step then
-        # reports the failure on every rank instead of leaving the others in a collective.
-        results_queue.put(_write_buckets(transform_list, write_buckets))
-
-
-def _write_buckets(transform_list: list, write_buckets: list) -> dict[int, list] | Exception:
-    results: dict[int, list] = {}
-    for idx, bucket in enumerate(write_buckets):
-        local_q: queue.Queue = queue.Queue()
-        count_q: queue.Queue = queue.Queue()
-        count_q.put(idx)
-        _fs_async.FileSystemWriterAsync.write_preloaded_data(
-            transform_list, idx, bucket, local_q, count_q, use_fsync=True
-        )
-        _, out = local_q.get_nowait()
-        if isinstance(out, Exception):
-            return out
-        results[idx] = out
-    return results
-
-
-class _InProcessFileSystemWriter(_fs_async.FileSystemWriterAsync):
-    """megatron 0.16.1's async writer, made synchronous and in-process (see module docstring)."""
-
-    def prepare_write_data(self, plan, planner) -> None:
-        # filesystem_async.py:54 would start a spawn-context Manager for the results queue.
-        with _patched(_fs_async, "_get_write_results_queue", queue.Queue):
-            super().prepare_write_data(plan, planner)
-
-    def get_save_function_and_args(self):
-        fn, preload_fn, args = super().get_save_function_and_args()
-        if fn is None:
-            return fn, preload_fn, args
-        transform_list = [self.transforms] if hasattr(self, "transforms") else []
-        return partial(_write_buckets_in_process, transform_list), preload_fn, args
-
-
-class _InProcessTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
-    """The torch_dist save strategy with :class:`_InProcessFileSystemWriter`; used synchronously."""
-
-    def __init__(self) -> None:
-        # thread_count=1: one data file per rank (the in-process writer is sequential anyway).
-        super().__init__("torch_dist", 1, thread_count=1)
-
-    def async_save(self, sharded_state_dict, checkpoint_dir):
-        with _patched(_torch_strategy, "FileSystemWriterAsync", _InProcessFileSystemWriter):
-            return super().async_save(sharded_state_dict, checkpoint_dir)
-
-
-# --- load strategies: nothing is unpickled unrestricted ----------------------------------------
-
-
-def _weights_only_load(source: Path | io.BytesIO, what: str) -> Any:
-    """``torch.load(weights_only=True)`` on CPU; a refused object becomes a CheckpointError."""
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's text goes on to suggest weights_only=False; never for a checkpoint.
-        reason = str(e).split(" In PyTorch 2.6")[0]
-        raise CheckpointError(
-            f"refusing to load {what}: {reason} It holds objects other than tensors and plain "
-            "containers (written by another tool, or tampered with)."
-        ) from e
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickler for torch DCP's ``.metadata``: constructs only DCP's own plain data classes
-    (dataclasses and enums of its metadata/planner/filesystem modules), torch dtypes, layouts,
-    memory formats and ``torch.Size``; anything else is refused."""
-
-    _DCP_MODULES = frozenset({
-        "torch.distributed.checkpoint.metadata",
-        "torch.distributed.checkpoint.planner",
-        "torch.distributed.checkpoint.filesystem",
-    })
-    _GLOBALS = frozenset({
-        ("torch.serialization", "_get_layout"),  # layout name -> torch.layout
-        ("collections", "OrderedDict"),
-        ("builtins", "set"),
-        ("builtins", "frozenset"),
-    })
-    _TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in self._DCP_MODULES:
-            obj = super().find_class(module, name)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, Enum)):
-                return obj
-        elif module == "torch":
-            obj = getattr(torch, name, None)
-            if obj is torch.Size or isinstance(obj, self._TORCH_VALUE_TYPES):
-                return obj
-        elif (module, name) in self._GLOBALS:
-            return super().find_class(module, name)
-        raise CheckpointError(
-            f"refusing to unpickle {module}.{name} from a torch DCP .metadata file"
-        )
-
-
-class _SafeMetadataReader(CachedMetadataFileSystemReader):
-    """Reads ``.metadata`` with :class:`_MetadataUnpickler` (torch 2.13 ``FileSystemReader.
-    read_metadata`` is a bare ``pickle.load``); otherwise the same reader megatron uses."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any):
-        if self._cached_metadata is None:
-            path = self._get_metadata_path(kwargs.get("rank"))
-            with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            self._cached_metadata = metadata
-        return self._cached_metadata
-
-
-def _safe_reader(checkpoint_dir, cache_metadata: bool = False) -> _SafeMetadataReader:
-    return _SafeMetadataReader(checkpoint_dir)
-
-
-class _SafeLoadPlanner(_torch_strategy.MCoreLoadPlanner):
-    """megatron's load planner, but ShardedObject bytes load with ``weights_only=True``."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = _weights_only_load(value, f"checkpoint object {read_item.dest_index.fqn!r}")
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
-
-
-class _SafeTorchDistLoadStrategy(_torch_strategy.TorchDistLoadShardedStrategy):
-    """megatron's torch_dist load strategy with the safe planner and reader swapped in."""
-
-    @contextlib.contextmanager
-    def _safe(self) -> Iterator[None]:
-        with (
-            _patched(_torch_strategy, "MCoreLoadPlanner", _SafeLoadPlanner),
-            _patched(_torch_strategy, "_get_filesystem_reader", _safe_reader),
-        ):
-            yield
-
-    def load(self, sharded_state_dict, checkpoint_dir):
-        with self._safe():
-            return super().load(sharded_state_dict, checkpoint_dir)
-
-    def load_tensors_metadata(self, checkpoint_dir, metadata=None):
-        with self._safe():
-            return super().load_tensors_metadata(checkpoint_dir, metadata)
-
-    def load_sharded_metadata(self, checkpoint_dir):
-        with self._safe():
-            return super().load_sharded_metadata(checkpoint_dir)
-
-
-class _SafeCommonLoadStrategy(TorchCommonLoadStrategy):
-    """``common.pt`` with an explicit ``weights_only=True`` (see module docstring)."""
-
-    def load_common(self, checkpoint_dir):
-        path = Path(checkpoint_dir) / COMMON_STATE_FNAME
-        if not path.is_file():
-            raise CheckpointError(f"missing file {path}")
-        return _weights_only_load(path, str(path))
-
-    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
-        # torch_dist handles ShardedObjects itself; megatron's fallback here is an unsafe load.
-        raise CheckpointError("ShardedObjects outside the torch_dist files are not supported")
-
-
-# --- state dicts --------------------------------------------------------------------------------
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare megatron module inside DDP / Float16Module wrappers."""
-    from megatron.core.distributed import DistributedDataParallel
-    from megatron.core.transformer.module import Float16Module
-
-    while isinstance(model, (DistributedDataParallel, Float16Module)):
-        model = model.module
-    return model
-
-
-def _model_keys(num_chunks: int) -> list[str]:
-    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
-
-
-def _sharded_state_dict(
-    model_chunks: list, optimizer, metadata: dict, is_loading: bool
-) -> dict[str, Any]:
-    """``{"model" | "model0".., "optimizer"}`` sharded state dicts built from the live objects."""
-    chunks = [_unwrap(m) for m in model_chunks]
-    state: dict[str, Any] = {
-        key: chunk.sharded_state_dict(metadata=dict(metadata))
-        for key, chunk in zip(_model_keys(len(chunks)), chunks)
-    }
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(
-            dict(state), is_loading=is_loading, metadata=dict(metadata)
-        )
-    return state
-
-
-def _uses_distributed_optimizer(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    if optimizer is None:
-        return False
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(isinstance(o, DistributedOptimizer) for o in inner)
-
-
-def _optimizer_has_state(optimizer) -> bool:
-    """Whether the (inner torch) optimizer(s) hold per-parameter state, i.e. have stepped."""
-    if optimizer is None:
-        return False
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(len(getattr(o, "optimizer", o).state) > 0 for o in inner)
-
-
-def _allocate_distributed_optimizer_state(optimizer) -> None:
-    """Give a DistributedOptimizer that has not stepped the state a loaded one will overwrite.
-
-    Workaround for megatron-core 0.16.1 without Apex/TE (the CPU path):
-    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` first calls ``state_dict()``,
-    which reads ``step`` from every parameter's state (``distrib_optimizer.py:641``) and fails
-    on an optimizer that has none. We allocate what torch Adam would have before its first step
-    (``init_state_fn``'s zero moments, ``step = 0``); the checkpoint then overwrites all of it.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(o, distrib_optimizer.DistributedOptimizer) or len(o.optimizer.state):
-            continue
-        o.init_state_fn(o.optimizer, o.config)
-        for group in o.optimizer.param_groups:
-            for p in group["params"]:
-                o.optimizer.state[p]["step"] = torch.tensor(0.0)
-
-
-def _fix_distributed_optimizer_steps(optimizer) -> None:
-    """Give every parameter its own, restored Adam ``step`` after a DistributedOptimizer load.
-
-    Workaround for megatron-core 0.16.1 without Apex/TE: ``DistributedOptimizer.
-    load_state_dict`` puts one shared step tensor into every parameter's state
-    (``distrib_optimizer.py:825``; torch Adam then increments it once per parameter), and the
-    ``dp_reshardable`` parameter load copies the pre-load live step over it (``step`` is a
-    ``LocalNonpersistentObject`` there, ``distrib_optimizer.py:1664``; copy at ``:940``). The
-    checkpoint's step survives in the inner optimizer's param groups.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return
-    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(o, distrib_optimizer.DistributedOptimizer):
-            continue
-        for group in o.optimizer.param_groups:
-            for p in group["params"]:
-                if p in o.optimizer.state:
-                    o.optimizer.state[p]["step"] = torch.tensor(float(group["step"]), dtype=dtype)
+# --- manifest contents, file names ---------------------------------------------------------------
 
 
 def _layout() -> dict[str, int]:
@@ -549,13 +245,13 @@ def save_checkpoint(
 
     # Model + optimizer tensors and rank 0's common state (scheduler, step).
     # An optimizer that has not stepped has no state to save, and a fresh one equals it.
-    has_state = all(_all_gather_json(_optimizer_has_state(optimizer)))
+    has_state = all(_all_gather_json(optimizer_has_state(optimizer)))
     with_optimizer = optimizer if has_state else None
-    state = _sharded_state_dict(model_chunks, with_optimizer, _SHARDED_METADATA, is_loading=False)
+    state = sharded_state_dict(model_chunks, with_optimizer, _SHARDED_METADATA, is_loading=False)
     state["step"] = step
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=_InProcessTorchDistSaveStrategy())
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=InProcessTorchDistSaveStrategy())
 
     # Per-rank state: plain tensors/ints/strings only, so weights_only=True can read it.
     rank_state = {
@@ -601,7 +297,7 @@ def _build_manifest(
         "world_size": world,
         "layout": _layout(),
         "optimizer_state": optimizer is not None,
-        "distributed_optimizer": _uses_distributed_optimizer(optimizer),
+        "distributed_optimizer": uses_distributed_optimizer(optimizer),
         "sharded_state_dict_metadata": dict(_SHARDED_METADATA),
         "model_config_sha256": structural_hash(model_section(config_yaml)),
         "config_yaml": config_yaml,
@@ -758,16 +454,16 @@ def load_checkpoint(
         logger.info("checkpoint %s has no optimizer state (saved before the first step)", path)
         with_optimizer = None
     if with_optimizer is not None:
-        _allocate_distributed_optimizer_state(with_optimizer)
-    state = _sharded_state_dict(
+        allocate_distributed_optimizer_state(with_optimizer)
+    state = sharded_state_dict(
         model_chunks, with_optimizer, manifest["sharded_state_dict_metadata"], is_loading=True
     )
     try:
         loaded = dist_checkpointing.load(
             state,
             str(path),
-            sharded_strategy=_SafeTorchDistLoadStrategy(),
-            common_strategy=_SafeCommonLoadStrategy(),
+            sharded_strategy=SafeTorchDistLoadStrategy(),
+            common_strategy=SafeCommonLoadStrategy(),
             strict=StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_ALL,
         )
     except CheckpointError:
@@ -777,14 +473,14 @@ def load_checkpoint(
     except (Exception, DCPCheckpointException) as e:
         raise CheckpointError(f"cannot load {path}: {_describe_load_error(e)}") from e
 
-    chunks = [_unwrap(m) for m in model_chunks]
-    for key, chunk in zip(_model_keys(len(chunks)), chunks):
+    chunks = [unwrap(m) for m in model_chunks]
+    for key, chunk in zip(model_keys(len(chunks)), chunks):
         chunk.load_state_dict(loaded[key], strict=strict)
     if with_optimizer is not None:
         # DistributedOptimizer's dp_reshardable load writes into parameters in place.
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _fix_distributed_optimizer_steps(optimizer)
+        fix_distributed_optimizer_steps(optimizer)
     elif optimizer is not None:
         optimizer.reload_model_params()  # fp32 main params <- the loaded (bf16) weights
     if scheduler is not None:
@@ -794,7 +490,7 @@ def load_checkpoint(
 
     same_world = manifest["world_size"] == world
     rank_file = path / _rank_file(rank if same_world else 0)
-    rank_state = _weights_only_load(rank_file, str(rank_file))
+    rank_state = weights_only_load(rank_file, str(rank_file))
     if same_world:
         restore_rng_state(rank_state["rng"])
     else:

@@ -1,0 +1,252 @@
+"""Glue between our checkpoints and megatron-core ``dist_checkpointing`` / torch DCP file I/O.
+
+megatron-core 0.16.1 has no hooks for any of this, so each piece subclasses a megatron strategy
+and, where megatron builds a helper inside a function, rebinds that module attribute for the
+duration of one call (``_patched``). Why each piece exists:
+
+* ``InProcessTorchDistSaveStrategy`` (with ``_InProcessFileSystemWriter`` and
+  ``_write_buckets*``): the torch_dist save strategy writes through ``FileSystemWriterAsync``,
+  which even for a synchronous save starts a ``spawn`` multiprocessing Manager (re-importing
+  ``__main__``) and forks one writer process per bucket (``strategies/filesystem_async.py:54,266``).
+  We write the same buckets, with fsync and megatron's result protocol, in this process instead.
+  Without psutil (not a megatron-core dependency) ``filesystem_async.py:642`` raises just to log
+  memory use, so that call is stubbed out while writing.
+* ``SafeCommonLoadStrategy``: ``common.pt`` is read with ``torch.load(map_location='cpu')`` and
+  no ``weights_only`` argument (``strategies/common.py:86``): safe only because torch >= 2.6
+  defaults to ``weights_only=True`` and an env var (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) can flip
+  it. We pass ``weights_only=True`` explicitly, and refuse megatron's unsafe fallback load of
+  ShardedObjects stored outside the torch_dist files.
+* ``SafeTorchDistLoadStrategy`` (with ``_SafeLoadPlanner``, ``_SafeMetadataReader`` and
+  ``_MetadataUnpickler``): ShardedObjects (the model's ``_extra_state`` entries,
+  DistributedOptimizer param groups under ``dp_reshardable``) are unpickled by torch DCP's
+  ``DefaultLoadPlanner.load_bytes`` with ``weights_only=False`` (torch 2.13
+  ``default_planner.py:387``), and DCP's ``.metadata`` with a bare ``pickle.load``
+  (``filesystem.py:930``). The planner loads those bytes with ``weights_only=True``; the reader
+  unpickles ``.metadata`` constructing only DCP's own plain data classes and torch value types.
+* ``weights_only_load``: the one ``torch.load`` that every checkpoint file goes through (also the
+  per-rank files in ``dist.py``); a refused object becomes a ``CheckpointError`` rather than
+  torch's advice to retry with ``weights_only=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import pickle
+import queue
+from collections.abc import Iterator
+from enum import Enum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core.dist_checkpointing.strategies import filesystem_async as _fs_async
+from megatron.core.dist_checkpointing.strategies import torch as _torch_strategy
+from megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader import (
+    CachedMetadataFileSystemReader,
+)
+from megatron.core.dist_checkpointing.strategies.common import (
+    COMMON_STATE_FNAME,
+    TorchCommonLoadStrategy,
+)
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.metadata import StorageMeta
+
+from megatron_vlm.checkpoint.manifest import CheckpointError
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    """Rebind ``module.name`` for the duration of the block (megatron has no hook there)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+# --- save strategy: torch_dist, written in this process -----------------------------------------
+
+
+def _write_buckets_in_process(
+    transform_list: list, rank: int, write_buckets: list, results_queue: queue.Queue
+) -> None:
+    """In-process stand-in for ``FileSystemWriterAsync.write_preloaded_data_multiproc``.
+
+    Same per-bucket writer (with fsync), same result protocol, no forked workers.
+    """
+    # filesystem_async.py:642 raises without psutil (not a megatron-core dependency) just to log
+    # memory use; in megatron's forked workers that kills the worker before it reports.
+    no_psutil = contextlib.nullcontext()
+    if not _fs_async.HAVE_PSUTIL:
+        no_psutil = _patched(_fs_async, "_process_memory", lambda: 0)
+    with no_psutil:
+        # An exception goes into the queue, as from megatron's workers: its finalize step then
+        # reports the failure on every rank instead of leaving the others in a collective.
+        results_queue.put(_write_buckets(transform_list, write_buckets))
+
+
+def _write_buckets(transform_list: list, write_buckets: list) -> dict[int, list] | Exception:
+    results: dict[int, list] = {}
+    for idx, bucket in enumerate(write_buckets):
+        local_q: queue.Queue = queue.Queue()
+        count_q: queue.Queue = queue.Queue()
+        count_q.put(idx)
+        _fs_async.FileSystemWriterAsync.write_preloaded_data(
+            transform_list, idx, bucket, local_q, count_q, use_fsync=True
+        )
+        _, out = local_q.get_nowait()
+        if isinstance(out, Exception):
+            return out
+        results[idx] = out
+    return results
+
+
+class _InProcessFileSystemWriter(_fs_async.FileSystemWriterAsync):
+    """megatron 0.16.1's async writer, made synchronous and in-process (see module docstring)."""
+
+    def prepare_write_data(self, plan, planner) -> None:
+        # filesystem_async.py:54 would start a spawn-context Manager for the results queue.
+        with _patched(_fs_async, "_get_write_results_queue", queue.Queue):
+            super().prepare_write_data(plan, planner)
+
+    def get_save_function_and_args(self):
+        fn, preload_fn, args = super().get_save_function_and_args()
+        if fn is None:
+            return fn, preload_fn, args
+        transform_list = [self.transforms] if hasattr(self, "transforms") else []
+        return partial(_write_buckets_in_process, transform_list), preload_fn, args
+
+
+class InProcessTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
+    """The torch_dist save strategy with :class:`_InProcessFileSystemWriter`; used synchronously."""
+
+    def __init__(self) -> None:
+        # thread_count=1: one data file per rank (the in-process writer is sequential anyway).
+        super().__init__("torch_dist", 1, thread_count=1)
+
+    def async_save(self, sharded_state_dict, checkpoint_dir):
+        with _patched(_torch_strategy, "FileSystemWriterAsync", _InProcessFileSystemWriter):
+            return super().async_save(sharded_state_dict, checkpoint_dir)
+
+
+# --- load strategies: nothing is unpickled unrestricted ----------------------------------------
+
+
+def weights_only_load(source: Path | io.BytesIO, what: str) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; a refused object becomes a CheckpointError."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text goes on to suggest weights_only=False; never for a checkpoint.
+        reason = str(e).split(" In PyTorch 2.6")[0]
+        raise CheckpointError(
+            f"refusing to load {what}: {reason} It holds objects other than tensors and plain "
+            "containers (written by another tool, or tampered with)."
+        ) from e
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickler for torch DCP's ``.metadata``: constructs only DCP's own plain data classes
+    (dataclasses and enums of its metadata/planner/filesystem modules), torch dtypes, layouts,
+    memory formats and ``torch.Size``; anything else is refused."""
+
+    _DCP_MODULES = frozenset({
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.planner",
+        "torch.distributed.checkpoint.filesystem",
+    })
+    _GLOBALS = frozenset({
+        ("torch.serialization", "_get_layout"),  # layout name -> torch.layout
+        ("collections", "OrderedDict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+    })
+    _TORCH_VALUE_TYPES = (torch.dtype, torch.layout, torch.memory_format)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._DCP_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, Enum)):
+                return obj
+        elif module == "torch":
+            obj = getattr(torch, name, None)
+            if obj is torch.Size or isinstance(obj, self._TORCH_VALUE_TYPES):
+                return obj
+        elif (module, name) in self._GLOBALS:
+            return super().find_class(module, name)
+        raise CheckpointError(
+            f"refusing to unpickle {module}.{name} from a torch DCP .metadata file"
+        )
+
+
+class _SafeMetadataReader(CachedMetadataFileSystemReader):
+    """Reads ``.metadata`` with :class:`_MetadataUnpickler` (torch 2.13 ``FileSystemReader.
+    read_metadata`` is a bare ``pickle.load``); otherwise the same reader megatron uses."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        if self._cached_metadata is None:
+            path = self._get_metadata_path(kwargs.get("rank"))
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            self._cached_metadata = metadata
+        return self._cached_metadata
+
+
+def _safe_reader(checkpoint_dir, cache_metadata: bool = False) -> _SafeMetadataReader:
+    return _SafeMetadataReader(checkpoint_dir)
+
+
+class _SafeLoadPlanner(_torch_strategy.MCoreLoadPlanner):
+    """megatron's load planner, but ShardedObject bytes load with ``weights_only=True``."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = weights_only_load(value, f"checkpoint object {read_item.dest_index.fqn!r}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class SafeTorchDistLoadStrategy(_torch_strategy.TorchDistLoadShardedStrategy):
+    """megatron's torch_dist load strategy with the safe planner and reader swapped in."""
+
+    @contextlib.contextmanager
+    def _safe(self) -> Iterator[None]:
+        with (
+            _patched(_torch_strategy, "MCoreLoadPlanner", _SafeLoadPlanner),
+            _patched(_torch_strategy, "_get_filesystem_reader", _safe_reader),
+        ):
+            yield
+
+    def load(self, sharded_state_dict, checkpoint_dir):
+        with self._safe():
+            return super().load(sharded_state_dict, checkpoint_dir)
+
+    def load_tensors_metadata(self, checkpoint_dir, metadata=None):
+        with self._safe():
+            return super().load_tensors_metadata(checkpoint_dir, metadata)
+
+    def load_sharded_metadata(self, checkpoint_dir):
+        with self._safe():
+            return super().load_sharded_metadata(checkpoint_dir)
+
+
+class SafeCommonLoadStrategy(TorchCommonLoadStrategy):
+    """``common.pt`` with an explicit ``weights_only=True`` (see module docstring)."""
+
+    def load_common(self, checkpoint_dir):
+        path = Path(checkpoint_dir) / COMMON_STATE_FNAME
+        if not path.is_file():
+            raise CheckpointError(f"missing file {path}")
+        return weights_only_load(path, str(path))
+
+    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
+        # torch_dist handles ShardedObjects itself; megatron's fallback here is an unsafe load.
+        raise CheckpointError("ShardedObjects outside the torch_dist files are not supported")
