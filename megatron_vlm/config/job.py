@@ -50,11 +50,11 @@ class JobConfig:
                 raise ValueError(
                     f"parallel.ep={par.ep} does not divide model.llm.num_experts={llm.num_experts}"
                 )
-            if par.tp > 1 and not par.sequence_parallel:
-                raise ValueError(
-                    f"parallel.tp={par.tp} with MoE requires sequence parallelism in megatron-core "
-                    "0.16.1 (moe_layer.py:380); set parallel.sequence_parallel=true"
-                )
+        if par.tp > 1 and not par.sequence_parallel:
+            raise ValueError(
+                f"parallel.tp={par.tp} requires sequence parallelism (megatron-core 0.16.1 needs it "
+                "for MoE, moe_layer.py:380, and MLA's duplicated down-projections rely on it); set "
+                "parallel.sequence_parallel=true")
         if llm.num_layers % par.pp:
             raise ValueError(
                 f"parallel.pp={par.pp} does not divide model.llm.num_layers={llm.num_layers}"

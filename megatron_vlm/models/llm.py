@@ -21,6 +21,8 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron_vlm.config.model import LLMConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.models.attention import PackedSelfAttention
+from megatron_vlm.models.linear import DuplicatedLinear, allow_duplicated_linear_in_mla
+from megatron_vlm.models.norm import SequenceParallelNorm
 from megatron_vlm.models.router import PaddingFreeTopKRouter
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -135,12 +137,18 @@ def build_transformer_config(
 
 
 def _replace_core_modules(layer_spec: ModuleSpec) -> ModuleSpec:
-    """Swap in our core attention and padding-free router (local spec, no TE)."""
+    """Swap in our core attention, padding-free router and SP-capable norms (local spec)."""
     sub = layer_spec.submodules
+    attn_sub = sub.self_attention.submodules
     attn = dataclasses.replace(
         sub.self_attention,
         submodules=dataclasses.replace(
-            sub.self_attention.submodules, core_attention=PackedSelfAttention
+            attn_sub,
+            core_attention=PackedSelfAttention,
+            linear_q_down_proj=DuplicatedLinear,
+            linear_kv_down_proj=DuplicatedLinear,
+            q_layernorm=SequenceParallelNorm,
+            kv_layernorm=SequenceParallelNorm,
         ),
     )
     mlp = sub.mlp
@@ -148,7 +156,10 @@ def _replace_core_modules(layer_spec: ModuleSpec) -> ModuleSpec:
         mlp = dataclasses.replace(
             mlp, submodules=dataclasses.replace(mlp.submodules, router=PaddingFreeTopKRouter)
         )
-    new_sub = dataclasses.replace(sub, self_attention=attn, mlp=mlp)
+    new_sub = dataclasses.replace(
+        sub, self_attention=attn, mlp=mlp,
+        input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
+    )
     return dataclasses.replace(layer_spec, submodules=new_sub)
 
 
@@ -157,11 +168,13 @@ def llm_block_spec(
 ) -> TransformerBlockSubmodules:
     """The decoder block spec for this pipeline stage: megatron's local MLA/MoE layers with our
     packed attention and router (Transformer Engine specs arrive with the GPU-path issue)."""
+    allow_duplicated_linear_in_mla()
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=False, normalization="RMSNorm",
         vp_stage=vp_stage, pp_rank=pp_rank,
     )
     block.layer_specs = [_replace_core_modules(s) for s in block.layer_specs]
+    block.layer_norm = SequenceParallelNorm
     return block
 
 

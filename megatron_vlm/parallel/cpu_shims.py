@@ -28,7 +28,11 @@ Shims (megatron-core 0.16.1 file:line):
    CPU tensors as tensors even with ``as_numpy=True``, and gloo's ``all_to_all_single`` then gets
    tensor split sizes: the shim returns numpy as asked (rebinding the name
    ``transformer/moe/token_dispatcher.py:31`` imported).
-7. ``torch.cuda.synchronize`` / ``empty_cache`` / memory stats called unconditionally by
+7. ``tensor_parallel/mappings.py:150`` gathers variable-sized token blocks with a list
+   ``all_gather`` (the all-to-all MoE dispatcher under TP/SP, ``token_dispatcher.py:696``); gloo
+   requires equal sizes. The shim pads each block to the largest along dim 0, gathers, and copies
+   the real rows out -- only when sizes differ on a gloo group.
+8. ``torch.cuda.synchronize`` / ``empty_cache`` / memory stats called unconditionally by
    ``dist_checkpointing/strategies/async_utils.py:165,212,488,604``,
    ``strategies/filesystem_async.py:230`` and the optimizer: no-ops on CPU.
 """
@@ -190,6 +194,29 @@ def _shim_moe_utils() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = _move
 
 
+def _shim_uneven_all_gather() -> None:
+    """Shim 7: list all_gather with unequal dim-0 sizes on gloo."""
+    import torch.distributed as dist
+
+    orig = dist.all_gather
+
+    @functools.wraps(orig)
+    def _all_gather(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list} | {tuple(tensor.shape)}
+        if len(shapes) == 1 or async_op or dist.get_backend(group) != "gloo":
+            return orig(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded_in = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
+        padded_in[: tensor.shape[0]] = tensor
+        padded_out = [torch.empty_like(padded_in) for _ in tensor_list]
+        orig(padded_out, padded_in, group=group)
+        for out, got in zip(tensor_list, padded_out):
+            out.copy_(got[: out.shape[0]])
+        return None
+
+    dist.all_gather = _all_gather
+
+
 def apply_cpu_shims() -> bool:
     """Apply the CPU shims once per process if CUDA is absent. Returns whether they are active."""
     global _APPLIED
@@ -208,6 +235,7 @@ def apply_cpu_shims() -> bool:
     _shim_te_mock()
     _shim_type_asserts()
     _shim_moe_utils()
+    _shim_uneven_all_gather()
     _CudaToCpuMode().__enter__()
     _APPLIED = True
     return True

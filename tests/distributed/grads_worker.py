@@ -1,0 +1,54 @@
+"""Worker for test_layout_grads.py: one forward-backward of the tiny LLM on the bundled data,
+then every gradient gathered to its full (unsharded) shape and saved by rank 0.
+
+Run as ``python -m torch.distributed.run ... grads_worker.py OUT override...``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_vlm.config import apply_overrides
+from megatron_vlm.parallel.init import init_distributed
+from megatron_vlm.recipes import get_recipe
+from megatron_vlm.training.data_setup import build_data
+from megatron_vlm.training.model_setup import build_model_chunks, unwrap
+from megatron_vlm.training.trainer import run_forward_backward
+
+
+def full_grad(name: str, param: torch.nn.Parameter, gated: bool = True) -> torch.Tensor:
+    grad = param.main_grad.detach().clone()
+    if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, grad, group=group)
+        if name.endswith("linear_fc1.weight") and gated:
+            # Each rank holds [gate_shard; up_shard]: regroup into [gate; up].
+            halves = [p.chunk(2, dim=0) for p in parts]
+            parts = [h[0] for h in halves] + [h[1] for h in halves]
+        grad = torch.cat(parts, dim=param.partition_dim)
+    return grad
+
+
+def main() -> None:
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    job = apply_overrides(get_recipe("tiny_cpu"), [f"train.output_dir={out.parent}", *overrides])
+    dp = init_distributed(job.parallel, job.train.seed)
+    data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+                      run_dir=out.parent)
+    chunks = build_model_chunks(job)
+    total = run_forward_backward(chunks, data.loader.next_global_batch(), job.data.seq_length,
+                                 forward_only=False)
+    grads = {name: full_grad(name, p) for name, p in unwrap(chunks[0]).named_parameters()}
+    if dist.get_rank() == 0:
+        torch.save({"loss": total, "grads": grads}, out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
