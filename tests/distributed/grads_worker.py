@@ -1,7 +1,10 @@
 """Worker for test_layout_grads.py: one forward-backward of the tiny LLM on the bundled data,
 then every gradient gathered to its full (unsharded) shape and saved by rank 0.
 
-Run as ``python -m torch.distributed.run ... grads_worker.py OUT override...``.
+Run as ``python -m torch.distributed.run ... grads_worker.py OUT INIT override...``: when the
+checkpoint INIT exists the model loads it (resharding to this layout), otherwise the freshly
+initialised model is saved there first -- so every layout starts from the same weights (expert
+init draws per-EP-rank RNG, so a shared seed is not enough).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_vlm.checkpoint import load_checkpoint, save_checkpoint
 from megatron_vlm.config import apply_overrides
 from megatron_vlm.parallel.init import init_distributed
 from megatron_vlm.recipes import get_recipe
@@ -35,16 +39,36 @@ def full_grad(name: str, param: torch.nn.Parameter, gated: bool = True) -> torch
     return grad
 
 
+def global_name(name: str, expert_offset: int) -> str:
+    """``local_experts.{i}`` -> the global expert index under expert parallelism."""
+    if ".local_experts." not in name:
+        return name
+    head, tail = name.split(".local_experts.")
+    local, rest = tail.split(".", 1)
+    return f"{head}.local_experts.{expert_offset + int(local)}.{rest}"
+
+
 def main() -> None:
-    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    out, init, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     job = apply_overrides(get_recipe("tiny_cpu"), [f"train.output_dir={out.parent}", *overrides])
     dp = init_distributed(job.parallel, job.train.seed)
     data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
                       run_dir=out.parent)
     chunks = build_model_chunks(job)
+    num_local = job.model.llm.num_experts // job.parallel.ep
+    offset = parallel_state.get_expert_model_parallel_rank() * num_local
+    if (init / "manifest.json").exists():
+        load_checkpoint(init, chunks, None, None, load_optimizer=False)
+    else:
+        save_checkpoint(init.parent, 0, chunks, None, None, {}, job.to_yaml())
     total = run_forward_backward(chunks, data.loader.next_global_batch(), job.data.seq_length,
                                  forward_only=False)
-    grads = {name: full_grad(name, p) for name, p in unwrap(chunks[0]).named_parameters()}
+    grads = {global_name(name, offset): full_grad(name, p)
+             for name, p in unwrap(chunks[0]).named_parameters()}
+    # Expert-parallel ranks hold different experts: merge every rank's dictionary.
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, grads)
+    grads = {k: v for part in parts for k, v in part.items()}
     if dist.get_rank() == 0:
         torch.save({"loss": total, "grads": grads}, out)
     dist.barrier()
