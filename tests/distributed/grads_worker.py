@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_vlm.checkpoint import load_checkpoint, save_checkpoint
 from megatron_vlm.config import apply_overrides
@@ -39,8 +40,12 @@ def full_grad(name: str, param: torch.nn.Parameter, gated: bool = True) -> torch
     return grad
 
 
-def global_name(name: str, expert_offset: int) -> str:
-    """``local_experts.{i}`` -> the global expert index under expert parallelism."""
+def global_name(name: str, expert_offset: int, layer_offset: int) -> str:
+    """Local names -> global ones: ``local_experts.{i}`` under expert parallelism and
+    ``decoder.layers.{i}`` under pipeline parallelism."""
+    if name.startswith("decoder.layers."):
+        local, rest = name[len("decoder.layers."):].split(".", 1)
+        name = f"decoder.layers.{layer_offset + int(local)}.{rest}"
     if ".local_experts." not in name:
         return name
     head, tail = name.split(".local_experts.")
@@ -63,7 +68,8 @@ def main() -> None:
         save_checkpoint(init.parent, 0, chunks, None, None, {}, job.to_yaml())
     total = run_forward_backward(chunks, data.loader.next_global_batch(), job.data.seq_length,
                                  forward_only=False)
-    grads = {global_name(name, offset): full_grad(name, p)
+    layer_offset = get_transformer_layer_offset(unwrap(chunks[0]).config)
+    grads = {global_name(name, offset, layer_offset): full_grad(name, p)
              for name, p in unwrap(chunks[0]).named_parameters()}
     # Expert-parallel ranks hold different experts: merge every rank's dictionary.
     parts = [None] * dist.get_world_size()

@@ -1,6 +1,7 @@
 """Parallel layouts give the single-process loss and *every* gradient after one forward-backward
 from identical weights: the parallel run loads the single-process run's initial checkpoint,
-resharded to its layout (TP=2 with SP; EP=2 with the all-to-all dispatcher and DP=2)."""
+resharded to its layout (TP=2 with SP; EP=2 with the all-to-all dispatcher and DP=2; PP=2 with
+megatron's 1F1B schedule over 4 micro-batches)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-COMMON = ["data.pad_to_multiple=4", "data.global_batch_size=4"]
+COMMON = ["data.pad_to_multiple=4", "data.global_batch_size=4", "model.llm.num_layers=4"]
 
 
 def _grads(tmp: Path, nproc: int, overrides: list[str]) -> dict:
-    out = tmp / f"grads_{nproc}_{len(overrides)}.pt"
+    out = tmp / f"grads_{nproc}_{'_'.join(overrides) or 'single'}.pt"
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", str(HERE / "grads_worker.py"), str(out), str(tmp / "init" / "step_0000000"), *COMMON,
@@ -36,8 +37,8 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "overrides",
-    [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"]],
-    ids=["tp2_sp", "ep2_dp2"],
+    [["parallel.tp=2", "parallel.sequence_parallel=true"], ["parallel.ep=2"], ["parallel.pp=2"]],
+    ids=["tp2_sp", "ep2_dp2", "pp2"],
 )
 def test_loss_and_every_gradient_match_one_process(reference, overrides):
     tmp, ref = reference
