@@ -34,13 +34,13 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import (  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3Attention,
     DeepseekV3RotaryEmbedding,
 )
 
-from megatron_vlm.config import LLMConfig, ParallelConfig, YarnConfig  # noqa: E402
+from megatron_vlm.config import LLMConfig, ParallelConfig, YarnConfig
 
 ATOL = 1e-5  # fp32, outputs O(1-5): summation-order differences only (measured ~2e-6)
 HEADS, NOPE, ROPE, V, KV_LORA, HIDDEN = 4, 16, 16, 16, 32, 64
