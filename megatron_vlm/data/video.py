@@ -1,0 +1,382 @@
+"""Videos for MoonViT-3D (SPEC §2, §10): decode, sample at a target fps, size, chunk, patchify.
+
+Follows transformers 5.23 ``Kimi_K25VideoProcessor`` + ``video_utils`` (torchvision-free):
+
+- Sampling (HF ``default_sample_indices_fn``): ``n = max(1, int(total / video_fps * fps))``
+  frames at indices ``arange(n) * total // n``; timestamps are ``index / video_fps`` seconds
+  (HF ``VideoMetadata.timestamps``). Two additions of ours: a frame budget ``max_frames`` caps ``n``
+  (same uniform formula), and a target fps above the source fps takes every frame instead of
+  raising as HF does.
+- Chunks of ``temporal_patch_size = 4`` consecutive sampled frames; the **last chunk is short**
+  (t = remainder), never padded.
+- Each frame is sized like an image by ``navit_resize`` with ``max_patches = 4096``: the budget
+  bounds ONE frame's grid h*w, so a 4-frame chunk feeds the ViT 4*h*w patches and the LLM h*w/4
+  tokens (one frame's worth: MoonViT-3D averages over time).
+- Per chunk: ``pixel_values [t*h*w, 3, 14, 14]`` in (frame, row, col) order, grid (t, h, w), and the
+  timestamp of its first frame.
+
+Decoding uses decord and falls back to PyAV when decord is missing or fails. A file neither can
+decode completely raises ``MediaDecodeError`` (reason ``video_decode``): decord raises
+``RuntimeError``/``DECORDError``, PyAV ``av.error.InvalidDataError`` (sometimes after yielding the
+frames before the damage), and a cut-off stream may simply yield fewer frames than its header
+claims -- all three end up as the one error type.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_vlm.data.image import (
+    MAX_PATCHES_PER_SIDE,
+    MERGE_SIZE,
+    PATCH_SIZE,
+    navit_resize,
+    normalize,
+    patchify,
+    resize_and_pad,
+)
+from megatron_vlm.data.media_errors import MediaDecodeError, MediaMissingError, SkipReason
+
+VIDEO_FPS = 2.0
+"""Default sampling rate in frames per second (HF ``Kimi_K25VideoProcessor.fps``)."""
+VIDEO_MAX_FRAMES = 128
+"""Default frame budget per video (ours; HF has none): 32 chunks of 4."""
+VIDEO_CHUNK_MAX_PATCHES = 4096
+"""Patch budget of one frame of a chunk (HF ``Kimi_K25VideoProcessor.max_patches``)."""
+TEMPORAL_PATCH_SIZE = 4
+"""Frames per chunk (HF ``temporal_patch_size``)."""
+
+VideoSource = str | os.PathLike | bytes
+
+
+@dataclass
+class DecodedVideo:
+    """Sampled RGB frames of one video and where they came from."""
+
+    frames: np.ndarray
+    """[T, H, W, 3] uint8 sampled frames."""
+    frame_indices: np.ndarray
+    """[T] int64 indices of the sampled frames in the source."""
+    timestamps: np.ndarray
+    """[T] float64 seconds: ``index / fps`` (HF ``VideoMetadata.timestamps``)."""
+    fps: float
+    """Average frame rate of the source."""
+    total_frames: int
+    """Frames in the source."""
+    backend: str
+    """``"decord"`` or ``"pyav"``."""
+
+
+@dataclass
+class VideoChunk:
+    """Up to 4 consecutive sampled frames: one item of ``VisionInputs``."""
+
+    pixel_values: torch.Tensor
+    """[t*h*w, 3, 14, 14] float32 normalised patches, order (frame, row, col)."""
+    grid_thw: tuple[int, int, int]
+    """(t, h, w): t in 1..4 frames, h and w in patches (even)."""
+    timestamp: float
+    """Seconds of the chunk's first frame (written before the chunk in the prompt)."""
+    frame_timestamps: tuple[float, ...] = ()
+    """Seconds of every frame of the chunk."""
+
+    @property
+    def num_patches(self) -> int:
+        """ViT patches: t*h*w."""
+        t, h, w = self.grid_thw
+        return t * h * w
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM placeholder tokens: h*w/4 (temporal mean keeps one frame's worth)."""
+        _, h, w = self.grid_thw
+        return h * w // (MERGE_SIZE * MERGE_SIZE)
+
+
+@dataclass
+class ProcessedVideo:
+    """A video as chunks, in order."""
+
+    chunks: list[VideoChunk]
+    fps: float
+    total_frames: int
+    frame_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM placeholder tokens over all chunks."""
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def num_patches(self) -> int:
+        """ViT patches over all chunks."""
+        return sum(c.num_patches for c in self.chunks)
+
+
+# ---------------------------------------------------------------------------------------- sampling
+
+
+def sample_frame_indices(
+    total_frames: int,
+    video_fps: float,
+    fps: float = VIDEO_FPS,
+    max_frames: int | None = VIDEO_MAX_FRAMES,
+) -> np.ndarray:
+    """Indices of the frames to keep: HF's uniform rule at ``fps``, capped by ``max_frames``.
+
+    Args:
+        total_frames: Frames in the source (> 0).
+        video_fps: Source frame rate (> 0).
+        fps: Target rate.
+        max_frames: Frame budget (None: no cap).
+
+    Returns:
+        [n] int64 increasing indices, ``n >= 1``.
+    """
+    if total_frames < 1:
+        raise ValueError(f"total_frames must be >= 1, got {total_frames}")
+    if not video_fps > 0:
+        raise ValueError(f"video_fps must be > 0, got {video_fps}")
+    num = max(1, int(total_frames / video_fps * fps))
+    num = min(num, total_frames)  # HF raises here; a low-fps source just keeps every frame
+    if max_frames is not None:
+        num = min(num, max(1, max_frames))
+    return np.arange(num, dtype=np.int64) * total_frames // num
+
+
+# ---------------------------------------------------------------------------------------- decoding
+
+
+def _open_arg(source: VideoSource) -> tuple[str | io.BytesIO, str]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source)), f"<{len(source)} bytes>"
+    path = Path(source)
+    if not path.is_file():
+        raise MediaMissingError(f"video file not found: {path}")
+    return str(path), str(path)
+
+
+_DECORD_QUIET = False
+
+
+def _quiet_decord(decord_module) -> None:
+    """Silence decord's bundled ffmpeg log (one line per corrupt file otherwise; our
+    ``SkipCounter`` reports skips). decord's own C++ ``LOG(ERROR)`` lines cannot be silenced."""
+    global _DECORD_QUIET
+    if not _DECORD_QUIET:
+        decord_module.logging.set_level(decord_module.logging.QUIET)
+        _DECORD_QUIET = True
+
+
+def _decode_decord(
+    source: VideoSource, fps: float, max_frames: int | None, num_threads: int
+) -> DecodedVideo:
+    import decord  # optional: PyAV takes over when it is missing
+
+    _quiet_decord(decord)
+    uri, _ = _open_arg(source)
+    reader = decord.VideoReader(uri, ctx=decord.cpu(0), num_threads=num_threads)
+    total = len(reader)
+    video_fps = float(reader.get_avg_fps())
+    if total < 1 or not video_fps > 0:
+        raise MediaDecodeError(
+            f"decord: no frames (frames={total}, fps={video_fps})", reason=SkipReason.VIDEO_EMPTY
+        )
+    indices = sample_frame_indices(total, video_fps, fps, max_frames)
+    frames = reader.get_batch(indices.tolist()).asnumpy()
+    if frames.shape[0] != len(indices):
+        raise MediaDecodeError(f"decord returned {frames.shape[0]} of {len(indices)} frames")
+    return DecodedVideo(
+        frames=np.ascontiguousarray(frames, dtype=np.uint8),
+        frame_indices=indices,
+        timestamps=indices / video_fps,
+        fps=video_fps,
+        total_frames=total,
+        backend="decord",
+    )
+
+
+def _decode_pyav(source: VideoSource, fps: float, max_frames: int | None) -> DecodedVideo:
+    import av
+
+    uri, _ = _open_arg(source)
+    with av.open(uri) as container:
+        if not container.streams.video:
+            raise MediaDecodeError("pyav: no video stream", reason=SkipReason.VIDEO_EMPTY)
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        video_fps = float(rate) if rate else 0.0
+        total = int(stream.frames)
+        if total <= 0:  # containers without a frame count: count with a first pass (no RGB)
+            total = sum(1 for _ in container.decode(stream))
+            container.seek(0)
+        if total < 1 or not video_fps > 0:
+            raise MediaDecodeError(
+                f"pyav: no frames (frames={total}, fps={video_fps})", reason=SkipReason.VIDEO_EMPTY
+            )
+        indices = sample_frame_indices(total, video_fps, fps, max_frames)
+        wanted = set(indices.tolist())
+        last = int(indices[-1])
+        frames = []
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                frames.append(frame.to_ndarray(format="rgb24"))
+            if i >= last:
+                break
+    if len(frames) != len(indices):  # stream ended early: truncated without an error
+        raise MediaDecodeError(
+            f"pyav: stream ended after {len(frames)} of {len(indices)} sampled frames "
+            f"(header says {total} frames)"
+        )
+    return DecodedVideo(
+        frames=np.stack(frames).astype(np.uint8, copy=False),
+        frame_indices=indices,
+        timestamps=indices / video_fps,
+        fps=video_fps,
+        total_frames=total,
+        backend="pyav",
+    )
+
+
+def decode_video(
+    source: VideoSource,
+    fps: float = VIDEO_FPS,
+    max_frames: int | None = VIDEO_MAX_FRAMES,
+    backend: str = "auto",
+    num_threads: int = 1,
+) -> DecodedVideo:
+    """Decode and sample a video from a path or encoded bytes.
+
+    Args:
+        source: File path or the file's bytes.
+        fps: Target sampling rate.
+        max_frames: Frame budget (None: no cap).
+        backend: ``"auto"`` (decord, then PyAV if decord is missing or fails), ``"decord"`` or
+            ``"pyav"``.
+        num_threads: decord decoding threads (1 suits DataLoader workers).
+
+    Raises:
+        MediaMissingError: A path that does not exist.
+        MediaDecodeError: Neither backend decodes every sampled frame (reason ``video_decode``,
+            or ``video_empty`` for a stream without frames).
+    """
+    if backend not in ("auto", "decord", "pyav"):
+        raise ValueError(f"backend must be 'auto', 'decord' or 'pyav', got {backend!r}")
+    _open_arg(source)  # missing file -> MediaMissingError before any decoder runs
+    errors: list[str] = []
+    reasons: list[str] = []
+    if backend in ("auto", "decord"):
+        try:
+            return _decode_decord(source, fps, max_frames, num_threads)
+        except ImportError as exc:
+            if backend == "decord":
+                raise
+            errors.append(f"decord unavailable: {exc}")
+        except Exception as exc:  # RuntimeError, DECORDError (an Exception), MediaDecodeError
+            err = _as_decode_error(exc, "decord")
+            if backend == "decord":
+                raise err from exc
+            errors.append(str(err))
+            reasons.append(err.reason)
+    try:
+        return _decode_pyav(source, fps, max_frames)
+    except Exception as exc:  # av.error.InvalidDataError (a ValueError), OSError, MediaDecodeError
+        err = _as_decode_error(exc, "pyav")
+        errors.append(str(err))
+        reasons.append(err.reason)
+        # "empty" only when every decoder says so; a truncated file can look stream-less to one.
+        empty = all(r == SkipReason.VIDEO_EMPTY for r in reasons)
+        reason = SkipReason.VIDEO_EMPTY if empty else SkipReason.VIDEO_DECODE
+        raise MediaDecodeError("cannot decode video: " + "; ".join(errors), reason=reason) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else ""
+
+
+def _as_decode_error(exc: Exception, backend: str) -> MediaDecodeError:
+    if isinstance(exc, MediaDecodeError):
+        return exc
+    return MediaDecodeError(
+        f"{backend}: {type(exc).__name__}: {_first_line(exc)}", reason=SkipReason.VIDEO_DECODE
+    )
+
+
+# -------------------------------------------------------------------------------------- chunking
+
+
+def chunk_frames(
+    frames_thwc: np.ndarray,
+    timestamps: np.ndarray | list[float],
+    max_patches: int = VIDEO_CHUNK_MAX_PATCHES,
+    temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
+    max_patches_per_side: int = MAX_PATCHES_PER_SIDE,
+) -> list[VideoChunk]:
+    """Split sampled frames into chunks of up to ``temporal_patch_size`` (last one short) and
+    size, normalise and patchify each like an image.
+
+    Args:
+        frames_thwc: [T, H, W, 3] uint8, T >= 1.
+        timestamps: [T] seconds of each frame.
+        max_patches: Budget of one frame's grid (4096 for video).
+        temporal_patch_size: Frames per chunk.
+        max_patches_per_side: Per-side limit in patches.
+    """
+    frames_thwc = np.asarray(frames_thwc)
+    if frames_thwc.ndim != 4 or frames_thwc.shape[-1] != 3 or frames_thwc.shape[0] < 1:
+        raise ValueError(f"expected [T>=1, H, W, 3] frames, got {frames_thwc.shape}")
+    timestamps = [float(t) for t in timestamps]
+    if len(timestamps) != frames_thwc.shape[0]:
+        raise ValueError(f"{len(timestamps)} timestamps for {frames_thwc.shape[0]} frames")
+    height, width = frames_thwc.shape[1:3]
+    resized_hw, padded_hw = navit_resize(
+        height, width, PATCH_SIZE, MERGE_SIZE, max_patches, max_patches_per_side
+    )
+    h, w = padded_hw[0] // PATCH_SIZE, padded_hw[1] // PATCH_SIZE
+    chunks = []
+    for start in range(0, frames_thwc.shape[0], temporal_patch_size):
+        part = frames_thwc[start : start + temporal_patch_size]
+        pixels = patchify(normalize(resize_and_pad(part, resized_hw, padded_hw)))
+        stamps = tuple(timestamps[start : start + len(part)])
+        chunks.append(
+            VideoChunk(
+                pixel_values=pixels,
+                grid_thw=(len(part), h, w),
+                timestamp=stamps[0],
+                frame_timestamps=stamps,
+            )
+        )
+    return chunks
+
+
+def process_video(
+    source: VideoSource | DecodedVideo,
+    fps: float = VIDEO_FPS,
+    max_frames: int | None = VIDEO_MAX_FRAMES,
+    max_patches: int = VIDEO_CHUNK_MAX_PATCHES,
+    backend: str = "auto",
+) -> ProcessedVideo:
+    """Decode (unless given decoded frames), sample and chunk one video.
+
+    Raises:
+        MediaMissingError / MediaDecodeError: See ``decode_video``.
+    """
+    decoded = (
+        source
+        if isinstance(source, DecodedVideo)
+        else decode_video(source, fps=fps, max_frames=max_frames, backend=backend)
+    )
+    chunks = chunk_frames(decoded.frames, decoded.timestamps, max_patches=max_patches)
+    return ProcessedVideo(
+        chunks=chunks,
+        fps=decoded.fps,
+        total_frames=decoded.total_frames,
+        frame_indices=decoded.frame_indices,
+    )
