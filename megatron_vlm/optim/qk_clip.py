@@ -1,0 +1,172 @@
+"""QK-Clip for MLA (the "Clip" of MuonClip, SPEC §2): cap each head's max attention logit at tau.
+
+After the optimizer step, for every MLA layer and (local) head ``h``:
+
+* ``S_h`` = the max scaled pre-softmax logit the core attention recorded over this step's
+  micro-batches (``core_attention.current_max_attn_logits``; our attention keeps a running max and
+  counts only unmasked, non-padding entries; YaRN's mscale^2 is inside the scale), all-reduced
+  with MAX over ``group`` (data parallel x context parallel: ranks that saw other tokens);
+* ``eta_h = tau / S_h`` where ``S_h > tau``, else 1 (``min(tau / S_h, 1)`` for positive S_h; a
+  head whose max is <= tau, zero or negative is left alone);
+* the query weight's rows of head ``h`` are scaled: ``q_nope`` by ``sqrt(eta_h)``, ``q_rope`` by
+  ``eta_h``; the up-projection ``linear_kv_up_proj`` (HF ``kv_b_proj``) scales head ``h``'s
+  ``k_nope`` rows by ``sqrt(eta_h)``; its ``v`` rows and the shared rope key (the last
+  ``qk_rope_head_dim`` rows of ``linear_kv_down_proj``) are untouched. Every logit of head ``h``,
+  ``q_nope.k_nope + q_rope.k_rope``, is thereby multiplied by exactly ``eta_h``.
+
+Rows are scaled in the fp32 master weight when megatron keeps one (``param.main_param``, set by
+``Float16OptimizerWithFloat16Params`` and by the layer-wise optimizer), and the model's bf16
+weight is then overwritten by its cast, so the two never drift. A flat ``DistributedOptimizer``
+shard (``main_param_sharded``) holds no whole rows and is refused.
+
+Versus megatron-core 0.16.1 ``MLASelfAttention.clip_qk`` (``transformer/multi_latent_attention.py``)
+and ``optimizer/qk_clip.clip_qk``: same row rule with ``qk_clip_alpha = 0.5`` (``eta^alpha`` on
+``q_nope``, ``eta^(1 - alpha)`` on ``k_nope``); differences: (1) ``clamp(tau / S, max=1)`` gives a
+head with a negative max logit a negative ``eta`` and ``eta ** 0.5 = NaN`` weights whenever any
+other head of the layer exceeds tau -- we leave such heads alone; (2) it scales the bf16 weight
+separately from the fp32 master instead of copying the master's cast (1-ulp drift); (3) it views
+``main_param`` as whole rows even when the DistributedOptimizer made it a 1-D shard; (4) it
+issues one all-reduce per layer (we issue one for all layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+from torch import nn
+
+
+@dataclass
+class QKClipStats:
+    """What one QK-Clip pass saw and did, per layer (keyed by megatron's 1-based layer number)."""
+
+    max_logits: dict[int, list[float]] = field(default_factory=dict)
+    """Per-head max logit after the all-reduce (local heads of this TP rank)."""
+    heads_clipped: dict[int, int] = field(default_factory=dict)
+    """Heads whose weights were scaled (max logit > tau)."""
+
+    @property
+    def layer_max_logit(self) -> dict[int, float]:
+        return {layer: max(v) for layer, v in self.max_logits.items()}
+
+    @property
+    def max_logit(self) -> float:
+        """Max over all layers (``-inf`` when nothing was recorded)."""
+        return max((max(v) for v in self.max_logits.values()), default=float("-inf"))
+
+    @property
+    def num_heads_clipped(self) -> int:
+        return sum(self.heads_clipped.values())
+
+
+def mla_attentions(model_chunks: nn.Module | Iterable[nn.Module]) -> list[MLASelfAttention]:
+    """The MLA self-attention modules of ``model_chunks`` (DDP wrappers and PP chunks alike)."""
+    chunks = [model_chunks] if isinstance(model_chunks, nn.Module) else list(model_chunks)
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MLASelfAttention)]
+
+
+def qk_clip_eta(max_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``eta_h = tau / S_h`` where ``S_h > tau``, else 1."""
+    s = max_logits.float()
+    return torch.where(s > threshold, threshold / s, torch.ones_like(s))
+
+
+def all_reduce_max_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """In-place MAX all-reduce of every tensor over ``group`` with one collective.
+
+    ``group=None`` means "no reduction" (one process, or the caller reduced already); pass
+    megatron's ``parallel_state.get_data_parallel_group(with_context_parallel=True)`` in training.
+    """
+    if group is None or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def _scale_rows_(param: nn.Parameter, row_scale: torch.Tensor, name: str) -> None:
+    """``param[r, :] *= row_scale[r]`` on the fp32 master (then cast into ``param``) or on
+    ``param`` itself when there is no master."""
+    main = getattr(param, "main_param", None)
+    if main is None:
+        if getattr(param, "main_param_sharded", False):
+            raise RuntimeError(
+                f"QK-Clip: {name} has no local master shard under the flat DistributedOptimizer; "
+                "QK-Clip needs whole per-head rows (use the layer-wise optimizer for Muon)")
+        param.data.mul_(row_scale.to(param.dtype)[:, None])
+        return
+    if getattr(param, "main_param_sharded", False) or main.shape != param.shape:
+        raise RuntimeError(
+            f"QK-Clip: the master weight of {name} is a flat DistributedOptimizer shard "
+            f"(shape {tuple(main.shape)} vs {tuple(param.shape)}); QK-Clip needs whole per-head "
+            "rows (use the layer-wise optimizer for Muon)")
+    main.data.mul_(row_scale.to(main.dtype)[:, None])
+    param.data.copy_(main.data)  # bf16 model weight = cast of the clipped fp32 master
+
+
+@torch.no_grad()
+def clip_mla_(attention: MLASelfAttention, eta: torch.Tensor) -> None:
+    """Scale ``attention``'s q and k_nope rows per head by ``eta [local heads]`` (module doc)."""
+    cfg = attention.config
+    heads = attention.num_attention_heads_per_partition
+    if eta.shape != (heads,):
+        raise ValueError(f"eta has shape {tuple(eta.shape)}, expected ({heads},)")
+    nope, rope, v_dim = cfg.qk_head_dim, cfg.qk_pos_emb_head_dim, cfg.v_head_dim
+    root = eta.double().sqrt()
+    ones = torch.ones_like(root)
+    q_scale = torch.cat([root[:, None].expand(heads, nope),
+                         eta.double()[:, None].expand(heads, rope)], dim=1).reshape(-1)
+    k_scale = torch.cat([root[:, None].expand(heads, nope),
+                         ones[:, None].expand(heads, v_dim)], dim=1).reshape(-1)
+    q_name = "linear_q_proj" if cfg.q_lora_rank is None else "linear_q_up_proj"
+    _scale_rows_(getattr(attention, q_name).weight, q_scale, q_name)
+    _scale_rows_(attention.linear_kv_up_proj.weight, k_scale, "linear_kv_up_proj")
+
+
+@torch.no_grad()
+def apply_qk_clip(
+    model_chunks: nn.Module | Iterable[nn.Module],
+    *,
+    group: dist.ProcessGroup | None = None,
+    threshold: float | None = None,
+) -> QKClipStats:
+    """One QK-Clip pass after an optimizer step; resets the recorded max logits.
+
+    Layers whose config has ``qk_clip`` are clipped; layers with only
+    ``log_max_attention_logit`` are reported and left alone.
+
+    Args:
+        model_chunks: this rank's model chunk(s).
+        group: process group of the MAX all-reduce (DP x CP); None = no reduction.
+        threshold: tau; default each layer's ``config.qk_clip_threshold`` (SPEC: 100).
+
+    Returns:
+        :class:`QKClipStats` (per-layer per-head max logits after the reduction, heads clipped).
+    """
+    layers = [a for a in mla_attentions(model_chunks)
+              if a.config.qk_clip or a.config.log_max_attention_logit]
+    missing = [a.layer_number for a in layers if a.core_attention.current_max_attn_logits is None]
+    if missing:
+        raise RuntimeError(
+            f"QK-Clip: layers {missing} recorded no max logits this step; the core attention must "
+            "record them (config.qk_clip or log_max_attention_logit) and a forward must have run")
+    maxima = [a.core_attention.current_max_attn_logits.detach().float().clone() for a in layers]
+    all_reduce_max_(maxima, group)
+    stats = QKClipStats()
+    for attention, s in zip(layers, maxima):
+        tau = attention.config.qk_clip_threshold if threshold is None else threshold
+        clipped = 0
+        if attention.config.qk_clip:
+            eta = qk_clip_eta(s, tau)
+            clipped = int((eta < 1).sum())
+            if clipped:
+                clip_mla_(attention, eta)
+        stats.max_logits[attention.layer_number] = s.tolist()
+        stats.heads_clipped[attention.layer_number] = clipped
+        attention.core_attention.current_max_attn_logits = None
+    return stats
