@@ -1,0 +1,280 @@
+"""MoonViT and MoonViT-3D (SPEC §2) on megatron-core blocks.
+
+Patch conv -> + learned 2D / sin-cos temporal position tables -> megatron ``TransformerBlock`` of
+pre-LN layers (LayerNorm eps 1e-5, qkv and linear biases, GELU-tanh MLP, final LayerNorm) whose
+attention is megatron's ``SelfAttention`` with our 2D RoPE (:class:`Rope2DSelfAttention`) and our
+packed bidirectional core attention -> temporal-pool 2x2 merger.
+
+All images and video chunks of a micro-batch are one packed THD sequence; attention is
+block-diagonal per item (``cu_seqlens`` over ``t*h*w``), so a video chunk attends across its frames
+and never to another item. TP, sequence parallelism and activation recompute are megatron's.
+The tower is not pipelined (it lives on the first LLM stage) nor context-parallel (CP splits the
+merged multimodal sequence), so its megatron config has ``pp = cp = 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.attention import SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from torch import Tensor
+
+from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.config.vision import VisionConfig
+from megatron_vlm.models.attention import PackedSelfAttention
+from megatron_vlm.models.norm import SequenceParallelNorm
+from megatron_vlm.models.vision.merger import tpool_patch_merger
+from megatron_vlm.models.vision.pos_embed import VisionPositionEmbedding
+from megatron_vlm.models.vision.rope2d import Rope2DSelfAttention, rope_2d_angles
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# LayerNorm of the local (non-TE) spec: megatron's WrappedTorchNorm refuses sequence parallelism
+# (megatron-core 0.16.1 transformer/torch_norm.py:32); ours marks its grads for the TP all-reduce.
+_NORM = SequenceParallelNorm
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU, tanh approximation (HF ``gelu_pytorch_tanh``); a named function so configs pickle."""
+    return F.gelu(x, approximate="tanh")
+
+
+def build_vision_transformer_config(
+    vision: VisionConfig, parallel: ParallelConfig, params_dtype: str = "fp32"
+) -> TransformerConfig:
+    """Map our vision config onto megatron-core's ``TransformerConfig``, field by field."""
+    if vision.num_attention_heads % parallel.tp:
+        raise ValueError(
+            f"parallel.tp={parallel.tp} does not divide model.vision.num_attention_heads="
+            f"{vision.num_attention_heads}; choose tp dividing it"
+        )
+    dtype = _DTYPES[params_dtype]
+    recompute = {
+        "none": {"recompute_granularity": None},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                 "recompute_num_layers": vision.recompute_num_layers},
+        "core_attn": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    }[vision.recompute]
+    return TransformerConfig(
+        # --- shape
+        num_layers=vision.num_layers,
+        hidden_size=vision.hidden_size,
+        num_attention_heads=vision.num_attention_heads,
+        num_query_groups=vision.num_attention_heads,
+        kv_channels=vision.head_dim,
+        ffn_hidden_size=vision.ffn_hidden_size,
+        # --- block structure: pre-LN, biases everywhere, GELU-tanh MLP
+        normalization="LayerNorm",
+        layernorm_epsilon=vision.norm_epsilon,
+        layernorm_zero_centered_gamma=False,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=gelu_tanh,
+        apply_residual_connection_post_layernorm=False,
+        hidden_dropout=vision.hidden_dropout,
+        attention_dropout=vision.attention_dropout,
+        init_method_std=vision.init_method_std,
+        softmax_scale=None,  # 1/sqrt(head_dim)
+        qk_layernorm=False,
+        qk_clip=vision.qk_clip,
+        qk_clip_threshold=vision.qk_clip_threshold,
+        log_max_attention_logit=vision.log_max_attention_logit,
+        # --- parallelism (see module docstring: no PP, no CP for the tower)
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=1,
+        context_parallel_size=1,
+        sequence_parallel=parallel.sequence_parallel,
+        # --- numerics / kernels
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        perform_initialization=True,
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        cuda_graph_scope=[],
+        **recompute,
+    )
+
+
+def moonvit_layer_spec() -> ModuleSpec:
+    """One MoonViT layer: megatron's local TransformerLayer with 2D-RoPE self-attention and our
+    packed bidirectional core attention (Transformer Engine specs arrive with the GPU path)."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=_NORM,
+            self_attention=ModuleSpec(
+                module=Rope2DSelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=PackedSelfAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=_NORM,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def check_grid(grid_thw: Tensor, num_patches: int, max_frames: int) -> None:
+    """Raise ``ValueError`` when ``grid_thw [M, 3]`` cannot describe ``num_patches`` patches."""
+    if grid_thw.dim() != 2 or grid_thw.shape[1] != 3 or grid_thw.shape[0] == 0:
+        raise ValueError(f"grid_thw must be [M >= 1, 3] (t, h, w); got {tuple(grid_thw.shape)}")
+    if bool((grid_thw < 1).any()):
+        raise ValueError(f"grid_thw entries must be >= 1; got {grid_thw.tolist()}")
+    if int(grid_thw[:, 0].max()) > max_frames:
+        raise ValueError(
+            f"an item has t={int(grid_thw[:, 0].max())} frames; video chunks hold at most "
+            f"temporal_patch_size={max_frames}"
+        )
+    total = int(grid_thw.prod(dim=1).sum())
+    if total != num_patches:
+        raise ValueError(
+            f"grid_thw describes {total} patches (sum of t*h*w) but pixel_values has {num_patches}"
+        )
+
+
+def packed_seq_params(lengths: Tensor, pad: int, device: torch.device) -> PackedSeqParams:
+    """THD parameters: one document per item (``t*h*w`` patches, bidirectional); ``pad`` tail
+    tokens become one empty document (real length 0, padded length ``pad``)."""
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    cu_padded = None
+    if pad:
+        cu_padded = torch.cat([cu, cu[-1:] + pad])
+        cu = torch.cat([cu, cu[-1:]])
+    max_seqlen = max(int(lengths.max()), pad)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu.to(device),
+        cu_seqlens_kv=cu.to(device),
+        cu_seqlens_q_padded=None if cu_padded is None else cu_padded.to(device),
+        cu_seqlens_kv_padded=None if cu_padded is None else cu_padded.to(device),
+        max_seqlen_q=max_seqlen,
+        max_seqlen_kv=max_seqlen,
+    )
+
+
+class MoonViT(MegatronModule):
+    """MoonViT / MoonViT-3D vision tower.
+
+    Parameter names: ``patch_embed`` (Conv2d), ``pos_embed.weight`` ``[H, W, D]``,
+    ``encoder.layers.{i}.{input_layernorm, self_attention.linear_qkv, self_attention.linear_proj,
+    pre_mlp_layernorm, mlp.linear_fc1, mlp.linear_fc2}``, ``encoder.final_layernorm``.
+    ``linear_qkv`` rows are megatron's per-head ``[q_h; k_h; v_h]`` with q/k in the interleaved
+    2D-RoPE layout of the released checkpoint (see ``hf_weights``).
+    """
+
+    def __init__(
+        self, config: TransformerConfig, vision: VisionConfig, pg_collection=None
+    ) -> None:
+        super().__init__(config=config)
+        self.vision = vision
+        self.patch_embed = torch.nn.Conv2d(
+            vision.in_channels, vision.hidden_size, kernel_size=vision.patch_size,
+            stride=vision.patch_size, dtype=config.params_dtype,
+        )
+        self.pos_embed = VisionPositionEmbedding(
+            vision.pos_emb_height, vision.pos_emb_width, vision.temporal_patch_size,
+            vision.hidden_size, dtype=config.params_dtype,
+        )
+        self.encoder = TransformerBlock(
+            config=config,
+            spec=TransformerBlockSubmodules(
+                layer_specs=[moonvit_layer_spec()] * vision.num_layers, layer_norm=_NORM
+            ),
+            post_layer_norm=True,
+            pre_process=True,
+            post_process=True,
+            pg_collection=pg_collection,
+        )
+        self.tp_group = self.encoder.tp_group
+
+    def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        """Pre-merge features ``[N, D]`` (after the final LayerNorm) for ``pixel_values
+        [N, C, p, p]`` in raster order (item, frame, row, col) and ``grid_thw [M, 3]``.
+
+        With sequence parallelism the result is gathered to every TP rank, and its backward
+        *splits* the gradient: consumers must run replicated over TP (the merger and
+        :class:`~megatron_vlm.models.projector.KimiProjector` do).
+        """
+        grid = grid_thw.detach().cpu().long()
+        num_patches = pixel_values.shape[0]
+        check_grid(grid, num_patches, self.vision.temporal_patch_size)
+        device = pixel_values.device
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(1)  # [N, D]
+        x = self.pos_embed(x, grid).unsqueeze(1)  # [N, 1, D]: megatron's [s, b, h]
+        angles = rope_2d_angles(grid, self.vision.head_dim, self.vision.rope_theta).to(device)
+        # SP shards the sequence evenly over TP ranks: pad to a multiple of tp with one empty
+        # document (real length 0) that attends nothing real; it is cut off again below.
+        pad = (-num_patches) % self.config.tensor_model_parallel_size
+        pad = pad if self.config.sequence_parallel else 0
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        angles = F.pad(angles, (0, 0, 0, pad))
+        params = packed_seq_params(grid.prod(dim=1), pad, device)
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, group=self.tp_group)
+        x = self.encoder(
+            hidden_states=x, attention_mask=None, rotary_pos_emb=angles, packed_seq_params=params
+        )
+        if self.config.sequence_parallel:
+            # Merger and projector run replicated on every TP rank, so each rank's gradient of
+            # the gathered tensor is already complete: backward splits, it does not reduce.
+            x = gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=False, group=self.tp_group
+            )
+        return x[:num_patches, 0]
+
+    def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+        """Merged features ``[sum(h*w) / (kh*kw), kh*kw, D]``: one row per LLM placeholder token
+        (item order), frames mean-pooled; the projector normalises each of the ``kh*kw``
+        sub-tokens, then concatenates them."""
+        grid = grid_thw.detach().cpu().long()  # one host copy for every index built below
+        x = self.encode(pixel_values, grid)
+        return tpool_patch_merger(
+            x, grid, self.vision.merge_kernel_height, self.vision.merge_kernel_width
+        )
+
+
+def build_moonvit(
+    vision: VisionConfig,
+    parallel: ParallelConfig,
+    params_dtype: str = "fp32",
+    *,
+    pg_collection=None,
+) -> MoonViT:
+    """Build the vision tower (process groups must be initialised)."""
+    config = build_vision_transformer_config(vision, parallel, params_dtype)
+    return MoonViT(config, vision, pg_collection=pg_collection)
