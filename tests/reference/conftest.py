@@ -1,0 +1,100 @@
+"""Fixtures for checks against Hugging Face transformers (5.23, ``transformers.models.kimi_k25``).
+
+Tiny fp32 models: vision hidden 32, 2 layers, 4 heads (head dim 8), an 8x8 position table (so a
+6x8 or 10x4 grid is resampled), LLM hidden 48. Every HF parameter is perturbed away from its init
+(LayerNorm weights 1, biases 0...) so that a wrong mapping of any tensor changes the output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VISION = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": 64, "pos_emb_height": 8, "pos_emb_width": 8, "pos_emb_time": 4,
+          "rope_parameters": {"rope_theta": 10000.0, "rope_type": "axial"}}
+TEXT = {"hidden_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 128,
+        "intermediate_size": 64, "moe_intermediate_size": 32, "n_routed_experts": 4,
+        "num_experts_per_tok": 2, "q_lora_rank": 16, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 8, "v_head_dim": 8, "first_k_dense_replace": 1}
+NUM_HEADS = VISION["num_attention_heads"]
+
+
+@pytest.fixture(scope="session")
+def megatron_groups():
+    """World-size-1 process groups; reused when another test module already made them."""
+    from megatron.core import parallel_state
+
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
+    from megatron_vlm.parallel.init import init_distributed
+
+    if parallel_state.model_parallel_is_initialized():
+        apply_cpu_shims()
+    else:
+        init_distributed(ParallelConfig(), seed=1234)
+
+
+@torch.no_grad()
+def perturb(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(scope="session")
+def hf_kimi():
+    """A tiny ``Kimi_K25ForConditionalGeneration`` (vision tower, projector, DeepSeek-V3 LLM)."""
+    from transformers.models.kimi_k25 import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = Kimi_K25Config(vision_config=VISION, text_config=TEXT, projection_hidden_size=32,
+                            tie_word_embeddings=False)
+    model = Kimi_K25ForConditionalGeneration(config).eval()
+    perturb(model.model.vision_tower, seed=1)
+    perturb(model.model.mm_projector, seed=2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(hf_kimi, tmp_path_factory):
+    """The tensors ``save_pretrained`` writes for ``hf_kimi`` (the released-checkpoint layout)."""
+    from safetensors.torch import load_file
+
+    path = tmp_path_factory.mktemp("kimi_k25_tiny")
+    hf_kimi.save_pretrained(path)
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def ours_from_hf(megatron_groups, hf_kimi):
+    """``build(**vision_overrides)``: our MoonViT with ``hf_kimi``'s vision weights."""
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.config.vision import VisionConfig
+    from megatron_vlm.models.vision.hf_weights import load_state, vision_state_from_hf
+    from megatron_vlm.models.vision.moonvit import build_moonvit
+
+    def build(**overrides):
+        kwargs = {"hidden_size": 32, "num_layers": 2, "num_attention_heads": 4,
+                  "ffn_hidden_size": 64, "pos_emb_height": 8, "pos_emb_width": 8,
+                  "temporal_patch_size": 4, **overrides}
+        model = build_moonvit(VisionConfig(**kwargs), ParallelConfig()).eval()
+        state = vision_state_from_hf(hf_kimi.model.vision_tower.state_dict(), NUM_HEADS)
+        load_state(model, state)
+        return model
+
+    return build
+
+
+def random_media(grid: list[list[int]], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pixel_values [sum t*h*w, 3, 14, 14]`` in [-1, 1] and ``grid_thw [M, 3]``."""
+    grid_thw = torch.tensor(grid, dtype=torch.long)
+    n = int(grid_thw.prod(dim=1).sum())
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 14, 14, generator=gen) * 2 - 1, grid_thw
+
+
+@pytest.fixture(scope="session")
+def media():
+    """``make(grid, seed) -> (pixel_values, grid_thw)``."""
+    return random_media
