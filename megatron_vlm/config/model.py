@@ -21,7 +21,8 @@ class YarnConfig:
     mscale: float = 1.0
     """m in mscale(s, m) = 0.1 m ln s + 1 for cos/sin."""
     mscale_all_dim: float = 1.0
-    """m' dividing the cos/sin scale; softmax scale gets mscale(s, m')^2. 0 means 1 (HF rule)."""
+    """m' dividing the cos/sin scale; softmax scale gets mscale(s, m')^2. mscale(s, 0) = 1 by the
+    formula (transformers instead ignores both m and m' when either is 0; see models/llm.py)."""
 
     def __post_init__(self) -> None:
         if self.factor < 1.0:

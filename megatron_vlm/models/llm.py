@@ -42,8 +42,10 @@ def build_transformer_config(
     on_gpu = torch.cuda.is_available()
     moe = llm.num_experts is not None
     yarn = llm.yarn
-    # HF treats mscale_all_dim == 0 as "absent" (-> 1 in the ratio); megatron only None. We follow
-    # HF (the reference users compare against): mscale(s, 0) == 1 either way, so pass it through.
+    # YaRN mscale values pass through as given: megatron applies the published formula literally
+    # (mscale(s, 0) == 1, so cos/sin get mscale(s, m) / 1). transformers 5.23 instead drops *both*
+    # values when either is 0 (cos/sin get mscale(s, 1)); tests/reference/test_yarn_hf.py pins the
+    # difference, and HF export must write rope_parameters["attention_factor"] in that case.
     kwargs = dict(
         # --- shape
         num_layers=llm.num_layers,
