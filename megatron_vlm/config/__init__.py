@@ -7,8 +7,9 @@ from megatron_vlm.config.model import LLMConfig, ModelConfig, YarnConfig
 from megatron_vlm.config.optim import OptimConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.config.train import TrainConfig
+from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
 
 __all__ = [
     "CheckpointConfig", "DataConfig", "JobConfig", "LLMConfig", "ModelConfig", "OptimConfig",
-    "ParallelConfig", "TrainConfig", "YarnConfig", "apply_overrides", "from_dict", "load_yaml",
+    "ParallelConfig", "ProjectorConfig", "TrainConfig", "VisionConfig", "YarnConfig", "apply_overrides", "from_dict", "load_yaml",
 ]

@@ -50,6 +50,11 @@ class JobConfig:
                 raise ValueError(
                     f"parallel.ep={par.ep} does not divide model.llm.num_experts={llm.num_experts}"
                 )
+        if not self.model.is_vlm and (self.optim.vision_lr_mult != 1.0
+                                      or self.optim.projector_lr_mult != 1.0
+                                      or self.optim.llm_lr_mult != 1.0):
+            raise ValueError("optim.*_lr_mult apply to a VLM's modules; for a text-only model "
+                             "set optim.lr instead")
         if par.tp > 1 and not par.sequence_parallel:
             raise ValueError(
                 f"parallel.tp={par.tp} requires sequence parallelism (megatron-core 0.16.1 needs it "

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
+
 
 @dataclass(kw_only=True)
 class YarnConfig:
@@ -155,9 +157,32 @@ class LLMConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The whole model. The vision tower and projector join in the vision-tower issue."""
+    """The whole model: the LLM, and for a VLM the vision tower and projector."""
 
     llm: LLMConfig = field(default_factory=LLMConfig)
     """Language model."""
+    vision: VisionConfig | None = None
+    """MoonViT vision tower; None = text-only LLM."""
+    projector: ProjectorConfig | None = None
+    """Vision -> LLM projector; required with ``vision``."""
     params_dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter/compute dtype (bf16 keeps fp32 main params in the optimizer)."""
+    freeze_vision: bool = False
+    """Keep the vision tower's weights fixed (no gradient, not in the optimizer)."""
+    freeze_projector: bool = False
+    """Keep the projector's weights fixed."""
+    freeze_llm: bool = False
+    """Keep the LLM's weights fixed (e.g. vision-alignment stages)."""
+
+    def __post_init__(self) -> None:
+        if (self.vision is None) != (self.projector is None):
+            raise ValueError("model.vision and model.projector must be set together (a VLM) or "
+                             "both left null (text-only)")
+        if self.vision is not None:
+            self.projector.check_matches(self.vision, self.llm.hidden_size)
+        elif self.freeze_vision or self.freeze_projector:
+            raise ValueError("model.freeze_vision/freeze_projector need a vision tower")
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vision is not None

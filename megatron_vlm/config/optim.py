@@ -34,6 +34,12 @@ class OptimConfig:
     """WSD: fraction of the run spent in the final decay."""
     wsd_decay_style: Literal["linear", "cosine", "sqrt"] = "linear"
     """WSD: shape of the final decay."""
+    vision_lr_mult: float = 1.0
+    """Learning-rate multiplier for the vision tower (lr and min_lr)."""
+    projector_lr_mult: float = 1.0
+    """Learning-rate multiplier for the projector."""
+    llm_lr_mult: float = 1.0
+    """Learning-rate multiplier for the LLM."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

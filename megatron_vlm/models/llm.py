@@ -12,6 +12,7 @@ import dataclasses
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -180,6 +181,20 @@ def llm_block_spec(
     return block
 
 
+def scatter_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` -> ``[b, s / tp]``: the padding mask in the sequence-parallel layout.
+
+    megatron's ``GPTModel`` does this only on the stage that embeds tokens itself
+    (``models/gpt/gpt_model.py:314``); with ``decoder_input`` given, or on later pipeline stages,
+    the caller must (the MoE router needs one mask entry per local token).
+    """
+    return (
+        tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
+        .transpose(0, 1)
+        .contiguous()
+    )
+
+
 def build_llm(
     llm: LLMConfig,
     parallel: ParallelConfig,
@@ -189,6 +204,7 @@ def build_llm(
     post_process: bool = True,
     vp_stage: int | None = None,
     pg_collection=None,
+    scatter_embedding_sequence_parallel: bool = True,
 ) -> GPTModel:
     """Build this rank's part of the LLM (process groups must be initialised)."""
     config = build_transformer_config(llm, parallel, params_dtype)
@@ -203,4 +219,5 @@ def build_llm(
         position_embedding_type="none",  # MLA applies RoPE inside attention
         vp_stage=vp_stage,
         pg_collection=pg_collection,
+        scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
     )

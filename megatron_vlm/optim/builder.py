@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    MegatronOptimizer,
+    OptimizerConfig,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from megatron_vlm.config.optim import OptimConfig
 
@@ -30,6 +37,25 @@ def build_optimizer_config(
     )
 
 
+# Parameter-name patterns (fnmatch, DDP names) of the VLM's modules, for per-module LRs.
+MODULE_PATTERNS = {
+    "vision": "*vision_tower.*",
+    "projector": "*projector.*",
+    "llm": "*language_model.*",
+}
+
+
+def module_lr_overrides(optim: OptimConfig) -> dict[ParamKey, ParamGroupOverride]:
+    """Per-module learning rates: ``lr`` and ``min_lr`` times each module's multiplier."""
+    mults = {"vision": optim.vision_lr_mult, "projector": optim.projector_lr_mult,
+             "llm": optim.llm_lr_mult}
+    return {
+        ParamKey(name=MODULE_PATTERNS[name]): ParamGroupOverride(
+            max_lr=optim.lr * mult, min_lr=optim.min_lr * mult)
+        for name, mult in mults.items() if mult != 1.0
+    }
+
+
 def build_optimizer(
     optim: OptimConfig,
     model_chunks: list,
@@ -39,7 +65,9 @@ def build_optimizer(
     """megatron-core optimizer over ``model_chunks`` (each wrapped in megatron DDP).
 
     Norm weights, biases and the router's expert bias (a buffer, never a parameter) get no weight
-    decay: megatron's default param groups exclude 1-D parameters from decay.
+    decay (megatron's standard overrides exclude 1-D parameters); frozen parameters
+    (``requires_grad=False``) are in no group; VLM modules get their learning-rate multipliers.
     """
     config = build_optimizer_config(optim, params_dtype, use_distributed_optimizer)
-    return get_megatron_optimizer(config, model_chunks)
+    overrides = {**get_standard_config_overrides(config), **module_lr_overrides(optim)}
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 from megatron_vlm.config import JobConfig
 from megatron_vlm.recipes.kimi import kimi_k25, kimi_vl_a3b
-from megatron_vlm.recipes.tiny import tiny_cpu
+from megatron_vlm.recipes.tiny import tiny_cpu, tiny_vlm_cpu
 
 RECIPES: dict[str, Callable[[], JobConfig]] = {
     "tiny_cpu": tiny_cpu,
+    "tiny_vlm_cpu": tiny_vlm_cpu,
     "kimi_vl_a3b": kimi_vl_a3b,
     "kimi_k25": kimi_k25,
 }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_vlm.config import (
     CheckpointConfig, DataConfig, JobConfig, LLMConfig, ModelConfig, OptimConfig, ParallelConfig,
-    TrainConfig,
+    ProjectorConfig, TrainConfig, VisionConfig,
 )
 
 
@@ -34,3 +36,26 @@ def tiny_cpu() -> JobConfig:
                           output_dir="runs/tiny_cpu", peak_tflops=0.1),
         checkpoint=CheckpointConfig(save_interval=50),
     )
+
+
+def tiny_moonvit() -> VisionConfig:
+    """MoonViT shape scaled down: 2 layers, width 32, 4 heads, 16x16 position table."""
+    return VisionConfig(
+        hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hidden_size=64, patch_size=14,
+        pos_emb_height=16, pos_emb_width=16, temporal_patch_size=4, merge_kernel_height=2,
+        merge_kernel_width=2,
+    )
+
+
+def tiny_vlm_cpu() -> JobConfig:
+    """The tiny LLM with a tiny MoonViT and Kimi projector (model only: the multimodal data
+    pipeline feeds it once the data issue lands; text batches run through it today)."""
+    job = tiny_cpu()
+    llm = job.model.llm
+    model = ModelConfig(
+        llm=llm, vision=tiny_moonvit(),
+        projector=ProjectorConfig(vision_hidden_size=32, merge_size=4,
+                                  output_size=llm.hidden_size),
+        params_dtype="fp32",
+    )
+    return dataclasses.replace(job, name="tiny_vlm_cpu", model=model)

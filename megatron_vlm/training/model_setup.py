@@ -10,6 +10,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.models.llm import build_llm
+from megatron_vlm.models.vlm import KimiVLM
 
 
 def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronModule]:
@@ -26,11 +27,13 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
     for vp_stage in range(vpp):
         first = pp_rank == 0 and vp_stage == 0
         last = pp_rank == pp_size - 1 and vp_stage == vpp - 1
-        model = build_llm(
-            job.model.llm, job.parallel, job.model.params_dtype,
-            pre_process=first, post_process=last,
-            vp_stage=vp_stage if job.parallel.vpp else None,
-        )
+        vp = vp_stage if job.parallel.vpp else None
+        if job.model.is_vlm:
+            model = KimiVLM(job.model, job.parallel, pre_process=first, post_process=last,
+                            vp_stage=vp)
+        else:
+            model = build_llm(job.model.llm, job.parallel, job.model.params_dtype,
+                              pre_process=first, post_process=last, vp_stage=vp)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

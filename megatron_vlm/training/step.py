@@ -11,9 +11,13 @@ from collections.abc import Iterator
 from functools import partial
 
 import torch
+from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_vlm.data.contract import PackedBatch
+from megatron_vlm.data.contract import PackedBatch, VisionInputs
+from megatron_vlm.models.llm import scatter_padding_mask
+from megatron_vlm.models.vlm import KimiVLM
+from megatron_vlm.training.model_setup import unwrap
 
 
 def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqParams:
@@ -42,16 +46,36 @@ def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqPara
     )
 
 
-def model_inputs(batch: PackedBatch, device: torch.device) -> dict:
-    """Keyword arguments of ``GPTModel.forward`` for one packed micro-batch."""
-    return dict(
+def media_positions(vision: VisionInputs) -> torch.Tensor:
+    """Sequence index of every placeholder token, item by item (``[sum(h*w/4)]``)."""
+    counts, starts = vision.num_llm_tokens.tolist(), vision.placeholder_starts.tolist()
+    if not counts:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
+
+
+def model_inputs(batch: PackedBatch, device: torch.device, model) -> dict:
+    """Keyword arguments of the model's forward for one packed micro-batch."""
+    padding_mask = batch.padding_mask.to(device)
+    inner = unwrap(model)
+    if (isinstance(inner, GPTModel) and inner.config.sequence_parallel
+            and not inner.pre_process):
+        # Later pipeline stages: megatron leaves the mask unscattered (gpt_model.py:314).
+        padding_mask = scatter_padding_mask(padding_mask)
+    inputs = dict(
         input_ids=batch.tokens.to(device),
         position_ids=batch.position_ids.to(device),
         attention_mask=None,
         labels=batch.labels.to(device),
         packed_seq_params=packed_seq_params(batch, device),
-        padding_mask=batch.padding_mask.to(device),
+        padding_mask=padding_mask,
     )
+    if batch.vision is not None:
+        if not isinstance(inner, KimiVLM):
+            raise ValueError("a batch with media reached a text-only model; set model.vision")
+        inputs.update(pixel_values=batch.vision.pixel_values, grid_thw=batch.vision.grid_thw,
+                      media_positions=media_positions(batch.vision))
+    return inputs
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -68,6 +92,6 @@ def forward_step(data_iterator: Iterator[PackedBatch], model):
     """One micro-batch forward; returns the output and the loss function to apply to it."""
     batch = next(data_iterator)
     device = next(model.parameters()).device
-    inputs = model_inputs(batch, device)
+    inputs = model_inputs(batch, device, model)
     output = model(**inputs)
     return output, partial(loss_func, batch.loss_mask.to(device))

@@ -69,7 +69,7 @@ def test_packed_batch_with_tail_padding(megatron_groups, real, spans, tail):
     without_tail = packed_batch(tokens[:, : sum(spans)], real, spans)
 
     def logits(batch: PackedBatch) -> torch.Tensor:
-        inputs = model_inputs(batch, torch.device("cpu"))
+        inputs = model_inputs(batch, torch.device("cpu"), model)
         inputs.pop("labels")
         with torch.no_grad():
             return model(**inputs)

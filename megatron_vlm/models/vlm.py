@@ -1,0 +1,105 @@
+"""The VLM: vision tower -> projector -> scatter into the text embeddings -> the MoE LLM.
+
+One micro-batch is a packed sequence (SPEC §11). Media items (images, video chunks) are encoded
+together by MoonViT (block-diagonal attention per item), merged 2x2 with temporal mean pooling,
+projected to the LLM width and written into their placeholder positions of the word embeddings
+*before* sequence parallelism scatters the sequence -- so a vision token never straddles ranks.
+Pipeline stages after the first hold only LLM layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_vlm.config.model import ModelConfig
+from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.models.llm import build_llm, scatter_padding_mask
+from megatron_vlm.models.projector import build_projector
+from megatron_vlm.models.vision.moonvit import build_moonvit
+
+
+class KimiVLM(MegatronModule):
+    """MoonViT + Kimi projector + megatron ``GPTModel`` (MLA/MoE), one pipeline stage of it."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
+                 post_process: bool = True, vp_stage: int | None = None) -> None:
+        language_model: GPTModel = build_llm(
+            model.llm, parallel, model.params_dtype, pre_process=pre_process,
+            post_process=post_process, vp_stage=vp_stage,
+            # We scatter to the sequence-parallel layout ourselves, after vision tokens are in.
+            scatter_embedding_sequence_parallel=False,
+        )
+        super().__init__(config=language_model.config)
+        self.language_model = language_model
+        self.pre_process, self.post_process = pre_process, post_process
+        # Attributes megatron's schedules and grad finalisation look up on the outer model.
+        self.model_type = language_model.model_type
+        self.share_embeddings_and_output_weights = (
+            language_model.share_embeddings_and_output_weights)
+        self.vision_tower = self.projector = None
+        if pre_process:
+            self.vision_tower = build_moonvit(model.vision, parallel, model.params_dtype)
+            self.projector = build_projector(model.projector, parallel, model.params_dtype)
+        freeze = {"vision_tower": model.freeze_vision, "projector": model.freeze_projector,
+                  "language_model": model.freeze_llm}
+        for name, frozen in freeze.items():
+            module = getattr(self, name)
+            if frozen and module is not None:
+                for param in module.parameters():
+                    param.requires_grad_(False)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline hook: activations from the previous stage go to the LLM decoder."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+              pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
+              media_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Word embeddings ``[s, b, h]`` with projected media features at their placeholders.
+
+        Args:
+            input_ids: ``[1, S]`` token ids (placeholders included).
+            position_ids: ``[1, S]``.
+            pixel_values: ``[N, 3, 14, 14]`` patches of every media item, or None.
+            grid_thw: ``[M, 3]`` per item (t, h, w) in patches.
+            media_positions: ``[sum(h*w/4)]`` sequence index of every placeholder, item order.
+        """
+        lm = self.language_model
+        # Placeholder ids may lie outside the table (HF's video placeholder is id == vocab size).
+        ids = input_ids.masked_fill(input_ids >= lm.vocab_size, 0)
+        emb = lm.embedding(input_ids=ids, position_ids=position_ids)  # [s, b, h]
+        if pixel_values is not None and grid_thw is not None and grid_thw.numel():
+            if emb.shape[1] != 1:
+                raise ValueError("media need packed micro-batches of one sequence (b = 1)")
+            dtype = next(self.vision_tower.parameters()).dtype
+            features = self.projector(self.vision_tower(
+                pixel_values.to(device=emb.device, dtype=dtype), grid_thw))
+            positions = media_positions.to(emb.device)
+            if features.shape[0] != positions.numel():
+                raise ValueError(
+                    f"media features ({features.shape[0]}) and placeholder tokens "
+                    f"({positions.numel()}) do not match: each item needs h*w/4 placeholders")
+            if positions.numel() and int(positions.max()) >= emb.shape[0]:
+                raise ValueError("a placeholder span runs past the end of the packed sequence")
+            zeros = torch.zeros_like(positions)
+            emb = emb.index_put((positions, zeros), features.to(emb.dtype))
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
+
+    def forward(self, input_ids, position_ids, attention_mask, labels=None,
+                packed_seq_params=None, padding_mask=None, pixel_values=None, grid_thw=None,
+                media_positions=None, **kwargs):
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(input_ids, position_ids, pixel_values, grid_thw,
+                                       media_positions)
+        if padding_mask is not None and self.config.sequence_parallel:
+            # megatron scatters the mask only when it embeds the tokens itself (gpt_model.py:314).
+            padding_mask = scatter_padding_mask(padding_mask)
+        return self.language_model(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+            packed_seq_params=packed_seq_params, padding_mask=padding_mask, **kwargs)
