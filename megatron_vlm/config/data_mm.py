@@ -1,0 +1,144 @@
+"""Multimodal data configuration: datasets, per-stage mixes, budgets, loader workers (SPEC §10-11).
+
+Sequence length, global batch size, seed and ``pad_to_multiple`` stay in ``DataConfig``; this
+dataclass adds what only the multimodal pipeline needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+MIX_UNITS = ("tokens", "samples")
+VERIFY_MODES = ("none", "size", "deep")
+VIDEO_BACKENDS = ("auto", "decord", "pyav")
+
+
+@dataclass(kw_only=True)
+class StageMix:
+    """The blend of one training stage."""
+
+    weights: dict[str, float]
+    """Dataset name -> share (normalised to sum 1) of LLM tokens (``unit="tokens"``) or of
+    samples (``unit="samples"``)."""
+    unit: str = "tokens"
+    """``tokens``: shares of LLM tokens, converted to sampling weights with each dataset's mean
+    tokens per sample (measured at start-up); ``samples``: energon blend weights as given."""
+    vision_token_fraction: float | None = None
+    """If set (``unit="tokens"`` only): the multimodal datasets together get the token share
+    that makes this fraction of all LLM tokens media placeholders (e.g. 0.1 for K2.5 early
+    fusion); ``weights`` then only split that share among the multimodal datasets and the rest
+    among the text-only ones."""
+
+    def __post_init__(self) -> None:
+        if not self.weights:
+            raise ValueError("a stage mix needs at least one dataset weight")
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise ValueError(f"mix weights must be >= 0 with a positive sum, got {self.weights}")
+        if self.unit not in MIX_UNITS:
+            raise ValueError(f"mix unit {self.unit!r} unknown; use one of {MIX_UNITS}")
+        if self.vision_token_fraction is not None:
+            if self.unit != "tokens":
+                raise ValueError("vision_token_fraction needs unit='tokens'")
+            if not 0.0 < self.vision_token_fraction < 1.0:
+                raise ValueError(
+                    f"vision_token_fraction must be in (0, 1), got {self.vision_token_fraction}"
+                )
+
+
+def default_mixes() -> dict[str, StageMix]:
+    """Stage mixes over the bundled corpus's datasets (report-style ratios)."""
+    return {
+        # ViT-only / projector-only alignment: captions only.
+        "alignment": StageMix(weights={"image_caption": 0.7, "video": 0.3}),
+        # K2.5 early fusion: 10% vision tokens from step 0, the rest text.
+        "early_fusion": StageMix(
+            weights={"image_caption": 0.4, "image_qa": 0.2, "interleaved": 0.2, "video": 0.2,
+                     "text": 1.0},
+            vision_token_fraction=0.10,
+        ),
+        # Joint pretraining / annealing: 24% video, 50% image, 26% text (of LLM tokens).
+        "joint": StageMix(
+            weights={"video": 0.24, "image_caption": 0.25, "image_qa": 0.10,
+                     "interleaved": 0.15, "text": 0.26},
+        ),
+    }
+
+
+@dataclass(kw_only=True)
+class MultimodalDataConfig:
+    """Where multimodal shards are, how stages mix them, and the micro-batch budgets."""
+
+    root: str | None = None
+    """Directory of prepared datasets (``<root>/<name>/`` each from tools/prepare_data.py);
+    None = the bundled synthetic corpus, generated once into ``cache_dir``."""
+    cache_dir: str | None = None
+    """Where the bundled corpus is generated; None = ``$MEGATRON_VLM_CACHE`` or
+    ``~/.cache/megatron_vlm``."""
+    datasets: dict[str, str] = field(default_factory=dict)
+    """Dataset name -> directory (absolute, or relative to ``root``); names not listed resolve
+    to ``<root>/<name>``."""
+    stage: str = "joint"
+    """Key of ``mixes`` used by the loader."""
+    mixes: dict[str, StageMix] = field(default_factory=default_mixes)
+    """Stage name -> mix."""
+    max_patches_per_micro_batch: int = 16384
+    """ViT patch budget P of one packed micro-batch (the LLM budget is DataConfig.seq_length)."""
+    image_max_patches: int = 16384
+    """Patch budget of one image before padding (HF Kimi K2.5: 16384)."""
+    video_chunk_max_patches: int = 4096
+    """Patch budget of one frame of a video chunk (HF Kimi K2.5: 4096)."""
+    video_fps: float = 2.0
+    """Video sampling rate in frames per second."""
+    video_max_frames: int = 128
+    """Frame budget per video (32 chunks of 4)."""
+    video_backend: str = "auto"
+    """``auto`` (decord, PyAV fallback), ``decord`` or ``pyav``."""
+    markers_loss: bool = True
+    """Train on media wrapper tokens (begin/end markers, timestamps); placeholders never."""
+    num_workers: int = 2
+    """energon worker processes per DP rank (0 = load in the training process)."""
+    shuffle_buffer_size: int = 256
+    """Samples in energon's shuffle buffer (<= 1 disables)."""
+    packing_buffer_size: int = 256
+    """Documents per packing decision; larger buffers pad less (see mm_packing)."""
+    max_samples_per_sequence: int | None = 100
+    """Consecutive samples read from one shard slice before jumping (energon)."""
+    calibration_samples: int = 256
+    """Samples per dataset read at start-up to convert token shares into sampling weights."""
+    verify_shards: str = "size"
+    """Start-up shard check against the prepare manifest: ``none``, ``size`` (cheap) or
+    ``deep`` (re-read and hash every shard)."""
+    max_consecutive_skips: int = 100
+    """Abort when this many samples in a row are bad (a dataset of garbage, not bad luck)."""
+    skip_warn_every: int = 100
+    """Log one summary line every this many skipped samples (per worker)."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in self.mixes:
+            raise ValueError(
+                f"data_mm.stage={self.stage!r} has no mix; choose one of {sorted(self.mixes)}"
+            )
+        for name, value in (
+            ("max_patches_per_micro_batch", self.max_patches_per_micro_batch),
+            ("image_max_patches", self.image_max_patches),
+            ("video_chunk_max_patches", self.video_chunk_max_patches),
+            ("video_max_frames", self.video_max_frames),
+            ("packing_buffer_size", self.packing_buffer_size),
+            ("calibration_samples", self.calibration_samples),
+            ("max_consecutive_skips", self.max_consecutive_skips),
+        ):
+            if value < 1:
+                raise ValueError(f"data_mm.{name} must be >= 1, got {value}")
+        if not self.video_fps > 0:
+            raise ValueError(f"data_mm.video_fps must be > 0, got {self.video_fps}")
+        if self.num_workers < 0:
+            raise ValueError(f"data_mm.num_workers must be >= 0, got {self.num_workers}")
+        if self.verify_shards not in VERIFY_MODES:
+            raise ValueError(f"data_mm.verify_shards must be one of {VERIFY_MODES}")
+        if self.video_backend not in VIDEO_BACKENDS:
+            raise ValueError(f"data_mm.video_backend must be one of {VIDEO_BACKENDS}")
+
+    @property
+    def mix(self) -> StageMix:
+        """The mix of ``stage``."""
+        return self.mixes[self.stage]
