@@ -32,6 +32,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import warnings
 import zlib
 from collections import Counter
@@ -612,6 +613,12 @@ def mix_weights(
     return {n: w / norm for n, w in raw.items()}, shares
 
 
+def auto_packing_buffer(seq_length: int, mean_tokens: float, packs: int = 32) -> int:
+    """Documents that fill about ``packs`` micro-batches (64..8192): the last, partly filled
+    pack of each buffer then costs ~1/packs of padding at most."""
+    return int(min(8192, max(64, math.ceil(packs * seq_length / max(mean_tokens, 1.0)))))
+
+
 # ------------------------------------------------------------------------------------ loader
 
 
@@ -676,6 +683,9 @@ class MultimodalLoader:
         for info in self.datasets.values():
             calibrate(info, self.encoder, config.calibration_samples)
         self.sample_weights, self.token_shares = mix_weights(self.mix, self.datasets)
+        mean_tokens = sum(w * self.datasets[n].mean_tokens for n, w in self.sample_weights.items())
+        self.packing_buffer_size = config.packing_buffer_size or auto_packing_buffer(
+            seq_length, mean_tokens)
         if one_pass and len(self.datasets) != 1:
             raise ValueError(f"one_pass reads one dataset; stage {self.stage!r} mixes "
                              f"{sorted(self.datasets)}")
@@ -725,7 +735,7 @@ class MultimodalLoader:
             batch_size=None,
             shuffle_buffer_size=cfg.shuffle_buffer_size if cfg.shuffle_buffer_size > 1 else None,
             max_samples_per_sequence=cfg.max_samples_per_sequence,
-            packing_buffer_size=cfg.packing_buffer_size,
+            packing_buffer_size=self.packing_buffer_size,
             task_encoder=self.encoder,
             **extra,
         )
@@ -830,7 +840,7 @@ class MultimodalLoader:
             "settings": dataclasses.asdict(self.settings),
             "seed": self.seed,
             "shuffle_buffer_size": self.config.shuffle_buffer_size,
-            "packing_buffer_size": self.config.packing_buffer_size,
+            "packing_buffer_size": self.packing_buffer_size,
             "max_samples_per_sequence": self.config.max_samples_per_sequence,
             "one_pass": self.one_pass,
         }
@@ -906,7 +916,7 @@ class MultimodalLoader:
             encoder = self._new_encoder()
             dataset = get_val_dataset(
                 info.path, split_part="val", worker_config=self._worker_config(0, encoder),
-                batch_size=None, packing_buffer_size=self.config.packing_buffer_size,
+                batch_size=None, packing_buffer_size=self.packing_buffer_size,
                 task_encoder=encoder, subflavors={"dataset": name, "modality": info.modality},
             )
             batches: list[PackedBatch] = []

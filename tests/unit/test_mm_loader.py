@@ -117,7 +117,7 @@ def test_resume_with_other_dp_size_or_mix_is_refused(corpus, tok):
 def test_realised_mix_ratios_in_tokens(corpus, tok):
     # Token shares of the annealing mix (24% video / 50% image / 26% text), measured over ~400
     # samples: each dataset within 0.06 of its target share of LLM tokens.
-    cfg = config(corpus, stage="joint", shuffle_buffer_size=64, packing_buffer_size=64)
+    cfg = config(corpus, stage="joint", shuffle_buffer_size=64, packing_buffer_size=None)
     with loader(cfg, tok, seq_length=1024, dp_size=1, global_batch_size=8) as mm:
         num = 0
         while num < 400:
@@ -128,7 +128,7 @@ def test_realised_mix_ratios_in_tokens(corpus, tok):
         assert abs(m[f"data/mix/{name}"] - target) <= 0.06, (name, m)
     image = m["data/modality/image"] + m["data/modality/interleaved"]
     assert abs(image - 0.50) <= 0.06 and abs(m["data/modality/video"] - 0.24) <= 0.06
-    assert m["data/padding_fraction"] < 0.10
+    assert m["data/padding_fraction"] <= 0.05  # auto packing buffer (~32 packs of documents)
     cfg = config(corpus, stage="early_fusion", shuffle_buffer_size=64, packing_buffer_size=64)
     with loader(cfg, tok, seq_length=1024, dp_size=1, global_batch_size=8) as mm:
         for _ in range(6):
