@@ -200,6 +200,19 @@ def test_fuzz_corruption_inside_members_gives_exact_skip_counts(tmp_path, tok):
     assert first + rest == seen
 
 
+def test_a_dataset_of_garbage_stops_the_run(tmp_path, tok):
+    raw = tmp_path / "raw"
+    write_raw_corpus(raw, {"image_caption": (12, 0)}, seed=1)
+    for path in (raw / "media").iterdir():  # headers survive, pixels do not
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    prepare_dataset({"train": [raw / "image_caption.train.jsonl"]}, tmp_path / "g" / "junk",
+                    name="junk", check_media=False, progress=False, verbose=False)
+    cfg = config(tmp_path / "g", mixes={"j": StageMix(weights={"junk": 1})}, stage="j",
+                 max_consecutive_skips=5)
+    with loader(cfg, tok, dp_size=1) as mm, pytest.raises(Exception, match="5 bad samples in a"):
+        mm.next_global_batch()
+
+
 def test_truncated_shard_is_refused_at_start_up(corpus, tok, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(corpus / "text", copy / "text")
