@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_vlm.config.data_mm import MultimodalDataConfig
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -25,6 +27,8 @@ class DataConfig:
     """Shuffling seed."""
     pad_to_multiple: int = 1
     """Each document is padded to a multiple of this (2*cp*tp under CP/SP; SPEC §11)."""
+    multimodal: MultimodalDataConfig | None = None
+    """Multimodal shards (images, video, interleaved, text) on energon; None = text corpus."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 8:

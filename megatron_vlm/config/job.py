@@ -50,6 +50,9 @@ class JobConfig:
                 raise ValueError(
                     f"parallel.ep={par.ep} does not divide model.llm.num_experts={llm.num_experts}"
                 )
+        if self.data.multimodal is not None and not self.model.is_vlm:
+            raise ValueError("data.multimodal needs a VLM: set model.vision and model.projector "
+                             "(e.g. --recipe tiny_vlm_cpu)")
         if not self.model.is_vlm and (self.optim.vision_lr_mult != 1.0
                                       or self.optim.projector_lr_mult != 1.0
                                       or self.optim.llm_lr_mult != 1.0):
@@ -112,7 +115,14 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
     kwargs = {}
     for key, value in data.items():
         sub = _dataclass_of(hints[key])
-        kwargs[key] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value)
+        elif typing.get_origin(hints[key]) is dict and isinstance(value, dict):
+            item = typing.get_args(hints[key])[1]  # dict[str, SomeConfig] (e.g. stage mixes)
+            if dataclasses.is_dataclass(item):
+                value = {k: from_dict(item, v) if isinstance(v, dict) else v
+                         for k, v in value.items()}
+        kwargs[key] = value
     return cls(**kwargs)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_vlm.config import (
-    CheckpointConfig, DataConfig, JobConfig, LLMConfig, ModelConfig, OptimConfig, ParallelConfig,
-    ProjectorConfig, TrainConfig, VisionConfig,
+    CheckpointConfig, DataConfig, JobConfig, LLMConfig, ModelConfig, MultimodalDataConfig,
+    OptimConfig, ParallelConfig, ProjectorConfig, TrainConfig, VisionConfig,
 )
 
 
@@ -48,14 +48,21 @@ def tiny_moonvit() -> VisionConfig:
 
 
 def tiny_vlm_cpu() -> JobConfig:
-    """The tiny LLM with a tiny MoonViT and Kimi projector (model only: the multimodal data
-    pipeline feeds it once the data issue lands; text batches run through it today)."""
+    """A K2.5-style VLM pretraining on the bundled multimodal corpus: the tiny MLA/MoE LLM with a
+    tiny MoonViT-3D and the Kimi projector; joint mix of images, QA, video, interleaved, text."""
     job = tiny_cpu()
-    llm = job.model.llm
+    # 1024 SentencePiece ids + the media special tokens, padded to a multiple of 128.
+    llm = dataclasses.replace(job.model.llm, vocab_size=1152)
     model = ModelConfig(
         llm=llm, vision=tiny_moonvit(),
         projector=ProjectorConfig(vision_hidden_size=32, merge_size=4,
                                   output_size=llm.hidden_size),
         params_dtype="fp32",
     )
-    return dataclasses.replace(job, name="tiny_vlm_cpu", model=model)
+    data = dataclasses.replace(
+        job.data, seq_length=512,
+        multimodal=MultimodalDataConfig(stage="joint", num_workers=1,
+                                        max_patches_per_micro_batch=2048,
+                                        image_max_patches=256, video_chunk_max_patches=64))
+    train = dataclasses.replace(job.train, output_dir="runs/tiny_vlm_cpu")
+    return dataclasses.replace(job, name="tiny_vlm_cpu", model=model, data=data, train=train)
