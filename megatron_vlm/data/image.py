@@ -181,7 +181,7 @@ def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
             f"cannot decode image {where}: {type(exc).__name__}: {exc}",
             reason=SkipReason.IMAGE_DECODE,
         ) from exc
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a copy: writable, so torch.from_numpy is safe
 
 
 # ------------------------------------------------------------------------------------ transforms

@@ -101,7 +101,7 @@ _NON_SPACE_RUN = re.compile(r"\S+")
 
 
 def _has_long_run(text: str) -> bool:
-    """Any run of > 25,000 whitespace or non-whitespace characters (linear time: a counted regex
+    r"""Any run of > 25,000 whitespace or non-whitespace characters (linear time: a counted regex
     like ``\S{25001}`` would be quadratic on long base64 blobs)."""
     if len(text) <= _MAX_SAME_CLASS_RUN:
         return False

@@ -19,22 +19,17 @@ across resumes (energon replays a worker from its checkpoint; replayed packs are
 their counts). A dataset of garbage still stops the run (``max_consecutive_skips``).
 
 Resume: ``state_dict()`` is energon's ``save_state_rank()`` (per rank, JSON-encoded by
-``encode_state``) plus our counters. It is bound to the DP rank, DP size and worker count that
+``energon_state``) plus our counters. It is bound to the DP rank, DP size and worker count that
 made it: restoring with another DP size is refused with a message (energon's per-worker state
 cannot be redistributed), as is a different stage mix or budget.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import importlib
-import io
 import json
 import logging
 import math
-import warnings
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,466 +37,62 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
-import torch
 from megatron.energon import (
-    Cooker,
-    Sample,
-    SkipSample,
-    TaskEncoder,
     WorkerConfig,
-    basic_sample_keys,
-    edataclass,
     get_loader,
     get_savable_loader,
     get_train_dataset,
     get_val_dataset,
-    stateless,
 )
-from megatron.energon.errors import FatalSampleError
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
 from megatron_vlm.data.contract import PackedBatch
-from megatron_vlm.data.image import PATCH_SIZE, ProcessedImage, navit_resize, process_image
-from megatron_vlm.data.media_errors import (
-    BadSampleError,
-    MediaDecodeError,
-    MediaGridError,
-    MediaMissingError,
-    SkipCounter,
-    SkipReason,
+from megatron_vlm.data.energon_state import (
+    STATE_VERSION,
+    check_state_compatible,
+    decode_state,
+    encode_state,
+    pack_energon_state,
+    unpack_energon_state,
 )
-from megatron_vlm.data.mm_packing import document_cost, pack_tokenized, select_packs
-from megatron_vlm.data.shards import BAD_RECORD, FORMAT, iter_shard, load_manifest, verify_shards
-from megatron_vlm.data.templates import MediaTokenIds, Text, TokenizedSample, tokenize_interleaved
-from megatron_vlm.data.video import (
-    TEMPORAL_PATCH_SIZE,
-    VideoChunk,
-    decode_video,
-    process_video,
-    sample_frame_indices,
+from megatron_vlm.data.media_errors import BadSampleError, SkipCounter
+from megatron_vlm.data.mm_encode import (
+    EncodedMMSample,
+    EncodeSettings,
+    MMPack,
+    MMTaskEncoder,
+    PlannedMedia,
+    RawMMSample,
+    cook_raw,
+    decode_document,
+    plan_document,
 )
+from megatron_vlm.data.shards import iter_shard, load_manifest, verify_shards
+
+# Sample encoding lives in mm_encode.py and the state codec in energon_state.py; their names are
+# re-exported here, where they were defined before the split.
+__all__ = [
+    "STATE_VERSION",
+    "DatasetInfo",
+    "EncodeSettings",
+    "EncodedMMSample",
+    "MMPack",
+    "MMTaskEncoder",
+    "MultimodalLoader",
+    "PlannedMedia",
+    "RawMMSample",
+    "auto_packing_buffer",
+    "calibrate",
+    "cook_raw",
+    "decode_document",
+    "decode_state",
+    "encode_state",
+    "mix_weights",
+    "plan_document",
+    "resolve_datasets",
+]
 
 logger = logging.getLogger(__name__)
-
-STATE_VERSION = 1
-_NO_PIXELS = torch.empty(0, 3, PATCH_SIZE, PATCH_SIZE)
-
-
-# --------------------------------------------------------------------------- sample encoding
-
-
-@dataclass(frozen=True)
-class EncodeSettings:
-    """Everything that decides how one sample is tokenised, sized and packed."""
-
-    seq_length: int
-    max_patches: int
-    pad_to_multiple: int = 1
-    image_max_patches: int = 16384
-    video_chunk_max_patches: int = 4096
-    video_fps: float = 2.0
-    video_max_frames: int = 128
-    video_backend: str = "auto"
-    markers_loss: bool = True
-
-    @classmethod
-    def from_config(
-        cls, cfg: MultimodalDataConfig, seq_length: int, pad_to_multiple: int
-    ) -> EncodeSettings:
-        return cls(
-            seq_length=seq_length,
-            max_patches=cfg.max_patches_per_micro_batch,
-            pad_to_multiple=pad_to_multiple,
-            image_max_patches=cfg.image_max_patches,
-            video_chunk_max_patches=cfg.video_chunk_max_patches,
-            video_fps=cfg.video_fps,
-            video_max_frames=cfg.video_max_frames,
-            video_backend=cfg.video_backend,
-            markers_loss=cfg.markers_loss,
-        )
-
-
-@dataclass
-class PlannedMedia:
-    """One image or video of a document, not decoded yet."""
-
-    type: str
-    data: bytes
-    item_indices: list[int]
-    """Its items (one image, or the video's chunks) in ``TokenizedSample.items``."""
-
-
-def _plan_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
-    """Grid of an image from its header (EXIF rotation applied, as ``decode_image`` does)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                orientation = img.getexif().get(0x0112, 1)
-    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
-        raise MediaDecodeError(f"image too large: {exc}", reason=SkipReason.IMAGE_TOO_LARGE)
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
-        raise MediaDecodeError(f"cannot read image header: {type(exc).__name__}: {exc}")
-    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
-        height, width = width, height
-    resized, padded = navit_resize(height, width, max_patches=s.image_max_patches)
-    grid = (1, padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE)
-    return ProcessedImage(_NO_PIXELS, grid, (height, width), resized)
-
-
-def _probe_video(data: bytes, s: EncodeSettings) -> tuple[np.ndarray, int, int]:
-    """(timestamps of the sampled frames, height, width) from the container header (PyAV),
-    by the same rule ``decode_video`` samples with; a full decode when the header lacks counts."""
-    import av
-
-    total, fps, height, width = 0, 0.0, 0, 0
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.video:
-                raise MediaDecodeError("no video stream", reason=SkipReason.VIDEO_EMPTY)
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            total, fps = int(stream.frames), float(rate) if rate else 0.0
-            height, width = stream.codec_context.height, stream.codec_context.width
-    except BadSampleError:
-        raise
-    except Exception as exc:  # av.error.* (ValueError/OSError subclasses) on garbage
-        raise MediaDecodeError(f"pyav probe: {type(exc).__name__}: {exc}",
-                               reason=SkipReason.VIDEO_DECODE) from exc
-    if total < 1 or fps <= 0 or height < 1 or width < 1:
-        decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend)
-        return decoded.timestamps, *decoded.frames.shape[1:3]
-    indices = sample_frame_indices(total, fps, s.video_fps, s.video_max_frames)
-    return indices / fps, height, width
-
-
-def _plan_video(data: bytes, s: EncodeSettings) -> list[VideoChunk]:
-    timestamps, height, width = _probe_video(data, s)
-    _, padded = navit_resize(height, width, max_patches=s.video_chunk_max_patches)
-    h, w = padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE
-    chunks = []
-    for start in range(0, len(timestamps), TEMPORAL_PATCH_SIZE):
-        stamps = tuple(float(t) for t in timestamps[start : start + TEMPORAL_PATCH_SIZE])
-        chunks.append(VideoChunk(_NO_PIXELS, (len(stamps), h, w), stamps[0], stamps))
-    return chunks
-
-
-def plan_document(
-    record: dict[str, Any],
-    members: dict[str, bytes],
-    settings: EncodeSettings,
-    tokenizer: Any,
-    media_ids: MediaTokenIds,
-) -> tuple[TokenizedSample, list[PlannedMedia]]:
-    """Tokenise one canonical sample (shards.py format) without decoding its media.
-
-    Returns:
-        The document (EOS appended as a target; media items with grids but no pixels) and
-        its media in order.
-
-    Raises:
-        BadSampleError: Bad record, missing/undecodable media header, empty text, over a budget.
-    """
-    if record.get("format") != FORMAT:
-        raise BadSampleError(f"sample format {record.get('format')!r} is not {FORMAT!r}",
-                             reason=BAD_RECORD)
-    media_meta = record.get("media", [])
-    segments: list[Any] = []
-    planned: list[PlannedMedia] = []
-    num_items = 0
-    used: set[int] = set()
-    for seg in record.get("segments", []):
-        if "text" in seg:
-            segments.append(Text(str(seg["text"]), bool(seg.get("loss", True))))
-            continue
-        i = seg.get("media")
-        if not isinstance(i, int) or not 0 <= i < len(media_meta) or i in used:
-            raise BadSampleError(f"segment refers to media {i!r}", reason=BAD_RECORD)
-        used.add(i)
-        meta = media_meta[i]
-        if not isinstance(meta, dict) or meta.get("type") not in ("image", "video"):
-            raise BadSampleError(f"media entry {meta!r:.80} is malformed", reason=BAD_RECORD)
-        data = members.get(f"m{i}.{meta.get('ext')}")
-        if not data:
-            raise MediaMissingError(f"member m{i}.{meta['ext']} is missing or empty")
-        items = [_plan_image(data, settings)] if meta["type"] == "image" else (
-            _plan_video(data, settings))
-        segments.extend(items)
-        planned.append(PlannedMedia(meta["type"], data,
-                                    list(range(num_items, num_items + len(items)))))
-        num_items += len(items)
-    doc = tokenize_interleaved(segments, tokenizer, media_ids, settings.markers_loss)
-    doc = TokenizedSample(
-        tokens=np.append(doc.tokens, tokenizer.eos_id).astype(np.int64),
-        target_mask=np.append(doc.target_mask, True),
-        placeholder_spans=doc.placeholder_spans,
-        items=doc.items,
-    )
-    tokens, patches = document_cost(doc, settings.pad_to_multiple)
-    if tokens > settings.seq_length or patches > settings.max_patches:
-        raise BadSampleError(
-            f"{tokens} tokens / {patches} patches over the micro-batch budgets "
-            f"{settings.seq_length} / {settings.max_patches}", reason=SkipReason.TOO_LONG)
-    return doc, planned
-
-
-def decode_document(
-    doc: TokenizedSample, media: list[PlannedMedia], settings: EncodeSettings
-) -> TokenizedSample:
-    """Decode a planned document's media and check them against the plan.
-
-    Raises:
-        BadSampleError: Undecodable media, or a decode that disagrees with the header probe.
-    """
-    items = list(doc.items)
-    for m in media:
-        planned = [items[i] for i in m.item_indices]
-        if m.type == "image":
-            decoded: list = [process_image(m.data, settings.image_max_patches)]
-        else:
-            decoded = process_video(m.data, settings.video_fps, settings.video_max_frames,
-                                    settings.video_chunk_max_patches, settings.video_backend).chunks
-        got = [(d.grid_thw, round(getattr(d, "timestamp", 0.0), 6)) for d in decoded]
-        want = [(p.grid_thw, round(getattr(p, "timestamp", 0.0), 6)) for p in planned]
-        if got != want:
-            raise MediaGridError(f"decoded {m.type} {got} differs from its header {want}")
-        for i, d in zip(m.item_indices, decoded):
-            items[i] = d
-    return dataclasses.replace(doc, items=items)
-
-
-# ------------------------------------------------------------------------------ task encoder
-
-
-@edataclass
-class RawMMSample(Sample):
-    """One sample's tar members (``json`` + ``m<i>.<ext>``) as bytes."""
-
-    members: dict
-
-
-@edataclass
-class EncodedMMSample(Sample):
-    """A tokenised document waiting in the packing buffer (media not decoded yet)."""
-
-    sample_id: str
-    dataset: str
-    doc: TokenizedSample
-    media: list
-
-
-@dataclass
-class MMPack:
-    """One packed micro-batch with what the training process needs to account for it."""
-
-    batch: PackedBatch
-    sample_ids: list[str]
-    datasets: list[str]
-    """Dataset of each document, in pack order."""
-    tokens_per_dataset: dict[str, int]
-    """Real LLM tokens per dataset (placeholders included)."""
-    image_tokens: int
-    video_tokens: int
-    skips: dict[str, int]
-    """Samples this worker skipped, by reason, since its previous pack."""
-    __restore_key__: tuple = ()
-
-
-@stateless
-def cook_raw(sample: dict) -> RawMMSample:
-    """energon cooker: keep the raw members (decoding is ours, after the packing choice)."""
-    members = {k: v for k, v in sample.items() if not k.startswith("__")}
-    return RawMMSample(**basic_sample_keys(sample), members=members)
-
-
-class MMTaskEncoder(TaskEncoder):
-    """energon task encoder: raw sample -> planned document -> two-budget packs.
-
-    Args:
-        tokenizer: ``encode``/``eos_id``/``pad_id`` plus ``media_token_ids()`` (e.g.
-            ``SpecialTokensTokenizer`` or ``KimiTokenizer``).
-        settings: Budgets and media sizing.
-        max_consecutive_skips: Abort after this many bad samples in a row.
-        warn_every: One log line per this many skips.
-    """
-
-    decoder = None  # energon hands us raw bytes; images and videos are decoded by our code
-    cookers = (Cooker(cook_raw),)
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        settings: EncodeSettings,
-        max_consecutive_skips: int = 100,
-        warn_every: int = 100,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.media_ids = tokenizer.media_token_ids()
-        self.settings = settings
-        self.max_consecutive_skips = max_consecutive_skips
-        self.skips = SkipCounter(warn_every=warn_every, name="multimodal data")
-        self._reported: Counter[str] = Counter()
-        self._consecutive = 0
-
-    def _skipped(self, exc: BadSampleError) -> Exception:
-        """Count a bad sample; the exception to raise (energon skips on ``SkipSample``)."""
-        self.skips.record(exc)
-        self._consecutive += 1
-        if self._consecutive >= self.max_consecutive_skips:
-            return FatalSampleError(
-                f"{self._consecutive} bad samples in a row (last: {exc.reason}: {exc}); the "
-                "dataset looks broken: re-run tools/prepare_data.py or fix the mix"
-            )
-        return SkipSample()
-
-    def encode_raw(self, sample: RawMMSample) -> EncodedMMSample:
-        """Plan one raw sample (also used for start-up calibration)."""
-        members = sample.members
-        try:
-            record = json.loads(members["json"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise BadSampleError(f"unreadable json member: {exc}", reason=BAD_RECORD) from exc
-        if not isinstance(record, dict):
-            raise BadSampleError("json member is not an object", reason=BAD_RECORD)
-        doc, media = plan_document(record, members, self.settings, self.tokenizer,
-                                   self.media_ids)
-        flavors = sample.__subflavors__ or {}
-        return EncodedMMSample.derive_from(
-            sample, sample_id=str(record.get("id", sample.__key__)),
-            dataset=str(flavors.get("dataset", "")), doc=doc, media=media,
-        )
-
-    @stateless
-    def preencode_sample(self, sample: RawMMSample) -> EncodedMMSample:
-        try:
-            encoded = self.encode_raw(sample)
-        except BadSampleError as exc:
-            raise self._skipped(exc) from None
-        self._consecutive = 0
-        return encoded
-
-    def select_samples_to_pack(self, samples: list[EncodedMMSample]) -> list[list]:
-        s = self.settings
-        costs = [document_cost(x.doc, s.pad_to_multiple) for x in samples]
-        return [[samples[i] for i in pack] for pack in select_packs(costs, s.seq_length,
-                                                                     s.max_patches)]
-
-    @stateless
-    def postencode_sample(self, sample: EncodedMMSample) -> EncodedMMSample:
-        try:
-            doc = decode_document(sample.doc, sample.media, self.settings)
-        except BadSampleError as exc:
-            raise self._skipped(exc) from None
-        self._consecutive = 0
-        return EncodedMMSample.derive_from(sample, sample_id=sample.sample_id,
-                                           dataset=sample.dataset, doc=doc, media=[])
-
-    def pack_selected_samples(self, samples: list[EncodedMMSample]) -> MMPack:
-        if not samples:  # every document of the pack failed to decode
-            raise SkipSample()
-        s = self.settings
-        batch = pack_tokenized([x.doc for x in samples], s.seq_length,
-                               self.tokenizer.pad_id, s.pad_to_multiple)
-        tokens: Counter[str] = Counter()
-        image_tokens = video_tokens = 0
-        for x in samples:
-            tokens[x.dataset] += len(x.doc)
-            for span in x.doc.placeholder_spans:
-                if span.is_video:
-                    video_tokens += span.length
-                else:
-                    image_tokens += span.length
-        delta = self.skips.counts - self._reported
-        self._reported = Counter(self.skips.counts)
-        return MMPack(
-            batch=batch,
-            sample_ids=[x.sample_id for x in samples],
-            datasets=[x.dataset for x in samples],
-            tokens_per_dataset=dict(tokens),
-            image_tokens=image_tokens,
-            video_tokens=video_tokens,
-            skips=dict(delta),
-        )
-
-
-# ------------------------------------------------------------------------ loader state codec
-
-
-def encode_state(obj: Any) -> Any:
-    """energon loader state -> JSON-serialisable structure (tagged; see ``decode_state``).
-
-    Handles energon's state dataclasses, dicts (any keys), tuples, bytes, numpy arrays and
-    scalars and torch tensors (RNG states), besides JSON scalars and lists.
-    """
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, float)) and not isinstance(obj, np.generic):
-        return obj
-    if isinstance(obj, np.generic):
-        return {"__np__": obj.item(), "dtype": str(obj.dtype)}
-    if isinstance(obj, list):
-        return [encode_state(v) for v in obj]
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode_state(v) for v in obj]}
-    if isinstance(obj, (bytes, bytearray)):
-        return {"__bytes__": base64.b64encode(bytes(obj)).decode()}
-    if isinstance(obj, torch.Tensor):
-        arr = obj.detach().cpu().contiguous().numpy()
-        return {"__tensor__": base64.b64encode(arr.tobytes()).decode(), "dtype": str(arr.dtype),
-                "shape": list(arr.shape)}
-    if isinstance(obj, np.ndarray):
-        arr = np.ascontiguousarray(obj)
-        return {"__ndarray__": base64.b64encode(arr.tobytes()).decode(), "dtype": str(arr.dtype),
-                "shape": list(arr.shape)}
-    if isinstance(obj, dict):
-        cls = type(obj)
-        return {"__dict__": f"{cls.__module__}:{cls.__qualname__}",
-                "items": [[encode_state(k), encode_state(v)] for k, v in obj.items()]}
-    if dataclasses.is_dataclass(obj):
-        cls = type(obj)
-        return {"__dataclass__": f"{cls.__module__}:{cls.__qualname__}",
-                "fields": {f.name: encode_state(getattr(obj, f.name))
-                           for f in dataclasses.fields(obj)}}
-    raise TypeError(f"cannot encode {type(obj).__name__} in the loader state")
-
-
-def _state_class(path: str) -> type:
-    module, _, qualname = path.partition(":")
-    if module != "builtins" and not module.startswith("megatron.energon"):
-        raise ValueError(f"loader state names class {path!r}; only energon classes may load")
-    cls: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    return cls
-
-
-def decode_state(obj: Any) -> Any:
-    """Inverse of ``encode_state``; constructs only builtins and ``megatron.energon`` classes."""
-    if isinstance(obj, list):
-        return [decode_state(v) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tuple__" in obj:
-        return tuple(decode_state(v) for v in obj["__tuple__"])
-    if "__bytes__" in obj:
-        return base64.b64decode(obj["__bytes__"])
-    if "__np__" in obj:
-        return np.dtype(obj["dtype"]).type(obj["__np__"])
-    if "__ndarray__" in obj or "__tensor__" in obj:
-        raw = base64.b64decode(obj.get("__ndarray__", obj.get("__tensor__")))
-        arr = np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
-        return torch.from_numpy(arr) if "__tensor__" in obj else arr
-    if "__dict__" in obj:
-        cls = _state_class(obj["__dict__"])
-        return cls((decode_state(k), decode_state(v)) for k, v in obj["items"])
-    if "__dataclass__" in obj:
-        cls = _state_class(obj["__dataclass__"])
-        if not dataclasses.is_dataclass(cls):
-            raise ValueError(f"{obj['__dataclass__']} is not a dataclass")
-        return cls(**{k: decode_state(v) for k, v in obj["fields"].items()})
-    raise ValueError(f"untagged object in loader state: {sorted(obj)[:5]}")
 
 
 # ------------------------------------------------------------------------------------ mixing
@@ -861,9 +452,7 @@ class MultimodalLoader:
             "image_tokens": self._image_tokens,
             "video_tokens": self._video_tokens,
             "skips": self.skips.state_dict(),
-            # energon's state holds RNG states and buffers of restore keys: compact as zlib.
-            "energon": base64.b64encode(
-                zlib.compress(json.dumps(encode_state(raw)).encode(), 6)).decode(),
+            "energon": pack_energon_state(raw),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -873,29 +462,10 @@ class MultimodalLoader:
             ValueError: The state was saved with another DP size/rank or worker count (energon
                 cannot redistribute per-worker positions), or another mix/budget/dataset.
         """
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"multimodal loader state version {state.get('version')!r}, "
-                             f"expected {STATE_VERSION}")
-        saved = (state["dp_rank"], state["dp_size"], state["num_workers"])
-        now = (self.dp_rank, self.dp_size, self.config.num_workers)
-        if saved != now:
-            raise ValueError(
-                f"multimodal loader state was saved by DP rank {saved[0]} of {saved[1]} with "
-                f"{saved[2]} workers; this is rank {now[0]} of {now[1]} with {now[2]}. energon "
-                "keeps a separate position per rank and worker, so the data stream cannot be "
-                f"resharded: resume with data-parallel size {saved[1]} and "
-                f"data_mm.num_workers={saved[2]}, or start the data stream afresh"
-            )
-        mine = json.loads(json.dumps(self._fingerprint()))
-        if state["fingerprint"] != mine:
-            diff = sorted(k for k in mine if state["fingerprint"].get(k) != mine[k])
-            raise ValueError(
-                f"multimodal loader state was made with different {', '.join(diff)}; resume "
-                "with the same stage mix, datasets, budgets and seed, or start the stream afresh"
-            )
+        check_state_compatible(state, self.dp_rank, self.dp_size, self.config.num_workers,
+                               self._fingerprint())
         self.close()
-        self._restored = decode_state(
-            json.loads(zlib.decompress(base64.b64decode(state["energon"]))))
+        self._restored = unpack_energon_state(state["energon"])
         self._steps, self._packs = int(state["steps"]), int(state["packs"])
         self._tokens = Counter(state["tokens"])
         self._image_tokens = int(state["image_tokens"])

@@ -1,0 +1,394 @@
+"""Sample encoding for the multimodal loader: plan a document from headers, decode its media later.
+
+``plan_document`` tokenises one canonical sample (shards.py format) with grids read from the media
+headers only, so the packing buffer can hold many documents cheaply; ``decode_document`` decodes
+the media of the documents a pack chose and checks them against that plan. ``MMTaskEncoder`` runs
+both inside energon (preencode -> select_samples_to_pack -> postencode -> pack_selected_samples)
+and counts skipped samples per reason (the whole pipeline is described in ``mm_loader``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from megatron.energon import (
+    Cooker,
+    Sample,
+    SkipSample,
+    TaskEncoder,
+    basic_sample_keys,
+    edataclass,
+    stateless,
+)
+from megatron.energon.errors import FatalSampleError
+
+from megatron_vlm.config.data_mm import MultimodalDataConfig
+from megatron_vlm.data.contract import PackedBatch
+from megatron_vlm.data.image import PATCH_SIZE, ProcessedImage, navit_resize, process_image
+from megatron_vlm.data.media_errors import (
+    BadSampleError,
+    MediaDecodeError,
+    MediaGridError,
+    MediaMissingError,
+    SkipCounter,
+    SkipReason,
+)
+from megatron_vlm.data.mm_packing import document_cost, pack_tokenized, select_packs
+from megatron_vlm.data.shards import BAD_RECORD, FORMAT
+from megatron_vlm.data.templates import MediaTokenIds, Text, TokenizedSample, tokenize_interleaved
+from megatron_vlm.data.video import (
+    TEMPORAL_PATCH_SIZE,
+    VideoChunk,
+    decode_video,
+    process_video,
+    sample_frame_indices,
+)
+
+_NO_PIXELS = torch.empty(0, 3, PATCH_SIZE, PATCH_SIZE)
+
+
+# --------------------------------------------------------------------------- sample encoding
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """Everything that decides how one sample is tokenised, sized and packed."""
+
+    seq_length: int
+    max_patches: int
+    pad_to_multiple: int = 1
+    image_max_patches: int = 16384
+    video_chunk_max_patches: int = 4096
+    video_fps: float = 2.0
+    video_max_frames: int = 128
+    video_backend: str = "auto"
+    markers_loss: bool = True
+
+    @classmethod
+    def from_config(
+        cls, cfg: MultimodalDataConfig, seq_length: int, pad_to_multiple: int
+    ) -> EncodeSettings:
+        return cls(
+            seq_length=seq_length,
+            max_patches=cfg.max_patches_per_micro_batch,
+            pad_to_multiple=pad_to_multiple,
+            image_max_patches=cfg.image_max_patches,
+            video_chunk_max_patches=cfg.video_chunk_max_patches,
+            video_fps=cfg.video_fps,
+            video_max_frames=cfg.video_max_frames,
+            video_backend=cfg.video_backend,
+            markers_loss=cfg.markers_loss,
+        )
+
+
+@dataclass
+class PlannedMedia:
+    """One image or video of a document, not decoded yet."""
+
+    type: str
+    data: bytes
+    item_indices: list[int]
+    """Its items (one image, or the video's chunks) in ``TokenizedSample.items``."""
+
+
+def _plan_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
+    """Grid of an image from its header (EXIF rotation applied, as ``decode_image`` does)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                orientation = img.getexif().get(0x0112, 1)
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
+        raise MediaDecodeError(f"image too large: {exc}", reason=SkipReason.IMAGE_TOO_LARGE)
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
+        raise MediaDecodeError(f"cannot read image header: {type(exc).__name__}: {exc}")
+    if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
+        height, width = width, height
+    resized, padded = navit_resize(height, width, max_patches=s.image_max_patches)
+    grid = (1, padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE)
+    return ProcessedImage(_NO_PIXELS, grid, (height, width), resized)
+
+
+def _probe_video(data: bytes, s: EncodeSettings) -> tuple[np.ndarray, int, int]:
+    """(timestamps of the sampled frames, height, width) from the container header (PyAV),
+    by the same rule ``decode_video`` samples with; a full decode when the header lacks counts."""
+    import av
+
+    total, fps, height, width = 0, 0.0, 0, 0
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise MediaDecodeError("no video stream", reason=SkipReason.VIDEO_EMPTY)
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            total, fps = int(stream.frames), float(rate) if rate else 0.0
+            height, width = stream.codec_context.height, stream.codec_context.width
+    except BadSampleError:
+        raise
+    except Exception as exc:  # av.error.* (ValueError/OSError subclasses) on garbage
+        raise MediaDecodeError(f"pyav probe: {type(exc).__name__}: {exc}",
+                               reason=SkipReason.VIDEO_DECODE) from exc
+    if total < 1 or fps <= 0 or height < 1 or width < 1:
+        decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend)
+        return decoded.timestamps, *decoded.frames.shape[1:3]
+    indices = sample_frame_indices(total, fps, s.video_fps, s.video_max_frames)
+    return indices / fps, height, width
+
+
+def _plan_video(data: bytes, s: EncodeSettings) -> list[VideoChunk]:
+    timestamps, height, width = _probe_video(data, s)
+    _, padded = navit_resize(height, width, max_patches=s.video_chunk_max_patches)
+    h, w = padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE
+    chunks = []
+    for start in range(0, len(timestamps), TEMPORAL_PATCH_SIZE):
+        stamps = tuple(float(t) for t in timestamps[start : start + TEMPORAL_PATCH_SIZE])
+        chunks.append(VideoChunk(_NO_PIXELS, (len(stamps), h, w), stamps[0], stamps))
+    return chunks
+
+
+def plan_document(
+    record: dict[str, Any],
+    members: dict[str, bytes],
+    settings: EncodeSettings,
+    tokenizer: Any,
+    media_ids: MediaTokenIds,
+) -> tuple[TokenizedSample, list[PlannedMedia]]:
+    """Tokenise one canonical sample (shards.py format) without decoding its media.
+
+    Returns:
+        The document (EOS appended as a target; media items with grids but no pixels) and
+        its media in order.
+
+    Raises:
+        BadSampleError: Bad record, missing/undecodable media header, empty text, over a budget.
+    """
+    if record.get("format") != FORMAT:
+        raise BadSampleError(f"sample format {record.get('format')!r} is not {FORMAT!r}",
+                             reason=BAD_RECORD)
+    media_meta = record.get("media", [])
+    segments: list[Any] = []
+    planned: list[PlannedMedia] = []
+    num_items = 0
+    used: set[int] = set()
+    for seg in record.get("segments", []):
+        if "text" in seg:
+            segments.append(Text(str(seg["text"]), bool(seg.get("loss", True))))
+            continue
+        i = seg.get("media")
+        if not isinstance(i, int) or not 0 <= i < len(media_meta) or i in used:
+            raise BadSampleError(f"segment refers to media {i!r}", reason=BAD_RECORD)
+        used.add(i)
+        meta = media_meta[i]
+        if not isinstance(meta, dict) or meta.get("type") not in ("image", "video"):
+            raise BadSampleError(f"media entry {meta!r:.80} is malformed", reason=BAD_RECORD)
+        data = members.get(f"m{i}.{meta.get('ext')}")
+        if not data:
+            raise MediaMissingError(f"member m{i}.{meta['ext']} is missing or empty")
+        items = [_plan_image(data, settings)] if meta["type"] == "image" else (
+            _plan_video(data, settings))
+        segments.extend(items)
+        planned.append(PlannedMedia(meta["type"], data,
+                                    list(range(num_items, num_items + len(items)))))
+        num_items += len(items)
+    doc = tokenize_interleaved(segments, tokenizer, media_ids, settings.markers_loss)
+    doc = TokenizedSample(
+        tokens=np.append(doc.tokens, tokenizer.eos_id).astype(np.int64),
+        target_mask=np.append(doc.target_mask, True),
+        placeholder_spans=doc.placeholder_spans,
+        items=doc.items,
+    )
+    tokens, patches = document_cost(doc, settings.pad_to_multiple)
+    if tokens > settings.seq_length or patches > settings.max_patches:
+        raise BadSampleError(
+            f"{tokens} tokens / {patches} patches over the micro-batch budgets "
+            f"{settings.seq_length} / {settings.max_patches}", reason=SkipReason.TOO_LONG)
+    return doc, planned
+
+
+def decode_document(
+    doc: TokenizedSample, media: list[PlannedMedia], settings: EncodeSettings
+) -> TokenizedSample:
+    """Decode a planned document's media and check them against the plan.
+
+    Raises:
+        BadSampleError: Undecodable media, or a decode that disagrees with the header probe.
+    """
+    items = list(doc.items)
+    for m in media:
+        planned = [items[i] for i in m.item_indices]
+        if m.type == "image":
+            decoded: list = [process_image(m.data, settings.image_max_patches)]
+        else:
+            decoded = process_video(m.data, settings.video_fps, settings.video_max_frames,
+                                    settings.video_chunk_max_patches, settings.video_backend).chunks
+        got = [(d.grid_thw, round(getattr(d, "timestamp", 0.0), 6)) for d in decoded]
+        want = [(p.grid_thw, round(getattr(p, "timestamp", 0.0), 6)) for p in planned]
+        if got != want:
+            raise MediaGridError(f"decoded {m.type} {got} differs from its header {want}")
+        for i, d in zip(m.item_indices, decoded):
+            items[i] = d
+    return dataclasses.replace(doc, items=items)
+
+
+# ------------------------------------------------------------------------------ task encoder
+
+
+@edataclass
+class RawMMSample(Sample):
+    """One sample's tar members (``json`` + ``m<i>.<ext>``) as bytes."""
+
+    members: dict
+
+
+@edataclass
+class EncodedMMSample(Sample):
+    """A tokenised document waiting in the packing buffer (media not decoded yet)."""
+
+    sample_id: str
+    dataset: str
+    doc: TokenizedSample
+    media: list
+
+
+@dataclass
+class MMPack:
+    """One packed micro-batch with what the training process needs to account for it."""
+
+    batch: PackedBatch
+    sample_ids: list[str]
+    datasets: list[str]
+    """Dataset of each document, in pack order."""
+    tokens_per_dataset: dict[str, int]
+    """Real LLM tokens per dataset (placeholders included)."""
+    image_tokens: int
+    video_tokens: int
+    skips: dict[str, int]
+    """Samples this worker skipped, by reason, since its previous pack."""
+    __restore_key__: tuple = ()
+
+
+@stateless
+def cook_raw(sample: dict) -> RawMMSample:
+    """energon cooker: keep the raw members (decoding is ours, after the packing choice)."""
+    members = {k: v for k, v in sample.items() if not k.startswith("__")}
+    return RawMMSample(**basic_sample_keys(sample), members=members)
+
+
+class MMTaskEncoder(TaskEncoder):
+    """energon task encoder: raw sample -> planned document -> two-budget packs.
+
+    Args:
+        tokenizer: ``encode``/``eos_id``/``pad_id`` plus ``media_token_ids()`` (e.g.
+            ``SpecialTokensTokenizer`` or ``KimiTokenizer``).
+        settings: Budgets and media sizing.
+        max_consecutive_skips: Abort after this many bad samples in a row.
+        warn_every: One log line per this many skips.
+    """
+
+    decoder = None  # energon hands us raw bytes; images and videos are decoded by our code
+    cookers = (Cooker(cook_raw),)
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        settings: EncodeSettings,
+        max_consecutive_skips: int = 100,
+        warn_every: int = 100,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.media_ids = tokenizer.media_token_ids()
+        self.settings = settings
+        self.max_consecutive_skips = max_consecutive_skips
+        self.skips = SkipCounter(warn_every=warn_every, name="multimodal data")
+        self._reported: Counter[str] = Counter()
+        self._consecutive = 0
+
+    def _skipped(self, exc: BadSampleError) -> Exception:
+        """Count a bad sample; the exception to raise (energon skips on ``SkipSample``)."""
+        self.skips.record(exc)
+        self._consecutive += 1
+        if self._consecutive >= self.max_consecutive_skips:
+            return FatalSampleError(
+                f"{self._consecutive} bad samples in a row (last: {exc.reason}: {exc}); the "
+                "dataset looks broken: re-run tools/prepare_data.py or fix the mix"
+            )
+        return SkipSample()
+
+    def encode_raw(self, sample: RawMMSample) -> EncodedMMSample:
+        """Plan one raw sample (also used for start-up calibration)."""
+        members = sample.members
+        try:
+            record = json.loads(members["json"])
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BadSampleError(f"unreadable json member: {exc}", reason=BAD_RECORD) from exc
+        if not isinstance(record, dict):
+            raise BadSampleError("json member is not an object", reason=BAD_RECORD)
+        doc, media = plan_document(record, members, self.settings, self.tokenizer,
+                                   self.media_ids)
+        flavors = sample.__subflavors__ or {}
+        return EncodedMMSample.derive_from(
+            sample, sample_id=str(record.get("id", sample.__key__)),
+            dataset=str(flavors.get("dataset", "")), doc=doc, media=media,
+        )
+
+    @stateless
+    def preencode_sample(self, sample: RawMMSample) -> EncodedMMSample:
+        try:
+            encoded = self.encode_raw(sample)
+        except BadSampleError as exc:
+            raise self._skipped(exc) from None
+        self._consecutive = 0
+        return encoded
+
+    def select_samples_to_pack(self, samples: list[EncodedMMSample]) -> list[list]:
+        s = self.settings
+        costs = [document_cost(x.doc, s.pad_to_multiple) for x in samples]
+        return [[samples[i] for i in pack] for pack in select_packs(costs, s.seq_length,
+                                                                     s.max_patches)]
+
+    @stateless
+    def postencode_sample(self, sample: EncodedMMSample) -> EncodedMMSample:
+        try:
+            doc = decode_document(sample.doc, sample.media, self.settings)
+        except BadSampleError as exc:
+            raise self._skipped(exc) from None
+        self._consecutive = 0
+        return EncodedMMSample.derive_from(sample, sample_id=sample.sample_id,
+                                           dataset=sample.dataset, doc=doc, media=[])
+
+    def pack_selected_samples(self, samples: list[EncodedMMSample]) -> MMPack:
+        if not samples:  # every document of the pack failed to decode
+            raise SkipSample()
+        s = self.settings
+        batch = pack_tokenized([x.doc for x in samples], s.seq_length,
+                               self.tokenizer.pad_id, s.pad_to_multiple)
+        tokens: Counter[str] = Counter()
+        image_tokens = video_tokens = 0
+        for x in samples:
+            tokens[x.dataset] += len(x.doc)
+            for span in x.doc.placeholder_spans:
+                if span.is_video:
+                    video_tokens += span.length
+                else:
+                    image_tokens += span.length
+        delta = self.skips.counts - self._reported
+        self._reported = Counter(self.skips.counts)
+        return MMPack(
+            batch=batch,
+            sample_ids=[x.sample_id for x in samples],
+            datasets=[x.dataset for x in samples],
+            tokens_per_dataset=dict(tokens),
+            image_tokens=image_tokens,
+            video_tokens=video_tokens,
+            skips=dict(delta),
+        )
