@@ -8,10 +8,14 @@ from typing import Literal
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW (Muon joins in the MuonClip issue) with warmup + cosine or WSD."""
+    """AdamW, or MuonClip (Muon for 2-D hidden matrices + AdamW for the rest, SPEC §2), with
+    warmup + cosine or WSD. QK-Clip itself is switched on by ``model.llm.qk_clip``."""
 
-    optimizer: Literal["adamw"] = "adamw"
-    """Optimizer name."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """``adamw``: AdamW for every parameter. ``muon``: Muon for 2-D hidden matrices (attention,
+    MLP, expert and router weights, each orthogonalised as its HF tensor), AdamW for embeddings,
+    output head, norms and biases; with ``parallel.use_distributed_optimizer`` each DP rank owns
+    whole parameters (megatron's LayerWiseDistributedOptimizer)."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr: float = 3e-4
@@ -34,6 +38,24 @@ class OptimConfig:
     """WSD: fraction of the run spent in the final decay."""
     wsd_decay_style: Literal["linear", "cosine", "sqrt"] = "linear"
     """WSD: shape of the final decay."""
+    muon_momentum: float = 0.95
+    """Muon momentum mu (EMA form: buffer <- mu buffer + (1 - mu) grad)."""
+    muon_nesterov: bool = True
+    """Muon Nesterov momentum (update = (1 - mu) grad + mu buffer)."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations (coefficients 3.4445, -4.7750, 2.0315)."""
+    muon_ns_dtype: Literal["bf16", "fp32"] = "bf16"
+    """Compute dtype of the Newton-Schulz iteration (bf16 as torch.optim.Muon and Moonlight;
+    fp32 for comparison runs)."""
+    muon_scale: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
+    """Update scale per matrix: ``0.2 sqrt(max(rows, cols))`` (Moonlight; Muon's update RMS ~
+    AdamW's, so both share ``lr``) or Keller Jordan's ``sqrt(max(1, rows / cols))``."""
+    muon_router: bool = True
+    """MoE router weight ([experts, hidden]) to Muon (Moonlight's rule) or to AdamW."""
+    qk_clip_tau: float | None = None
+    """QK-Clip threshold tau on the max scaled logit per head; None = the model's
+    ``qk_clip_threshold`` (SPEC: 100). Applied after every optimizer step when
+    ``model.llm.qk_clip`` is on."""
     vision_lr_mult: float = 1.0
     """Learning-rate multiplier for the vision tower (lr and min_lr)."""
     projector_lr_mult: float = 1.0
@@ -50,3 +72,13 @@ class OptimConfig:
             raise ValueError("optim.wsd_decay_fraction must be in [0, 1]")
         if self.warmup_steps < 0:
             raise ValueError("optim.warmup_steps must be >= 0")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(
+                f"optim.muon_momentum={self.muon_momentum} must be in [0, 1) (Moonlight: 0.95)")
+        if self.muon_ns_steps < 1:
+            raise ValueError(
+                f"optim.muon_ns_steps={self.muon_ns_steps} must be >= 1 (Moonlight: 5)")
+        if self.qk_clip_tau is not None and not self.qk_clip_tau > 0:
+            raise ValueError(
+                f"optim.qk_clip_tau={self.qk_clip_tau} must be > 0 (SPEC: 100), or null to use "
+                "model.llm.qk_clip_threshold")
