@@ -27,6 +27,21 @@ iteration, 2-3% from Moonlight's bf16 form (Moonlight's own bf16 NS is ~3% from 
 (``tests/unit/test_muon.py`` asserts all of these).
 
 Decoupled weight decay uses the unscaled ``lr`` (as Moonlight and torch): ``W (1 - lr wd)``.
+
+Tensor parallelism: a parameter marked ``tensor_model_parallel`` (megatron's attribute, copied to
+fp32 master weights) whose TP group has more than one rank holds a shard. Its update is
+all-gathered along ``partition_dim`` into the whole matrix (megatron's shard order), every block is
+orthogonalised whole, scaled by the *whole* block's ``0.2 sqrt(max(rows, cols))``, and this rank
+keeps its shard; every TP rank computes the same Newton-Schulz ("duplicated" mode). The layout
+then describes the gathered matrix (see ``param_groups.muon_layout(..., gathered=True)``: a
+gated ``linear_fc1`` gathers as ``[gate_0; up_0; gate_1; up_1]``). The momentum buffer and the
+weight decay stay per shard (element-wise). The blocks of a gathered matrix are scaled before the
+``lr`` step (``W - lr (s O)`` instead of one fused ``W - (lr s) O``): a last-bit difference.
+
+Per-parameter layouts: a parameter (or fp32 master) carrying a ``muon_layout`` attribute (a
+:meth:`BlockLayout.to_tuple`) uses it; otherwise its group's ``"muon_layout"``; otherwise the
+whole matrix. Attributes keep layouts out of the checkpointed param groups, so megatron's
+group matching on load (by ``wd_mult, lr_mult, ...``) cannot hand one group another's layout.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -165,8 +181,9 @@ class Muon(_TorchMuon):
     """``torch.optim.Muon`` with per-parameter blocks and Moonlight's RMS-matching scale.
 
     Param groups may carry ``"muon_layout"``: a :meth:`BlockLayout.to_tuple` applied to every
-    parameter of the group (absent = the whole matrix). Extra group keys (``max_lr``,
-    ``min_lr``, ``wd_mult`` for megatron's scheduler, ``param_names``) pass through.
+    parameter of the group (absent = the whole matrix); a parameter's own ``muon_layout``
+    attribute takes precedence. Extra group keys (``max_lr``, ``min_lr``, ``wd_mult`` for
+    megatron's scheduler, ``is_expert_parallel``, ``param_names``) pass through.
 
     Args:
         params: 2-D parameters or param-group dicts.
@@ -179,6 +196,9 @@ class Muon(_TorchMuon):
             one the SPEC asks for, ``"original"`` (Keller Jordan's ``sqrt(max(1, A/B))``) is
             accepted for comparison runs.
         ns_dtype: compute dtype of the iteration (bfloat16 as torch and Moonlight).
+        tp_group / expert_tp_group: tensor-parallel groups of dense / routed-expert parameters
+            (groups with ``is_expert_parallel``); shards of size > 1 groups are gathered whole
+            for Newton-Schulz (module docstring). None = parameters are whole.
     """
 
     def __init__(
@@ -193,15 +213,39 @@ class Muon(_TorchMuon):
         ns_steps: int = NS_STEPS,
         adjust_lr_fn: str = "match_rms_adamw",
         ns_dtype: torch.dtype = torch.bfloat16,
+        tp_group: dist.ProcessGroup | None = None,
+        expert_tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(params, lr=lr, weight_decay=weight_decay, momentum=momentum,
                          nesterov=nesterov, ns_coefficients=ns_coefficients, eps=eps,
                          ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
         self.ns_dtype = ns_dtype
+        # Process groups are not hyperparameters: kept off the param groups (and checkpoints).
+        self.tp_group = tp_group
+        self.expert_tp_group = expert_tp_group
         for group in self.param_groups:  # fail at construction, not at the first step
-            layout = BlockLayout.from_tuple(group.get("muon_layout"))
             for p in group["params"]:
-                layout.views(p.detach())
+                shape = self._whole_shape(p, self._tp_group_of(group, p))
+                self._layout(group, p).views(torch.empty(shape, device="meta"))
+
+    def _layout(self, group: dict, p: Tensor) -> BlockLayout:
+        return BlockLayout.from_tuple(getattr(p, "muon_layout", None) or group.get("muon_layout"))
+
+    def _tp_group_of(self, group: dict, p: Tensor) -> dist.ProcessGroup | None:
+        """The TP group ``p`` is sharded over, or None when ``p`` is whole on this rank."""
+        if not getattr(p, "tensor_model_parallel", False):
+            return None
+        tp = self.expert_tp_group if group.get("is_expert_parallel") else self.tp_group
+        if tp is None or dist.get_world_size(tp) == 1:
+            return None
+        return tp
+
+    @staticmethod
+    def _whole_shape(p: Tensor, tp: dist.ProcessGroup | None) -> tuple[int, ...]:
+        shape = list(p.shape)
+        if tp is not None:
+            shape[p.partition_dim] *= dist.get_world_size(tp)
+        return tuple(shape)
 
     def _scaled_lr(self, lr: float, adjust_lr_fn: str | None, rows: int, cols: int) -> float:
         if adjust_lr_fn == "match_rms_adamw":
@@ -218,7 +262,6 @@ class Muon(_TorchMuon):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            layout = BlockLayout.from_tuple(group.get("muon_layout"))
             params: list[Tensor] = []
             grads: list[Tensor] = []
             bufs: list[Tensor] = []
@@ -230,10 +273,31 @@ class Muon(_TorchMuon):
                 buf.lerp_(grad, 1 - mu)
                 update = grad.lerp(buf, mu) if group["nesterov"] else buf
                 param.mul_(1 - lr * wd)
-                for p_block, u_block in zip(layout.views(param), layout.views(update)):
-                    matrix = block_matrix(u_block)
-                    ortho = newton_schulz(matrix, group["ns_coefficients"], group["ns_steps"],
-                                          group["eps"], self.ns_dtype)
-                    scaled = self._scaled_lr(lr, group["adjust_lr_fn"], *matrix.shape)
-                    p_block.add_(ortho.reshape(p_block.shape), alpha=-scaled)
+                layout, tp = self._layout(group, param), self._tp_group_of(group, param)
+                if tp is None:
+                    for p_block, u_block in zip(layout.views(param), layout.views(update)):
+                        matrix = block_matrix(u_block)
+                        ortho = self._orthogonalise(group, matrix)
+                        scaled = self._scaled_lr(lr, group["adjust_lr_fn"], *matrix.shape)
+                        p_block.add_(ortho.reshape(p_block.shape), alpha=-scaled)
+                else:
+                    param.add_(self._sharded_update(group, param, update, layout, tp), alpha=-lr)
         return loss
+
+    def _orthogonalise(self, group: dict, matrix: Tensor) -> Tensor:
+        return newton_schulz(matrix, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                             self.ns_dtype)
+
+    def _sharded_update(self, group: dict, param: Tensor, update: Tensor, layout: BlockLayout,
+                        tp: dist.ProcessGroup) -> Tensor:
+        """This rank's shard of the whole matrix's scaled, orthogonalised update (no ``lr``)."""
+        size, dim = dist.get_world_size(tp), param.partition_dim
+        parts = [torch.empty_like(update) for _ in range(size)]
+        dist.all_gather(parts, update.contiguous(), group=tp)
+        whole = torch.cat(parts, dim=dim)  # fresh memory: blocks are overwritten in place
+        for block in layout.views(whole):
+            matrix = block_matrix(block)
+            ortho = self._orthogonalise(group, matrix)
+            scale = self._scaled_lr(1.0, group["adjust_lr_fn"], *matrix.shape)
+            block.copy_(ortho.reshape(block.shape)).mul_(scale)
+        return whole.chunk(size, dim=dim)[dist.get_rank(tp)]

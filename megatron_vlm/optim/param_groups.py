@@ -28,8 +28,11 @@ hidden]`` is ``view(E, F, hidden)``); a fused ``linear_qkv`` (per query group ``
 ``kv_b_proj`` as whole matrices. Orthogonalisation commutes with row permutations, so HF's
 rope-interleave row order needs no care; it does not commute with splitting, hence the blocks.
 
-Blocks assume whole matrices: a tensor-parallel shard (TP > 1) is refused here -- gathering shards
-belongs to the distributed Muon.
+Blocks assume whole matrices: a tensor-parallel shard (TP > 1) is refused unless the caller says
+it will gather the shards (``gathered=True``, the distributed Muon): the layout then describes
+the matrix that ``torch.cat`` of the shards along ``partition_dim`` gives, which for a gated
+``linear_fc1`` is ``[gate_0; up_0; gate_1; up_1; ...]`` (each rank holds its rows of gate and of
+up), i.e. gate = part 0 of every rank's group stacked, up = part 1.
 """
 
 from __future__ import annotations
@@ -86,16 +89,13 @@ def _is_routed_expert(name: str) -> bool:
     return ".experts." in f".{name}" and "shared_experts" not in name
 
 
-def _check_whole(name: str, param: torch.Tensor, config) -> None:
+def _tp_size(name: str, param: torch.Tensor, config) -> int:
+    """Ranks ``param`` is sharded over (1 = whole)."""
     if config is None or not getattr(param, "tensor_model_parallel", False):
-        return
+        return 1
     tp = (config.expert_tensor_parallel_size if _is_routed_expert(name)
           else config.tensor_model_parallel_size)
-    if tp and tp > 1:
-        raise NotImplementedError(
-            f"Muon orthogonalises whole matrices; {name} is a tensor-parallel shard (tp={tp}). "
-            "Gather the shards first (distributed Muon) or run with tp=1"
-        )
+    return tp or 1
 
 
 def _need(config, name: str, field_name: str):
@@ -108,28 +108,50 @@ def _need(config, name: str, field_name: str):
     return value
 
 
-def muon_layout(name: str, param: torch.Tensor, config=None) -> BlockLayout:
+def muon_layout(name: str, param: torch.Tensor, config=None, *,
+                gathered: bool = False) -> BlockLayout:
     """The block layout for megatron parameter ``name`` (``param`` a whole 2-D matrix).
 
     Args:
         name: megatron parameter name (any prefix; the ending decides).
-        param: the parameter (or any tensor of its shape).
+        param: the parameter (or any tensor of its shape and TP attributes).
         config: the owning module's megatron ``TransformerConfig``; needed for fused tensors
-            (gated FFN, GroupedMLP expert count, qkv head layout).
+            (gated FFN, GroupedMLP expert count, qkv head layout) and TP sizes.
+        gathered: ``param`` may be a TP shard that the optimizer all-gathers along
+            ``partition_dim`` before orthogonalising; the layout is that gathered matrix's.
 
     Returns:
         A :class:`BlockLayout`; ``WHOLE`` for matrices HF keeps as they are.
     """
     if param.ndim != 2:
         raise ValueError(f"muon_layout: {name} has shape {tuple(param.shape)}, Muon needs 2-D")
-    _check_whole(name, param, config)
-    rows, cols = param.shape
+    tp = _tp_size(name, param, config)
+    if tp > 1 and not gathered:
+        raise NotImplementedError(
+            f"Muon orthogonalises whole matrices; {name} is a tensor-parallel shard (tp={tp}). "
+            "Gather the shards first (distributed Muon) or run with tp=1"
+        )
+    shape = list(param.shape)
+    if tp > 1:
+        shape[param.partition_dim] *= tp
+    rows, cols = shape
     if _FC1.search(name):
         if not _need(config, name, "gated_linear_unit"):
             return WHOLE
-        if rows % 2:
-            raise ValueError(f"muon_layout: gated {name} has an odd row count {rows}")
+        if rows % (2 * tp):
+            raise ValueError(f"muon_layout: gated {name} has {rows} rows, not a multiple of 2*tp")
+        if tp > 1:
+            if param.partition_dim != 0:
+                raise NotImplementedError(f"muon_layout: {name} sharded along columns")
+            # Shard r is [gate_r; up_r]: gate = part 0 of every shard, up = part 1.
+            half = rows // (2 * tp)
+            return BlockLayout(num_groups=tp, group_shape=(2 * half, cols), split_dim=0,
+                               split_sizes=(half, half), per_group=False)
         return BlockLayout(split_dim=0, split_sizes=(rows // 2, rows // 2))  # [gate; up]
+    if (_GROUPED_FC1.search(name) or _GROUPED_FC2.search(name)) and tp > 1:
+        raise NotImplementedError(
+            f"muon_layout: legacy GroupedMLP {name} under expert TP={tp} is not supported; use "
+            "SequentialMLP/TEGroupedMLP experts or expert_tensor_parallel_size=1")
     if _GROUPED_FC1.search(name):
         ffn = _need(config, name, "moe_ffn_hidden_size")
         gated = bool(getattr(config, "gated_linear_unit", False))
@@ -140,6 +162,7 @@ def muon_layout(name: str, param: torch.Tensor, config=None) -> BlockLayout:
         ffn = _need(config, name, "moe_ffn_hidden_size")
         return BlockLayout(num_groups=rows // ffn, group_shape=(ffn, cols))
     if _QKV.search(name):
+        # Shards hold whole query groups [q_g; k_g; v_g]: the gathered matrix has them all.
         heads = _need(config, name, "num_attention_heads")
         groups = getattr(config, "num_query_groups", None) or heads
         head_dim = (getattr(config, "kv_channels", None)
@@ -178,7 +201,8 @@ class ParamGroups:
     """Torch param-group dicts for the two optimizers (megatron scheduler keys included)."""
 
     muon: list[dict] = field(default_factory=list)
-    """Groups for :class:`megatron_vlm.optim.muon.Muon` (each carries ``muon_layout``)."""
+    """Groups for :class:`megatron_vlm.optim.muon.Muon` (each carries ``muon_layout`` unless
+    the layouts were put on the parameters)."""
     adamw: list[dict] = field(default_factory=list)
     """Groups for AdamW."""
 
@@ -191,6 +215,8 @@ def build_param_groups(
     weight_decay: float,
     lr_mult: Callable[[str], float] | None = None,
     router_in_muon: bool = True,
+    gathered: bool = False,
+    layouts_on_params: bool = False,
 ) -> ParamGroups:
     """Split ``model``'s trainable parameters into Muon and AdamW param groups.
 
@@ -199,7 +225,16 @@ def build_param_groups(
     ``max_lr``/``min_lr`` (read per group by megatron's ``OptimizerParamScheduler``, already
     multiplied by the group's ``lr_mult``), ``weight_decay`` and ``wd_mult`` (the scheduler sets
     ``weight_decay = wd * wd_mult``), ``is_expert_parallel`` (megatron's ``allreduce=False``
-    marker) and, for Muon, ``muon_layout`` (a :meth:`BlockLayout.to_tuple`).
+    marker), ``is_decoupled_lr``/``default_config`` (megatron's group-identity and logging
+    keys) and, for Muon, ``muon_layout`` (a :meth:`BlockLayout.to_tuple`).
+
+    With ``layouts_on_params`` (what the megatron optimizer builder uses) each Muon parameter
+    gets its layout as a ``muon_layout`` attribute instead and groups carry neither
+    ``muon_layout`` nor ``param_names``: one group per (optimizer, lr_mult, wd_mult,
+    expert-parallel), which is exactly megatron's group identity
+    (``optimizer.param_group_identifier_keys``) -- on load megatron matches saved groups to live
+    ones by that identity, so two live groups sharing it would receive one saved group -- and
+    nothing per parameter is stored in groups that the layer-wise optimizer re-slices per rank.
 
     Args:
         model: a model chunk (megatron ``GPTModel``, the VLM, or a DDP wrapper of one).
@@ -207,6 +242,8 @@ def build_param_groups(
         weight_decay: decoupled weight decay for decayed parameters.
         lr_mult: per-parameter-name LR multiplier hook (see :func:`prefix_lr_mult`).
         router_in_muon: MoE router weight to Muon (Moonlight's rule) or to AdamW.
+        gathered: TP shards are gathered by the optimizer (:func:`muon_layout`).
+        layouts_on_params: see above.
     """
     groups: dict[tuple, dict] = {}
     for name, param, config in named_parameters_with_config(model):
@@ -215,22 +252,30 @@ def build_param_groups(
         mult = 1.0 if lr_mult is None else float(lr_mult(name))
         expert_parallel = not getattr(param, "allreduce", True)
         if uses_muon(name, param, router_in_muon=router_in_muon):
-            layout = muon_layout(name, param, config).to_tuple()
+            layout = muon_layout(name, param, config, gathered=gathered).to_tuple()
             kind, wd_mult = "muon", 1.0
+            if layouts_on_params:
+                param.muon_layout = layout
+                layout = None
         else:
             layout = None
             no_decay = param.ndim < 2 or name.endswith(".bias")
             kind, wd_mult = "adamw", 0.0 if no_decay else 1.0
         key = (kind, layout, mult, wd_mult, expert_parallel)
         if key not in groups:
-            group = {"params": [], "param_names": [], "lr": lr * mult, "max_lr": lr * mult,
-                         "min_lr": min_lr * mult, "lr_mult": mult, "weight_decay": weight_decay * wd_mult,
-                         "wd_mult": wd_mult, "is_expert_parallel": expert_parallel}
-            if kind == "muon":
-                group["muon_layout"] = layout
+            group = {"params": [], "lr": lr * mult, "max_lr": lr * mult,
+                     "min_lr": min_lr * mult, "lr_mult": mult,
+                     "weight_decay": weight_decay * wd_mult, "wd_mult": wd_mult,
+                     "is_expert_parallel": expert_parallel, "is_decoupled_lr": False,
+                     "default_config": mult == 1.0}
+            if not layouts_on_params:
+                group["param_names"] = []
+                if kind == "muon":
+                    group["muon_layout"] = layout
             groups[key] = group
         groups[key]["params"].append(param)
-        groups[key]["param_names"].append(name)
+        if not layouts_on_params:
+            groups[key]["param_names"].append(name)
     out = ParamGroups()
     for (kind, *_), group in groups.items():
         (out.muon if kind == "muon" else out.adamw).append(group)
