@@ -17,7 +17,11 @@ After the optimizer step, for every MLA layer and (local) head ``h``:
 Rows are scaled in the fp32 master weight when megatron keeps one (``param.main_param``, set by
 ``Float16OptimizerWithFloat16Params`` and by the layer-wise optimizer), and the model's bf16
 weight is then overwritten by its cast, so the two never drift. A flat ``DistributedOptimizer``
-shard (``main_param_sharded``) holds no whole rows and is refused.
+shard (``main_param_sharded``) holds no whole rows and is refused. Under the layer-wise optimizer
+with bf16 params only the owning DP rank has the master: the other ranks leave their bf16 copy
+alone and receive the owner's cast through ``param_sync`` (``LayerWiseMuonOptimizer.
+sync_params``), so replicas stay identical. fp32 params are their own masters; every rank
+scales its replica identically.
 
 Versus megatron-core 0.16.1 ``MLASelfAttention.clip_qk`` (``transformer/multi_latent_attention.py``)
 and ``optimizer/qk_clip.clip_qk``: same row rule with ``qk_clip_alpha = 0.5`` (``eta^alpha`` on
@@ -31,7 +35,7 @@ issues one all-reduce per layer (we issue one for all layers).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,17 +93,22 @@ def all_reduce_max_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None
         t.copy_(part.view_as(t))
 
 
-def _scale_rows_(param: nn.Parameter, row_scale: torch.Tensor, name: str) -> None:
+def _scale_rows_(param: nn.Parameter, row_scale: torch.Tensor, name: str,
+                 defer_without_master: bool = False) -> bool:
     """``param[r, :] *= row_scale[r]`` on the fp32 master (then cast into ``param``) or on
-    ``param`` itself when there is no master."""
+    ``param`` itself when there is no master. Returns False (nothing done) for a low-precision
+    ``param`` without a local master when ``defer_without_master``: its master lives on another
+    rank, which clips it and sends the cast."""
     main = getattr(param, "main_param", None)
     if main is None:
         if getattr(param, "main_param_sharded", False):
             raise RuntimeError(
                 f"QK-Clip: {name} has no local master shard under the flat DistributedOptimizer; "
                 "QK-Clip needs whole per-head rows (use the layer-wise optimizer for Muon)")
+        if defer_without_master and param.dtype != torch.float32:
+            return False
         param.data.mul_(row_scale.to(param.dtype)[:, None])
-        return
+        return True
     if getattr(param, "main_param_sharded", False) or main.shape != param.shape:
         raise RuntimeError(
             f"QK-Clip: the master weight of {name} is a flat DistributedOptimizer shard "
@@ -107,11 +116,16 @@ def _scale_rows_(param: nn.Parameter, row_scale: torch.Tensor, name: str) -> Non
             "rows (use the layer-wise optimizer for Muon)")
     main.data.mul_(row_scale.to(main.dtype)[:, None])
     param.data.copy_(main.data)  # bf16 model weight = cast of the clipped fp32 master
+    return True
 
 
 @torch.no_grad()
-def clip_mla_(attention: MLASelfAttention, eta: torch.Tensor) -> None:
-    """Scale ``attention``'s q and k_nope rows per head by ``eta [local heads]`` (module doc)."""
+def clip_mla_(attention: MLASelfAttention, eta: torch.Tensor,
+              defer_without_master: bool = False) -> list[nn.Parameter]:
+    """Scale ``attention``'s q and k_nope rows per head by ``eta [local heads]`` (module doc).
+
+    Returns the two weights (q, kv_up); with ``defer_without_master`` a low-precision weight
+    whose master lives on another rank is left for that rank (see :func:`_scale_rows_`)."""
     cfg = attention.config
     heads = attention.num_attention_heads_per_partition
     if eta.shape != (heads,):
@@ -124,8 +138,26 @@ def clip_mla_(attention: MLASelfAttention, eta: torch.Tensor) -> None:
     k_scale = torch.cat([root[:, None].expand(heads, nope),
                          ones[:, None].expand(heads, v_dim)], dim=1).reshape(-1)
     q_name = "linear_q_proj" if cfg.q_lora_rank is None else "linear_q_up_proj"
-    _scale_rows_(getattr(attention, q_name).weight, q_scale, q_name)
-    _scale_rows_(attention.linear_kv_up_proj.weight, k_scale, "linear_kv_up_proj")
+    weights = []
+    for module, scale, name in ((getattr(attention, q_name), q_scale, q_name),
+                                (attention.linear_kv_up_proj, k_scale, "linear_kv_up_proj")):
+        _scale_rows_(module.weight, scale, name, defer_without_master)
+        weights.append(module.weight)
+    return weights
+
+
+def reset_max_logits(model_chunks: nn.Module | Iterable[nn.Module]) -> None:
+    """Forget recorded max logits (evaluation forwards record them too): call before a step."""
+    for attention in mla_attentions(model_chunks):
+        if hasattr(attention.core_attention, "current_max_attn_logits"):
+            attention.core_attention.current_max_attn_logits = None
+
+
+def records_max_logits(model_chunks: nn.Module | Iterable[nn.Module]) -> bool:
+    """Whether any MLA layer clips or logs its max logits (``qk_clip`` or
+    ``log_max_attention_logit`` in its config)."""
+    return any(a.config.qk_clip or a.config.log_max_attention_logit
+               for a in mla_attentions(model_chunks))
 
 
 @torch.no_grad()
@@ -134,6 +166,7 @@ def apply_qk_clip(
     *,
     group: dist.ProcessGroup | None = None,
     threshold: float | None = None,
+    param_sync: Callable[[list[nn.Parameter]], None] | None = None,
 ) -> QKClipStats:
     """One QK-Clip pass after an optimizer step; resets the recorded max logits.
 
@@ -144,6 +177,11 @@ def apply_qk_clip(
         model_chunks: this rank's model chunk(s).
         group: process group of the MAX all-reduce (DP x CP); None = no reduction.
         threshold: tau; default each layer's ``config.qk_clip_threshold`` (SPEC: 100).
+        param_sync: for optimizers that step each parameter on one DP rank only (the
+            layer-wise optimizer): called once with every clipped weight, the same list on
+            every rank of ``group``; it must copy the owner's (clipped) values to the other
+            ranks. A bf16 weight without a local fp32 master is then left to its owner. None =
+            every rank clips its own copy.
 
     Returns:
         :class:`QKClipStats` (per-layer per-head max logits after the reduction, heads clipped).
@@ -158,6 +196,7 @@ def apply_qk_clip(
     maxima = [a.core_attention.current_max_attn_logits.detach().float().clone() for a in layers]
     all_reduce_max_(maxima, group)
     stats = QKClipStats()
+    clipped_weights: list[nn.Parameter] = []
     for attention, s in zip(layers, maxima):
         tau = attention.config.qk_clip_threshold if threshold is None else threshold
         clipped = 0
@@ -165,8 +204,35 @@ def apply_qk_clip(
             eta = qk_clip_eta(s, tau)
             clipped = int((eta < 1).sum())
             if clipped:
-                clip_mla_(attention, eta)
+                clipped_weights += clip_mla_(attention, eta,
+                                             defer_without_master=param_sync is not None)
         stats.max_logits[attention.layer_number] = s.tolist()
         stats.heads_clipped[attention.layer_number] = clipped
         attention.core_attention.current_max_attn_logits = None
+    if param_sync is not None:
+        param_sync(clipped_weights)
     return stats
+
+
+def qk_clip_metrics(
+    stats: QKClipStats, num_layers: int, group: dist.ProcessGroup | None = None
+) -> dict[str, float]:
+    """Loggable numbers: max logit and heads clipped, overall and per layer.
+
+    ``group`` (the model-parallel group, TP x PP) joins what other ranks saw: their heads
+    (TP) and layers (PP). The result is identical on every rank of ``group``.
+    """
+    maxima = torch.full((num_layers,), float("-inf"), dtype=torch.float64)
+    clipped = torch.zeros(num_layers, dtype=torch.float64)
+    for layer, heads in stats.max_logits.items():
+        maxima[layer - 1] = max(heads)
+        clipped[layer - 1] = stats.heads_clipped[layer]
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(clipped, group=group)
+    out = {"qk_clip/max_logit": maxima.max().item(), "qk_clip/heads_clipped": clipped.sum().item()}
+    for i in range(num_layers):
+        if maxima[i] > float("-inf"):  # layers without MLA (none recorded) are not reported
+            out[f"qk_clip/layer{i + 1}/max_logit"] = maxima[i].item()
+            out[f"qk_clip/layer{i + 1}/heads_clipped"] = clipped[i].item()
+    return out
