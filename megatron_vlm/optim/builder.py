@@ -1,6 +1,14 @@
-"""Optimizer construction: megatron-core's optimizer over DDP-wrapped model chunks."""
+"""Optimizer construction: megatron-core's optimizer over DDP-wrapped model chunks.
+
+``optim.optimizer="adamw"``: megatron's ``get_megatron_optimizer`` (its DistributedOptimizer
+with ``parallel.use_distributed_optimizer``). ``"muon"``: Muon + AdamW chained, layer-wise
+sharded with ``parallel.use_distributed_optimizer`` (``muon_optimizer.py``).
+"""
 
 from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
 
 from megatron.core.optimizer import (
     MegatronOptimizer,
@@ -12,6 +20,8 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from megatron_vlm.config.optim import OptimConfig
+from megatron_vlm.optim.muon_optimizer import build_muon_optimizer
+from megatron_vlm.optim.qk_clip import mla_attentions
 
 
 def build_optimizer_config(
@@ -45,15 +55,48 @@ MODULE_PATTERNS = {
 }
 
 
+def _module_mults(optim: OptimConfig) -> dict[str, float]:
+    return {"vision": optim.vision_lr_mult, "projector": optim.projector_lr_mult,
+            "llm": optim.llm_lr_mult}
+
+
 def module_lr_overrides(optim: OptimConfig) -> dict[ParamKey, ParamGroupOverride]:
-    """Per-module learning rates: ``lr`` and ``min_lr`` times each module's multiplier."""
-    mults = {"vision": optim.vision_lr_mult, "projector": optim.projector_lr_mult,
-             "llm": optim.llm_lr_mult}
+    """Per-module learning rates: ``lr`` and ``min_lr`` times each module's multiplier.
+
+    ``lr_mult`` is set too although megatron's scheduler reads only ``max_lr``/``min_lr``: on
+    checkpoint load megatron matches saved param groups to live ones by ``(wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr)`` (``optimizer.py:_filter_and_reorder_param_groups``);
+    groups differing only in ``max_lr`` would share an identity and be given one saved group.
+    """
     return {
         ParamKey(name=MODULE_PATTERNS[name]): ParamGroupOverride(
-            max_lr=optim.lr * mult, min_lr=optim.min_lr * mult)
-        for name, mult in mults.items() if mult != 1.0
+            max_lr=optim.lr * mult, min_lr=optim.min_lr * mult, lr_mult=mult)
+        for name, mult in _module_mults(optim).items() if mult != 1.0
     }
+
+
+def module_lr_mult(optim: OptimConfig) -> Callable[[str], float]:
+    """The same per-module multipliers as a parameter-name hook (for the Muon param groups):
+    the multiplier of the module whose ``MODULE_PATTERNS`` entry matches, else 1."""
+    mults = [(MODULE_PATTERNS[name], mult) for name, mult in _module_mults(optim).items()]
+
+    def lr_mult(name: str) -> float:
+        for pattern, mult in mults:
+            if fnmatch.fnmatchcase(name, pattern):
+                return mult
+        return 1.0
+
+    return lr_mult
+
+
+def _check_qk_clip(model_chunks: list, flat_sharded: bool) -> None:
+    clipped = any(a.config.qk_clip for a in mla_attentions(model_chunks))
+    if clipped and flat_sharded:
+        raise ValueError(
+            "model.llm.qk_clip rescales whole per-head rows of the fp32 master weights, which "
+            "megatron's flat DistributedOptimizer cuts into 1-D shards: with "
+            "parallel.use_distributed_optimizer=true use optim.optimizer=muon (layer-wise "
+            "sharding of whole parameters), or set parallel.use_distributed_optimizer=false")
 
 
 def build_optimizer(
@@ -67,7 +110,16 @@ def build_optimizer(
     Norm weights, biases and the router's expert bias (a buffer, never a parameter) get no weight
     decay (megatron's standard overrides exclude 1-D parameters); frozen parameters
     (``requires_grad=False``) are in no group; VLM modules get their learning-rate multipliers.
+    With ``optim.optimizer="muon"`` the chunks' DDP must all-reduce gradients (built with
+    ``DistributedDataParallelConfig(use_distributed_optimizer=False)``), and
+    ``use_distributed_optimizer`` selects layer-wise sharding.
     """
+    if optim.optimizer == "muon":
+        config = build_optimizer_config(optim, params_dtype, use_distributed_optimizer=False)
+        return build_muon_optimizer(optim, model_chunks, config,
+                                    layer_wise=use_distributed_optimizer,
+                                    lr_mult=module_lr_mult(optim))
+    _check_qk_clip(model_chunks, flat_sharded=use_distributed_optimizer)
     config = build_optimizer_config(optim, params_dtype, use_distributed_optimizer)
     overrides = {**get_standard_config_overrides(config), **module_lr_overrides(optim)}
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
