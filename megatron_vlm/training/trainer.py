@@ -21,6 +21,13 @@ from megatron_vlm.checkpoint import find_latest_checkpoint, load_checkpoint, sav
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.models.llm import padded_vocab_size
 from megatron_vlm.optim.builder import build_optimizer
+from megatron_vlm.optim.qk_clip import (
+    apply_qk_clip,
+    mla_attentions,
+    qk_clip_metrics,
+    records_max_logits,
+    reset_max_logits,
+)
 from megatron_vlm.optim.schedules import build_scheduler
 from megatron_vlm.parallel.init import init_distributed
 from megatron_vlm.training.data_setup import DataSetup, build_data
@@ -97,11 +104,20 @@ def evaluate(chunks, data: DataSetup, seq_length: int) -> dict[str, float]:
     return out
 
 
-def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, stop: StopSignal):
-    """One optimizer step; returns (loss, tokens, grad_norm, skipped, stop_requested)."""
+def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, stop: StopSignal,
+               qk_clip_tau: float | None = None):
+    """One optimizer step, then QK-Clip (when the model records max logits).
+
+    Returns ``(loss, tokens, grad_norm, skipped, stop_requested, metrics)``; ``metrics`` holds
+    the step's extra numbers to log (QK-Clip: max logit and heads clipped, overall and per
+    layer), empty for a skipped step.
+    """
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
+    qk_clip_on = records_max_logits(chunks)
+    if qk_clip_on:
+        reset_max_logits(chunks)  # evaluation forwards record max logits too
     bias_before = telemetry.expert_bias_snapshot(routers)
     total = run_forward_backward(chunks, batches, seq_length, forward_only=False)
     loss = (total[0] / total[1].clamp(min=1)).item()
@@ -114,10 +130,20 @@ def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, 
     if nonfinite:
         # The expert-bias update ran inside finalize_model_grads: undo it with the step.
         telemetry.restore_expert_bias(routers, bias_before)
-        return loss, int(total[1].item()), float("nan"), True, stop_requested
+        return loss, int(total[1].item()), float("nan"), True, stop_requested, {}
     _, grad_norm, _ = optimizer.step()
+    metrics = {}
+    if qk_clip_on:
+        # MuonClip (SPEC §2): this step's per-head max logits, MAX over DP x CP, rescale the
+        # fp32 master rows of heads above tau; the layer-wise optimizer then sends the owners'
+        # bf16 casts to the other DP ranks (sync_params).
+        stats = apply_qk_clip(
+            chunks, group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            threshold=qk_clip_tau, param_sync=getattr(optimizer, "sync_params", None))
+        num_layers = mla_attentions(chunks)[0].config.num_layers
+        metrics = qk_clip_metrics(stats, num_layers, parallel_state.get_model_parallel_group())
     scheduler.step(increment=1)
-    return loss, int(total[1].item()), float(grad_norm or 0.0), False, stop_requested
+    return loss, int(total[1].item()), float(grad_norm or 0.0), False, stop_requested, metrics
 
 
 def _save(job, run_dir, ckpt_root, state, chunks, optimizer, scheduler, data, bias0) -> Path:
@@ -177,8 +203,8 @@ def train(job: JobConfig) -> TrainResult:
     while state.step < job.train.steps:
         t0 = time.perf_counter()
         batches = data.loader.next_global_batch()
-        loss, tokens, grad_norm, skipped, stop_requested = train_step(
-            chunks, optimizer, scheduler, batches, seq_len, routers, stop)
+        loss, tokens, grad_norm, skipped, stop_requested, step_metrics = train_step(
+            chunks, optimizer, scheduler, batches, seq_len, routers, stop, job.optim.qk_clip_tau)
         dt = time.perf_counter() - t0
         state.step += 1
         steps_here += 1
@@ -192,7 +218,7 @@ def train(job: JobConfig) -> TrainResult:
                   "tokens_per_s": seq_tokens / dt, "tflops_per_device": tflops,
                   "mfu": tflops / job.train.peak_tflops, "skipped_steps": state.skipped_steps,
                   "step_time_s": dt,
-                  **telemetry.moe_metrics(finalize.last_loads, routers, bias0)}
+                  **telemetry.moe_metrics(finalize.last_loads, routers, bias0), **step_metrics}
         metrics.log(state.step, "train", values,
                     progress=skipped or state.step % job.train.log_interval == 0)
         if state.consecutive_nonfinite >= job.train.max_consecutive_nonfinite:
