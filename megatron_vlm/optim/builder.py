@@ -11,6 +11,7 @@ import fnmatch
 from collections.abc import Callable
 
 from megatron.core.optimizer import (
+    Float16OptimizerWithFloat16Params,
     MegatronOptimizer,
     OptimizerConfig,
     get_megatron_optimizer,
@@ -20,6 +21,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from megatron_vlm.config.optim import OptimConfig
+from megatron_vlm.optim.megatron_wrappers import MixedFloat16Optimizer
 from megatron_vlm.optim.muon_optimizer import build_muon_optimizer
 from megatron_vlm.optim.qk_clip import mla_attentions
 
@@ -122,4 +124,10 @@ def build_optimizer(
     _check_qk_clip(model_chunks, flat_sharded=use_distributed_optimizer)
     config = build_optimizer_config(optim, params_dtype, use_distributed_optimizer)
     overrides = {**get_standard_config_overrides(config), **module_lr_overrides(optim)}
-    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # bf16 without the DistributedOptimizer: megatron's Float16 wrapper cannot checkpoint
+        # our fp32 norm weights; its subclass adds only the fixed (sharded_)state_dict methods.
+        if type(member) is Float16OptimizerWithFloat16Params:
+            member.__class__ = MixedFloat16Optimizer
+    return optimizer

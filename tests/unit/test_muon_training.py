@@ -184,3 +184,61 @@ def test_adamw_module_lr_groups_have_distinct_identities(vlm_optimizer):
         ids = [(g["wd_mult"], g["lr_mult"], g["is_expert_parallel"], g["is_decoupled_lr"])
                for g in o.optimizer.param_groups]
         assert len(ids) == len(set(ids)), ids
+
+
+# --------------------------------------------------------------------------- refusals, bf16
+
+
+def _chunks(*overrides: str):
+    from megatron_vlm.parallel.init import init_distributed
+    from megatron_vlm.training.model_setup import build_model_chunks
+
+    job = apply_overrides(get_recipe("tiny_cpu"), list(overrides))
+    init_distributed(job.parallel, job.train.seed)
+    return job, build_model_chunks(job)
+
+
+def test_flat_sharding_is_refused_with_the_fix():
+    from megatron_vlm.optim.builder import build_optimizer
+
+    # Muon needs whole reduced gradients: DDP must not reduce-scatter into flat shards.
+    job, chunks = _chunks("optim.optimizer=muon", "parallel.use_distributed_optimizer=true")
+    with pytest.raises(ValueError, match="use_distributed_optimizer=False"):
+        build_optimizer(job.optim, chunks, job.model.params_dtype, True)
+    # QK-Clip needs whole per-head master rows: not on megatron's flat DistributedOptimizer.
+    job, chunks = _chunks("model.llm.qk_clip=true", "parallel.use_distributed_optimizer=true")
+    with pytest.raises(ValueError, match="optim.optimizer=muon"):
+        build_optimizer(job.optim, chunks, job.model.params_dtype, True)
+
+
+def test_bf16_adamw_without_distributed_optimizer_checkpoints(tmp_path):
+    """megatron's Float16 wrapper alone fails to save a model with fp32 norm weights ("Param id
+    N does not match any model sharded param"); through build_optimizer it saves and loads."""
+    from megatron_vlm.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_vlm.optim.builder import build_optimizer
+    from megatron_vlm.optim.schedules import build_scheduler
+    from megatron_vlm.training.data_setup import build_data
+    from megatron_vlm.training.state import StopSignal
+    from megatron_vlm.training.trainer import train_step
+
+    def setup():
+        job, chunks = _chunks("model.params_dtype=bf16", "data.global_batch_size=2",
+                              f"train.output_dir={tmp_path}")
+        optimizer = build_optimizer(job.optim, chunks, job.model.params_dtype, False)
+        scheduler = build_scheduler(job.optim, optimizer, job.train.steps)
+        data = build_data(job, dp_rank=0, dp_size=1, run_dir=tmp_path)
+        return job, chunks, optimizer, scheduler, data.loader.next_global_batch()
+
+    def step(job, chunks, optimizer, scheduler, batches):
+        return train_step(chunks, optimizer, scheduler, batches, job.data.seq_length, [],
+                          StopSignal())[0]
+
+    job, chunks, optimizer, scheduler, batches = setup()
+    assert any(p.dtype == torch.float32 for p in chunks[0].parameters())  # the norms
+    step(job, chunks, optimizer, scheduler, batches)
+    ckpt = save_checkpoint(tmp_path / "ckpt", 1, chunks, optimizer, scheduler, {}, job.to_yaml())
+    # The second loss depends on the first step's update: Adam moments and fp32 masters.
+    expected = [step(job, chunks, optimizer, scheduler, batches) for _ in range(2)]
+    job, chunks, optimizer, scheduler, batches = setup()
+    load_checkpoint(ckpt, chunks, optimizer, scheduler)
+    assert [step(job, chunks, optimizer, scheduler, batches) for _ in range(2)] == expected
