@@ -42,7 +42,10 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=job.parallel.use_distributed_optimizer,
+        # megatron's reduce-scattered grad buffers feed its flat ZeRO optimizer; Muon's layer-wise
+        # sharding needs whole gradients on every owner (SPEC §2, Megatron-LM #2164).
+        use_distributed_optimizer=(job.parallel.use_distributed_optimizer
+                                   and job.optim.optimizer != "muon"),
         check_for_nan_in_grad=False,  # the trainer skips non-finite steps itself, all ranks agreeing
         bucket_size=None,
     )

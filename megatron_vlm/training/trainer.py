@@ -218,11 +218,13 @@ def train(job: JobConfig) -> TrainResult:
                   "tokens_per_s": seq_tokens / dt, "tflops_per_device": tflops,
                   "mfu": tflops / job.train.peak_tflops, "skipped_steps": state.skipped_steps,
                   "step_time_s": dt,
-                  **telemetry.moe_metrics(finalize.last_loads, routers, bias0), **step_metrics}
+                  **telemetry.moe_metrics(finalize.last_loads, routers, bias0), **step_metrics,
+                  **data.metrics()}
         metrics.log(state.step, "train", values,
                     progress=skipped or state.step % job.train.log_interval == 0)
         if state.consecutive_nonfinite >= job.train.max_consecutive_nonfinite:
             metrics.close()
+            data.close()
             raise NonFiniteLossError(
                 f"{state.consecutive_nonfinite} consecutive steps had a non-finite loss or "
                 f"gradient (last at step {state.step}); lower optim.lr or check the data. Raise "
@@ -251,4 +253,5 @@ def train(job: JobConfig) -> TrainResult:
     if rank == 0 and job.train.plot:
         plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
     stop.restore()
+    data.close()
     return TrainResult(state, final_valid, first_valid, last_ckpt, stopped)

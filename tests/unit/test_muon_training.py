@@ -198,13 +198,17 @@ def _chunks(*overrides: str):
     return job, build_model_chunks(job)
 
 
-def test_flat_sharding_is_refused_with_the_fix():
+def test_muon_shards_layer_wise_and_qk_clip_refuses_flat_sharding():
     from megatron_vlm.optim.builder import build_optimizer
 
-    # Muon needs whole reduced gradients: DDP must not reduce-scatter into flat shards.
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+
+    # Muon needs whole reduced gradients: model setup builds DDP without flat reduce-scatter,
+    # and parallel.use_distributed_optimizer then means layer-wise sharding.
     job, chunks = _chunks("optim.optimizer=muon", "parallel.use_distributed_optimizer=true")
-    with pytest.raises(ValueError, match="use_distributed_optimizer=False"):
-        build_optimizer(job.optim, chunks, job.model.params_dtype, True)
+    assert not any(c.ddp_config.use_distributed_optimizer for c in chunks)
+    opt = build_optimizer(job.optim, chunks, job.model.params_dtype, True)
+    assert isinstance(opt, LayerWiseDistributedOptimizer)
     # QK-Clip needs whole per-head master rows: not on megatron's flat DistributedOptimizer.
     job, chunks = _chunks("model.llm.qk_clip=true", "parallel.use_distributed_optimizer=true")
     with pytest.raises(ValueError, match="optim.optimizer=muon"):
