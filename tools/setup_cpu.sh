@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CPU environment for megatron_vlm: a venv in .venv with torch pinned to the CPU build.
-# Idempotent: re-running only installs what is missing. Never installs torchvision or PyPI 'apex'.
+# Idempotent: re-running only installs what is missing. Never installs torchvision, nor the
+# unrelated PyPI web toolkit that shares NVIDIA Apex's name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -11,7 +11,7 @@ duration of one call (``_patched``). Why each piece exists:
   We write the same buckets, with fsync and megatron's result protocol, in this process instead.
   Without psutil (not a megatron-core dependency) ``filesystem_async.py:642`` raises just to log
   memory use, so that call is stubbed out while writing.
-* ``SafeCommonLoadStrategy``: ``common.pt`` is read with ``torch.load(map_location='cpu')`` and
+* ``SafeCommonLoadStrategy``: megatron reads ``common.pt`` with torch's loader (map_location cpu) and
   no ``weights_only`` argument (``strategies/common.py:86``): safe only because torch >= 2.6
   defaults to ``weights_only=True`` and an env var (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) can flip
   it. We pass ``weights_only=True`` explicitly, and refuse megatron's unsafe fallback load of
