@@ -105,8 +105,26 @@ def num_image_tokens(height: int, width: int, max_patches: int = IMAGE_MAX_PATCH
     return h * w // (MERGE_SIZE * MERGE_SIZE)
 
 
+class MediaGrid:
+    """Patch and placeholder counts of a media item with a ``grid_thw`` (t, h, w) attribute."""
+
+    grid_thw: tuple[int, int, int]
+
+    @property
+    def num_patches(self) -> int:
+        """ViT patches: t*h*w."""
+        t, h, w = self.grid_thw
+        return t * h * w
+
+    @property
+    def num_tokens(self) -> int:
+        """LLM placeholder tokens: h*w/4 (a video chunk's temporal mean keeps one frame's worth)."""
+        _, h, w = self.grid_thw
+        return h * w // (MERGE_SIZE * MERGE_SIZE)
+
+
 @dataclass
-class ProcessedImage:
+class ProcessedImage(MediaGrid):
     """One image ready for the ViT: a single item of ``VisionInputs`` (t = 1)."""
 
     pixel_values: torch.Tensor
@@ -118,17 +136,6 @@ class ProcessedImage:
     resized_hw: tuple[int, int]
     """Size after resizing, before padding, in pixels."""
 
-    @property
-    def num_patches(self) -> int:
-        """ViT patches: t*h*w."""
-        t, h, w = self.grid_thw
-        return t * h * w
-
-    @property
-    def num_tokens(self) -> int:
-        """LLM placeholder tokens: h*w/4."""
-        _, h, w = self.grid_thw
-        return h * w // (MERGE_SIZE * MERGE_SIZE)
 
 
 # ---------------------------------------------------------------------------------------- decoding

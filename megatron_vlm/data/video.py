@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from megatron_vlm.data.image import (
+    MediaGrid,
     MAX_PATCHES_PER_SIDE,
     MERGE_SIZE,
     PATCH_SIZE,
@@ -74,7 +75,7 @@ class DecodedVideo:
 
 
 @dataclass
-class VideoChunk:
+class VideoChunk(MediaGrid):
     """Up to 4 consecutive sampled frames: one item of ``VisionInputs``."""
 
     pixel_values: torch.Tensor
@@ -86,17 +87,6 @@ class VideoChunk:
     frame_timestamps: tuple[float, ...] = ()
     """Seconds of every frame of the chunk."""
 
-    @property
-    def num_patches(self) -> int:
-        """ViT patches: t*h*w."""
-        t, h, w = self.grid_thw
-        return t * h * w
-
-    @property
-    def num_tokens(self) -> int:
-        """LLM placeholder tokens: h*w/4 (temporal mean keeps one frame's worth)."""
-        _, h, w = self.grid_thw
-        return h * w // (MERGE_SIZE * MERGE_SIZE)
 
 
 @dataclass

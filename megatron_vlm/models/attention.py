@@ -28,6 +28,29 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+def thd_packed_seq_params(
+    cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor, total: int, device
+) -> PackedSeqParams:
+    """megatron ``PackedSeqParams`` (THD) for documents with real and padded boundaries.
+
+    Tail padding after the last padded boundary becomes one empty document (real length 0):
+    megatron's THD RoPE (``rope_utils.py:235``) splits the sequence by the padded boundaries and
+    needs them to cover all ``total`` tokens, and sizes its table by ``max_seqlen`` (the tail may
+    be the longest segment). Used by the LLM (text/media packs) and the ViT (one item per doc).
+    """
+    cu = cu_seqlens.to(dtype=torch.int32).cpu()
+    cu_pad = cu_seqlens_padded.to(dtype=torch.int32).cpu()
+    if int(cu_pad[-1]) < total:
+        cu = torch.cat([cu, cu[-1:]])
+        cu_pad = torch.cat([cu_pad, torch.tensor([total], dtype=torch.int32)])
+    max_seqlen = int((cu_pad[1:] - cu_pad[:-1]).max())
+    cu, cu_pad = cu.to(device), cu_pad.to(device)
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu_pad,
+        cu_seqlens_kv_padded=cu_pad, max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
+    )
+
+
 def segment_ids_from_cu_seqlens(
     cu_seqlens: torch.Tensor, total: int, cu_seqlens_real: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,35 +15,16 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_vlm.data.contract import PackedBatch, VisionInputs
+from megatron_vlm.models.attention import thd_packed_seq_params
 from megatron_vlm.models.llm import scatter_padding_mask
 from megatron_vlm.models.vlm import KimiVLM
 from megatron_vlm.training.model_setup import unwrap
 
 
 def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqParams:
-    """THD parameters for megatron attention: real and padded cumulative lengths.
-
-    Tail padding after the last document becomes one empty document (real length 0), because
-    megatron's THD RoPE (``rope_utils.py:235``) splits the sequence by the padded boundaries and
-    needs them to cover all S tokens.
-    """
-    cu = batch.cu_seqlens.to(dtype=torch.int32)
-    cu_pad = batch.cu_seqlens_padded.to(dtype=torch.int32)
-    if int(cu_pad[-1]) < batch.seq_length:
-        cu = torch.cat([cu, cu[-1:]])
-        cu_pad = torch.cat([cu_pad, torch.tensor([batch.seq_length], dtype=torch.int32)])
-    # The tail may be longer than every document: megatron sizes its RoPE table by max_seqlen.
-    max_seqlen = max(batch.max_seqlen, int((cu_pad[1:] - cu_pad[:-1]).max()))
-    cu, cu_pad = cu.to(device), cu_pad.to(device)
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        cu_seqlens_q_padded=cu_pad,
-        cu_seqlens_kv_padded=cu_pad,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )
+    """THD parameters of one packed micro-batch (tail padding as an empty document)."""
+    return thd_packed_seq_params(batch.cu_seqlens, batch.cu_seqlens_padded, batch.seq_length,
+                                 device)
 
 
 def media_positions(vision: VisionInputs) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_vlm.data.image import ProcessedImage
+from megatron_vlm.data.length_mixes import llava_like_mix
 from megatron_vlm.data.mm_packing import (
     document_cost,
     pack_tokenized,
@@ -177,26 +178,6 @@ def test_media_must_be_decoded_before_packing():
         WordTokenizer(), IDS)
     with pytest.raises(ValueError, match="decode media before packing"):
         pack_tokenized([doc], 64, PAD)
-
-
-def llava_like_mix(num: int, seq_length: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """(real tokens, patches): 45% captions (native-resolution image, 64-1024 tokens, + ~35
-    text), 30% conversations (image + ~200 text), 10% videos (2-16 chunks of a 16x12 grid), 15%
-    text (~330 tokens, lognormal)."""
-    docs = []
-    for _ in range(num):
-        r = rng.random()
-        h, w = 2 * rng.integers(8, 33, size=2)
-        if r < 0.45:
-            docs.append((int(h * w // 4 + 6 + rng.lognormal(3.5, 0.5)), int(h * w)))
-        elif r < 0.75:
-            docs.append((int(h * w // 4 + 6 + rng.lognormal(5.3, 0.7)), int(h * w)))
-        elif r < 0.85:
-            chunks = int(rng.integers(2, 17))
-            docs.append((int(chunks * 58 + rng.lognormal(4, 0.5)), chunks * 4 * 16 * 12))
-        else:
-            docs.append((int(rng.lognormal(5.8, 0.9)), 0))
-    return [(min(t, seq_length), p) for t, p in docs]
 
 
 def test_padding_below_five_percent_on_a_llava_like_mix():

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.config.vision import VisionConfig
-from megatron_vlm.models.attention import PackedSelfAttention
+from megatron_vlm.models.attention import PackedSelfAttention, thd_packed_seq_params
 from megatron_vlm.models.norm import SequenceParallelNorm
 from megatron_vlm.models.vision.merger import tpool_patch_merger
 from megatron_vlm.models.vision.pos_embed import VisionPositionEmbedding
@@ -170,21 +170,8 @@ def check_grid(grid_thw: Tensor, num_patches: int, max_frames: int) -> None:
 def packed_seq_params(lengths: Tensor, pad: int, device: torch.device) -> PackedSeqParams:
     """THD parameters: one document per item (``t*h*w`` patches, bidirectional); ``pad`` tail
     tokens become one empty document (real length 0, padded length ``pad``)."""
-    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    cu_padded = None
-    if pad:
-        cu_padded = torch.cat([cu, cu[-1:] + pad])
-        cu = torch.cat([cu, cu[-1:]])
-    max_seqlen = max(int(lengths.max()), pad)
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu.to(device),
-        cu_seqlens_kv=cu.to(device),
-        cu_seqlens_q_padded=None if cu_padded is None else cu_padded.to(device),
-        cu_seqlens_kv_padded=None if cu_padded is None else cu_padded.to(device),
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )
+    cu = F.pad(lengths.cumsum(0), (1, 0))
+    return thd_packed_seq_params(cu, cu, int(cu[-1]) + pad, device)
 
 
 class MoonViT(MegatronModule):
