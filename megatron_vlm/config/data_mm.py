@@ -11,6 +11,45 @@ from dataclasses import dataclass, field
 MIX_UNITS = ("tokens", "samples")
 VERIFY_MODES = ("none", "size", "deep")
 VIDEO_BACKENDS = ("auto", "decord", "pyav")
+VIDEO_SAMPLERS = ("uniform", "slowfast")
+SLOWFAST_REFERENCES = ("last_slow", "previous")
+
+
+@dataclass(kw_only=True)
+class SlowFastConfig:
+    """Keye-VL 1.5 SlowFast video encoding (``video_sampler="slowfast"``; see data/slowfast.py)."""
+
+    similarity_threshold: float = 0.95
+    """A frame whose patch similarity to its reference frame exceeds this is fast (Keye-VL 1.5
+    report: 95%)."""
+    fast_token_ratio: float = 0.3
+    """A fast frame gets at most this share of a slow frame's patches/tokens (Keye: 30%)."""
+    reference: str = "last_slow"
+    """Frame each frame is compared with: ``last_slow`` (Keye-VL 1.5's released code: the latest
+    slow frame) or ``previous`` (the previous sampled frame)."""
+    patch_tolerance: float = 8.0
+    """Mean absolute pixel difference (0..255) up to which a 14x14 patch counts as unchanged."""
+    max_video_tokens: int | None = None
+    """LLM token budget of one video; slow frames get the largest grid (at most
+    ``video_chunk_max_patches``) that fits it. None = what the uniform sampler can spend at most:
+    ceil(video_max_frames / 4) chunks x video_chunk_max_patches / 4 tokens."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.similarity_threshold < 1.0:
+            raise ValueError("data.multimodal.slowfast.similarity_threshold must be in [0, 1), "
+                             f"got {self.similarity_threshold}")
+        if not 0.0 < self.fast_token_ratio <= 1.0:
+            raise ValueError("data.multimodal.slowfast.fast_token_ratio must be in (0, 1], got "
+                             f"{self.fast_token_ratio}")
+        if self.reference not in SLOWFAST_REFERENCES:
+            raise ValueError(f"data.multimodal.slowfast.reference={self.reference!r}; use one of "
+                             f"{SLOWFAST_REFERENCES}")
+        if not 0.0 <= self.patch_tolerance <= 255.0:
+            raise ValueError("data.multimodal.slowfast.patch_tolerance must be in [0, 255], got "
+                             f"{self.patch_tolerance}")
+        if self.max_video_tokens is not None and self.max_video_tokens < 1:
+            raise ValueError("data.multimodal.slowfast.max_video_tokens must be >= 1 or None, "
+                             f"got {self.max_video_tokens}")
 
 
 @dataclass(kw_only=True)
@@ -93,6 +132,13 @@ class MultimodalDataConfig:
     """Frame budget per video (32 chunks of 4)."""
     video_backend: str = "auto"
     """``auto`` (decord, PyAV fallback), ``decord`` or ``pyav``."""
+    video_sampler: str = "uniform"
+    """``uniform``: Kimi K2.5 chunks of 4 frames at one grid; ``slowfast``: Keye-VL 1.5
+    SlowFast (static frames at a reduced grid in their own chunks, marked with fast_start/
+    fast_end; thresholds in ``slowfast``). SlowFast decodes each video when planning it (the
+    labels need pixels), i.e. twice per sample instead of once."""
+    slowfast: SlowFastConfig = field(default_factory=SlowFastConfig)
+    """SlowFast thresholds and budgets (used when ``video_sampler="slowfast"``)."""
     markers_loss: bool = True
     """Train on media wrapper tokens (begin/end markers, timestamps); placeholders never."""
     num_workers: int = 2
@@ -141,6 +187,9 @@ class MultimodalDataConfig:
             raise ValueError(f"data_mm.verify_shards must be one of {VERIFY_MODES}")
         if self.video_backend not in VIDEO_BACKENDS:
             raise ValueError(f"data_mm.video_backend must be one of {VIDEO_BACKENDS}")
+        if self.video_sampler not in VIDEO_SAMPLERS:
+            raise ValueError(f"data.multimodal.video_sampler={self.video_sampler!r}; use one of "
+                             f"{VIDEO_SAMPLERS}")
 
     @property
     def mix(self) -> StageMix:

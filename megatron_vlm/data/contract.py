@@ -17,7 +17,8 @@ class VisionInputs:
     """The media of one micro-batch (SPEC §11): every image and video chunk, patchified.
 
     Items are images (t = 1) or video chunks of up to 4 frames (the last chunk of a video may be
-    shorter). Item ``m`` owns ``t*h*w`` consecutive patches of ``pixel_values`` (raster order:
+    shorter). Items are independent: each has its own grid, so the SlowFast sampler's slow and
+    fast chunks of one video (different grids) simply are separate items. Item ``m`` owns ``t*h*w`` consecutive patches of ``pixel_values`` (raster order:
     frame, row, col) and, after the 2x2 merge with temporal mean pooling, ``h*w/4`` consecutive
     placeholder tokens of the text sequence starting at ``placeholder_starts[m]``.
     """
@@ -30,6 +31,14 @@ class VisionInputs:
     """[M] int64: index in the packed token sequence of each item's first placeholder token."""
     is_video: torch.Tensor
     """[M] bool: the item is a video chunk (for metrics and budgets)."""
+    media_index: torch.Tensor | None = None
+    """[M] int64: which image or video each item belongs to, numbered 0, 1, ... in item order;
+    the chunks of one video share a number (consecutive items, in time order). None when the
+    producer does not record it (the model does not need it; frame-order probes do)."""
+    is_fast: torch.Tensor | None = None
+    """[M] bool: the item is a SlowFast *fast* chunk (a reduced grid, see data/slowfast.py;
+    metrics only -- each item's grid already tells the vision tower all it needs). None: no
+    item is."""
 
     @property
     def cu_seqlens(self) -> torch.Tensor:

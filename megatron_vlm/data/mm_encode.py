@@ -5,6 +5,10 @@ headers only, so the packing buffer can hold many documents cheaply; ``decode_do
 the media of the documents a pack chose and checks them against that plan. ``MMTaskEncoder`` runs
 both inside energon (preencode -> select_samples_to_pack -> postencode -> pack_selected_samples)
 and counts skipped samples per reason (the whole pipeline is described in ``mm_loader``).
+
+With ``video_sampler="slowfast"`` (Keye-VL 1.5, ``slowfast.py``) planning a video decodes it,
+since its slow/fast labels and hence its chunk grids depend on the pixels; only the grids are
+kept, and the decode after the packing choice recomputes the plan and must agree with it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,13 @@ from megatron.energon.errors import FatalSampleError
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig
 from megatron_vlm.data.contract import PackedBatch
-from megatron_vlm.data.image import PATCH_SIZE, ProcessedImage, navit_resize, process_image
+from megatron_vlm.data.image import (
+    MERGE_SIZE,
+    PATCH_SIZE,
+    ProcessedImage,
+    navit_resize,
+    process_image,
+)
 from megatron_vlm.data.media_errors import (
     BadSampleError,
     MediaDecodeError,
@@ -45,8 +55,18 @@ from megatron_vlm.data.media_errors import (
 from megatron_vlm.data.mm_packing import document_cost, pack_tokenized, select_packs
 from megatron_vlm.data.shards import BAD_RECORD, FORMAT
 from megatron_vlm.data.templates import MediaTokenIds, Text, TokenizedSample, tokenize_interleaved
+from megatron_vlm.data.slowfast import (
+    FAST_TOKEN_RATIO,
+    PATCH_TOLERANCE,
+    SIMILARITY_THRESHOLD,
+    SlowFastPlan,
+    plan_slowfast,
+    process_slowfast,
+    slowfast_segments,
+)
 from megatron_vlm.data.video import (
     TEMPORAL_PATCH_SIZE,
+    DecodedVideo,
     VideoChunk,
     decode_video,
     process_video,
@@ -72,11 +92,24 @@ class EncodeSettings:
     video_max_frames: int = 128
     video_backend: str = "auto"
     markers_loss: bool = True
+    video_sampler: str = "uniform"
+    """``uniform`` (Kimi K2.5 chunks) or ``slowfast`` (Keye-VL 1.5; fields below)."""
+    slowfast_similarity: float = SIMILARITY_THRESHOLD
+    slowfast_fast_ratio: float = FAST_TOKEN_RATIO
+    slowfast_reference: str = "last_slow"
+    slowfast_patch_tolerance: float = PATCH_TOLERANCE
+    slowfast_max_video_tokens: int | None = None
+    """Token budget of one video under SlowFast (None: no limit)."""
 
     @classmethod
     def from_config(
         cls, cfg: MultimodalDataConfig, seq_length: int, pad_to_multiple: int
     ) -> EncodeSettings:
+        sf = cfg.slowfast
+        max_video_tokens = sf.max_video_tokens
+        if max_video_tokens is None:  # what the uniform sampler can spend at most
+            max_video_tokens = (-(-cfg.video_max_frames // TEMPORAL_PATCH_SIZE)
+                                * cfg.video_chunk_max_patches // (MERGE_SIZE * MERGE_SIZE))
         return cls(
             seq_length=seq_length,
             max_patches=cfg.max_patches_per_micro_batch,
@@ -87,7 +120,17 @@ class EncodeSettings:
             video_max_frames=cfg.video_max_frames,
             video_backend=cfg.video_backend,
             markers_loss=cfg.markers_loss,
+            video_sampler=cfg.video_sampler,
+            slowfast_similarity=sf.similarity_threshold,
+            slowfast_fast_ratio=sf.fast_token_ratio,
+            slowfast_reference=sf.reference,
+            slowfast_patch_tolerance=sf.patch_tolerance,
+            slowfast_max_video_tokens=max_video_tokens,
         )
+
+    @property
+    def slowfast(self) -> bool:
+        return self.video_sampler == "slowfast"
 
 
 @dataclass
@@ -145,7 +188,19 @@ def _probe_video(data: bytes, s: EncodeSettings) -> tuple[np.ndarray, int, int]:
     return indices / fps, height, width
 
 
+def _slowfast_plan(decoded: DecodedVideo, s: EncodeSettings) -> SlowFastPlan:
+    return plan_slowfast(decoded.frames, s.slowfast_max_video_tokens, s.slowfast_similarity,
+                         s.slowfast_fast_ratio, s.slowfast_reference, s.video_chunk_max_patches,
+                         s.slowfast_patch_tolerance)
+
+
 def _plan_video(data: bytes, s: EncodeSettings) -> list[VideoChunk]:
+    if s.slowfast:  # the slow/fast labels need pixels: decode now (pixels are not kept)
+        decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend)
+        plan = _slowfast_plan(decoded, s)
+        stamps = [float(t) for t in decoded.timestamps]
+        return [VideoChunk(_NO_PIXELS, grid, stamps[a], tuple(stamps[a:b]), is_fast=fast)
+                for (a, b), grid, fast in zip(plan.chunks, plan.grids, plan.chunk_is_fast)]
     timestamps, height, width = _probe_video(data, s)
     _, padded = navit_resize(height, width, max_patches=s.video_chunk_max_patches)
     h, w = padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE
@@ -194,9 +249,12 @@ def plan_document(
         data = members.get(f"m{i}.{meta.get('ext')}")
         if not data:
             raise MediaMissingError(f"member m{i}.{meta['ext']} is missing or empty")
-        items = [_plan_image(data, settings)] if meta["type"] == "image" else (
-            _plan_video(data, settings))
-        segments.extend(items)
+        if meta["type"] == "image":
+            items: list = [_plan_image(data, settings)]
+            segments.extend(items)
+        else:
+            items = _plan_video(data, settings)
+            segments.extend(slowfast_segments(items) if settings.slowfast else items)
         planned.append(PlannedMedia(meta["type"], data,
                                     list(range(num_items, num_items + len(items)))))
         num_items += len(items)
@@ -215,6 +273,12 @@ def plan_document(
     return doc, planned
 
 
+def _item_key(item: ProcessedImage | VideoChunk) -> tuple:
+    """What a decoded item must share with its plan: grid, timestamp, SlowFast kind."""
+    return (tuple(item.grid_thw), round(getattr(item, "timestamp", 0.0), 6),
+            bool(getattr(item, "is_fast", False)))
+
+
 def decode_document(
     doc: TokenizedSample, media: list[PlannedMedia], settings: EncodeSettings
 ) -> TokenizedSample:
@@ -228,11 +292,16 @@ def decode_document(
         planned = [items[i] for i in m.item_indices]
         if m.type == "image":
             decoded: list = [process_image(m.data, settings.image_max_patches)]
+        elif settings.slowfast:
+            video = decode_video(m.data, settings.video_fps, settings.video_max_frames,
+                                 settings.video_backend)
+            decoded = process_slowfast(video.frames, video.timestamps,
+                                       _slowfast_plan(video, settings))
         else:
             decoded = process_video(m.data, settings.video_fps, settings.video_max_frames,
                                     settings.video_chunk_max_patches, settings.video_backend).chunks
-        got = [(d.grid_thw, round(getattr(d, "timestamp", 0.0), 6)) for d in decoded]
-        want = [(p.grid_thw, round(getattr(p, "timestamp", 0.0), 6)) for p in planned]
+        got = [_item_key(d) for d in decoded]
+        want = [_item_key(p) for p in planned]
         if got != want:
             raise MediaGridError(f"decoded {m.type} {got} differs from its header {want}")
         for i, d in zip(m.item_indices, decoded):

@@ -6,7 +6,8 @@ shard slices)::
     prepared datasets (shards.py) --MetadatasetV2 blend (weights per stage)--> shuffle buffer
       -> cook: raw tar members of one sample
       -> preencode (every sample): probe media headers, plan grids/chunks, Kimi templates ->
-         TokenizedSample with empty pixel tensors (cheap: the packing buffer holds many)
+         TokenizedSample with empty pixel tensors (cheap: the packing buffer holds many; the
+         SlowFast video sampler decodes videos here, its grids depend on the pixels)
       -> select_samples_to_pack: two-budget best fit over the packing buffer (mm_packing)
       -> postencode (only the pack's samples): decode + resize + patchify media, check the grids
          against the plan
@@ -423,12 +424,18 @@ class MultimodalLoader:
     # -- state
 
     def _fingerprint(self) -> dict[str, Any]:
+        settings = dataclasses.asdict(self.settings)
+        if not self.settings.slowfast:
+            # Uniform sampling ignores these; leaving them out keeps states saved before the
+            # SlowFast option existed resumable.
+            settings = {k: v for k, v in settings.items()
+                        if k != "video_sampler" and not k.startswith("slowfast_")}
         return {
             "stage": self.stage,
             "datasets": {n: [str(i.path), i.manifest["splits"]["train"]["samples"]]
                          for n, i in sorted(self.datasets.items())},
             "sample_weights": {n: round(w, 9) for n, w in sorted(self.sample_weights.items())},
-            "settings": dataclasses.asdict(self.settings),
+            "settings": settings,
             "seed": self.seed,
             "shuffle_buffer_size": self.config.shuffle_buffer_size,
             "packing_buffer_size": self.packing_buffer_size,

@@ -151,7 +151,10 @@ def pack_tokenized(
     grids: list[tuple[int, int, int]] = []
     placeholder_starts: list[int] = []
     is_video: list[bool] = []
+    is_fast: list[bool] = []
+    media_index: list[int] = []
     for sample, start in zip(samples, starts):
+        prev_chunk = -1  # chunk_index of the previous item of this document if a video chunk
         loss[start : start + len(sample)] = sample.loss_mask()
         for span in sample.placeholder_spans:
             item = sample.items[span.item_index]
@@ -167,6 +170,12 @@ def pack_tokenized(
             grids.append(tuple(item.grid_thw))
             placeholder_starts.append(start + span.start)
             is_video.append(isinstance(item, VideoChunk))
+            # A chunk continues a video when it directly follows that video's previous chunk.
+            chunk = item.chunk_index if isinstance(item, VideoChunk) else -1
+            continues = chunk > 0 and chunk == prev_chunk + 1
+            media_index.append(media_index[-1] + int(not continues) if media_index else 0)
+            prev_chunk = chunk
+            is_fast.append(bool(getattr(item, "is_fast", False)))
     batch.loss_mask = torch.from_numpy(loss).unsqueeze(0)
     batch.labels = torch.where(batch.loss_mask > 0, batch.labels, torch.full_like(batch.labels,
                                                                                   pad_id))
@@ -176,6 +185,8 @@ def pack_tokenized(
             grid_thw=torch.tensor(grids, dtype=torch.int64),
             placeholder_starts=torch.tensor(placeholder_starts, dtype=torch.int64),
             is_video=torch.tensor(is_video, dtype=torch.bool),
+            is_fast=torch.tensor(is_fast, dtype=torch.bool),
+            media_index=torch.tensor(media_index, dtype=torch.int64),
         )
     return batch
 

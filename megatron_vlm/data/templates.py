@@ -53,7 +53,9 @@ MEDIA_SPECIAL_TOKENS = (
     FAST_START,
     FAST_END,
 )
-"""Every special token the media templates use, in a fixed order."""
+"""Every special token the media templates use, in a fixed order: ``SpecialTokensTokenizer``
+gives token k the id ``base vocab + k``, so new tokens go at the END (the SlowFast markers came
+last) and the ids of the existing ones never move."""
 
 SPECIAL_TOKEN_STRINGS = dict(
     zip(
@@ -134,6 +136,8 @@ class SpecialToken:
     """One media special token by ``MediaTokenIds`` field name (e.g. ``"fast_start"``)."""
 
     name: str
+    loss: bool | None = None
+    """Whether it may be a target; None follows ``markers_loss`` (SlowFast markers: False)."""
 
 
 Segment = Text | SpecialToken | ProcessedImage | VideoChunk | ProcessedVideo
@@ -229,9 +233,9 @@ class _Builder:
         self.tokens.extend(ids)
         self.targets.extend([loss] * len(ids))
 
-    def special(self, token_id: int) -> None:
+    def special(self, token_id: int, loss: bool | None = None) -> None:
         self.tokens.append(token_id)
-        self.targets.append(self.markers_loss)
+        self.targets.append(self.markers_loss if loss is None else loss)
 
     def media(self, item: ProcessedImage | VideoChunk) -> None:
         num = _check_grid(item)
@@ -263,8 +267,8 @@ def tokenize_interleaved(
         tokenizer: ``encode(text)`` for plain text (no special-token parsing).
         media_ids: Ids of the media special tokens in this tokenizer.
         markers_loss: Whether the media wrapper tokens (``<|media_begin|>``, ``image``/``video``,
-            ``<|media_content|>``, ``<|media_end|>``, timestamps, SlowFast markers) may be
-            targets. Placeholders never are.
+            ``<|media_content|>``, ``<|media_end|>``, timestamps, and ``SpecialToken`` segments
+            whose own ``loss`` is None) may be targets. Placeholders never are.
 
     Returns:
         The tokens, target mask, placeholder spans and media items (in sequence order: item i of
@@ -288,7 +292,7 @@ def tokenize_interleaved(
             token_id = getattr(media_ids, seg.name, None)
             if token_id is None:
                 raise ValueError(f"tokenizer has no id for special token {seg.name!r}")
-            b.special(token_id)
+            b.special(token_id, seg.loss)
         else:
             raise TypeError(f"unsupported segment type {type(seg).__name__}")
     if not b.tokens:

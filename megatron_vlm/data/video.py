@@ -86,7 +86,10 @@ class VideoChunk(MediaGrid):
     """Seconds of the chunk's first frame (written before the chunk in the prompt)."""
     frame_timestamps: tuple[float, ...] = ()
     """Seconds of every frame of the chunk."""
-
+    chunk_index: int = 0
+    """Position of the chunk in its video (0 = first); ``chunk_frames`` numbers them."""
+    is_fast: bool = False
+    """A SlowFast fast chunk (reduced grid; see slowfast.py); False on the uniform path."""
 
 
 @dataclass
@@ -341,6 +344,7 @@ def chunk_frames(
                 grid_thw=(len(part), h, w),
                 timestamp=stamps[0],
                 frame_timestamps=stamps,
+                chunk_index=len(chunks),
             )
         )
     return chunks

@@ -293,3 +293,23 @@ def test_special_tokens_wrapper_on_sentencepiece(tmp_path):
         f"the red cube{MEDIA_BEGIN}image{MEDIA_CONTENT}{IMAGE_PLACEHOLDER}{MEDIA_END}is left"
     )
     assert tok.eos_id == sp.eos_id and tok.pad_id == sp.pad_id
+
+
+def test_media_special_ids_stay_put_and_slowfast_markers_come_last(bpe_file):
+    # SentencePiece + appended specials: the five Kimi media tokens keep ids base+0..4 (what
+    # tokenizers and checkpoints made before the SlowFast markers had); the markers follow.
+    ids = SpecialTokensTokenizer(CharTokenizer()).media_token_ids()
+    assert (ids.media_begin, ids.media_content, ids.media_end, ids.image_placeholder,
+            ids.video_placeholder, ids.fast_start, ids.fast_end) == tuple(range(256, 263))
+    # Kimi's tiktoken layout: the K2.5 ids are untouched (163602-163605, 163840 for the release);
+    # the markers take two reserved slots below [UNK]/[PAD], inside the embedding table.
+    tok = KimiTokenizer(bpe_file)
+    base = tok.num_base_tokens
+    kimi = tok.media_token_ids()
+    assert (kimi.media_begin, kimi.media_content, kimi.media_end, kimi.image_placeholder,
+            kimi.video_placeholder) == (base + 18, base + 19, base + 20, base + 21, base + 256)
+    assert (kimi.fast_start, kimi.fast_end) == (base + 252, base + 253)
+    assert {kimi.fast_start, kimi.fast_end}.isdisjoint(
+        {tok.pad_id, tok.eos_id, tok.bos_id, tok.token_id("[UNK]")})
+    assert max(kimi.fast_start, kimi.fast_end) < tok.vocab_size
+    assert len(kimi.all_ids) == 7
