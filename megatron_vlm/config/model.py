@@ -40,6 +40,39 @@ class YarnConfig:
         return self.factor > 1.0
 
 
+#: megatron-core 0.16.1 ``TransformerConfig.recompute_modules`` choices that apply to MLA/MoE.
+SELECTIVE_RECOMPUTE_MODULES = (
+    "core_attn", "mla_up_proj", "moe_act", "mlp", "moe", "shared_experts", "layernorm",
+)
+
+
+@dataclass(kw_only=True)
+class KernelConfig:
+    """Which implementations build the layers (chosen by capability in ``models/specs.py``)."""
+
+    backend: Literal["auto", "te", "local"] = "auto"
+    """``te``: Transformer Engine modules (fused LayerNorm+linear, TE attention with THD and
+    context parallelism, optional FP8); ``local``: megatron's local modules with our packed
+    attention; ``auto``: ``te`` when CUDA is present and Transformer Engine imports, else
+    ``local`` (the choice and its reason are logged)."""
+    attention_kernel: Literal["auto", "sdpa_mask", "sdpa_doc", "flex", "varlen"] = "auto"
+    """Core attention of the local backend for packed sequences. ``sdpa_mask``: SDPA with a
+    dense block-diagonal mask (the reference; CPU default); ``sdpa_doc``: SDPA per document;
+    ``flex``: flex attention with a document block mask; ``varlen``:
+    ``torch.nn.attention.varlen`` (flash, CUDA, bf16/fp16, no dropout). ``auto`` picks the
+    fastest one the device supports."""
+    fp8: bool = False
+    """FP8 (TE ``hybrid`` recipe, delayed scaling) on the ``te`` backend only."""
+    moe_grouped_gemm: Literal["auto", "on", "off"] = "auto"
+    """Grouped expert GEMM (megatron ``moe_grouped_gemm``): needs Transformer Engine
+    (``TEGroupedMLP``) or the ``grouped_gemm`` package with bf16; ``auto`` = on when available."""
+
+    def __post_init__(self) -> None:
+        if self.fp8 and self.backend == "local":
+            raise ValueError("model.kernels.fp8=true needs Transformer Engine: set "
+                             "model.kernels.backend=te (or auto on a machine with TE)")
+
+
 @dataclass(kw_only=True)
 class LLMConfig:
     """The language model: MLA attention, DeepSeek-V3 style MoE, RMSNorm, SwiGLU."""
@@ -112,8 +145,28 @@ class LLMConfig:
     """QK-Clip tau."""
     log_max_attention_logit: bool = False
     """Record per-head max attention logits for logging only."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """LLM activation recompute: ``full`` recomputes whole layers (megatron 'full'/'uniform',
+    ``recompute_num_layers`` per chunk), ``selective`` only ``recompute_modules``. Recompute of
+    the vision tower alone is ``model.vision.recompute`` with this left at ``none``."""
+    recompute_num_layers: int = 1
+    """Layers per recomputed chunk when ``recompute='full'``."""
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])
+    """megatron's selective-recompute modules when ``recompute='selective'``: any of
+    core_attn, mla_up_proj, moe_act, mlp, moe, shared_experts, layernorm."""
 
     def __post_init__(self) -> None:
+        if self.recompute_num_layers < 1:
+            raise ValueError(
+                f"model.llm.recompute_num_layers={self.recompute_num_layers} must be >= 1")
+        bad = sorted(set(self.recompute_modules) - set(SELECTIVE_RECOMPUTE_MODULES))
+        if bad:
+            raise ValueError(
+                f"model.llm.recompute_modules has {bad}; choose from "
+                f"{list(SELECTIVE_RECOMPUTE_MODULES)}")
+        if self.recompute == "selective" and not self.recompute_modules:
+            raise ValueError("model.llm.recompute=selective needs recompute_modules "
+                             "(e.g. [core_attn]); or set recompute=none")
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_attention_heads <= 0:
             raise ValueError("model.llm hidden_size, num_layers and num_attention_heads must be > 0")
         if self.num_dense_layers > self.num_layers:
@@ -173,6 +226,8 @@ class ModelConfig:
     """Keep the projector's weights fixed."""
     freeze_llm: bool = False
     """Keep the LLM's weights fixed (e.g. vision-alignment stages)."""
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    """Layer implementations (Transformer Engine or local, attention kernel, grouped GEMM)."""
 
     def __post_init__(self) -> None:
         if (self.vision is None) != (self.projector is None):

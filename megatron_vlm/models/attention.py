@@ -184,6 +184,21 @@ class PackedSelfAttention(MegatronModule):
         squeeze_batch = query.dim() == 4  # [t, 1, np, hn] from non-MLA attention
         if squeeze_batch:
             query, key, value = (x.squeeze(1) for x in (query, key, value))
+        out = self._attend_thd(query, key, value, causal, params)  # [t, np, hv]
+        if squeeze_batch:
+            out = out.reshape(out.shape[0], 1, -1)
+        return out.contiguous()
+
+    def _attend_thd(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        causal: bool,
+        params: PackedSeqParams,
+    ) -> torch.Tensor:
+        """``[t, np, hk]`` x2, ``[t, np, hv]`` -> ``[t, np, hv]``: SDPA with a dense ``[t, t]``
+        block-diagonal mask (the reference; kernels in ``packed_kernels.py`` override this)."""
         if params.cu_seqlens_q_padded is not None:
             cu_q, cu_q_real = params.cu_seqlens_q_padded, params.cu_seqlens_q
         else:
@@ -194,10 +209,7 @@ class PackedSelfAttention(MegatronModule):
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
         # Padding queries attend themselves only to stay finite; they never count in max logits.
         record_mask = mask & valid.to(mask.device)[:, None]
-        out = self._attend(q, k, v, mask, record_mask)[0].permute(1, 0, 2)  # [t, np, hv]
-        if squeeze_batch:
-            out = out.reshape(out.shape[0], 1, -1)
-        return out.contiguous()
+        return self._attend(q, k, v, mask, record_mask)[0].permute(1, 0, 2)  # [t, np, hv]
 
     def _attend(
         self,
@@ -227,7 +239,10 @@ class PackedSelfAttention(MegatronModule):
         logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        per_head = logits.amax(dim=(0, 2, 3))  # [np]
+        self._update_max_logits(logits.amax(dim=(0, 2, 3)))  # [np]
+
+    def _update_max_logits(self, per_head: torch.Tensor) -> None:
+        """Fold one call's per-head max ``[np]`` into the running max (reset by clip_qk)."""
         if self.current_max_attn_logits is None:
             self.current_max_attn_logits = per_head
         else:

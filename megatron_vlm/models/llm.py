@@ -1,5 +1,8 @@
 """The LLM: a megatron-core ``GPTModel`` with MLA and DeepSeek-V3 style MoE, from ``LLMConfig``.
 
+Layer implementations (Transformer Engine or local, attention kernel, grouped GEMM) are chosen
+in ``models/specs.py``.
+
 ``build_transformer_config`` is the one place our config becomes megatron's
 ``MLATransformerConfig``; every field that matters is set explicitly, because some megatron
 defaults are traps for this family (``rotary_scaling_factor=40``, ``mscale_all_dim=0.0``,
@@ -8,23 +11,16 @@ defaults are traps for this family (``rotary_scaling_factor=40``, ``mscale_all_d
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-from megatron_vlm.config.model import LLMConfig
+from megatron_vlm.config.model import KernelConfig, LLMConfig
 from megatron_vlm.config.parallel import ParallelConfig
-from megatron_vlm.models.attention import PackedSelfAttention
-from megatron_vlm.models.linear import DuplicatedLinear, allow_duplicated_linear_in_mla
-from megatron_vlm.models.norm import SequenceParallelNorm
-from megatron_vlm.models.router import PaddingFreeTopKRouter
+from megatron_vlm.models.specs import KernelChoice, llm_decoder_block_spec, resolve_kernels
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -35,11 +31,35 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
     return ((vocab_size + step - 1) // step) * step
 
 
+def llm_head_dims(llm: LLMConfig) -> tuple[int, int]:
+    """(q/k head dim, v head dim) of the LLM's attention (MLA: 192, 128)."""
+    return (llm.qk_head_dim, llm.v_head_dim)
+
+
+def recompute_kwargs(recompute: str, num_layers: int, modules: list[str]) -> dict:
+    """megatron ``TransformerConfig`` activation-recompute fields for ``none|full|selective``."""
+    if recompute == "none":
+        return {"recompute_granularity": None}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": num_layers}
+    return {"recompute_granularity": "selective", "recompute_modules": list(modules)}
+
+
 def build_transformer_config(
-    llm: LLMConfig, parallel: ParallelConfig, params_dtype: str = "fp32"
+    llm: LLMConfig, parallel: ParallelConfig, params_dtype: str = "fp32",
+    choice: KernelChoice | None = None,
 ) -> MLATransformerConfig:
-    """Map our LLM config onto megatron-core's ``MLATransformerConfig``, field by field."""
+    """Map our LLM config onto megatron-core's ``MLATransformerConfig``, field by field.
+
+    ``choice`` (default: :func:`~megatron_vlm.models.specs.resolve_kernels` on this machine)
+    supplies the grouped-GEMM and FP8 switches.
+    """
     dtype = _DTYPES[params_dtype]
+    if choice is None:
+        choice = resolve_kernels(None, params_dtype=params_dtype,
+                                 attention_dropout=llm.attention_dropout,
+                                 head_dims=llm_head_dims(llm))
     on_gpu = torch.cuda.is_available()
     moe = llm.num_experts is not None
     yarn = llm.yarn
@@ -107,7 +127,12 @@ def build_transformer_config(
         cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         # --- loss: global per-token mean across micro-batches and DP ranks (SPEC §11)
         calculate_per_token_loss=True,
+        # --- activation recompute (model.llm.recompute)
+        **recompute_kwargs(llm.recompute, llm.recompute_num_layers, llm.recompute_modules),
     )
+    if choice.fp8:
+        # TE's delayed-scaling "hybrid" recipe: e4m3 forward, e5m2 gradients.
+        kwargs.update(fp8="hybrid", fp8_recipe="delayed")
     if moe:
         kwargs.update(
             num_moe_experts=llm.num_experts,
@@ -131,7 +156,7 @@ def build_transformer_config(
             moe_router_load_balancing_type="seq_aux_loss" if llm.moe_aux_loss_coeff else "none",
             moe_aux_loss_coeff=llm.moe_aux_loss_coeff,
             moe_token_dispatcher_type=llm.moe_token_dispatcher,
-            moe_grouped_gemm=False,
+            moe_grouped_gemm=choice.moe_grouped_gemm,
             moe_expert_capacity_factor=None,  # dropless
             moe_permute_fusion=False,
             moe_router_fusion=False,
@@ -139,46 +164,19 @@ def build_transformer_config(
     return MLATransformerConfig(**kwargs)
 
 
-def _replace_core_modules(layer_spec: ModuleSpec) -> ModuleSpec:
-    """Swap in our core attention, padding-free router and SP-capable norms (local spec)."""
-    sub = layer_spec.submodules
-    attn_sub = sub.self_attention.submodules
-    attn = dataclasses.replace(
-        sub.self_attention,
-        submodules=dataclasses.replace(
-            attn_sub,
-            core_attention=PackedSelfAttention,
-            linear_q_down_proj=DuplicatedLinear,
-            linear_kv_down_proj=DuplicatedLinear,
-            q_layernorm=SequenceParallelNorm,
-            kv_layernorm=SequenceParallelNorm,
-        ),
-    )
-    mlp = sub.mlp
-    if hasattr(mlp, "submodules") and hasattr(mlp.submodules, "router"):
-        mlp = dataclasses.replace(
-            mlp, submodules=dataclasses.replace(mlp.submodules, router=PaddingFreeTopKRouter)
-        )
-    new_sub = dataclasses.replace(
-        sub, self_attention=attn, mlp=mlp,
-        input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
-    )
-    return dataclasses.replace(layer_spec, submodules=new_sub)
-
-
 def llm_block_spec(
-    config: MLATransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None
+    config: MLATransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None,
+    choice: KernelChoice | None = None,
 ) -> TransformerBlockSubmodules:
-    """The decoder block spec for this pipeline stage: megatron's local MLA/MoE layers with our
-    packed attention and router (Transformer Engine specs arrive with the GPU-path issue)."""
-    allow_duplicated_linear_in_mla()
-    block = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=False, normalization="RMSNorm",
-        vp_stage=vp_stage, pp_rank=pp_rank,
-    )
-    block.layer_specs = [_replace_core_modules(s) for s in block.layer_specs]
-    block.layer_norm = SequenceParallelNorm
-    return block
+    """The decoder block spec for this pipeline stage (implementations from
+    ``models/specs.py``: TE modules, or megatron's local MLA/MoE layers with our packed
+    attention kernel, SP norms and padding-free router)."""
+    if choice is None:
+        choice = resolve_kernels(
+            None, params_dtype="bf16" if config.bf16 else "fp32",
+            attention_dropout=config.attention_dropout,
+            head_dims=(config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim))
+    return llm_decoder_block_spec(config, choice, vp_stage=vp_stage, pp_rank=pp_rank)
 
 
 def scatter_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
@@ -205,12 +203,22 @@ def build_llm(
     vp_stage: int | None = None,
     pg_collection=None,
     scatter_embedding_sequence_parallel: bool = True,
+    kernels: KernelConfig | None = None,
+    choice: KernelChoice | None = None,
 ) -> GPTModel:
-    """Build this rank's part of the LLM (process groups must be initialised)."""
-    config = build_transformer_config(llm, parallel, params_dtype)
+    """Build this rank's part of the LLM (process groups must be initialised).
+
+    Layer implementations come from ``choice`` if given (a VLM resolves one for LLM and ViT
+    together), else from ``kernels`` (``model.kernels``; default ``auto``) on this machine.
+    """
+    if choice is None:
+        choice = resolve_kernels(kernels, params_dtype=params_dtype,
+                                 attention_dropout=llm.attention_dropout,
+                                 head_dims=llm_head_dims(llm))
+    config = build_transformer_config(llm, parallel, params_dtype, choice)
     return GPTModel(
         config=config,
-        transformer_layer_spec=llm_block_spec(config, vp_stage=vp_stage),
+        transformer_layer_spec=llm_block_spec(config, vp_stage=vp_stage, choice=choice),
         vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
         max_sequence_length=llm.max_position_embeddings,
         pre_process=pre_process,

@@ -16,8 +16,9 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config.model import ModelConfig
 from megatron_vlm.config.parallel import ParallelConfig
-from megatron_vlm.models.llm import build_llm, scatter_padding_mask
+from megatron_vlm.models.llm import build_llm, llm_head_dims, scatter_padding_mask
 from megatron_vlm.models.projector import build_projector
+from megatron_vlm.models.specs import resolve_kernels
 from megatron_vlm.models.vision.moonvit import build_moonvit
 
 
@@ -26,9 +27,14 @@ class KimiVLM(MegatronModule):
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
                  post_process: bool = True, vp_stage: int | None = None) -> None:
+        # One implementation choice (backend, attention kernel) for the LLM and the tower.
+        choice = resolve_kernels(
+            model.kernels, params_dtype=model.params_dtype,
+            attention_dropout=max(model.llm.attention_dropout, model.vision.attention_dropout),
+            head_dims=(*llm_head_dims(model.llm), model.vision.head_dim))
         language_model: GPTModel = build_llm(
             model.llm, parallel, model.params_dtype, pre_process=pre_process,
-            post_process=post_process, vp_stage=vp_stage,
+            post_process=post_process, vp_stage=vp_stage, choice=choice,
             # We scatter to the sequence-parallel layout ourselves, after vision tokens are in.
             scatter_embedding_sequence_parallel=False,
         )
@@ -41,7 +47,8 @@ class KimiVLM(MegatronModule):
             language_model.share_embeddings_and_output_weights)
         self.vision_tower = self.projector = None
         if pre_process:
-            self.vision_tower = build_moonvit(model.vision, parallel, model.params_dtype)
+            self.vision_tower = build_moonvit(model.vision, parallel, model.params_dtype,
+                                              choice=choice)
             self.projector = build_projector(model.projector, parallel, model.params_dtype)
         freeze = {"vision_tower": model.freeze_vision, "projector": model.freeze_projector,
                   "language_model": model.freeze_llm}

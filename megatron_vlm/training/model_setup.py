@@ -33,7 +33,8 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
                             vp_stage=vp)
         else:
             model = build_llm(job.model.llm, job.parallel, job.model.params_dtype,
-                              pre_process=first, post_process=last, vp_stage=vp)
+                              pre_process=first, post_process=last, vp_stage=vp,
+                              kernels=job.model.kernels)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -34,19 +33,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from torch import Tensor
 
+from megatron_vlm.config.model import KernelConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.config.vision import VisionConfig
-from megatron_vlm.models.attention import PackedSelfAttention, thd_packed_seq_params
-from megatron_vlm.models.norm import SequenceParallelNorm
+from megatron_vlm.models.attention import thd_packed_seq_params
+from megatron_vlm.models.specs import KernelChoice, resolve_kernels, vit_modules
 from megatron_vlm.models.vision.merger import tpool_patch_merger
 from megatron_vlm.models.vision.pos_embed import VisionPositionEmbedding
 from megatron_vlm.models.vision.rope2d import Rope2DSelfAttention, rope_2d_angles
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-# LayerNorm of the local (non-TE) spec: megatron's WrappedTorchNorm refuses sequence parallelism
-# (megatron-core 0.16.1 transformer/torch_norm.py:32); ours marks its grads for the TP all-reduce.
-_NORM = SequenceParallelNorm
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -118,31 +114,31 @@ def build_vision_transformer_config(
     )
 
 
-def moonvit_layer_spec() -> ModuleSpec:
-    """One MoonViT layer: megatron's local TransformerLayer with 2D-RoPE self-attention and our
-    packed bidirectional core attention (Transformer Engine specs arrive with the GPU path)."""
+def moonvit_layer_spec(choice: KernelChoice | None = None) -> ModuleSpec:
+    """One MoonViT layer: megatron's TransformerLayer with 2D-RoPE self-attention and packed
+    bidirectional core attention; module classes (local or Transformer Engine, attention kernel)
+    from ``models/specs.py`` (default: ``auto`` on this machine)."""
+    m = vit_modules(choice or resolve_kernels(None, params_dtype="fp32"))
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=_NORM,
+            input_layernorm=m.norm,
             self_attention=ModuleSpec(
                 module=Rope2DSelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    core_attention=PackedSelfAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=m.linear_qkv,
+                    core_attention=m.core_attention,
+                    linear_proj=m.linear_proj,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=_NORM,
+            pre_mlp_layernorm=m.norm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
+                submodules=MLPSubmodules(linear_fc1=m.linear_fc1, linear_fc2=m.linear_fc2),
             ),
             mlp_bda=get_bias_dropout_add,
         ),
@@ -185,9 +181,14 @@ class MoonViT(MegatronModule):
     """
 
     def __init__(
-        self, config: TransformerConfig, vision: VisionConfig, pg_collection=None
+        self, config: TransformerConfig, vision: VisionConfig, pg_collection=None,
+        choice: KernelChoice | None = None,
     ) -> None:
         super().__init__(config=config)
+        if choice is None:
+            choice = resolve_kernels(None, params_dtype="bf16" if config.bf16 else "fp32",
+                                     attention_dropout=vision.attention_dropout,
+                                     head_dims=(vision.head_dim,))
         self.vision = vision
         self.patch_embed = torch.nn.Conv2d(
             vision.in_channels, vision.hidden_size, kernel_size=vision.patch_size,
@@ -200,7 +201,8 @@ class MoonViT(MegatronModule):
         self.encoder = TransformerBlock(
             config=config,
             spec=TransformerBlockSubmodules(
-                layer_specs=[moonvit_layer_spec()] * vision.num_layers, layer_norm=_NORM
+                layer_specs=[moonvit_layer_spec(choice)] * vision.num_layers,
+                layer_norm=vit_modules(choice).norm,
             ),
             post_layer_norm=True,
             pre_process=True,
@@ -261,7 +263,14 @@ def build_moonvit(
     params_dtype: str = "fp32",
     *,
     pg_collection=None,
+    kernels: KernelConfig | None = None,
+    choice: KernelChoice | None = None,
 ) -> MoonViT:
-    """Build the vision tower (process groups must be initialised)."""
+    """Build the vision tower (process groups must be initialised); layer implementations from
+    ``choice``, else resolved from ``kernels`` (``model.kernels``, default auto)."""
+    if choice is None:
+        choice = resolve_kernels(kernels, params_dtype=params_dtype,
+                                 attention_dropout=vision.attention_dropout,
+                                 head_dims=(vision.head_dim,))
     config = build_vision_transformer_config(vision, parallel, params_dtype)
-    return MoonViT(config, vision, pg_collection=pg_collection)
+    return MoonViT(config, vision, pg_collection=pg_collection, choice=choice)

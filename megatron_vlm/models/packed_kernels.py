@@ -1,0 +1,339 @@
+"""GPU kernels for packed (THD) core attention when Transformer Engine is absent.
+
+Each class is a drop-in ``core_attention`` for the local specs (chosen in ``models/specs.py``): it
+subclasses :class:`~megatron_vlm.models.attention.PackedSelfAttention` (same constructor, same sbhd
+path, same ``current_max_attn_logits`` contract) and replaces only the THD kernel:
+
+* :class:`DocumentSDPAAttention` (``sdpa_doc``): one SDPA call per document, so each call is a
+  plain (causal or full) attention that torch routes to its flash / memory-efficient kernels;
+  no ``[t, t]`` mask is ever built.
+* :class:`FlexPackedAttention` (``flex``): ``flex_attention`` with a document ``BlockMask``; blocks
+  that cross documents are skipped. Compiled on CUDA; forward-only on CPU (torch raises on CPU
+  backward), which is enough for the CPU equality tests.
+* :class:`VarlenPackedAttention` (``varlen``): ``torch.nn.attention.varlen.varlen_attn`` (flash
+  attention over ``cu_seqlens``; CUDA, bf16/fp16). Flash needs equal q/k and v head dims, so
+  MLA's v (128) is zero-padded to the q/k dim (192) and the output sliced back.
+
+Padding inside a document span (``cu_seqlens_padded``) sits after the document's real tokens. A
+real query never attends it: with a causal mask it lies in the future, and bidirectional kernels
+attend only real tokens (per-document slices, a key mask, or gathering the real tokens first).
+Padding queries get zeros (or, for ``flex``, attend themselves); their outputs are finite and never
+reach a real token.
+
+Max logits (QK-Clip): every kernel computes the per-head max of the scaled logits explicitly, per
+document and in query chunks, under ``no_grad`` -- one extra ``Q K^T`` with fp32 accumulation, only
+when ``qk_clip``/``log_max_attention_logit`` is on. (flex's ``AuxRequest(max_scores=True)`` is
+CUDA-only in torch 2.13, so it could not be checked here against the reference; not used.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_vlm.models.attention import PackedSelfAttention
+
+#: Queries per block of the explicit max-logit computation (bounds its ``[np, chunk, n]`` buffer).
+MAX_LOGIT_QUERY_CHUNK = 1024
+
+
+@dataclass
+class DocumentLayout:
+    """Where the documents of one packed micro-batch lie (host lists and device tensors)."""
+
+    total: int
+    """Tokens in the packed sequence ``t``."""
+    starts: list[int]
+    """Start of each document's padded span (a tail after the last boundary is one more
+    document with real length 0)."""
+    real: list[int]
+    """Real tokens of each document."""
+    padded: list[int]
+    """Padded span of each document."""
+    segment_ids: torch.Tensor
+    """``[t]`` int64 document index of every token (device)."""
+    valid: torch.Tensor
+    """``[t]`` bool, True on real tokens (device)."""
+    cu_padded: torch.Tensor
+    """``[n + 1]`` int32 padded boundaries (device)."""
+    cu_real: torch.Tensor
+    """``[n + 1]`` int32 cumulative real lengths, i.e. boundaries after gathering real tokens."""
+    real_index: torch.Tensor | None
+    """``[sum(real)]`` int64 positions of the real tokens; None when every token is real."""
+    cache: dict = field(default_factory=dict)
+    """Per-kernel derived objects (flex block masks), built once per micro-batch."""
+
+    @property
+    def max_real(self) -> int:
+        return max(self.real) if self.real else 0
+
+    @property
+    def max_padded(self) -> int:
+        return max(self.padded) if self.padded else 0
+
+
+_LAYOUTS: OrderedDict = OrderedDict()
+_LAYOUT_CACHE_SIZE = 8
+
+
+def document_layout(params: PackedSeqParams, total: int, device: torch.device) -> DocumentLayout:
+    """The :class:`DocumentLayout` of ``params`` for a sequence of ``total`` tokens.
+
+    Every layer of a micro-batch receives the same ``PackedSeqParams`` object, so the layout (one
+    host copy of the boundaries) is built once per micro-batch and reused; the cache holds a
+    reference to ``params``, so its ``id`` cannot be recycled while the entry lives.
+    """
+    key = (id(params), total, str(device))
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] is params:
+        _LAYOUTS.move_to_end(key)
+        return hit[1]
+    if params.cu_seqlens_q_padded is not None:
+        cu_pad = params.cu_seqlens_q_padded.detach().to("cpu", torch.long)
+        cu = params.cu_seqlens_q.detach().to("cpu", torch.long)
+    else:
+        cu_pad = cu = params.cu_seqlens_q.detach().to("cpu", torch.long)
+    padded = (cu_pad[1:] - cu_pad[:-1]).tolist()
+    real = (cu[1:] - cu[:-1]).tolist()
+    if any(r > p for r, p in zip(real, padded)):
+        raise ValueError(f"a document's real length exceeds its padded span: {real} vs {padded}")
+    tail = total - int(cu_pad[-1])
+    if tail < 0:
+        raise ValueError(f"cu_seqlens ends at {int(cu_pad[-1])} but the sequence has {total} tokens")
+    if tail:
+        padded, real = padded + [tail], real + [0]
+    starts = [0]
+    for p in padded[:-1]:
+        starts.append(starts[-1] + p)
+    lengths = torch.tensor(padded)
+    segment_ids = torch.repeat_interleave(torch.arange(len(padded)), lengths)
+    pos = torch.arange(total) - torch.repeat_interleave(torch.tensor(starts), lengths)
+    valid = pos < torch.repeat_interleave(torch.tensor(real), lengths)
+    all_real = bool(valid.all())
+    layout = DocumentLayout(
+        total=total, starts=starts, real=real, padded=padded,
+        segment_ids=segment_ids.to(device), valid=valid.to(device),
+        cu_padded=F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32),
+        cu_real=F.pad(torch.tensor(real).cumsum(0), (1, 0)).to(device=device, dtype=torch.int32),
+        real_index=None if all_real else valid.nonzero().squeeze(1).to(device),
+    )
+    _LAYOUTS[key] = (params, layout)
+    while len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
+        _LAYOUTS.popitem(last=False)
+    return layout
+
+
+@torch.no_grad()
+def document_max_logits(
+    q: torch.Tensor, k: torch.Tensor, layout: DocumentLayout, causal: bool, scale: float,
+    chunk: int = MAX_LOGIT_QUERY_CHUNK,
+) -> torch.Tensor:
+    """Per-head max of the scaled logits ``q k^T * scale`` over legal (real query, real key, same
+    document, causal when asked) entries; ``q, k [t, np, hk]`` -> ``[np]`` fp32 (-inf if none)."""
+    best = torch.full((q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
+    # bf16/fp16 values are exact in TF32 (10-bit mantissa), so TF32 tensor cores give the fp32
+    # result with fp32 accumulation at a fraction of the cost of true fp32 GEMMs.
+    with _tf32_if_exact(q.dtype):
+        for start, n in zip(layout.starts, layout.real):
+            if n:
+                best = torch.maximum(best, _doc_max(q, k, start, n, causal, scale, chunk))
+    return best
+
+
+class _tf32_if_exact:
+    """Allow TF32 matmuls inside the block when inputs of ``dtype`` are exact in TF32."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.enable = dtype in (torch.bfloat16, torch.float16)
+
+    def __enter__(self) -> None:
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        if self.enable:
+            torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
+def _doc_max(q, k, start: int, n: int, causal: bool, scale: float, chunk: int) -> torch.Tensor:
+    """Per-head max over one document's ``n`` real tokens starting at ``start``."""
+    best = torch.full((q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
+    kd = k[start : start + n].float().transpose(0, 1)  # [np, n, hk]
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        qd = q[start + c0 : start + c1].float().transpose(0, 1)  # [np, c, hk]
+        logits = torch.matmul(qd, kd.transpose(1, 2)) * scale  # [np, c, n]
+        if causal:
+            rows = torch.arange(c0, c1, device=q.device)[:, None]
+            future = torch.arange(n, device=q.device)[None, :] > rows
+            logits = logits.masked_fill(future, float("-inf"))
+        best = torch.maximum(best, logits.amax(dim=(1, 2)))
+    return best
+
+
+class DocumentSDPAAttention(PackedSelfAttention):
+    """``sdpa_doc``: torch SDPA once per document (real tokens only)."""
+
+    def _attend_thd(self, query, key, value, causal, params):
+        layout = document_layout(params, query.shape[0], query.device)
+        if self.record_max_logits:
+            self._update_max_logits(
+                document_max_logits(query, key, layout, causal, self.softmax_scale))
+        dropout_p = self.dropout_p if self.training else 0.0
+        pieces = []
+        heads, dv = value.shape[1], value.shape[2]
+        for start, n, span in zip(layout.starts, layout.real, layout.padded):
+            if n:
+                q, k, v = (x[start : start + n].transpose(0, 1).unsqueeze(0)
+                           for x in (query, key, value))
+                pieces.append(self._sdpa(q, k, v, causal, dropout_p)[0].transpose(0, 1))
+            if span > n:
+                pieces.append(value.new_zeros(span - n, heads, dv))
+        return torch.cat(pieces, dim=0)  # [t, np, hv]
+
+    def _sdpa(self, q, k, v, causal: bool, dropout_p: float) -> torch.Tensor:
+        if dropout_p > 0.0:
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(
+                    q, k, v, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale)
+
+
+def _no_dropout(module: PackedSelfAttention, kernel: str) -> None:
+    if module.dropout_p > 0.0:
+        raise ValueError(
+            f"attention kernel {kernel!r} has no attention dropout (attention_dropout="
+            f"{module.dropout_p}); set model.kernels.attention_kernel=sdpa_doc or the dropout to 0")
+
+
+class FlexPackedAttention(PackedSelfAttention):
+    """``flex``: flex attention with a block-sparse document mask."""
+
+    _compiled: Callable | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _no_dropout(self, "flex")
+
+    @classmethod
+    def _flex(cls, device: torch.device) -> Callable:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        if device.type != "cuda":
+            return flex_attention  # CPU: torch's eager path (forward only)
+        if cls._compiled is None:
+            # Without compilation flex materialises every score; compiled it is a fused kernel.
+            cls._compiled = torch.compile(flex_attention, dynamic=False)
+        return cls._compiled
+
+    def _block_mask(self, layout: DocumentLayout, causal: bool, device: torch.device):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        key = ("flex", causal)
+        if key not in layout.cache:
+            seg, valid = layout.segment_ids, layout.valid
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                allowed = (seg[q_idx] == seg[kv_idx]) & valid[kv_idx]
+                if causal:
+                    allowed = allowed & (q_idx >= kv_idx)
+                # A padding query attends itself only, as in the reference, so rows stay finite.
+                return allowed | ((q_idx == kv_idx) & ~valid[q_idx])
+
+            layout.cache[key] = create_block_mask(
+                mask_mod, None, None, layout.total, layout.total, device=device)
+        return layout.cache[key]
+
+    def _attend_thd(self, query, key, value, causal, params):
+        layout = document_layout(params, query.shape[0], query.device)
+        if self.record_max_logits:
+            self._update_max_logits(
+                document_max_logits(query, key, layout, causal, self.softmax_scale))
+        block_mask = self._block_mask(layout, causal, query.device)
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, np, t, h]
+        # flex runs through torch.compile even in eager mode (torch 2.13 raises with dynamo
+        # disabled, e.g. TORCH_COMPILE_DISABLE=1), so dynamo is re-enabled for this call only.
+        with torch._dynamo.config.patch(disable=False):
+            out = self._flex(query.device)(q, k, v, block_mask=block_mask,
+                                           scale=self.softmax_scale)
+        return out[0].transpose(0, 1)  # [t, np, hv]
+
+
+def resolve_varlen() -> Callable | None:
+    """``torch.nn.attention.varlen.varlen_attn`` when this torch has it, else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_call_kwargs(fn: Callable, causal: bool, scale: float) -> tuple[dict, bool]:
+    """Keyword arguments for ``fn`` across torch versions, and whether ``fn`` takes ``scale``.
+
+    torch 2.9/2.10 spell the mask ``is_causal`` (no ``scale`` in 2.9); later versions use
+    ``window_size=(-1, 0)`` for causal and take ``scale``.
+    """
+    names = inspect.signature(fn).parameters
+    kwargs: dict = {}
+    if "window_size" in names:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif "is_causal" in names:
+        kwargs["is_causal"] = causal
+    else:
+        raise RuntimeError(f"unrecognised varlen_attn signature {inspect.signature(fn)}")
+    takes_scale = "scale" in names
+    if takes_scale:
+        kwargs["scale"] = scale
+    return kwargs, takes_scale
+
+
+class VarlenPackedAttention(PackedSelfAttention):
+    """``varlen``: flash attention over ``cu_seqlens`` (``torch.nn.attention.varlen``)."""
+
+    #: The varlen kernel; ``None`` = torch's. Anything honouring ``varlen_attn``'s documented
+    #: contract can stand in (the CPU tests use a per-document SDPA implementation of it).
+    varlen_fn: Callable | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _no_dropout(self, "varlen")
+        if self.varlen_fn is None and resolve_varlen() is None:
+            raise RuntimeError("torch.nn.attention.varlen is not available in torch "
+                               f"{torch.__version__}; choose another attention kernel")
+
+    def _attend_thd(self, query, key, value, causal, params):
+        fn = self.varlen_fn or resolve_varlen()
+        layout = document_layout(params, query.shape[0], query.device)
+        if self.record_max_logits:
+            self._update_max_logits(
+                document_max_logits(query, key, layout, causal, self.softmax_scale))
+        dk, dv = query.shape[-1], value.shape[-1]
+        if dv < dk:  # flash attention needs one head dim for q, k and v
+            value = F.pad(value, (0, dk - dv))
+        # Causal: padding follows each document's real tokens, so real queries never reach it and
+        # the padded boundaries can be used as they are. Bidirectional: attend real tokens only.
+        gather = layout.real_index is not None and not causal
+        if gather:
+            idx = layout.real_index
+            query, key, value = query[idx], key[idx], value[idx]
+            cu, longest = layout.cu_real, layout.max_real
+        else:
+            cu, longest = layout.cu_padded, layout.max_padded
+        kwargs, takes_scale = varlen_call_kwargs(fn, causal, self.softmax_scale)
+        if not takes_scale:  # the kernel applies 1/sqrt(dk): fold the rest into q
+            query = query * (self.softmax_scale * math.sqrt(dk))
+        out = fn(query, key, value, cu, cu, longest, longest, **kwargs)[..., :dv]
+        if gather:
+            full = out.new_zeros(layout.total, out.shape[1], dv)
+            out = full.index_copy(0, layout.real_index, out)
+        return out

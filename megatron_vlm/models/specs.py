@@ -1,0 +1,358 @@
+"""Layer implementations chosen by capability, in one place (LLM and vision tower).
+
+Three questions are answered here, from ``model.kernels`` (:class:`KernelConfig`) and what the
+machine has (:class:`Capabilities`):
+
+1. **Backend** -- ``te``: Transformer Engine modules (fused LayerNorm + linear, TE attention with
+   THD packing, context parallelism and max-logit recording, optional FP8), megatron's
+   ``get_gpt_decoder_block_spec(use_transformer_engine=True)``; ``local``: megatron's local modules
+   with our SP-capable norms, TP-duplicated MLA down-projections and packed core attention.
+2. **Attention kernel** of the local backend for packed sequences: ``sdpa_mask`` (dense mask, the
+   reference), ``sdpa_doc``, ``flex`` or ``varlen`` (``models/packed_kernels.py``).
+3. **Grouped expert GEMM** (megatron ``moe_grouped_gemm``): TE's ``TEGroupedMLP``, or the legacy
+   ``GroupedMLP`` when the ``grouped_gemm`` package is installed (bf16 only).
+
+:func:`choose_kernels` is a pure function of the config and the capabilities (tests pass
+capabilities in); :func:`detect_capabilities` looks at the machine and never imports Transformer
+Engine unless CUDA is present and the config allows TE (``backend`` ``auto`` or ``te``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+from megatron_vlm.config.model import KernelConfig
+
+logger = logging.getLogger(__name__)
+
+LOCAL_KERNELS = ("sdpa_mask", "sdpa_doc", "flex", "varlen")
+_FLASH_MAX_HEAD_DIM = 256  # flash attention's largest head dim
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What this machine offers (all False on the CPU path)."""
+
+    cuda: bool
+    """A CUDA device is visible."""
+    transformer_engine: bool
+    """``transformer_engine.pytorch`` imports (checked only with CUDA and a TE-allowing config)."""
+    varlen: bool
+    """``torch.nn.attention.varlen`` exists (flash varlen; CUDA only)."""
+    flex: bool
+    """``torch.nn.attention.flex_attention`` exists."""
+    grouped_gemm: bool
+    """The ``grouped_gemm`` package (megatron's legacy ``GroupedMLP``) is installed."""
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The implementations a model is built with, and why."""
+
+    backend: str
+    """``te`` or ``local``."""
+    attention_kernel: str
+    """``te`` on the TE backend, else one of :data:`LOCAL_KERNELS`."""
+    moe_grouped_gemm: bool
+    """megatron ``moe_grouped_gemm``."""
+    fp8: bool
+    """FP8 (TE only)."""
+    reasons: tuple[str, ...] = ()
+    """One line per decision, for the log."""
+
+    def describe(self) -> str:
+        return (f"backend={self.backend} attention={self.attention_kernel} "
+                f"grouped_gemm={self.moe_grouped_gemm} fp8={self.fp8} ({'; '.join(self.reasons)})")
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def detect_capabilities(kernels: KernelConfig) -> Capabilities:
+    """Capabilities of this machine. Transformer Engine is imported (to prove it loads) only when
+    CUDA is present and ``kernels.backend`` is ``auto`` or ``te``."""
+    cuda = torch.cuda.is_available()
+    te = False
+    if cuda and kernels.backend in ("auto", "te") and _has_module("transformer_engine"):
+        try:
+            import transformer_engine.pytorch  # noqa: F401 - proves the CUDA extension loads
+
+            te = True
+        except Exception as exc:  # noqa: BLE001 - a broken install means "no TE", with a reason
+            logger.warning("transformer_engine is installed but does not import: %s", exc)
+    return Capabilities(
+        cuda=cuda,
+        transformer_engine=te,
+        varlen=_has_module("torch.nn.attention.varlen"),
+        flex=_has_module("torch.nn.attention.flex_attention"),
+        grouped_gemm=cuda and _has_module("grouped_gemm"),
+    )
+
+
+def choose_kernels(
+    kernels: KernelConfig,
+    caps: Capabilities,
+    *,
+    params_dtype: str,
+    attention_dropout: float = 0.0,
+    head_dims: tuple[int, ...] = (),
+) -> KernelChoice:
+    """Resolve ``kernels`` against ``caps``; explicit requests the machine cannot honour raise.
+
+    Args:
+        kernels: the configured choice (``auto`` fields are decided here).
+        caps: what the machine has (:func:`detect_capabilities`, or given by tests).
+        params_dtype: ``fp32`` or ``bf16`` (flash kernels and grouped GEMM need bf16).
+        attention_dropout: the largest attention dropout of the model (flex/varlen have none).
+        head_dims: every q/k/v head dim of the model (flash takes at most 256).
+    """
+    reasons: list[str] = []
+    # --- backend
+    if kernels.backend == "te":
+        if not caps.transformer_engine:
+            raise ValueError(
+                "model.kernels.backend=te but Transformer Engine is not usable here ("
+                + ("no CUDA device" if not caps.cuda else "transformer_engine does not import")
+                + "); use backend=auto or local")
+        backend = "te"
+        reasons.append("backend te: requested")
+    elif kernels.backend == "local":
+        backend = "local"
+        reasons.append("backend local: requested")
+    elif caps.transformer_engine:
+        backend = "te"
+        reasons.append("backend te: CUDA and Transformer Engine present")
+    else:
+        backend = "local"
+        reasons.append("backend local: " + ("no CUDA device" if not caps.cuda
+                                            else "Transformer Engine not importable"))
+    # --- fp8
+    if kernels.fp8 and backend != "te":
+        raise ValueError("model.kernels.fp8=true needs the Transformer Engine backend, which is "
+                         "not available here; set fp8=false")
+    # --- attention kernel
+    if backend == "te":
+        if kernels.attention_kernel != "auto":
+            raise ValueError(
+                f"model.kernels.attention_kernel={kernels.attention_kernel} applies to the local "
+                "backend only; with Transformer Engine leave it at auto (TE picks its kernel)")
+        kernel = "te"
+    else:
+        kernel = _choose_local_kernel(kernels.attention_kernel, caps, params_dtype,
+                                      attention_dropout, head_dims, reasons)
+    # --- grouped expert GEMM
+    grouped = _choose_grouped_gemm(kernels.moe_grouped_gemm, backend, caps, params_dtype, reasons)
+    return KernelChoice(backend=backend, attention_kernel=kernel, moe_grouped_gemm=grouped,
+                        fp8=kernels.fp8, reasons=tuple(reasons))
+
+
+def _local_kernel_problem(kernel: str, caps: Capabilities, params_dtype: str, dropout: float,
+                          head_dims: tuple[int, ...]) -> str | None:
+    """Why ``kernel`` cannot run here, or None when it can."""
+    if kernel in ("sdpa_mask", "sdpa_doc"):
+        return None
+    if kernel in ("flex", "varlen") and dropout > 0.0:
+        return f"{kernel} has no attention dropout (attention_dropout={dropout})"
+    if kernel == "flex":
+        return None if caps.flex else "torch.nn.attention.flex_attention is missing"
+    # varlen
+    if not caps.cuda:
+        return "varlen needs a CUDA device"
+    if not caps.varlen:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if params_dtype != "bf16":
+        return "varlen (flash) needs bf16 parameters"
+    if head_dims and max(head_dims) > _FLASH_MAX_HEAD_DIM:
+        return f"varlen (flash) takes head dims <= {_FLASH_MAX_HEAD_DIM}, got {max(head_dims)}"
+    return None
+
+
+def _choose_local_kernel(requested: str, caps: Capabilities, params_dtype: str, dropout: float,
+                         head_dims: tuple[int, ...], reasons: list[str]) -> str:
+    if requested != "auto":
+        problem = _local_kernel_problem(requested, caps, params_dtype, dropout, head_dims)
+        if problem:
+            raise ValueError(f"model.kernels.attention_kernel={requested}: {problem}; "
+                             "choose another kernel or auto")
+        reasons.append(f"attention {requested}: requested")
+        return requested
+    if not caps.cuda:
+        reasons.append("attention sdpa_mask: CPU (dense block-diagonal mask, the reference)")
+        return "sdpa_mask"
+    skipped = []
+    for kernel in ("varlen", "flex"):
+        problem = _local_kernel_problem(kernel, caps, params_dtype, dropout, head_dims)
+        if problem is None:
+            reasons.append(f"attention {kernel}: fastest available"
+                           + (f" ({'; '.join(skipped)})" if skipped else ""))
+            return kernel
+        skipped.append(problem)
+    reasons.append(f"attention sdpa_doc: {'; '.join(skipped)}")
+    return "sdpa_doc"
+
+
+def _choose_grouped_gemm(requested: str, backend: str, caps: Capabilities, params_dtype: str,
+                         reasons: list[str]) -> bool:
+    if requested == "off":
+        return False
+    if backend == "te":
+        problem = None  # TEGroupedMLP
+    elif not caps.grouped_gemm:
+        problem = "needs Transformer Engine or the grouped_gemm package"
+    elif params_dtype != "bf16":
+        problem = "megatron's GroupedMLP runs bf16 only"
+    else:
+        problem = None
+    if problem and requested == "on":
+        raise ValueError(f"model.kernels.moe_grouped_gemm=on: {problem}; set it to auto or off")
+    if problem:
+        reasons.append(f"grouped GEMM off: {problem}")
+        return False
+    reasons.append("grouped GEMM on: " + ("TEGroupedMLP" if backend == "te" else "GroupedMLP"))
+    return True
+
+
+_LOGGED: set[str] = set()
+
+
+def resolve_kernels(kernels: KernelConfig | None, *, params_dtype: str,
+                    attention_dropout: float = 0.0, head_dims: tuple[int, ...] = (),
+                    caps: Capabilities | None = None) -> KernelChoice:
+    """:func:`choose_kernels` on this machine's capabilities; logs the choice once."""
+    kernels = kernels or KernelConfig()
+    caps = caps or detect_capabilities(kernels)
+    choice = choose_kernels(kernels, caps, params_dtype=params_dtype,
+                            attention_dropout=attention_dropout, head_dims=head_dims)
+    line = choice.describe()
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        logger.info("layer implementations: %s", line)
+    return choice
+
+
+# --------------------------------------------------------------------------- module classes
+
+
+def core_attention_module(choice: KernelChoice) -> type:
+    """The ``core_attention`` class for ``choice``."""
+    if choice.backend == "te":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return TEDotProductAttention
+    from megatron_vlm.models.attention import PackedSelfAttention
+    from megatron_vlm.models.packed_kernels import (
+        DocumentSDPAAttention,
+        FlexPackedAttention,
+        VarlenPackedAttention,
+    )
+
+    return {"sdpa_mask": PackedSelfAttention, "sdpa_doc": DocumentSDPAAttention,
+            "flex": FlexPackedAttention, "varlen": VarlenPackedAttention}[choice.attention_kernel]
+
+
+def _local_llm_layer(layer_spec: ModuleSpec, core_attention: type) -> ModuleSpec:
+    """megatron's local MLA/MoE layer with our core attention, TP-duplicated MLA down-projections,
+    SP-capable norms and padding-free router."""
+    from megatron_vlm.models.linear import DuplicatedLinear
+    from megatron_vlm.models.norm import SequenceParallelNorm
+
+    sub = layer_spec.submodules
+    attn = dataclasses.replace(
+        sub.self_attention,
+        submodules=dataclasses.replace(
+            sub.self_attention.submodules,
+            core_attention=core_attention,
+            linear_q_down_proj=DuplicatedLinear,
+            linear_kv_down_proj=DuplicatedLinear,
+            q_layernorm=SequenceParallelNorm,
+            kv_layernorm=SequenceParallelNorm,
+        ),
+    )
+    new_sub = dataclasses.replace(
+        sub, self_attention=attn, mlp=_padding_free_router(sub.mlp),
+        input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
+    )
+    return dataclasses.replace(layer_spec, submodules=new_sub)
+
+
+def _padding_free_router(mlp):
+    from megatron_vlm.models.router import PaddingFreeTopKRouter
+
+    if hasattr(mlp, "submodules") and hasattr(mlp.submodules, "router"):
+        return dataclasses.replace(
+            mlp, submodules=dataclasses.replace(mlp.submodules, router=PaddingFreeTopKRouter))
+    return mlp
+
+
+def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = None,
+                           pp_rank: int | None = None) -> TransformerBlockSubmodules:
+    """The LLM decoder block spec of this pipeline stage for ``choice``."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    te = choice.backend == "te"
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=te,
+                                       normalization="RMSNorm", vp_stage=vp_stage,
+                                       pp_rank=pp_rank)
+    if te:
+        # megatron's TE MLA spec as is (TELinear down-projections, norms fused into the
+        # up-projections, TEDotProductAttention); only the router keeps padding from experts.
+        block.layer_specs = [
+            dataclasses.replace(s, submodules=dataclasses.replace(
+                s.submodules, mlp=_padding_free_router(s.submodules.mlp)))
+            for s in block.layer_specs
+        ]
+        return block
+    from megatron_vlm.models.linear import allow_duplicated_linear_in_mla
+    from megatron_vlm.models.norm import SequenceParallelNorm
+
+    allow_duplicated_linear_in_mla()
+    attention = core_attention_module(choice)
+    block.layer_specs = [_local_llm_layer(s, attention) for s in block.layer_specs]
+    block.layer_norm = SequenceParallelNorm
+    return block
+
+
+@dataclass(frozen=True)
+class VitModules:
+    """Module classes of one ViT layer (pre-LN, biased linears, MLP)."""
+
+    norm: type
+    linear_qkv: type
+    linear_proj: type
+    core_attention: type
+    linear_fc1: type
+    linear_fc2: type
+
+
+def vit_modules(choice: KernelChoice) -> VitModules:
+    """ViT layer modules for ``choice``. TE keeps norms unfused so parameter names (and the HF
+    weight mapping) are the same on both backends."""
+    if choice.backend == "te":
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        return VitModules(norm=TENorm, linear_qkv=TEColumnParallelLinear,
+                          linear_proj=TERowParallelLinear,
+                          core_attention=core_attention_module(choice),
+                          linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_vlm.models.norm import SequenceParallelNorm
+
+    return VitModules(norm=SequenceParallelNorm, linear_qkv=ColumnParallelLinear,
+                      linear_proj=RowParallelLinear, core_attention=core_attention_module(choice),
+                      linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
