@@ -16,13 +16,25 @@ Conventions (identical to Megatron-LM):
   router GEMM (``hidden x num_experts``, about 0.5% for Kimi K2) are not counted.
 * Core attention uses the configured sequence length; with a causal mask only half of the
   ``seq x seq`` score matrix is computed (``/ 2``). With packed documents the real attention work is
-  smaller (block-diagonal); Megatron-LM still counts the full sequence and so do we.
+  smaller (block-diagonal): Megatron-LM's BSHD default still counts the full sequence
+  (:func:`model_flops`), and since May 2026 (``5e4fc931``) its THD path counts real tokens and
+  ``sum_i L_i^2`` over the real documents instead (:func:`packed_model_flops`).
 * The output layer uses the padded vocabulary the model is built with.
+
+Checked against Megatron-LM ``megatron/training/training.py`` at ``d98e8a64`` (2026-08-22): the
+MLA ``q_term`` / ``kv_lora_rank * (h + n (d_nope + d_v) + 1) + h d_rope`` / ``n d_v h`` terms,
+``standard_self_attn_core_term = 6 (n (d_nope + d_rope) / 2 + n d_v / 2)`` per ``L^2``, MLP
+``6 h (ffn 3 dense + moe_ffn topk 3 moe + shared 3 moe)`` and logits ``6 h V``; MTP is off here
+(``mtp_num_layers`` None) and MoE latent projections are not used by this model family.
+
+The vision tower follows Megatron-Bridge's ``vit_flops_from_patch_stats``
+(``training/utils/flop_utils.py`` at ``067f987d``): see :func:`vit_flops_from_patch_stats`.
 """
 
 from __future__ import annotations
 
 from megatron_vlm.config.model import LLMConfig
+from megatron_vlm.config.vision import VisionConfig
 
 #: SwiGLU: fc1 holds gate and up (two ``hidden x ffn`` matrices) plus fc2, i.e. 3 matrices where a
 #: plain MLP has 2; Megatron-LM's formula counts 2 GEMMs per MLP and scales by this.
@@ -145,6 +157,84 @@ def model_flops(
     if num_tokens < 0:
         raise ValueError(f"num_tokens={num_tokens} must be >= 0")
     return num_tokens * llm_flops_per_token(llm, seq_length, causal, padded_vocab_size)
+
+
+def packed_model_flops(
+    llm: LLMConfig,
+    total_real_tokens: int,
+    seqlen_squared_sum: int,
+    padded_vocab_size: int | None = None,
+) -> float:
+    """Training FLOPs of packed (THD) micro-batches, as Megatron-LM's THD path counts them:
+    token-linear terms times the real token count ``sum_i L_i``, core attention (causal) times
+    ``sum_i L_i^2`` over the real documents. Padding costs nothing here.
+
+    With one document of length ``s`` per sequence this equals :func:`model_flops`.
+    """
+    if total_real_tokens < 0 or seqlen_squared_sum < 0:
+        raise ValueError("total_real_tokens and seqlen_squared_sum must be >= 0")
+    per_token = llm_flops_breakdown_per_token(llm, seq_length=1, causal=True,
+                                              padded_vocab_size=padded_vocab_size)
+    core_per_l2 = per_token.pop("attn_core")  # at s = 1 this is the coefficient of L^2
+    return total_real_tokens * sum(per_token.values()) + seqlen_squared_sum * core_per_l2
+
+
+def document_length_stats(cu_seqlens) -> tuple[int, int]:
+    """``(sum_i L_i, sum_i L_i^2)`` of the real documents given cumulative real lengths."""
+    lengths = [b - a for a, b in zip(list(cu_seqlens)[:-1], list(cu_seqlens)[1:])]
+    return int(sum(lengths)), int(sum(n * n for n in lengths))
+
+
+def vision_patch_stats(grid_thw, merge_size: int = 4) -> tuple[int, int, int]:
+    """``(patch_sum, patch_squared_sum, merged_token_sum)`` of MoonViT items ``[t, h, w]``.
+
+    One attention sequence per item: MoonViT-3D attends across all ``t*h*w`` patches of a video
+    chunk, so an item contributes ``(t*h*w)^2`` (Bridge's Qwen ViT attends per frame and counts
+    ``t*(h*w)^2``). The 2x2 merger pools frames, so an item yields ``h*w/merge_size`` LLM tokens
+    (Bridge: ``t*h*w/merge``).
+    """
+    patch_sum = patch_sq = merged = 0
+    for t, h, w in (tuple(int(x) for x in row) for row in grid_thw):
+        if min(t, h, w) < 1:
+            raise ValueError(f"grid_thw rows must be >= 1, got {(t, h, w)}")
+        n = t * h * w
+        patch_sum, patch_sq, merged = patch_sum + n, patch_sq + n * n, merged + h * w // merge_size
+    return patch_sum, patch_sq, merged
+
+
+def vit_flops_from_patch_stats(
+    vision: VisionConfig,
+    projector_output_size: int,
+    patch_sum: int,
+    patch_squared_sum: int,
+    merged_token_sum: int,
+) -> float:
+    """Training FLOPs of MoonViT + Kimi projector, Megatron-Bridge's way.
+
+    Bridge (``vit_flops_from_patch_stats``), forward, times 3 for training::
+
+        depth * ((8 h^2 + 4 h I) * patch_sum + 4 h * patch_squared_sum)
+        + merged * (2 (h m)^2 + 2 (h m) out)
+
+    with ``h`` the ViT width, ``I`` its MLP width, ``m`` the merge unit (4) and ``out`` the LLM
+    width: qkv + output projections (4 h^2 MACs), a two-matrix MLP (2 h I MACs), bidirectional
+    ``QK^T`` and ``PV`` (2 h L^2 MACs per item, no causal halving) and the projector's two linears
+    on the merged tokens (the Kimi projector: ``4608 -> 4608 -> out``). Like Bridge, the patch
+    convolution, norms, RoPE and softmax are not counted.
+    """
+    h, inter = vision.hidden_size, vision.ffn_hidden_size
+    merged_hidden = h * vision.merge_kernel_height * vision.merge_kernel_width
+    transformer = vision.num_layers * (
+        (8 * h**2 + 4 * h * inter) * patch_sum + 4 * h * patch_squared_sum)
+    merger = merged_token_sum * (2 * merged_hidden**2 + 2 * merged_hidden * projector_output_size)
+    return 3.0 * (transformer + merger)
+
+
+def vit_flops(vision: VisionConfig, projector_output_size: int, grid_thw) -> float:
+    """Training FLOPs of the tower + projector for media items ``grid_thw`` (``[M, 3]``)."""
+    merge = vision.merge_kernel_height * vision.merge_kernel_width
+    return vit_flops_from_patch_stats(vision, projector_output_size,
+                                      *vision_patch_stats(grid_thw, merge))
 
 
 def mfu(tflops_per_s_per_device: float, peak_tflops: float) -> float:
