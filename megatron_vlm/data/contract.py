@@ -17,10 +17,11 @@ class VisionInputs:
     """The media of one micro-batch (SPEC §11): every image and video chunk, patchified.
 
     Items are images (t = 1) or video chunks of up to 4 frames (the last chunk of a video may be
-    shorter). Items are independent: each has its own grid, so the SlowFast sampler's slow and
-    fast chunks of one video (different grids) simply are separate items. Item ``m`` owns ``t*h*w`` consecutive patches of ``pixel_values`` (raster order:
+    shorter). Item ``m`` owns ``t*h*w`` consecutive patches of ``pixel_values`` (raster order:
     frame, row, col) and, after the 2x2 merge with temporal mean pooling, ``h*w/4`` consecutive
-    placeholder tokens of the text sequence starting at ``placeholder_starts[m]``.
+    placeholder tokens of the text sequence starting at ``placeholder_starts[m]``. Items are
+    independent, each with its own grid: the SlowFast sampler's slow and fast chunks of one video
+    (different grids) are simply separate items.
     """
 
     pixel_values: torch.Tensor
