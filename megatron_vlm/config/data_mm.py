@@ -136,7 +136,7 @@ class MultimodalDataConfig:
     """``uniform``: Kimi K2.5 chunks of 4 frames at one grid; ``slowfast``: Keye-VL 1.5
     SlowFast (static frames at a reduced grid in their own chunks, marked with fast_start/
     fast_end; thresholds in ``slowfast``). SlowFast decodes each video when planning it (the
-    labels need pixels), i.e. twice per sample instead of once."""
+    labels need pixels): twice per sample instead of once, and at start-up calibration too."""
     slowfast: SlowFastConfig = field(default_factory=SlowFastConfig)
     """SlowFast thresholds and budgets (used when ``video_sampler="slowfast"``)."""
     markers_loss: bool = True

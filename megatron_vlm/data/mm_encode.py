@@ -54,7 +54,6 @@ from megatron_vlm.data.media_errors import (
 )
 from megatron_vlm.data.mm_packing import document_cost, pack_tokenized, select_packs
 from megatron_vlm.data.shards import BAD_RECORD, FORMAT
-from megatron_vlm.data.templates import MediaTokenIds, Text, TokenizedSample, tokenize_interleaved
 from megatron_vlm.data.slowfast import (
     FAST_TOKEN_RATIO,
     PATCH_TOLERANCE,
@@ -64,6 +63,7 @@ from megatron_vlm.data.slowfast import (
     process_slowfast,
     slowfast_segments,
 )
+from megatron_vlm.data.templates import MediaTokenIds, Text, TokenizedSample, tokenize_interleaved
 from megatron_vlm.data.video import (
     TEMPORAL_PATCH_SIZE,
     DecodedVideo,

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from megatron_vlm.data.image import (
-    MediaGrid,
     MAX_PATCHES_PER_SIDE,
     MERGE_SIZE,
     PATCH_SIZE,
+    MediaGrid,
     navit_resize,
     normalize,
     patchify,
