@@ -9,7 +9,8 @@ Record format (one JSON object per line of ``<out_dir>/metrics.jsonl``, appended
 loss is ``"loss/<dataset>"``; every other key is a float metric. Nested dicts are flattened with
 ``/`` (``{"moe": {"a": 1}}`` -> ``"moe/a"``); NaN and infinities are written as ``null`` (strict
 JSON). The progress line reads ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
-``tflops_per_device``, ``mfu`` (a fraction), ``skipped_steps`` and ``step_time_s`` (for the ETA).
+``tflops_per_device``, ``mfu`` (a fraction), ``data/modality/<name>`` (realised token mix),
+``skipped_steps`` and ``step_time_s`` (for the ETA).
 Only the writer rank (rank 0) touches files or the console: the caller passes ``is_writer``
 (no torch.distributed here).
 """
@@ -192,6 +193,10 @@ class MetricsLogger:
             mfu = flat["tflops_per_device"] / self.peak_tflops
         if mfu is not None:
             parts.append(f"MFU {100 * mfu:.1f}%")
+        mix = {k[len("data/modality/"):]: v for k, v in flat.items()
+               if k.startswith("data/modality/") and v is not None}
+        if mix:  # realised LLM-token share per modality so far (multimodal loader)
+            parts.append("mix " + " ".join(f"{m} {100 * v:.0f}%" for m, v in sorted(mix.items())))
         if flat.get("skipped_steps"):
             parts.append(f"[yellow]skipped {int(flat['skipped_steps'])}[/yellow]")
         parts.append(f"ETA {format_eta(self.eta_seconds(step))}")

@@ -125,6 +125,16 @@ def test_eta_from_wall_clock_and_mfu_from_peak(tmp_path) -> None:
     logger.close()
 
 
+def test_progress_line_shows_the_realised_modality_mix(tmp_path) -> None:
+    console, _ = _console()
+    logger = MetricsLogger(tmp_path, is_writer=True, total_steps=10, console=console)
+    line = logger.progress_line(5, {"loss": 1.0, "data/modality/video": 0.244,
+                                    "data/modality/image": 0.496, "data/mix/video": 0.9})
+    assert "mix image 50% video 24%" in line, line
+    assert "mix" not in logger.progress_line(5, {"loss": 1.0})  # text-only runs: nothing
+    logger.close()
+
+
 def test_moe_load_stats() -> None:
     # Layer 3: counts 4 experts [6, 2, 0, 8], mean 4, max 8 -> 2.0.
     # Layer 5: [5, 5, 5, 5] -> 1.0. Layer 7: no tokens -> NaN, left out of max/mean.
