@@ -52,7 +52,9 @@ class DuplicatedLinear(MegatronModule):
         if is_expert:
             raise ValueError("DuplicatedLinear is not an expert layer")
         self.skip_bias_add = skip_bias_add
-        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        # None = torch's default device: the CPU, or "meta" when the converter builds the model
+        # under ``torch.device("meta")`` to read its sharded layout without allocating it.
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
         master = torch.empty(output_size, input_size, dtype=torch.float32, device=device)
         if config.perform_initialization:
             # Default (data-parallel) RNG stream: identical on every TP rank, as it must be.

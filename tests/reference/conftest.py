@@ -98,3 +98,57 @@ def random_media(grid: list[list[int]], seed: int) -> tuple[torch.Tensor, torch.
 def media():
     """``make(grid, seed) -> (pixel_values, grid_thw)``."""
     return random_media
+
+
+# --- checkpoint conversion (tests/reference/test_convert_*.py) -----------------------------------
+
+
+@torch.no_grad()
+def perturb_all(module: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    """``perturb`` plus the router's ``e_score_correction_bias`` buffers (zeros at init)."""
+    perturb(module, seed)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    for name, buf in module.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.add_(scale * torch.randn(buf.shape, generator=gen))
+
+
+def load_converted(step_dir):
+    """Our model (eval) loaded from a checkpoint written by the importer."""
+    from megatron_vlm.checkpoint import load_checkpoint, read_manifest
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.convert.importer import load_job_model
+    from megatron_vlm.models.llm import build_llm
+    from megatron_vlm.models.vlm import KimiVLM
+
+    model_cfg = load_job_model(read_manifest(step_dir)["config_yaml"])
+    if model_cfg.is_vlm:
+        model = KimiVLM(model_cfg, ParallelConfig())
+    else:
+        model = build_llm(model_cfg.llm, ParallelConfig(), model_cfg.params_dtype)
+    load_checkpoint(step_dir, [model], None, None, load_optimizer=False)
+    return model.eval()
+
+
+def rekey_to_release(tensors: dict) -> dict:
+    """``save_pretrained``'s K2.5 names (transformers 5.23) -> the release checkpoint's."""
+    out = {}
+    for k, v in tensors.items():
+        k = k.replace("language_model.model.blocks.", "language_model.model.layers.")
+        k = k.replace("vision_tower.encoder.patch_embed.", "vision_tower.patch_embed.")
+        if k.startswith("model.mm_projector."):
+            k = k[len("model."):]
+        out[k] = v
+    return out
+
+
+def read_safetensors_dir(path) -> dict:
+    """Every tensor of an HF checkpoint directory."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out

@@ -1,0 +1,143 @@
+"""Our megatron checkpoint -> HF safetensors with the release key names (``convert_hf.py export``).
+
+The checkpoint may have been saved in any parallel layout (megatron's sharded tensors are
+global; TP only changes the vocabulary padding) and with the local or the Transformer Engine spec
+(the table carries both names). Tensors are read a group at a time (``read_group_bytes``) and
+written shard by shard, into a temporary directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_vlm.convert.hf_config import model_to_hf
+from megatron_vlm.convert.hf_io import ShardedSafetensorsWriter
+from megatron_vlm.convert.importer import context_for, load_job_model, table_for
+from megatron_vlm.convert.rules import ConversionError, Table
+from megatron_vlm.convert.tables import FAMILIES
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_step_dir(path: Path) -> Path:
+    """A step directory as given, or the newest complete checkpoint under a root."""
+    from megatron_vlm.checkpoint import find_latest_checkpoint
+    from megatron_vlm.checkpoint.manifest import MANIFEST_NAME
+
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise ConversionError(f"no complete megatron_vlm checkpoint at or under {path}")
+    return latest
+
+
+def _te_slot(slot, local: str, te: str):
+    """The slot of the same tensor under its Transformer Engine name (the sharded key differs
+    from the local one in the same tail as the parameter name)."""
+    import dataclasses
+
+    common = os.path.commonprefix([local, te])
+    common = common[: common.rfind(".") + 1]
+    tail_local, tail_te = local[len(common):], te[len(common):]
+    assert slot.key.endswith(tail_local), (slot.key, local)
+    return dataclasses.replace(slot, key=slot.key[: -len(tail_local)] + tail_te)
+
+
+def _checkpoint_slots(slots: dict, table: Table, saved_keys: set[str]) -> tuple[dict, bool]:
+    """Slots of the names the checkpoint holds: the local spec's, else the TE spec's."""
+    if all(s.key in saved_keys for s in slots.values()):
+        return slots, False
+    te = {}
+    for name, slot in slots.items():
+        te_name = table.to_te_name(name)
+        te[name] = _te_slot(slot, name, te_name) if te_name != name else slot
+    missing = sorted({s.key for s in te.values()} - saved_keys)
+    if missing:
+        local_missing = sorted({s.key for s in slots.values()} - saved_keys)
+        raise ConversionError(f"the checkpoint lacks {local_missing[0]!r} (local spec names) and "
+                              f"{missing[0]!r} (Transformer Engine names)")
+    return te, True
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    family: str
+    num_tensors: int
+    total_bytes: int
+    te_layout: bool
+
+
+def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: str = "bf16",
+              max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**30,
+              progress: bool = True) -> ExportResult:
+    """Write ``out`` (must not exist): safetensors shards, index, ``config.json``."""
+    from megatron_vlm.checkpoint.manifest import verify_checkpoint
+    from megatron_vlm.convert.mcore import (
+        SHARDED_METADATA,
+        CheckpointReader,
+        build_meta_model,
+        tensor_slots,
+    )
+
+    if dtype not in _DTYPES:
+        raise ConversionError(f"--dtype {dtype!r}: choose bf16 or fp32")
+    out = Path(out)
+    if out.exists():
+        raise ConversionError(f"output {out} exists; choose a new directory")
+    step_dir = resolve_step_dir(checkpoint)
+    manifest = verify_checkpoint(step_dir)
+    model = load_job_model(manifest["config_yaml"])
+    family = family or ("kimi_k25" if model.is_vlm else "deepseek_v3")
+    hf_config = model_to_hf(model, family, dtype)
+    ctx = context_for(model, rope_interleave=True)
+    table = table_for(FAMILIES[family], model, ctx)
+    slots = tensor_slots(build_meta_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA)))
+    reader = CheckpointReader(step_dir, slots)
+    reader.slots, te_layout = _checkpoint_slots(slots, table, set(reader.global_shapes))
+
+    groups, group, size = [], [], 0
+    for name, slot in slots.items():
+        nbytes = torch.Size(slot.shape).numel() * slot.dtype.itemsize
+        if group and size + nbytes > read_group_bytes:
+            groups.append(group)
+            group, size = [], 0
+        group.append(name)
+        size += nbytes
+    groups.append(group)
+
+    tmp = out.parent / f".tmp-{out.name}-{secrets.token_hex(4)}"
+    tmp.mkdir(parents=True)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+        count = 0
+        with tqdm(total=len(slots), desc="export", unit="tensor", disable=not progress) as bar:
+            for names in groups:
+                for name, tensor in reader.read(names).items():
+                    rule, binding = table.lookup(name)
+                    for hf_name, t in zip(rule.hf_names(binding),
+                                          rule.transform.to_hf(tensor, ctx)):
+                        writer.add(hf_name, t if rule.keep_dtype else t.to(_DTYPES[dtype]))
+                        count += 1
+                    bar.update()
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %d tensors (%.2f GB) to %s", count, writer.total_bytes / 1e9, out)
+    return ExportResult(out, family, count, writer.total_bytes, te_layout)

@@ -1,0 +1,290 @@
+"""Hugging Face safetensors I/O that streams: tensors are read one at a time and written shard by
+shard, so host memory stays near one output shard plus the tensors being converted.
+
+Reading parses each file's safetensors header ourselves (8-byte little-endian length + JSON) and
+reads a tensor's byte range with plain file I/O. ``safetensors.safe_open`` would memory-map the
+file: every page it touches then counts in the process's RSS while the handle is open, so a
+converter holding shards open grows towards the checkpoint size. The header check also refuses a
+truncated shard before anything is converted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from megatron_vlm.convert.rules import Alias, ConversionError, ConvertContext, fill, meta_like
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class TensorSource:
+    """Named tensors that can be inspected without reading them."""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def spec(self, key: str) -> TensorSpec:
+        raise NotImplementedError
+
+    def read(self, key: str) -> Tensor:
+        raise NotImplementedError
+
+    def origin(self, key: str) -> str:
+        """Where the tensor comes from, for error messages (a file name)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: Path
+    start: int  # absolute byte offset of the data
+    nbytes: int
+    spec: TensorSpec
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"truncated shard {path}: {size} bytes, no safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if 8 + n > size:
+            raise ConversionError(f"truncated shard {path}: {size} bytes, its header alone "
+                                  f"claims {8 + n}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"corrupt safetensors header in {path}: {e}") from e
+    return header, 8 + n
+
+
+class SafetensorsDir(TensorSource):
+    """All tensors of an HF checkpoint directory (``model.safetensors.index.json`` + shards, or
+    single ``*.safetensors`` files)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ConversionError(f"HF checkpoint directory {self.path} does not exist")
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map = None
+            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if not files:
+            raise ConversionError(f"no *.safetensors files (and no {INDEX_NAME}) in {self.path}")
+        self._entries: dict[str, _Entry] = {}
+        for name in files:
+            file = self.path / name
+            if not file.is_file():
+                raise ConversionError(f"{index} lists {name}, which does not exist")
+            self._scan(file)
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if key not in self._entries or self._entries[key].file.name != name:
+                    raise ConversionError(f"{INDEX_NAME} maps {key!r} to {name}, which does not "
+                                          "hold it")
+
+    def _scan(self, file: Path) -> None:
+        header, data_start = _read_header(file)
+        size = file.stat().st_size
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if data_start + end > size:
+                raise ConversionError(f"truncated shard {file}: {size} bytes, but {key!r} ends at "
+                                      f"byte {data_start + end}")
+            if info["dtype"] not in _DTYPES:
+                raise ConversionError(f"{key!r} in {file} has unsupported dtype {info['dtype']}")
+            if key in self._entries:
+                raise ConversionError(f"{key!r} is in both {self._entries[key].file.name} and "
+                                      f"{file.name}")
+            spec = TensorSpec(tuple(info["shape"]), _DTYPES[info["dtype"]])
+            self._entries[key] = _Entry(file, data_start + begin, end - begin, spec)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._entries[key].spec
+
+    def origin(self, key: str) -> str:
+        return self._entries[key].file.name
+
+    def read(self, key: str) -> Tensor:
+        e = self._entries[key]
+        buf = bytearray(e.nbytes)
+        with open(e.file, "rb") as f:
+            f.seek(e.start)
+            if f.readinto(buf) != e.nbytes:
+                raise ConversionError(f"truncated shard {e.file}: short read of {key!r}")
+        if not buf:
+            return torch.empty(e.spec.shape, dtype=e.spec.dtype)
+        return torch.frombuffer(buf, dtype=e.spec.dtype).reshape(e.spec.shape)
+
+
+@dataclass(frozen=True)
+class _Virtual:
+    alias: Alias
+    src_keys: tuple[str, ...]
+    index: int | None
+    position: int
+
+
+class AliasedSource(TensorSource):
+    """``source`` seen through :class:`Alias` rules: other layouts' keys become canonical ones;
+    keys no alias matches pass through unchanged."""
+
+    def __init__(self, source: TensorSource, aliases: Iterable[Alias], ctx: ConvertContext) -> None:
+        self.source, self.ctx = source, ctx
+        aliases = list(aliases)
+        present = set(source.keys())
+        consumed: set[str] = set()
+        self._virtual: dict[str, _Virtual] = {}
+        for key in source.keys():
+            if key in consumed:
+                continue
+            for alias in aliases:
+                binding = alias.match(key)
+                if binding is None:
+                    continue
+                src_keys = tuple(fill(p, binding) for p in alias.src)
+                absent = [k for k in src_keys if k not in present]
+                if absent:
+                    raise ConversionError(
+                        f"{key!r} (in {source.origin(key)}) needs {absent[0]!r}, which is not in "
+                        "the checkpoint")
+                consumed.update(src_keys)
+                count = source.spec(key).shape[0] if alias.expand else None
+                for index in range(count) if alias.expand else [None]:
+                    b = dict(binding, **({alias.expand: str(index)} if alias.expand else {}))
+                    for pos, pattern in enumerate(alias.dst):
+                        self._add(fill(pattern, b), _Virtual(alias, src_keys, index, pos))
+                break
+        self._passthrough = [k for k in source.keys() if k not in consumed]
+        for key in self._passthrough:
+            if key in self._virtual:
+                raise ConversionError(f"{key!r} is in the checkpoint twice: as itself (in "
+                                      f"{source.origin(key)}) and in another layout")
+        self._cache: tuple[tuple, list[Tensor]] | None = None
+
+    def _add(self, key: str, v: _Virtual) -> None:
+        if key in self._virtual:
+            raise ConversionError(f"two checkpoint tensors map to {key!r}: {v.src_keys} and "
+                                  f"{self._virtual[key].src_keys}")
+        self._virtual[key] = v
+
+    def keys(self) -> list[str]:
+        return self._passthrough + list(self._virtual)
+
+    def origin(self, key: str) -> str:
+        v = self._virtual.get(key)
+        if v is None:
+            return self.source.origin(key)
+        return f"{self.source.origin(v.src_keys[0])} (from {', '.join(v.src_keys)})"
+
+    def _apply(self, v: _Virtual, inputs: list[Tensor]) -> Tensor:
+        fn = v.alias.fn
+        if fn is None:
+            return inputs[0]
+        outs = fn(inputs, self.ctx) if v.index is None else fn(inputs, self.ctx, v.index)
+        return outs[v.position]
+
+    def spec(self, key: str) -> TensorSpec:
+        v = self._virtual.get(key)
+        if v is None:
+            return self.source.spec(key)
+        inputs = []
+        for k in v.src_keys:
+            s = self.source.spec(k)
+            # Tiny tensors (INT4 weight_shape) are read: the output shape depends on their values.
+            small = 0 < len(s.shape) and torch.Size(s.shape).numel() <= 16
+            inputs.append(self.source.read(k) if small else meta_like(s.shape, s.dtype))
+        out = self._apply(v, inputs)
+        return TensorSpec(tuple(out.shape), out.dtype)
+
+    def read(self, key: str) -> Tensor:
+        v = self._virtual.get(key)
+        if v is None:
+            return self.source.read(key)
+        # One group is kept: the partners of a multi-output alias are read one after the other.
+        if self._cache is None or self._cache[0] != v.src_keys:
+            self._cache = (v.src_keys, [self.source.read(k) for k in v.src_keys])
+        return self._apply(v, self._cache[1])
+
+
+class ShardedSafetensorsWriter:
+    """Writes tensors in the order given into ``model-0000i-of-0000N.safetensors`` files of at
+    most ``max_shard_bytes`` (one tensor larger than that gets a shard of its own), then
+    ``model.safetensors.index.json``. Only the current shard is held in memory."""
+
+    def __init__(self, out_dir: Path, max_shard_bytes: int,
+                 on_shard: Callable[[int], None] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.on_shard = on_shard
+        self._pending: dict[str, Tensor] = {}
+        self._pending_bytes = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        if name in self._pending or any(name in keys for _, keys in self._parts):
+            raise ConversionError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        part = self.out_dir / f"part-{len(self._parts):05d}.safetensors"
+        save_file(self._pending, str(part), metadata={"format": "pt"})
+        self._parts.append((part, list(self._pending)))
+        self.total_bytes += self._pending_bytes
+        if self.on_shard is not None:
+            self.on_shard(self._pending_bytes)
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Flush, name the shards ``-of-N``, write the index; returns the weight map."""
+        if self._pending:
+            self._flush()
+        n = len(self._parts)
+        weight_map = {}
+        for i, (part, keys) in enumerate(self._parts):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(part, self.out_dir / name)
+            weight_map.update({k: name for k in keys})
+        index = {"metadata": {"total_size": self.total_bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return weight_map

@@ -1,0 +1,237 @@
+"""HF safetensors -> our megatron checkpoint (``tools/convert_hf.py import``).
+
+1. ``config.json`` -> our ``ModelConfig`` (``hf_config``), the family's table and key layouts.
+2. The whole plan is checked before anything is written: every tensor of ours has its HF
+   sources, every HF tensor is used (or knowingly skipped, and counted), and every shape and
+   dtype fits -- shapes by running the transforms on ``meta`` tensors.
+3. The checkpoint is written tensor by tensor (``mcore.write_checkpoint``) into a temporary
+   directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+from megatron_vlm.config.data import DataConfig
+from megatron_vlm.config.job import JobConfig
+from megatron_vlm.config.model import ModelConfig
+from megatron_vlm.convert.hf_config import architecture_of, model_from_hf, read_config
+from megatron_vlm.convert.hf_io import AliasedSource, SafetensorsDir, TensorSource
+from megatron_vlm.convert.rules import ConversionError, ConvertContext, Rule, Table, meta_like
+from megatron_vlm.convert.tables import Family
+
+logger = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def context_for(model: ModelConfig, rope_interleave: bool = True) -> ConvertContext:
+    from megatron_vlm.models.llm import padded_vocab_size
+
+    llm = model.llm
+    vision = model.vision
+    return ConvertContext(
+        num_heads=llm.num_attention_heads, qk_nope_head_dim=llm.qk_nope_head_dim,
+        qk_rope_head_dim=llm.qk_rope_head_dim, kv_lora_rank=llm.kv_lora_rank,
+        vocab_size=llm.vocab_size, padded_vocab_size=padded_vocab_size(llm.vocab_size, 1),
+        rope_interleave=rope_interleave, num_dense_layers=llm.num_dense_layers,
+        vision_num_heads=vision.num_attention_heads if vision else 0,
+        vision_pos_emb_shape=(vision.pos_emb_height, vision.pos_emb_width, vision.hidden_size)
+        if vision else ())
+
+
+def table_for(family: Family, model: ModelConfig, ctx: ConvertContext) -> Table:
+    return Table(family.rules(q_lora=model.llm.q_lora_rank is not None,
+                              tied=not model.llm.untie_embeddings), ctx)
+
+
+@dataclass
+class ImportPlan:
+    """What each tensor of ours is made of, and what was left out on purpose."""
+
+    sources: dict[str, tuple[Rule, list[str]]]
+    skipped: Counter = field(default_factory=Counter)
+
+
+def _skip_reason(key: str, family: Family, num_layers: int) -> str | None:
+    m = _LAYER.search(key)
+    if family.name != "siglip" and m and int(m.group(1)) >= num_layers and "vision_tower" not in key:
+        return "multi-token-prediction layers (not part of the model)"
+    if any(re.search(p, key) for p in family.skipped):
+        return "no counterpart in our model"
+    return None
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def plan_import(table: Table, source: TensorSource, expected: dict[str, tuple[tuple, torch.dtype]],
+                family: Family, num_layers: int, where: str) -> ImportPlan:
+    """Check the conversion end to end on metadata; raise ConversionError naming the key/file."""
+    plan = ImportPlan(sources={})
+    available = set(source.keys())
+    used: set[str] = set()
+    for name, (shape, _) in expected.items():
+        rule, binding = table.lookup(name)
+        hf_names = rule.hf_names(binding)
+        missing = [k for k in hf_names if k not in available]
+        if missing:
+            raise ConversionError(f"missing key {missing[0]!r} in {where} (needed for our "
+                                  f"{name!r})")
+        specs = [source.spec(k) for k in hf_names]
+        for k, s in zip(hf_names, specs):
+            if not _is_float(s.dtype):
+                raise ConversionError(f"dtype mismatch: {k!r} in {source.origin(k)} is {s.dtype}, "
+                                      "expected a floating-point tensor")
+        if len({s.dtype for s in specs}) > 1:
+            raise ConversionError(
+                f"dtype mismatch: {', '.join(f'{k} ({s.dtype}, {source.origin(k)})' for k, s in zip(hf_names, specs))} "
+                f"are combined into our {name!r} and must share a dtype")
+        try:
+            out = rule.transform.to_ours([meta_like(s.shape, s.dtype) for s in specs], table.ctx)
+            ok = tuple(out.shape) == tuple(shape)
+        except (ConversionError, RuntimeError) as e:
+            out, ok = None, str(e)
+        if ok is not True:
+            found = ", ".join(f"{k} {list(s.shape)} in {source.origin(k)}"
+                              for k, s in zip(hf_names, specs))
+            detail = f" ({ok})" if isinstance(ok, str) else ""
+            raise ConversionError(f"shape mismatch: {found} cannot make our {name!r} "
+                                  f"{list(shape)}{detail}")
+        plan.sources[name] = (rule, hf_names)
+        used.update(hf_names)
+    unexpected = []
+    for key in source.keys():
+        if key in used:
+            continue
+        reason = _skip_reason(key, family, num_layers)
+        if reason is None:
+            unexpected.append(key)
+        else:
+            plan.skipped[reason] += 1
+    if unexpected:
+        listed = "; ".join(f"{k!r} in {source.origin(k)}" for k in unexpected[:5])
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ConversionError(f"unexpected key(s) for a {family.name} model: {listed}{more}")
+    return plan
+
+
+def open_source(hf_dir: Path, family: Family, ctx: ConvertContext) -> TensorSource:
+    source: TensorSource = SafetensorsDir(hf_dir)
+    for aliases in family.alias_passes:
+        source = AliasedSource(source, aliases, ctx)
+    return source
+
+
+def producer(plan: ImportPlan, source: TensorSource, ctx: ConvertContext,
+             expected: dict[str, tuple[tuple, torch.dtype]],
+             on_tensor: Callable[[str], None] | None = None) -> Callable[[str], Tensor]:
+    def produce(name: str) -> Tensor:
+        rule, hf_names = plan.sources[name]
+        out = rule.transform.to_ours([source.read(k) for k in hf_names], ctx)
+        shape, dtype = expected[name]
+        assert tuple(out.shape) == tuple(shape), (name, out.shape, shape)  # checked in the plan
+        if on_tensor is not None:
+            on_tensor(name)
+        return out.to(dtype)
+
+    return produce
+
+
+def job_yaml(model: ModelConfig, name: str) -> str:
+    """A JobConfig YAML for the imported model (``--config`` it, then set data/optim/train)."""
+    seq = max(8, min(DataConfig().seq_length, model.llm.max_position_embeddings))
+    return JobConfig(name=name, model=model, data=DataConfig(seq_length=seq)).to_yaml()
+
+
+@dataclass
+class ImportResult:
+    checkpoint: Path
+    """The step directory (``<out>/step_0000000``)."""
+    model: ModelConfig
+    family: str
+    num_tensors: int
+    skipped: dict[str, int]
+
+
+def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
+              progress: bool = True) -> ImportResult:
+    """Convert the HF checkpoint in ``hf_dir`` into our checkpoint root ``out`` (new or empty).
+
+    Writes ``out/step_0000000/`` (our checkpoint: the trainer's ``checkpoint.load`` path) and
+    ``out/job.yaml`` (the model config as a job to edit). On any error nothing is left behind.
+    """
+    from megatron_vlm.convert.mcore import (
+        SHARDED_METADATA,
+        build_meta_model,
+        tensor_slots,
+    )
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output {out} exists and is not empty")
+    cfg = read_config(hf_dir)
+    family = architecture_of(cfg)
+    if family.name == "siglip":
+        raise ConversionError("SigLIP checkpoints initialise a vision tower: use "
+                              "`convert_hf.py import-siglip`")
+    model, interleave = model_from_hf(cfg, family, params_dtype)
+    ctx = context_for(model, interleave)
+    table = table_for(family, model, ctx)
+    source = open_source(hf_dir, family, ctx)
+    meta = build_meta_model(model)
+    slots = tensor_slots(meta.sharded_state_dict(metadata=dict(SHARDED_METADATA)))
+    expected = {n: (s.shape, s.dtype) for n, s in slots.items()}
+    plan = plan_import(table, source, expected, family, model.llm.num_layers, str(hf_dir))
+    for reason, count in plan.skipped.items():
+        logger.warning("skipped %d HF tensor(s): %s", count, reason)
+
+    created = not out.exists()
+    bar = tqdm(total=len(expected), desc="import", unit="tensor", disable=not progress)
+    try:
+        step_dir = _write(out, meta, producer(plan, source, ctx, expected,
+                                               lambda _: bar.update()),
+                          job_yaml(model, f"hf_import:{hf_dir.name}"),
+                          {"hf_import": {"source": str(hf_dir), "family": family.name}})
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    return ImportResult(step_dir, model, family.name, len(expected), dict(plan.skipped))
+
+
+def _write(out: Path, meta, produce, config_yaml: str, extra: dict) -> Path:
+    from megatron_vlm.convert.mcore import write_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    step_dir = write_checkpoint(out, meta, produce, config_yaml, extra)
+    tmp = out / f".tmp-job-{secrets.token_hex(4)}.yaml"
+    tmp.write_text(config_yaml)
+    os.replace(tmp, out / "job.yaml")
+    return step_dir
+
+
+def load_job_model(config_yaml: str) -> ModelConfig:
+    """The model section of a checkpoint's JobConfig YAML."""
+    from megatron_vlm.config.job import from_dict
+
+    data = yaml.safe_load(config_yaml) or {}
+    if "model" not in data:
+        raise ConversionError("the checkpoint's manifest has no model config")
+    return from_dict(ModelConfig, data["model"])

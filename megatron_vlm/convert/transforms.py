@@ -1,0 +1,157 @@
+"""The named transforms of the mapping tables (see ``rules.py``), and the import-only alias maps.
+
+Each :class:`~megatron_vlm.convert.rules.Transform` is exact (permutations, concatenations,
+padding with zeros and slicing): a round trip returns the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_vlm.convert.rules import ConversionError, ConvertContext, Transform
+from megatron_vlm.models.vision.hf_weights import (
+    fuse_qkv,
+    rope_rows_half_to_interleaved,
+    split_qkv,
+)
+
+# --- gate/up fusion: megatron's gated linear_fc1 is [gate; up] ----------------------------------
+
+FUSE_GATE_UP = Transform(
+    "fuse_gate_up",
+    to_ours=lambda ts, ctx: torch.cat(ts, dim=0),
+    to_hf=lambda t, ctx: list(t.chunk(2, dim=0)),
+)
+
+
+# --- vocabulary padding: megatron pads the table to a multiple of 128 * tp ----------------------
+
+
+def _pad_vocab(ts: list[Tensor], ctx: ConvertContext) -> Tensor:
+    t = ts[0]
+    if t.shape[0] != ctx.vocab_size:
+        raise ConversionError(f"has {t.shape[0]} rows but the config's vocab_size is "
+                              f"{ctx.vocab_size}")
+    return F.pad(t, (0, 0, 0, ctx.padded_vocab_size - ctx.vocab_size))
+
+
+PAD_VOCAB = Transform("pad_vocab", _pad_vocab, lambda t, ctx: [t[: ctx.vocab_size]])
+
+
+# --- MLA rope rows: megatron rotates interleaved pairs (HF rope_interleave=True) ----------------
+
+
+def _hf_rope_order(d_r: int) -> Tensor:
+    """With ``rope_interleave=False`` HF pairs channel j with j + d_r/2: our row of each HF row."""
+    return torch.cat([torch.arange(0, d_r, 2), torch.arange(1, d_r, 2)])
+
+
+def _q_rows(t: Tensor, ctx: ConvertContext, to_ours: bool) -> Tensor:
+    if ctx.rope_interleave:
+        return t
+    nope, d_r = ctx.qk_nope_head_dim, ctx.qk_rope_head_dim
+    heads = t.reshape(ctx.num_heads, nope + d_r, -1).clone()
+    order = _hf_rope_order(d_r)
+    rope = heads[:, nope:].clone()
+    if to_ours:
+        heads[:, nope:][:, order] = rope
+    else:
+        heads[:, nope:] = rope[:, order]
+    return heads.reshape(t.shape)
+
+
+def _kv_a_rows(t: Tensor, ctx: ConvertContext, to_ours: bool) -> Tensor:
+    if ctx.rope_interleave:
+        return t
+    out, lora = t.clone(), ctx.kv_lora_rank
+    order = _hf_rope_order(ctx.qk_rope_head_dim)
+    if to_ours:
+        out[lora:][order] = t[lora:]
+    else:
+        out[lora:] = t[lora:][order]
+    return out
+
+
+ROPE_Q_ROWS = Transform(
+    "mla_q_rope_rows",
+    to_ours=lambda ts, ctx: _q_rows(ts[0], ctx, to_ours=True),
+    to_hf=lambda t, ctx: [_q_rows(t, ctx, to_ours=False)],
+)
+ROPE_KV_A_ROWS = Transform(
+    "mla_kv_a_rope_rows",
+    to_ours=lambda ts, ctx: _kv_a_rows(ts[0], ctx, to_ours=True),
+    to_hf=lambda t, ctx: [_kv_a_rows(t, ctx, to_ours=False)],
+)
+
+
+# --- ViT qkv: checkpoint wqkv = [q; k; v], ours per head [q_h; k_h; v_h] ------------------------
+
+VIT_WQKV = Transform(
+    "vit_wqkv",
+    to_ours=lambda ts, ctx: fuse_qkv(*ts[0].chunk(3, dim=0), ctx.vision_num_heads),
+    to_hf=lambda t, ctx: [torch.cat(split_qkv(t, ctx.vision_num_heads), dim=0)],
+)
+# SigLIP: separate q, k, v (no rope, so no permutation).
+VIT_Q_K_V = Transform(
+    "vit_q_k_v",
+    to_ours=lambda ts, ctx: fuse_qkv(*ts, ctx.vision_num_heads),
+    to_hf=lambda t, ctx: list(split_qkv(t, ctx.vision_num_heads)),
+)
+# SigLIP's learned position table is [H*W, D]; ours [H, W, D].
+FLAT_POS_TABLE = Transform(
+    "flat_pos_table",
+    to_ours=lambda ts, ctx: ts[0].reshape(ctx.vision_pos_emb_shape),
+    to_hf=lambda t, ctx: [t.flatten(0, 1)],
+)
+
+
+# --- aliases (import only) ----------------------------------------------------------------------
+
+
+def vision_qkv_from_module(ts: list[Tensor], ctx: ConvertContext) -> list[Tensor]:
+    """transformers' in-memory ``attn.{q,k,v}_proj`` (q/k rows rotate-half per head, after its
+    load-time ``PermuteForRope``) -> the checkpoint's ``wqkv`` (interleaved pairs)."""
+    q, k, v = ts
+    heads = ctx.vision_num_heads
+    return [torch.cat([rope_rows_half_to_interleaved(q, heads),
+                       rope_rows_half_to_interleaved(k, heads), v], dim=0)]
+
+
+def split_fused_gate_up(ts: list[Tensor], ctx: ConvertContext, e: int) -> list[Tensor]:
+    """transformers' in-memory ``experts.gate_up_proj [E, 2I, H]`` -> expert e's gate, up."""
+    return list(ts[0][e].chunk(2, dim=0))
+
+
+def split_fused_down(ts: list[Tensor], ctx: ConvertContext, e: int) -> list[Tensor]:
+    """transformers' in-memory ``experts.down_proj [E, H, I]`` -> expert e's down_proj."""
+    return [ts[0][e]]
+
+
+INT4_GROUP = 32
+
+
+def dequantize_int4(ts: list[Tensor], ctx: ConvertContext) -> list[Tensor]:
+    """compressed-tensors ``pack-quantized`` INT4 (K2.5's routed experts) -> fp32 weight.
+
+    ``weight_packed [out, ceil(in/8)]`` int32: 8 values per word, value ``j`` of a word in bits
+    ``4j..4j+3``, stored with an offset of 8 (unsigned 0..15 = signed -8..7); ``weight_scale
+    [out, in/32]``: one scale per group of 32 inputs (symmetric, no zero point);
+    ``weight_shape = [out, in]``. w = q * scale, exact in fp32 (a 4-bit integer times a bf16
+    scale needs at most 12 significant bits).
+    """
+    packed, scale, shape = ts
+    if packed.dtype != torch.int32:
+        raise ConversionError(f"weight_packed must be int32, found {packed.dtype}")
+    rows, cols = (int(v) for v in shape.tolist())
+    if packed.shape[0] != rows or packed.shape[1] * 8 < cols or scale.shape != (
+            rows, -(-cols // INT4_GROUP)):
+        raise ConversionError(
+            f"INT4 shapes disagree: weight_packed {tuple(packed.shape)}, weight_scale "
+            f"{tuple(scale.shape)}, weight_shape [{rows}, {cols}] (group size {INT4_GROUP})")
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [out, words, 8]
+    q = nibbles.reshape(rows, -1)[:, :cols].to(torch.float32) - 8.0
+    group_scale = scale.to(torch.float32).repeat_interleave(INT4_GROUP, dim=1)[:, :cols]
+    return [q * group_scale]

@@ -1,0 +1,70 @@
+"""Convert checkpoints between Hugging Face safetensors and megatron_vlm (megatron dist) format.
+
+    python tools/convert_hf.py import HF_DIR OUT_ROOT [--params-dtype fp32|bf16]
+    python tools/convert_hf.py export CKPT OUT_DIR [--family kimi_k25|deepseek_v3]
+                                       [--dtype bf16|fp32] [--max-shard-gb 5]
+
+``import`` writes ``OUT_ROOT/step_0000000/`` (load it with ``checkpoint.load=...``) and
+``OUT_ROOT/job.yaml``; ``export`` takes a step directory or a checkpoint root (newest complete
+checkpoint) and writes release-named shards, ``model.safetensors.index.json`` and
+``config.json``. Both stream tensor by tensor and leave nothing behind on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF safetensors -> our checkpoint")
+    imp.add_argument("hf_dir", type=Path)
+    imp.add_argument("out", type=Path, help="checkpoint root to create")
+    imp.add_argument("--params-dtype", choices=["fp32", "bf16"], default="fp32")
+    exp = sub.add_parser("export", help="our checkpoint -> HF safetensors")
+    exp.add_argument("checkpoint", type=Path, help="step directory or checkpoint root")
+    exp.add_argument("out", type=Path, help="directory to create")
+    exp.add_argument("--family", choices=["kimi_k25", "deepseek_v3"], default=None,
+                     help="default: kimi_k25 for a VLM, deepseek_v3 for a text-only model")
+    exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0)
+    sig = sub.add_parser("import-siglip", help="SiglipVisionModel -> MoonViT weights")
+    sig.add_argument("hf_dir", type=Path)
+    sig.add_argument("out", type=Path, help="safetensors file to create")
+    for p in (imp, exp, sig):
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron_vlm").setLevel(logging.INFO)
+
+    from megatron_vlm.convert import ConversionError, export_hf, import_hf
+
+    try:
+        if args.command == "import":
+            result = import_hf(args.hf_dir, args.out, params_dtype=args.params_dtype,
+                               progress=not args.quiet)
+            print(f"imported {result.num_tensors} tensors ({result.family}) -> "
+                  f"{result.checkpoint}; skipped: {result.skipped or 'none'}")
+        elif args.command == "export":
+            result = export_hf(args.checkpoint, args.out, family=args.family, dtype=args.dtype,
+                               max_shard_bytes=int(args.max_shard_gb * 2**30),
+                               progress=not args.quiet)
+            print(f"exported {result.num_tensors} tensors ({result.total_bytes / 1e9:.3f} GB, "
+                  f"{result.family}) -> {result.out}")
+        else:
+            from megatron_vlm.convert.siglip import import_siglip
+
+            result = import_siglip(args.hf_dir, args.out)
+            print(f"imported SigLIP -> {result}")
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
