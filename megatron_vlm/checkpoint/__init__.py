@@ -3,6 +3,7 @@
 Sees models only through (sharded) state dicts. See ``dist.py`` for the on-disk layout.
 """
 
+from megatron_vlm.checkpoint.async_save import CheckpointSaver, SaveReport
 from megatron_vlm.checkpoint.dist import (
     find_latest_checkpoint,
     load_checkpoint,
@@ -14,6 +15,8 @@ from megatron_vlm.checkpoint.manifest import CheckpointError, read_manifest, ver
 
 __all__ = [
     "CheckpointError",
+    "CheckpointSaver",
+    "SaveReport",
     "find_latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",

@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,10 +188,6 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
-
-
 def step_dir_name(step: int) -> str:
     """``step_0000123``: the directory name of the checkpoint of ``step``."""
     return f"step_{step:07d}"
@@ -224,11 +221,50 @@ def save_checkpoint(
 
     Returns:
         The final checkpoint directory (the same path on every rank).
+
+    See ``async_save.py`` for the asynchronous variant (same files, same manifest).
     """
+    pending = begin_save(root, step, model_chunks, optimizer, scheduler, extra, config_yaml,
+                         keep_last)
+    dist_checkpointing.save(pending.state, str(pending.tmp),
+                            sharded_strategy=InProcessTorchDistSaveStrategy())
+    write_rank_state(pending)
+    dist.barrier()
+    # Hash (and fsync) the files, each rank a slice.
+    files = list_files(pending.tmp)
+    return complete_save(pending, file_entries(pending.tmp, files[pending.rank::pending.world],
+                                               fsync=True))
+
+
+@dataclass
+class PendingSave:
+    """A save between :func:`begin_save` and :func:`complete_save` (same on every rank but
+    ``rank``, ``state`` and ``extra``)."""
+
+    root: Path
+    tmp: Path
+    final: Path
+    step: int
+    rank: int
+    world: int
+    state: dict
+    """The sharded state dict handed to ``dist_checkpointing.save``."""
+    with_optimizer: Any
+    """The optimizer whose state is saved, or None (not stepped yet)."""
+    extra: dict
+    config_yaml: str
+    keep_last: int
+
+
+def begin_save(
+    root: Path, step: int, model_chunks: list, optimizer, scheduler, extra: dict,
+    config_yaml: str, keep_last: int,
+) -> PendingSave:
+    """Validate, create the temp directory (rank 0) and build the state dict; collective."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     try:
-        extra_json = json.dumps(extra)
+        json.dumps(extra)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra state must be JSON-serialisable: {e}") from e
     rank, world = _rank_world()
@@ -251,36 +287,52 @@ def save_checkpoint(
     state["step"] = step
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=InProcessTorchDistSaveStrategy())
+    return PendingSave(root=root, tmp=tmp, final=final, step=step, rank=rank, world=world,
+                       state=state, with_optimizer=with_optimizer, extra=extra,
+                       config_yaml=config_yaml, keep_last=keep_last)
 
-    # Per-rank state: plain tensors/ints/strings only, so weights_only=True can read it.
+
+def rank_file(rank: int) -> str:
+    """``rank_00007.pt``: the per-rank file (RNG states, the caller's extra)."""
+    return f"rank_{rank:05d}.pt"
+
+
+def write_rank_state(pending: PendingSave) -> None:
+    """This rank's RNG states and extra: plain tensors/ints/strings, so weights_only=True reads
+    them. Captured now, at the step being saved (an async save writes the rest later)."""
     rank_state = {
         "format": FORMAT,
-        "rank": rank,
-        "world_size": world,
-        "step": step,
+        "rank": pending.rank,
+        "world_size": pending.world,
+        "step": pending.step,
         "rng": capture_rng_state(),
-        "extra_json": extra_json,
+        "extra_json": json.dumps(pending.extra),
     }
-    torch.save(rank_state, tmp / _rank_file(rank))
-    dist.barrier()
+    torch.save(rank_state, pending.tmp / rank_file(pending.rank))
 
-    # Hash (and fsync) the files, each rank a slice; rank 0 writes the manifest and renames.
-    files = list_files(tmp)
-    entries = [e for part in _all_gather_json(file_entries(tmp, files[rank::world], fsync=True))
-               for e in part]
-    if rank == 0:
+
+def complete_save(pending: PendingSave, my_entries: list[dict]) -> Path:
+    """Every file written: gather the ranks' file entries, rank 0 writes the manifest, renames
+    the directory into place and prunes; collective. Returns the final directory."""
+    entries = [e for part in _all_gather_json(my_entries) for e in part]
+    if pending.rank == 0:
+        tmp = pending.tmp
+        listed, present = sorted(e["path"] for e in entries), list_files(tmp)
+        if listed != present:  # internal invariant: the manifest covers exactly the files
+            raise CheckpointError(
+                f"checkpoint {tmp}: files {present} on disk, {listed} hashed by the ranks")
         _fsync_dir(tmp)
-        manifest = _build_manifest(step, config_yaml, with_optimizer, world, extra, entries)
+        manifest = _build_manifest(pending.step, pending.config_yaml, pending.with_optimizer,
+                                   pending.world, pending.extra, entries)
         write_manifest(tmp, manifest)
         _fsync_dir(tmp)
-        _rename_into_place(tmp, final)
+        _rename_into_place(tmp, pending.final)
     dist.barrier()
-    if rank == 0:
-        prune_checkpoints(root, keep_last)
+    if pending.rank == 0:
+        prune_checkpoints(pending.root, pending.keep_last)
     dist.barrier()
-    logger.info("saved checkpoint %s", final)
-    return final
+    logger.info("saved checkpoint %s", pending.final)
+    return pending.final
 
 
 def _build_manifest(
@@ -489,8 +541,8 @@ def load_checkpoint(
         scheduler.load_state_dict(loaded["scheduler"])
 
     same_world = manifest["world_size"] == world
-    rank_file = path / _rank_file(rank if same_world else 0)
-    rank_state = weights_only_load(rank_file, str(rank_file))
+    rank_path = path / rank_file(rank if same_world else 0)
+    rank_state = weights_only_load(rank_path, str(rank_path))
     if same_world:
         restore_rng_state(rank_state["rng"])
     else:

@@ -10,7 +10,15 @@ duration of one call (``_patched``). Why each piece exists:
   ``__main__``) and forks one writer process per bucket (``strategies/filesystem_async.py:54,266``).
   We write the same buckets, with fsync and megatron's result protocol, in this process instead.
   Without psutil (not a megatron-core dependency) ``filesystem_async.py:642`` raises just to log
-  memory use, so that call is stubbed out while writing.
+  memory use, so that call is stubbed out while writing (``without_psutil``).
+* ``AsyncTorchDistSaveStrategy`` (with ``_AsyncFileSystemWriter``): megatron's own async path
+  (forked writer, per-bucket processes, results through a Manager queue) with another Manager:
+  megatron starts a ``spawn``-context one (``filesystem_async.py:51``), which re-imports
+  ``__main__`` -- re-running any script without a ``__main__`` guard that calls ``train()`` --
+  and dies from a preemption signal sent to the trainer's process group (torchrun's
+  ``killpg``, SLURM), taking the result queue of the save in flight with it. Ours is forked
+  (nothing re-imported; megatron forks its writers the same way) and blocks SIGTERM/SIGUSR1.
+  The queue is built inside a function with no hook, so it is rebound for the call.
 * ``SafeCommonLoadStrategy``: megatron reads ``common.pt`` with torch's loader (map_location cpu) and
   no ``weights_only`` argument (``strategies/common.py:86``): safe only because torch >= 2.6
   defaults to ``weights_only=True`` and an env var (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) can flip
@@ -35,6 +43,7 @@ import dataclasses
 import io
 import pickle
 import queue
+import signal
 from collections.abc import Iterator
 from enum import Enum
 from functools import partial
@@ -71,6 +80,17 @@ def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
 # --- save strategy: torch_dist, written in this process -----------------------------------------
 
 
+def without_psutil() -> contextlib.AbstractContextManager:
+    """Stub ``filesystem_async._process_memory`` when psutil is missing.
+
+    filesystem_async.py:642 raises without psutil (not a megatron-core dependency) just to log
+    memory use; in megatron's forked workers that kills the worker before it reports.
+    """
+    if _fs_async.HAVE_PSUTIL:
+        return contextlib.nullcontext()
+    return _patched(_fs_async, "_process_memory", lambda: 0)
+
+
 def _write_buckets_in_process(
     transform_list: list, rank: int, write_buckets: list, results_queue: queue.Queue
 ) -> None:
@@ -78,12 +98,7 @@ def _write_buckets_in_process(
 
     Same per-bucket writer (with fsync), same result protocol, no forked workers.
     """
-    # filesystem_async.py:642 raises without psutil (not a megatron-core dependency) just to log
-    # memory use; in megatron's forked workers that kills the worker before it reports.
-    no_psutil = contextlib.nullcontext()
-    if not _fs_async.HAVE_PSUTIL:
-        no_psutil = _patched(_fs_async, "_process_memory", lambda: 0)
-    with no_psutil:
+    with without_psutil():
         # An exception goes into the queue, as from megatron's workers: its finalize step then
         # reports the failure on every rank instead of leaving the others in a collective.
         results_queue.put(_write_buckets(transform_list, write_buckets))
@@ -130,6 +145,64 @@ class InProcessTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrateg
 
     def async_save(self, sharded_state_dict, checkpoint_dir):
         with _patched(_torch_strategy, "FileSystemWriterAsync", _InProcessFileSystemWriter):
+            return super().async_save(sharded_state_dict, checkpoint_dir)
+
+
+# --- save strategy: megatron's async torch_dist, signal-proof result queue ----------------------
+
+_RESULTS_MANAGER = None
+_RESULTS_QUEUE = None
+
+
+def write_results_queue():
+    """The write-results queue shared by every async save of this process (started once).
+
+    Like megatron's ``_get_write_results_queue`` a Manager queue (it survives the forked
+    writers, and has no pipe-capacity deadlock), but the Manager is forked, not spawned, and
+    blocks SIGTERM and SIGUSR1 (see the module docstring). SIGKILL still ends it; it also ends
+    with this process (multiprocessing's exit finalizer).
+    """
+    global _RESULTS_MANAGER, _RESULTS_QUEUE
+    if _RESULTS_QUEUE is None:
+        from multiprocessing.managers import SyncManager
+
+        import torch.multiprocessing as mp
+
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(initializer=signal.pthread_sigmask,
+                      initargs=(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1}))
+        _RESULTS_MANAGER, _RESULTS_QUEUE = manager, manager.Queue()
+    return _RESULTS_QUEUE
+
+
+def shutdown_results_queue() -> None:
+    """Stop the Manager behind :func:`write_results_queue` (no async save may be in flight)."""
+    global _RESULTS_MANAGER, _RESULTS_QUEUE
+    if _RESULTS_MANAGER is not None:
+        _RESULTS_MANAGER.shutdown()
+    _RESULTS_MANAGER = _RESULTS_QUEUE = None
+
+
+class _AsyncFileSystemWriter(_fs_async.FileSystemWriterAsync):
+    """megatron 0.16.1's async writer with :func:`write_results_queue` (module docstring)."""
+
+    def prepare_write_data(self, plan, planner) -> None:
+        with _patched(_fs_async, "_get_write_results_queue", write_results_queue):
+            super().prepare_write_data(plan, planner)
+
+
+class AsyncTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
+    """megatron's torch_dist async save with :class:`_AsyncFileSystemWriter`.
+
+    ``thread_count=1``: one data file per rank, the same layout as
+    :class:`InProcessTorchDistSaveStrategy`, so async and synchronous checkpoints are alike.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch_dist", 1, thread_count=1)
+
+    def async_save(self, sharded_state_dict, checkpoint_dir):
+        with _patched(_torch_strategy, "FileSystemWriterAsync", _AsyncFileSystemWriter):
             return super().async_save(sharded_state_dict, checkpoint_dir)
 
 

@@ -21,6 +21,10 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a successful save."""
     save_on_exit: bool = True
     """Save when training ends or on SIGTERM."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron's async dist_checkpointing): the step loop
+    is blocked only to snapshot and to finalize; the checkpoint appears (renamed into place,
+    manifest written) once the write is done. At most one save is in flight."""
 
     def __post_init__(self) -> None:
         if self.save_interval < 0:

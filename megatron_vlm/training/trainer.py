@@ -17,7 +17,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_vlm.checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_vlm.checkpoint import (
+    CheckpointSaver,
+    SaveReport,
+    find_latest_checkpoint,
+    load_checkpoint,
+    step_dir_name,
+)
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.models.llm import padded_vocab_size
 from megatron_vlm.optim.builder import build_optimizer
@@ -30,13 +36,13 @@ from megatron_vlm.optim.qk_clip import (
 )
 from megatron_vlm.optim.schedules import build_scheduler
 from megatron_vlm.parallel.init import init_distributed
+from megatron_vlm.training import telemetry
 from megatron_vlm.training.data_setup import DataSetup, build_data
 from megatron_vlm.training.flops import llm_flops_per_token
 from megatron_vlm.training.metrics import MetricsLogger, plot_loss_curves
 from megatron_vlm.training.model_setup import build_model_chunks
 from megatron_vlm.training.state import StopSignal, TrainState
 from megatron_vlm.training.step import forward_step
-from megatron_vlm.training import telemetry
 
 
 class NonFiniteLossError(RuntimeError):
@@ -146,20 +152,39 @@ def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, 
     return loss, int(total[1].item()), float(grad_norm or 0.0), False, stop_requested, metrics
 
 
-def _save(job, run_dir, ckpt_root, state, chunks, optimizer, scheduler, data, bias0) -> Path:
+def _save(job, saver: CheckpointSaver, state, chunks, optimizer, scheduler, data,
+          bias0) -> list[SaveReport]:
     extra = {
         "train_state": state.to_dict(),
         "loader": data.loader.state_dict(),
         "expert_bias_at_start": [b.tolist() for b in bias0],
     }
-    return save_checkpoint(
-        ckpt_root, state.step, chunks, optimizer, scheduler, extra, job.to_yaml(),
-        keep_last=job.checkpoint.keep_last,
-    )
+    return saver.save(state.step, chunks, optimizer, scheduler, extra, job.to_yaml())
+
+
+def _log_saves(metrics: MetricsLogger, reports: list[SaveReport], step: int) -> None:
+    """One ``checkpoint`` record and line per completed save: how long it blocked the loop."""
+    for r in reports:
+        metrics.log(r.step, "checkpoint", {**r.metrics(), "completed_at_step": step})
+        how = (f"async: written in the background in "
+               f"{r.write_end_unix - r.write_start_unix:.2f} s, complete at step {step}"
+               if r.async_save else "sync")
+        metrics.message(f"checkpoint {r.path} ({how}); blocked the step loop "
+                        f"{r.blocked_s:.3f} s")
 
 
 def train(job: JobConfig) -> TrainResult:
     """Run (or resume) the job; returns the final state and validation losses."""
+    # From here on SIGTERM/SIGUSR1 (preemption) only raise a flag: the loop saves and exits at
+    # the next step boundary, all ranks together (train_step agrees the flag by a MAX).
+    stop = StopSignal()
+    try:
+        return _train(job, stop)
+    finally:
+        stop.restore()
+
+
+def _train(job: JobConfig, stop: StopSignal) -> TrainResult:
     dp = init_distributed(job.parallel, job.train.seed)
     rank = dist.get_rank()
     run_dir = Path(job.train.output_dir)
@@ -198,9 +223,11 @@ def train(job: JobConfig) -> TrainResult:
     first_valid = evaluate(chunks, data, seq_len) if state.step == 0 else {}
     if first_valid:
         metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in first_valid.items()})
-    stop, last_ckpt, steps_here, stopped = StopSignal(), None, 0, False
+    saver = CheckpointSaver(ckpt_root, job.checkpoint.keep_last, job.checkpoint.async_save)
+    last_ckpt, steps_here, stopped = None, 0, False
 
     while state.step < job.train.steps:
+        _log_saves(metrics, saver.poll(), state.step)  # an async save completes when written
         t0 = time.perf_counter()
         batches = data.loader.next_global_batch()
         loss, tokens, grad_norm, skipped, stop_requested, step_metrics = train_step(
@@ -223,6 +250,7 @@ def train(job: JobConfig) -> TrainResult:
         metrics.log(state.step, "train", values,
                     progress=skipped or state.step % job.train.log_interval == 0)
         if state.consecutive_nonfinite >= job.train.max_consecutive_nonfinite:
+            saver.close()
             metrics.close()
             data.close()
             raise NonFiniteLossError(
@@ -235,8 +263,11 @@ def train(job: JobConfig) -> TrainResult:
         done_here = job.train.exit_after_steps is not None and steps_here >= job.train.exit_after_steps
         save_now = (job.checkpoint.save_interval and state.step % job.checkpoint.save_interval == 0)
         if save_now or stop_requested or done_here:
-            last_ckpt = _save(job, run_dir, ckpt_root, state, chunks, optimizer, scheduler, data, bias0)
+            _log_saves(metrics, _save(job, saver, state, chunks, optimizer, scheduler, data,
+                                      bias0), state.step)
+            last_ckpt = ckpt_root / step_dir_name(state.step)
         if stop_requested or done_here:
+            _log_saves(metrics, saver.finish(), state.step)  # complete before exiting
             stopped = stop_requested
             metrics.message(f"stopping at step {state.step} "
                             f"({'signal' if stop_requested else 'exit_after_steps'}); "
@@ -245,13 +276,18 @@ def train(job: JobConfig) -> TrainResult:
     else:
         if job.checkpoint.save_on_exit and (last_ckpt is None or
                                             not last_ckpt.name.endswith(f"{state.step:07d}")):
-            last_ckpt = _save(job, run_dir, ckpt_root, state, chunks, optimizer, scheduler, data, bias0)
+            _log_saves(metrics, _save(job, saver, state, chunks, optimizer, scheduler, data,
+                                      bias0), state.step)
+            last_ckpt = ckpt_root / step_dir_name(state.step)
 
-    final_valid = evaluate(chunks, data, seq_len)
-    metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in final_valid.items()})
+    # Preempted: the grace period is for saving, not for a validation pass.
+    final_valid = {} if stopped else evaluate(chunks, data, seq_len)  # overlaps an async write
+    if final_valid:
+        metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in final_valid.items()})
+    _log_saves(metrics, saver.finish(), state.step)
+    saver.close()
     metrics.close()
     if rank == 0 and job.train.plot:
         plot_loss_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
-    stop.restore()
     data.close()
     return TrainResult(state, final_valid, first_valid, last_ckpt, stopped)
