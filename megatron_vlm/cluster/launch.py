@@ -1,0 +1,135 @@
+"""``tools/launch.py``: render (``--dry-run``) or submit a SLURM batch job for a recipe or a sweep.
+
+Examples::
+
+    # 64 nodes x 8 H100, NGC-based image through pyxis; overrides after the options
+    python tools/launch.py --recipe kimi_k25 --nodes 64 --gpus-per-node 8 --time 04:00:00 \\
+        --partition batch --account myproj --container-image /lustre/images/megatron_vlm.sqsh \\
+        --container-mounts /lustre:/lustre --run-dir /lustre/runs/k25 parallel.tp=8
+    # a sweep as a job array: one line of train arguments per task
+    python tools/launch.py --array-file sweep.txt --gpus-per-node 1 --run-dir /lustre/sweep
+    # print the script instead of submitting it
+    python tools/launch.py --recipe tiny_cpu --nodes 2 --gpus-per-node 8 --dry-run
+
+Every run is checked before anything is queued: the recipe exists and the overrides apply
+(the same code path as ``python -m megatron_vlm.train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+from megatron_vlm.cluster.slurm import SlurmJob, read_array_file, render_sbatch, submit
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/launch.py", description="Render and submit a SLURM job for a training run.",
+        epilog="Trailing KEY=VALUE arguments are train overrides (train.steps=1000 parallel.tp=8).")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--recipe", help="recipe name (one run)")
+    what.add_argument("--array-file", type=Path,
+                      help="a sweep: each non-empty line is one run's train arguments "
+                           "(e.g. --recipe tiny_cpu optim.lr=1e-3 train.steps=100); task i runs "
+                           "line i")
+    p.add_argument("--job-name", help="SLURM job name (default: the recipe, or 'sweep')")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--time", default="04:00:00", help="[D-]HH:MM:SS (default 04:00:00)")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--no-exclusive", action="store_true", help="share nodes with other jobs")
+    env = p.add_mutually_exclusive_group()
+    env.add_argument("--container-image", help="pyxis/enroot image (srun --container-image)")
+    env.add_argument("--venv", help="virtual environment to activate on the nodes")
+    p.add_argument("--container-mounts", nargs="+", default=[], metavar="SRC:DST")
+    p.add_argument("--container-workdir", default="/workspace/megatron_vlm")
+    p.add_argument("--workdir", help="cd here on the nodes (no container; default: the submit "
+                                     "directory)")
+    p.add_argument("--run-dir", help="train.output_dir (arrays: base of task_<i>); "
+                                     "default runs/<job name>")
+    p.add_argument("--checkpoint-dir", help="checkpoint.dir (default <run dir>/checkpoints)")
+    p.add_argument("--log-dir", help="SLURM output files (default <run dir>/slurm)")
+    p.add_argument("--env", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="extra environment, e.g. NCCL_SOCKET_IFNAME=ib0")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default from the job id)")
+    p.add_argument("--signal-lead", type=int, default=300, metavar="SECONDS",
+                   help="checkpoint and requeue this long before the time limit (default 300)")
+    p.add_argument("--max-requeues", type=int, default=20)
+    p.add_argument("--array-parallel", type=int, help="at most N array tasks at once")
+    p.add_argument("--sbatch", nargs="+", default=[], metavar="--OPT[=V]",
+                   help="more #SBATCH options verbatim, e.g. --sbatch=--constraint=h100")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    p.add_argument("overrides", nargs="*", help="train overrides for --recipe (section.key=value)")
+    return p
+
+
+def _check_run(args: list[str], where: str) -> str:
+    """The run's recipe name; ValueError naming ``where`` if the train CLI would refuse it."""
+    from megatron_vlm.train import build_job, parse_args
+
+    try:
+        parsed = parse_args(args)
+    except SystemExit as e:  # argparse already printed why
+        raise ValueError(f"{where}: not valid train arguments: {' '.join(args)}") from e
+    try:
+        return build_job(parsed).name
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def build_slurm_job(ns: argparse.Namespace) -> SlurmJob:
+    """Check every run and build the SlurmJob (ValueError with the reason otherwise)."""
+    if ns.array_file is not None:
+        if ns.overrides:
+            raise ValueError("overrides go into the array file's lines with --array-file")
+        runs = read_array_file(ns.array_file)
+        for i, run in enumerate(runs):
+            _check_run(run, f"{ns.array_file} run {i}")
+        name, train_args = ns.job_name or "sweep", []
+    else:
+        runs, train_args = None, ["--recipe", ns.recipe, *ns.overrides]
+        name = ns.job_name or _check_run(train_args, "--recipe")
+    env = {}
+    for item in ns.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--env {item!r}: use KEY=VALUE")
+        env[key] = value
+    run_dir = Path(ns.run_dir or Path("runs") / name).absolute()
+    return SlurmJob(
+        job_name=name, train_args=train_args, array_runs=runs, array_parallel=ns.array_parallel,
+        run_dir=str(run_dir),
+        checkpoint_dir=str(Path(ns.checkpoint_dir).absolute()) if ns.checkpoint_dir else None,
+        log_dir=str(Path(ns.log_dir).absolute()) if ns.log_dir else None,
+        nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, time=ns.time, partition=ns.partition,
+        account=ns.account, qos=ns.qos, exclusive=not ns.no_exclusive,
+        container_image=ns.container_image, container_mounts=ns.container_mounts,
+        container_workdir=ns.container_workdir, venv=ns.venv,
+        workdir=str(Path(ns.workdir or ".").absolute()), env=env, master_port=ns.master_port,
+        signal_lead_s=ns.signal_lead, max_requeues=ns.max_requeues, extra_sbatch=ns.sbatch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        job = build_slurm_job(ns)
+    except ValueError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 2
+    script = render_sbatch(job)
+    if ns.dry_run:
+        print(script, end="")
+        return 0
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        path, job_id = submit(job, script, stamp)
+    except RuntimeError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 1
+    print(f"submitted job {job_id}: {path}; logs in {job.log_root}")
+    return 0
