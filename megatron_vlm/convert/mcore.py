@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.planner import WriteItemType
 
 # The sharded-state-dict metadata our checkpoints are saved and loaded with (checkpoint/dist.py).
@@ -235,8 +236,12 @@ def write_checkpoint(root: Path, model: torch.nn.Module, produce: Callable[[str]
     try:
         sharded = model.sharded_state_dict(metadata=dict(SHARDED_METADATA))
         slots = tensor_slots(sharded)
-        dist_checkpointing.save({"model": sharded, "step": 0}, str(tmp),
-                                sharded_strategy=LazySaveStrategy(slots, produce))
+        try:
+            dist_checkpointing.save({"model": sharded, "step": 0}, str(tmp),
+                                    sharded_strategy=LazySaveStrategy(slots, produce))
+        except CheckpointException as e:  # DCP wraps what our producer raised
+            cause = next(iter(e.failures.values()))[0] if e.failures else e
+            raise cause from e
         # Per-rank state as dist.py writes it (plain values, read with weights_only=True).
         torch.save({"format": FORMAT, "rank": 0, "world_size": 1, "step": 0,
                     "rng": capture_rng_state(), "extra_json": json.dumps(extra)},
