@@ -38,18 +38,11 @@ class JobConfig:
     """Checkpointing."""
 
     def __post_init__(self) -> None:
-        llm, par = self.model.llm, self.parallel
-        if llm.num_attention_heads % par.tp:
-            ok = [d for d in range(1, llm.num_attention_heads + 1) if llm.num_attention_heads % d == 0]
-            raise ValueError(
-                f"parallel.tp={par.tp} does not divide model.llm.num_attention_heads="
-                f"{llm.num_attention_heads}; choose tp in {ok}"
-            )
-        if llm.num_experts is not None:
-            if llm.num_experts % par.ep:
-                raise ValueError(
-                    f"parallel.ep={par.ep} does not divide model.llm.num_experts={llm.num_experts}"
-                )
+        llm = self.model.llm
+        # Layouts the model cannot run (heads, widths, experts, layers per stage, ViT heads,
+        # sequence alignment) are refused here, before any process group or model exists.
+        self.parallel.check_model(self.model, seq_length=self.data.seq_length,
+                                  pad_to_multiple=self.data.pad_to_multiple)
         if self.data.multimodal is not None and not self.model.is_vlm:
             raise ValueError("data.multimodal needs a VLM: set model.vision and model.projector "
                              "(e.g. --recipe tiny_vlm_cpu)")
@@ -58,15 +51,6 @@ class JobConfig:
                                       or self.optim.llm_lr_mult != 1.0):
             raise ValueError("optim.*_lr_mult apply to a VLM's modules; for a text-only model "
                              "set optim.lr instead")
-        if par.tp > 1 and not par.sequence_parallel:
-            raise ValueError(
-                f"parallel.tp={par.tp} requires sequence parallelism (megatron-core 0.16.1 needs it "
-                "for MoE, moe_layer.py:380, and MLA's duplicated down-projections rely on it); set "
-                "parallel.sequence_parallel=true")
-        if llm.num_layers % par.pp:
-            raise ValueError(
-                f"parallel.pp={par.pp} does not divide model.llm.num_layers={llm.num_layers}"
-            )
         if self.data.seq_length > llm.max_position_embeddings:
             raise ValueError(
                 f"data.seq_length={self.data.seq_length} exceeds model.llm.max_position_embeddings="
@@ -76,11 +60,6 @@ class JobConfig:
             raise ValueError(
                 f"optim.warmup_steps={self.optim.warmup_steps} must be < train.steps="
                 f"{self.train.steps}; lower optim.warmup_steps or raise train.steps")
-        align = 2 * par.cp * par.tp if (par.cp > 1 or par.sequence_parallel) else 1
-        if self.data.seq_length % align:
-            raise ValueError(
-                f"data.seq_length={self.data.seq_length} must be a multiple of 2*cp*tp={align}"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

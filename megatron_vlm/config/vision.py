@@ -58,6 +58,12 @@ class VisionConfig:
     """QK-Clip tau."""
     log_max_attention_logit: bool = False
     """Record per-head max attention logits for logging only."""
+    parallel_mode: Literal["split", "tp"] = "split"
+    """How the tower uses the tensor-parallel ranks (``parallel/vision_split.py``). ``split``:
+    the tower is replicated over TP and each rank encodes a cost-balanced share of the
+    micro-batch's media items (gathered before the projector); ``tp``: megatron TP (+SP) inside
+    the tower, every item encoded jointly by the TP group. Either way each item is encoded once
+    per TP group. Default ``split``: faster on 2 CPU cores at TP=2 (README, layouts)."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",

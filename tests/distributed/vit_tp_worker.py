@@ -1,7 +1,9 @@
 """Worker for test_vit_tensor_parallel.py: MoonViT + Kimi projector under TP (optionally SP) vs
 transformers' Kimi K2.5 vision tower and projector, outputs and every gradient.
 
-``python -m torch.distributed.run --nproc-per-node 2 vit_tp_worker.py OUT SP``
+``python -m torch.distributed.run --nproc-per-node 2 vit_tp_worker.py OUT SP [MODE]``: MODE is
+the tower's ``parallel_mode`` (``tp`` by default; ``split`` replicates the tower over TP and
+gives each rank some of the items, ``parallel/vision_split.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def _max_diff(ours: torch.nn.Module, ref_grads: dict, tp_rank: int, tp: int) -> 
 
 def main() -> None:
     out_file, sp = Path(sys.argv[1]), sys.argv[2] == "1"
+    modes = (sys.argv[3] if len(sys.argv) > 3 else "tp").split(",")
     par = ParallelConfig(tp=2, sequence_parallel=sp)
     init_distributed(par, seed=0)
     torch.manual_seed(0)
@@ -49,42 +52,49 @@ def main() -> None:
     hf = Kimi_K25ForConditionalGeneration(cfg)
     perturb(hf.model.vision_tower, 1)
     perturb(hf.model.mm_projector, 2)
-    vit = build_moonvit(VisionConfig(hidden_size=WIDTH, num_layers=2, num_attention_heads=HEADS,
-                                     ffn_hidden_size=64, pos_emb_height=8, pos_emb_width=8), par)
-    proj = build_projector(ProjectorConfig(vision_hidden_size=WIDTH, merge_size=4,
-                                           output_size=OUT_DIM), par)
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    load_state(vit, vision_state_from_hf(hf.model.vision_tower.state_dict(), HEADS), tp_rank, 2)
-    load_state(proj, projector_state_from_hf(hf.model.mm_projector.state_dict()), tp_rank, 2)
     # Images and video chunks of mixed t; 68 patches is not a multiple of 8, so SP pads.
     grid = torch.tensor([[1, 4, 6], [4, 2, 2], [1, 2, 2], [1, 2, 6], [3, 2, 2]])
     gen = torch.Generator().manual_seed(3)
     pixels = torch.rand(int(grid.prod(1).sum()), 3, 14, 14, generator=gen)
     weights = torch.randn(int((grid[:, 1] * grid[:, 2]).sum()) // 4, OUT_DIM, generator=gen)
-    ours = proj(vit(pixels, grid))
-    (ours * weights).sum().backward()
     # transformers 5.23 cannot mix t in one call: one item at a time (attention is per item).
     ref = torch.cat([
         hf.model.mm_projector(hf.model.vision_tower(p, grid_thw=g[None]).pooler_output).squeeze(1)
         for p, g in zip(pixels.split(grid.prod(1).tolist()), grid)])
     (ref * weights).sum().backward()
-    # Sequence-parallel weights hold partial sums: megatron's finalize_model_grads all-reduces
-    # them over TP; do the same here.
-    for p in list(vit.parameters()) + list(proj.parameters()):
-        if getattr(p, "sequence_parallel", False):
-            dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
     vit_ref = vision_state_from_hf(
         {k: p.grad for k, p in hf.model.vision_tower.named_parameters()}, HEADS)
     proj_ref = projector_state_from_hf(
         {k: p.grad for k, p in hf.model.mm_projector.named_parameters()})
-    result = {
-        "output": (ours - ref).abs().max().item(),
-        "output_scale": ref.abs().max().item(),
-        "vit_grad": _max_diff(vit, vit_ref, tp_rank, 2),
-        "proj_grad": _max_diff(proj, proj_ref, tp_rank, 2),
-    }
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    results = {}
+    for mode in modes:
+        vit = build_moonvit(VisionConfig(hidden_size=WIDTH, num_layers=2,
+                                         num_attention_heads=HEADS, ffn_hidden_size=64,
+                                         pos_emb_height=8, pos_emb_width=8,
+                                         parallel_mode=mode), par)
+        proj = build_projector(ProjectorConfig(vision_hidden_size=WIDTH, merge_size=4,
+                                               output_size=OUT_DIM), par)
+        load_state(vit, vision_state_from_hf(hf.model.vision_tower.state_dict(), HEADS),
+                   tp_rank, 2)
+        load_state(proj, projector_state_from_hf(hf.model.mm_projector.state_dict()), tp_rank, 2)
+        ours = proj(vit(pixels, grid))
+        (ours * weights).sum().backward()
+        # Sequence-parallel weights hold partial sums: megatron's finalize_model_grads
+        # all-reduces them over TP; do the same here. Split mode flags the replicated tower the
+        # same way (each rank saw only its items).
+        for p in list(vit.parameters()) + list(proj.parameters()):
+            if getattr(p, "sequence_parallel", False):
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+        results[mode] = {
+            "output": (ours - ref).abs().max().item(),
+            "output_scale": ref.abs().max().item(),
+            "vit_grad": _max_diff(vit, vit_ref, tp_rank, 2),
+            "proj_grad": _max_diff(proj, proj_ref, tp_rank, 2),
+            "encoded_items": vit.num_encoded_items,
+        }
     gathered = [None, None]
-    dist.all_gather_object(gathered, result)
+    dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:
         out_file.write_text(json.dumps(gathered))
     dist.barrier()

@@ -9,7 +9,9 @@ All images and video chunks of a micro-batch are one packed THD sequence; attent
 block-diagonal per item (``cu_seqlens`` over ``t*h*w``), so a video chunk attends across its frames
 and never to another item. TP, sequence parallelism and activation recompute are megatron's.
 The tower is not pipelined (it lives on the first LLM stage) nor context-parallel (CP splits the
-merged multimodal sequence), so its megatron config has ``pp = cp = 1``.
+merged multimodal sequence), so its megatron config has ``pp = cp = 1``. Under TP it either runs
+megatron TP inside (``model.vision.parallel_mode='tp'``) or is replicated and each TP rank encodes
+its share of the items (``'split'``, ``parallel/vision_split.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ from megatron_vlm.models.specs import KernelChoice, resolve_kernels, vit_modules
 from megatron_vlm.models.vision.merger import tpool_patch_merger
 from megatron_vlm.models.vision.pos_embed import VisionPositionEmbedding
 from megatron_vlm.models.vision.rope2d import Rope2DSelfAttention, rope_2d_angles
+from megatron_vlm.parallel.vision_split import (
+    assign_items,
+    gather_items,
+    item_costs,
+    mark_replicated,
+    replica_process_groups,
+    set_replica_ids,
+)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -182,9 +192,17 @@ class MoonViT(MegatronModule):
 
     def __init__(
         self, config: TransformerConfig, vision: VisionConfig, pg_collection=None,
-        choice: KernelChoice | None = None,
+        choice: KernelChoice | None = None, split_group=None,
     ) -> None:
         super().__init__(config=config)
+        self.split_group = split_group
+        """Split mode: the ranks sharing this micro-batch's items (the TP group); the tower is
+        replicated there (build it with ``replica_process_groups``). None: encode every item."""
+        self.num_encoded_items = 0
+        """Items this rank has run through :meth:`encode` (activation recompute not counted)."""
+        self.encoded_item_log: list[tuple[int, int, int, float]] | None = None
+        """Test-only: when set to a list, :meth:`encode` appends ``(t, h, w, pixel sum)`` of
+        every item it encodes."""
         if choice is None:
             choice = resolve_kernels(None, params_dtype="bf16" if config.bf16 else "fp32",
                                      attention_dropout=vision.attention_dropout,
@@ -222,6 +240,11 @@ class MoonViT(MegatronModule):
         grid = grid_thw.detach().cpu().long()
         num_patches = pixel_values.shape[0]
         check_grid(grid, num_patches, self.vision.temporal_patch_size)
+        self.num_encoded_items += grid.shape[0]
+        if self.encoded_item_log is not None:
+            sums = pixel_values.detach().double().split(grid.prod(dim=1).tolist())
+            self.encoded_item_log.extend(
+                (*map(int, g), float(x.sum())) for g, x in zip(grid.tolist(), sums))
         device = pixel_values.device
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(1)  # [N, D]
         x = self.pos_embed(x, grid).unsqueeze(1)  # [N, 1, D]: megatron's [s, b, h]
@@ -251,10 +274,41 @@ class MoonViT(MegatronModule):
         (item order), frames mean-pooled; the projector normalises each of the ``kh*kw``
         sub-tokens, then concatenates them."""
         grid = grid_thw.detach().cpu().long()  # one host copy for every index built below
+        if self.split_group is not None and self.split_group.size() > 1:
+            return self._forward_split(pixel_values, grid)
         x = self.encode(pixel_values, grid)
         return tpool_patch_merger(
             x, grid, self.vision.merge_kernel_height, self.vision.merge_kernel_width
         )
+
+    def _forward_split(self, pixel_values: Tensor, grid: Tensor) -> Tensor:
+        """Split mode: encode this rank's share of the items, gather all in item order."""
+        check_grid(grid, pixel_values.shape[0], self.vision.temporal_patch_size)
+        vis, group = self.vision, self.split_group
+        owners = assign_items(item_costs(grid, vis.hidden_size, vis.ffn_hidden_size),
+                              group.size())
+        mine = [m for m, owner in enumerate(owners) if owner == group.rank()]
+        if mine:
+            bounds = F.pad(grid.prod(dim=1).cumsum(0), (1, 0)).tolist()
+            index = torch.cat([torch.arange(bounds[m], bounds[m + 1]) for m in mine])
+            local_grid = grid[mine]
+            x = self.encode(pixel_values.index_select(0, index.to(pixel_values.device)),
+                            local_grid)
+            local = tpool_patch_merger(x, local_grid, vis.merge_kernel_height,
+                                       vis.merge_kernel_width)
+        else:
+            local = pixel_values.new_zeros(0, vis.merge_size, vis.hidden_size,
+                                           dtype=self.patch_embed.weight.dtype)
+        rows = (grid[:, 1] * grid[:, 2] // vis.merge_size).tolist()
+        return gather_items(local, self.patch_embed.weight, rows, owners, group)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: dict | None = None) -> dict:
+        """megatron's, with one main replica per TP group in split mode (``set_replica_ids``)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.split_group is not None:
+            set_replica_ids(state, self.split_group.rank())
+        return state
 
 
 def build_moonvit(
@@ -272,5 +326,25 @@ def build_moonvit(
         choice = resolve_kernels(kernels, params_dtype=params_dtype,
                                  attention_dropout=vision.attention_dropout,
                                  head_dims=(vision.head_dim,))
+    split_group = None
+    if vision.parallel_mode == "split" and parallel.tp > 1:
+        if not parallel.sequence_parallel:
+            raise ValueError(
+                "model.vision.parallel_mode=split needs parallel.sequence_parallel=true: megatron "
+                "sums the replicated tower's per-rank gradients over TP only then "
+                "(finalize_model_grads); or set model.vision.parallel_mode=tp")
+        # Replicated over TP: an unsharded tower on TP/CP groups of this rank alone.
+        if pg_collection is not None:
+            split_group = pg_collection.tp
+        else:
+            from megatron.core import parallel_state
+
+            split_group = parallel_state.get_tensor_model_parallel_group()
+        parallel = ParallelConfig(tp=1, sequence_parallel=False)
+        pg_collection = replica_process_groups()
     config = build_vision_transformer_config(vision, parallel, params_dtype)
-    return MoonViT(config, vision, pg_collection=pg_collection, choice=choice)
+    model = MoonViT(config, vision, pg_collection=pg_collection, choice=choice,
+                    split_group=split_group)
+    if split_group is not None:
+        mark_replicated(model)
+    return model

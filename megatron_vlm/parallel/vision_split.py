@@ -1,0 +1,168 @@
+"""Split mode for the vision tower: every media item encoded on exactly one rank of its group.
+
+Under tensor parallelism every TP rank holds the same micro-batch, so a tower that simply ran on
+each rank would encode each image ``tp`` times. Two ways avoid that (``model.vision.
+parallel_mode``):
+
+* ``tp``: megatron TP (+SP) inside the tower; the TP group encodes each item jointly, once.
+* ``split`` (this module): the tower is *replicated* over the TP group (built with a TP size of
+  one, :func:`replica_process_groups`) and each rank encodes a cost-balanced share of the items
+  (:func:`assign_items`); the merged features are gathered in item order
+  (:func:`gather_items`) before the projector, which stays tensor-parallel.
+
+Gradients in split mode. The projector runs replicated over TP with megatron's
+``copy_to_tensor_model_parallel_region`` at its input, so the gradient arriving at the gathered
+features is already complete and identical on every rank: the gather's backward keeps this
+rank's rows, with no communication. Each rank's tower weights then hold the gradient of its own
+items only; megatron's ``finalize_model_grads`` sums over TP the gradients of parameters flagged
+``sequence_parallel`` (``distributed/finalize_model_grads.py:354``, the flag it uses for weights
+whose TP ranks saw different tokens) -- exactly this case, so :func:`mark_replicated` sets it.
+Their ``tensor_model_parallel`` flag is cleared so the grad norm counts them once
+(``param_is_not_tensor_parallel_duplicate``), and :func:`set_replica_ids` gives their checkpoint
+shards one main replica per TP group.
+
+Context parallelism (later) will split over TP x CP; there the embedding gradient is *partial*
+per CP rank and the gather's backward must sum (a reduce-scatter) instead of slicing.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_SINGLETON: dict[int, dist.ProcessGroup] = {}
+
+
+def item_costs(grid_thw: Tensor, hidden_size: int, ffn_hidden_size: int) -> list[float]:
+    """Relative encoder cost of each item ``(t, h, w)``: per layer, ``2N(4D^2 + 2DF)`` for the
+    linears and ``4N^2 D`` for attention over its ``N = t*h*w`` patches (block-diagonal)."""
+    d, f = hidden_size, ffn_hidden_size
+    n = grid_thw.prod(dim=1).double()
+    return (2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d).tolist()
+
+
+def assign_items(costs: list[float], num_ranks: int) -> list[int]:
+    """Owner rank of each item: longest-processing-time-first onto the least loaded rank (ties to
+    the lower rank, then the lower item index), so every rank computes the same answer."""
+    owners = [0] * len(costs)
+    loads = [(0.0, r) for r in range(num_ranks)]
+    for m in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        load, rank = heapq.heappop(loads)
+        owners[m] = rank
+        heapq.heappush(loads, (load + costs[m], rank))
+    return owners
+
+
+def singleton_group() -> dist.ProcessGroup:
+    """A process group holding only this rank (created once per default group; only this rank
+    takes part in creating it, so no other rank has to call this)."""
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _SINGLETON:
+        _SINGLETON[key] = dist.new_group([dist.get_rank()], use_local_synchronization=True)
+    return _SINGLETON[key]
+
+
+def replica_process_groups():
+    """megatron's process groups with TP and CP replaced by this rank alone: a module built with
+    them is unsharded and replicated over the real TP x CP ranks."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    pgs = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp", "pp", "tp_cp"])
+    alone = singleton_group()
+    pgs.tp = pgs.cp = pgs.tp_cp = alone
+    return pgs
+
+
+def mark_replicated(module: torch.nn.Module) -> None:
+    """Flag ``module``'s parameters as replicated over TP with per-rank partial gradients (see
+    the module docstring): summed over TP by ``finalize_model_grads``, counted once in norms."""
+    for p in module.parameters():
+        p.tensor_model_parallel = False
+        p.partition_dim, p.partition_stride = -1, 1
+        p.sequence_parallel = True
+
+
+def set_replica_ids(sharded_state_dict: dict, group_rank: int) -> None:
+    """Make ``group_rank`` part of every shard's replica id (in place): a module built with
+    :func:`replica_process_groups` tags its shards as TP rank 0 on every TP rank, and
+    dist_checkpointing needs exactly one main replica (all-zero id) per shard."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    for value in sharded_state_dict.values():
+        if isinstance(value, dict):
+            set_replica_ids(value, group_rank)
+        elif isinstance(value, ShardedBase):
+            rid = value.replica_id
+            if isinstance(rid, int):
+                value.replica_id = (rid, group_rank)
+            else:
+                value.replica_id = (rid[0], group_rank, *rid[2:]) if len(rid) > 2 else (
+                    *rid, group_rank)
+
+
+class _GatherItems(torch.autograd.Function):
+    """All-gather of per-rank item rows (uneven counts) into item order; backward slices."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, anchor: Tensor, counts: list[int], order: Tensor,
+                group: dist.ProcessGroup) -> Tensor:
+        # gloo's all_gather needs equal shapes: pad every rank's rows to the largest count.
+        most = max(counts)
+        padded = local.new_zeros((most, *local.shape[1:]))
+        padded[: local.shape[0]] = local.detach()
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        rank_major = torch.cat([p[:c] for p, c in zip(parts, counts)])
+        ctx.mine = order_rows(order, counts, dist.get_rank(group))
+        return rank_major.index_select(0, order.to(local.device))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # The consumer runs replicated over the group and its input gradient is complete on
+        # every rank (module docstring): this rank's rows are its share, nothing to reduce.
+        return grad.index_select(0, ctx.mine.to(grad.device)), None, None, None, None
+
+
+def order_rows(order: Tensor, counts: list[int], rank: int) -> Tensor:
+    """Rows of the item-ordered output that came from ``rank`` (in that rank's row order)."""
+    start = sum(counts[:rank])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return inverse[start: start + counts[rank]]
+
+
+def gather_items(local: Tensor, anchor: Tensor, rows_per_item: list[int], owners: list[int],
+                 group: dist.ProcessGroup) -> Tensor:
+    """Every rank's item rows, in item order.
+
+    Args:
+        local: ``[sum of this rank's rows, ...]``: the rows of the items this rank owns, in item
+            order.
+        anchor: a tower parameter; it keeps the result attached to the autograd graph on a rank
+            that owns no item, so every rank runs the same backward collectives downstream.
+        rows_per_item: rows of each item (its merged LLM tokens).
+        owners: owner rank of each item (:func:`assign_items`).
+        group: the ranks sharing the items (the TP group).
+    """
+    size = group.size()
+    counts = [0] * size
+    by_rank: list[list[int]] = [[] for _ in range(size)]
+    for m, (rows, rank) in enumerate(zip(rows_per_item, owners)):
+        by_rank[rank].append(m)
+        counts[rank] += rows
+    # Row offsets of each item in the rank-major concatenation, then item order.
+    starts = [0] * len(owners)
+    offset = 0
+    for rank in range(size):
+        for m in by_rank[rank]:
+            starts[m] = offset
+            offset += rows_per_item[m]
+    order = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows_per_item)]
+                      ) if owners else torch.zeros(0, dtype=torch.long)
+    if local.shape[0] != counts[dist.get_rank(group)]:
+        raise ValueError(f"this rank encoded {local.shape[0]} rows but owns "
+                         f"{counts[dist.get_rank(group)]}")
+    return _GatherItems.apply(local, anchor, counts, order, group)
