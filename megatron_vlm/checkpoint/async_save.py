@@ -67,7 +67,7 @@ class SaveReport:
     """The complete checkpoint directory."""
     async_save: bool
     blocked_s: float
-    """Seconds the step loop was blocked by this save (schedule + polls + finalize)."""
+    """Seconds the training process spent in this save: schedule + polls + wait + finalize."""
     schedule_s: float
     """Async: state dict, plan, common/rank files and fork; sync: the whole save."""
     finalize_s: float
@@ -78,10 +78,14 @@ class SaveReport:
     """When it had written and hashed its files."""
     finalized_unix: float
     """When the checkpoint became complete (renamed into place)."""
+    wait_s: float = 0.0
+    """Async: time spent waiting for the writer in a blocking finish (a new save while this one
+    was still writing, a stop, the end of training)."""
 
     def metrics(self) -> dict[str, float]:
         return {"blocked_s": self.blocked_s, "schedule_s": self.schedule_s,
-                "finalize_s": self.finalize_s, "async": float(self.async_save),
+                "finalize_s": self.finalize_s, "wait_s": self.wait_s,
+                "async": float(self.async_save),
                 "write_s": self.write_end_unix - self.write_start_unix,
                 "write_start_unix": self.write_start_unix, "write_end_unix": self.write_end_unix,
                 "finalized_unix": self.finalized_unix}
@@ -92,6 +96,8 @@ class _InFlight:
     pending: PendingSave
     schedule_s: float
     poll_s: float = 0.0
+    finalize_start: float | None = None
+    """perf_counter when the finalize steps (megatron's, then ours) began."""
     report: SaveReport | None = None
     """Set by the finalize step once the checkpoint is complete."""
 
@@ -154,7 +160,9 @@ class CheckpointSaver:
             path = save_checkpoint(self.root, step, model_chunks, optimizer, scheduler, extra,
                                    config_yaml, keep_last=self.keep_last)
             dt, end = time.perf_counter() - t0, time.time()
-            return [SaveReport(step, path, False, dt, dt, 0.0, start, end, end)]
+            return [SaveReport(step=step, path=path, async_save=False, blocked_s=dt, schedule_s=dt,
+                               finalize_s=0.0, write_start_unix=start, write_end_unix=end,
+                               finalized_unix=end)]
         done = self.finish()
         t0 = time.perf_counter()
         pending = begin_save(self.root, step, model_chunks, optimizer, scheduler, extra,
@@ -173,6 +181,7 @@ class CheckpointSaver:
             _write_then_hash, request.async_fn, str(pending.tmp), mine,
             str(_sidecar(pending.tmp, pending.rank))))
         flight = _InFlight(pending, schedule_s=0.0)
+        request.finalize_fns.insert(0, partial(_mark_finalize_start, flight))
         request.add_finalize_fn(partial(_finalize, flight))
         self._queue.schedule_async_request(request)
         flight.schedule_s = time.perf_counter() - t0
@@ -217,14 +226,18 @@ class CheckpointSaver:
             return []
         self._in_flight = None
         report = flight.report
+        report.wait_s = max(0.0, flight.finalize_start - start) if blocking else 0.0
         report.blocked_s = flight.schedule_s + flight.poll_s + spent
         return [report]
+
+
+def _mark_finalize_start(flight: _InFlight) -> None:
+    flight.finalize_start = time.perf_counter()
 
 
 def _finalize(flight: _InFlight) -> None:
     """megatron's finalize has run on every rank (``.metadata``, ``metadata.json``); now ours:
     gather the writers' hashes, manifest, rename, prune."""
-    t0 = time.perf_counter()
     pending = flight.pending
     sidecar = _sidecar(pending.tmp, pending.rank)
     try:
@@ -244,6 +257,6 @@ def _finalize(flight: _InFlight) -> None:
     path = complete_save(pending, entries)
     flight.report = SaveReport(
         step=pending.step, path=path, async_save=True, blocked_s=0.0,
-        schedule_s=flight.schedule_s, finalize_s=time.perf_counter() - t0,
+        schedule_s=flight.schedule_s, finalize_s=time.perf_counter() - flight.finalize_start,
         write_start_unix=record["write_start_unix"], write_end_unix=record["write_end_unix"],
         finalized_unix=time.time())

@@ -166,11 +166,15 @@ def _log_saves(metrics: MetricsLogger, reports: list[SaveReport], step: int) -> 
     """One ``checkpoint`` record and line per completed save: how long it blocked the loop."""
     for r in reports:
         metrics.log(r.step, "checkpoint", {**r.metrics(), "completed_at_step": step})
-        how = (f"async: written in the background in "
-               f"{r.write_end_unix - r.write_start_unix:.2f} s, complete at step {step}"
-               if r.async_save else "sync")
-        metrics.message(f"checkpoint {r.path} ({how}); blocked the step loop "
-                        f"{r.blocked_s:.3f} s")
+        if not r.async_save:
+            metrics.message(f"checkpoint {r.path} (sync): blocked the step loop {r.blocked_s:.2f} s")
+            continue
+        waited = f", waited {r.wait_s:.2f} s for the writer" if r.wait_s else ""
+        metrics.message(
+            f"checkpoint {r.path} (async): written in the background in "
+            f"{r.write_end_unix - r.write_start_unix:.2f} s, complete at step {step}; blocked "
+            f"the step loop {r.blocked_s:.2f} s (snapshot {r.schedule_s:.2f}, finalize "
+            f"{r.finalize_s:.2f}{waited})")
 
 
 def train(job: JobConfig) -> TrainResult:
