@@ -1,0 +1,120 @@
+"""LLM training MFU on one device: the K2-proxy (SPEC §8), ours vs ``stock+sdpa``, same run.
+
+Both variants share one ``MLATransformerConfig`` (identical flags: bf16 params with fp32 main
+params in megatron's optimizer, AdamW, dropless alltoall MoE, per-token loss) and the same token
+stream: ``micro_batches`` packed sequences of ``seq_length`` per optimizer step (>= 64K tokens by
+accumulation at GPU size). They differ only in the layer spec:
+
+* ``ours``: ``models/specs.py`` on this machine (Transformer Engine when it imports; otherwise
+  megatron's local modules with our packed attention kernel -- ``varlen`` flash on the lent H100
+  -- SP-capable norms, duplicated MLA down-projections and the padding-free router). Documents
+  attend within themselves (THD).
+* ``stock+sdpa``: megatron-core's local spec with only ``core_attention`` swapped for a minimal
+  padded SDPA wrapper (``harness.StockSDPAAttention``); each packed sequence is one causal
+  sequence (no document masking), stock ``TopKRouter`` (padding tokens routed too).
+
+Reported per variant: step time, tokens/s, model TFLOP/s and MFU by Megatron-LM's
+``num_floating_point_operations`` in its BSHD form (every token, ``seq_length^2`` causal
+attention: the same count for both variants, so the MFU ratio is the tokens/s ratio) and, for
+``ours``, also in Megatron-LM's THD form (real tokens, ``sum L_i^2``: the work a packed run
+really needs), and peak memory. The GPU-sized run needs CUDA; ``--smoke`` runs a tiny model on
+CPU (no MFU: CPUs have no peak here).
+"""
+
+from __future__ import annotations
+
+import os
+
+from benchmarks import harness
+from benchmarks.common import write_result
+
+GPU = dict(seq_length=4096, micro_batches=16, warmup_steps=2, steps=5, params_dtype="bf16",
+           doc_median=1024)
+SMOKE = dict(seq_length=256, micro_batches=2, warmup_steps=1, steps=1, params_dtype="fp32",
+             doc_median=96)
+
+
+def run_variant(variant: str, llm, cfg: dict, batches, peak: float | None, kernels) -> dict:
+    import gc
+
+    import torch
+
+    from megatron_vlm.config import OptimConfig
+    from megatron_vlm.optim.builder import build_optimizer
+    from megatron_vlm.training.flops import model_flops, packed_model_flops
+
+    model, label = harness.build_llm_variant(variant, llm, cfg["params_dtype"], kernels)
+    optimizer = build_optimizer(OptimConfig(lr=1e-4, min_lr=1e-5), [model],
+                                cfg["params_dtype"], use_distributed_optimizer=False)
+    forward_step = harness.stock_forward_step if variant == "stock+sdpa" else None
+
+    def step():
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        harness.forward_backward(model, batches, cfg["seq_length"], forward_step)
+        optimizer.step()
+
+    harness.reset_peak_memory()
+    seconds = harness.timed(step, cfg["warmup_steps"], cfg["steps"])
+    mean = sum(seconds) / len(seconds)
+    tokens = cfg["micro_batches"] * cfg["seq_length"]
+    stats = harness.document_stats(batches)
+    flops_bshd = model_flops(llm, tokens, cfg["seq_length"])
+    row = {"layers": label, "step_seconds": seconds, "mean_step_seconds": mean,
+           "tokens_per_s": tokens / mean, "tflops_per_s_bshd": flops_bshd / mean / 1e12,
+           "peak_memory": harness.peak_memory_gib()}
+    if variant == "ours":
+        flops_thd = packed_model_flops(llm, stats["real_tokens"], stats["seqlen_squared_sum"])
+        row["tflops_per_s_thd"] = flops_thd / mean / 1e12
+    if peak:
+        row["mfu_bshd"] = row["tflops_per_s_bshd"] / peak
+        if "tflops_per_s_thd" in row:
+            row["mfu_thd"] = row["tflops_per_s_thd"] / peak
+    del optimizer, model, step
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None):
+    import torch
+
+    from megatron_vlm.config import KernelConfig
+
+    args = harness.parse_args(__doc__.splitlines()[0], argv)
+    if not args.smoke and not torch.cuda.is_available():
+        print("llm_mfu: the GPU-sized run needs CUDA (none visible); skipped. "
+              "Use --smoke for the CPU smoke run.")
+        return None
+    if args.smoke:
+        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+    cfg = SMOKE if args.smoke else GPU
+    llm = harness.smoke_llm() if args.smoke else harness.k2_proxy_llm()
+    harness.init_single_process()
+    batches = harness.packed_text_batches(cfg["micro_batches"], cfg["seq_length"],
+                                          llm.vocab_size, seed=0, median=cfg["doc_median"])
+    peak, peak_source = harness.peak_tflops(cfg["params_dtype"])
+    if args.peak_tflops:
+        peak, peak_source = args.peak_tflops, "--peak-tflops"
+    kernels = KernelConfig(attention_kernel=args.attention_kernel)
+    results = {v: run_variant(v, llm, cfg, batches, peak, kernels)
+               for v in ("ours", "stock+sdpa")}
+    results["ours_over_stock_tokens_per_s"] = (results["ours"]["tokens_per_s"]
+                                               / results["stock+sdpa"]["tokens_per_s"])
+    results["data"] = harness.document_stats(batches)
+    config = {**cfg, "llm": "smoke (tiny_llm)" if args.smoke else "K2-proxy (SPEC §8)",
+              "llm_config": llm.__dict__ | {"yarn": llm.yarn.__dict__},
+              "tokens_per_step": cfg["micro_batches"] * cfg["seq_length"],
+              "optimizer": "AdamW (megatron, fp32 main params for bf16)",
+              "peak_tflops": peak, "peak_source": peak_source,
+              "environment": harness.environment()}
+    notes = ("MFU by Megatron-LM num_floating_point_operations: _bshd counts every token and "
+             "seq_length^2 causal attention (identical for both variants); _thd (ours) counts real "
+             "tokens and sum L_i^2 over documents (Megatron-LM's THD path). Documents: log-normal "
+             "lengths, random tokens, first-fit packed.")
+    return write_result("llm_mfu", config, results, args.out_dir, args.smoke, notes)
+
+
+if __name__ == "__main__":
+    main()
