@@ -294,6 +294,7 @@ def forward_backward(model, batches, seq_length: int, forward_step=None) -> None
 def environment() -> dict:
     """Run settings that change numbers (threads, compile switch, allocator)."""
     return {"torch_threads": torch.get_num_threads(),
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "TORCH_COMPILE_DISABLE": os.environ.get("TORCH_COMPILE_DISABLE"),
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 

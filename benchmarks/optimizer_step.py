@@ -26,7 +26,7 @@ from benchmarks import harness
 TOKENS_TARGET = 2**21
 GPU = dict(seq_length=4096, micro_batches=4, warmup=1, iters=3, params_dtype="bf16",
            doc_median=1024)
-SMOKE = dict(seq_length=256, micro_batches=2, warmup=1, iters=1, params_dtype="fp32",
+SMOKE = dict(seq_length=256, micro_batches=2, warmup=1, iters=3, params_dtype="fp32",
              doc_median=96)
 
 

@@ -30,7 +30,7 @@ GPU = dict(vision="moonvit (1152/27/16/4304)", params_dtype="bf16", max_patches=
            num_items=600, side_range=(8, 33), video_fraction=0.15, video_grid=(4, 16, 12),
            warmup=1, rounds=2)
 SMOKE = dict(vision="tiny (32/2/4/64)", params_dtype="fp32", max_patches=1024, num_items=24,
-             side_range=(2, 9), video_fraction=0.15, video_grid=(4, 4, 4), warmup=1, rounds=1)
+             side_range=(2, 9), video_fraction=0.15, video_grid=(4, 4, 4), warmup=1, rounds=3)
 
 
 def media_items(num: int, side_range: tuple[int, int], video_fraction: float,
