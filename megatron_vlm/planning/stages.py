@@ -160,8 +160,8 @@ class StagePlan:
     def describe(self) -> str:
         """A table of the split: one row per virtual stage, FLOPs relative to the slowest."""
         top = self.max_stage_flops
-        rows = [f"{'stage':>5} {'pp':>3} {'vp':>3} {'layers':>9} {'GFLOP/mb':>12} {'load':>6}"
-                "  contents"]
+        rows = [(f"{'stage':>5} {'pp':>3} {'vp':>3} {'layers':>9} {'GFLOP/mb':>12} "
+                 f"{'load':>6}  contents")]
         for s in self.stages:
             span = f"{s.layers[0]}-{s.layers[-1]}" if s.layers else "-"
             rows.append(f"{s.index:>5} {s.pp_rank:>3} {s.vp_stage:>3} {span:>9} "
@@ -296,8 +296,8 @@ def plan_stages(
     num_stages = pp * (vpp or 1)
     if num_stages > 1 and num_layers < num_stages - 2:
         raise StagePlanError([
-            f"pp x vpp = {num_stages} stages need at least {num_stages - 2} decoder layers "
-            f"(one per middle stage); the model has {num_layers}"])
+            (f"pp x vpp = {num_stages} stages need at least {num_stages - 2} decoder layers "
+             f"(one per middle stage); the model has {num_layers}")])
     costs = StageCosts.of(model, seq_length, vision_budget, tp)
     if layers_per_stage is not None:
         bad = _check(layers_per_stage, num_layers, num_stages)

@@ -1,0 +1,121 @@
+"""The planner's bytes per component against what the tiny VLM and its megatron optimizer really
+allocate (tensor storages after one optimizer step, not process RSS), for AdamW (flat
+DistributedOptimizer and unsharded) and Muon (layer-wise and unsharded), fp32 and bf16; and
+parameter totals against the published Kimi K2 count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_vlm.config import ParallelConfig, apply_overrides
+from megatron_vlm.models.param_count import count_llm_params_closed_form
+from megatron_vlm.planning.memory import static_memory
+from megatron_vlm.planning.tensors import chunk_tensors
+from megatron_vlm.recipes import get_recipe
+from megatron_vlm.recipes.kimi import kimi_k25_llm, moonlight_llm
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """World size 1 (gloo) with megatron's model-parallel state at tp=pp=ep=1."""
+    from megatron.core import parallel_state
+
+    from megatron_vlm.parallel.init import init_distributed
+
+    init_distributed(ParallelConfig(), seed=1234)
+    if (parallel_state.get_tensor_model_parallel_world_size() != 1
+            or parallel_state.get_pipeline_model_parallel_world_size() != 1
+            or parallel_state.get_expert_model_parallel_world_size() != 1):
+        pytest.skip("another test initialised megatron with model parallelism; needs tp=pp=ep=1")
+
+
+def _storages(tensors) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def measure(chunks, optimizer) -> dict[str, int]:
+    """Bytes of distinct tensor storages: model parameters, DDP gradient buffers, the
+    optimizer's own fp32 copies of parameters, and its state (moments / momentum)."""
+    params = [p for c in chunks for p in c.parameters()]
+    param_st = _storages(params)
+    grad_st = _storages(p.main_grad for p in params if getattr(p, "main_grad", None) is not None)
+    main, state = [], []
+    for member in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = member.optimizer
+        for group in inner.param_groups:
+            main += [p for p in group["params"]
+                     if p.untyped_storage().data_ptr() not in param_st]
+        for values in inner.state.values():
+            state += [v for v in values.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"params": sum(param_st.values()), "grads": sum(grad_st.values()),
+            "main_params": sum(_storages(main).values()),
+            "optimizer_state": sum(_storages(state).values())}
+
+
+CASES = [
+    ["model.params_dtype=fp32", "parallel.use_distributed_optimizer=false"],
+    ["model.params_dtype=fp32", "parallel.use_distributed_optimizer=true"],
+    ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=true"],
+    ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=false"],
+    ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=true", "optim.optimizer=muon"],
+    ["model.params_dtype=fp32", "parallel.use_distributed_optimizer=false", "optim.optimizer=muon",
+     "optim.muon_router=false"],
+    ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=true", "model.freeze_vision=true"],
+]
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda o: "-".join(x.split("=")[1] for x in o))
+def test_bytes_per_component_equal_the_tiny_model_and_optimizer(world_of_one, overrides) -> None:
+    from megatron_vlm.optim.builder import build_optimizer
+    from megatron_vlm.training.model_setup import build_model_chunks
+
+    job = apply_overrides(get_recipe("tiny_cpu"), overrides)
+    assert job.model.is_vlm
+    chunks = build_model_chunks(job)
+    optimizer = build_optimizer(job.optim, chunks, job.model.params_dtype,
+                                job.parallel.use_distributed_optimizer)
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.step()  # allocates the optimizer state (zero gradients)
+    got = measure(chunks, optimizer)
+
+    sharding = ("none" if not job.parallel.use_distributed_optimizer
+                else "layerwise" if job.optim.optimizer == "muon" else "flat")
+    tensors = chunk_tensors(job.model, range(job.model.llm.num_layers), first=True, last=True)
+    expected = static_memory([tensors], optimizer=job.optim.optimizer, sharding=sharding,
+                             router_in_muon=job.optim.muon_router).as_dict()
+    expected.pop("total")
+    assert got == expected
+    assert got["optimizer_state"] > 0 and got["grads"] > 0
+    if job.model.params_dtype == "bf16":
+        assert got["main_params"] > 0
+    # The planner's parameter count is the model's.
+    assert sum(t.numel for t in tensors) == sum(p.numel() for c in chunks for p in c.parameters())
+
+
+def test_full_size_totals_equal_the_closed_form() -> None:
+    """Summed over the pipeline stages of a layout (and the EP/TP shards), the planner's
+    tensors hold exactly the published parameter count."""
+    from megatron_vlm.config.model import ModelConfig
+
+    for llm, total in ((kimi_k25_llm(), 1_026_408_209_408), (moonlight_llm(), 15_960_108_544)):
+        model = ModelConfig(llm=llm, params_dtype="bf16")
+        assert count_llm_params_closed_form(llm)["total"] == total
+        splits = {1: [llm.num_layers], 4: [15, 16, 16, 14] if llm.num_layers == 61 else
+                  [6, 7, 7, 7]}
+        for pp, sizes in splits.items():
+            start, counted = 0, 0
+            for k, n in enumerate(sizes):
+                layers = range(start, start + n)
+                start += n
+                for tp, ep in ((1, 1), (2, 4)):
+                    per_rank = chunk_tensors(model, layers, first=k == 0, last=k == pp - 1,
+                                             tp=tp, ep=ep, etp=1)
+                    if (tp, ep) == (1, 1):
+                        counted += sum(t.numel for t in per_rank)
+                    else:  # shards: TP-split tensors x tp, experts x ep, replicated ones once
+                        whole = sum(t.numel for t in chunk_tensors(
+                            model, layers, first=k == 0, last=k == pp - 1))
+                        assert sum(t.numel for t in per_rank) < whole
+            assert counted == total
