@@ -21,6 +21,10 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted after a successful save."""
     save_on_exit: bool = True
     """Save when training ends or on SIGTERM."""
+    load_data_state: bool = True
+    """On resume, continue the data stream where the checkpoint left it. False starts the
+    stream afresh (model, optimizer, schedule and step still resume): for a new data mix or
+    dataset from this step on, e.g. vision data injected late in a run."""
     async_save: bool = False
     """Write checkpoints in the background (megatron's async dist_checkpointing): the step loop
     is blocked only to snapshot and to finalize; the checkpoint appears (renamed into place,

@@ -214,7 +214,10 @@ def _train(job: JobConfig, stop: StopSignal) -> TrainResult:
     if resume_from is not None:
         extra = load_checkpoint(resume_from, chunks, optimizer, scheduler)
         state = TrainState.from_dict(extra["train_state"])
-        data.loader.load_state_dict(extra["loader"])
+        if job.checkpoint.load_data_state:
+            data.loader.load_state_dict(extra["loader"])
+        else:
+            metrics.message("data stream started afresh (checkpoint.load_data_state=false)")
         bias0 = [torch.tensor(b) for b in extra["expert_bias_at_start"]]
 
     if resume_from is not None:

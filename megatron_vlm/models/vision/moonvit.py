@@ -132,7 +132,7 @@ def moonvit_layer_spec(choice: KernelChoice | None = None) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=m.norm,
+            input_layernorm=m.input_layernorm,
             self_attention=ModuleSpec(
                 module=Rope2DSelfAttention,
                 params={"attn_mask_type": AttnMaskType.no_mask},
@@ -145,7 +145,7 @@ def moonvit_layer_spec(choice: KernelChoice | None = None) -> ModuleSpec:
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=m.norm,
+            pre_mlp_layernorm=m.pre_mlp_layernorm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(linear_fc1=m.linear_fc1, linear_fc2=m.linear_fc2),
@@ -220,7 +220,7 @@ class MoonViT(MegatronModule):
             config=config,
             spec=TransformerBlockSubmodules(
                 layer_specs=[moonvit_layer_spec(choice)] * vision.num_layers,
-                layer_norm=vit_modules(choice).norm,
+                layer_norm=vit_modules(choice).final_norm,
             ),
             post_layer_norm=True,
             pre_process=True,
