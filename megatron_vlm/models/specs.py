@@ -325,34 +325,45 @@ def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = 
 
 @dataclass(frozen=True)
 class VitModules:
-    """Module classes of one ViT layer (pre-LN, biased linears, MLP)."""
+    """Module classes of one ViT layer (pre-LN, biased linears, MLP) and the final norm."""
 
-    norm: type
+    input_layernorm: type
     linear_qkv: type
-    linear_proj: type
     core_attention: type
+    linear_proj: type
+    pre_mlp_layernorm: type
     linear_fc1: type
     linear_fc2: type
+    final_norm: type
 
 
 def vit_modules(choice: KernelChoice) -> VitModules:
-    """ViT layer modules for ``choice``. TE keeps norms unfused so parameter names (and the HF
-    weight mapping) are the same on both backends."""
+    """ViT layer modules for ``choice``.
+
+    TE: megatron's standard TE ViT layer -- both LayerNorms fused into the next linear
+    (``linear_qkv.layer_norm_*``, ``linear_fc1.layer_norm_*``; the names the conversion tables
+    give for TE, ``convert/tables.py``), TE attention, ``TENorm`` as the final norm. Local:
+    SP-capable norms, megatron's parallel linears, our packed attention kernel.
+    """
+    from megatron.core.transformer.identity_op import IdentityOp
+
     if choice.backend == "te":
         from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear,
+            TELayerNormColumnParallelLinear,
             TENorm,
             TERowParallelLinear,
         )
 
-        return VitModules(norm=TENorm, linear_qkv=TEColumnParallelLinear,
-                          linear_proj=TERowParallelLinear,
+        return VitModules(input_layernorm=IdentityOp, linear_qkv=TELayerNormColumnParallelLinear,
                           core_attention=core_attention_module(choice),
-                          linear_fc1=TEColumnParallelLinear, linear_fc2=TERowParallelLinear)
+                          linear_proj=TERowParallelLinear, pre_mlp_layernorm=IdentityOp,
+                          linear_fc1=TELayerNormColumnParallelLinear,
+                          linear_fc2=TERowParallelLinear, final_norm=TENorm)
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     from megatron_vlm.models.norm import SequenceParallelNorm
 
-    return VitModules(norm=SequenceParallelNorm, linear_qkv=ColumnParallelLinear,
-                      linear_proj=RowParallelLinear, core_attention=core_attention_module(choice),
-                      linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    return VitModules(input_layernorm=SequenceParallelNorm, linear_qkv=ColumnParallelLinear,
+                      core_attention=core_attention_module(choice), linear_proj=RowParallelLinear,
+                      pre_mlp_layernorm=SequenceParallelNorm, linear_fc1=ColumnParallelLinear,
+                      linear_fc2=RowParallelLinear, final_norm=SequenceParallelNorm)
