@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
-    p.add_argument("--no-exclusive", action="store_true", help="share nodes with other jobs")
+    p.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                   help="whole nodes (default: yes for one run, no for an array)")
     env = p.add_mutually_exclusive_group()
     env.add_argument("--container-image", help="pyxis/enroot image (srun --container-image)")
     env.add_argument("--venv", help="virtual environment to activate on the nodes")
@@ -107,7 +108,7 @@ def build_slurm_job(ns: argparse.Namespace) -> SlurmJob:
         checkpoint_dir=str(Path(ns.checkpoint_dir).absolute()) if ns.checkpoint_dir else None,
         log_dir=str(Path(ns.log_dir).absolute()) if ns.log_dir else None,
         nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, time=ns.time, partition=ns.partition,
-        account=ns.account, qos=ns.qos, exclusive=not ns.no_exclusive,
+        account=ns.account, qos=ns.qos, exclusive=ns.exclusive,
         container_image=ns.container_image, container_mounts=ns.container_mounts,
         container_workdir=ns.container_workdir, venv=ns.venv,
         workdir=str(Path(ns.workdir or ".").absolute()), env=env, master_port=ns.master_port,

@@ -91,8 +91,9 @@ class SlurmJob:
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    exclusive: bool = True
-    """Whole nodes (``--exclusive``)."""
+    exclusive: bool | None = None
+    """Whole nodes (``--exclusive``); None = yes for a single run, no for an array (sweep
+    tasks are often smaller than a node)."""
     container_image: str | None = None
     """pyxis/enroot image (``srun --container-image``), e.g. ``nvcr.io#nvidia/pytorch:25.10-py3``
     or a ``.sqsh`` file built from our Dockerfile. Exclusive with ``venv``."""
@@ -191,7 +192,7 @@ def _header(job: SlurmJob) -> list[str]:
                        ("qos", job.qos)):
         if value:
             lines.append(f"#SBATCH --{opt}={_q(value)}")
-    if job.exclusive:
+    if job.exclusive or (job.exclusive is None and job.array_runs is None):
         lines.append("#SBATCH --exclusive")
     if job.array_runs is not None:
         throttle = f"%{job.array_parallel}" if job.array_parallel else ""
