@@ -98,7 +98,8 @@ def peak_memory_gib() -> dict:
         return {"kind": "cuda_max_allocated",
                 "gib": torch.cuda.max_memory_allocated() / 2**30,
                 "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-    return {"kind": "cpu_max_rss", "gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": "cpu_max_rss", "gib": rss_kib / 2**20}
 
 
 def timed(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:

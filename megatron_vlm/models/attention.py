@@ -12,8 +12,11 @@ THD batches and context parallelism, and records no max logits (SPEC §6). This 
   ``current_max_attn_logits`` (the attribute megatron's ``MLASelfAttention.clip_qk`` reads) when
   ``config.qk_clip`` or ``config.log_max_attention_logit`` is set.
 
-Computation uses torch SDPA with a boolean mask; when max logits are recorded, the logits are
-formed explicitly (same math, one extra read) so the max is exact.
+Computation uses torch SDPA with a dense boolean ``[t, t]`` mask (the reference kernel,
+``sdpa_mask``, the CPU default); when max logits are recorded, the logits are formed explicitly
+(same math, one extra read) so the max is exact. Faster kernels for packed sequences on GPU
+(per-document SDPA, flex attention, flash varlen) subclass this one in ``packed_kernels.py``
+and replace only :meth:`PackedSelfAttention._attend_thd`; ``models/specs.py`` picks one.
 """
 
 from __future__ import annotations

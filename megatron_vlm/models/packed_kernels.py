@@ -106,7 +106,8 @@ def document_layout(params: PackedSeqParams, total: int, device: torch.device) -
         raise ValueError(f"a document's real length exceeds its padded span: {real} vs {padded}")
     tail = total - int(cu_pad[-1])
     if tail < 0:
-        raise ValueError(f"cu_seqlens ends at {int(cu_pad[-1])} but the sequence has {total} tokens")
+        raise ValueError(
+            f"cu_seqlens ends at {int(cu_pad[-1])} but the sequence has {total} tokens")
     if tail:
         padded, real = padded + [tail], real + [0]
     starts = [0]

@@ -263,7 +263,8 @@ def test_gpu_kernels_bf16_match_reference(cls):
     g = torch.randn(q.shape[0], 4, 128)
     params = thd_params(REAL, SPANS, TAIL)
     res = {}
-    for name, c, dtype in (("ref", PackedSelfAttention, torch.float32), ("gpu", cls, torch.bfloat16)):
+    for name, c, dtype in (("ref", PackedSelfAttention, torch.float32),
+                           ("gpu", cls, torch.bfloat16)):
         xs = [x.cuda().to(dtype).requires_grad_(True) for x in (q, k, v)]
         out = build(c, 4, 192, 128, True, record=False)(*xs, None, packed_seq_params=params)
         (out[is_real.cuda()].float() * g.cuda()[is_real.cuda()]).sum().backward()
