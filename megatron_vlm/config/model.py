@@ -64,8 +64,10 @@ class KernelConfig:
     fp8: bool = False
     """FP8 (TE ``hybrid`` recipe, delayed scaling) on the ``te`` backend only."""
     moe_grouped_gemm: Literal["auto", "on", "off"] = "auto"
-    """Grouped expert GEMM (megatron ``moe_grouped_gemm``): needs Transformer Engine
-    (``TEGroupedMLP``) or the ``grouped_gemm`` package with bf16; ``auto`` = on when available."""
+    """Routed experts as grouped GEMMs (bf16): TE's ``TEGroupedMLP``; without TE torch's
+    ``grouped_mm`` (CUDA sm90+, same parameters as per-expert MLPs) or megatron's legacy
+    ``GroupedMLP`` (``grouped_gemm`` package). ``auto`` = on when available; ``off`` = megatron's
+    per-expert ``SequentialMLP``."""
 
     def __post_init__(self) -> None:
         if self.fp8 and self.backend == "local":

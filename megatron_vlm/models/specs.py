@@ -9,8 +9,10 @@ machine has (:class:`Capabilities`):
    with our SP-capable norms, TP-duplicated MLA down-projections and packed core attention.
 2. **Attention kernel** of the local backend for packed sequences: ``sdpa_mask`` (dense mask, the
    reference), ``sdpa_doc``, ``flex`` or ``varlen`` (``models/packed_kernels.py``).
-3. **Grouped expert GEMM** (megatron ``moe_grouped_gemm``): TE's ``TEGroupedMLP``, or the legacy
-   ``GroupedMLP`` when the ``grouped_gemm`` package is installed (bf16 only).
+3. **Routed experts**: ``te_grouped`` (TE's ``TEGroupedMLP``, megatron ``moe_grouped_gemm``),
+   ``torch_grouped_mm`` (our ``GroupedMMSequentialMLP``: torch's ``grouped_mm``, same parameters
+   as the per-expert MLPs; CUDA sm90+, bf16), ``legacy_grouped`` (megatron's ``GroupedMLP`` with the
+   ``grouped_gemm`` package, bf16) or ``sequential`` (megatron's ``SequentialMLP``).
 
 :func:`choose_kernels` is a pure function of the config and the capabilities (tests pass
 capabilities in); :func:`detect_capabilities` looks at the machine and never imports Transformer
@@ -50,6 +52,8 @@ class Capabilities:
     """``torch.nn.attention.flex_attention`` exists."""
     grouped_gemm: bool
     """The ``grouped_gemm`` package (megatron's legacy ``GroupedMLP``) is installed."""
+    torch_grouped_mm: bool = False
+    """torch's ``grouped_mm`` runs here in bf16 (CUDA compute capability >= 9.0)."""
 
 
 @dataclass(frozen=True)
@@ -61,15 +65,17 @@ class KernelChoice:
     attention_kernel: str
     """``te`` on the TE backend, else one of :data:`LOCAL_KERNELS`."""
     moe_grouped_gemm: bool
-    """megatron ``moe_grouped_gemm``."""
+    """megatron ``moe_grouped_gemm`` (TE's or the legacy grouped MLP)."""
     fp8: bool
     """FP8 (TE only)."""
     reasons: tuple[str, ...] = ()
     """One line per decision, for the log."""
+    experts: str = "sequential"
+    """Routed-expert implementation: te_grouped, torch_grouped_mm, legacy_grouped, sequential."""
 
     def describe(self) -> str:
         return (f"backend={self.backend} attention={self.attention_kernel} "
-                f"grouped_gemm={self.moe_grouped_gemm} fp8={self.fp8} ({'; '.join(self.reasons)})")
+                f"experts={self.experts} fp8={self.fp8} ({'; '.join(self.reasons)})")
 
 
 def _has_module(name: str) -> bool:
@@ -77,6 +83,14 @@ def _has_module(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
+
+
+def grouped_mm_fn():
+    """torch's grouped GEMM (``F.grouped_mm`` in recent torch, ``torch._grouped_mm`` in 2.8+), or
+    None."""
+    import torch.nn.functional as F
+
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def detect_capabilities(kernels: KernelConfig) -> Capabilities:
@@ -91,12 +105,19 @@ def detect_capabilities(kernels: KernelConfig) -> Capabilities:
             te = True
         except Exception as exc:  # noqa: BLE001 - a broken install means "no TE", with a reason
             logger.warning("transformer_engine is installed but does not import: %s", exc)
+    sm90 = False
+    if cuda and grouped_mm_fn() is not None:
+        try:
+            sm90 = torch.cuda.get_device_capability()[0] >= 9
+        except (RuntimeError, AssertionError):  # a CUDA build that cannot query the device
+            sm90 = False
     return Capabilities(
         cuda=cuda,
         transformer_engine=te,
         varlen=_has_module("torch.nn.attention.varlen"),
         flex=_has_module("torch.nn.attention.flex_attention"),
         grouped_gemm=cuda and _has_module("grouped_gemm"),
+        torch_grouped_mm=sm90,
     )
 
 
@@ -151,10 +172,11 @@ def choose_kernels(
     else:
         kernel = _choose_local_kernel(kernels.attention_kernel, caps, params_dtype,
                                       attention_dropout, head_dims, reasons)
-    # --- grouped expert GEMM
-    grouped = _choose_grouped_gemm(kernels.moe_grouped_gemm, backend, caps, params_dtype, reasons)
-    return KernelChoice(backend=backend, attention_kernel=kernel, moe_grouped_gemm=grouped,
-                        fp8=kernels.fp8, reasons=tuple(reasons))
+    # --- routed experts
+    experts = _choose_experts(kernels.moe_grouped_gemm, backend, caps, params_dtype, reasons)
+    return KernelChoice(backend=backend, attention_kernel=kernel,
+                        moe_grouped_gemm=experts in ("te_grouped", "legacy_grouped"),
+                        fp8=kernels.fp8, reasons=tuple(reasons), experts=experts)
 
 
 def _local_kernel_problem(kernel: str, caps: Capabilities, params_dtype: str, dropout: float,
@@ -202,25 +224,31 @@ def _choose_local_kernel(requested: str, caps: Capabilities, params_dtype: str, 
     return "sdpa_doc"
 
 
-def _choose_grouped_gemm(requested: str, backend: str, caps: Capabilities, params_dtype: str,
-                         reasons: list[str]) -> bool:
+def _choose_experts(requested: str, backend: str, caps: Capabilities, params_dtype: str,
+                    reasons: list[str]) -> str:
     if requested == "off":
-        return False
+        reasons.append("experts sequential: grouped GEMM off (requested)")
+        return "sequential"
     if backend == "te":
-        problem = None  # TEGroupedMLP
-    elif not caps.grouped_gemm:
-        problem = "needs Transformer Engine or the grouped_gemm package"
-    elif params_dtype != "bf16":
-        problem = "megatron's GroupedMLP runs bf16 only"
+        reasons.append("experts te_grouped: TEGroupedMLP")
+        return "te_grouped"
+    problems = []
+    if params_dtype != "bf16":
+        problems.append("grouped GEMMs run bf16 only")
     else:
-        problem = None
-    if problem and requested == "on":
-        raise ValueError(f"model.kernels.moe_grouped_gemm=on: {problem}; set it to auto or off")
-    if problem:
-        reasons.append(f"grouped GEMM off: {problem}")
-        return False
-    reasons.append("grouped GEMM on: " + ("TEGroupedMLP" if backend == "te" else "GroupedMLP"))
-    return True
+        if caps.torch_grouped_mm:
+            reasons.append("experts torch_grouped_mm: torch grouped_mm (no TE)")
+            return "torch_grouped_mm"
+        problems.append("torch grouped_mm needs CUDA compute capability >= 9.0")
+        if caps.grouped_gemm:
+            reasons.append("experts legacy_grouped: megatron GroupedMLP (grouped_gemm package)")
+            return "legacy_grouped"
+        problems.append("no Transformer Engine or grouped_gemm package")
+    if requested == "on":
+        raise ValueError(f"model.kernels.moe_grouped_gemm=on: {'; '.join(problems)}; set it to "
+                         "auto or off")
+    reasons.append(f"experts sequential: {'; '.join(problems)}")
+    return "sequential"
 
 
 _LOGGED: set[str] = set()
@@ -295,6 +323,23 @@ def _padding_free_router(mlp):
     return mlp
 
 
+def _torch_grouped_experts(layer_spec: ModuleSpec) -> ModuleSpec:
+    """Routed experts as :class:`~megatron_vlm.models.experts.GroupedMMSequentialMLP` (same
+    parameters as megatron's ``SequentialMLP``)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_vlm.models.experts import GroupedMMSequentialMLP
+
+    mlp = layer_spec.submodules.mlp
+    experts = getattr(getattr(mlp, "submodules", None), "experts", None)
+    if experts is None or experts.module is not SequentialMLP:
+        return layer_spec
+    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
+        mlp.submodules, experts=dataclasses.replace(experts, module=GroupedMMSequentialMLP)))
+    return dataclasses.replace(
+        layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
+
+
 def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = None,
                            pp_rank: int | None = None) -> TransformerBlockSubmodules:
     """The LLM decoder block spec of this pipeline stage for ``choice``."""
@@ -319,6 +364,8 @@ def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = 
     allow_duplicated_linear_in_mla()
     attention = core_attention_module(choice)
     block.layer_specs = [_local_llm_layer(s, attention) for s in block.layer_specs]
+    if choice.experts == "torch_grouped_mm":
+        block.layer_specs = [_torch_grouped_experts(s) for s in block.layer_specs]
     block.layer_norm = SequenceParallelNorm
     return block
 

@@ -6,6 +6,7 @@ varlen / grouped_gemm would report); the expected choices are written out per ca
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import pytest
@@ -22,12 +23,14 @@ from megatron_vlm.models.specs import (
 
 CPU = Capabilities(cuda=False, transformer_engine=False, varlen=True, flex=True,
                    grouped_gemm=False)
-# The lent GPU machine (SPEC §12): CUDA, torch with varlen and flex, no TE, no grouped_gemm.
+# The lent GPU machine (SPEC §12): an H100 (sm90: torch grouped_mm), torch with varlen and flex,
+# no TE, no grouped_gemm package.
 LENT_GPU = Capabilities(cuda=True, transformer_engine=False, varlen=True, flex=True,
-                        grouped_gemm=False)
-NGC = Capabilities(cuda=True, transformer_engine=True, varlen=True, flex=True, grouped_gemm=True)
+                        grouped_gemm=False, torch_grouped_mm=True)
+NGC = Capabilities(cuda=True, transformer_engine=True, varlen=True, flex=True, grouped_gemm=True,
+                   torch_grouped_mm=True)
 OLD_TORCH_GPU = Capabilities(cuda=True, transformer_engine=False, varlen=False, flex=True,
-                             grouped_gemm=False)
+                             grouped_gemm=False)  # also: no grouped_mm (or an A100)
 MLA_DIMS = (192, 128)
 
 
@@ -37,25 +40,26 @@ def choose(caps, dtype="bf16", dropout=0.0, head_dims=MLA_DIMS, **kw):
 
 
 @pytest.mark.parametrize(
-    "caps,dtype,dropout,head_dims,backend,kernel,grouped",
+    "caps,dtype,dropout,head_dims,backend,kernel,experts",
     [
-        (CPU, "fp32", 0.0, MLA_DIMS, "local", "sdpa_mask", False),
-        (CPU, "bf16", 0.0, MLA_DIMS, "local", "sdpa_mask", False),
-        (LENT_GPU, "bf16", 0.0, MLA_DIMS, "local", "varlen", False),
-        (LENT_GPU, "fp32", 0.0, MLA_DIMS, "local", "flex", False),  # flash needs bf16
-        (LENT_GPU, "bf16", 0.1, MLA_DIMS, "local", "sdpa_doc", False),  # dropout
-        (LENT_GPU, "bf16", 0.0, (288,), "local", "flex", False),  # head dim > 256
-        (OLD_TORCH_GPU, "bf16", 0.0, MLA_DIMS, "local", "flex", False),
-        (NGC, "bf16", 0.0, MLA_DIMS, "te", "te", True),
-        (NGC, "fp32", 0.0, MLA_DIMS, "te", "te", True),
+        (CPU, "fp32", 0.0, MLA_DIMS, "local", "sdpa_mask", "sequential"),
+        (CPU, "bf16", 0.0, MLA_DIMS, "local", "sdpa_mask", "sequential"),
+        (LENT_GPU, "bf16", 0.0, MLA_DIMS, "local", "varlen", "torch_grouped_mm"),
+        (LENT_GPU, "fp32", 0.0, MLA_DIMS, "local", "flex", "sequential"),  # bf16 kernels only
+        (LENT_GPU, "bf16", 0.1, MLA_DIMS, "local", "sdpa_doc", "torch_grouped_mm"),  # dropout
+        (LENT_GPU, "bf16", 0.0, (288,), "local", "flex", "torch_grouped_mm"),  # head dim > 256
+        (OLD_TORCH_GPU, "bf16", 0.0, MLA_DIMS, "local", "flex", "sequential"),
+        (NGC, "bf16", 0.0, MLA_DIMS, "te", "te", "te_grouped"),
+        (NGC, "fp32", 0.0, MLA_DIMS, "te", "te", "te_grouped"),
     ],
     ids=["cpu-fp32", "cpu-bf16", "gpu-bf16", "gpu-fp32", "gpu-dropout", "gpu-wide-head",
          "gpu-no-varlen", "te-bf16", "te-fp32"],
 )
-def test_auto_choice(caps, dtype, dropout, head_dims, backend, kernel, grouped):
+def test_auto_choice(caps, dtype, dropout, head_dims, backend, kernel, experts):
     c = choose(caps, dtype, dropout, head_dims)
-    assert (c.backend, c.attention_kernel, c.moe_grouped_gemm, c.fp8) == (
-        backend, kernel, grouped, False)
+    assert (c.backend, c.attention_kernel, c.experts, c.fp8) == (backend, kernel, experts, False)
+    # megatron's own moe_grouped_gemm flag is for TE's / the legacy grouped MLP only.
+    assert c.moe_grouped_gemm == (experts in ("te_grouped", "legacy_grouped"))
     assert c.reasons and all(isinstance(r, str) and r for r in c.reasons)
 
 
@@ -63,18 +67,24 @@ def test_auto_reasons_name_the_cause():
     assert "no CUDA device" in choose(CPU).describe()
     gpu = choose(LENT_GPU).describe()
     assert "Transformer Engine not importable" in gpu
-    assert "grouped_gemm" in gpu  # why grouped GEMM is off
+    assert "torch grouped_mm" in gpu
+    assert "grouped_gemm package" in choose(OLD_TORCH_GPU).describe()  # why experts are sequential
     assert "bf16" in choose(LENT_GPU, dtype="fp32").describe()  # why not varlen
 
 
 def test_grouped_gemm_package_without_te():
     gg = Capabilities(cuda=True, transformer_engine=False, varlen=True, flex=True,
-                      grouped_gemm=True)
+                      grouped_gemm=True)  # e.g. an A100: no torch grouped_mm
+    assert choose(gg, "bf16").experts == "legacy_grouped"
     assert choose(gg, "bf16").moe_grouped_gemm is True
-    assert choose(gg, "fp32").moe_grouped_gemm is False  # legacy GroupedMLP asserts bf16
-    assert choose(gg, "bf16", moe_grouped_gemm="off").moe_grouped_gemm is False
+    assert choose(gg, "fp32").experts == "sequential"  # legacy GroupedMLP asserts bf16
+    assert choose(gg, "bf16", moe_grouped_gemm="off").experts == "sequential"
     with pytest.raises(ValueError, match="bf16"):
         choose(gg, "fp32", moe_grouped_gemm="on")
+    # torch grouped_mm is preferred: it keeps the per-expert parameter layout.
+    both = dataclasses.replace(gg, torch_grouped_mm=True)
+    assert choose(both, "bf16").experts == "torch_grouped_mm"
+    assert choose(both, "bf16", moe_grouped_gemm="on").moe_grouped_gemm is False
 
 
 def test_explicit_requests():
@@ -97,7 +107,7 @@ def test_explicit_requests():
         (OLD_TORCH_GPU, {"attention_kernel": "varlen"}, "bf16", 0.0, "varlen"),
         (LENT_GPU, {"attention_kernel": "flex"}, "bf16", 0.1, "dropout"),
         (NGC, {"attention_kernel": "flex"}, "bf16", 0.0, "local backend only"),
-        (LENT_GPU, {"moe_grouped_gemm": "on"}, "bf16", 0.0, "grouped_gemm"),
+        (OLD_TORCH_GPU, {"moe_grouped_gemm": "on"}, "bf16", 0.0, "grouped_gemm"),
     ],
     ids=["te-on-cpu", "te-missing", "fp8-without-te", "varlen-on-cpu", "varlen-fp32",
          "varlen-old-torch", "flex-dropout", "kernel-with-te", "grouped-gemm-missing"],
