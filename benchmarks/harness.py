@@ -12,6 +12,7 @@ Benchmarks are not tests: numbers go to ``benchmarks/results/*.json`` via ``comm
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -195,8 +196,6 @@ class StockSDPAAttention(torch.nn.Module):
 
 def stock_block_spec(config):
     """megatron-core's local decoder spec, only ``core_attention`` replaced."""
-    import dataclasses
-
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False,
@@ -233,11 +232,18 @@ def build_llm_variant(variant: str, llm: LLMConfig, params_dtype: str, kernels=N
     parallel = ParallelConfig()
     choice = resolve_kernels(kernels, params_dtype=params_dtype,
                              attention_dropout=llm.attention_dropout, head_dims=llm_head_dims(llm))
-    config = build_transformer_config(llm, parallel, params_dtype, choice)
     if variant == "ours":
+        config = build_transformer_config(llm, parallel, params_dtype, choice)
         spec, label = llm_block_spec(config, choice=choice), choice.describe()
     elif variant == "stock+sdpa":
-        spec, label = stock_block_spec(config), "megatron local spec + StockSDPAAttention"
+        label = "megatron local spec + StockSDPAAttention"
+        if choice.backend == "te":
+            # The local spec cannot take TE's grouped MLP or FP8 flags; all others stay equal.
+            choice = dataclasses.replace(choice, moe_grouped_gemm=False, fp8=False,
+                                         experts="sequential")
+            label += " (TE-only flags moe_grouped_gemm/fp8 off)"
+        config = build_transformer_config(llm, parallel, params_dtype, choice)
+        spec = stock_block_spec(config)
     else:
         raise ValueError(f"unknown variant {variant!r}; choose ours or stock+sdpa")
     torch.manual_seed(0)
