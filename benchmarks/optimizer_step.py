@@ -54,6 +54,7 @@ def newton_schulz_flops(model, steps: int = 5) -> tuple[int, int, int]:
 
 def run_optimizer(kind: str, llm, cfg: dict, batches) -> dict:
     import dataclasses
+    import gc
 
     import torch
     from megatron.core.models.gpt import GPTModel
@@ -112,6 +113,10 @@ def run_optimizer(kind: str, llm, cfg: dict, batches) -> dict:
                    analytic_fraction_spec_20m2n=ns_approx / train,
                    analytic_fraction_at_measured_tokens=ns_exact / model_flops(
                        llm, tokens, cfg["seq_length"]))
+    del optimizer, model, inner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return row
 
 

@@ -185,7 +185,20 @@ def run_rows(llm, vision, batches, cfg, kernels, peak) -> dict:
         else:
             model, data, flops = build_vlm(llm, vision, cfg["params_dtype"], kernels), batches, \
                 llm_flops + vit
-        seconds = timed_training(model, data, cfg)
+        try:
+            seconds = timed_training(model, data, cfg)
+        except torch.cuda.OutOfMemoryError:
+            if name != "vlm" or vision.recompute == "full":
+                raise
+            # One retry with the tower's activations recomputed (model.vision.recompute=full):
+            # model FLOPs are unchanged, the recompute costs time; recorded in the row.
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            vision = dataclasses.replace(vision, recompute="full")
+            model = build_vlm(llm, vision, cfg["params_dtype"], kernels)
+            seconds = timed_training(model, data, cfg)
+            rows["vit_recompute_after_oom"] = True
         mean = sum(seconds) / len(seconds)
         rows[name] = {"step_seconds": seconds, "mean_step_seconds": mean,
                       "tokens_per_s": tokens / mean, "model_flops_per_step": flops,
