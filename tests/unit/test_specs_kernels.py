@@ -355,3 +355,31 @@ def test_grouped_mm_experts_through_the_model(megatron_groups):
         w = model.decoder.layers[1].mlp.experts.local_experts[0].linear_fc1.weight
         assert w.grad is not None and w.grad.abs().max() > 0
     assert losses["grouped"] == pytest.approx(losses["sequential"], rel=1e-2)
+
+
+@pytest.mark.parametrize("recompute", ["full", "core_attn"])
+def test_vit_recompute_changes_no_gradient(megatron_groups, recompute):
+    """ViT-only recompute (model.vision.recompute, LLM left at none): same features and grads."""
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.models.vision.moonvit import build_moonvit
+    from megatron_vlm.recipes.tiny import tiny_moonvit
+
+    grid = torch.tensor([[1, 4, 6], [4, 2, 2]])
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), 3, 14, 14,
+                         generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for mode in ("none", recompute):
+        torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)
+        vit = build_moonvit(dataclasses.replace(tiny_moonvit(), recompute=mode),
+                            ParallelConfig()).train()
+        assert vit.config.recompute_granularity == {"none": None, "full": "full",
+                                                    "core_attn": "selective"}[mode]
+        out = vit(pixels, grid)
+        out.square().mean().backward()
+        runs[mode] = (out.detach(), {n: p.grad.clone() for n, p in vit.named_parameters()})
+    torch.testing.assert_close(runs[recompute][0], runs["none"][0], atol=0, rtol=0)
+    for name, g in runs["none"][1].items():
+        torch.testing.assert_close(runs[recompute][1][name], g, atol=1e-7, rtol=1e-6, msg=name)
