@@ -39,6 +39,9 @@ class VisionConfig:
     """Patch columns merged into one LLM token (HF ``merge_kernel_size[1]``)."""
     rope_theta: float = 10000.0
     """Base of the 2D RoPE: freq_i = theta^(-4i/head_dim), i < head_dim/4."""
+    rope: bool = True
+    """Apply the 2D RoPE to q/k. False only to check an import against a model without it
+    (SigLIP: SPEC §2 compares at SigLIP's grid with RoPE off)."""
     norm_epsilon: float = 1e-5
     """LayerNorm epsilon (blocks and final norm; SigLIP uses 1e-6, MoonViT 1e-5)."""
     init_method_std: float = 0.02

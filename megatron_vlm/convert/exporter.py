@@ -82,7 +82,7 @@ class ExportResult:
 
 
 def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: str = "bf16",
-              max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**30,
+              max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**28,
               progress: bool = True) -> ExportResult:
     """Write ``out`` (must not exist): safetensors shards, index, ``config.json``."""
     from megatron_vlm.checkpoint.manifest import verify_checkpoint

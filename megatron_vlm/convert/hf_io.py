@@ -141,14 +141,14 @@ class SafetensorsDir(TensorSource):
 
     def read(self, key: str) -> Tensor:
         e = self._entries[key]
-        buf = bytearray(e.nbytes)
-        with open(e.file, "rb") as f:
-            f.seek(e.start)
-            if f.readinto(buf) != e.nbytes:
-                raise ConversionError(f"truncated shard {e.file}: short read of {key!r}")
-        if not buf:
-            return torch.empty(e.spec.shape, dtype=e.spec.dtype)
-        return torch.frombuffer(buf, dtype=e.spec.dtype).reshape(e.spec.shape)
+        # Read straight into a tensor's own (resizable, freeable) storage.
+        out = torch.empty(e.spec.shape, dtype=e.spec.dtype)
+        if e.nbytes:
+            with open(e.file, "rb") as f:
+                f.seek(e.start)
+                if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != e.nbytes:
+                    raise ConversionError(f"truncated shard {e.file}: short read of {key!r}")
+        return out
 
 
 @dataclass(frozen=True)

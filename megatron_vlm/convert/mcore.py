@@ -131,17 +131,32 @@ class _Writer(FileSystemWriter):
 
 
 class _LazyPlanner(mcore_torch.MCoreSavePlanner):
-    """megatron's save planner whose tensor chunks come from ``produce`` when DCP writes them."""
+    """megatron's save planner whose tensor chunks come from ``produce`` when DCP writes them.
+
+    torch 2.13's writer keeps every tensor it has written to a file in a dict until the file is
+    closed (``filesystem._write_files_from_queue``: ``tensor_dict[fqn] = tensor``, line 451,
+    used only for its safetensors format), i.e. the whole checkpoint with one file per rank. DCP
+    asks for the next chunk only after writing the previous one, so each call here first frees
+    the previous chunk's storage (the written bytes are on disk; the dict is never read with the
+    torch_save format). Chunks are returned with storage of their own, so DCP's loader does not
+    clone them (``_SerialCpuLoader.values``) and the storage freed is the one it holds (a chunk
+    whose storage cannot be resized, e.g. read through numpy, is copied first).
+    """
 
     def __init__(self, chunk: Callable[[str, tuple[int, ...], tuple[int, ...]], Tensor]) -> None:
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
         self._chunk = chunk
+        self._previous: Tensor | None = None
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
-        return self._chunk(write_item.index.fqn, tuple(write_item.index.offset),
-                           tuple(write_item.tensor_data.chunk.sizes))
+        if self._previous is not None:
+            self._previous.untyped_storage().resize_(0)
+        out = self._chunk(write_item.index.fqn, tuple(write_item.index.offset),
+                          tuple(write_item.tensor_data.chunk.sizes))
+        self._previous = out
+        return out
 
 
 class LazySaveStrategy(SaveShardedStrategy):
@@ -165,14 +180,22 @@ class LazySaveStrategy(SaveShardedStrategy):
             self._last = (name, self._produce(name))
         full = self._last[1]
         index = tuple(slice(o, o + s) for o, s in zip(offset[p:], sizes[p:]))
-        return full[index].reshape(sizes).contiguous()
+        chunk = full[index].reshape(sizes)
+        storage = chunk.untyped_storage()
+        if storage.nbytes() != chunk.nbytes or not storage.resizable() or not chunk.is_contiguous():
+            return chunk.clone(memory_format=torch.contiguous_format)
+        self._last = None  # the whole tensor is this one chunk: the planner frees it later
+        return chunk
 
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         state, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(
             sharded_state_dict, keep_only_main_replica=True)
         pyt_state = mcore_torch.mcore_to_pyt_state_dict(state, is_loading=False)
+        # One thread and no copy-ahead: DCP then resolves each chunk right after writing the
+        # previous one (filesystem._SerialCpuLoader, also with CUDA present), as the planner's
+        # freeing of the previous chunk requires.
         writer = _Writer(str(checkpoint_dir), single_file_per_rank=True, sync_files=True,
-                         thread_count=1)
+                         thread_count=1, per_thread_copy_ahead=0)
         dcp_save(pyt_state, storage_writer=writer, planner=_LazyPlanner(self._chunk))
 
 
@@ -285,11 +308,12 @@ class CheckpointReader:
         for name in names:
             slot = self.slots[name]
             shape = self.saved_shape(name)
+            # Expert tensors are asked for as [1, ...] blocks of the [E, ...] global tensor (not
+            # with megatron's prepended axes, whose load path assumes that the ranks together
+            # ask for every expert in one call): any subset of experts can then be read.
             data = torch.empty((1,) * len(slot.prepend) + shape, dtype=self.dtypes[slot.key])
             axes = [(i, off, size) for i, (off, size) in
                     enumerate(zip(slot.prepend, slot.prepend_sizes))]
-            request[name] = ShardedTensor.from_rank_offsets(
-                slot.key, data.reshape(shape), *axes, replica_id=0,
-                prepend_axis_num=len(slot.prepend))
+            request[name] = ShardedTensor.from_rank_offsets(slot.key, data, *axes, replica_id=0)
         loaded = self._strategy.load(request, self.step_dir)
         return {n: t.reshape(self.saved_shape(n)) for n, t in loaded.items()}

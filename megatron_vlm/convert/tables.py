@@ -211,9 +211,9 @@ FAMILIES = {
         Family("kimi_vl", ("KimiVLForConditionalGeneration",), (tuple(EXPERT_LAYOUTS),)),
         Family("deepseek_v3", ("DeepseekV3ForCausalLM", "KimiK2ForCausalLM"),
                (tuple(EXPERT_LAYOUTS),)),
-        # SigLIP's attention-pooling head has no MoonViT counterpart.
+        # SigLIP's attention-pooling head (SiglipModel: text tower too) has no counterpart.
         Family("siglip", ("SiglipVisionModel", "SiglipModel"), (tuple(SIGLIP_RENAMES),),
-               skipped=(r"^head\.",)),
+               skipped=(r"^head\.", r"^text_model\.", r"^logit_(scale|bias)$")),
     )
 }
 

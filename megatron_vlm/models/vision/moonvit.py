@@ -248,13 +248,14 @@ class MoonViT(MegatronModule):
         device = pixel_values.device
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(1)  # [N, D]
         x = self.pos_embed(x, grid).unsqueeze(1)  # [N, 1, D]: megatron's [s, b, h]
-        angles = rope_2d_angles(grid, self.vision.head_dim, self.vision.rope_theta).to(device)
+        angles = (rope_2d_angles(grid, self.vision.head_dim, self.vision.rope_theta).to(device)
+                  if self.vision.rope else None)
         # SP shards the sequence evenly over TP ranks: pad to a multiple of tp with one empty
         # document (real length 0) that attends nothing real; it is cut off again below.
         pad = (-num_patches) % self.config.tensor_model_parallel_size
         pad = pad if self.config.sequence_parallel else 0
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        angles = F.pad(angles, (0, 0, 0, pad))
+        angles = F.pad(angles, (0, 0, 0, pad)) if angles is not None else None
         params = packed_seq_params(grid.prod(dim=1), pad, device)
         if self.config.sequence_parallel:
             x = scatter_to_sequence_parallel_region(x, group=self.tp_group)

@@ -1,0 +1,24 @@
+"""Smoke run of ``benchmarks/convert_hf.py`` (a few MB, in-process): the JSON carries the common
+fields, the round trip is bit-exact and the measurements are sane. Nothing is timed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_convert_hf_benchmark_smoke(tmp_path):
+    from benchmarks import convert_hf
+
+    data = json.loads(convert_hf.main(["--smoke", "--out-dir", str(tmp_path)]).read_text())
+    for key in ("benchmark", "date", "device", "versions", "config", "results", "smoke"):
+        assert key in data, key
+    res = data["results"]
+    assert data["smoke"] is True and res["round_trip"]["bit_exact"] is True
+    assert res["num_shards"] > 1 and res["largest_shard_bytes"] <= res["checkpoint_bytes"]
+    for phase in ("import", "export"):
+        assert res[phase]["seconds"] > 0 and res[phase]["gb_per_s"] > 0
+        assert res[phase]["peak_rss_bytes"] >= res[phase]["baseline_rss_bytes"] > 0
