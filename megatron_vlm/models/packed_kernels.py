@@ -233,7 +233,8 @@ class FlexPackedAttention(PackedSelfAttention):
             return flex_attention  # CPU: torch's eager path (forward only)
         if cls._compiled is None:
             # Without compilation flex materialises every score; compiled it is a fused kernel.
-            cls._compiled = torch.compile(flex_attention, dynamic=False)
+            # Default (automatic) dynamic shapes: ViT micro-batches vary in length.
+            cls._compiled = torch.compile(flex_attention)
         return cls._compiled
 
     def _block_mask(self, layout: DocumentLayout, causal: bool, device: torch.device):
