@@ -431,18 +431,27 @@ def find_latest_checkpoint(root: Path) -> Path | None:
 
 
 def _check_layout(manifest: dict, optimizer, load_optimizer: bool, ckpt_dir: Path) -> None:
-    """A DistributedOptimizer checkpoint reshards across DP only (``dp_reshardable``)."""
-    if not (load_optimizer and manifest.get("distributed_optimizer")):
+    """A DistributedOptimizer checkpoint reshards across DP only (``dp_reshardable``); other
+    optimizer state reshards across any layout but ep=1 <-> ep>1."""
+    if not (load_optimizer and manifest.get("optimizer_state")):
         return
     saved, now = manifest.get("layout", {}), _layout()
     diffs = [f"{k}: {saved.get(k)} in checkpoint != {now.get(k)} now"
              for k in ("tp", "pp", "vpp", "cp", "ep", "etp") if saved.get(k) != now.get(k)]
-    if diffs:
+    if diffs and manifest.get("distributed_optimizer"):
         raise CheckpointError(
             f"checkpoint {ckpt_dir} holds DistributedOptimizer state (dp_reshardable), which "
             f"reshards across data-parallel ranks only; layout differs: {'; '.join(diffs)}. "
             "Load with load_optimizer=False to take the model weights only."
         )
+    if (saved.get("ep", 1) > 1) != (now.get("ep", 1) > 1):
+        # megatron keeps expert weights in their own optimizer only when ep > 1
+        # (tensor_parallel/layers.py:829,886 'allreduce' -> optimizer/__init__.py:165).
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} holds optimizer state saved at ep={saved.get('ep')}, which "
+            f"cannot load at ep={now.get('ep')}: megatron keeps the experts' state in a separate "
+            "optimizer only when ep > 1. Load with load_optimizer=False to take the model "
+            "weights only.")
 
 
 def _describe_load_error(e: BaseException) -> str:

@@ -66,7 +66,10 @@ class VisionConfig:
     the tower is replicated over TP and each rank encodes a cost-balanced share of the
     micro-batch's media items (gathered before the projector); ``tp``: megatron TP (+SP) inside
     the tower, every item encoded jointly by the TP group. Either way each item is encoded once
-    per TP group. Default ``split``: faster on 2 CPU cores at TP=2 (README, layouts)."""
+    per TP group. Default ``split``: at TP=2 on 2 CPU cores the tower's forward+backward ran
+    2.2x and the whole VLM step 1.7x faster than ``tp`` (medians,
+    ``benchmarks/vision_parallel_mode.py``): a small tower gains little from TP and pays its
+    per-layer collectives."""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size",
