@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_vlm.config import apply_overrides
+from megatron_vlm.config.parallel import layers_from_layout
 from megatron_vlm.planning.costs import VisionBudget
 from megatron_vlm.planning.layouts import (
     Hardware,
@@ -37,7 +38,6 @@ from megatron_vlm.planning.report import (
     format_table,
     to_json,
 )
-from megatron_vlm.planning.stages import layers_from_layout
 from megatron_vlm.recipes import get_recipe
 
 
@@ -103,7 +103,7 @@ def build_inputs(args: argparse.Namespace):
 
 def recipe_layout(job, num_gpus: int) -> Layout:
     """The recipe's own layout, with its pipeline split when it sets one."""
-    layout = getattr(job.parallel, "pipeline_layout", None)
+    layout = job.parallel.pipeline_layout
     split = tuple(layers_from_layout(layout)) if layout else None
     return Layout.of(job.parallel, num_gpus, split=split)
 

@@ -14,6 +14,7 @@ reason and the fix -- before a process group or a model exists:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -23,6 +24,43 @@ if TYPE_CHECKING:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def parse_pipeline_layout(layout: str) -> list[str]:
+    """A ``pipeline_model_parallel_layout`` string as one string of layer letters per stage,
+    unrolled as megatron-core 0.16.1's ``PipelineParallelLayerLayout.parse_str_to_list`` does
+    (commas cosmetic, ``(...)*n`` then ``x*n`` repeats)."""
+    text = layout.replace(",", "")
+    text = re.sub(r"\(([^)]+)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
+    text = re.sub(r"(.)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
+    return text.split("|")
+
+
+def layers_from_layout(layout: str) -> list[int]:
+    """Decoder layers (``t``) per stage of a pipeline layout string."""
+    return [stage.count("t") for stage in parse_pipeline_layout(layout)]
+
+
+def pipeline_layout_problems(layout: str, num_stages: int, num_layers: int) -> list[str]:
+    """What megatron would refuse in ``layout`` for ``num_stages`` (pp x vpp) stages and
+    ``num_layers`` decoder layers (``PipelineParallelLayerLayout.validate_layer_layout``)."""
+    stages = parse_pipeline_layout(layout)
+    flat = "".join(stages)
+    out = []
+    bad = sorted(set(flat) - set("ELt"))
+    if bad:
+        out.append(f"parallel.pipeline_layout={layout!r} has unknown letters {bad}; use E "
+                   "(embedding), t (decoder layer), L (loss), | (next stage)")
+    if len(stages) != num_stages:
+        out.append(f"parallel.pipeline_layout has {len(stages)} stages, pp x vpp = {num_stages}")
+    if flat.count("t") != num_layers:
+        out.append(f"parallel.pipeline_layout places {flat.count('t')} decoder layers, the model "
+                   f"has {num_layers}")
+    if not flat.startswith("E") or flat.count("E") != 1:
+        out.append("parallel.pipeline_layout must start with the embedding E, once")
+    if not flat.endswith("L") or flat.count("L") != 1:
+        out.append("parallel.pipeline_layout must end with the loss L, once")
+    return out
 
 
 @dataclass(kw_only=True)
@@ -47,6 +85,13 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     use_distributed_optimizer: bool = False
     """megatron's ZeRO-1 DistributedOptimizer over the data-parallel group."""
+    pipeline_layout: str | None = None
+    """Decoder layers per (virtual) pipeline stage as megatron's
+    ``pipeline_model_parallel_layout``: stages in layer order separated by ``|``, ``E`` the
+    embedding (first stage; the ViT and projector sit with it), ``t`` one decoder layer, ``L`` the
+    loss (last stage), ``t*n`` / ``(...)*n`` repeats, e.g. ``E,t*7|t*8|t*8|t*4,L``; ``pp x vpp``
+    stages. None = the same number of layers per stage. ``tools/plan_parallel.py --stages``
+    prints a split balanced for the ViT on stage 0."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep"):
@@ -117,9 +162,12 @@ class ParallelConfig:
             if shared and shared % tp:
                 out.append(f"parallel.tp={tp} does not divide the shared experts' width "
                            f"{shared} (num_shared_experts x moe_ffn_hidden_size)")
-        # --- pipeline: megatron gives every (virtual) stage the same number of layers
+        # --- pipeline: megatron gives every (virtual) stage the same number of layers unless
+        # an explicit layout says how many each holds
         stages = self.pp * (self.vpp or 1)
-        if llm.num_layers % stages:
+        if self.pipeline_layout is not None:
+            out += pipeline_layout_problems(self.pipeline_layout, stages, llm.num_layers)
+        elif llm.num_layers % stages:
             what = (f"parallel.pp={self.pp}" if self.vpp is None else
                     f"parallel.pp*vpp={self.pp}*{self.vpp}={stages}")
             out.append(f"{what} does not divide model.llm.num_layers={llm.num_layers}; each "

@@ -107,6 +107,7 @@ def build_transformer_config(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp,
+        pipeline_model_parallel_layout=parallel.pipeline_layout,
         context_parallel_size=parallel.cp,
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp if parallel.etp is not None else parallel.tp,

@@ -16,7 +16,6 @@ and loss); an empty middle stage is rejected.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -168,20 +167,6 @@ class StagePlan:
                         f"{s.flops / 1e9:>12.1f} {s.flops / top:>6.2f}  {', '.join(s.contents)}")
         rows.append(f"imbalance (max/mean) {self.imbalance:.3f}; layout '{self.layout()}'")
         return "\n".join(rows)
-
-
-def layers_from_layout(layout: str) -> list[int]:
-    """Decoder layers per virtual stage of a megatron ``pipeline_model_parallel_layout`` string
-    (``E``/``L``/``t``/``m`` per stage, ``|`` between stages, ``x*n`` and ``(...)*n`` repeats,
-    commas cosmetic), parsed as megatron-core 0.16.1's ``parse_str_to_list`` does."""
-    text = layout.replace(",", "")
-    text = re.sub(r"\(([^)]+)\)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
-    text = re.sub(r"(.)\*(\d+)", lambda m: m.group(1) * int(m.group(2)), text)
-    bad = set(text) - set("ELtm|")
-    if bad:
-        raise ValueError(f"pipeline layout {layout!r} has unknown characters {sorted(bad)}; "
-                         "use E (embedding), t (decoder layer), L (loss), m (MTP), | (stage)")
-    return [stage.count("t") for stage in text.split("|")]
 
 
 def _stage_costs(costs: StageCosts, counts: Sequence[int]) -> list[float]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from megatron_vlm.config import JobConfig
-from megatron_vlm.recipes.kimi import kimi_k25, kimi_vl_a3b
+from megatron_vlm.recipes.kimi import (
+    kimi_k25, kimi_k25_32k, kimi_k25_128k, kimi_k25_512, kimi_vl_a3b,
+)
 from megatron_vlm.recipes.tiny import tiny_cpu, tiny_vlm_cpu
 
 RECIPES: dict[str, Callable[[], JobConfig]] = {
@@ -13,6 +15,9 @@ RECIPES: dict[str, Callable[[], JobConfig]] = {
     "tiny_vlm_cpu": tiny_vlm_cpu,
     "kimi_vl_a3b": kimi_vl_a3b,
     "kimi_k25": kimi_k25,
+    "kimi_k25_512": kimi_k25_512,
+    "kimi_k25_32k": kimi_k25_32k,
+    "kimi_k25_128k": kimi_k25_128k,
 }
 
 

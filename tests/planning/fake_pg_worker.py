@@ -14,7 +14,6 @@ Usage: ``python fake_pg_worker.py CASES.json OUT.json``; each case is run in a f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -57,52 +56,31 @@ def _parallel(case: dict) -> ParallelConfig:
     tp = case.get("tp", 1)
     return ParallelConfig(tp=tp, pp=case.get("pp", 1), vpp=case.get("vpp"),
                           ep=case.get("ep", 1), etp=case.get("etp", tp),
-                          sequence_parallel=tp > 1)
+                          sequence_parallel=tp > 1, pipeline_layout=case.get("layout"))
 
 
 def meta_case(case: dict) -> list:
-    """Names, shapes and dtypes of this rank's chunks, built on the meta device."""
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_vlm.models.llm import (
-        build_llm,
-        build_transformer_config,
-        llm_block_spec,
-        padded_vocab_size,
-    )
+    """Names, shapes and dtypes of this rank's chunks, built on the meta device by the
+    project's builders (``KimiVLM`` / ``build_llm``; ``pipeline_layout`` from the case)."""
+    from megatron_vlm.models.llm import build_llm
     from megatron_vlm.models.param_count import allocate_on_meta
     from megatron_vlm.models.vlm import KimiVLM
 
     ps = _world(case)
-    job, parallel = _job(case), _parallel(case)
-    model_cfg = job.model
+    model_cfg, parallel = _job(case).model, _parallel(case)
     chunks = []
     vpp = case.get("vpp") or 1
     pp_rank, pp = ps.get_pipeline_model_parallel_rank(), case.get("pp", 1)
     for vp in range(vpp):
         first, last = pp_rank == 0 and vp == 0, pp_rank == pp - 1 and vp == vpp - 1
         vp_stage = vp if case.get("vpp") else None
-        if case.get("layout") is None:  # the project's own builders (no uneven pipeline)
-            with allocate_on_meta():
-                if model_cfg.is_vlm:
-                    model = KimiVLM(model_cfg, parallel, pre_process=first, post_process=last,
-                                    vp_stage=vp_stage)
-                else:
-                    model = build_llm(model_cfg.llm, parallel, model_cfg.params_dtype,
-                                      pre_process=first, post_process=last, vp_stage=vp_stage)
-        else:  # an LLM chunk with megatron's pipeline_model_parallel_layout
-            llm = model_cfg.llm
-            config = build_transformer_config(llm, parallel, model_cfg.params_dtype)
-            config = dataclasses.replace(config, pipeline_model_parallel_layout=case["layout"],
-                                         use_cpu_initialization=True,
-                                         perform_initialization=False)
-            with allocate_on_meta():
-                model = GPTModel(
-                    config=config, transformer_layer_spec=llm_block_spec(config, vp_stage),
-                    vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
-                    max_sequence_length=llm.max_position_embeddings, pre_process=first,
-                    post_process=last, share_embeddings_and_output_weights=False,
-                    position_embedding_type="none", vp_stage=vp_stage)
+        with allocate_on_meta():
+            if model_cfg.is_vlm:
+                model = KimiVLM(model_cfg, parallel, pre_process=first, post_process=last,
+                                vp_stage=vp_stage)
+            else:
+                model = build_llm(model_cfg.llm, parallel, model_cfg.params_dtype,
+                                  pre_process=first, post_process=last, vp_stage=vp_stage)
         chunks.append([[n, list(p.shape), DTYPES[p.dtype]] for n, p in model.named_parameters()])
     return chunks
 
@@ -125,7 +103,8 @@ def buffers_case(case: dict) -> dict:
     out = {"dp": ps.get_data_parallel_world_size(with_context_parallel=True),
            "buffers": [[b.numel, str(b.param_dtype), bool(is_expert)]
                        for c in chunks
-                       for is_expert, bufs in ((False, c.buffers), (True, c.expert_parallel_buffers))
+                       for is_expert, bufs in ((False, c.buffers),
+                                               (True, c.expert_parallel_buffers))
                        for b in bufs]}
     deal = getattr(optimizer, "dp_cp_params_list", None)
     if deal:  # layer-wise: every DP rank's whole parameters (numels), megatron's deal

@@ -61,7 +61,8 @@ CASES = [
     ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=true", "optim.optimizer=muon"],
     ["model.params_dtype=fp32", "parallel.use_distributed_optimizer=false", "optim.optimizer=muon",
      "optim.muon_router=false"],
-    ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=true", "model.freeze_vision=true"],
+    ["model.params_dtype=bf16", "parallel.use_distributed_optimizer=true",
+     "model.freeze_vision=true"],
 ]
 
 

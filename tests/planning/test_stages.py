@@ -9,9 +9,10 @@ import itertools
 import pytest
 
 from megatron_vlm.config.model import ModelConfig
+from megatron_vlm.config.parallel import layers_from_layout
 from megatron_vlm.config.vision import kimi_projector_config, moonvit_config
 from megatron_vlm.planning.costs import VisionBudget
-from megatron_vlm.planning.stages import StagePlanError, layers_from_layout, plan_stages
+from megatron_vlm.planning.stages import StagePlanError, plan_stages
 from megatron_vlm.recipes.kimi import kimi_k25_llm, moonlight_llm
 from megatron_vlm.training.flops import llm_flops_breakdown_per_token
 
