@@ -95,12 +95,13 @@ def set_replica_ids(sharded_state_dict: dict, group_rank: int) -> None:
         if isinstance(value, dict):
             set_replica_ids(value, group_rank)
         elif isinstance(value, ShardedBase):
-            rid = value.replica_id
+            rid = value.replica_id  # megatron's (pp/other, tp, dp) or a plain int
             if isinstance(rid, int):
                 value.replica_id = (rid, group_rank)
+            elif len(rid) >= 2:
+                value.replica_id = (rid[0], group_rank, *rid[2:])
             else:
-                value.replica_id = (rid[0], group_rank, *rid[2:]) if len(rid) > 2 else (
-                    *rid, group_rank)
+                value.replica_id = (*rid, group_rank)
 
 
 class _GatherItems(torch.autograd.Function):
@@ -134,6 +135,22 @@ def order_rows(order: Tensor, counts: list[int], rank: int) -> Tensor:
     return inverse[start: start + counts[rank]]
 
 
+def rank_major_order(rows_per_item: list[int], owners: list[int],
+                     num_ranks: int) -> tuple[list[int], Tensor]:
+    """``(rows per rank, order)``: gathering every rank's rows (its items in item order) rank
+    after rank gives a rank-major layout; ``rank_major[order]`` is in item order."""
+    counts = [0] * num_ranks
+    starts = [0] * len(owners)
+    for rank in range(num_ranks):
+        for m, owner in enumerate(owners):
+            if owner == rank:
+                starts[m] = sum(counts)  # ranks after this one hold nothing yet
+                counts[rank] += rows_per_item[m]
+    order = (torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows_per_item)])
+             if owners else torch.zeros(0, dtype=torch.long))
+    return counts, order
+
+
 def gather_items(local: Tensor, anchor: Tensor, rows_per_item: list[int], owners: list[int],
                  group: dist.ProcessGroup) -> Tensor:
     """Every rank's item rows, in item order.
@@ -147,21 +164,7 @@ def gather_items(local: Tensor, anchor: Tensor, rows_per_item: list[int], owners
         owners: owner rank of each item (:func:`assign_items`).
         group: the ranks sharing the items (the TP group).
     """
-    size = group.size()
-    counts = [0] * size
-    by_rank: list[list[int]] = [[] for _ in range(size)]
-    for m, (rows, rank) in enumerate(zip(rows_per_item, owners)):
-        by_rank[rank].append(m)
-        counts[rank] += rows
-    # Row offsets of each item in the rank-major concatenation, then item order.
-    starts = [0] * len(owners)
-    offset = 0
-    for rank in range(size):
-        for m in by_rank[rank]:
-            starts[m] = offset
-            offset += rows_per_item[m]
-    order = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, rows_per_item)]
-                      ) if owners else torch.zeros(0, dtype=torch.long)
+    counts, order = rank_major_order(rows_per_item, owners, group.size())
     if local.shape[0] != counts[dist.get_rank(group)]:
         raise ValueError(f"this rank encoded {local.shape[0]} rows but owns "
                          f"{counts[dist.get_rank(group)]}")

@@ -6,8 +6,9 @@ move by ~3.9): the loss on the batch is the source layout's. Where the optimizer
 too, one more AdamW step lands on the source layout's own step-4 parameters (lost moments would
 move each weight by up to lr = 3e-3 instead).
 
-* TP=2 -> TP=1, PP=2 -> PP=1, EP=2 -> TP=2 x EP=2 (expert TP 1): weights and AdamW state
-  (megatron's per-parameter optimizer state follows the model's sharded tensors).
+* TP=2 -> TP=1, PP=2 -> PP=1, EP=2 -> TP=2 x EP=2 (expert TP 1), and at TP=2 from the tower
+  split over TP (replicated, whole tensors) to TP inside the tower (sharded): weights and AdamW
+  state (megatron's per-parameter optimizer state follows the model's sharded tensors).
 * EP=2 -> EP=1: weights; the optimizer state is refused with a clear message (megatron keeps the
   experts in their own optimizer only when ep > 1, so the state's structure differs).
 * DP=1 -> DP=2 with the DistributedOptimizer (``dp_reshardable``): weights and state.
@@ -21,9 +22,10 @@ from __future__ import annotations
 import pytest
 from vlm_runs import vlm_results
 
-RESHARD = {"tp2_to_tp1": "tp2_sp", "pp2_to_pp1": "pp2", "ep2_to_ep1": "ep2",
-           "ep2_to_tp2_ep2": "ep2", "dp1_to_dp2_distopt": "ref"}
-WITH_OPTIMIZER = ["tp2_to_tp1", "pp2_to_pp1", "ep2_to_tp2_ep2", "dp1_to_dp2_distopt"]
+RESHARD = {"tp2_to_tp1": "tp2_sp", "vit_split_to_vit_tp": "tp2_sp", "pp2_to_pp1": "pp2",
+           "ep2_to_ep1": "ep2", "ep2_to_tp2_ep2": "ep2", "dp1_to_dp2_distopt": "ref"}
+WITH_OPTIMIZER = ["tp2_to_tp1", "vit_split_to_vit_tp", "pp2_to_pp1", "ep2_to_tp2_ep2",
+                  "dp1_to_dp2_distopt"]
 
 
 @pytest.fixture(scope="module")

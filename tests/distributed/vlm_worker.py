@@ -61,6 +61,7 @@ LAYOUTS = {  # name -> (overrides, save a step-3 checkpoint)
 }
 RESHARD = {  # name -> (checkpoint, target layout overrides, load the optimizer state)
     "tp2_to_tp1": ("tp2_sp", [], True),
+    "vit_split_to_vit_tp": ("tp2_sp", [*TP2, "model.vision.parallel_mode=tp"], True),
     "pp2_to_pp1": ("pp2", [], True),
     "ep2_to_ep1": ("ep2", [], False),  # optimizer state refused across ep=1 <-> ep>1 (below)
     "ep2_to_tp2_ep2": ("ep2", [*TP2, "parallel.ep=2", "parallel.etp=1"], True),
