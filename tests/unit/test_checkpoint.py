@@ -410,3 +410,92 @@ def test_tampered_pickles_are_not_executed(job, trained, tmp_path, victim):
     with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(path, chunks, optimizer, scheduler)
     assert not marker.exists()
+
+
+# --- async save (megatron's AsyncCallsQueue; forked writer) ------------------------------------
+
+
+def _dcp_tensors(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist checkpoint, read back by torch's own DCP converter."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(ckpt), str(out))
+    state = torch.load(out, weights_only=True)
+    return {k: v for k, v in state.items() if torch.is_tensor(v)}
+
+
+def _distopt_real_elements(optimizer) -> torch.Tensor:
+    """Mask of a DistributedOptimizer bucket's elements that belong to a parameter (world 1,
+    one buffer of one bucket in the tiny model)."""
+    (opt,) = optimizer.chained_optimizers
+    (buf,) = opt.buffers
+    (bucket,) = buf.buckets
+    mask = torch.zeros(bucket.grad_data.numel(), dtype=torch.bool)
+    for start, end, _ in buf.param_index_map.values():
+        mask[start:end] = True
+    return mask
+
+
+@pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["ddp", "distopt"])
+def test_async_save_equals_sync_save_while_training_goes_on(job, tmp_path,
+                                                            distributed_optimizer):
+    """An async save of step 2 is complete only once finished, and then equals a synchronous
+    save of step 2 (every tensor, every file but DCP's .metadata, the manifest) although a
+    training step changed every weight while the write was in flight."""
+    from megatron_vlm.checkpoint import CheckpointSaver
+
+    chunks, optimizer, scheduler = _build(job, seed=1, distributed_optimizer=distributed_optimizer)
+    for step in range(2):
+        _train_step(chunks, optimizer, scheduler, step)
+    extra = {"data": {"position": 16}}
+    sync = save_checkpoint(tmp_path / "sync", 2, chunks, optimizer, scheduler, extra,
+                           job.to_yaml())
+    before = _params(chunks)
+
+    saver = CheckpointSaver(tmp_path / "async", keep_last=3, async_save=True)
+    try:
+        assert saver.save(2, chunks, optimizer, scheduler, extra, job.to_yaml()) == []
+        assert saver.in_flight
+        assert find_latest_checkpoint(tmp_path / "async") is None  # not complete yet
+        _train_step(chunks, optimizer, scheduler, 2)  # in place, while the writer runs
+        after = _params(chunks)
+        assert all(not torch.equal(before[k], after[k]) for k in before)
+        (report,) = saver.finish()
+    finally:
+        saver.close()
+    assert report.async_save and report.step == 2
+    assert report.path == find_latest_checkpoint(tmp_path / "async")
+    assert 0 < report.blocked_s and report.write_start_unix <= report.write_end_unix
+    assert not [p for p in (tmp_path / "async").iterdir() if p.name.startswith(".tmp-")]
+
+    a = _dcp_tensors(sync, tmp_path / "a.pt")
+    b = _dcp_tensors(report.path, tmp_path / "b.pt")
+    assert a.keys() == b.keys() and any("exp_avg_sq" in k for k in a)
+    real = _distopt_real_elements(optimizer) if distributed_optimizer else None
+    for key in a:
+        if ".bucket_idx_" in key:  # DistributedOptimizer bucket: padding between params is
+            assert real is not None  # uninitialised memory (two sync saves differ there too)
+            x, y = a[key][real[: a[key].numel()]], b[key][real[: b[key].numel()]]
+            assert x.numel() > 0.9 * a[key].numel() and torch.equal(x, y), key
+        else:
+            assert torch.equal(a[key], b[key]), key
+    ma = verify_checkpoint(sync, full=True)
+    mb = verify_checkpoint(report.path, full=True)
+    # DCP's .metadata pickles a random save id; every other file is byte-identical (but the
+    # data files under the DistributedOptimizer, whose bucket padding is uninitialised).
+    files_a = {e["path"]: e for e in ma.pop("files")}
+    files_b = {e["path"]: e for e in mb.pop("files")}
+    assert files_a.keys() == files_b.keys()
+    skip = {".metadata"} | ({k for k in files_a if k.endswith(".distcp")}
+                            if distributed_optimizer else set())
+    assert len(files_a.keys() - skip) >= 3
+    for rel in files_a.keys() - skip:
+        assert files_a[rel] == files_b[rel], rel
+    for m in (ma, mb):
+        del m["time_unix"], m["time_utc"]
+    assert ma == mb
+
+    # And it loads: a fresh model gets step 2's weights, not step 3's.
+    chunks2, optimizer2, scheduler2 = _build(job, seed=2, distributed_optimizer=distributed_optimizer)
+    assert load_checkpoint(report.path, chunks2, optimizer2, scheduler2) == extra
+    _assert_same_tensors(_params(chunks2), before)
