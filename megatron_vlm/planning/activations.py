@@ -35,6 +35,12 @@ Head (last stage, one micro-batch alive): final-norm input and output-layer inpu
 logits ``V`` and their fp32 softmax for the cross entropy (``2V`` more; megatron's
 vocab-parallel cross entropy keeps ``exp(logits)``).
 
+The terms are what fused GPU kernels keep (Transformer Engine's LayerNorm+linear keeps the norm
+input only, flash attention no softmax). megatron's local modules keep more -- each norm's output,
+fp32 softmax inputs, router internals: on the CPU build these terms come to 0.48-0.59 of what
+autograd saves per layer (``tests/planning/test_memory.py``), so plan local-spec runs with that
+margin.
+
 Recompute: ``full`` keeps one layer input (``h``) per layer and rebuilds one layer at a time
 during backward (its activations counted once); ``selective`` drops the terms of the listed
 megatron ``recompute_modules``: ``core_attn`` the softmax output; ``mla_up_proj`` Q, K, V and the

@@ -120,3 +120,38 @@ def test_full_size_totals_equal_the_closed_form() -> None:
                             model, layers, first=k == 0, last=k == pp - 1))
                         assert sum(t.numel for t in per_rank) < whole
             assert counted == total
+
+
+def test_activation_terms_bound_what_the_local_layers_save(world_of_one) -> None:
+    """The activation model counts what fused GPU kernels keep (flash attention, LayerNorm
+    folded into the next linear); megatron's local CPU modules keep more (each norm's output,
+    fp32 softmax inputs, router internals). So per layer the model must lie below what autograd
+    really saves here, and above a fraction of it: a missing top-k factor or a per-head term
+    counted per layer would break either bound. (Measured here: 0.48-0.59 of the local saves.)
+    """
+    import dataclasses
+
+    from megatron_vlm.models.llm import build_llm
+    from megatron_vlm.planning.activations import llm_layer_terms
+
+    llm = dataclasses.replace(get_recipe("tiny_text_cpu").model.llm, hidden_size=256,
+                              ffn_hidden_size=768, moe_ffn_hidden_size=192, q_lora_rank=96,
+                              kv_lora_rank=48)
+    model = build_llm(llm, ParallelConfig(), "fp32")
+    seq = 256
+    for layer in model.decoder.layers:
+        storages: dict[int, int] = {}
+
+        def pack(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(seq, 1, llm.hidden_size, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(hidden_states=x, attention_mask=None)
+        measured = sum(storages.values()) / 4 / seq  # fp32 elements per token
+        terms = llm_layer_terms(llm, layer.layer_number - 1, tp=1, etp=1, cp=1,
+                                seq_length=seq, flash=False)
+        predicted = sum(t.elements for t in terms)
+        print(f"layer {layer.layer_number}: planner {predicted:.0f} of {measured:.0f} elements per token")
+        assert 0.4 * measured < predicted < measured, (layer.layer_number, predicted, measured)
