@@ -151,6 +151,26 @@ class SafetensorsDir(TensorSource):
         return out
 
 
+class DictSource(TensorSource):
+    """An in-memory state dict (a module's ``state_dict()``, or tensors already loaded)."""
+
+    def __init__(self, tensors: dict[str, Tensor], what: str = "the state dict") -> None:
+        self.tensors, self.what = tensors, what
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def spec(self, key: str) -> TensorSpec:
+        t = self.tensors[key]
+        return TensorSpec(tuple(t.shape), t.dtype)
+
+    def read(self, key: str) -> Tensor:
+        return self.tensors[key]
+
+    def origin(self, key: str) -> str:
+        return self.what
+
+
 @dataclass(frozen=True)
 class _Virtual:
     alias: Alias

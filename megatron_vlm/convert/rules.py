@@ -153,6 +153,24 @@ class Table:
             raise ConversionError(f"{what} for our tensor {name!r} (a bug in the family table)")
         return found[0]
 
+    def from_hf_keys(self, keys: Sequence[str]) -> dict[str, tuple[Rule, list[str]]]:
+        """Our names (local spec) and their HF sources for every rule whose first HF name
+        matches one of ``keys`` (and whose other HF names are there too)."""
+        present, out = set(keys), {}
+        for rule in self.rules:
+            regex = _compile(rule.hf[0])
+            for key in keys:
+                m = regex.match(key)
+                if m is None:
+                    continue
+                binding = m.groupdict()
+                if rule.when is not None and self.ctx.layer_kind(int(binding["L"])) != rule.when:
+                    continue
+                hf_names = rule.hf_names(binding)
+                if all(k in present for k in hf_names):
+                    out[rule.ours_name(binding)] = (rule, hf_names)
+        return out
+
     def to_te_name(self, name: str) -> str:
         """Our local-spec name -> the Transformer Engine spec name (same tensor)."""
         rule, binding = self.lookup(name)

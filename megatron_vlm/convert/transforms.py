@@ -11,11 +11,36 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_vlm.convert.rules import ConversionError, ConvertContext, Transform
-from megatron_vlm.models.vision.hf_weights import (
-    fuse_qkv,
-    rope_rows_half_to_interleaved,
-    split_qkv,
-)
+
+# --- per-head helpers (ViT qkv) -------------------------------------------------------------------
+
+
+def rope_rows_half_to_interleaved(w: Tensor, num_heads: int) -> Tensor:
+    """Undo transformers' ``PermuteForRope`` on q or k rows (weight ``[H*d, in]`` or bias):
+    each head's rotate-half ``(2, d/2)`` rows back to interleaved pairs ``(d/2, 2)``."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def rope_rows_interleaved_to_half(w: Tensor, num_heads: int) -> Tensor:
+    """transformers' ``PermuteForRope``: interleaved pairs -> rotate-half, per head."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def fuse_qkv(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
+    """``[H*d, ...]`` q, k, v -> megatron's per-head ``[H*3*d, ...]`` (q_h, k_h, v_h)."""
+    parts = [x.reshape(num_heads, -1, *x.shape[1:]) for x in (q, k, v)]
+    fused = torch.stack(parts, dim=1)  # [H, 3, d, ...]
+    return fused.reshape(-1, *q.shape[1:])
+
+
+def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`fuse_qkv`."""
+    per_head = qkv.reshape(num_heads, 3, -1, *qkv.shape[1:])
+    q, k, v = (per_head[:, i].reshape(-1, *qkv.shape[1:]) for i in range(3))
+    return q, k, v
+
 
 # --- gate/up fusion: megatron's gated linear_fc1 is [gate; up] ----------------------------------
 
