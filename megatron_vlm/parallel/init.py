@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
+from megatron_vlm.parallel.vision_split import forget_groups
 
 
 def free_port() -> int:
@@ -72,5 +73,6 @@ def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    forget_groups()
     if dist.is_initialized():
         dist.destroy_process_group()

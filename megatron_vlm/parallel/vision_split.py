@@ -65,6 +65,12 @@ def singleton_group() -> dist.ProcessGroup:
     return _SINGLETON[key]
 
 
+def forget_groups() -> None:
+    """Drop the cached singleton groups (``destroy_distributed`` calls this: a later default
+    group may reuse the old one's id)."""
+    _SINGLETON.clear()
+
+
 def replica_process_groups():
     """megatron's process groups with TP and CP replaced by this rank alone: a module built with
     them is unsharded and replicated over the real TP x CP ranks."""

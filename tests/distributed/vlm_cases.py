@@ -4,6 +4,9 @@ and whole (unsharded, globally named) parameters and gradients gathered from any
 The batches are built deterministically with the data pipeline's own packer (``pack_documents``)
 plus media (SPEC §11): text, images of different sizes and 6-frame videos (MoonViT-3D chunks of
 4 + 2 frames), padded to multiples of 8 (= 2*cp*tp up to cp = tp = 2) in a sequence of 128.
+The vocabulary (1024) is a multiple of 128 x tp, so every layout pads it alike: megatron pads
+to 128 x tp, and the padded rows' logits enter the softmax (the tiny recipe's 1152 becomes 1280
+at TP=2, changing the loss from the same weights).
 """
 
 from __future__ import annotations
