@@ -174,7 +174,7 @@ def vision_tensors(vision: VisionConfig, projector: ProjectorConfig, dtype: str,
 
 
 def chunk_tensors(model: ModelConfig, layers: Sequence[int], *, first: bool, last: bool,
-                  tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1
+                  tp: int = 1, ep: int = 1, etp: int | None = None
                   ) -> list[ParamTensor]:
     """Parameters of one model chunk holding decoder ``layers``; ``first`` = it embeds tokens
     (and runs the ViT + projector of a VLM), ``last`` = it holds the final norm and head."""

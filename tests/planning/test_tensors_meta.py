@@ -89,8 +89,7 @@ def _planned(case: dict) -> list[list]:
         spans = [(k, k == 0, k == len(sizes) - 1) for k in stages]
     assert len(layers) == (vpp or 1)
     return [[[t.name, list(t.shape), t.dtype]
-             for t in chunk_tensors(model, lay, first=first, last=last, tp=tp, ep=ep, etp=etp,
-                                    pp=pp)]
+             for t in chunk_tensors(model, lay, first=first, last=last, tp=tp, ep=ep, etp=etp)]
             for lay, (_, first, last) in zip(layers, spans)]
 
 
