@@ -258,7 +258,10 @@ class AliasedSource(TensorSource):
         # One group is kept: the partners of a multi-output alias are read one after the other.
         if self._cache is None or self._cache[0] != v.src_keys:
             self._cache = (v.src_keys, [self.source.read(k) for k in v.src_keys])
-        return self._apply(v, self._cache[1])
+        out = self._apply(v, self._cache[1])
+        # Never hand out a view of the cached inputs: callers may free what they get.
+        cached = {t.untyped_storage().data_ptr() for t in self._cache[1]}
+        return out.clone() if out.untyped_storage().data_ptr() in cached else out
 
 
 class ShardedSafetensorsWriter:

@@ -217,10 +217,13 @@ def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
 
 
 def _write(out: Path, meta, produce, config_yaml: str, extra: dict) -> Path:
-    from megatron_vlm.convert.mcore import write_checkpoint
+    from megatron_vlm.convert.mcore import SHARDED_METADATA, write_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
-    step_dir = write_checkpoint(out, meta, produce, config_yaml, extra)
+    sharded = meta.sharded_state_dict(metadata=dict(SHARDED_METADATA))
+    # Every tensor the producer returns is new (read from a file, or computed from such).
+    step_dir = write_checkpoint(out, sharded, produce, config_yaml, extra,
+                                produce_owns_results=True)
     tmp = out / f".tmp-job-{secrets.token_hex(4)}.yaml"
     tmp.write_text(config_yaml)
     os.replace(tmp, out / "job.yaml")

@@ -162,8 +162,10 @@ class _LazyPlanner(mcore_torch.MCoreSavePlanner):
 class LazySaveStrategy(SaveShardedStrategy):
     """torch_dist save whose tensors are produced one at a time by ``produce(name)``."""
 
-    def __init__(self, slots: dict[str, TensorSlot], produce: Callable[[str], Tensor]) -> None:
+    def __init__(self, slots: dict[str, TensorSlot], produce: Callable[[str], Tensor],
+                 produce_owns_results: bool = False) -> None:
         super().__init__("torch_dist", 1)
+        self._owned = produce_owns_results
         self._by_key = {(s.key, s.prepend): n for n, s in slots.items()}
         self._prepend = {s.key: len(s.prepend) for s in slots.values()}
         self._produce = produce
@@ -182,7 +184,10 @@ class LazySaveStrategy(SaveShardedStrategy):
         index = tuple(slice(o, o + s) for o, s in zip(offset[p:], sizes[p:]))
         chunk = full[index].reshape(sizes)
         storage = chunk.untyped_storage()
-        if storage.nbytes() != chunk.nbytes or not storage.resizable() or not chunk.is_contiguous():
+        # The planner frees every chunk's storage once written: hand it a storage of its own
+        # unless ``produce`` made this one for us alone and the chunk is all of it.
+        if (not self._owned or storage.nbytes() != chunk.nbytes or not storage.resizable()
+                or not chunk.is_contiguous()):
             return chunk.clone(memory_format=torch.contiguous_format)
         self._last = None  # the whole tensor is this one chunk: the planner frees it later
         return chunk
@@ -241,11 +246,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: Path, model: torch.nn.Module, produce: Callable[[str], Tensor],
-                     config_yaml: str, extra: dict) -> Path:
+def write_checkpoint(root: Path, sharded: dict, produce: Callable[[str], Tensor],
+                     config_yaml: str, extra: dict, produce_owns_results: bool = False) -> Path:
     """Write ``root/step_0000000`` -- a model-only checkpoint in ``checkpoint/dist.py``'s format
-    (``load_checkpoint`` reads it) -- whose tensors come from ``produce(name)``; into a temporary
-    directory renamed into place (nothing is left behind on error). Returns the step directory."""
+    (``load_checkpoint`` reads it) -- for ``sharded``, a model's ``sharded_state_dict`` (taken
+    with ``SHARDED_METADATA``), whose tensors come from ``produce(name)``; into a temporary
+    directory renamed into place (nothing is left behind on error). Returns the step directory.
+
+    ``produce_owns_results``: each tensor ``produce`` returns is new and referenced nowhere else,
+    so the writer may free it after writing instead of copying it first."""
     from megatron_vlm.checkpoint.manifest import FORMAT, file_entries, list_files, write_manifest
     from megatron_vlm.checkpoint.rng import capture_rng_state
 
@@ -257,11 +266,11 @@ def write_checkpoint(root: Path, model: torch.nn.Module, produce: Callable[[str]
     tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        sharded = model.sharded_state_dict(metadata=dict(SHARDED_METADATA))
         slots = tensor_slots(sharded)
         try:
+            strategy = LazySaveStrategy(slots, produce, produce_owns_results)
             dist_checkpointing.save({"model": sharded, "step": 0}, str(tmp),
-                                    sharded_strategy=LazySaveStrategy(slots, produce))
+                                    sharded_strategy=strategy)
         except CheckpointException as e:  # DCP wraps what our producer raised
             cause = next(iter(e.failures.values()))[0] if e.failures else e
             raise cause from e

@@ -260,3 +260,48 @@ def test_truncated_shard_is_refused_naming_the_file(tmp_path):
     path.write_bytes(data[: 8 + n // 2])
     with pytest.raises(ConversionError, match="truncated shard"):
         SafetensorsDir(tmp_path)
+
+
+def test_export_reads_a_checkpoint_saved_with_te_names(groups, tmp_path):
+    """A checkpoint whose fused norms carry the Transformer Engine spec's names (written here from
+    the same weights, sharded keys renamed through the table) exports to exactly the same HF
+    tensors as the local-spec checkpoint."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_vlm.convert import export_hf
+    from megatron_vlm.convert.hf_io import SafetensorsDir
+    from megatron_vlm.convert.importer import job_yaml
+    from megatron_vlm.convert.mcore import SHARDED_METADATA, build_meta_model, write_checkpoint
+    from megatron_vlm.models.vlm import KimiVLM
+
+    model = _model(vlm=True, q_lora=16)
+    torch.manual_seed(1)
+    state = KimiVLM(model, ParallelConfig()).state_dict()
+    table = _table(model, "kimi_k25")
+    meta = build_meta_model(model)
+    config_yaml = job_yaml(model, "te-names")
+
+    def sharded():
+        return meta.sharded_state_dict(metadata=dict(SHARDED_METADATA))
+
+    write_checkpoint(tmp_path / "local", sharded(), lambda n: state[n], config_yaml, {})
+    renamed = {}
+    for name, value in sharded().items():
+        te = table.to_te_name(name) if isinstance(value, ShardedTensor) else name
+        if te != name:  # the sharded key changes in the same tail as the parameter name
+            common = name[: len(next(p for p in [name[: i] for i in range(len(name), 0, -1)]
+                                     if te.startswith(p) and p.endswith(".")))]
+            tail = name[len(common):]
+            value = dataclasses.replace(value, key=value.key[: -len(tail)] + te[len(common):])
+        renamed[te] = value
+    assert len(renamed) == len(sharded()) and renamed.keys() != sharded().keys()
+    write_checkpoint(tmp_path / "te", renamed, lambda n: state[table.to_local_name(n)],
+                     config_yaml, {})
+    local = export_hf(tmp_path / "local", tmp_path / "hf_local", dtype="fp32", progress=False)
+    te = export_hf(tmp_path / "te", tmp_path / "hf_te", dtype="fp32", progress=False)
+    assert te.te_layout and not local.te_layout
+    a, b = SafetensorsDir(tmp_path / "hf_local"), SafetensorsDir(tmp_path / "hf_te")
+    assert sorted(a.keys()) == sorted(b.keys())
+    assert all(torch.equal(a.read(k), b.read(k)) for k in a.keys())
