@@ -209,7 +209,7 @@ FAMILIES = {
         Family("kimi_k25", ("Kimi_K25ForConditionalGeneration", "KimiK25ForConditionalGeneration"),
                (tuple(K25_RENAMES), tuple(EXPERT_LAYOUTS))),
         Family("kimi_vl", ("KimiVLForConditionalGeneration",), (tuple(EXPERT_LAYOUTS),)),
-        Family("deepseek_v3", ("DeepseekV3ForCausalLM", "KimiK2ForCausalLM"),
+        Family("deepseek_v3", ("DeepseekV3ForCausalLM",),
                (tuple(EXPERT_LAYOUTS),)),
         # SigLIP's attention-pooling head (SiglipModel: text tower too) has no counterpart.
         Family("siglip", ("SiglipVisionModel", "SiglipModel"), (tuple(SIGLIP_RENAMES),),
