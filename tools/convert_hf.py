@@ -4,8 +4,8 @@
     python tools/convert_hf.py export CKPT OUT_DIR [--family kimi_k25|deepseek_v3]
                                        [--dtype bf16|fp32] [--max-shard-gb 5]
 
-``import`` writes ``OUT_ROOT/step_0000000/`` (load it with ``checkpoint.load=...``) and
-``OUT_ROOT/job.yaml``; ``export`` takes a step directory or a checkpoint root (newest complete
+``import`` writes ``OUT_ROOT/step_0000000/`` (model weights only: step 0, no optimizer or data
+state) and ``OUT_ROOT/job.yaml`` (the model as a job config to edit); ``export`` takes a step directory or a checkpoint root (newest complete
 checkpoint) and writes release-named shards, ``model.safetensors.index.json`` and
 ``config.json``. Both stream tensor by tensor and leave nothing behind on error.
 """

@@ -172,7 +172,8 @@ def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
               progress: bool = True) -> ImportResult:
     """Convert the HF checkpoint in ``hf_dir`` into our checkpoint root ``out`` (new or empty).
 
-    Writes ``out/step_0000000/`` (our checkpoint: the trainer's ``checkpoint.load`` path) and
+    Writes ``out/step_0000000/`` (a model-only checkpoint: step 0, no optimizer, scheduler or
+    data state; ``checkpoint.load_checkpoint(..., load_optimizer=False)`` reads it) and
     ``out/job.yaml`` (the model config as a job to edit). On any error nothing is left behind.
     """
     from megatron_vlm.convert.mcore import (
