@@ -10,7 +10,15 @@ THD batches and context parallelism, and records no max logits (SPEC §6). This 
 * key and value head dims may differ (MLA: 192 vs 128);
 * per-head max of the scaled pre-softmax logit over unmasked entries, kept as
   ``current_max_attn_logits`` (the attribute megatron's ``MLASelfAttention.clip_qk`` reads) when
-  ``config.qk_clip`` or ``config.log_max_attention_logit`` is set.
+  ``config.qk_clip`` or ``config.log_max_attention_logit`` is set;
+* context parallelism (``config.context_parallel_size > 1``, THD only): the input holds this CP
+  rank's two load-balanced chunks of every document (``parallel/context.py``) while
+  ``PackedSeqParams`` stay global (megatron's convention); K and V are all-gathered over the CP
+  group into global order (backward: reduce-scatter of dK/dV), and the local queries attend them
+  with the causal mask of their *global* positions. MLA's shared rope key is part of K (already
+  rotated at this rank's global positions by megatron), so it travels with it. Max logits are
+  this rank's queries' maxima; QK-Clip all-reduces them with MAX over DP x CP
+  (``optim/qk_clip.py``).
 
 Computation uses torch SDPA with a dense boolean ``[t, t]`` mask (the reference kernel,
 ``sdpa_mask``, the CPU default); when max logits are recorded, the logits are formed explicitly
@@ -29,6 +37,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_vlm.parallel.context import (
+    ContextParallelLayout,
+    context_parallel_layout,
+    gather_context_parallel,
+)
 
 
 def thd_packed_seq_params(
@@ -87,20 +101,47 @@ def segment_ids_from_cu_seqlens(
 
 
 def packed_attention_mask(
-    segment_ids: torch.Tensor, valid: torch.Tensor, causal: bool
+    segment_ids: torch.Tensor, valid: torch.Tensor, causal: bool,
+    q_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean ``[t, t]`` mask (True = attend) for a packed sequence.
+    """Boolean ``[t_q, t]`` mask (True = attend) for a packed sequence of ``t`` tokens.
 
     A query attends keys of its own document that are real (not padding), and earlier ones when
     causal. A padding query attends only itself, so its (unused) output stays finite.
+    ``q_index [t_q]``: global token index of each query row (context parallelism); None = all
+    ``t`` tokens in order.
     """
-    same = segment_ids[:, None] == segment_ids[None, :]
+    keys = torch.arange(len(segment_ids), device=segment_ids.device)
+    rows = keys if q_index is None else q_index.to(segment_ids.device)
+    same = segment_ids[rows][:, None] == segment_ids[None, :]
     mask = same & valid[None, :] & (segment_ids[None, :] >= 0)
-    if causal:
-        mask = mask & torch.ones_like(mask).tril()
-    eye = torch.eye(len(segment_ids), dtype=torch.bool, device=mask.device)
-    mask = torch.where(valid[:, None], mask, eye)
+    if causal:  # documents are contiguous: "earlier in the document" = lower global index
+        mask = mask & (keys[None, :] <= rows[:, None])
+    eye = keys[None, :] == rows[:, None]
+    mask = torch.where(valid[rows][:, None], mask, eye)
     return mask
+
+
+_CP_LAYOUTS: dict = {}
+_CP_LAYOUT_CACHE_SIZE = 8
+
+
+def cp_layout_for(params: PackedSeqParams, total: int, cp_size: int, cp_rank: int,
+                  device) -> ContextParallelLayout:
+    """The context-parallel layout of ``params`` (global boundaries, ``total`` tokens), built
+    once per micro-batch: every layer receives the same ``PackedSeqParams`` object (the cache
+    keeps a reference to it, so its ``id`` cannot be recycled while the entry lives)."""
+    key = (id(params), total, cp_size, cp_rank, str(device))
+    hit = _CP_LAYOUTS.get(key)
+    if hit is not None and hit[0] is params:
+        return hit[1]
+    cu = params.cu_seqlens_q_padded
+    cu = params.cu_seqlens_q if cu is None else cu
+    layout = context_parallel_layout(cu.detach().cpu(), total, cp_size, cp_rank, device)
+    _CP_LAYOUTS[key] = (params, layout)
+    while len(_CP_LAYOUTS) > _CP_LAYOUT_CACHE_SIZE:
+        _CP_LAYOUTS.pop(next(iter(_CP_LAYOUTS)))
+    return layout
 
 
 class PackedSelfAttention(MegatronModule):
@@ -120,11 +161,19 @@ class PackedSelfAttention(MegatronModule):
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "PackedSelfAttention does not support context parallelism yet; set "
-                "parallel.cp=1 (CP for the non-TE path is tracked in the parallel-layouts issue)"
-            )
+        self.cp_size = config.context_parallel_size
+        self.cp_group = None
+        if self.cp_size > 1:
+            # All-gather CP whatever megatron's cp_comm_type (p2p/a2a/allgather) asks of TE.
+            cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            if cp_group is None:
+                from megatron.core import parallel_state
+
+                cp_group = parallel_state.get_context_parallel_group()
+            if cp_group.size() != self.cp_size:
+                raise ValueError(f"context_parallel_size={self.cp_size} but the CP process "
+                                 f"group has {cp_group.size()} ranks")
+            self.cp_group = cp_group
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -160,6 +209,10 @@ class PackedSelfAttention(MegatronModule):
         causal = self._is_causal(attn_mask_type)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             return self._forward_thd(query, key, value, causal, packed_seq_params)
+        if self.cp_size > 1:
+            raise NotImplementedError(
+                "context parallelism in PackedSelfAttention needs packed THD batches "
+                "(packed_seq_params with qkv_format='thd'); the sbhd path has no CP split")
         # sbhd -> [b, np, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         mask = None
@@ -187,7 +240,17 @@ class PackedSelfAttention(MegatronModule):
         squeeze_batch = query.dim() == 4  # [t, 1, np, hn] from non-MLA attention
         if squeeze_batch:
             query, key, value = (x.squeeze(1) for x in (query, key, value))
-        out = self._attend_thd(query, key, value, causal, params)  # [t, np, hv]
+        q_index = None
+        if self.cp_size > 1:
+            # Local queries (two chunks per document) attend every key of their document:
+            # gather K and V (one collective) into global order; PackedSeqParams are global.
+            layout = cp_layout_for(params, query.shape[0] * self.cp_size, self.cp_size,
+                                   self.cp_group.rank(), query.device)
+            dk = key.shape[-1]
+            kv = gather_context_parallel(torch.cat([key, value], dim=-1), layout, self.cp_group)
+            key, value = kv[..., :dk], kv[..., dk:]
+            q_index = layout.local_index
+        out = self._attend_thd(query, key, value, causal, params, q_index)  # [t_q, np, hv]
         if squeeze_batch:
             out = out.reshape(out.shape[0], 1, -1)
         return out.contiguous()
@@ -199,20 +262,24 @@ class PackedSelfAttention(MegatronModule):
         value: torch.Tensor,
         causal: bool,
         params: PackedSeqParams,
+        q_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``[t, np, hk]`` x2, ``[t, np, hv]`` -> ``[t, np, hv]``: SDPA with a dense ``[t, t]``
-        block-diagonal mask (the reference; kernels in ``packed_kernels.py`` override this)."""
+        """``query [t_q, np, hk]``, ``key [t, np, hk]``, ``value [t, np, hv]`` -> ``[t_q, np,
+        hv]``: SDPA with a dense block-diagonal mask (the reference; kernels in
+        ``packed_kernels.py`` override this). ``q_index [t_q]``: global index of each query row
+        (context parallelism: keys are the whole gathered sequence); None: ``t_q == t``."""
         if params.cu_seqlens_q_padded is not None:
             cu_q, cu_q_real = params.cu_seqlens_q_padded, params.cu_seqlens_q
         else:
             cu_q, cu_q_real = params.cu_seqlens_q, None
-        seg, valid = segment_ids_from_cu_seqlens(cu_q, query.shape[0], cu_q_real)
-        mask = packed_attention_mask(seg, valid, causal).to(query.device)
+        seg, valid = segment_ids_from_cu_seqlens(cu_q, key.shape[0], cu_q_real)
+        mask = packed_attention_mask(seg, valid, causal, q_index).to(query.device)
         # [t, np, hn] -> [1, np, t, hn]
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
         # Padding queries attend themselves only to stay finite; they never count in max logits.
-        record_mask = mask & valid.to(mask.device)[:, None]
-        return self._attend(q, k, v, mask, record_mask)[0].permute(1, 0, 2)  # [t, np, hv]
+        valid_q = valid if q_index is None else valid[q_index.cpu()]
+        record_mask = mask & valid_q.to(mask.device)[:, None]
+        return self._attend(q, k, v, mask, record_mask)[0].permute(1, 0, 2)  # [t_q, np, hv]
 
     def _attend(
         self,

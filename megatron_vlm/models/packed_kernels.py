@@ -20,6 +20,11 @@ attend only real tokens (per-document slices, a key mask, or gathering the real 
 Padding queries get zeros (or, for ``flex``, attend themselves); their outputs are finite and never
 reach a real token.
 
+Context parallelism (``parallel.cp > 1``): the base class gathers K/V over the CP group and passes
+each kernel the local queries with their global token indices (``q_index``); ``sdpa_doc`` runs
+one SDPA per local chunk of a document (causal aligned to the lower right), ``flex`` builds its
+block mask over ``[local queries, global keys]``; ``varlen`` refuses CP.
+
 Max logits (QK-Clip): every kernel computes the per-head max of the scaled logits explicitly, per
 document and in query chunks, under ``no_grad`` -- one extra ``Q K^T`` with fp32 accumulation, only
 when ``qk_clip``/``log_max_attention_logit`` is on. (flex's ``AuxRequest(max_scores=True)`` is
@@ -37,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+from torch.nn.attention.bias import causal_lower_right
 
 from megatron_vlm.models.attention import PackedSelfAttention
 
@@ -131,20 +137,70 @@ def document_layout(params: PackedSeqParams, total: int, device: torch.device) -
     return layout
 
 
+@dataclass(frozen=True)
+class QueryRun:
+    """Consecutive query rows that are consecutive tokens of one document."""
+
+    row: int
+    """First query row."""
+    rows: int
+    """Rows in the run."""
+    doc: int
+    """Document index in the :class:`DocumentLayout`."""
+    offset: int
+    """Position of the first row within its document (0 without context parallelism)."""
+
+
+def query_runs(layout: DocumentLayout, q_index: torch.Tensor | None) -> list[QueryRun]:
+    """The query rows as runs of consecutive tokens of one document: one run per document
+    without context parallelism (``q_index`` None); under CP (``q_index`` = global index of each
+    local query, ``parallel/context.py``) two runs per document, its two load-balanced chunks.
+    Built once per micro-batch and ``q_index`` (cached in ``layout``)."""
+    if q_index is None:
+        return [QueryRun(s, p, d, 0) for d, (s, p) in enumerate(zip(layout.starts, layout.padded))
+                if p]
+    key = ("runs", id(q_index))
+    hit = layout.cache.get(key)
+    if hit is not None and hit[0] is q_index:
+        return hit[1]
+    rows = q_index.detach().cpu().tolist()
+    bounds = torch.tensor(layout.starts + [layout.total])
+    docs = (torch.searchsorted(bounds, torch.tensor(rows), right=True) - 1).tolist()
+    runs: list[QueryRun] = []
+    for i, (g, d) in enumerate(zip(rows, docs)):
+        if runs and d == runs[-1].doc and g == rows[i - 1] + 1:
+            last = runs[-1]
+            runs[-1] = QueryRun(last.row, last.rows + 1, d, last.offset)
+        else:
+            runs.append(QueryRun(i, 1, d, g - layout.starts[d]))
+    layout.cache[key] = (q_index, runs)
+    return runs
+
+
+def _real_queries(run: QueryRun, layout: DocumentLayout) -> int:
+    """Real (non-padding) queries at the start of ``run`` (padding follows a document's real
+    tokens, so they come first)."""
+    return max(0, min(run.offset + run.rows, layout.real[run.doc]) - run.offset)
+
+
 @torch.no_grad()
 def document_max_logits(
     q: torch.Tensor, k: torch.Tensor, layout: DocumentLayout, causal: bool, scale: float,
-    chunk: int = MAX_LOGIT_QUERY_CHUNK,
+    chunk: int = MAX_LOGIT_QUERY_CHUNK, q_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head max of the scaled logits ``q k^T * scale`` over legal (real query, real key, same
-    document, causal when asked) entries; ``q, k [t, np, hk]`` -> ``[np]`` fp32 (-inf if none)."""
+    document, causal when asked) entries; ``q [t_q, np, hk]``, ``k [t, np, hk]`` -> ``[np]`` fp32
+    (-inf if none). ``q_index``: global index of each query row (context parallelism)."""
     best = torch.full((q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
     # bf16/fp16 values are exact in TF32 (10-bit mantissa), so TF32 tensor cores give the fp32
     # result with fp32 accumulation at a fraction of the cost of true fp32 GEMMs.
     with _tf32_if_exact(q.dtype):
-        for start, n in zip(layout.starts, layout.real):
-            if n:
-                best = torch.maximum(best, _doc_max(q, k, start, n, causal, scale, chunk))
+        for run in query_runs(layout, q_index):
+            nq = _real_queries(run, layout)
+            if nq:
+                nk = run.offset + nq if causal else layout.real[run.doc]
+                best = torch.maximum(best, _run_max(q, k, run.row, nq, layout.starts[run.doc],
+                                                    nk, run.offset, causal, scale, chunk))
     return best
 
 
@@ -163,50 +219,63 @@ class _tf32_if_exact:
         torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
-def _doc_max(q, k, start: int, n: int, causal: bool, scale: float, chunk: int) -> torch.Tensor:
-    """Per-head max over one document's ``n`` real tokens starting at ``start``."""
+def _run_max(q, k, row: int, nq: int, k_start: int, nk: int, offset: int, causal: bool,
+             scale: float, chunk: int) -> torch.Tensor:
+    """Per-head max over queries ``q[row : row + nq]`` (document positions ``offset + i``) and
+    keys ``k[k_start : k_start + nk]`` (document positions ``0..nk-1``)."""
     best = torch.full((q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
-    kd = k[start : start + n].float().transpose(0, 1)  # [np, n, hk]
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        qd = q[start + c0 : start + c1].float().transpose(0, 1)  # [np, c, hk]
-        logits = torch.matmul(qd, kd.transpose(1, 2)) * scale  # [np, c, n]
+    kd = k[k_start : k_start + nk].float().transpose(0, 1)  # [np, nk, hk]
+    for c0 in range(0, nq, chunk):
+        c1 = min(nq, c0 + chunk)
+        qd = q[row + c0 : row + c1].float().transpose(0, 1)  # [np, c, hk]
+        logits = torch.matmul(qd, kd.transpose(1, 2)) * scale  # [np, c, nk]
         if causal:
-            rows = torch.arange(c0, c1, device=q.device)[:, None]
-            future = torch.arange(n, device=q.device)[None, :] > rows
+            pos = torch.arange(offset + c0, offset + c1, device=q.device)[:, None]
+            future = torch.arange(nk, device=q.device)[None, :] > pos
             logits = logits.masked_fill(future, float("-inf"))
         best = torch.maximum(best, logits.amax(dim=(1, 2)))
     return best
 
 
 class DocumentSDPAAttention(PackedSelfAttention):
-    """``sdpa_doc``: torch SDPA once per document (real tokens only)."""
+    """``sdpa_doc``: torch SDPA once per document (real tokens only); under context parallelism
+    once per local chunk of a document, against the document's keys up to the chunk's end
+    (causal, aligned to the lower right)."""
 
-    def _attend_thd(self, query, key, value, causal, params):
-        layout = document_layout(params, query.shape[0], query.device)
+    def _attend_thd(self, query, key, value, causal, params, q_index=None):
+        layout = document_layout(params, key.shape[0], query.device)
         if self.record_max_logits:
-            self._update_max_logits(
-                document_max_logits(query, key, layout, causal, self.softmax_scale))
+            self._update_max_logits(document_max_logits(
+                query, key, layout, causal, self.softmax_scale, q_index=q_index))
         dropout_p = self.dropout_p if self.training else 0.0
         pieces = []
         heads, dv = value.shape[1], value.shape[2]
-        for start, n, span in zip(layout.starts, layout.real, layout.padded):
-            if n:
-                q, k, v = (x[start : start + n].transpose(0, 1).unsqueeze(0)
-                           for x in (query, key, value))
+        for run in query_runs(layout, q_index):
+            nq, start = _real_queries(run, layout), layout.starts[run.doc]
+            if nq:
+                nk = run.offset + nq if causal else layout.real[run.doc]
+                q = query[run.row : run.row + nq].transpose(0, 1).unsqueeze(0)
+                k, v = (x[start : start + nk].transpose(0, 1).unsqueeze(0) for x in (key, value))
                 pieces.append(self._sdpa(q, k, v, causal, dropout_p)[0].transpose(0, 1))
-            if span > n:
-                pieces.append(value.new_zeros(span - n, heads, dv))
-        return torch.cat(pieces, dim=0)  # [t, np, hv]
+            if run.rows > nq:
+                pieces.append(value.new_zeros(run.rows - nq, heads, dv))
+        return torch.cat(pieces, dim=0)  # [t_q, np, hv]
 
     def _sdpa(self, q, k, v, causal: bool, dropout_p: float) -> torch.Tensor:
+        mask = None
+        if causal and q.shape[2] != k.shape[2]:
+            # A later chunk of a document (context parallelism): query i sits at key position
+            # nk - nq + i, i.e. causal aligned to the lower right (flash/efficient kernels).
+            mask, causal = causal_lower_right(q.shape[2], k.shape[2]), False
         if dropout_p > 0.0:
             from megatron.core import tensor_parallel
 
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale)
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                    scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              scale=self.softmax_scale)
 
 
 def _no_dropout(module: PackedSelfAttention, kernel: str) -> None:
@@ -237,30 +306,37 @@ class FlexPackedAttention(PackedSelfAttention):
             cls._compiled = torch.compile(flex_attention)
         return cls._compiled
 
-    def _block_mask(self, layout: DocumentLayout, causal: bool, device: torch.device):
+    def _block_mask(self, layout: DocumentLayout, causal: bool, device: torch.device,
+                    q_index: torch.Tensor | None = None):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        key = ("flex", causal)
-        if key not in layout.cache:
+        key = ("flex", causal, None if q_index is None else id(q_index))
+        hit = layout.cache.get(key)
+        if hit is None or hit[0] is not q_index:
             seg, valid = layout.segment_ids, layout.valid
+            # Global token index of each query row (context parallelism), else the row itself.
+            rows = (torch.arange(layout.total, device=device) if q_index is None
+                    else q_index.to(device))
 
             def mask_mod(b, h, q_idx, kv_idx):
-                allowed = (seg[q_idx] == seg[kv_idx]) & valid[kv_idx]
+                g = rows[q_idx]
+                allowed = (seg[g] == seg[kv_idx]) & valid[kv_idx]
                 if causal:
-                    allowed = allowed & (q_idx >= kv_idx)
+                    allowed = allowed & (g >= kv_idx)
                 # A padding query attends itself only, as in the reference, so rows stay finite.
-                return allowed | ((q_idx == kv_idx) & ~valid[q_idx])
+                return allowed | ((g == kv_idx) & ~valid[g])
 
-            layout.cache[key] = create_block_mask(
-                mask_mod, None, None, layout.total, layout.total, device=device)
-        return layout.cache[key]
+            hit = (q_index, create_block_mask(
+                mask_mod, None, None, len(rows), layout.total, device=device))
+            layout.cache[key] = hit
+        return hit[1]
 
-    def _attend_thd(self, query, key, value, causal, params):
-        layout = document_layout(params, query.shape[0], query.device)
+    def _attend_thd(self, query, key, value, causal, params, q_index=None):
+        layout = document_layout(params, key.shape[0], query.device)
         if self.record_max_logits:
-            self._update_max_logits(
-                document_max_logits(query, key, layout, causal, self.softmax_scale))
-        block_mask = self._block_mask(layout, causal, query.device)
+            self._update_max_logits(document_max_logits(
+                query, key, layout, causal, self.softmax_scale, q_index=q_index))
+        block_mask = self._block_mask(layout, causal, query.device, q_index)
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, np, t, h]
         # flex runs through torch.compile even in eager mode (torch 2.13 raises with dynamo
         # disabled, e.g. TORCH_COMPILE_DISABLE=1), so dynamo is re-enabled for this call only.
@@ -309,11 +385,15 @@ class VarlenPackedAttention(PackedSelfAttention):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _no_dropout(self, "varlen")
+        if self.cp_size > 1:
+            raise NotImplementedError(
+                "attention kernel 'varlen' has no context-parallel path; with parallel.cp > 1 "
+                "use model.kernels.attention_kernel=sdpa_doc (or the TE backend)")
         if self.varlen_fn is None and resolve_varlen() is None:
             raise RuntimeError("torch.nn.attention.varlen is not available in torch "
                                f"{torch.__version__}; choose another attention kernel")
 
-    def _attend_thd(self, query, key, value, causal, params):
+    def _attend_thd(self, query, key, value, causal, params, q_index=None):
         fn = self.varlen_fn or resolve_varlen()
         layout = document_layout(params, query.shape[0], query.device)
         if self.record_max_logits:

@@ -3,8 +3,10 @@
 One micro-batch is a packed sequence (SPEC §11). Media items (images, video chunks) are encoded
 together by MoonViT (block-diagonal attention per item), merged 2x2 with temporal mean pooling,
 projected to the LLM width and written into their placeholder positions of the word embeddings
-*before* sequence parallelism scatters the sequence -- so a vision token never straddles ranks.
-Pipeline stages after the first hold only LLM layers.
+*before* the sequence is split -- context parallelism (each CP rank keeps its two load-balanced
+chunks of every document, ``parallel/context.py``), then sequence parallelism -- so the split
+sees the merged sequence and a vision token never straddles ranks incorrectly. Pipeline stages
+after the first hold only LLM layers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config.model import ModelConfig
 from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.models.attention import cp_layout_for
 from megatron_vlm.models.llm import build_llm, llm_head_dims, scatter_padding_mask
 from megatron_vlm.models.projector import build_projector
 from megatron_vlm.models.specs import resolve_kernels
@@ -64,8 +67,10 @@ class KimiVLM(MegatronModule):
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
               pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
-              media_positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Word embeddings ``[s, b, h]`` with projected media features at their placeholders.
+              media_positions: torch.Tensor | None = None,
+              packed_seq_params=None) -> torch.Tensor:
+        """Word embeddings ``[s, b, h]`` with projected media features at their placeholders,
+        then this rank's context-parallel chunks (``[s / cp, b, h]``) and SP shard.
 
         Args:
             input_ids: ``[1, S]`` token ids (placeholders included).
@@ -73,6 +78,8 @@ class KimiVLM(MegatronModule):
             pixel_values: ``[N, 3, 14, 14]`` patches of every media item, or None.
             grid_thw: ``[M, 3]`` per item (t, h, w) in patches.
             media_positions: ``[sum(h*w/4)]`` sequence index of every placeholder, item order.
+            packed_seq_params: the micro-batch's global THD parameters (needed under context
+                parallelism: the split follows their padded document boundaries).
         """
         lm = self.language_model
         # Placeholder ids may lie outside the table (HF's video placeholder is id == vocab size).
@@ -93,6 +100,18 @@ class KimiVLM(MegatronModule):
                 raise ValueError("a placeholder span runs past the end of the packed sequence")
             zeros = torch.zeros_like(positions)
             emb = emb.index_put((positions, zeros), features.to(emb.dtype))
+        cp = self.config.context_parallel_size
+        if cp > 1:
+            # Every CP rank embeds the whole sequence (cheap next to attention; the vision
+            # features come from one rank per item, parallel/vision_split.py) and keeps its
+            # chunks; the embedding gradient is partial per CP rank and megatron's DDP sums it
+            # over DP x CP. The backward of the item gather sums the features' gradients.
+            if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+                raise ValueError("context parallelism needs packed THD micro-batches "
+                                 "(packed_seq_params with qkv_format='thd')")
+            layout = cp_layout_for(packed_seq_params, emb.shape[0], cp,
+                                   self.language_model.pg_collection.cp.rank(), emb.device)
+            emb = emb.index_select(0, layout.local_index)
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
         return emb
@@ -103,7 +122,7 @@ class KimiVLM(MegatronModule):
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, position_ids, pixel_values, grid_thw,
-                                       media_positions)
+                                       media_positions, packed_seq_params)
         if padding_mask is not None and self.config.sequence_parallel:
             # megatron scatters the mask only when it embeds the tokens itself (gpt_model.py:314).
             padding_mask = scatter_padding_mask(padding_mask)

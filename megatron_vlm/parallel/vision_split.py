@@ -21,8 +21,12 @@ Their ``tensor_model_parallel`` flag is cleared so the grad norm counts them onc
 (``param_is_not_tensor_parallel_duplicate``), and :func:`set_replica_ids` gives their checkpoint
 shards one main replica per TP group.
 
-Context parallelism (later) will split over TP x CP; there the embedding gradient is *partial*
-per CP rank and the gather's backward must sum (a reduce-scatter) instead of slicing.
+Context parallelism. Every CP rank builds the merged embeddings of the whole micro-batch and keeps
+its own chunks (``models/vlm.py``), so items are split over the TP x CP ranks (split mode) or over
+the CP ranks, each encoded jointly by its TP group (``tp`` mode): never on two CP ranks. The
+gradient arriving at the gathered features is then *partial* per CP rank (only its tokens' share),
+so the gather's backward first sums it over the CP group (``reduce_group``), then keeps this
+rank's rows. The tower's weight gradients are summed over DP x CP by megatron's DDP.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ class _GatherItems(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, local: Tensor, anchor: Tensor, counts: list[int], order: Tensor,
-                group: dist.ProcessGroup) -> Tensor:
+                group: dist.ProcessGroup, reduce_group: dist.ProcessGroup | None) -> Tensor:
         # gloo's all_gather needs equal shapes: pad every rank's rows to the largest count.
         most = max(counts)
         padded = local.new_zeros((most, *local.shape[1:]))
@@ -124,13 +128,17 @@ class _GatherItems(torch.autograd.Function):
         dist.all_gather(parts, padded.contiguous(), group=group)
         rank_major = torch.cat([p[:c] for p, c in zip(parts, counts)])
         ctx.mine = order_rows(order, counts, dist.get_rank(group))
+        ctx.reduce_group = reduce_group
         return rank_major.index_select(0, order.to(local.device))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        # The consumer runs replicated over the group and its input gradient is complete on
-        # every rank (module docstring): this rank's rows are its share, nothing to reduce.
-        return grad.index_select(0, ctx.mine.to(grad.device)), None, None, None, None
+        # The consumer runs replicated over TP and its input gradient is complete on every TP
+        # rank (module docstring); under CP each CP rank holds only its tokens' share: sum it.
+        if ctx.reduce_group is not None and ctx.reduce_group.size() > 1:
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad, group=ctx.reduce_group)
+        return grad.index_select(0, ctx.mine.to(grad.device)), None, None, None, None, None
 
 
 def order_rows(order: Tensor, counts: list[int], rank: int) -> Tensor:
@@ -158,7 +166,8 @@ def rank_major_order(rows_per_item: list[int], owners: list[int],
 
 
 def gather_items(local: Tensor, anchor: Tensor, rows_per_item: list[int], owners: list[int],
-                 group: dist.ProcessGroup) -> Tensor:
+                 group: dist.ProcessGroup, reduce_group: dist.ProcessGroup | None = None
+                 ) -> Tensor:
     """Every rank's item rows, in item order.
 
     Args:
@@ -168,10 +177,12 @@ def gather_items(local: Tensor, anchor: Tensor, rows_per_item: list[int], owners
             that owns no item, so every rank runs the same backward collectives downstream.
         rows_per_item: rows of each item (its merged LLM tokens).
         owners: owner rank of each item (:func:`assign_items`).
-        group: the ranks sharing the items (the TP group).
+        group: the ranks sharing the items (TP, CP or TP x CP group).
+        reduce_group: ranks whose consumers see partial gradients of the gathered rows (the CP
+            group): the backward sums over it. None: the gradient is complete on every rank.
     """
     counts, order = rank_major_order(rows_per_item, owners, group.size())
     if local.shape[0] != counts[dist.get_rank(group)]:
         raise ValueError(f"this rank encoded {local.shape[0]} rows but owns "
                          f"{counts[dist.get_rank(group)]}")
-    return _GatherItems.apply(local, anchor, counts, order, group)
+    return _GatherItems.apply(local, anchor, counts, order, group, reduce_group)

@@ -2,7 +2,15 @@
 
 The loss is a global per-token mean (SPEC §11): each micro-batch returns its *sum* of token
 losses and its token count; megatron's ``finalize_model_grads`` divides gradients by the token
-count all-reduced over micro-batches and DP ranks (``calculate_per_token_loss=True``).
+count all-reduced over micro-batches and DP x CP ranks (``calculate_per_token_loss=True``).
+
+Context parallelism: each CP rank keeps its two load-balanced chunks of every document
+(``parallel/context.py``) of the labels, loss mask, position ids and padding mask here, so its
+loss sum and token count cover its own tokens; the count and the gradients are summed over
+DP x CP by megatron (``finalize_model_grads``, DDP's ``dp_cp`` group), the reported loss over
+DP x CP by the trainer. The VLM gets the whole token sequence and splits the *merged* embeddings
+itself (vision features scattered in first); a text-only ``GPTModel`` gets its tokens split.
+``PackedSeqParams`` stay global (megatron's THD convention).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_vlm.data.contract import PackedBatch, VisionInputs
-from megatron_vlm.models.attention import thd_packed_seq_params
+from megatron_vlm.models.attention import cp_layout_for, thd_packed_seq_params
 from megatron_vlm.models.llm import scatter_padding_mask
 from megatron_vlm.models.vlm import KimiVLM
 from megatron_vlm.training.model_setup import unwrap
@@ -35,24 +43,45 @@ def media_positions(vision: VisionInputs) -> torch.Tensor:
     return torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
 
 
-def model_inputs(batch: PackedBatch, device: torch.device, model) -> dict:
-    """Keyword arguments of the model's forward for one packed micro-batch."""
-    padding_mask = batch.padding_mask.to(device)
+def context_parallel_index(model, params: PackedSeqParams, seq_length: int,
+                           device: torch.device) -> torch.Tensor | None:
+    """Global token indices this CP rank holds (``parallel/context.py``); None without CP."""
     inner = unwrap(model)
+    cp = inner.config.context_parallel_size
+    if cp == 1:
+        return None
+    lm = inner.language_model if isinstance(inner, KimiVLM) else inner
+    return cp_layout_for(params, seq_length, cp, lm.pg_collection.cp.rank(), device).local_index
+
+
+def model_inputs(batch: PackedBatch, device: torch.device, model) -> dict:
+    """Keyword arguments of the model's forward for one packed micro-batch (this CP rank's
+    share of the per-token tensors under context parallelism, see the module docstring)."""
+    inner = unwrap(model)
+    params = packed_seq_params(batch, device)
+    cp_index = context_parallel_index(model, params, batch.seq_length, device)
+
+    def local(x: torch.Tensor) -> torch.Tensor:  # [1, S] -> this CP rank's [1, S / cp]
+        x = x.to(device)
+        return x if cp_index is None else x.index_select(1, cp_index)
+
+    padding_mask = local(batch.padding_mask)
     if (isinstance(inner, GPTModel) and inner.config.sequence_parallel
             and not inner.pre_process):
         # Later pipeline stages: megatron leaves the mask unscattered (gpt_model.py:314).
         padding_mask = scatter_padding_mask(padding_mask)
-    inputs = dict(
-        input_ids=batch.tokens.to(device),
-        position_ids=batch.position_ids.to(device),
-        attention_mask=None,
-        labels=batch.labels.to(device),
-        packed_seq_params=packed_seq_params(batch, device),
-        padding_mask=padding_mask,
-    )
+    vlm = isinstance(inner, KimiVLM)
+    inputs = {
+        # The VLM splits the merged embeddings itself, after the vision scatter.
+        "input_ids": batch.tokens.to(device) if vlm else local(batch.tokens),
+        "position_ids": batch.position_ids.to(device) if vlm else local(batch.position_ids),
+        "attention_mask": None,
+        "labels": local(batch.labels),
+        "packed_seq_params": params,
+        "padding_mask": padding_mask,
+    }
     if batch.vision is not None:
-        if not isinstance(inner, KimiVLM):
+        if not vlm:
             raise ValueError("a batch with media reached a text-only model; set model.vision")
         inputs.update(pixel_values=batch.vision.pixel_values, grid_thw=batch.vision.grid_thw,
                       media_positions=media_positions(batch.vision))
@@ -75,4 +104,9 @@ def forward_step(data_iterator: Iterator[PackedBatch], model):
     device = next(model.parameters()).device
     inputs = model_inputs(batch, device, model)
     output = model(**inputs)
-    return output, partial(loss_func, batch.loss_mask.to(device))
+    loss_mask = batch.loss_mask.to(device)
+    cp_index = context_parallel_index(model, inputs["packed_seq_params"], batch.seq_length,
+                                      device)
+    if cp_index is not None:
+        loss_mask = loss_mask.index_select(1, cp_index)
+    return output, partial(loss_func, loss_mask)

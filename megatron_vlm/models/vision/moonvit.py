@@ -192,12 +192,20 @@ class MoonViT(MegatronModule):
 
     def __init__(
         self, config: TransformerConfig, vision: VisionConfig, pg_collection=None,
-        choice: KernelChoice | None = None, split_group=None,
+        choice: KernelChoice | None = None, split_group=None, split_reduce_group=None,
+        replica_group=None,
     ) -> None:
         super().__init__(config=config)
         self.split_group = split_group
-        """Split mode: the ranks sharing this micro-batch's items (the TP group); the tower is
-        replicated there (build it with ``replica_process_groups``). None: encode every item."""
+        """The ranks sharing this micro-batch's items, each encoding its share: split mode the TP
+        group (TP x CP under context parallelism; the tower is replicated there, built with
+        ``replica_process_groups``), ``tp`` mode under CP the CP group. None: encode every
+        item."""
+        self.split_reduce_group = split_reduce_group
+        """The CP group under context parallelism: the item gather's backward sums over it."""
+        self.replica_group = replica_group
+        """Split mode under TP: the TP group the tower is replicated over (checkpoint shards get
+        one main replica per TP group). None: megatron's own replica ids."""
         self.num_encoded_items = 0
         """Items this rank has run through :meth:`encode` (activation recompute not counted)."""
         self.encoded_item_log: list[tuple[int, int, int, float]] | None = None
@@ -301,14 +309,15 @@ class MoonViT(MegatronModule):
             local = pixel_values.new_zeros(0, vis.merge_size, vis.hidden_size,
                                            dtype=self.patch_embed.weight.dtype)
         rows = (grid[:, 1] * grid[:, 2] // vis.merge_size).tolist()
-        return gather_items(local, self.patch_embed.weight, rows, owners, group)
+        return gather_items(local, self.patch_embed.weight, rows, owners, group,
+                            self.split_reduce_group)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
         """megatron's, with one main replica per TP group in split mode (``set_replica_ids``)."""
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        if self.split_group is not None:
-            set_replica_ids(state, self.split_group.rank())
+        if self.replica_group is not None:
+            set_replica_ids(state, self.replica_group.rank())
         return state
 
 
@@ -327,7 +336,8 @@ def build_moonvit(
         choice = resolve_kernels(kernels, params_dtype=params_dtype,
                                  attention_dropout=vision.attention_dropout,
                                  head_dims=(vision.head_dim,))
-    split_group = None
+    given_pgs = pg_collection
+    split_group = replica_group = None
     if vision.parallel_mode == "split" and parallel.tp > 1:
         if not parallel.sequence_parallel:
             raise ValueError(
@@ -341,11 +351,26 @@ def build_moonvit(
             from megatron.core import parallel_state
 
             split_group = parallel_state.get_tensor_model_parallel_group()
-        parallel = ParallelConfig(tp=1, sequence_parallel=False)
+        replica_group = split_group
+        parallel_tower = ParallelConfig(tp=1, sequence_parallel=False)
         pg_collection = replica_process_groups()
-    config = build_vision_transformer_config(vision, parallel, params_dtype)
+    else:
+        parallel_tower = parallel
+    reduce_group = None
+    if parallel.cp > 1:
+        # Context parallelism: items split over TP x CP (split mode) or CP (tp mode), never
+        # encoded on two CP ranks; the gather's backward sums over CP (vision_split.py).
+        from megatron.core import parallel_state
+
+        reduce_group = (given_pgs.cp if given_pgs is not None
+                        else parallel_state.get_context_parallel_group())
+        tp_cp = (getattr(given_pgs, "tp_cp", None) if given_pgs is not None else None
+                 ) or parallel_state.get_tensor_and_context_parallel_group()
+        split_group = tp_cp if vision.parallel_mode == "split" else reduce_group
+    config = build_vision_transformer_config(vision, parallel_tower, params_dtype)
     model = MoonViT(config, vision, pg_collection=pg_collection, choice=choice,
-                    split_group=split_group)
-    if split_group is not None:
+                    split_group=split_group, split_reduce_group=reduce_group,
+                    replica_group=replica_group)
+    if replica_group is not None:
         mark_replicated(model)
     return model
