@@ -176,7 +176,8 @@ def llm_block_spec(
         choice = resolve_kernels(
             None, params_dtype="bf16" if config.bf16 else "fp32",
             attention_dropout=config.attention_dropout,
-            head_dims=(config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim))
+            head_dims=(config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim),
+            context_parallel=config.context_parallel_size > 1)
     return llm_decoder_block_spec(config, choice, vp_stage=vp_stage, pp_rank=pp_rank)
 
 
@@ -215,7 +216,7 @@ def build_llm(
     if choice is None:
         choice = resolve_kernels(kernels, params_dtype=params_dtype,
                                  attention_dropout=llm.attention_dropout,
-                                 head_dims=llm_head_dims(llm))
+                                 head_dims=llm_head_dims(llm), context_parallel=parallel.cp > 1)
     config = build_transformer_config(llm, parallel, params_dtype, choice)
     return GPTModel(
         config=config,

@@ -128,6 +128,7 @@ def choose_kernels(
     params_dtype: str,
     attention_dropout: float = 0.0,
     head_dims: tuple[int, ...] = (),
+    context_parallel: bool = False,
 ) -> KernelChoice:
     """Resolve ``kernels`` against ``caps``; explicit requests the machine cannot honour raise.
 
@@ -137,6 +138,7 @@ def choose_kernels(
         params_dtype: ``fp32`` or ``bf16`` (flash kernels and grouped GEMM need bf16).
         attention_dropout: the largest attention dropout of the model (flex/varlen have none).
         head_dims: every q/k/v head dim of the model (flash takes at most 256).
+        context_parallel: the LLM runs with ``parallel.cp > 1`` (``varlen`` has no CP path).
     """
     reasons: list[str] = []
     # --- backend
@@ -171,7 +173,7 @@ def choose_kernels(
         kernel = "te"
     else:
         kernel = _choose_local_kernel(kernels.attention_kernel, caps, params_dtype,
-                                      attention_dropout, head_dims, reasons)
+                                      attention_dropout, head_dims, reasons, context_parallel)
     # --- routed experts
     experts = _choose_experts(kernels.moe_grouped_gemm, backend, caps, params_dtype, reasons)
     return KernelChoice(backend=backend, attention_kernel=kernel,
@@ -180,10 +182,12 @@ def choose_kernels(
 
 
 def _local_kernel_problem(kernel: str, caps: Capabilities, params_dtype: str, dropout: float,
-                          head_dims: tuple[int, ...]) -> str | None:
+                          head_dims: tuple[int, ...], context_parallel: bool = False) -> str | None:
     """Why ``kernel`` cannot run here, or None when it can."""
     if kernel in ("sdpa_mask", "sdpa_doc"):
         return None
+    if kernel == "varlen" and context_parallel:
+        return "varlen has no context-parallel path (parallel.cp > 1)"
     if kernel in ("flex", "varlen") and dropout > 0.0:
         return f"{kernel} has no attention dropout (attention_dropout={dropout})"
     if kernel == "flex":
@@ -201,9 +205,11 @@ def _local_kernel_problem(kernel: str, caps: Capabilities, params_dtype: str, dr
 
 
 def _choose_local_kernel(requested: str, caps: Capabilities, params_dtype: str, dropout: float,
-                         head_dims: tuple[int, ...], reasons: list[str]) -> str:
+                         head_dims: tuple[int, ...], reasons: list[str],
+                         context_parallel: bool = False) -> str:
     if requested != "auto":
-        problem = _local_kernel_problem(requested, caps, params_dtype, dropout, head_dims)
+        problem = _local_kernel_problem(requested, caps, params_dtype, dropout, head_dims,
+                                        context_parallel)
         if problem:
             raise ValueError(f"model.kernels.attention_kernel={requested}: {problem}; "
                              "choose another kernel or auto")
@@ -214,7 +220,8 @@ def _choose_local_kernel(requested: str, caps: Capabilities, params_dtype: str, 
         return "sdpa_mask"
     skipped = []
     for kernel in ("varlen", "flex"):
-        problem = _local_kernel_problem(kernel, caps, params_dtype, dropout, head_dims)
+        problem = _local_kernel_problem(kernel, caps, params_dtype, dropout, head_dims,
+                                        context_parallel)
         if problem is None:
             reasons.append(f"attention {kernel}: fastest available"
                            + (f" ({'; '.join(skipped)})" if skipped else ""))
@@ -256,12 +263,14 @@ _LOGGED: set[str] = set()
 
 def resolve_kernels(kernels: KernelConfig | None, *, params_dtype: str,
                     attention_dropout: float = 0.0, head_dims: tuple[int, ...] = (),
-                    caps: Capabilities | None = None) -> KernelChoice:
+                    caps: Capabilities | None = None,
+                    context_parallel: bool = False) -> KernelChoice:
     """:func:`choose_kernels` on this machine's capabilities; logs the choice once."""
     kernels = kernels or KernelConfig()
     caps = caps or detect_capabilities(kernels)
     choice = choose_kernels(kernels, caps, params_dtype=params_dtype,
-                            attention_dropout=attention_dropout, head_dims=head_dims)
+                            attention_dropout=attention_dropout, head_dims=head_dims,
+                            context_parallel=context_parallel)
     line = choice.describe()
     if line not in _LOGGED:
         _LOGGED.add(line)

@@ -34,7 +34,8 @@ class KimiVLM(MegatronModule):
         choice = resolve_kernels(
             model.kernels, params_dtype=model.params_dtype,
             attention_dropout=max(model.llm.attention_dropout, model.vision.attention_dropout),
-            head_dims=(*llm_head_dims(model.llm), model.vision.head_dim))
+            head_dims=(*llm_head_dims(model.llm), model.vision.head_dim),
+            context_parallel=parallel.cp > 1)
         language_model: GPTModel = build_llm(
             model.llm, parallel, model.params_dtype, pre_process=pre_process,
             post_process=post_process, vp_stage=vp_stage, choice=choice,

@@ -11,8 +11,9 @@ documents of odd lengths padded to 8, so they cross CP chunk boundaries), record
   global token order), the loss, every gradient (whole, globally named), the per-head max
   attention logits of every MLA layer after QK-Clip's MAX all-reduce over DP x CP, and which
   media items each rank's vision tower encoded;
-* QK-Clip after every optimizer step with tau = :data:`TAU` (low enough that some heads clip):
-  heads clipped per layer;
+* QK-Clip after every optimizer step with a tau that splits the heads (half of them clip at
+  step 1: the reference picks it between the middle two of its step-1 maxima, ``OUT/tau.pt``,
+  and every layout uses it): heads clipped per layer;
 * the parameters after three steps and the loss of a forward pass on the batch.
 
 Rank 0 writes ``OUT/<role>.pt``.
@@ -45,16 +46,14 @@ from megatron_vlm.parallel.context import unsplit_context_parallel
 from megatron_vlm.training.model_setup import unwrap
 from megatron_vlm.training.trainer import run_forward_backward
 
-TAU = 0.075
-"""QK-Clip threshold: the tiny model's max logits at init lie between 0.064 and 0.09 (init std
-0.02), so about half of the heads clip at step 1."""
-QK = ["model.llm.qk_clip=true", f"model.llm.qk_clip_threshold={TAU}"]
+QK = ["model.llm.qk_clip=true"]
 CP2 = ["parallel.cp=2"]
 LAYOUTS = {  # world size -> {name: overrides}
     2: {"cp2": CP2},
     4: {"tp2_cp2": [*TP2, *CP2],
         "tp2_cp2_vit_tp": [*TP2, *CP2, "model.vision.parallel_mode=tp"],
-        "pp2_cp2": ["parallel.pp=2", *CP2]},
+        # the per-document SDPA kernel (the reference runs the dense-mask one)
+        "pp2_cp2_sdpa_doc": ["parallel.pp=2", *CP2, "model.kernels.attention_kernel=sdpa_doc"]},
 }
 
 
@@ -62,27 +61,39 @@ def dp_cp_group():
     return ps.get_data_parallel_group(with_context_parallel=True)
 
 
-def max_logits(chunks) -> dict[int, torch.Tensor]:
-    """Per layer, every head's max logit of this step (MAX over DP x CP, heads joined over TP);
-    read before QK-Clip resets them."""
-    mine = {}
+def max_logits(chunks) -> tuple[dict[int, torch.Tensor], dict[tuple, torch.Tensor]]:
+    """Per layer, every head's max logit of this step: after the MAX all-reduce over DP x CP
+    (heads joined over TP), and as each rank recorded it (keyed by layer, global rank and TP rank). Read
+    before QK-Clip resets them."""
+    mine, local = {}, {}
     for attention in mla_attentions(chunks):
         s = attention.core_attention.current_max_attn_logits.detach().float().clone()
+        local[(attention.layer_number, dist.get_rank(), ps.get_tensor_model_parallel_rank())] = (
+            s.clone())
         dist.all_reduce(s, op=dist.ReduceOp.MAX, group=dp_cp_group())
         mine[(attention.layer_number, ps.get_tensor_model_parallel_rank())] = s
     parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
+    dist.all_gather_object(parts, (mine, local))
     by_layer: dict[int, dict[int, torch.Tensor]] = {}
-    for part in parts:
+    per_rank = {}
+    for part, part_local in parts:
+        per_rank.update(part_local)
         for (layer, tp_rank), s in part.items():
             by_layer.setdefault(layer, {})[tp_rank] = s
-    return {layer: torch.cat([heads[r] for r in sorted(heads)]) for layer, heads in
-            by_layer.items()}
+    return ({layer: torch.cat([heads[r] for r in sorted(heads)]) for layer, heads in
+             by_layer.items()}, per_rank)
 
 
-def clip(chunks) -> dict[int, int]:
+def splitting_tau(maxima: dict[int, torch.Tensor]) -> float:
+    """A threshold halfway between the middle two of all heads' max logits."""
+    values = torch.cat(list(maxima.values())).double().sort().values
+    mid = len(values) // 2
+    return float(values[mid - 1] + values[mid]) / 2
+
+
+def clip(chunks, tau: float) -> dict[int, int]:
     """QK-Clip as the trainer runs it (MAX over DP x CP); heads clipped per layer (all ranks)."""
-    stats = apply_qk_clip(chunks, group=dp_cp_group())
+    stats = apply_qk_clip(chunks, group=dp_cp_group(), threshold=tau)
     mine = {(layer, ps.get_tensor_model_parallel_rank()): n
             for layer, n in stats.heads_clipped.items()}
     parts: list = [None] * dist.get_world_size()
@@ -92,17 +103,20 @@ def clip(chunks) -> dict[int, int]:
     return {layer: sum(v for (lay, _), v in merged.items() if lay == layer) for layer in layers}
 
 
-def step(chunks, optimizer, scheduler, batches, probe=None):
-    """One optimizer step then QK-Clip; ``probe()`` runs between the gradients and the update."""
+def step(chunks, optimizer, scheduler, batches, tau: float | None, probe=None):
+    """One optimizer step then QK-Clip; ``probe()`` runs between the gradients and the update
+    and returns ``(grads, max logits)``; ``tau`` None: :func:`splitting_tau` of those maxima."""
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
     total = run_forward_backward(chunks, batches, SEQ, forward_only=False)
     extra = probe() if probe is not None else None
+    if tau is None:
+        tau = splitting_tau(extra[1][0])
     _, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
-    clipped = clip(chunks)
-    return (total[0] / total[1]).item(), float(grad_norm), clipped, extra
+    clipped = clip(chunks, tau)
+    return (total[0] / total[1]).item(), float(grad_norm), clipped, extra, tau
 
 
 def routing_in_global_order(recorder: RoutingRecorder, ids: list[int], batches
@@ -132,7 +146,7 @@ def routing_in_global_order(recorder: RoutingRecorder, ids: list[int], batches
     return out
 
 
-def run_case(overrides: list[str], out: Path, init: Path) -> dict:
+def run_case(overrides: list[str], out: Path, init: Path, tau: float | None) -> dict:
     job, chunks, optimizer, scheduler = setup([*QK, *overrides], out)
     load_checkpoint(init, chunks, None, None, load_optimizer=False)  # strict, resharded
     ids, batches = my_batches(all_batches())
@@ -142,8 +156,8 @@ def run_case(overrides: list[str], out: Path, init: Path) -> dict:
         vit.encoded_item_log = []
     params0 = whole(chunks, "param")
     recorder = RoutingRecorder(chunks)
-    loss, norm, clipped, (grads, logits) = step(
-        chunks, optimizer, scheduler, batches,
+    loss, norm, clipped, (grads, (logits, rank_logits)), tau = step(
+        chunks, optimizer, scheduler, batches, tau,
         probe=lambda: (whole(chunks, "grad"), max_logits(chunks)))
     recorder.remove()
     encoded = {"tp_rank": ps.get_tensor_model_parallel_rank(),
@@ -157,14 +171,15 @@ def run_case(overrides: list[str], out: Path, init: Path) -> dict:
         vit.encoded_item_log = None
     norms, clips = [norm], [clipped]
     for _ in range(2):
-        _, norm, clipped, _ = step(chunks, optimizer, scheduler, batches)
+        _, norm, clipped, _, _ = step(chunks, optimizer, scheduler, batches, tau)
         norms.append(norm)
         clips.append(clipped)
     logs: list = [None] * dist.get_world_size()
     dist.all_gather_object(logs, encoded)
     result = {"routing": routing_in_global_order(recorder, ids, batches), "loss": loss,
-              "grad_norms": norms, "grads": grads, "max_logits": logits, "clipped": clips,
-              "params0": params0, "params3": whole(chunks, "param"),
+              "grad_norms": norms, "grads": grads, "max_logits": logits,
+              "rank_max_logits": rank_logits, "clipped": clips,
+              "tau": tau, "params0": params0, "params3": whole(chunks, "param"),
               "loss3": forward_loss(chunks, batches), "items": logs}
     return result
 
@@ -177,11 +192,13 @@ def main() -> None:
     if role == "reference":
         job, chunks, _, _ = setup(QK, out)
         save_checkpoint(init.parent, 0, chunks, None, None, {}, job.to_yaml())
-        results["ref"] = run_case([], out, init)
+        results["ref"] = run_case([], out, init, tau=None)
+        torch.save({"tau": results["ref"]["tau"]}, out / "tau.pt")
     else:
+        tau = torch.load(out / "tau.pt", weights_only=True)["tau"]
         for name, overrides in LAYOUTS[int(os.environ["WORLD_SIZE"])].items():
             log(f"layout {name}")
-            results[name] = run_case(overrides, out, init)
+            results[name] = run_case(overrides, out, init, tau)
     results["seconds"] = time.perf_counter() - t0
     if dist.get_rank() == 0:
         torch.save(results, out / f"{role}_{dist.get_world_size()}.pt")

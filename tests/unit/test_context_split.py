@@ -23,8 +23,10 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_vlm.config.model import KernelConfig
 from megatron_vlm.models.attention import PackedSelfAttention, thd_packed_seq_params
 from megatron_vlm.models.packed_kernels import DocumentSDPAAttention, FlexPackedAttention
+from megatron_vlm.models.specs import Capabilities, choose_kernels
 from megatron_vlm.parallel.context import (
     context_parallel_layout,
     cp_partition_index,
@@ -174,3 +176,17 @@ def test_cp_rows_equal_one_process_attention(kernel, real, cp, total):
     if backward:  # the reduce-scatter of the all-gather's backward sums these
         assert torch.allclose(dk_sum, k0.grad, atol=1e-10)
         assert torch.allclose(dv_sum, v0.grad, atol=1e-10)
+
+
+def test_kernel_choice_under_context_parallelism():
+    """A lent GPU without TE: ``auto`` picks varlen without CP but flex with CP (varlen has no CP
+    path); asking for varlen with CP is refused at choice time, naming the reason."""
+    gpu = Capabilities(cuda=True, transformer_engine=False, varlen=True, flex=True,
+                       grouped_gemm=False)
+    auto = KernelConfig(backend="local")
+    assert choose_kernels(auto, gpu, params_dtype="bf16").attention_kernel == "varlen"
+    assert choose_kernels(auto, gpu, params_dtype="bf16",
+                          context_parallel=True).attention_kernel == "flex"
+    with pytest.raises(ValueError, match="varlen has no context-parallel path"):
+        choose_kernels(KernelConfig(backend="local", attention_kernel="varlen"), gpu,
+                       params_dtype="bf16", context_parallel=True)
