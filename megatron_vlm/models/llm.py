@@ -11,6 +11,8 @@ defaults are traps for this family (``rotary_scaling_factor=40``, ``mscale_all_d
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
@@ -26,9 +28,42 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Vocab padded so each TP shard is a multiple of ``multiple`` (megatron's convention)."""
-    step = multiple * tp
+    """Vocab padded to a multiple of ``lcm(multiple, tp)``: the same size for every TP <= 128 that
+    is a power of two, so a checkpoint reshards across TP sizes (its embedding and output shapes do
+    not change). Megatron-LM pads to ``multiple * tp`` instead, which makes the checkpoint's
+    vocabulary shape depend on the layout; the padded rows never matter because their logits are
+    masked (``mask_padded_vocab``).
+    """
+    step = math.lcm(multiple, tp)
     return ((vocab_size + step - 1) // step) * step
+
+
+def mask_padded_vocab(model: GPTModel, vocab_size: int) -> None:
+    """Keep the padded vocabulary rows out of the softmax (logits -> -inf).
+
+    megatron-core's output layer and cross entropy treat the padded rows like real tokens, so with
+    Megatron-LM's ``128 * tp`` padding the loss of the same weights depended on the TP size (tiny
+    recipe: vocab 1152 -> 1280 at TP=2, loss 7.154 vs 7.050 at TP=1). With the padded columns at
+    -inf every layout computes the softmax over the real vocabulary only, as transformers does. A forward hook on megatron's output
+    ``ColumnParallelLinear`` (public module API); its logits are this TP rank's vocab slice unless
+    gathered.
+    """
+    layer = getattr(model, "output_layer", None)
+    if layer is None:
+        return
+
+    def hook(module, args, output):
+        logits, bias = output
+        width = logits.shape[-1]
+        start = 0
+        if width * module.tp_group.size() == module.output_size:  # this rank's slice
+            start = width * module.tp_group.rank()
+        if start + width <= vocab_size:
+            return output
+        cols = torch.arange(start, start + width, device=logits.device)
+        return logits.masked_fill(cols >= vocab_size, float("-inf")), bias
+
+    layer.register_forward_hook(hook)
 
 
 def llm_head_dims(llm: LLMConfig) -> tuple[int, int]:
@@ -218,7 +253,7 @@ def build_llm(
                                  attention_dropout=llm.attention_dropout,
                                  head_dims=llm_head_dims(llm), context_parallel=parallel.cp > 1)
     config = build_transformer_config(llm, parallel, params_dtype, choice)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=llm_block_spec(config, vp_stage=vp_stage, choice=choice),
         vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
@@ -231,3 +266,6 @@ def build_llm(
         pg_collection=pg_collection,
         scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
     )
+    if post_process:
+        mask_padded_vocab(model, llm.vocab_size)
+    return model

@@ -19,6 +19,7 @@ patch-embedding convolution, ``2 * 3 * 14 * 14 * h`` per patch (Bridge leaves it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_vlm.config.job import JobConfig
@@ -93,8 +94,9 @@ class VisionBudget:
 
 
 def padded_vocab(vocab_size: int, tp: int = 1) -> int:
-    """megatron's vocabulary padding: a multiple of ``128 * tp`` (``models/llm.py``)."""
-    step = 128 * tp
+    """Our vocabulary padding: a multiple of ``lcm(128, tp)`` (``models/llm.py::padded_vocab_size``;
+    kept here without importing megatron)."""
+    step = math.lcm(128, tp)
     return -(-vocab_size // step) * step
 
 

@@ -10,7 +10,7 @@ module order, as this project builds them with megatron-core 0.16.1's local spec
 * MoE: the router ``[experts, hidden]`` is replicated; ``experts / ep`` local experts per rank
   (megatron's ``SequentialMLP``: ``linear_fc1 [2 F / etp, h]``, ``linear_fc2 [h, F / etp]``);
   shared experts are a TP-sharded SwiGLU MLP.
-* Vocabulary padded to ``128 * tp`` and split over TP (embedding on the first stage, the output
+* Vocabulary padded to ``lcm(128, tp)`` and split over TP (embedding on the first stage, the output
   layer on the last; a tied head is a second copy on the last stage when ``pp > 1``).
 * MoonViT (first stage): patch conv, position table, qkv/proj/MLP with biases (TP-sharded in
   ``model.vision.parallel_mode='tp'``, whole on every TP rank in ``split`` mode), fp32

@@ -4,9 +4,9 @@ and whole (unsharded, globally named) parameters and gradients gathered from any
 The batches are built deterministically with the data pipeline's own packer (``pack_documents``)
 plus media (SPEC §11): text, images of different sizes and 6-frame videos (MoonViT-3D chunks of
 4 + 2 frames), padded to multiples of 8 (= 2*cp*tp up to cp = tp = 2) in a sequence of 128.
-The vocabulary (1024) is a multiple of 128 x tp, so every layout pads it alike: megatron pads
-to 128 x tp, and the padded rows' logits enter the softmax (the tiny recipe's 1152 becomes 1280
-at TP=2, changing the loss from the same weights).
+The vocabulary (1152, the tiny recipe's) is not a multiple of 128 x tp: Megatron-LM would pad it
+to 1280 at TP=2 and let the padded logits into the softmax; ours pads to lcm(128, tp) (1152 in
+every layout here) and masks padded logits, so every layout computes the same loss.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ SEQ = 128
 PAD_TO = 8
 PLACEHOLDER = 1001
 PAD_ID = 0
-VOCAB = 1024
+VOCAB = 1152
 
 # One micro-batch per entry: documents of ("text", n) and ("media", [(t, h, w) per chunk]).
 VIDEO_4x4 = [(4, 4, 4), (2, 4, 4)]  # 6 frames -> chunks of 4 + 2 frames
