@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -63,6 +64,7 @@ def plot_fits(fits: dict[str, dict[str, dict]], path: str | Path, title: str) ->
                 ax.plot(pts[:, 0], pts[:, 1], color=color, lw=1, ls="--")
             ax.plot([], [], color=color, label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training compute (FLOPs)")
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)
