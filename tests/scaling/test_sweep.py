@@ -5,7 +5,6 @@ end to end (the late arm switching from text to vision data mid-run)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 
 from megatron_vlm.cluster.launch import _check_run
 from megatron_vlm.cluster.slurm import read_array_file
+from tools.scaling.runner import trainer_env
 from tools.scaling.sweep import load_sweep, write_array_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,8 @@ def test_malformed_sweeps_are_refused(tmp_path, axes, needle) -> None:
 def test_smoke_sweep_runs_both_arms(tmp_path) -> None:
     """The shipped sweep's smoke section, in one process (--in-process): both arms train, the
     late arm sees text only, then resumes on the vision mix with a fresh data stream."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_DISABLE": "1"}
+    # No rendezvous variables from this process's own world (tests before may have set them).
+    env = trainer_env()
     proc = subprocess.run(
         [sys.executable, "-m", "tools.scaling", "run", str(SWEEP), "--smoke", "--in-process",
          "--output-dir", str(tmp_path)],

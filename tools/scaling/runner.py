@@ -39,6 +39,22 @@ def last_step(run_dir: str | Path) -> int:
     return step
 
 
+#: torch.distributed rendezvous variables: a trainer started from a process that has them (a
+#: test that initialised its own world, a torchrun shell) must not join that world's store.
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                   "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
+def trainer_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a single-process trainer: ``base`` (default ``os.environ``) without
+    rendezvous variables, one thread unless set, no torch.compile."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in RENDEZVOUS_VARS}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.update(TORCH_COMPILE_DISABLE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
 def _train_in_process(args: list[str], log: Path) -> int:
     """``python -m megatron_vlm.train ARGS`` in this interpreter (megatron imported once for
     many short runs); output to ``log``."""
@@ -58,7 +74,7 @@ def run_one(run: Run, env: dict[str, str] | None = None, timeout: float | None =
 
     Args:
         run: the run.
-        env: environment of the trainer processes (default: one thread, no torch.compile).
+        env: environment of the trainer processes (default: :func:`trainer_env`).
         timeout: seconds per phase (subprocess mode).
         in_process: train in this interpreter instead of one process per phase.
 
@@ -67,8 +83,7 @@ def run_one(run: Run, env: dict[str, str] | None = None, timeout: float | None =
     """
     start = time.perf_counter()
     Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-    env = env or {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-                  "TORCH_COMPILE_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env = env or trainer_env()
     ran = False
     for k, phase in enumerate(run.phases):
         if last_step(run.output_dir) >= phase.end_step:
