@@ -1,0 +1,109 @@
+"""Async checkpointing inside the training loop (one process, gloo, in this pytest process).
+
+One preempted run proves, from recorded timestamps and step numbers: training steps complete
+while the background writer of step 3's checkpoint is still writing; SIGTERM arriving during
+that in-flight write still ends with complete checkpoints only (step 3's, finished first, and
+the stop step's) and a clean return; a resumed run continues from the stop step.
+
+The writer is slowed down (a sleep in megatron's per-bucket writer, inherited by the forked
+writer processes) so the overlap does not depend on machine speed; the proof is the timestamps
+of the steps and of the write, not the sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from megatron.core.dist_checkpointing.strategies import filesystem_async as fs_async
+
+from megatron_vlm.checkpoint import find_latest_checkpoint, verify_checkpoint
+from megatron_vlm.config import apply_overrides
+from megatron_vlm.recipes import get_recipe
+from megatron_vlm.training.trainer import train
+
+SAVE_AT = 3
+BEFORE_SIGNAL_S = 2.0  # writer: sleep, SIGTERM the trainer, sleep, then write
+AFTER_SIGNAL_S = 1.0
+
+
+def _job(run_dir: Path, steps: int, resume: bool = False):
+    return apply_overrides(get_recipe("tiny_text_cpu"), [
+        f"train.steps={steps}", "optim.warmup_steps=1", "train.eval_interval=0",
+        "train.log_interval=1", "train.tensorboard=false", "train.plot=false",
+        f"train.output_dir={run_dir}", f"checkpoint.save_interval={SAVE_AT}",
+        "checkpoint.async_save=true", f"checkpoint.resume={str(resume).lower()}"])
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("async_train")
+    trainer_pid, signal_log = os.getpid(), run_dir / "signal_sent.json"
+    original = fs_async.FileSystemWriterAsync.write_preloaded_data
+
+    def slow_write(*args, **kwargs):  # runs in the forked writer processes
+        time.sleep(BEFORE_SIGNAL_S)
+        if not signal_log.exists():  # the first save only
+            signal_log.write_text(json.dumps({"time": time.time()}))
+            os.kill(trainer_pid, signal.SIGTERM)
+        time.sleep(AFTER_SIGNAL_S)
+        return original(*args, **kwargs)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fs_async.FileSystemWriterAsync, "write_preloaded_data", staticmethod(slow_write))
+    try:
+        result = train(_job(run_dir, steps=10_000))
+    finally:
+        mp.undo()
+    return run_dir, result, json.loads(signal_log.read_text())["time"]
+
+
+def test_steps_complete_while_the_write_is_in_flight(preempted):
+    run_dir, _, _ = preempted
+    records = _records(run_dir)
+    (first,) = [r for r in records if r["split"] == "checkpoint" and r["step"] == SAVE_AT]
+    assert first["async"] == 1.0
+    during = [r["step"] for r in records if r["split"] == "train"
+              and first["write_start_unix"] < r["time"] < first["write_end_unix"]]
+    assert during and min(during) > SAVE_AT, (during, first)
+    assert first["completed_at_step"] > SAVE_AT
+    assert first["write_s"] >= BEFORE_SIGNAL_S + AFTER_SIGNAL_S
+
+
+def test_sigterm_during_inflight_save_leaves_complete_checkpoints(preempted):
+    run_dir, result, signal_time = preempted
+    records = _records(run_dir)
+    (first,) = [r for r in records if r["split"] == "checkpoint" and r["step"] == SAVE_AT]
+    assert first["write_start_unix"] < signal_time < first["write_end_unix"]  # in flight
+    stop = result.state.step
+    assert result.stopped_by_signal and stop > SAVE_AT
+    ckpts = run_dir / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir())  # no .tmp-* leftovers
+    steps = [int(n.removeprefix("step_")) for n in names]
+    # Step 3's (finished first), any later interval saves (keep_last=3), the stop step's.
+    assert steps[0] == SAVE_AT and steps[-1] == stop, names
+    assert all(s % SAVE_AT == 0 for s in steps[:-1]) and len(steps) <= 3
+    for name, step in zip(names, steps):
+        assert verify_checkpoint(ckpts / name, full=True)["step"] == step
+    assert find_latest_checkpoint(ckpts) == result.checkpoint == ckpts / f"step_{stop:07d}"
+    # Each checkpoint holds the loop state of its own step, not of the step it completed at.
+    for step in (SAVE_AT, stop):
+        rank0 = verify_checkpoint(ckpts / f"step_{step:07d}")["extra_rank0"]
+        assert rank0["train_state"]["step"] == step
+
+
+def test_resumes_from_the_stop_step(preempted):
+    run_dir, result, _ = preempted
+    stop = result.state.step
+    again = train(_job(run_dir, steps=stop + 2, resume=True))
+    assert again.state.step == stop + 2 and not again.stopped_by_signal
+    steps = [r["step"] for r in _records(run_dir) if r["split"] == "train"]
+    assert steps[-2:] == [stop + 1, stop + 2] and steps.count(stop + 1) == 1
