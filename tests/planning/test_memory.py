@@ -15,6 +15,9 @@ from megatron_vlm.planning.tensors import chunk_tensors
 from megatron_vlm.recipes import get_recipe
 from megatron_vlm.recipes.kimi import kimi_k25_llm, moonlight_llm
 
+#: The tiny VLM under the name that exists before and after ``tiny_cpu`` became the VLM.
+TINY_VLM = "tiny_vlm_cpu"
+
 
 @pytest.fixture(scope="module")
 def world_of_one():
@@ -71,7 +74,7 @@ def test_bytes_per_component_equal_the_tiny_model_and_optimizer(world_of_one, ov
     from megatron_vlm.optim.builder import build_optimizer
     from megatron_vlm.training.model_setup import build_model_chunks
 
-    job = apply_overrides(get_recipe("tiny_cpu"), overrides)
+    job = apply_overrides(get_recipe(TINY_VLM), overrides)
     assert job.model.is_vlm
     chunks = build_model_chunks(job)
     optimizer = build_optimizer(job.optim, chunks, job.model.params_dtype,
@@ -134,7 +137,9 @@ def test_activation_terms_bound_what_the_local_layers_save(world_of_one) -> None
     from megatron_vlm.models.llm import build_llm
     from megatron_vlm.planning.activations import llm_layer_terms
 
-    llm = dataclasses.replace(get_recipe("tiny_text_cpu").model.llm, hidden_size=256,
+    from megatron_vlm.recipes.tiny import tiny_llm
+
+    llm = dataclasses.replace(tiny_llm(), hidden_size=256,
                               ffn_hidden_size=768, moe_ffn_hidden_size=192, q_lora_rank=96,
                               kv_lora_rank=48)
     model = build_llm(llm, ParallelConfig(), "fp32")

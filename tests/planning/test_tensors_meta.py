@@ -32,9 +32,9 @@ NO_MOE_ACT = ["model.llm.recompute=none"]
 
 CASES = [
     # The tiny VLM as rank 0 of TP=2 x EP=2 (bf16) and rank 3 of TP=2 x EP=4 x ETP=2 (fp32).
-    {"kind": "meta", "recipe": "tiny_cpu", "world": 4, "rank": 0, "tp": 2, "ep": 2, "etp": 1,
+    {"kind": "meta", "recipe": "tiny_vlm_cpu", "world": 4, "rank": 0, "tp": 2, "ep": 2, "etp": 1,
      "overrides": ["model.params_dtype=bf16"]},
-    {"kind": "meta", "recipe": "tiny_cpu", "world": 8, "rank": 3, "tp": 2, "ep": 4, "etp": 2},
+    {"kind": "meta", "recipe": "tiny_vlm_cpu", "world": 8, "rank": 3, "tp": 2, "ep": 4, "etp": 2},
     # Real-size Kimi-VL-A3B (Moonlight-16B-A3B, with MoonViT when the recipe is a VLM), TP=2 x EP=8.
     {"kind": "meta", "recipe": "kimi_vl_a3b", "world": 16, "rank": 5, "tp": 2, "ep": 8,
      "etp": 1, "overrides": NO_MOE_ACT},
@@ -45,12 +45,12 @@ CASES = [
     {"kind": "meta", "recipe": "kimi_vl_a3b", "world": 64, "rank": 48, "tp": 2, "ep": 8,
      "etp": 1, "pp": 4, "vpp": 2, "layout": MOONLIGHT_LAYOUT, "overrides": NO_MOE_ACT},
     # DDP buffers and optimizer shards of the tiny VLM at DP=4 (EP=2 adds expert buffers).
-    {"kind": "buffers", "recipe": "tiny_cpu", "world": 4, "rank": 1,
+    {"kind": "buffers", "recipe": "tiny_vlm_cpu", "world": 4, "rank": 1,
      "overrides": ["parallel.use_distributed_optimizer=true", "model.params_dtype=bf16"]},
-    {"kind": "buffers", "recipe": "tiny_cpu", "world": 4, "rank": 2, "ep": 2, "etp": 1,
+    {"kind": "buffers", "recipe": "tiny_vlm_cpu", "world": 4, "rank": 2, "ep": 2, "etp": 1,
      "overrides": ["parallel.use_distributed_optimizer=true", "parallel.ep=2",
                    "parallel.etp=1"]},
-    {"kind": "buffers", "recipe": "tiny_cpu", "world": 4, "rank": 1,
+    {"kind": "buffers", "recipe": "tiny_vlm_cpu", "world": 4, "rank": 1,
      "overrides": ["parallel.use_distributed_optimizer=true", "model.params_dtype=bf16",
                    "optim.optimizer=muon"]},
 ]

@@ -14,6 +14,7 @@ import yaml
 
 from megatron_vlm.cluster.launch import _check_run
 from megatron_vlm.cluster.slurm import read_array_file
+from megatron_vlm.recipes import get_recipe
 from tools.scaling.runner import trainer_env
 from tools.scaling.sweep import load_sweep, write_array_files
 
@@ -65,7 +66,7 @@ def test_array_files_are_what_launch_reads(tmp_path) -> None:
     assert phase0 == [list(r.phases[0].args) for r in sweep.runs]
     assert phase1 == [list(r.phases[1].args) for r in sweep.runs if len(r.phases) > 1]
     for i, args in enumerate(phase0 + phase1):
-        assert _check_run(args, f"line {i}") == "tiny_cpu"
+        assert _check_run(args, f"line {i}") == get_recipe(sweep.recipe).name
 
 
 def _write(tmp_path, spec: dict) -> Path:
@@ -84,7 +85,7 @@ def _write(tmp_path, spec: dict) -> Path:
     ({"arm": {"a": {"overide": []}}}, "unknown keys ['overide']"),
 ])
 def test_malformed_sweeps_are_refused(tmp_path, axes, needle) -> None:
-    path = _write(tmp_path, {"name": "bad", "recipe": "tiny_cpu", "axes": axes,
+    path = _write(tmp_path, {"name": "bad", "recipe": "tiny_vlm_cpu", "axes": axes,
                              "overrides": ["train.steps=20"]})
     with pytest.raises(ValueError) as err:
         load_sweep(path)

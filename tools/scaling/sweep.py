@@ -4,7 +4,7 @@
 A sweep file::
 
     name: early_fusion_tiny
-    recipe: tiny_cpu                 # every run starts from this recipe
+    recipe: tiny_vlm_cpu             # every run starts from this recipe
     output_dir: runs/scaling/early_fusion_tiny
     mixes:                           # extra data.multimodal stage mixes (StageMix fields)
       early10: {weights: {image_caption: 0.5, text: 1.0}, vision_token_fraction: 0.10}
