@@ -136,7 +136,6 @@ def test_activation_terms_bound_what_the_local_layers_save(world_of_one) -> None
 
     from megatron_vlm.models.llm import build_llm
     from megatron_vlm.planning.activations import llm_layer_terms
-
     from megatron_vlm.recipes.tiny import tiny_llm
 
     llm = dataclasses.replace(tiny_llm(), hidden_size=256,
