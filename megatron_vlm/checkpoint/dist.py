@@ -454,6 +454,16 @@ def _check_layout(manifest: dict, optimizer, load_optimizer: bool, ckpt_dir: Pat
             "weights only.")
 
 
+def optimizer_state_problem(ckpt_dir: Path) -> str | None:
+    """Why ``ckpt_dir``'s optimizer state cannot load in this run's layout, or None if it can
+    (the rules of ``load_checkpoint``'s layout check, asked before loading)."""
+    try:
+        _check_layout(read_manifest(ckpt_dir), None, True, ckpt_dir)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
 def _describe_load_error(e: BaseException) -> str:
     """One line per cause; DCP's own message is only a list of failed ranks plus tracebacks."""
     if isinstance(e, DCPCheckpointException):

@@ -25,6 +25,13 @@ class CheckpointConfig:
     """On resume, continue the data stream where the checkpoint left it. False starts the
     stream afresh (model, optimizer, schedule and step still resume): for a new data mix or
     dataset from this step on, e.g. vision data injected late in a run."""
+    init_from: str | None = None
+    """Start from this checkpoint's model weights (a checkpoint directory, or a checkpoint root
+    whose newest complete checkpoint is taken): e.g. one written by ``tools/convert_hf.py
+    import`` or the previous training stage's. Step, LR schedule and data start fresh; the
+    optimizer state is kept only if the checkpoint's trainable parameter set equals this run's
+    (else a fresh optimizer, with a log line saying why). Ignored when this run resumes its own
+    checkpoint (``resume``/``load``), so a preempted stage continues where it stopped."""
     async_save: bool = False
     """Write checkpoints in the background (megatron's async dist_checkpointing): the step loop
     is blocked only to snapshot and to finalize; the checkpoint appears (renamed into place,

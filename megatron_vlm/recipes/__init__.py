@@ -8,6 +8,7 @@ from megatron_vlm.config import JobConfig
 from megatron_vlm.recipes.kimi import (
     kimi_k25, kimi_k25_32k, kimi_k25_128k, kimi_k25_512, kimi_vl_a3b,
 )
+from megatron_vlm.recipes.stages import TINY_STAGES
 from megatron_vlm.recipes.tiny import tiny_cpu, tiny_vlm_cpu
 
 RECIPES: dict[str, Callable[[], JobConfig]] = {
@@ -18,6 +19,7 @@ RECIPES: dict[str, Callable[[], JobConfig]] = {
     "kimi_k25_512": kimi_k25_512,
     "kimi_k25_32k": kimi_k25_32k,
     "kimi_k25_128k": kimi_k25_128k,
+    **TINY_STAGES,  # staged pretraining (a)->(d) of the tiny VLM (tools/run_stages.py)
 }
 
 

@@ -39,6 +39,7 @@ from megatron_vlm.parallel.init import init_distributed
 from megatron_vlm.training import telemetry
 from megatron_vlm.training.data_setup import DataSetup, build_data
 from megatron_vlm.training.flops import llm_flops_per_token
+from megatron_vlm.training.init_from import EXTRA_KEY, init_from_checkpoint, trainable_set
 from megatron_vlm.training.metrics import MetricsLogger, plot_loss_curves
 from megatron_vlm.training.model_setup import build_model_chunks
 from megatron_vlm.training.state import StopSignal, TrainState
@@ -158,6 +159,8 @@ def _save(job, saver: CheckpointSaver, state, chunks, optimizer, scheduler, data
         "train_state": state.to_dict(),
         "loader": data.loader.state_dict(),
         "expert_bias_at_start": [b.tolist() for b in bias0],
+        # What the optimizer state belongs to: a later stage keeps it only for the same set.
+        EXTRA_KEY: trainable_set(chunks),
     }
     return saver.save(state.step, chunks, optimizer, scheduler, extra, job.to_yaml())
 
@@ -219,6 +222,10 @@ def _train(job: JobConfig, stop: StopSignal) -> TrainResult:
         else:
             metrics.message("data stream started afresh (checkpoint.load_data_state=false)")
         bias0 = [torch.tensor(b) for b in extra["expert_bias_at_start"]]
+    elif job.checkpoint.init_from:  # a new run (stage) from another run's weights
+        metrics.message(init_from_checkpoint(job.checkpoint.init_from, chunks, optimizer,
+                                             scheduler).message)
+        bias0 = telemetry.expert_bias_snapshot(routers)
 
     if resume_from is not None:
         metrics.message(f"resumed from {resume_from} at step {state.step}")
