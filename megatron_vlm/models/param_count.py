@@ -28,6 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from megatron_vlm.config.model import LLMConfig
 from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.planning.costs import padded_vocab as _padded_vocab
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
@@ -38,10 +39,6 @@ PARAM_GROUPS = (
 )
 
 
-def _padded_vocab(vocab_size: int, tp: int) -> int:
-    # Same rule as models.llm.padded_vocab_size; kept here so the closed form imports no megatron.
-    step = 128 * tp
-    return ((vocab_size + step - 1) // step) * step
 
 
 def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
@@ -50,7 +47,7 @@ def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
     Args:
         llm: the LLM config.
         tp: tensor-parallel size, only for the vocabulary padding megatron applies
-            (``vocab`` rounded up to a multiple of ``128 * tp``).
+            (``vocab`` rounded up to a multiple of ``lcm(128, tp)``).
 
     Returns:
         One count per group of :data:`PARAM_GROUPS`, plus ``total``, ``activated`` (per token) and

@@ -157,11 +157,13 @@ def test_closed_form_variants() -> None:
     tied = count_llm_params_closed_form(type(tiny)(**{**tiny.__dict__, "untie_embeddings": False}))
     assert tied["output_layer"] == 0
     assert tied["total"] == count_llm_params_closed_form(tiny)["total"] - 1024 * 64
-    # Vocab padding follows megatron: 1000 -> 1024 at tp=1, 1000 -> 1024 at tp=8 (128 * 8).
+    # Vocab padding to lcm(128, tp): 1000 -> 1024 at tp=1 and tp=8 and tp=16 (Megatron-LM's
+    # 128 * tp would give 2048 at tp=16); tp=3 pads to a multiple of 384 -> 1152.
     v1000 = type(tiny)(**{**tiny.__dict__, "vocab_size": 1000})
     assert count_llm_params_closed_form(v1000)["embedding"] == 1024 * 64
     assert count_llm_params_closed_form(v1000, tp=8)["embedding"] == 1024 * 64
-    assert count_llm_params_closed_form(tiny, tp=16)["embedding"] == 2048 * 64
+    assert count_llm_params_closed_form(tiny, tp=16)["embedding"] == 1024 * 64
+    assert count_llm_params_closed_form(v1000, tp=3)["embedding"] == 1152 * 64
     # Dense model: everything activated.
     dense = count_llm_params_closed_form(type(tiny)(**{**tiny.__dict__, "num_experts": None}))
     assert dense["router"] == dense["routed_experts"] == dense["shared_experts"] == 0
