@@ -11,6 +11,8 @@ after the first hold only LLM layers.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
@@ -36,8 +38,14 @@ class KimiVLM(MegatronModule):
             attention_dropout=max(model.llm.attention_dropout, model.vision.attention_dropout),
             head_dims=(*llm_head_dims(model.llm), model.vision.head_dim),
             context_parallel=parallel.cp > 1)
+        llm = model.llm
+        if model.freeze_llm:
+            # The router's expert bias is a buffer that megatron's finalize_model_grads moves by
+            # sign(load offset) * rate every step (finalize_model_grads.py:477); a frozen LLM
+            # must not change, so its routing is frozen too.
+            llm = dataclasses.replace(llm, moe_router_bias_update_rate=0.0)
         language_model: GPTModel = build_llm(
-            model.llm, parallel, model.params_dtype, pre_process=pre_process,
+            llm, parallel, model.params_dtype, pre_process=pre_process,
             post_process=post_process, vp_stage=vp_stage, choice=choice,
             # We scatter to the sequence-parallel layout ourselves, after vision tokens are in.
             scatter_embedding_sequence_parallel=False,
