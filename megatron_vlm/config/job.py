@@ -12,7 +12,7 @@ import yaml
 
 from megatron_vlm.config.checkpoint import CheckpointConfig
 from megatron_vlm.config.data import DataConfig
-from megatron_vlm.config.model import ModelConfig
+from megatron_vlm.config.model import ModelConfig, adopt_legacy_qk_clip_tau
 from megatron_vlm.config.optim import OptimConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.config.train import TrainConfig
@@ -43,6 +43,9 @@ class JobConfig:
         # sequence alignment) are refused here, before any process group or model exists.
         self.parallel.check_model(self.model, seq_length=self.data.seq_length,
                                   pad_to_multiple=self.data.pad_to_multiple)
+        # QK-Clip's one tau is model.llm.qk_clip_threshold; fold the legacy optim field into it.
+        adopt_legacy_qk_clip_tau(self.model.llm, self.optim.qk_clip_tau, "optim.qk_clip_tau")
+        self.optim.qk_clip_tau = None
         if self.data.multimodal is not None and not self.model.is_vlm:
             raise ValueError("data.multimodal needs a VLM: set model.vision and model.projector "
                              "(e.g. --recipe tiny_vlm_cpu)")

@@ -40,6 +40,9 @@ class YarnConfig:
         return self.factor > 1.0
 
 
+QK_CLIP_TAU_DEFAULT = 100.0
+"""QK-Clip tau of Kimi K2 (SPEC §2)."""
+
 #: megatron-core 0.16.1 ``TransformerConfig.recompute_modules`` choices that apply to MLA/MoE.
 SELECTIVE_RECOMPUTE_MODULES = (
     "core_attn", "mla_up_proj", "moe_act", "mlp", "moe", "shared_experts", "layernorm",
@@ -143,8 +146,11 @@ class LLMConfig:
     """Longest sequence the model is configured for."""
     qk_clip: bool = False
     """Record per-head max logits for QK-Clip (MuonClip)."""
-    qk_clip_threshold: float = 100.0
-    """QK-Clip tau."""
+    qk_clip_threshold: float = QK_CLIP_TAU_DEFAULT
+    """QK-Clip tau (SPEC: 100): the one threshold on the max scaled logit per head, for the LLM
+    and, with ``model.vision.qk_clip``, the vision tower. ``optim.qk_clip_tau`` and
+    ``model.vision.qk_clip_threshold`` are legacy fields folded into it
+    (:func:`adopt_legacy_qk_clip_tau`)."""
     log_max_attention_logit: bool = False
     """Record per-head max attention logits for logging only."""
     recompute: Literal["none", "full", "selective"] = "none"
@@ -169,6 +175,9 @@ class LLMConfig:
         if self.recompute == "selective" and not self.recompute_modules:
             raise ValueError("model.llm.recompute=selective needs recompute_modules "
                              "(e.g. [core_attn]); or set recompute=none")
+        if not self.qk_clip_threshold > 0:
+            raise ValueError(
+                f"model.llm.qk_clip_threshold={self.qk_clip_threshold} must be > 0 (SPEC: 100)")
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_attention_heads <= 0:
             raise ValueError("model.llm hidden_size, num_layers and num_attention_heads must be > 0")
         if self.num_dense_layers > self.num_layers:
@@ -210,6 +219,31 @@ class LLMConfig:
         return [0] * self.num_dense_layers + [1] * (self.num_layers - self.num_dense_layers)
 
 
+def adopt_legacy_qk_clip_tau(llm: LLMConfig, tau: float | None, name: str,
+                             saved_default: bool = False) -> None:
+    """Fold a legacy tau field (``optim.qk_clip_tau``, ``model.vision.qk_clip_threshold``) into
+    the one tau ``model.llm.qk_clip_threshold``.
+
+    null: nothing to do. A value becomes the model's tau when that is still the default (100)
+    or already equal; otherwise both were given and differ, which is refused (the model's own
+    100 is indistinguishable from unset). ``saved_default``: the legacy field's old default was
+    100 and every earlier save wrote it (``model.vision.qk_clip_threshold``), so 100 there
+    counts as unset.
+    """
+    if tau is None or tau == llm.qk_clip_threshold:
+        return
+    if saved_default and tau == QK_CLIP_TAU_DEFAULT:
+        return
+    if llm.qk_clip_threshold != QK_CLIP_TAU_DEFAULT:
+        raise ValueError(
+            f"{name}={tau} != model.llm.qk_clip_threshold={llm.qk_clip_threshold}: QK-Clip has "
+            f"one tau for the LLM and the vision tower; set model.llm.qk_clip_threshold and "
+            f"leave {name} null")
+    if not tau > 0:
+        raise ValueError(f"{name}={tau} must be > 0 (SPEC: 100)")
+    llm.qk_clip_threshold = float(tau)
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """The whole model: the LLM, and for a VLM the vision tower and projector."""
@@ -237,6 +271,9 @@ class ModelConfig:
                              "both left null (text-only)")
         if self.vision is not None:
             self.projector.check_matches(self.vision, self.llm.hidden_size)
+            adopt_legacy_qk_clip_tau(self.llm, self.vision.qk_clip_threshold,
+                                     "model.vision.qk_clip_threshold", saved_default=True)
+            self.vision.qk_clip_threshold = None
         elif self.freeze_vision or self.freeze_projector:
             raise ValueError("model.freeze_vision/freeze_projector need a vision tower")
 

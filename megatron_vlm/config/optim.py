@@ -9,7 +9,8 @@ from typing import Literal
 @dataclass(kw_only=True)
 class OptimConfig:
     """AdamW, or MuonClip (Muon for 2-D hidden matrices + AdamW for the rest, SPEC §2), with
-    warmup + cosine or WSD. QK-Clip itself is switched on by ``model.llm.qk_clip``."""
+    warmup + cosine or WSD. QK-Clip itself is switched on by ``model.llm.qk_clip`` (and
+    ``model.vision.qk_clip``); its tau is ``model.llm.qk_clip_threshold``."""
 
     optimizer: Literal["adamw", "muon"] = "adamw"
     """``adamw``: AdamW for every parameter. ``muon``: Muon for 2-D hidden matrices (attention,
@@ -53,9 +54,10 @@ class OptimConfig:
     muon_router: bool = True
     """MoE router weight ([experts, hidden]) to Muon (Moonlight's rule) or to AdamW."""
     qk_clip_tau: float | None = None
-    """QK-Clip threshold tau on the max scaled logit per head; None = the model's
-    ``qk_clip_threshold`` (SPEC: 100). Applied after every optimizer step when
-    ``model.llm.qk_clip`` is on."""
+    """Legacy field, kept so older configs load: QK-Clip's one tau is
+    ``model.llm.qk_clip_threshold``. A value is moved there when the job is built (and this field
+    set back to null); it is refused when the model's tau was set to another value than the
+    default 100 (``config/model.py: adopt_legacy_qk_clip_tau``)."""
     vision_lr_mult: float = 1.0
     """Learning-rate multiplier for the vision tower (lr and min_lr)."""
     projector_lr_mult: float = 1.0

@@ -56,9 +56,11 @@ class VisionConfig:
     recompute_num_layers: int = 1
     """Layers per recomputed chunk when ``recompute='full'``."""
     qk_clip: bool = False
-    """Record per-head max attention logits for QK-Clip (MuonClip) on the ViT too."""
-    qk_clip_threshold: float = 100.0
-    """QK-Clip tau."""
+    """QK-Clip (MuonClip) on the ViT too: record per-head max logits and, after each step, scale
+    the q/k rows of heads above tau (``optim/qk_clip.py``)."""
+    qk_clip_threshold: float | None = None
+    """Legacy field, kept so older configs load: there is one tau, ``model.llm.qk_clip_threshold``,
+    for the LLM and the ViT. null (default) = that one; a value must equal it (else refused)."""
     log_max_attention_logit: bool = False
     """Record per-head max attention logits for logging only."""
     parallel_mode: Literal["split", "tp"] = "split"

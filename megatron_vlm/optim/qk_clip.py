@@ -31,6 +31,17 @@ other head of the layer exceeds tau -- we leave such heads alone; (2) it scales 
 separately from the fp32 master instead of copying the master's cast (1-ulp drift); (3) it views
 ``main_param`` as whole rows even when the DistributedOptimizer made it a 1-D shard; (4) it
 issues one all-reduce per layer (we issue one for all layers).
+
+The vision tower (MoonViT, ``model.vision.qk_clip``) uses megatron's ``SelfAttention`` with a
+fused ``linear_qkv`` whose output rows are megatron's per-group layout ``[q_1..q_{np/ng}; k; v]``
+(``SelfAttention.get_query_key_value_tensors``; MoonViT has one query per group, so per head
+``[q_h; k_h; v_h]``, and under TP each rank holds its local heads' blocks in the same layout).
+:func:`clip_self_attention_` scales head ``h``'s q rows and k rows, weight and bias, by
+``sqrt(eta_h)`` (V untouched): with the bias scaled too, ``q_h`` and ``k_h`` are exactly
+``sqrt(eta_h)`` times their old values, and the 2D RoPE rotation is linear per head, so every
+logit of head ``h`` is multiplied by ``eta_h``. :func:`apply_vit_qk_clip` is the ViT's pass; its
+MAX all-reduce must span every rank that encoded other items (:func:`vision_max_logit_group`).
+One tau serves both: ``model.llm.qk_clip_threshold``.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from torch import nn
 
@@ -73,6 +85,17 @@ def mla_attentions(model_chunks: nn.Module | Iterable[nn.Module]) -> list[MLASel
     return [m for chunk in chunks for m in chunk.modules() if isinstance(m, MLASelfAttention)]
 
 
+def vit_attentions(model_chunks: nn.Module | Iterable[nn.Module]) -> list[SelfAttention]:
+    """megatron ``SelfAttention`` modules (fused ``linear_qkv``: the vision tower's) of
+    ``model_chunks``."""
+    chunks = [model_chunks] if isinstance(model_chunks, nn.Module) else list(model_chunks)
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, SelfAttention)]
+
+
+def _records(attention: nn.Module) -> bool:
+    return bool(attention.config.qk_clip or attention.config.log_max_attention_logit)
+
+
 def qk_clip_eta(max_logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """``eta_h = tau / S_h`` where ``S_h > tau``, else 1."""
     s = max_logits.float()
@@ -93,6 +116,11 @@ def all_reduce_max_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None
         t.copy_(part.view_as(t))
 
 
+def _rows(row_scale: torch.Tensor, dtype: torch.dtype, dim: int) -> torch.Tensor:
+    """``row_scale [rows]`` broadcast over the remaining dims of a weight (2-D) or bias (1-D)."""
+    return row_scale.to(dtype).view(-1, *([1] * (dim - 1)))
+
+
 def _scale_rows_(param: nn.Parameter, row_scale: torch.Tensor, name: str,
                  defer_without_master: bool = False) -> bool:
     """``param[r, :] *= row_scale[r]`` on the fp32 master (then cast into ``param``) or on
@@ -107,14 +135,14 @@ def _scale_rows_(param: nn.Parameter, row_scale: torch.Tensor, name: str,
                 "QK-Clip needs whole per-head rows (use the layer-wise optimizer for Muon)")
         if defer_without_master and param.dtype != torch.float32:
             return False
-        param.data.mul_(row_scale.to(param.dtype)[:, None])
+        param.data.mul_(_rows(row_scale, param.dtype, param.dim()))
         return True
     if getattr(param, "main_param_sharded", False) or main.shape != param.shape:
         raise RuntimeError(
             f"QK-Clip: the master weight of {name} is a flat DistributedOptimizer shard "
             f"(shape {tuple(main.shape)} vs {tuple(param.shape)}); QK-Clip needs whole per-head "
             "rows (use the layer-wise optimizer for Muon)")
-    main.data.mul_(row_scale.to(main.dtype)[:, None])
+    main.data.mul_(_rows(row_scale, main.dtype, main.dim()))
     param.data.copy_(main.data)  # bf16 model weight = cast of the clipped fp32 master
     return True
 
@@ -146,9 +174,40 @@ def clip_mla_(attention: MLASelfAttention, eta: torch.Tensor,
     return weights
 
 
+@torch.no_grad()
+def clip_self_attention_(attention: SelfAttention, eta: torch.Tensor,
+                         defer_without_master: bool = False) -> list[nn.Parameter]:
+    """Scale ``attention.linear_qkv``'s q and k rows (weight and bias) of head ``h`` by
+    ``sqrt(eta[h])`` (local heads), V rows untouched (module doc). Returns the parameters
+    touched (as :func:`clip_mla_`)."""
+    heads = attention.num_attention_heads_per_partition
+    groups = attention.num_query_groups_per_partition
+    if eta.shape != (heads,):
+        raise ValueError(f"eta has shape {tuple(eta.shape)}, expected ({heads},)")
+    if groups != heads:
+        raise NotImplementedError(
+            f"QK-Clip for grouped-query self-attention ({heads} heads, {groups} key groups per "
+            "rank): a shared key has no per-head rows; only one query per key group (MoonViT) "
+            "is supported")
+    hn = attention.hidden_size_per_attention_head
+    root = eta.double().sqrt()[:, None]
+    scale = torch.cat([root.expand(heads, 2 * hn), torch.ones_like(root).expand(heads, hn)],
+                      dim=1).reshape(-1)  # per head [q_h; k_h; v_h]
+    qkv = attention.linear_qkv
+    params = [(qkv.weight, "linear_qkv.weight")]
+    if getattr(qkv, "bias", None) is not None:
+        params.append((qkv.bias, "linear_qkv.bias"))
+    if qkv.weight.shape[0] != scale.numel():
+        raise ValueError(f"linear_qkv has {qkv.weight.shape[0]} rows, expected {scale.numel()} "
+                         f"(3 x {heads} local heads x {hn})")
+    for param, name in params:
+        _scale_rows_(param, scale, name, defer_without_master)
+    return [p for p, _ in params]
+
+
 def reset_max_logits(model_chunks: nn.Module | Iterable[nn.Module]) -> None:
     """Forget recorded max logits (evaluation forwards record them too): call before a step."""
-    for attention in mla_attentions(model_chunks):
+    for attention in mla_attentions(model_chunks) + vit_attentions(model_chunks):
         if hasattr(attention.core_attention, "current_max_attn_logits"):
             attention.core_attention.current_max_attn_logits = None
 
@@ -156,8 +215,35 @@ def reset_max_logits(model_chunks: nn.Module | Iterable[nn.Module]) -> None:
 def records_max_logits(model_chunks: nn.Module | Iterable[nn.Module]) -> bool:
     """Whether any MLA layer clips or logs its max logits (``qk_clip`` or
     ``log_max_attention_logit`` in its config)."""
-    return any(a.config.qk_clip or a.config.log_max_attention_logit
-               for a in mla_attentions(model_chunks))
+    return any(_records(a) for a in mla_attentions(model_chunks))
+
+
+def vit_records_max_logits(model_chunks: nn.Module | Iterable[nn.Module]) -> bool:
+    """Whether the vision tower clips or logs its max logits (``model.vision.qk_clip`` or
+    ``log_max_attention_logit``)."""
+    return any(_records(a) for a in vit_attentions(model_chunks))
+
+
+def vision_max_logit_group(model_chunks: nn.Module | Iterable[nn.Module]
+                           ) -> dist.ProcessGroup | None:
+    """The ranks whose vision towers saw other items: DP x CP, and TP too when the tower is
+    replicated over TP and each TP rank encodes its own items (``parallel_mode='split'``,
+    recognised by the tower's ``replica_group``). None without torch.distributed."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        return None
+    if vision_split_over_tp(model_chunks):
+        return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def vision_split_over_tp(model_chunks: nn.Module | Iterable[nn.Module]) -> bool:
+    """Whether the vision tower is replicated over TP, each TP rank encoding its own items
+    (``model.vision.parallel_mode='split'`` at TP > 1: the tower has a ``replica_group``)."""
+    chunks = [model_chunks] if isinstance(model_chunks, nn.Module) else list(model_chunks)
+    return any(getattr(m, "replica_group", None) is not None
+               for chunk in chunks for m in chunk.modules())
 
 
 @torch.no_grad()
@@ -186,8 +272,27 @@ def apply_qk_clip(
     Returns:
         :class:`QKClipStats` (per-layer per-head max logits after the reduction, heads clipped).
     """
-    layers = [a for a in mla_attentions(model_chunks)
-              if a.config.qk_clip or a.config.log_max_attention_logit]
+    layers = [a for a in mla_attentions(model_chunks) if _records(a)]
+    return _clip_pass(layers, clip_mla_, group, threshold, param_sync)
+
+
+@torch.no_grad()
+def apply_vit_qk_clip(
+    model_chunks: nn.Module | Iterable[nn.Module],
+    *,
+    threshold: float,
+    group: dist.ProcessGroup | None = None,
+    param_sync: Callable[[list[nn.Parameter]], None] | None = None,
+) -> QKClipStats:
+    """:func:`apply_qk_clip` for the vision tower's self-attention layers (module doc):
+    ``threshold`` is the one tau (``model.llm.qk_clip_threshold``); ``group`` spans every rank
+    that encoded other items (:func:`vision_max_logit_group`). Stats are keyed by the tower's
+    own 1-based layer numbers."""
+    layers = [a for a in vit_attentions(model_chunks) if _records(a)]
+    return _clip_pass(layers, clip_self_attention_, group, threshold, param_sync)
+
+
+def _clip_pass(layers: list[nn.Module], clip_fn, group, threshold, param_sync) -> QKClipStats:
     missing = [a.layer_number for a in layers if a.core_attention.current_max_attn_logits is None]
     if missing:
         raise RuntimeError(
@@ -204,8 +309,8 @@ def apply_qk_clip(
             eta = qk_clip_eta(s, tau)
             clipped = int((eta < 1).sum())
             if clipped:
-                clipped_weights += clip_mla_(attention, eta,
-                                             defer_without_master=param_sync is not None)
+                clipped_weights += clip_fn(attention, eta,
+                                           defer_without_master=param_sync is not None)
         stats.max_logits[attention.layer_number] = s.tolist()
         stats.heads_clipped[attention.layer_number] = clipped
         attention.core_attention.current_max_attn_logits = None
@@ -215,12 +320,16 @@ def apply_qk_clip(
 
 
 def qk_clip_metrics(
-    stats: QKClipStats, num_layers: int, group: dist.ProcessGroup | None = None
+    stats: QKClipStats, num_layers: int, group: dist.ProcessGroup | None = None,
+    prefix: str = "qk_clip",
 ) -> dict[str, float]:
-    """Loggable numbers: max logit and heads clipped, overall and per layer.
+    """Loggable numbers: max logit and heads clipped, overall and per layer, under ``prefix``
+    (``vit_qk_clip`` for the vision tower).
 
     ``group`` (the model-parallel group, TP x PP) joins what other ranks saw: their heads
     (TP) and layers (PP). The result is identical on every rank of ``group``.
+    The vision tower lives on the first pipeline stage only: pass its TP group under megatron
+    TP, None when it is replicated over TP (every rank then holds the same all-reduced heads).
     """
     maxima = torch.full((num_layers,), float("-inf"), dtype=torch.float64)
     clipped = torch.zeros(num_layers, dtype=torch.float64)
@@ -230,9 +339,10 @@ def qk_clip_metrics(
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
         dist.all_reduce(clipped, group=group)
-    out = {"qk_clip/max_logit": maxima.max().item(), "qk_clip/heads_clipped": clipped.sum().item()}
+    out = {f"{prefix}/max_logit": maxima.max().item(),
+           f"{prefix}/heads_clipped": clipped.sum().item()}
     for i in range(num_layers):
         if maxima[i] > float("-inf"):  # layers without MLA (none recorded) are not reported
-            out[f"qk_clip/layer{i + 1}/max_logit"] = maxima[i].item()
-            out[f"qk_clip/layer{i + 1}/heads_clipped"] = clipped[i].item()
+            out[f"{prefix}/layer{i + 1}/max_logit"] = maxima[i].item()
+            out[f"{prefix}/layer{i + 1}/heads_clipped"] = clipped[i].item()
     return out

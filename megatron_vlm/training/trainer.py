@@ -29,10 +29,15 @@ from megatron_vlm.models.llm import padded_vocab_size
 from megatron_vlm.optim.builder import build_optimizer
 from megatron_vlm.optim.qk_clip import (
     apply_qk_clip,
+    apply_vit_qk_clip,
     mla_attentions,
     qk_clip_metrics,
     records_max_logits,
     reset_max_logits,
+    vision_max_logit_group,
+    vision_split_over_tp,
+    vit_attentions,
+    vit_records_max_logits,
 )
 from megatron_vlm.optim.schedules import build_scheduler
 from megatron_vlm.parallel.init import init_distributed
@@ -123,7 +128,8 @@ def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, 
         c.zero_grad_buffer()
     optimizer.zero_grad()
     qk_clip_on = records_max_logits(chunks)
-    if qk_clip_on:
+    vit_clip_on = vit_records_max_logits(chunks)  # model.vision.qk_clip
+    if qk_clip_on or vit_clip_on:
         reset_max_logits(chunks)  # evaluation forwards record max logits too
     bias_before = telemetry.expert_bias_snapshot(routers)
     total = run_forward_backward(chunks, batches, seq_length, forward_only=False)
@@ -149,6 +155,18 @@ def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers, 
             threshold=qk_clip_tau, param_sync=getattr(optimizer, "sync_params", None))
         num_layers = mla_attentions(chunks)[0].config.num_layers
         metrics = qk_clip_metrics(stats, num_layers, parallel_state.get_model_parallel_group())
+    if vit_clip_on:
+        # The ViT with the same tau; its MAX spans TP too when each TP rank encodes other items.
+        tau = qk_clip_tau if qk_clip_tau is not None else mla_attentions(
+            chunks)[0].config.qk_clip_threshold
+        vit_stats = apply_vit_qk_clip(
+            chunks, threshold=tau, group=vision_max_logit_group(chunks),
+            param_sync=getattr(optimizer, "sync_params", None))
+        # The tower sits on the first PP stage (the writer's); its heads split only under TP mode.
+        metrics.update(qk_clip_metrics(
+            vit_stats, vit_attentions(chunks)[0].config.num_layers,
+            None if vision_split_over_tp(chunks)
+            else parallel_state.get_tensor_model_parallel_group(), prefix="vit_qk_clip"))
     scheduler.step(increment=1)
     return loss, int(total[1].item()), float(grad_norm or 0.0), False, stop_requested, metrics
 
@@ -245,7 +263,8 @@ def _train(job: JobConfig, stop: StopSignal) -> TrainResult:
         t0 = time.perf_counter()
         batches = data.loader.next_global_batch()
         loss, tokens, grad_norm, skipped, stop_requested, step_metrics = train_step(
-            chunks, optimizer, scheduler, batches, seq_len, routers, stop, job.optim.qk_clip_tau)
+            chunks, optimizer, scheduler, batches, seq_len, routers, stop,
+            job.model.llm.qk_clip_threshold)
         dt = time.perf_counter() - t0
         state.step += 1
         steps_here += 1

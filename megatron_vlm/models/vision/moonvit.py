@@ -98,8 +98,7 @@ def build_vision_transformer_config(
         init_method_std=vision.init_method_std,
         softmax_scale=None,  # 1/sqrt(head_dim)
         qk_layernorm=False,
-        qk_clip=vision.qk_clip,
-        qk_clip_threshold=vision.qk_clip_threshold,
+        qk_clip=vision.qk_clip,  # tau: model.llm.qk_clip_threshold, applied in optim/qk_clip.py
         log_max_attention_logit=vision.log_max_attention_logit,
         # --- parallelism (see module docstring: no PP, no CP for the tower)
         tensor_model_parallel_size=parallel.tp,
