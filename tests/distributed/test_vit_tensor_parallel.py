@@ -1,6 +1,8 @@
 """MoonViT + projector under TP=2, with and without sequence parallelism, equal transformers'
 Kimi K2.5 vision tower and projector (weights copied): outputs and every gradient shard. Also in
-split mode (tower replicated over TP, each rank encoding some of the items)."""
+split mode (tower replicated over TP, each rank encoding some of the items). QK-Clip on the tower
+(``model.vision.qk_clip``): TP mode (local heads) and split mode (all heads, maxima reduced over
+TP because each rank saw other items) give the same per-head maxima and clipped q/k rows."""
 
 from __future__ import annotations
 
@@ -36,3 +38,11 @@ def test_vit_tp_matches_transformers(tmp_path, sp, modes):
         # (cost-balanced: 24+12 patches on rank 0, 16+12+4 on rank 1).
         encoded = [rank[mode]["encoded_items"] for rank in ranks]
         assert encoded == {"tp": [5, 5], "split": [2, 3]}[mode], (mode, encoded)
+        heads = [rank[mode]["heads_clipped"] for rank in ranks]
+        assert heads[0] == heads[1] if mode == "split" else 0 < sum(heads) < 8, (mode, heads)
+    if "split" in modes:
+        for rank in ranks:
+            res = rank["qk_clip"]
+            assert res["maxima"] < 1e-5 and res["weight"] < 1e-6 and res["bias"] < 1e-6, res
+        # each rank encoded only some items: its own maxima fall short of the reduced ones
+        assert any(rank["qk_clip"]["split_local_below"] for rank in ranks)

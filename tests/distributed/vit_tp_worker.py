@@ -26,6 +26,9 @@ from megatron_vlm.models.vision.hf_weights import (  # noqa: E402
     load_state, projector_state_from_hf, vision_state_from_hf,
 )
 from megatron_vlm.models.vision.moonvit import build_moonvit  # noqa: E402
+from megatron_vlm.optim.qk_clip import (  # noqa: E402
+    apply_vit_qk_clip, vision_max_logit_group, vit_attentions,
+)
 from megatron_vlm.parallel.init import init_distributed  # noqa: E402
 
 HEADS, WIDTH, OUT_DIM = 4, 32, 48
@@ -39,6 +42,34 @@ def _max_diff(ours: torch.nn.Module, ref_grads: dict, tp_rank: int, tp: int) -> 
             ref = ref.chunk(tp, dim=p.partition_dim)[tp_rank]
         worst = max(worst, (p.grad - ref).abs().max().item())
     return worst
+
+
+def _qk_clip(vit, tp: int, tau: float | None) -> dict:
+    """QK-Clip on the tower after its one forward: full per-head maxima and full clipped
+    ``linear_qkv`` weights and biases (TP mode: gathered over TP), before/after the reduction."""
+    group = ps.get_tensor_model_parallel_group()
+    local = torch.stack([a.core_attention.current_max_attn_logits.clone()
+                         for a in vit_attentions(vit)])  # [layers, local heads]
+
+    def full(t: torch.Tensor, dim: int) -> torch.Tensor:
+        if vit.replica_group is not None:  # split mode: every rank holds all heads
+            return t
+        parts = [torch.empty_like(t) for _ in range(tp)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    if tau is None:  # between the middle two of layer 1's reduced maxima: half its heads clip
+        reduced = local.clone()
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=vision_max_logit_group(vit))
+        s = full(reduced, 1)[0].sort().values
+        tau = float((s[len(s) // 2 - 1] + s[len(s) // 2]) / 2)
+    stats = apply_vit_qk_clip(vit, threshold=tau, group=vision_max_logit_group(vit))
+    maxima = full(torch.tensor([stats.max_logits[i + 1] for i in range(len(local))]), 1)
+    attns = vit_attentions(vit)
+    return {"tau": tau, "local": local, "maxima": maxima,
+            "clipped": sum(stats.heads_clipped.values()),
+            "weight": [full(a.linear_qkv.weight.detach(), 0) for a in attns],
+            "bias": [full(a.linear_qkv.bias.detach(), 0) for a in attns]}
 
 
 def main() -> None:
@@ -67,12 +98,12 @@ def main() -> None:
     proj_ref = projector_state_from_hf(
         {k: p.grad for k, p in hf.model.mm_projector.named_parameters()})
     tp_rank = ps.get_tensor_model_parallel_rank()
-    results = {}
+    results, clips, tau = {}, {}, None
     for mode in modes:
         vit = build_moonvit(VisionConfig(hidden_size=WIDTH, num_layers=2,
                                          num_attention_heads=HEADS, ffn_hidden_size=64,
                                          pos_emb_height=8, pos_emb_width=8,
-                                         parallel_mode=mode), par)
+                                         parallel_mode=mode, qk_clip=True), par)
         proj = build_projector(ProjectorConfig(vision_hidden_size=WIDTH, merge_size=4,
                                                output_size=OUT_DIM), par)
         load_state(vit, vision_state_from_hf(hf.model.vision_tower.state_dict(), HEADS),
@@ -92,6 +123,18 @@ def main() -> None:
             "vit_grad": _max_diff(vit, vit_ref, tp_rank, 2),
             "proj_grad": _max_diff(proj, proj_ref, tp_rank, 2),
             "encoded_items": vit.num_encoded_items,
+        }
+        clips[mode] = _qk_clip(vit, 2, tau)
+        tau = clips[mode]["tau"]
+        results[mode]["heads_clipped"] = clips[mode]["clipped"]
+    if len(clips) == 2:  # tp vs split: same maxima, same clipped rows (split: reduced over TP)
+        a, b = clips["tp"], clips["split"]
+        results["qk_clip"] = {
+            "maxima": (a["maxima"] - b["maxima"]).abs().max().item(),
+            "weight": max((x - y).abs().max().item() for x, y in zip(a["weight"], b["weight"])),
+            "bias": max((x - y).abs().max().item() for x, y in zip(a["bias"], b["bias"])),
+            # this rank's split-mode maxima before the TP reduction vs after it
+            "split_local_below": (b["local"] < b["maxima"] - 1e-6).any().item(),
         }
     gathered = [None, None]
     dist.all_gather_object(gathered, results)
