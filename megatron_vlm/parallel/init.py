@@ -68,6 +68,17 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
     return dp
 
 
+def ensure_single_process_groups(seed: int = 1234) -> None:
+    """World-size-1 groups for one process (tests, tools); groups an earlier caller made are
+    reused as they are (only the CPU shims are re-applied, nothing is reseeded)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        apply_cpu_shims()
+    else:
+        init_distributed(ParallelConfig(), seed=seed)
+
+
 def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group."""
     from megatron.core import parallel_state

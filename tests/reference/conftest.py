@@ -23,16 +23,9 @@ NUM_HEADS = VISION["num_attention_heads"]
 @pytest.fixture(scope="session")
 def megatron_groups():
     """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
+    from megatron_vlm.parallel.init import ensure_single_process_groups
 
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
+    ensure_single_process_groups()
 
 
 @torch.no_grad()

@@ -47,20 +47,6 @@ HEADS, NOPE, ROPE, V, KV_LORA, HIDDEN = 4, 16, 16, 16, 32, 64
 L0 = 32  # original context: short, so the YaRN ramp falls inside d_r/2 = 8 rope frequencies
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
-
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 # --------------------------------------------------------------------------- the formula
 
 

@@ -309,21 +309,6 @@ def test_no_recording_unless_asked():
 # --------------------------------------------------------------------------- through MLA
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
-
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 def build_tiny_llm(**overrides):
     """The tiny recipe's LLM (MLA with q_lora, 1 dense + 2 MoE layers), fp32, eval mode.
 

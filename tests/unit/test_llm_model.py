@@ -10,21 +10,6 @@ import torch
 from megatron_vlm.data.contract import PackedBatch
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
-
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 def packed_batch(tokens: torch.Tensor, real: list[int], spans: list[int]) -> PackedBatch:
     """Documents of ``real`` lengths in padded ``spans``; ``tokens`` may extend past the spans
     (tail padding, allowed by the contract: ``cu_seqlens_padded[-1] <= S``)."""

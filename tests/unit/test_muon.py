@@ -280,21 +280,6 @@ def test_tensor_parallel_shards_are_refused():
                                  w, cfg)) == 2
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
-
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 def test_fused_qkv_layout_matches_megatron_attention(megatron_groups):
     """GQA ``linear_qkv`` (4 heads, 2 query groups): x @ block^T equals megatron's own q, k, v
     from ``get_query_key_value_tensors``."""

@@ -28,21 +28,6 @@ BOOST = {1: 30.0, 3: 8.0}  # q rows of head 1 x30 (max logit ~200), head 3 x8 (~
 UNBOOSTED_LAYER = 2  # 0-based: the third layer keeps init-scale logits (~7)
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
-
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 def build_model(q_lora: int | None, **overrides):
     """The tiny recipe's LLM (3 MLA layers, 4 heads, nope 16 / rope 8 / v 16), fp32, with some
     heads' query rows boosted so their max logits exceed tau."""

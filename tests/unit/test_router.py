@@ -19,21 +19,6 @@ SCALING = 2.5
 RATE = 1e-3
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
-
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 def router_config(num_experts: int = 16, topk: int = 4, groups: tuple[int, int] | None = None):
     return TransformerConfig(
         num_layers=1, hidden_size=HIDDEN, num_attention_heads=2, add_bias_linear=False,

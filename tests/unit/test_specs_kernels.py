@@ -176,20 +176,6 @@ def test_flex_and_varlen_refuse_dropout():
 # --------------------------------------------------------------------------- through the model
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    from megatron.core import parallel_state
-
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 def tiny_model(kernel: str, **llm_overrides):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

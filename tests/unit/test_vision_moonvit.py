@@ -16,20 +16,6 @@ TINY = VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=4, ffn_hid
                     pos_emb_height=8, pos_emb_width=8)
 
 
-@pytest.fixture(scope="module")
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron.core import parallel_state
-
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
-
-
 def build(vision: VisionConfig = TINY, params_dtype: str = "fp32", seed: int = 0):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core import parallel_state
 
 from megatron_vlm.config import apply_overrides
 from megatron_vlm.config.vision import VisionConfig
@@ -30,17 +29,7 @@ VISION = VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=4, ffn_h
                       pos_emb_height=8, pos_emb_width=8, qk_clip=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def megatron_groups():
-    """World-size-1 process groups; reused when another test module already made them."""
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
+pytestmark = pytest.mark.usefixtures("megatron_groups")
 
 
 def build(rope: bool):
