@@ -13,6 +13,7 @@ Benchmarks are not tests: numbers go to ``benchmarks/results/*.json`` via ``comm
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import resource
@@ -30,9 +31,11 @@ from megatron_vlm.config.model import LLMConfig
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
 
 
-def peak_tflops(dtype: str) -> tuple[float | None, str]:
+def peak_tflops(dtype: str, override: float | None = None) -> tuple[float | None, str]:
     """Peak dense TFLOP/s of this device for ``dtype`` and where the number comes from; None on
-    CPU (no MFU is reported for CPU runs)."""
+    CPU (no MFU is reported for CPU runs). ``override``: ``--peak-tflops``, used as given."""
+    if override:
+        return override, "--peak-tflops"
     if not torch.cuda.is_available():
         return None, "CPU: no peak defined, MFU not reported"
     name = torch.cuda.get_device_name(0)
@@ -64,18 +67,44 @@ def smoke_llm(vocab_size: int = 1024) -> LLMConfig:
     return tiny_llm(vocab_size=vocab_size)
 
 
+def llm_label(smoke: bool) -> str:
+    return "smoke (tiny_llm)" if smoke else "K2-proxy (SPEC §8)"
+
+
 def init_single_process() -> None:
     """torch.distributed world of one and megatron's groups (idempotent)."""
-    from megatron.core import parallel_state
+    from megatron_vlm.parallel.init import ensure_single_process_groups
 
-    from megatron_vlm.config import ParallelConfig
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
+    ensure_single_process_groups()
 
-    if parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-    else:
-        init_distributed(ParallelConfig(), seed=1234)
+
+def can_run(name: str, smoke: bool) -> bool:
+    """False (after saying so) for a GPU-sized run without CUDA; a smoke run disables
+    torch.compile (unless the environment sets it)."""
+    if not smoke and not torch.cuda.is_available():
+        print(f"{name}: the GPU-sized run needs CUDA (none visible); skipped. "
+              "Use --smoke for the CPU smoke run.")
+        return False
+    if smoke:
+        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+    return True
+
+
+def text_llm_and_batches(cfg: dict, smoke: bool):
+    """``(llm, micro-batches)`` of the text benchmarks: the tiny LLM (smoke) or the K2 proxy, and
+    ``cfg["micro_batches"]`` packed random-text batches; megatron's groups initialised."""
+    llm = smoke_llm() if smoke else k2_proxy_llm()
+    init_single_process()
+    batches = packed_text_batches(cfg["micro_batches"], cfg["seq_length"], llm.vocab_size, seed=0,
+                                  median=cfg["doc_median"])
+    return llm, batches
+
+
+def release_memory() -> None:
+    """After a variant's objects are deleted: collect them and return CUDA's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def device() -> torch.device:

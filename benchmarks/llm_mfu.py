@@ -29,7 +29,6 @@ CPU (no MFU: CPUs have no peak here).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from benchmarks import harness
 from benchmarks.common import write_result
@@ -41,10 +40,6 @@ SMOKE = dict(seq_length=256, micro_batches=2, warmup_steps=1, steps=1, params_dt
 
 
 def run_variant(variant: str, llm, cfg: dict, batches, peak: float | None, kernels) -> dict:
-    import gc
-
-    import torch
-
     from megatron_vlm.config import OptimConfig
     from megatron_vlm.optim.builder import build_optimizer
     from megatron_vlm.training.flops import model_flops, packed_model_flops
@@ -77,32 +72,19 @@ def run_variant(variant: str, llm, cfg: dict, batches, peak: float | None, kerne
         if "tflops_per_s_thd" in row:
             row["mfu_thd"] = row["tflops_per_s_thd"] / peak
     del optimizer, model, step
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    harness.release_memory()
     return row
 
 
 def main(argv: list[str] | None = None):
-    import torch
-
     from megatron_vlm.config import KernelConfig
 
     args = harness.parse_args(__doc__.splitlines()[0], argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("llm_mfu: the GPU-sized run needs CUDA (none visible); skipped. "
-              "Use --smoke for the CPU smoke run.")
+    if not harness.can_run("llm_mfu", args.smoke):
         return None
-    if args.smoke:
-        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     cfg = SMOKE if args.smoke else GPU
-    llm = harness.smoke_llm() if args.smoke else harness.k2_proxy_llm()
-    harness.init_single_process()
-    batches = harness.packed_text_batches(cfg["micro_batches"], cfg["seq_length"],
-                                          llm.vocab_size, seed=0, median=cfg["doc_median"])
-    peak, peak_source = harness.peak_tflops(cfg["params_dtype"])
-    if args.peak_tflops:
-        peak, peak_source = args.peak_tflops, "--peak-tflops"
+    llm, batches = harness.text_llm_and_batches(cfg, args.smoke)
+    peak, peak_source = harness.peak_tflops(cfg["params_dtype"], args.peak_tflops)
     kernels = KernelConfig(attention_kernel=args.attention_kernel)
     runs = [("ours", "ours", kernels), ("stock+sdpa", "stock+sdpa", kernels)]
     if cfg["ablations"]:
@@ -118,7 +100,7 @@ def main(argv: list[str] | None = None):
                                           for name, _, _ in runs}
     results["ours_over_stock_tokens_per_s"] = results["tokens_per_s_over_stock"]["ours"]
     results["data"] = harness.document_stats(batches)
-    config = {**cfg, "llm": "smoke (tiny_llm)" if args.smoke else "K2-proxy (SPEC §8)",
+    config = {**cfg, "llm": harness.llm_label(args.smoke),
               "llm_config": llm.__dict__ | {"yarn": llm.yarn.__dict__},
               "tokens_per_step": cfg["micro_batches"] * cfg["seq_length"],
               "optimizer": "AdamW (megatron, fp32 main params for bf16)",

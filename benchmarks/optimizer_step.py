@@ -19,8 +19,6 @@ training FLOPs for ``T`` tokens (Megatron-LM formula). ``--smoke`` runs on CPU.
 
 from __future__ import annotations
 
-import os
-
 from benchmarks import harness
 
 TOKENS_TARGET = 2**21
@@ -54,7 +52,6 @@ def newton_schulz_flops(model, steps: int = 5) -> tuple[int, int, int]:
 
 def run_optimizer(kind: str, llm, cfg: dict, batches) -> dict:
     import dataclasses
-    import gc
 
     import torch
     from megatron.core.models.gpt import GPTModel
@@ -114,30 +111,19 @@ def run_optimizer(kind: str, llm, cfg: dict, batches) -> dict:
                    analytic_fraction_at_measured_tokens=ns_exact / model_flops(
                        llm, tokens, cfg["seq_length"]))
     del optimizer, model, inner
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    harness.release_memory()
     return row
 
 
 def main(argv: list[str] | None = None):
-    import torch
-
     args = harness.parse_args(__doc__.splitlines()[0], argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("optimizer_step: the GPU-sized run needs CUDA (none visible); skipped. "
-              "Use --smoke for the CPU smoke run.")
+    if not harness.can_run("optimizer_step", args.smoke):
         return None
-    if args.smoke:
-        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     cfg = SMOKE if args.smoke else GPU
-    llm = harness.smoke_llm() if args.smoke else harness.k2_proxy_llm()
-    harness.init_single_process()
-    batches = harness.packed_text_batches(cfg["micro_batches"], cfg["seq_length"],
-                                          llm.vocab_size, seed=0, median=cfg["doc_median"])
+    llm, batches = harness.text_llm_and_batches(cfg, args.smoke)
     results = {kind: run_optimizer(kind, llm, cfg, batches)
                for kind in ("adamw", "muon+qk_clip")}
-    config = {**cfg, "llm": "smoke (tiny_llm)" if args.smoke else "K2-proxy (SPEC §8)",
+    config = {**cfg, "llm": harness.llm_label(args.smoke),
               "target_tokens_per_step": TOKENS_TARGET, "newton_schulz_steps": 5,
               "muon_ns_dtype": "bf16", "environment": harness.environment()}
     notes = ("Fractions at the target token count extrapolate the measured forward+backward "

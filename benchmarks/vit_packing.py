@@ -19,8 +19,6 @@ the GPU-sized run; ``--smoke`` runs a tiny tower on CPU.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from benchmarks import harness
@@ -103,12 +101,8 @@ def main(argv: list[str] | None = None):
     from megatron_vlm.recipes.tiny import tiny_moonvit
 
     args = harness.parse_args(__doc__.splitlines()[0], argv)
-    if not args.smoke and not torch.cuda.is_available():
-        print("vit_packing: the GPU-sized run needs CUDA (none visible); skipped. "
-              "Use --smoke for the CPU smoke run.")
+    if not harness.can_run("vit_packing", args.smoke):
         return None
-    if args.smoke:
-        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     cfg = SMOKE if args.smoke else GPU
     harness.init_single_process()
     vision = tiny_moonvit() if args.smoke else moonvit_config()

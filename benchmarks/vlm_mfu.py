@@ -206,9 +206,7 @@ def run_rows(llm, vision, batches, cfg, kernels, peak) -> dict:
         if peak:
             rows[name]["mfu"] = rows[name]["tflops_per_s"] / peak
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        harness.release_memory()
     rows["vit_flops_share"] = vit / (llm_flops + vit)
     if peak:
         rows["vlm_over_text_mfu"] = rows["vlm"]["mfu"] / rows["text_only"]["mfu"]
@@ -217,8 +215,6 @@ def run_rows(llm, vision, batches, cfg, kernels, peak) -> dict:
 
 def main(argv: list[str] | None = None):
     import argparse
-
-    import torch
 
     from megatron_vlm.config import KernelConfig
     from megatron_vlm.config.vision import moonvit_config
@@ -246,12 +242,8 @@ def main(argv: list[str] | None = None):
         print(f"wrote {len(batches)} micro-batches to {path} ({path.stat().st_size / 2**20:.1f} "
               f"MiB); mix: {mix_stats(batches)}")
         return path
-    if not args.smoke and not torch.cuda.is_available():
-        print("vlm_mfu: the GPU-sized run needs CUDA (none visible); skipped. "
-              "Use --smoke for the CPU smoke run.")
+    if not harness.can_run("vlm_mfu", args.smoke):
         return None
-    if args.smoke:
-        os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
     harness.init_single_process()
     if args.batches:
         batches, source = load_batches(Path(args.batches)), f"{args.batches} (dumped loader output)"
@@ -262,14 +254,12 @@ def main(argv: list[str] | None = None):
     llm = harness.smoke_llm(vocab_size=1152) if args.smoke else harness.k2_proxy_llm()
     vision = tiny_moonvit() if args.smoke else moonvit_config()
     vision = dataclasses.replace(vision, recompute=cfg["vit_recompute"])
-    peak, peak_source = harness.peak_tflops(cfg["params_dtype"])
-    if args.peak_tflops:
-        peak, peak_source = args.peak_tflops, "--peak-tflops"
+    peak, peak_source = harness.peak_tflops(cfg["params_dtype"], args.peak_tflops)
     kernels = KernelConfig(attention_kernel=args.attention_kernel)
     results = run_rows(llm, vision, batches, cfg, kernels, peak)
     results["data_mix"] = mix_stats(batches)
     config = {**cfg, "batches": source, "mix": "tiny_vlm_cpu joint stage (bundled corpus)",
-              "llm": "smoke (tiny_llm)" if args.smoke else "K2-proxy (SPEC §8)",
+              "llm": harness.llm_label(args.smoke),
               "vision": "tiny_moonvit" if args.smoke else "MoonViT 1152/27/16/4304",
               "peak_tflops": peak, "peak_source": peak_source,
               "environment": harness.environment()}
