@@ -35,10 +35,12 @@ from vlm_cases import (
     SEQ,
     RoutingRecorder,
     all_batches,
+    gather_item_logs,
     my_batches,
+    save_results,
     whole,
 )
-from vlm_worker import TP2, forward_loss, item_keys, log, setup
+from vlm_worker import TP2, forward_loss, log, setup
 
 from megatron_vlm.checkpoint import load_checkpoint, save_checkpoint
 from megatron_vlm.optim.qk_clip import apply_qk_clip, mla_attentions
@@ -160,13 +162,7 @@ def run_case(overrides: list[str], out: Path, init: Path, tau: float | None) -> 
         chunks, optimizer, scheduler, batches, tau,
         probe=lambda: (whole(chunks, "grad"), max_logits(chunks)))
     recorder.remove()
-    encoded = {"tp_rank": ps.get_tensor_model_parallel_rank(),
-               "cp_rank": ps.get_context_parallel_rank(),
-               "dp_rank": ps.get_data_parallel_rank(),
-               "pp_rank": ps.get_pipeline_model_parallel_rank(),
-               "vision_mode": job.model.vision.parallel_mode,
-               "expected": item_keys(batches) if vit is not None else [],
-               "encoded": list(vit.encoded_item_log) if vit is not None else []}
+    logs = gather_item_logs(vit, batches, job.model.vision.parallel_mode)
     if vit is not None:
         vit.encoded_item_log = None
     norms, clips = [norm], [clipped]
@@ -174,8 +170,6 @@ def run_case(overrides: list[str], out: Path, init: Path, tau: float | None) -> 
         _, norm, clipped, _, _ = step(chunks, optimizer, scheduler, batches, tau)
         norms.append(norm)
         clips.append(clipped)
-    logs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(logs, encoded)
     result = {"routing": routing_in_global_order(recorder, ids, batches), "loss": loss,
               "grad_norms": norms, "grads": grads, "max_logits": logits,
               "rank_max_logits": rank_logits, "clipped": clips,
@@ -199,11 +193,8 @@ def main() -> None:
         for name, overrides in LAYOUTS[int(os.environ["WORLD_SIZE"])].items():
             log(f"layout {name}")
             results[name] = run_case(overrides, out, init, tau)
-    results["seconds"] = time.perf_counter() - t0
-    if dist.get_rank() == 0:
-        torch.save(results, out / f"{role}_{dist.get_world_size()}.pt")
-    dist.barrier()
-    log(f"done in {results['seconds']:.1f} s")
+    seconds = save_results(results, out / f"{role}_{dist.get_world_size()}.pt", t0)
+    log(f"done in {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ every layout here) and masks padded logits, so every layout computes the same lo
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -222,3 +225,39 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     scale = ref.abs().max().item()
     return (got - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def item_keys(batches) -> list[tuple]:
+    """(t, h, w, pixel sum) of every media item, as MoonViT's item log records them."""
+    keys = []
+    for b in batches:
+        if b.vision is not None:
+            sums = b.vision.pixel_values.double().split(b.vision.grid_thw.prod(dim=1).tolist())
+            keys += [(*map(int, g), float(x.sum())) for g, x in zip(b.vision.grid_thw.tolist(),
+                                                                    sums)]
+    return keys
+
+
+def gather_item_logs(vit, batches: list[PackedBatch], vision_mode: str) -> list[dict]:
+    """Every rank's encoder item log of this step (``vit`` None off the first stage): its ranks,
+    the media items it was given and those its vision tower encoded."""
+    mine = {"tp_rank": ps.get_tensor_model_parallel_rank(),
+            "cp_rank": ps.get_context_parallel_rank(),
+            "dp_rank": ps.get_data_parallel_rank(),
+            "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "vision_mode": vision_mode,
+            "expected": item_keys(batches) if vit is not None else [],
+            "encoded": list(vit.encoded_item_log) if vit is not None else []}
+    logs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(logs, mine)
+    return logs
+
+
+def save_results(results: dict, path: Path, t0: float) -> float:
+    """Rank 0 saves ``results`` (with the seconds since ``t0``) to ``path``; all ranks wait.
+    Returns the seconds."""
+    results["seconds"] = time.perf_counter() - t0
+    if dist.get_rank() == 0:
+        torch.save(results, path)
+    dist.barrier()
+    return results["seconds"]

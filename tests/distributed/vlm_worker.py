@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_cases import (  # noqa: E402
-    PAD_TO, SEQ, VOCAB, RoutingRecorder, all_batches, gather_dp_sharded_grads, my_batches, whole,
+    PAD_TO, SEQ, VOCAB, RoutingRecorder, all_batches, gather_dp_sharded_grads, gather_item_logs,
+    my_batches, save_results, whole,
 )
 
 from megatron_vlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
@@ -112,17 +112,6 @@ def forward_loss(chunks, batches) -> float:
     return (total[0] / total[1]).item()
 
 
-def item_keys(batches) -> list[tuple]:
-    """(t, h, w, pixel sum) of every media item, as MoonViT's item log records them."""
-    keys = []
-    for b in batches:
-        if b.vision is not None:
-            sums = b.vision.pixel_values.double().split(b.vision.grid_thw.prod(dim=1).tolist())
-            keys += [(*map(int, g), float(x.sum())) for g, x in zip(b.vision.grid_thw.tolist(),
-                                                                    sums)]
-    return keys
-
-
 def run_layout(overrides: list[str], out: Path, init: Path, save_as: str | None,
                extra_steps: int = 0) -> dict:
     job, chunks, optimizer, scheduler = setup(overrides, out)
@@ -142,15 +131,8 @@ def run_layout(overrides: list[str], out: Path, init: Path, save_as: str | None,
 
     loss, norm, grads = step(chunks, optimizer, scheduler, batches, probe)
     recorder.remove()
-    encoded = {"tp_rank": ps.get_tensor_model_parallel_rank(),
-               "dp_rank": ps.get_data_parallel_rank(),
-               "pp_rank": ps.get_pipeline_model_parallel_rank(),
-               "vision_mode": job.model.vision.parallel_mode,
-               "expected": item_keys(batches) if vit is not None else [],
-               "encoded": list(vit.encoded_item_log) if vit is not None else []}
+    logs = gather_item_logs(vit, batches, job.model.vision.parallel_mode)
     norms = [norm] + [step(chunks, optimizer, scheduler, batches)[1] for _ in range(2)]
-    logs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(logs, encoded)
     result = {"routing": recorder.gathered(ids), "loss": loss, "grad_norms": norms,
               "grads": grads, "params0": params0, "params3": whole(chunks, "param"),
               "loss3": forward_loss(chunks, batches), "items": logs}
@@ -211,11 +193,7 @@ def main() -> None:
         for name, (source, overrides) in REFUSE.items():
             log(f"refusal {name}")
             results[name] = run_refusal(out / "ckpt" / source / "step_0000003", overrides, out)
-    results["seconds"] = time.perf_counter() - t0
-    if dist.get_rank() == 0:
-        torch.save(results, out / f"{role}.pt")
-    dist.barrier()
-    log(f"done in {results['seconds']:.1f} s")
+    log(f"done in {save_results(results, out / f'{role}.pt', t0):.1f} s")
 
 
 if __name__ == "__main__":
