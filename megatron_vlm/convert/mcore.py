@@ -16,7 +16,6 @@ checkpoint was saved in.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 from collections.abc import Callable, Iterable
@@ -36,6 +35,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 # The sharded-state-dict metadata our checkpoints are saved and loaded with (checkpoint/dist.py).
 from megatron_vlm.checkpoint.dist import _SHARDED_METADATA as SHARDED_METADATA
+from megatron_vlm.checkpoint.dist import _fsync_dir
 from megatron_vlm.config.model import ModelConfig
 from megatron_vlm.config.parallel import ParallelConfig
 
@@ -236,14 +236,6 @@ def _manifest(config_yaml: str, extra: dict, entries: list[dict]) -> dict:
         "config_yaml": config_yaml, "extra_rank0": extra,
         "files": sorted(entries, key=lambda e: e["path"]),
     }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(root: Path, sharded: dict, produce: Callable[[str], Tensor],
