@@ -18,7 +18,7 @@ from megatron.core import parallel_state as ps
 from transformers.models.kimi_k25 import Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
-from conftest import TEXT, VISION, perturb  # noqa: E402
+from hf_fixtures import TEXT, VISION, perturb  # noqa: E402
 
 from megatron_vlm.config import ParallelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from megatron_vlm.models.projector import build_projector  # noqa: E402

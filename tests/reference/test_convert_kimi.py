@@ -24,7 +24,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import (
+from hf_fixtures import (
     VISION,
     load_converted,
     perturb_all,

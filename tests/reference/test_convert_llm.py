@@ -24,7 +24,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import load_converted, perturb_all
+from hf_fixtures import load_converted, perturb_all
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 ATOL = 1e-5

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import read_safetensors_dir, rekey_to_release
+from hf_fixtures import read_safetensors_dir, rekey_to_release
 from safetensors.torch import save_file
 from test_convert_kimi import build_hf
 

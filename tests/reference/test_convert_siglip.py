@@ -12,7 +12,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from conftest import perturb
+from hf_fixtures import perturb
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 ATOL = 2e-5
