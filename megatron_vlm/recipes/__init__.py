@@ -13,6 +13,8 @@ from megatron_vlm.recipes.tiny import tiny_cpu, tiny_vlm_cpu
 
 RECIPES: dict[str, Callable[[], JobConfig]] = {
     "tiny_cpu": tiny_cpu,
+    # The text-only LLM run under the name it keeps once tiny_cpu becomes the VLM main job.
+    "tiny_text_cpu": tiny_cpu,
     "tiny_vlm_cpu": tiny_vlm_cpu,
     "kimi_vl_a3b": kimi_vl_a3b,
     "kimi_k25": kimi_k25,
