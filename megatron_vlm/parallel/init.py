@@ -35,19 +35,20 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
 
     apply_cpu_shims()
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = parallel.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
-        )
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "WORLD_SIZE" in os.environ:  # torchrun / srun: the launcher's rendezvous
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # One plain process: a private localhost store, and nothing written to os.environ --
+            # exported MASTER_PORT/RANK/WORLD_SIZE would leak into every subprocess this process
+            # starts later (a torchrun-less child would then try to bind our port).
+            dist.init_process_group(backend=backend, timeout=timeout, rank=0, world_size=1,
+                                    init_method=f"tcp://127.0.0.1:{free_port()}")
     world = dist.get_world_size()
     dp = parallel.data_parallel_size(world)
     if not parallel_state.model_parallel_is_initialized():
