@@ -124,6 +124,12 @@ class MultimodalDataConfig:
     """ViT patch budget P of one packed micro-batch (the LLM budget is DataConfig.seq_length)."""
     image_max_patches: int = 16384
     """Patch budget of one image before padding (HF Kimi K2.5: 16384)."""
+    image_min_patches: int | None = None
+    """Upscale images whose patch grid would be smaller to at least this many patches (bicubic,
+    aspect ratio kept, within ``image_max_patches``; like Qwen2-VL's ``min_pixels``). Not in HF
+    Kimi K2.5, which never upscales; None (default) keeps its rule. Small images then cost more
+    LLM tokens relative to their text (the tiny early-fusion sweep uses it to reach 50% vision
+    tokens on the bundled corpus)."""
     video_chunk_max_patches: int = 4096
     """Patch budget of one frame of a video chunk (HF Kimi K2.5: 4096)."""
     video_fps: float = 2.0
@@ -176,6 +182,12 @@ class MultimodalDataConfig:
         ):
             if value < 1:
                 raise ValueError(f"data_mm.{name} must be >= 1, got {value}")
+        if self.image_min_patches is not None and not (
+                1 <= self.image_min_patches <= self.image_max_patches):
+            raise ValueError(
+                f"data.multimodal.image_min_patches={self.image_min_patches} must be between 1 "
+                f"and data.multimodal.image_max_patches={self.image_max_patches} (or None: no "
+                "upscaling)")
         if self.packing_buffer_size is not None and self.packing_buffer_size < 1:
             raise ValueError(f"data_mm.packing_buffer_size must be >= 1 or None (auto), got "
                              f"{self.packing_buffer_size}")

@@ -15,6 +15,15 @@ An image costs ``h*w`` ViT patches and ``h*w/4`` LLM placeholder tokens (2x2 mer
 
 Note (HF behaviour, kept): the budget bounds whole patches *before* padding, so the padded grid
 may exceed ``max_patches`` slightly (1000x1000 px at 4096 -> 66x66 = 4356 patches).
+
+Optional (ours, off by default): ``min_patches`` upscales small images, like Qwen2-VL's
+``min_pixels`` in ``smart_resize``. An image whose padded grid would hold fewer than
+``min_patches`` patches is scaled up by ``s = sqrt(min_patches * 14^2 / (H * W))`` (aspect ratio
+kept, sides rounded up), so its resized area and hence its padded grid hold at least
+``min_patches`` patches; the upscaled image stays within the budget (whole patches <=
+``max_patches``, per-side limit) -- where the budget is that tight, the budget wins. Then step 2
+resizes (bicubic, antialias: PIL's kernel) and the padding follows as for any image. ``None``
+keeps the HF rule bit for bit.
 """
 
 from __future__ import annotations
@@ -51,8 +60,10 @@ def navit_resize(
     merge_size: int = MERGE_SIZE,
     max_patches: int = IMAGE_MAX_PATCHES,
     max_patches_per_side: int = MAX_PATCHES_PER_SIDE,
+    min_patches: int | None = None,
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """HF ``navit_resize``: the resized size and the padded size, in pixels.
+    """HF ``navit_resize``: the resized size and the padded size, in pixels (``min_patches``:
+    our optional upscale of small images, see the module docstring).
 
     Args:
         height: Original height in pixels.
@@ -61,12 +72,15 @@ def navit_resize(
         merge_size: Merge kernel side; padding goes to multiples of ``patch_size * merge_size``.
         max_patches: Budget of whole patches (counted on the original, floor division).
         max_patches_per_side: Per-side limit in patches.
+        min_patches: Upscale images whose padded grid would be smaller (None: never upscale).
 
     Returns:
         ``((new_height, new_width), (pad_height, pad_width))``.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
+    if min_patches is not None and not 1 <= min_patches <= max_patches:
+        raise ValueError(f"min_patches={min_patches} must be in [1, max_patches={max_patches}]")
     # Same arithmetic as HF, floats included (max(1.0, ...) makes the counts floats).
     num_patches_h = max(1.0, height // patch_size)
     num_patches_w = max(1.0, width // patch_size)
@@ -79,9 +93,38 @@ def navit_resize(
     new_height = min(new_height, max_patches_per_side * patch_size)
     new_width = min(new_width, max_patches_per_side * patch_size)
     factor = merge_size * patch_size
-    pad_height = (factor - new_height % factor) % factor + new_height
-    pad_width = (factor - new_width % factor) % factor + new_width
+    if min_patches is not None and scale == 1.0 and (  # not downscaled, and small
+            _padded(new_height, factor) * _padded(new_width, factor)
+            < min_patches * patch_size * patch_size):
+        new_height, new_width = _upscaled(height, width, patch_size, max_patches,
+                                          max_patches_per_side, min_patches)
+    pad_height = _padded(new_height, factor)
+    pad_width = _padded(new_width, factor)
     return (new_height, new_width), (pad_height, pad_width)
+
+
+def _padded(side: int, factor: int) -> int:
+    return (factor - side % factor) % factor + side
+
+
+def _upscaled(height: int, width: int, patch_size: int, max_patches: int,
+              max_patches_per_side: int, min_patches: int) -> tuple[int, int]:
+    """Size of an image upscaled to hold ``min_patches`` patches (area, aspect kept, sides
+    rounded up), within ``max_patches`` whole patches and the per-side limit."""
+    scale = math.sqrt(min_patches * patch_size * patch_size / (height * width))
+    limit = max_patches_per_side * patch_size
+    # 1e-9: a scale that is exact in decimal (e.g. 2.0) must not round up by float noise.
+    new_height = min(limit, max(height, math.ceil(height * scale - 1e-9)))
+    new_width = min(limit, max(width, math.ceil(width * scale - 1e-9)))
+    # Rounding up (or min_patches close to max_patches) can cross the budget: take the side
+    # scaled up the most down to just under its last whole patch until it fits. Ends: the
+    # original size has fewer whole patches than min_patches <= max_patches.
+    while (new_height // patch_size) * (new_width // patch_size) > max_patches:
+        if new_height * width >= new_width * height and new_height > height:
+            new_height = max(height, new_height // patch_size * patch_size - 1)
+        else:
+            new_width = max(width, new_width // patch_size * patch_size - 1)
+    return new_height, new_width
 
 
 def grid_for_size(
@@ -91,17 +134,19 @@ def grid_for_size(
     patch_size: int = PATCH_SIZE,
     merge_size: int = MERGE_SIZE,
     max_patches_per_side: int = MAX_PATCHES_PER_SIDE,
+    min_patches: int | None = None,
 ) -> tuple[int, int]:
     """Patch grid ``(h, w)`` an image of this pixel size gets (no decoding needed)."""
     _, (pad_h, pad_w) = navit_resize(
-        height, width, patch_size, merge_size, max_patches, max_patches_per_side
+        height, width, patch_size, merge_size, max_patches, max_patches_per_side, min_patches
     )
     return pad_h // patch_size, pad_w // patch_size
 
 
-def num_image_tokens(height: int, width: int, max_patches: int = IMAGE_MAX_PATCHES) -> int:
+def num_image_tokens(height: int, width: int, max_patches: int = IMAGE_MAX_PATCHES,
+                     min_patches: int | None = None) -> int:
     """LLM placeholder tokens of an image of this pixel size: ``h*w/4``."""
-    h, w = grid_for_size(height, width, max_patches)
+    h, w = grid_for_size(height, width, max_patches, min_patches=min_patches)
     return h * w // (MERGE_SIZE * MERGE_SIZE)
 
 
@@ -258,6 +303,7 @@ def process_image(
     image: np.ndarray | PIL.Image.Image | bytes | str | os.PathLike,
     max_patches: int = IMAGE_MAX_PATCHES,
     max_patches_per_side: int = MAX_PATCHES_PER_SIDE,
+    min_patches: int | None = None,
 ) -> ProcessedImage:
     """Decode (if needed), size, pad, normalise and patchify one image.
 
@@ -265,6 +311,7 @@ def process_image(
         image: RGB uint8 ``[H, W, 3]`` array, a PIL image, encoded bytes or a file path.
         max_patches: Patch budget (16384 for images; see module docstring on padding).
         max_patches_per_side: Per-side limit in patches.
+        min_patches: Upscale smaller images to at least this many patches (None: never).
 
     Raises:
         MediaDecodeError / MediaMissingError: See ``decode_image``.
@@ -281,7 +328,7 @@ def process_image(
         rgb = decode_image(image)
     height, width = rgb.shape[:2]
     resized_hw, padded_hw = navit_resize(
-        height, width, PATCH_SIZE, MERGE_SIZE, max_patches, max_patches_per_side
+        height, width, PATCH_SIZE, MERGE_SIZE, max_patches, max_patches_per_side, min_patches
     )
     frames = resize_and_pad(rgb, resized_hw, padded_hw)
     patches = patchify(normalize(frames))

@@ -87,6 +87,8 @@ class EncodeSettings:
     max_patches: int
     pad_to_multiple: int = 1
     image_max_patches: int = 16384
+    image_min_patches: int | None = None
+    """Upscale smaller images to this many patches (None: never; see data/image.py)."""
     video_chunk_max_patches: int = 4096
     video_fps: float = 2.0
     video_max_frames: int = 128
@@ -115,6 +117,7 @@ class EncodeSettings:
             max_patches=cfg.max_patches_per_micro_batch,
             pad_to_multiple=pad_to_multiple,
             image_max_patches=cfg.image_max_patches,
+            image_min_patches=cfg.image_min_patches,
             video_chunk_max_patches=cfg.video_chunk_max_patches,
             video_fps=cfg.video_fps,
             video_max_frames=cfg.video_max_frames,
@@ -157,7 +160,8 @@ def _plan_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
         raise MediaDecodeError(f"cannot read image header: {type(exc).__name__}: {exc}")
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
         height, width = width, height
-    resized, padded = navit_resize(height, width, max_patches=s.image_max_patches)
+    resized, padded = navit_resize(height, width, max_patches=s.image_max_patches,
+                                   min_patches=s.image_min_patches)
     grid = (1, padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE)
     return ProcessedImage(_NO_PIXELS, grid, (height, width), resized)
 
@@ -291,7 +295,8 @@ def decode_document(
     for m in media:
         planned = [items[i] for i in m.item_indices]
         if m.type == "image":
-            decoded: list = [process_image(m.data, settings.image_max_patches)]
+            decoded: list = [process_image(m.data, settings.image_max_patches,
+                                           min_patches=settings.image_min_patches)]
         elif settings.slowfast:
             video = decode_video(m.data, settings.video_fps, settings.video_max_frames,
                                  settings.video_backend)

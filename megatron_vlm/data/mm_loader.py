@@ -430,6 +430,8 @@ class MultimodalLoader:
             # SlowFast option existed resumable.
             settings = {k: v for k, v in settings.items()
                         if k != "video_sampler" and not k.startswith("slowfast_")}
+        if self.settings.image_min_patches is None:  # states saved before the option resume
+            settings.pop("image_min_patches")
         return {
             "stage": self.stage,
             "datasets": {n: [str(i.path), i.manifest["splits"]["train"]["samples"]]
