@@ -38,22 +38,24 @@ def test_early_fusion_sweep_expands_into_equal_budget_arms() -> None:
         (phase,) = run.phases
         assert _arg(phase.args, "data.multimodal.stage") == "early10"
         assert "--resume" not in phase.args
-    for run in by_arm["late25"]:
+    for run in by_arm["late50"]:
         first, second = run.phases
-        switch = round(0.6 * run.steps)
+        switch = round(0.8 * run.steps)
         assert first.end_step == switch and second.end_step == run.steps
         assert _arg(first.args, "train.exit_after_steps") == str(switch)
         assert _arg(first.args, "data.multimodal.stage") == "text_only"
         assert second.args[0] == "--resume"
-        assert _arg(second.args, "data.multimodal.stage") == "late25"
+        assert _arg(second.args, "data.multimodal.stage") == "late50"
         assert _arg(second.args, "checkpoint.load_data_state") == "false"
         assert _arg(second.args, "train.output_dir") == _arg(first.args, "train.output_dir")
         # Same token budget as the early arm: same steps, batch and sequence length.
         assert _arg(second.args, "train.steps") == str(run.steps)
-    # Equal vision share overall: 10% from step 0 vs 25% over the last 40% of steps.
+    # K2.5's arms, equal vision share overall: 10:90 from step 0 vs 50:50 over the last 20%.
     mixes = json.loads(_arg(sweep.runs[0].phases[0].args, "data.multimodal.mixes"))
+    assert mixes["early10"]["vision_token_fraction"] == pytest.approx(0.10)
+    assert mixes["late50"]["vision_token_fraction"] == pytest.approx(0.50)
     assert mixes["early10"]["vision_token_fraction"] * 1.0 == pytest.approx(
-        mixes["late25"]["vision_token_fraction"] * (1 - 0.6))
+        mixes["late50"]["vision_token_fraction"] * (1 - 0.8))
     assert "joint" in mixes  # the recipe's own mixes are kept
 
 
@@ -103,10 +105,10 @@ def test_smoke_sweep_runs_both_arms(tmp_path) -> None:
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["fusion"]: r for r in json.loads((tmp_path / "table.json").read_text())}
-    assert set(rows) == {"early10", "late25"}
+    assert set(rows) == {"early10", "late50"}
     assert all(r["steps"] == 5 and r["compute"] > r["llm_flops"] > 0 for r in rows.values())
     assert (tmp_path / "early_fusion_tiny.png").stat().st_size > 10_000
-    late = next(tmp_path.glob("fusion=late25*"))
+    late = next(tmp_path.glob("fusion=late50*"))
     records = [json.loads(line) for line in (late / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from megatron_vlm.config import load_yaml
@@ -66,8 +67,9 @@ def collect_run(run_dir: str | Path, end_steps: list[int]) -> dict:
     if job.model.is_vlm and patches:
         mm = job.data.multimodal
         item = mm.image_max_patches if mm is not None else job.model.vision.merge_size * seq
-        budget = VisionBudget(patches_per_micro_batch=max(int(patches), item),
-                              patches_per_item=item, fill=patches / max(int(patches), item))
+        capacity = max(math.ceil(patches), item)  # ceil: fill <= 1 for fractional counts
+        budget = VisionBudget(patches_per_micro_batch=capacity, patches_per_item=item,
+                              fill=patches / capacity)
         vit_flops = sum(vision_flops(job.model.vision, job.model.projector, budget).values())
     final = valid[-1]
     row = {"steps": steps, "tokens": tokens, "llm_flops": llm_flops, "vit_flops": vit_flops,
