@@ -105,7 +105,7 @@ def test_progress_line_and_eta_from_step_times(tmp_path) -> None:
     assert logger.seconds_per_step() == pytest.approx(2.5)
     progress, message = buf.getvalue().splitlines()  # the progress report is one line
     for part in ("step  100/1000", "loss 2.3457", "lr 3.00e-04", "tok/s 123,457",
-                 "TFLOP/s 395.6", "MFU 40.0%", "skipped 2", "ETA 0:37:30"):
+                 "TFLOP/s 396", "MFU 40.0%", "skipped 2", "ETA 0:37:30"):
         assert part in progress, (part, progress)
     assert message == "stopping at step 100 [signal]"  # no markup interpretation
 
