@@ -11,7 +11,7 @@ Two parts:
      ``B * Lmax <= S`` and ``sum(patches) <= P``; padding = ``1 - real / (B * Lmax)`` summed,
      i.e. no tail padding is charged to the baseline;
    - ``padded_one_per_sequence``: one document per micro-batch padded to S (naive, for scale).
-2. Real samples/s: forward+backward of the tiny MLA/MoE LLM (recipe ``tiny_cpu``, built with
+2. Real samples/s: forward+backward of the tiny MLA/MoE LLM (recipe ``tiny_text_cpu``, built with
    ``build_model_chunks`` after ``init_distributed``) over the same documents laid out both
    ways. Lengths and patches are the mix's divided by 4096 / S (full run: S = 1024, P = 4096)
    because the tiny model has 1024 positions. Packed micro-batches are [1, S] THD sequences; padded ones are [1, B * Lmax] with
@@ -97,7 +97,7 @@ def _build_model():
     from megatron_vlm.recipes import get_recipe
     from megatron_vlm.training.model_setup import build_model_chunks, unwrap
 
-    job = get_recipe("tiny_cpu")
+    job = get_recipe("tiny_text_cpu")
     if not parallel_state.model_parallel_is_initialized():
         init_distributed(job.parallel, seed=1234)
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None):
     results = {"padding_accounting": stats, "forward_backward": timed(**timing)}
     notes = ("Padded baseline = stream-order micro-batches padded to the batch's longest document "
              "(B*Lmax <= S, patches <= P), no tail padding charged. samples/s measured as real "
-             "forward+backward of the tiny_cpu LLM (text-only; media placeholders are plain "
+             "forward+backward of the tiny_text_cpu LLM (text-only; media placeholders are plain "
              "tokens, the ViT is not run) on this device; CPU numbers when device_kind is cpu.")
     return write_result("data_packing", {"accounting": acct, "timing": timing,
                                          "pad_to_multiple": PAD_MULTIPLE,

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The README's main job: set up the CPU environment, then pretrain the tiny MLA/MoE model on the
-# bundled corpus. Extra arguments are config overrides (e.g. train.steps=50).
+# The README's main job: set up the CPU environment, then pretrain the tiny K2.5-style VLM (MoonViT-3D
+# + Kimi projector + MLA/MoE LLM) on the bundled multimodal corpus (text, images, interleaved
+# documents, video) -- ~5 minutes on 2 cores. Leaves runs/tiny_cpu/: checkpoints, metrics.jsonl,
+# loss_curve.png. Extra arguments are config overrides (e.g. train.steps=50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_cpu.sh
 export TORCH_COMPILE_DISABLE=1 PYTHONUNBUFFERED=1
-exec .venv/bin/python -m megatron_vlm.train --recipe tiny_cpu "$@"
+.venv/bin/python -m megatron_vlm.train --recipe tiny_cpu "$@"
+echo "vision probes (true vs shuffled vs reversed media): .venv/bin/python tools/vision_probe.py runs/tiny_cpu"

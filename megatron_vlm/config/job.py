@@ -48,7 +48,7 @@ class JobConfig:
         self.optim.qk_clip_tau = None
         if self.data.multimodal is not None and not self.model.is_vlm:
             raise ValueError("data.multimodal needs a VLM: set model.vision and model.projector "
-                             "(e.g. --recipe tiny_vlm_cpu)")
+                             "(e.g. --recipe tiny_cpu)")
         if not self.model.is_vlm and (self.optim.vision_lr_mult != 1.0
                                       or self.optim.projector_lr_mult != 1.0
                                       or self.optim.llm_lr_mult != 1.0):

@@ -8,9 +8,13 @@ Four raw datasets (JSONL records referencing media files, the input format of
   names the background, every shape's colour and cell, and the count of each kind.
 - ``image_qa``: LLaVA-style conversations about such images (``{"from": "human"|"gpt"}`` turns,
   ``<image>`` in the first human turn); answers are read off the drawing (colours, cells, counts).
-- ``video``: 112x84 H.264 clips (libx264, 6-12 frames at 2-4 fps) of a shape that first moves
-  across the frame (left/right/up/down), then does a second thing (moves back, another shape
-  appears, it changes colour, or it disappears). The caption says what happens in that order.
+- ``video``: 112x112 H.264 clips (libx264, 4-6 s at 2 or 4 fps: 8-12 frames when sampled at the
+  loader's 2 fps, i.e. 2-3 chunks of up to 4 frames) of a large shape moving at constant speed
+  across a black frame (left/right/up/down) for the whole clip. Every position of the path is
+  visited equally long, so the *set* of frames says nothing about the direction -- only their
+  order does (so a model that ignores time cannot caption it; the frame-order probe relies on
+  this). Nothing else happens in the clip: an event half way (a colour change, a shape appearing)
+  would tie the direction to what is seen where, an order-free shortcut.
 - ``interleaved``: documents of 2-3 (text, image) pairs, some with a video, where the text around
   each picture describes it.
 - ``text``: plain documents from ``corpus.py`` (same vocabulary, so the tiny tokenizer fits).
@@ -37,8 +41,9 @@ import PIL.Image
 import PIL.ImageDraw
 
 from megatron_vlm.data.corpus import generate_corpus, number_to_words
+from megatron_vlm.data.video import VIDEO_FPS
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2
 """Bumped whenever generation changes, so cached copies are regenerated."""
 
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
@@ -63,21 +68,34 @@ CELL_PHRASES = (
 )
 """Where a shape is, by (row, column) of the 3x3 grid."""
 
-VIDEO_SIZE = (84, 112)
-"""(height, width) of the generated clips."""
+VIDEO_SIZE = (112, 112)
+"""(height, width) of the generated clips: multiples of 16 (libx264's macroblocks: other sizes
+gave run-to-run different bytes that decode to the same frames) and of 28 (one merged token).
+The tiny recipe samples them down to 56x56 (2x2 LLM tokens per chunk)."""
+VIDEO_BACKGROUND = "black"
+"""Every clip has this background: a video's pixels then vary only with the shape, its motion and
+the event, so that is what a model must learn to use (a background that changes between clips
+is learned first and alone by the tiny run)."""
+VIDEO_SAMPLED_FRAMES = (8, 12)
+"""Inclusive range of a clip's frame count at the loader's sampling rate (``VIDEO_FPS``)."""
+VIDEO_SOURCE_FPS = (2, 4)
+"""Frame rates the clips are written at (multiples of ``VIDEO_FPS``: sampling keeps every
+``fps / VIDEO_FPS``-th frame, so the sampled clip is the same motion at any rate)."""
+SHAPE_RADIUS = 28.0
+"""Radius in pixels of the moving shape (a quarter of the frame): its colour and motion dominate
+the tokens it passes through."""
 DIRECTIONS = {
-    "right": ("from the left to the right", (0.15, 0.5), (0.85, 0.5)),
-    "left": ("from the right to the left", (0.85, 0.5), (0.15, 0.5)),
-    "down": ("from the top to the bottom", (0.5, 0.2), (0.5, 0.8)),
-    "up": ("from the bottom to the top", (0.5, 0.8), (0.5, 0.2)),
+    "right": ("from the left to the right", (0.25, 0.5), (0.75, 0.5)),  # centre, frame fractions
+    "left": ("from the right to the left", (0.75, 0.5), (0.25, 0.5)),
+    "down": ("from the top to the bottom", (0.5, 0.25), (0.5, 0.75)),
+    "up": ("from the bottom to the top", (0.5, 0.75), (0.5, 0.25)),
 }
 """Motion direction -> (caption phrase, start (x, y), end (x, y)) as fractions of the frame."""
-REVERSE = {"right": "left", "left": "right", "down": "up", "up": "down"}
 
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "image_caption": (600, 40),
     "image_qa": (300, 20),
-    "video": (300, 20),
+    "video": (600, 64),
     "interleaved": (200, 16),
     "text": (1500, 60),
 }
@@ -210,82 +228,51 @@ def encode_image(img: PIL.Image.Image, fmt: str) -> bytes:
 class VideoScript:
     """What happens in a clip; ``caption`` describes it in order."""
 
-    num_frames: int
+    num_sampled: int
+    """Frames at the loader's sampling rate ``VIDEO_FPS`` (the clip lasts ``num_sampled /
+    VIDEO_FPS`` seconds)."""
     fps: int
+    """Frame rate the clip is written at."""
     background: str
     kind: str
     colour: str
     direction: str
-    second: str
-    """``back`` | ``appear`` | ``recolour`` | ``vanish``."""
-    other: Shape
-    """The shape that appears (``appear``) or the new colour (``recolour``: ``other.colour``)."""
 
     @property
     def caption(self) -> str:
-        first = (
-            f"a video of {_a(self.colour)} {self.kind} on a {self.background} background. "
-            f"first the {self.kind} moves {DIRECTIONS[self.direction][0]}."
-        )
-        if self.second == "back":
-            then = f"then it moves back {DIRECTIONS[REVERSE[self.direction]][0]}."
-        elif self.second == "appear":
-            then = (f"then {_a(self.other.colour)} {self.other.kind} appears "
-                    f"{self.other.phrase}.")
-        elif self.second == "recolour":
-            then = f"then the {self.kind} turns {self.other.colour}."
-        else:
-            then = f"then the {self.kind} disappears."
-        return f"{first} {then}"
+        return (f"a video of {_a(self.colour)} {self.kind} on a {self.background} background. "
+                f"the {self.kind} moves {DIRECTIONS[self.direction][0]}.")
+
+    @property
+    def num_frames(self) -> int:
+        """Frames in the written clip."""
+        return int(round(self.num_sampled * self.fps / VIDEO_FPS))
 
 
 def random_video_script(rng: np.random.Generator) -> VideoScript:
-    colour = str(rng.choice(list(COLOUR_RGB)))
-    other_colour = str(rng.choice([c for c in COLOUR_RGB if c != colour]))
-    cell = int(rng.choice([0, 2, 6, 8]))  # a corner: never on the moving shape's path
     return VideoScript(
-        num_frames=int(rng.integers(6, 13)),
-        fps=int(rng.choice([2, 3, 4])),
-        background=str(rng.choice(list(BACKGROUND_RGB))),
+        num_sampled=int(rng.integers(VIDEO_SAMPLED_FRAMES[0], VIDEO_SAMPLED_FRAMES[1] + 1)),
+        fps=int(rng.choice(VIDEO_SOURCE_FPS)),
+        background=VIDEO_BACKGROUND,
         kind=str(rng.choice(SHAPE_KINDS)),
-        colour=colour,
+        colour=str(rng.choice(list(COLOUR_RGB))),
         direction=str(rng.choice(list(DIRECTIONS))),
-        second=str(rng.choice(["back", "appear", "recolour", "vanish"])),
-        other=Shape(str(rng.choice(SHAPE_KINDS)), other_colour, (cell // 3, cell % 3)),
     )
 
 
 def render_video_frames(script: VideoScript) -> np.ndarray:
-    """[T, 84, 112, 3] uint8 frames: frames [0, T/2) do the move, the rest the second event."""
+    """[T, 112, 112, 3] uint8 frames. Time is measured in sampled frames ``u = i * VIDEO_FPS /
+    fps``: the shape moves at constant speed from the start (``u = 0``) to the end of its path
+    (the last sampled frame)."""
     height, width = VIDEO_SIZE
-    n = script.num_frames
-    first = n // 2
     _, start, end = DIRECTIONS[script.direction]
     frames = []
-    radius = 9.0
-    for f in range(n):
+    for i in range(script.num_frames):
+        a = min(i * VIDEO_FPS / script.fps / (script.num_sampled - 1), 1.0)
+        pos = (start[0] + a * (end[0] - start[0]), start[1] + a * (end[1] - start[1]))
         img = PIL.Image.new("RGB", (width, height), BACKGROUND_RGB[script.background])
-        draw = PIL.ImageDraw.Draw(img)
-        colour, visible = script.colour, True
-        if f < first:
-            a = f / max(first - 1, 1)
-            pos = (start[0] + a * (end[0] - start[0]), start[1] + a * (end[1] - start[1]))
-        else:
-            pos = end
-            if script.second == "back":
-                a = (f - first + 1) / max(n - first, 1)
-                pos = (end[0] + a * (start[0] - end[0]), end[1] + a * (start[1] - end[1]))
-            elif script.second == "recolour":
-                colour = script.other.colour
-            elif script.second == "vanish":
-                visible = False
-            else:  # appear: the second shape is drawn from this frame on
-                o = script.other
-                centre = ((o.cell[1] + 0.5) * width / 3, (o.cell[0] + 0.5) * height / 3)
-                _draw_shape(draw, o.kind, centre, 8.0, COLOUR_RGB[o.colour])
-        if visible:
-            _draw_shape(draw, script.kind, (pos[0] * width, pos[1] * height), radius,
-                        COLOUR_RGB[colour])
+        _draw_shape(PIL.ImageDraw.Draw(img), script.kind, (pos[0] * width, pos[1] * height),
+                    SHAPE_RADIUS, COLOUR_RGB[script.colour])
         frames.append(np.asarray(img, dtype=np.uint8))
     return np.stack(frames)
 

@@ -118,6 +118,9 @@ def train_sentencepiece(
         vocab_size=vocab_size,
         model_type=model_type,
         character_coverage=1.0,
+        # Digits are always pieces, even when the corpus has none: video timestamps (HH:MM:SS.mmm
+        # before every chunk, SPEC §2) must not all become <unk>.
+        user_defined_symbols=list("0123456789"),
         pad_id=PAD_ID,
         unk_id=UNK_ID,
         eos_id=EOS_ID,

@@ -9,12 +9,11 @@ from megatron_vlm.recipes.kimi import (
     kimi_k25, kimi_k25_32k, kimi_k25_128k, kimi_k25_512, kimi_vl_a3b,
 )
 from megatron_vlm.recipes.stages import TINY_STAGES
-from megatron_vlm.recipes.tiny import tiny_cpu, tiny_vlm_cpu
+from megatron_vlm.recipes.tiny import tiny_cpu, tiny_text_cpu, tiny_vlm_cpu
 
 RECIPES: dict[str, Callable[[], JobConfig]] = {
     "tiny_cpu": tiny_cpu,
-    # The text-only LLM run under the name it keeps once tiny_cpu becomes the VLM main job.
-    "tiny_text_cpu": tiny_cpu,
+    "tiny_text_cpu": tiny_text_cpu,
     "tiny_vlm_cpu": tiny_vlm_cpu,
     "kimi_vl_a3b": kimi_vl_a3b,
     "kimi_k25": kimi_k25,

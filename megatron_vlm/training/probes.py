@@ -122,6 +122,29 @@ def count_changed_items(before: list[PackedBatch], after: list[PackedBatch]) -> 
     return changed
 
 
+def only_changed_documents(before: list[PackedBatch], after: list[PackedBatch]) -> list[PackedBatch]:
+    """``before`` with the loss mask kept only on documents that hold a media item whose pixels
+    differ in ``after`` (a probe that could not move an item -- e.g. the only one of its grid --
+    then does not dilute the comparison). Apply the same masks to both sides."""
+    out = []
+    for x, y in zip(before, after):
+        keep = torch.zeros_like(x.loss_mask)
+        if x.vision is not None:
+            bounds = x.cu_seqlens_padded.tolist()
+            for i, sl in enumerate(_item_slices(x.vision)):
+                if torch.equal(x.vision.pixel_values[sl], y.vision.pixel_values[sl]):
+                    continue
+                start = int(x.vision.placeholder_starts[i])
+                doc = max(d for d in range(len(bounds) - 1) if bounds[d] <= start)
+                keep[0, bounds[doc] : bounds[doc + 1]] = 1
+        out.append(dataclasses.replace(x, loss_mask=x.loss_mask * keep))
+    return out
+
+
+def _with_loss_mask(batches: list[PackedBatch], masked: list[PackedBatch]) -> list[PackedBatch]:
+    return [dataclasses.replace(b, loss_mask=m.loss_mask) for b, m in zip(batches, masked)]
+
+
 def phrase_targets(tokens: torch.Tensor, prefix: Sequence[int],
                    words: Sequence[Sequence[int]]) -> torch.Tensor:
     """[S] bool: True at input positions that predict a token of one of ``words`` written
@@ -184,10 +207,11 @@ def run_vision_probes(run_dir: str, num_batches: int = 16) -> dict[str, dict[str
 
     Loads the newest checkpoint of ``run_dir`` (one process), takes up to ``num_batches``
     held-out micro-batches of ``image_caption`` and ``video`` and returns, per dataset, the
-    per-token loss with the true media (``true``), media shuffled between samples
-    (``shuffled``) and -- for videos -- played backwards (``reversed``); for videos also the
-    same three on the direction words only (``*_direction``, ``direction_tokens`` of them), and
-    how many media items each corruption changed.
+    per-token loss with the true media and media shuffled between samples (``true`` /
+    ``shuffled``, on the documents whose media the shuffle moved), and -- for videos -- with every
+    video played backwards (``true_all`` / ``reversed``, all documents); for videos also the true,
+    shuffled and reversed loss on the direction words only (``*_direction``, ``direction_tokens``
+    of them), and how many media items each corruption changed.
     """
     from pathlib import Path
 
@@ -224,12 +248,14 @@ def run_vision_probes(run_dir: str, num_batches: int = 16) -> dict[str, dict[str
             if not batches:
                 continue
             shuffled = shuffle_media(batches)
-            r = {"true": loss(batches), "shuffled": loss(shuffled),
+            # Compared on the documents whose media the shuffle could move (unique grids stay).
+            moved = only_changed_documents(batches, shuffled)
+            r = {"true": loss(moved), "shuffled": loss(_with_loss_mask(shuffled, moved)),
                  "shuffled_items": count_changed_items(batches, shuffled),
                  "items": sum(len(b.vision.grid_thw) for b in batches if b.vision is not None)}
             if name == "video":
                 reversed_ = reverse_frames(batches)
-                r.update(reversed=loss(reversed_),
+                r.update(true_all=loss(batches), reversed=loss(reversed_),
                          reversed_items=count_changed_items(batches, reversed_))
                 prefix, words = phrase_ids(data.tokenizer, DIRECTION_PREFIX, DIRECTION_WORDS)
                 only = [restrict_loss(x, prefix, words) for x in (batches, shuffled, reversed_)]

@@ -55,7 +55,7 @@ def global_name(name: str, expert_offset: int, layer_offset: int) -> str:
 
 def main() -> None:
     out, init, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-    job = apply_overrides(get_recipe("tiny_cpu"), [f"train.output_dir={out.parent}", *overrides])
+    job = apply_overrides(get_recipe("tiny_text_cpu"), [f"train.output_dir={out.parent}", *overrides])
     dp = init_distributed(job.parallel, job.train.seed)
     data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
                       run_dir=out.parent)

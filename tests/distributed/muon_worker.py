@@ -88,7 +88,7 @@ def start(out: Path, case: str) -> Run:
     overrides, layer_wise = LAYOUTS[case]
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    job = apply_overrides(get_recipe("tiny_cpu"),
+    job = apply_overrides(get_recipe("tiny_text_cpu"),
                           [f"train.output_dir={out}", *COMMON, *overrides])
     dp = init_distributed(job.parallel, job.train.seed)
     data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,

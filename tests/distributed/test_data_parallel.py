@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMMON = ["--recipe", "tiny_cpu", "train.steps=12", "optim.warmup_steps=2",
+COMMON = ["--recipe", "tiny_text_cpu", "train.steps=12", "optim.warmup_steps=2",
           "train.eval_interval=6", "train.log_interval=6", "checkpoint.save_on_exit=false",
           "train.plot=false", "train.tensorboard=false",
           "data.pad_to_multiple=4"]  # 2*cp*tp alignment for the TP=2 case, used by all runs

@@ -41,7 +41,7 @@ def job():
 
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         init_distributed(ParallelConfig(), seed=1)
-    return apply_overrides(get_recipe("tiny_cpu"), [f"model.llm.vocab_size={VOCAB}"])
+    return apply_overrides(get_recipe("tiny_text_cpu"), [f"model.llm.vocab_size={VOCAB}"])
 
 
 def _micro_batch(gen: torch.Generator) -> PackedBatch:

@@ -20,7 +20,7 @@ def test_recipes_validate_and_roundtrip_yaml(name, tmp_path):
 
 
 def test_overrides_apply_with_types():
-    job = apply_overrides(get_recipe("tiny_cpu"), [
+    job = apply_overrides(get_recipe("tiny_text_cpu"), [
         "train.steps=17", "optim.lr=0.01", "model.llm.q_lora_rank=null",
         "optim.schedule=wsd", "model.llm.yarn.factor=4",
     ])
@@ -45,14 +45,14 @@ def test_overrides_apply_with_types():
 )
 def test_config_errors_name_field_and_fix(override, must_contain):
     with pytest.raises(ValueError) as err:
-        apply_overrides(get_recipe("tiny_cpu"), [override])
+        apply_overrides(get_recipe("tiny_text_cpu"), [override])
     for text in must_contain:
         assert text in str(err.value), (text, str(err.value))
 
 
 def test_cli_reports_config_error_without_traceback():
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_vlm.train", "--recipe", "tiny_cpu", "parallel.tp=3"],
+        [sys.executable, "-m", "megatron_vlm.train", "--recipe", "tiny_text_cpu", "parallel.tp=3"],
         capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
@@ -61,7 +61,7 @@ def test_cli_reports_config_error_without_traceback():
 
 
 def test_data_parallel_size_derivation():
-    job = get_recipe("tiny_cpu")
+    job = get_recipe("tiny_text_cpu")
     assert job.parallel.data_parallel_size(4) == 4
     with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
         apply_overrides(job, ["parallel.pp=3", "model.llm.num_layers=3"]).parallel.data_parallel_size(4)
@@ -70,4 +70,4 @@ def test_data_parallel_size_derivation():
 
 def test_warmup_longer_than_run_is_a_config_error():
     with pytest.raises(ValueError, match="optim.warmup_steps=10 must be < train.steps=6"):
-        apply_overrides(get_recipe("tiny_cpu"), ["train.steps=6"])
+        apply_overrides(get_recipe("tiny_text_cpu"), ["train.steps=6"])

@@ -69,6 +69,14 @@ def test_tokenizer_special_ids_and_round_trip(tokenizer: SentencePieceTokenizer)
     )
 
 
+def test_timestamps_tokenise_without_unknown_pieces(tokenizer: SentencePieceTokenizer) -> None:
+    # The text corpus has no digits, but video chunks are preceded by HH:MM:SS.mmm (SPEC §2).
+    for stamp in ("00:00:00.000", "00:00:02.000", "00:01:59.500"):
+        ids = tokenizer.encode(stamp)
+        assert 1 not in ids and tokenizer.decode(ids) == stamp  # 1 = <unk>
+    assert tokenizer.encode("00:00:02.000") != tokenizer.encode("00:00:04.000")
+
+
 def test_tokenizer_training_is_deterministic_and_cached(
     tokenizer: SentencePieceTokenizer, spm_dir: Path, tmp_path: Path
 ) -> None:

@@ -120,39 +120,33 @@ def _centroid(frame: np.ndarray, rgb) -> tuple[float, float, int]:
             int(mask.sum()))
 
 
-def test_video_captions_match_motion_and_order(raw):
-    seen = set()
+AXIS = {"left": (0, 1), "right": (0, -1), "top": (1, 1), "bottom": (1, -1)}
+"""Start side -> (axis of the motion, sign that makes progress positive)."""
+
+
+def test_video_captions_match_the_motion_and_only_order_tells_it(raw):
+    sampled = set()
     for rec in _records(raw, "video") + _records(raw, "video", "val"):
         frames, fps = _frames(raw / rec["video"])
-        assert frames.shape[1:] == (84, 112, 3) and 6 <= len(frames) <= 12 and fps in (2, 3, 4)
+        assert fps in (2, 4) and frames.shape[1:] == (112, 112, 3)
+        step = int(fps) // 2  # the loader samples 2 fps: every step-th frame
+        n = len(frames) // step
+        assert len(frames) % step == 0 and 8 <= n <= 12  # 2-3 chunks, the last one short or not
+        sampled.add(n)
         cap = rec["caption"]
-        colour = re.match(r"a video of an? (\w+)", cap).group(1)
-        direction = re.search(r"first the \w+ moves from the (\w+) to the (\w+)\.", cap).groups()
-        half = len(frames) // 2
-        x0, y0, _ = _centroid(frames[0], COLOUR_RGB[colour])
-        x1, y1, _ = _centroid(frames[half - 1], COLOUR_RGB[colour])
-        moved = {("left", "right"): x1 - x0, ("right", "left"): x0 - x1,
-                 ("top", "bottom"): y1 - y0, ("bottom", "top"): y0 - y1}[direction]
-        assert moved > 20, (rec["id"], direction, (x0, y0), (x1, y1))
-        _, _, last_pixels = _centroid(frames[-1], COLOUR_RGB[colour])
-        then = cap.split(" then ")[1]
-        if then.startswith("it moves back"):
-            xb, yb, _ = _centroid(frames[-1], COLOUR_RGB[colour])
-            assert abs(xb - x0) + abs(yb - y0) < abs(x1 - x0) + abs(y1 - y0)
-            seen.add("back")
-        elif "disappears" in then:
-            assert last_pixels == 0 and _centroid(frames[half - 1], COLOUR_RGB[colour])[2] > 50
-            seen.add("vanish")
-        elif "turns" in then:
-            new = re.search(r"turns (\w+)\.", then).group(1)
-            assert last_pixels == 0 and _centroid(frames[-1], COLOUR_RGB[new])[2] > 50
-            seen.add("recolour")
-        else:
-            other = re.match(r"an? (\w+) (\w+) appears", then).group(1)
-            assert _centroid(frames[0], COLOUR_RGB[other])[2] == 0
-            assert _centroid(frames[-1], COLOUR_RGB[other])[2] > 30
-            seen.add("appear")
-    assert seen == {"back", "vanish", "recolour", "appear"}
+        colour = re.match(r"a video of an? (\w+) \w+ on a black background\.", cap).group(1)
+        src, dst = re.search(r"the \w+ moves from the (\w+) to the (\w+)\.$", cap).groups()
+        axis, sign = AXIS[src]
+        assert AXIS[dst] == (axis, -sign)
+        pos = [sign * _centroid(frames[k * step], COLOUR_RGB[colour])[axis] for k in range(n)]
+        # Steady progress from the start side across most of the frame ...
+        assert all(b > a + 2 for a, b in zip(pos, pos[1:])), (rec["id"], pos)
+        assert abs(pos[-1] - pos[0]) > 40
+        # ... at constant speed: frame k and frame n-1-k lie symmetric about the middle of the
+        # path, so the set of frames is the same for either direction (only the order tells).
+        mid = [pos[k] + pos[n - 1 - k] for k in range(n)]
+        assert max(mid) - min(mid) < 4, (rec["id"], pos)
+    assert len(sampled) >= 3  # full and short last chunks both occur
 
 
 def test_interleaved_and_text_records(raw):

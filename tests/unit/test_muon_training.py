@@ -36,7 +36,7 @@ def runs(tmp_path_factory):
 
     def job(out: Path, *extra: str):
         tok = [f"data.tokenizer_model={tokenizer[0]}"] if tokenizer else []
-        return apply_overrides(get_recipe("tiny_cpu"),
+        return apply_overrides(get_recipe("tiny_text_cpu"),
                                [*RUN, f"train.output_dir={out}", *tok, *extra])
 
     result_full = train(job(full))
@@ -193,7 +193,7 @@ def _chunks(*overrides: str):
     from megatron_vlm.parallel.init import init_distributed
     from megatron_vlm.training.model_setup import build_model_chunks
 
-    job = apply_overrides(get_recipe("tiny_cpu"), list(overrides))
+    job = apply_overrides(get_recipe("tiny_text_cpu"), list(overrides))
     init_distributed(job.parallel, job.train.seed)
     return job, build_model_chunks(job)
 

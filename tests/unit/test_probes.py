@@ -23,6 +23,7 @@ from megatron_vlm.data.templates import MediaTokenIds, Text, tokenize_interleave
 from megatron_vlm.data.video import ProcessedVideo, chunk_frames
 from megatron_vlm.training.probes import (
     count_changed_items,
+    only_changed_documents,
     phrase_targets,
     restrict_loss,
     reverse_frames,
@@ -61,12 +62,15 @@ def _video(frames: np.ndarray) -> ProcessedVideo:
     return ProcessedVideo(chunks=chunks, fps=2.0, total_frames=len(frames))
 
 
-def _batch(*media) -> PackedBatch:
+def _doc(*media):
     segments = [Text("a document with media:")]
     for m in media:
         segments += [m, Text(" and")]
-    doc = tokenize_interleaved(segments, _Tok(), IDS)
-    return pack_tokenized([doc], 512, pad_id=0)
+    return tokenize_interleaved(segments, _Tok(), IDS)
+
+
+def _batch(*media) -> PackedBatch:
+    return pack_tokenized([_doc(*media)], 512, pad_id=0)
 
 
 def _image(seed: int) -> ProcessedImage:
@@ -147,3 +151,15 @@ def test_restrict_loss_keeps_only_those_positions_already_in_the_loss():
     assert kept == list(range(first, first + len(word)))
     assert torch.equal(batch.loss_mask[0, kept], torch.ones(len(kept)))
     assert only.vision is batch.vision and torch.equal(only.tokens, batch.tokens)
+
+
+def test_only_changed_documents_keeps_the_loss_of_documents_whose_media_moved():
+    docs = [_doc(_image(0)), _doc(_video(_frames("moving", 6))), _doc(_video(_frames("static", 5)))]
+    batch = pack_tokenized(docs, 1024, pad_id=0)
+    (rev,) = reverse_frames([batch])
+    (kept,) = only_changed_documents([batch], [rev])
+    bounds = batch.cu_seqlens_padded.tolist()
+    inside = torch.zeros_like(batch.loss_mask)
+    inside[0, bounds[1] : bounds[2]] = 1  # only the moving video's document changed
+    assert torch.equal(kept.loss_mask, batch.loss_mask * inside)
+    assert 0 < kept.num_loss_tokens < batch.num_loss_tokens

@@ -1,0 +1,21 @@
+"""Session-wide fixtures (SPEC §13): the README's main job is trained once per test run and reused
+by every test that needs a trained tiny VLM (pretraining checks, vision probes, resume, and later
+conversion and stage tests)."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_runs import TinyRun, run_train
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_run(tmp_path_factory) -> TinyRun:
+    """``python -m megatron_vlm.train --recipe tiny_cpu`` with the recipe's defaults (the tiny VLM,
+    600 steps on the bundled multimodal corpus, a checkpoint every 100 steps, the last 3 kept).
+
+    Treat the run directory as read-only; ``TinyRun.fork`` copies a checkpoint to continue from.
+    """
+    run_dir = tmp_path_factory.mktemp("tiny_vlm_run")
+    # ~4-6 minutes on 2 cores; kept under pytest-timeout's 900 s for the first test using it.
+    proc = run_train(["--recipe", "tiny_cpu", f"train.output_dir={run_dir}"], timeout=850)
+    return TinyRun(run_dir, proc.stdout)
