@@ -107,6 +107,11 @@ def test_smoke_sweep_runs_both_arms(tmp_path) -> None:
     rows = {r["fusion"]: r for r in json.loads((tmp_path / "table.json").read_text())}
     assert set(rows) == {"early10", "late50"}
     assert all(r["steps"] == 5 and r["compute"] > r["llm_flops"] > 0 for r in rows.values())
+    # The realised vision share per phase: none on text, some after the switch.
+    late_row = rows["late50"]
+    assert late_row["vision_fraction/phase0"] == 0.0
+    assert late_row["vision_fraction/phase1"] > late_row["vision_fraction"] > 0.0
+    assert "vision_fraction/phase0" not in rows["early10"]  # one phase: the run's share only
     assert (tmp_path / "early_fusion_tiny.png").stat().st_size > 10_000
     late = next(tmp_path.glob("fusion=late50*"))
     records = [json.loads(line) for line in (late / "metrics.jsonl").read_text().splitlines()]

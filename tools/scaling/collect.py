@@ -1,5 +1,6 @@
-"""Collect a sweep's runs into a table: tokens, training compute, realised vision share, final
-validation losses, wall time.
+"""Collect a sweep's runs into a table: tokens, training compute, realised vision share (overall
+and, for runs of several phases, per phase: ``vision_fraction/phase<k>``), final validation
+losses, wall time.
 
 Compute is counted as the trainer counts model FLOPs (Megatron-LM's formula, ``planning/costs``:
 every LLM layer and the head over the configured sequence length) plus the ViT + projector for
@@ -7,7 +8,7 @@ the patches the run actually encoded: the realised image and video token shares 
 (``data/image_token_fraction``, ``data/video_token_fraction``, cumulative per loader) times the
 phase's tokens, ``merge`` patches per image token and ``merge x temporal_patch_size`` per video
 token (full 4-frame chunks; a short last chunk costs less), ViT attention over items of
-``image_max_patches`` patches (the recipe's cap: an upper bound).
+``image_max_patches`` patches (the cap before padding, which can add a 28-px strip).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def collect_run(run_dir: str | Path, end_steps: list[int]) -> dict:
     llm_flops = steps * gbs * per_micro
     tokens = vision_tokens = patches = 0.0
     start = 0
-    for end in end_steps:
+    per_phase = {}
+    for k, end in enumerate(end_steps):
         phase = [r for r in train if start < r["step"] <= end]
         start = end
         if not phase:
@@ -60,6 +62,7 @@ def collect_run(run_dir: str | Path, end_steps: list[int]) -> dict:
         video = last.get("data/video_token_fraction", 0.0) * real
         tokens += real
         vision_tokens += image + video
+        per_phase[f"vision_fraction/phase{k}"] = (image + video) / real if real else 0.0
         if job.model.is_vlm:
             merge = job.model.vision.merge_size
             patches += merge * (image + video * job.model.vision.temporal_patch_size)
@@ -75,6 +78,8 @@ def collect_run(run_dir: str | Path, end_steps: list[int]) -> dict:
     row = {"steps": steps, "tokens": tokens, "llm_flops": llm_flops, "vit_flops": vit_flops,
            "compute": llm_flops + vit_flops,
            "vision_fraction": vision_tokens / tokens if tokens else 0.0}
+    if len(end_steps) > 1:
+        row.update(per_phase)
     row.update({f"valid/{k}": v for k, v in final.items() if k.startswith("loss/")})
     seconds = sum(r.get("step_time_s", 0.0) for r in train)
     row["train_seconds"] = seconds
