@@ -3,11 +3,14 @@
     python tools/convert_hf.py import HF_DIR OUT_ROOT [--params-dtype fp32|bf16]
     python tools/convert_hf.py export CKPT OUT_DIR [--family kimi_k25|deepseek_v3]
                                        [--dtype bf16|fp32] [--max-shard-gb 5]
+                                       [--int4-experts]
 
 ``import`` writes ``OUT_ROOT/step_0000000/`` (model weights only: step 0, no optimizer or data
 state) and ``OUT_ROOT/job.yaml`` (the model as a job config to edit); ``export`` takes a step directory or a checkpoint root (newest complete
 checkpoint) and writes release-named shards, ``model.safetensors.index.json`` and
-``config.json``. Both stream tensor by tensor and leave nothing behind on error.
+``config.json``; with ``--int4-experts`` the routed experts are written as the K2.5 release ships
+them (compressed-tensors INT4 pack-quantized, group 32, plus its ``quantization_config``), the
+rest bf16. Both stream tensor by tensor and leave nothing behind on error.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="default: kimi_k25 for a VLM, deepseek_v3 for a text-only model")
     exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     exp.add_argument("--max-shard-gb", type=float, default=5.0)
+    exp.add_argument("--int4-experts", action="store_true",
+                     help="routed experts as the K2.5 release ships them: compressed-tensors "
+                          "INT4 pack-quantized, group 32 (needs compressed-tensors; bf16 only)")
     sig = sub.add_parser("import-siglip", help="SiglipVisionModel -> MoonViT weights")
     sig.add_argument("hf_dir", type=Path)
     sig.add_argument("out", type=Path, help="safetensors file to create")
@@ -52,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             result = export_hf(args.checkpoint, args.out, family=args.family, dtype=args.dtype,
                                max_shard_bytes=int(args.max_shard_gb * 2**30),
-                               progress=not args.quiet)
-            print(f"exported {result.num_tensors} tensors ({result.total_bytes / 1e9:.3f} GB, "
-                  f"{result.family}) -> {result.out}")
+                               progress=not args.quiet, int4_experts=args.int4_experts)
+            int4 = f", {result.num_int4} INT4" if args.int4_experts else ""
+            print(f"exported {result.num_tensors} tensors{int4} ({result.total_bytes / 1e9:.3f} "
+                  f"GB, {result.family}) -> {result.out}")
         else:
             from megatron_vlm.convert.siglip import import_siglip
 

@@ -4,6 +4,10 @@ The checkpoint may have been saved in any parallel layout (megatron's sharded te
 global; TP only changes the vocabulary padding) and with the local or the Transformer Engine spec
 (the table carries both names). Tensors are read a group at a time (``read_group_bytes``) and
 written shard by shard, into a temporary directory renamed into place at the end.
+
+``int4_experts=True`` writes the release's format: routed experts (the rules marked ``int4``) as
+compressed-tensors ``pack-quantized`` INT4, quantised one tensor at a time as they stream through
+(``int4.py``), everything else bf16, and the release's ``quantization_config`` in config.json.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tqdm import tqdm
 
 from megatron_vlm.convert.hf_config import model_to_hf
 from megatron_vlm.convert.hf_io import ShardedSafetensorsWriter
+from megatron_vlm.convert.int4 import quantize_int4
 from megatron_vlm.convert.importer import context_for, load_job_model, table_for
 from megatron_vlm.convert.rules import ConversionError, Table
 from megatron_vlm.convert.tables import FAMILIES
@@ -79,12 +84,18 @@ class ExportResult:
     num_tensors: int
     total_bytes: int
     te_layout: bool
+    num_int4: int = 0
+    """HF weights written as INT4 (``weight_packed``/``weight_scale``/``weight_shape``)."""
 
 
 def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: str = "bf16",
               max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**28,
-              progress: bool = True) -> ExportResult:
-    """Write ``out`` (must not exist): safetensors shards, index, ``config.json``."""
+              progress: bool = True, int4_experts: bool = False) -> ExportResult:
+    """Write ``out`` (must not exist): safetensors shards, index, ``config.json``.
+
+    ``int4_experts``: routed experts as the K2.5 release ships them (INT4, see ``int4.py``);
+    needs ``dtype="bf16"`` (the release's dtype for everything else).
+    """
     from megatron_vlm.checkpoint.manifest import verify_checkpoint
     from megatron_vlm.convert.mcore import (
         SHARDED_METADATA,
@@ -95,6 +106,9 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
 
     if dtype not in _DTYPES:
         raise ConversionError(f"--dtype {dtype!r}: choose bf16 or fp32")
+    if int4_experts and dtype != "bf16":
+        raise ConversionError(f"--int4-experts writes the release's format (INT4 routed experts, "
+                              f"bf16 elsewhere): drop --dtype {dtype}")
     out = Path(out)
     if out.exists():
         raise ConversionError(f"output {out} exists; choose a new directory")
@@ -102,7 +116,7 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
     manifest = verify_checkpoint(step_dir)
     model = load_job_model(manifest["config_yaml"])
     family = family or ("kimi_k25" if model.is_vlm else "deepseek_v3")
-    hf_config = model_to_hf(model, family, dtype)
+    hf_config = model_to_hf(model, family, dtype, int4_experts=int4_experts)
     ctx = context_for(model, rope_interleave=True)
     table = table_for(FAMILIES[family], model, ctx)
     slots = tensor_slots(build_meta_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA)))
@@ -123,14 +137,20 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
     tmp.mkdir(parents=True)
     try:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        count = 0
+        count = num_int4 = 0
         with tqdm(total=len(slots), desc="export", unit="tensor", disable=not progress) as bar:
             for names in groups:
                 for name, tensor in reader.read(names).items():
                     rule, binding = table.lookup(name)
                     for hf_name, t in zip(rule.hf_names(binding),
                                           rule.transform.to_hf(tensor, ctx)):
-                        writer.add(hf_name, t if rule.keep_dtype else t.to(_DTYPES[dtype]))
+                        if int4_experts and rule.int4:
+                            base = hf_name.removesuffix("weight")
+                            for suffix, p in quantize_int4(t, hf_name).items():
+                                writer.add(base + suffix, p)
+                            num_int4 += 1
+                        else:
+                            writer.add(hf_name, t if rule.keep_dtype else t.to(_DTYPES[dtype]))
                         count += 1
                     bar.update()
         writer.close()
@@ -140,4 +160,4 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("exported %d tensors (%.2f GB) to %s", count, writer.total_bytes / 1e9, out)
-    return ExportResult(out, family, count, writer.total_bytes, te_layout)
+    return ExportResult(out, family, count, writer.total_bytes, te_layout, num_int4)

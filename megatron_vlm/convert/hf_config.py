@@ -21,6 +21,7 @@ from typing import Any
 
 from megatron_vlm.config.model import LLMConfig, ModelConfig, YarnConfig
 from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
+from megatron_vlm.convert.int4 import check_quantization_config, quantization_config
 from megatron_vlm.convert.rules import ConversionError
 from megatron_vlm.convert.tables import Family, family_of
 
@@ -208,6 +209,7 @@ def moonvit_to_hf(vision: VisionConfig) -> dict[str, Any]:
 def model_from_hf(cfg: dict[str, Any], family: Family,
                   params_dtype: str = "fp32") -> tuple[ModelConfig, bool]:
     """(our model config, rope_interleave) for a K2.5 / Kimi-VL / DeepSeek-V3 config."""
+    check_quantization_config(cfg)
     if family.name == "deepseek_v3":
         llm, interleave = llm_from_hf(cfg)
         return ModelConfig(llm=llm, params_dtype=params_dtype), interleave
@@ -230,10 +232,18 @@ def model_from_hf(cfg: dict[str, Any], family: Family,
                        params_dtype=params_dtype), interleave
 
 
-def model_to_hf(model: ModelConfig, family: str, dtype: str) -> dict[str, Any]:
-    """config.json for ``family`` (``kimi_k25`` or ``deepseek_v3``) that transformers loads."""
+def model_to_hf(model: ModelConfig, family: str, dtype: str,
+                int4_experts: bool = False) -> dict[str, Any]:
+    """config.json for ``family`` (``kimi_k25`` or ``deepseek_v3``) that transformers loads.
+
+    ``int4_experts``: the release's ``quantization_config`` (``int4.py``), in ``text_config``
+    for K2.5 as the release has it, top level for a DeepSeek-V3/K2 LLM.
+    """
     torch_dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
     text = llm_to_hf(model.llm)
+    if int4_experts:
+        _require(model.llm.num_experts, "--int4-experts: the model has no routed experts")
+        text["quantization_config"] = quantization_config(vlm=family == "kimi_k25")
     if family == "deepseek_v3":
         _require(not model.is_vlm, "a VLM exports as kimi_k25 (its LLM alone: --family "
                  "deepseek_v3 needs a text-only checkpoint)")

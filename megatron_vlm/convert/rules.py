@@ -94,6 +94,8 @@ class Rule:
         when: ``"dense"`` / ``"moe"``: the rule applies only to that kind of layer ``{L}``.
         keep_dtype: the HF file keeps this tensor's own dtype on export (``--dtype`` does not
             apply), e.g. fp32 ``e_score_correction_bias``.
+        int4: the release ships these HF tensors as compressed-tensors INT4 (K2.5's routed
+            experts); an INT4 export writes them so (``int4.py``).
     """
 
     hf: tuple[str, ...]
@@ -102,6 +104,7 @@ class Rule:
     transform: Transform = IDENTITY
     when: str | None = None
     keep_dtype: bool = False
+    int4: bool = False
     _ours_re: re.Pattern = field(init=False, repr=False, compare=False)
     _te_re: re.Pattern | None = field(init=False, repr=False, compare=False)
 
@@ -133,7 +136,7 @@ def prefixed(rules: Sequence[Rule], hf_prefix: str, ours_prefix: str) -> list[Ru
     return [
         Rule(hf=tuple(hf_prefix + h for h in r.hf), ours=ours_prefix + r.ours,
              te=ours_prefix + r.te if r.te else None, transform=r.transform, when=r.when,
-             keep_dtype=r.keep_dtype)
+             keep_dtype=r.keep_dtype, int4=r.int4)
         for r in rules
     ]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_vlm.convert.int4 import dequantize_int4
 from megatron_vlm.convert.rules import Alias, Rule, prefixed
 from megatron_vlm.convert.transforms import (
     FLAT_POS_TABLE,
@@ -21,7 +22,6 @@ from megatron_vlm.convert.transforms import (
     ROPE_Q_ROWS,
     VIT_Q_K_V,
     VIT_WQKV,
-    dequantize_int4,
     split_fused_down,
     split_fused_gate_up,
     vision_qkv_from_module,
@@ -53,15 +53,16 @@ def llm_rules(q_lora: bool, tied: bool) -> list[Rule]:
         Rule((hl + "mlp.gate_proj.weight", hl + "mlp.up_proj.weight"),
              ol + "mlp.linear_fc1.weight", transform=FUSE_GATE_UP, when="dense"),
         Rule(hl + "mlp.down_proj.weight", ol + "mlp.linear_fc2.weight", when="dense"),
-        # MoE: router (+ aux-loss-free bias, fp32 in the release), routed and shared experts
+        # MoE: router (+ aux-loss-free bias, fp32 in the release), routed (INT4 in the K2.5 release)
+        # and shared experts (bf16)
         Rule(hl + "mlp.gate.weight", ol + "mlp.router.weight", when="moe"),
         Rule(hl + "mlp.gate.e_score_correction_bias", ol + "mlp.router.expert_bias",
              when="moe", keep_dtype=True),
         Rule((hl + "mlp.experts.{E}.gate_proj.weight", hl + "mlp.experts.{E}.up_proj.weight"),
              ol + "mlp.experts.local_experts.{E}.linear_fc1.weight", transform=FUSE_GATE_UP,
-             when="moe"),
+             when="moe", int4=True),
         Rule(hl + "mlp.experts.{E}.down_proj.weight",
-             ol + "mlp.experts.local_experts.{E}.linear_fc2.weight", when="moe"),
+             ol + "mlp.experts.local_experts.{E}.linear_fc2.weight", when="moe", int4=True),
         Rule((hl + "mlp.shared_experts.gate_proj.weight", hl + "mlp.shared_experts.up_proj.weight"),
              ol + "mlp.shared_experts.linear_fc1.weight", transform=FUSE_GATE_UP, when="moe"),
         Rule(hl + "mlp.shared_experts.down_proj.weight", ol + "mlp.shared_experts.linear_fc2.weight",

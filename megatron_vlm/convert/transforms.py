@@ -153,30 +153,3 @@ def split_fused_down(ts: list[Tensor], ctx: ConvertContext, e: int) -> list[Tens
     """transformers' in-memory ``experts.down_proj [E, H, I]`` -> expert e's down_proj."""
     return [ts[0][e]]
 
-
-INT4_GROUP = 32
-
-
-def dequantize_int4(ts: list[Tensor], ctx: ConvertContext) -> list[Tensor]:
-    """compressed-tensors ``pack-quantized`` INT4 (K2.5's routed experts) -> fp32 weight.
-
-    ``weight_packed [out, ceil(in/8)]`` int32: 8 values per word, value ``j`` of a word in bits
-    ``4j..4j+3``, stored with an offset of 8 (unsigned 0..15 = signed -8..7); ``weight_scale
-    [out, in/32]``: one scale per group of 32 inputs (symmetric, no zero point);
-    ``weight_shape = [out, in]``. w = q * scale, exact in fp32 (a 4-bit integer times a bf16
-    scale needs at most 12 significant bits).
-    """
-    packed, scale, shape = ts
-    if packed.dtype != torch.int32:
-        raise ConversionError(f"weight_packed must be int32, found {packed.dtype}")
-    rows, cols = (int(v) for v in shape.tolist())
-    if packed.shape[0] != rows or packed.shape[1] * 8 < cols or scale.shape != (
-            rows, -(-cols // INT4_GROUP)):
-        raise ConversionError(
-            f"INT4 shapes disagree: weight_packed {tuple(packed.shape)}, weight_scale "
-            f"{tuple(scale.shape)}, weight_shape [{rows}, {cols}] (group size {INT4_GROUP})")
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [out, words, 8]
-    q = nibbles.reshape(rows, -1)[:, :cols].to(torch.float32) - 8.0
-    group_scale = scale.to(torch.float32).repeat_interleave(INT4_GROUP, dim=1)[:, :cols]
-    return [q * group_scale]

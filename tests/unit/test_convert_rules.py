@@ -202,7 +202,7 @@ def _reference_int4(packed, scale, shape) -> torch.Tensor:
 
 
 def test_int4_dequantisation_equals_the_compressed_tensors_rule():
-    from megatron_vlm.convert.transforms import dequantize_int4
+    from megatron_vlm.convert.int4 import dequantize_int4
 
     gen = torch.Generator().manual_seed(2)
     rows, cols = 6, 64
