@@ -18,10 +18,11 @@ copy of it:
   fp32, so ``w = q * scale`` is exact (a 4-bit integer times a bf16 scale needs at most 12
   significant bits; the library's default would round the product to bf16).
 
-Error bound: ``|w - q * scale| <= (1/2 + 2**-6) * scale`` per element. ``1/2`` is rounding to the
-nearest step; the ``2**-6`` is bf16 arithmetic (``w / scale`` is rounded to bf16, half an ulp
-of a value below 8, and the scale's own bf16 rounding lets the group maximum land up to
-``7.5 * (1 + 2**-8)`` steps out, past the clamp at 7 by at most half a step plus that).
+Error bound: ``|w - q * scale| <= (1/2 + 2**-5) * scale`` per element. ``1/2`` is rounding to the
+nearest step; the rest is bf16 arithmetic: ``w / scale`` is rounded to bf16 (half an ulp of a
+value below 8: ``2**-6``), and the scale's own bf16 rounding (relative ``2**-8``) lets a group's
+largest weight land up to ``7.5 / (1 - 2**-8) = 7.529`` steps out, so the clamp at 7 can leave
+0.529 of a step.
 
 Re-exporting an imported INT4 checkpoint is not bit-identical in general: the min-max scale of
 already-quantised values is ``max|q| * scale / 7.5``, not ``scale`` (``max|q|`` is 7 or 8), so the
