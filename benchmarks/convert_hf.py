@@ -7,7 +7,10 @@ A DeepSeek-V3-shaped text model (Moonlight widths: hidden 2048, MLA 512 kv-laten
    its own process;
 2. ``export``: ours -> HF release names, bf16 (``convert.export_hf``: tensors read in groups of
    256 MiB, shards of ``--shard-gb``), in its own process;
-3. the export is compared with the input tensor by tensor (bit-exact round trip).
+3. the export is compared with the input tensor by tensor (bit-exact round trip);
+4. ``export_int4``: the same export with ``int4_experts=True`` (routed experts as compressed-tensors
+   INT4, as the K2.5 release ships them), in its own process: time, memory, and its size against
+   the bf16 export (``int4_size``); its bf16 tensors are compared with the input too.
 
 Each conversion reports wall time, GB/s (checkpoint bytes / seconds) and host memory: the peak
 RSS of its process (sampled every 5 ms, and the kernel's high-water mark) minus the RSS after
@@ -157,7 +160,8 @@ class PeakRss:
 
 
 def run_phase(phase: str, src: Path, dst: Path, shard_bytes: int) -> dict[str, Any]:
-    """``import`` (HF ``src`` -> our root ``dst``) or ``export`` (ours -> HF ``dst``)."""
+    """``import`` (HF ``src`` -> our root ``dst``) or ``export`` / ``export_int4`` (ours -> HF
+    ``dst``)."""
     from megatron_vlm.convert import export_hf, import_hf
     from megatron_vlm.convert.mcore import ensure_single_process_groups
 
@@ -168,7 +172,8 @@ def run_phase(phase: str, src: Path, dst: Path, shard_bytes: int) -> dict[str, A
         if phase == "import":
             import_hf(src, dst, params_dtype="bf16", progress=True)
         else:
-            export_hf(src, dst, dtype="bf16", max_shard_bytes=shard_bytes, progress=True)
+            export_hf(src, dst, dtype="bf16", max_shard_bytes=shard_bytes, progress=True,
+                      int4_experts=phase == "export_int4")
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "baseline_rss_bytes": baseline, "peak_rss_bytes": rss.peak,
             "max_rss_bytes_kernel": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -200,6 +205,26 @@ def verify(a: Path, b: Path) -> dict[str, Any]:
     return {"bit_exact": True, "num_tensors": len(x.keys())}
 
 
+def int4_size(hf: Path, bf16: Path, int4: Path) -> dict[str, Any]:
+    """Bytes of the INT4 export against the bf16 one; its non-INT4 tensors equal the input's."""
+    import torch
+
+    from megatron_vlm.convert.hf_io import SafetensorsDir
+
+    def nbytes(d: Path) -> int:
+        return sum(p.stat().st_size for p in d.glob("*.safetensors"))
+
+    x, y = SafetensorsDir(hf), SafetensorsDir(int4)
+    packed = [k for k in y.keys() if k.endswith(".weight_packed")]
+    plain = [k for k in y.keys() if not k.endswith((".weight_packed", ".weight_scale",
+                                                     ".weight_shape"))]
+    same = all(torch.equal(x.read(k), y.read(k)) for k in plain) and set(plain) | {
+        k.removesuffix("_packed") for k in packed} == set(x.keys())
+    return {"bf16_bytes": nbytes(bf16), "int4_bytes": nbytes(int4),
+            "bf16_over_int4": nbytes(bf16) / nbytes(int4), "num_int4_weights": len(packed),
+            "other_tensors_bit_exact": same}
+
+
 def _summary(phase: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
     # The kernel's high-water mark also sees spikes between two samples (it covers the imports
     # before the baseline too, which stay below it): the larger of the two is the peak.
@@ -218,7 +243,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--size-gb", type=float, default=3.0, help="synthetic checkpoint size")
     p.add_argument("--shard-gb", type=float, default=0.5, help="HF shard size (input, output)")
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temp dir)")
-    p.add_argument("--phase", choices=["import", "export"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["import", "export", "export_int4"], help=argparse.SUPPRESS)
     p.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--shard-bytes", type=int, help=argparse.SUPPRESS)
@@ -236,12 +261,14 @@ def main(argv: list[str] | None = None) -> Path | None:
         sizes = generate(work / "hf", cfg, shard_bytes)
         phases = {}
         for phase, src, dst in (("import", work / "hf", work / "ours"),
-                                ("export", work / "ours", work / "exported")):
+                                ("export", work / "ours", work / "exported"),
+                                ("export_int4", work / "ours", work / "int4")):
             print(f"{phase} ...")
             measured = (run_phase(phase, src, dst, shard_bytes) if args.smoke
                         else _child(phase, src, dst, shard_bytes))
             phases[phase] = _summary(measured, sizes)
         round_trip = verify(work / "hf", work / "exported")
+        int4 = int4_size(work / "hf", work / "exported", work / "int4")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = {"size_gb_requested": size_gb, "shard_bytes": shard_bytes, "model": cfg,
@@ -251,7 +278,8 @@ def main(argv: list[str] | None = None) -> Path | None:
              "imports. GB/s = "
              "checkpoint bytes / wall seconds (import includes fsync and sha256 of the output for "
              "the manifest). Round trip: export compared with the input tensor by tensor.")
-    return write_result("convert_hf", config, {**sizes, **phases, "round_trip": round_trip},
+    return write_result("convert_hf", config, {**sizes, **phases, "round_trip": round_trip,
+                                               "int4_size": int4},
                         out_dir=args.out_dir, smoke=args.smoke, notes=notes)
 
 

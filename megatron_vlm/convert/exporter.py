@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from megatron_vlm.convert.hf_config import model_to_hf
 from megatron_vlm.convert.hf_io import ShardedSafetensorsWriter
-from megatron_vlm.convert.int4 import quantize_int4
+from megatron_vlm.convert.int4 import quantize_int4, release_freed_heap
 from megatron_vlm.convert.importer import context_for, load_job_model, table_for
 from megatron_vlm.convert.rules import ConversionError, Table
 from megatron_vlm.convert.tables import FAMILIES
@@ -153,6 +153,8 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
                             writer.add(hf_name, t if rule.keep_dtype else t.to(_DTYPES[dtype]))
                         count += 1
                     bar.update()
+                if int4_experts:
+                    release_freed_heap()
         writer.close()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         os.replace(tmp, out)

@@ -19,6 +19,9 @@ def test_convert_hf_benchmark_smoke(tmp_path):
     res = data["results"]
     assert data["smoke"] is True and res["round_trip"]["bit_exact"] is True
     assert res["num_shards"] > 1 and res["largest_shard_bytes"] <= res["checkpoint_bytes"]
-    for phase in ("import", "export"):
+    int4 = res["int4_size"]
+    assert int4["other_tensors_bit_exact"] is True and int4["num_int4_weights"] > 0
+    assert int4["bf16_over_int4"] > 1
+    for phase in ("import", "export", "export_int4"):
         assert res[phase]["seconds"] > 0 and res[phase]["gb_per_s"] > 0
         assert res[phase]["peak_rss_bytes"] >= res[phase]["baseline_rss_bytes"] > 0
