@@ -95,6 +95,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+STATE_EVERY_N_PACKS = 16
+"""Packs between a loader worker's state snapshots (bounds the replay on resume)."""
+
 
 # ------------------------------------------------------------------------------------ mixing
 
@@ -331,7 +334,13 @@ class MultimodalLoader:
             task_encoder=self.encoder,
             **extra,
         )
-        self._loader = get_savable_loader(dataset)
+        # The worker snapshots its state every STATE_EVERY_N_PACKS packs, counted in packs rather
+        # than energon's default 60 s of wall time: a saved loader state (the latest snapshot
+        # plus the packs to replay after it) then depends only on the data consumed, so an
+        # interrupted-and-resumed run saves the same bytes as an uninterrupted one, and a resume
+        # replays at most that many packs.
+        self._loader = get_savable_loader(dataset, checkpoint_every_sec=0,
+                                          checkpoint_every_min_n_samples=STATE_EVERY_N_PACKS)
         if self._restored is not None:
             self._loader.restore_state_rank(self._restored)
 

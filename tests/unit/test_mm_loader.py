@@ -17,7 +17,13 @@ from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
 from megatron_vlm.data.corpus import bundled_corpus_dir
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
 from megatron_vlm.data.mm_corpus import bundled_mm_corpus, write_raw_corpus
-from megatron_vlm.data.mm_loader import MultimodalLoader, decode_state, encode_state
+from megatron_vlm.data.energon_state import unpack_energon_state
+from megatron_vlm.data.mm_loader import (
+    STATE_EVERY_N_PACKS,
+    MultimodalLoader,
+    decode_state,
+    encode_state,
+)
 from megatron_vlm.data.shards import ShardVerificationError, prepare_dataset
 from megatron_vlm.data.tokenizer import get_or_train_tokenizer
 
@@ -85,6 +91,31 @@ def test_resume_two_dp_ranks_with_workers_and_shuffle(corpus, tok):
     assert len(set(union_resumed)) == len(union_resumed), "a sample repeated"
     assert not set(full[0]) & set(full[1]), "DP ranks overlap"
     assert {i.split("_")[0] for i in union_full} == {"image", "video", "text"}
+
+
+def test_saved_state_depends_only_on_the_data_consumed(corpus, tok):
+    # An uninterrupted stream and one interrupted at step 5 and resumed save the same state at
+    # step 12 (energon's default snapshots every 60 s of wall time would make it depend on
+    # timing), and a resume replays fewer than STATE_EVERY_N_PACKS packs after the snapshot.
+    cfg = config(corpus, num_workers=1, mixes=RESUME_MIX, stage="resume")
+    steps, cut = 12, 5  # x 4 packs per step: 48 packs, past two snapshots
+    with loader(cfg, tok, dp_size=1) as a:
+        for _ in range(steps):
+            a.next_global_batch()
+        full = json.loads(json.dumps(a.state_dict()))
+    with loader(cfg, tok, dp_size=1) as b:
+        for _ in range(cut):
+            b.next_global_batch()
+        state = json.loads(json.dumps(b.state_dict()))
+    with loader(cfg, tok, dp_size=1) as c:
+        c.load_state_dict(state)
+        for _ in range(steps - cut):
+            c.next_global_batch()
+        resumed = json.loads(json.dumps(c.state_dict()))
+    assert resumed == full
+    (worker,) = unpack_energon_state(full["energon"]).worker_states
+    assert worker.state.sample_index + worker.offset == steps * 4
+    assert 0 <= worker.offset < STATE_EVERY_N_PACKS
 
 
 def test_resume_with_other_dp_size_or_mix_is_refused(corpus, tok):
