@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--max-shard-gb", type=float, default=5.0)
     exp.add_argument("--int4-experts", action="store_true",
                      help="routed experts as the K2.5 release ships them: compressed-tensors "
-                          "INT4 pack-quantized, group 32 (needs compressed-tensors; bf16 only)")
+                          "INT4 pack-quantized, group 32 (bf16 only; needs megatron_vlm[int4])")
     sig = sub.add_parser("import-siglip", help="SiglipVisionModel -> MoonViT weights")
     sig.add_argument("hf_dir", type=Path)
     sig.add_argument("out", type=Path, help="safetensors file to create")

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from megatron_vlm.convert.hf_config import model_to_hf
 from megatron_vlm.convert.hf_io import ShardedSafetensorsWriter
-from megatron_vlm.convert.int4 import quantize_int4, release_freed_heap
+from megatron_vlm.convert.int4 import quantize_int4, release_freed_heap, require_library
 from megatron_vlm.convert.importer import context_for, load_job_model, table_for
 from megatron_vlm.convert.rules import ConversionError, Table
 from megatron_vlm.convert.tables import FAMILIES
@@ -109,6 +109,8 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
     if int4_experts and dtype != "bf16":
         raise ConversionError(f"--int4-experts writes the release's format (INT4 routed experts, "
                               f"bf16 elsewhere): drop --dtype {dtype}")
+    if int4_experts:
+        require_library()
     out = Path(out)
     if out.exists():
         raise ConversionError(f"output {out} exists; choose a new directory")

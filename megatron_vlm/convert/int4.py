@@ -1,4 +1,4 @@
-"""K2.5's INT4 routed experts (SPEC §4), through the compressed-tensors library.
+"""K2.5's INT4 routed experts (SPEC §4): exported through the compressed-tensors library.
 
 The release ships every routed expert's ``gate/up/down_proj`` as compressed-tensors
 ``pack-quantized``: ``weight_packed`` int32 ``[out, in/8]`` (eight 4-bit values per word, stored
@@ -7,16 +7,18 @@ symmetric, no zero point) and ``weight_shape`` ``[out, in]``; ``config.json`` sa
 ``quantization_config`` (:data:`RELEASE_QUANTIZATION_CONFIG`). Everything else (attention, dense
 and shared-expert MLPs, router, embeddings, ``lm_head``, vision tower, projector) stays bf16.
 
-Both directions call compressed-tensors' own functions, so the format is the library's, not a
-copy of it:
+Export calls compressed-tensors' own functions, so the format is the library's, not a copy of it
+(:func:`quantize_int4`): the bf16 weight's per-group scale by the library's min-max rule
+(``calculate_qparams``: ``scale = max|w| / 7.5`` for 4 bits, computed in the weight's dtype, bf16
+as in the release), then ``quantize`` (``round(w / scale)`` clamped to [-8, 7]) and
+``pack_to_int32``: what ``PackedQuantizationCompressor.compress`` writes for that scale.
 
-* export (:func:`quantize_int4`): the bf16 weight's per-group scale by the library's min-max rule
-  (``calculate_qparams``: ``scale = max|w| / 7.5`` for 4 bits, computed in the weight's dtype,
-  bf16 as in the release), then ``quantize`` (``round(w / scale)`` clamped to [-8, 7]) and
-  ``pack_to_int32``: what ``PackedQuantizationCompressor.compress`` writes for that scale;
-* import (:func:`dequantize_int4`): ``unpack_from_int32`` then ``dequantize`` with the scale in
-  fp32, so ``w = q * scale`` is exact (a 4-bit integer times a bf16 scale needs at most 12
-  significant bits; the library's default would round the product to bf16).
+Import (:func:`dequantize_int4`) unpacks by hand (eight shifts and a multiply): exact in fp32,
+and free of the dependency. compressed-tensors 0.20 needs torch >= 2.10.0 (final), which the GPU
+container's torch (NGC 25.10: 2.9.0a0) does not satisfy, so the library is an optional extra
+(``megatron_vlm[int4]``) and importing the release must not need it; the library's own
+``dequantize`` would also round ``q * scale`` to bf16. tests/reference/test_export_int4.py checks
+the import against the library's unpacking, bit for bit.
 
 Error bound: ``|w - q * scale| <= (1/2 + 2**-5) * scale`` per element. ``1/2`` is rounding to the
 nearest step; the rest is bf16 arithmetic: ``w / scale`` is rounded to bf16 (half an ulp of a
@@ -95,24 +97,26 @@ def quantization_config(vlm: bool) -> dict[str, Any]:
 
 def _library():
     try:
-        from compressed_tensors.compressors.pack_quantized.helpers import (
-            pack_to_int32,
-            unpack_from_int32,
-        )
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
         from compressed_tensors.quantization import QuantizationArgs
-        from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+        from compressed_tensors.quantization.lifecycle.forward import quantize
         from compressed_tensors.quantization.utils import calculate_qparams
     except ImportError as e:
         raise ConversionError(
-            "INT4 (compressed-tensors pack-quantized) experts need the compressed-tensors "
-            "package: pip install 'megatron_vlm[hf]' (or compressed-tensors==0.20.0)") from e
-    return pack_to_int32, unpack_from_int32, QuantizationArgs, quantize, dequantize, \
-        calculate_qparams
+            "--int4-experts needs the compressed-tensors package: pip install "
+            "'megatron_vlm[int4]' (compressed-tensors==0.20.0; Python >= 3.11, torch >= 2.10)"
+        ) from e
+    return pack_to_int32, QuantizationArgs, quantize, calculate_qparams
+
+
+def require_library() -> None:
+    """Fail before any work when compressed-tensors is missing."""
+    _library()
 
 
 def weight_args():
     """The release's weight ``QuantizationArgs`` (parsed by the library from the config)."""
-    args = _library()[2]
+    args = _library()[1]
     return args.model_validate(RELEASE_QUANTIZATION_CONFIG["config_groups"]["group_0"]["weights"])
 
 
@@ -122,7 +126,7 @@ def quantize_int4(weight: Tensor, name: str = "weight") -> dict[str, Tensor]:
     The weight is rounded to bf16 first (the release's dtype; a bf16 export writes the same
     values), and the library computes the scale and the quantised values from it.
     """
-    pack_to_int32, _, _, quantize, _, calculate_qparams = _library()
+    pack_to_int32, _, quantize, calculate_qparams = _library()
     if weight.ndim != 2 or weight.shape[1] % GROUP_SIZE:
         raise ConversionError(f"{name}: INT4 export needs a 2-D weight whose input size is a "
                               f"multiple of {GROUP_SIZE}, found shape {tuple(weight.shape)}")
@@ -136,8 +140,14 @@ def quantize_int4(weight: Tensor, name: str = "weight") -> dict[str, Tensor]:
 
 
 def dequantize_int4(ts: list[Tensor], ctx: ConvertContext) -> list[Tensor]:
-    """``[weight_packed, weight_scale, weight_shape]`` -> the exact fp32 weight (import alias)."""
-    _, unpack_from_int32, _, _, dequantize, _ = _library()
+    """compressed-tensors ``pack-quantized`` INT4 (K2.5's routed experts) -> fp32 weight.
+
+    ``weight_packed [out, ceil(in/8)]`` int32: 8 values per word, value ``j`` of a word in bits
+    ``4j..4j+3``, stored with an offset of 8 (unsigned 0..15 = signed -8..7); ``weight_scale
+    [out, in/32]``: one scale per group of 32 inputs (symmetric, no zero point);
+    ``weight_shape = [out, in]``. w = q * scale, exact in fp32 (a 4-bit integer times a bf16
+    scale needs at most 12 significant bits).
+    """
     packed, scale, shape = ts
     if packed.dtype != torch.int32:
         raise ConversionError(f"weight_packed must be int32, found {packed.dtype}")
@@ -147,12 +157,11 @@ def dequantize_int4(ts: list[Tensor], ctx: ConvertContext) -> list[Tensor]:
         raise ConversionError(
             f"INT4 shapes disagree: weight_packed {tuple(packed.shape)}, weight_scale "
             f"{tuple(scale.shape)}, weight_shape [{rows}, {cols}] (group size {GROUP_SIZE})")
-    if cols % GROUP_SIZE:
-        raise ConversionError(f"INT4 weight_shape [{rows}, {cols}]: the input size must be a "
-                              f"multiple of the group size {GROUP_SIZE}")
-    q = unpack_from_int32(packed, NUM_BITS, torch.Size((rows, cols)))
-    # fp32 scale: the library multiplies in the scale's dtype (bf16 would round q * scale).
-    return [dequantize(q, scale.to(torch.float32), None, weight_args(), dtype=torch.float32)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [out, words, 8]
+    q = nibbles.reshape(rows, -1)[:, :cols].to(torch.float32) - 8.0
+    group_scale = scale.to(torch.float32).repeat_interleave(GROUP_SIZE, dim=1)[:, :cols]
+    return [q * group_scale]
 
 
 def check_quantization_config(cfg: dict[str, Any]) -> None:

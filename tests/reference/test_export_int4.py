@@ -251,3 +251,15 @@ def test_import_refuses_another_quantization_scheme(k25_int4, tmp_path):
                                               r": 128.*only the K2.5 release's"):
         import_hf(src, tmp_path / "ours", progress=False)
     assert not (tmp_path / "ours").exists()
+
+
+def test_int4_export_without_the_library_says_what_to_install(k25_int4, tmp_path, monkeypatch):
+    import sys
+
+    from megatron_vlm.convert import ConversionError, export_hf
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "compressed_tensors"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    with pytest.raises(ConversionError, match=r"pip install 'megatron_vlm\[int4\]'"):
+        export_hf(k25_int4[2], tmp_path / "out", int4_experts=True, progress=False)
+    assert not (tmp_path / "out").exists()
