@@ -35,6 +35,13 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_steps(run_dir: Path) -> list[int]:
+    """Steps of the run's train records so far ([] before the first one is written)."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return []
+    return [r["step"] for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
 @dataclass(frozen=True)
 class TinyRun:
     """A finished training run (read-only for tests: copy what you need to change)."""

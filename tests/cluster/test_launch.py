@@ -11,7 +11,6 @@ and exits -> the script requeues; the same script run again resumes and finishes
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import train_steps
 
 from megatron_vlm.checkpoint import verify_checkpoint
 from megatron_vlm.cluster import SlurmJob, render_sbatch
@@ -199,14 +199,6 @@ def test_submit_writes_the_script_and_calls_sbatch(tmp_path, fake_slurm, capsys,
     assert (fake_slurm / "submitted.sbatch").read_text() == dry
 
 
-def _train_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r["step"] for r in map(json.loads, path.read_text().splitlines())
-            if r["split"] == "train"]
-
-
 def test_preempted_job_checkpoints_requeues_and_the_rerun_resumes(tmp_path, fake_slurm):
     """The batch script on this machine: 1 node x 1 process, tiny recipe, async checkpoints."""
     run_dir, steps = tmp_path / "run", 20
@@ -222,13 +214,13 @@ def test_preempted_job_checkpoints_requeues_and_the_rerun_resumes(tmp_path, fake
     first = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while len(_train_steps(run_dir)) < 3 and first.poll() is None and time.time() < deadline:
+    while len(train_steps(run_dir)) < 3 and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert first.poll() is None, first.communicate()[1][-4000:]
     first.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does before the time limit
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, out[-3000:] + err[-3000:]
-    stop = max(_train_steps(run_dir))
+    stop = max(train_steps(run_dir))
     assert stop < steps and f"stopping at step {stop} (signal)" in out
     assert "SIGUSR1: time limit" in out and "requeueing job 4242" in out
     assert (fake_slurm / "requeued").read_text().split() == ["4242"]
@@ -244,6 +236,6 @@ def test_preempted_job_checkpoints_requeues_and_the_rerun_resumes(tmp_path, fake
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert f"resumed from {ckpts / names[-1]} at step {stop}" in again.stdout
     assert "training exited with 0" in again.stdout
-    assert _train_steps(run_dir)[-(steps - stop):] == list(range(stop + 1, steps + 1))
+    assert train_steps(run_dir)[-(steps - stop):] == list(range(stop + 1, steps + 1))
     assert verify_checkpoint(ckpts / f"step_{steps:07d}")["step"] == steps
     assert (fake_slurm / "requeued").read_text().split() == ["4242"]  # finished: no requeue

@@ -8,13 +8,14 @@ half-written is left), and a relaunch with ``--resume`` continues from it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tiny_runs import train_steps
 
 from megatron_vlm.checkpoint import find_latest_checkpoint, verify_checkpoint
 
@@ -30,14 +31,6 @@ def _torchrun(args: list[str]) -> subprocess.Popen:
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
          "-m", "megatron_vlm.train", *COMMON, *args],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _train_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r["step"] for r in map(json.loads, path.read_text().splitlines())
-            if r["split"] == "train"]
 
 
 def _worker_pid(parent: int, rank: int) -> int:
@@ -59,13 +52,13 @@ def test_signal_to_one_rank_stops_both_with_one_checkpoint_then_resumes(tmp_path
     run_dir = tmp_path / "run"
     proc = _torchrun(["train.steps=100000", f"train.output_dir={run_dir}"])
     deadline = time.time() + 300
-    while len(_train_steps(run_dir)) < 4 and proc.poll() is None and time.time() < deadline:
+    while len(train_steps(run_dir)) < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-4000:]
     os.kill(_worker_pid(proc.pid, rank=1), signal.SIGTERM)  # rank 1 only; rank 0 unsignalled
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-5000:]
-    stop = max(_train_steps(run_dir))
+    stop = max(train_steps(run_dir))
     assert f"stopping at step {stop} (signal)" in out
     ckpts = run_dir / "checkpoints"
     names = sorted(p.name for p in ckpts.iterdir())
@@ -79,5 +72,5 @@ def test_signal_to_one_rank_stops_both_with_one_checkpoint_then_resumes(tmp_path
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-5000:]
     assert f"resumed from {ckpts / names[-1]} at step {stop}" in out
-    steps = _train_steps(run_dir)
+    steps = train_steps(run_dir)
     assert steps[-2:] == [stop + 1, stop + 2] and steps.count(stop + 1) == 1
