@@ -133,7 +133,12 @@ class LLMConfig:
     yarn: YarnConfig = field(default_factory=YarnConfig)
     """YaRN context extension."""
     norm_epsilon: float = 1e-6
-    """RMSNorm epsilon."""
+    """RMSNorm epsilon of the layer and final norms (HF ``rms_norm_eps``)."""
+    mla_latent_norm_epsilon: float = 1e-6
+    """RMSNorm epsilon of MLA's latent norms (HF ``q_a_layernorm``/``kv_a_layernorm``).
+    transformers' DeepSeek-V3, like DeepSeek's and Moonlight's own code, builds them at 1e-6
+    whatever ``rms_norm_eps`` says (Moonlight / Kimi-VL: 1e-5); HF configs have no field for it,
+    so import sets 1e-6 and export writes nothing."""
     init_method_std: float = 0.02
     """Std of the normal weight init."""
     untie_embeddings: bool = True
@@ -178,6 +183,11 @@ class LLMConfig:
         if not self.qk_clip_threshold > 0:
             raise ValueError(
                 f"model.llm.qk_clip_threshold={self.qk_clip_threshold} must be > 0 (SPEC: 100)")
+        if not (self.norm_epsilon > 0 and self.mla_latent_norm_epsilon > 0):
+            raise ValueError(
+                f"model.llm.norm_epsilon={self.norm_epsilon} and model.llm."
+                f"mla_latent_norm_epsilon={self.mla_latent_norm_epsilon} must both be > 0 "
+                "(DeepSeek-V3 / Kimi: 1e-6)")
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_attention_heads <= 0:
             raise ValueError("model.llm hidden_size, num_layers and num_attention_heads must be > 0")
         if self.num_dense_layers > self.num_layers:

@@ -57,6 +57,11 @@ def _pick(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
     return default
 
 
+HF_MLA_LATENT_NORM_EPS = 1e-6
+"""eps of ``q_a_layernorm``/``kv_a_layernorm`` in transformers' DeepSeek-V3 (its RMSNorm default,
+whatever ``rms_norm_eps`` says; not in the HF config)."""
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConversionError(message)
@@ -143,12 +148,17 @@ def llm_from_hf(text: dict[str, Any]) -> tuple[LLMConfig, bool]:
         moe_router_topk_scaling_factor=float(text.get("routed_scaling_factor", 1.0)),
         moe_router_num_groups=groups, moe_router_group_topk=group_topk,
         rope_theta=theta, yarn=yarn, norm_epsilon=float(text.get("rms_norm_eps", 1e-6)),
+        mla_latent_norm_epsilon=HF_MLA_LATENT_NORM_EPS,
         untie_embeddings=not text.get("tie_word_embeddings", False),
         max_position_embeddings=int(text["max_position_embeddings"]))
     return llm, bool(text.get("rope_interleave", True))
 
 
 def llm_to_hf(llm: LLMConfig) -> dict[str, Any]:
+    _require(llm.mla_latent_norm_epsilon == HF_MLA_LATENT_NORM_EPS,
+             f"model.llm.mla_latent_norm_epsilon={llm.mla_latent_norm_epsilon}: transformers' "
+             f"DeepSeek-V3 always uses {HF_MLA_LATENT_NORM_EPS} (no config field), so the "
+             "exported model would compute different logits; export needs that value")
     moe = llm.num_experts is not None
     return {
         "model_type": "deepseek_v3", "vocab_size": llm.vocab_size,

@@ -110,7 +110,7 @@ def build_transformer_config(
         ffn_hidden_size=llm.ffn_hidden_size,
         # --- block structure
         normalization="RMSNorm",
-        layernorm_epsilon=llm.norm_epsilon,
+        layernorm_epsilon=llm.norm_epsilon,  # MLA latent norms: see llm_block_spec
         qk_layernorm=True,  # MLA's q_a_layernorm / kv_a_layernorm
         add_bias_linear=False,
         add_qkv_bias=False,
@@ -202,18 +202,21 @@ def build_transformer_config(
 
 def llm_block_spec(
     config: MLATransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None,
-    choice: KernelChoice | None = None,
+    choice: KernelChoice | None = None, *,
+    latent_norm_eps: float = LLMConfig.mla_latent_norm_epsilon,
 ) -> TransformerBlockSubmodules:
     """The decoder block spec for this pipeline stage (implementations from
     ``models/specs.py``: TE modules, or megatron's local MLA/MoE layers with our packed
-    attention kernel, SP norms and padding-free router)."""
+    attention kernel, SP norms and padding-free router); MLA's latent norms at
+    ``latent_norm_eps`` (``LLMConfig.mla_latent_norm_epsilon``: ``config`` has no field for it)."""
     if choice is None:
         choice = resolve_kernels(
             None, params_dtype="bf16" if config.bf16 else "fp32",
             attention_dropout=config.attention_dropout,
             head_dims=(config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim),
             context_parallel=config.context_parallel_size > 1)
-    return llm_decoder_block_spec(config, choice, vp_stage=vp_stage, pp_rank=pp_rank)
+    return llm_decoder_block_spec(config, choice, vp_stage=vp_stage, pp_rank=pp_rank,
+                                  latent_norm_eps=latent_norm_eps)
 
 
 def scatter_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
@@ -255,7 +258,9 @@ def build_llm(
     config = build_transformer_config(llm, parallel, params_dtype, choice)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=llm_block_spec(config, vp_stage=vp_stage, choice=choice),
+        transformer_layer_spec=llm_block_spec(
+            config, vp_stage=vp_stage, choice=choice,
+            latent_norm_eps=llm.mla_latent_norm_epsilon),
         vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
         max_sequence_length=llm.max_position_embeddings,
         pre_process=pre_process,

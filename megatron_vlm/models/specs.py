@@ -298,12 +298,14 @@ def core_attention_module(choice: KernelChoice) -> type:
             "flex": FlexPackedAttention, "varlen": VarlenPackedAttention}[choice.attention_kernel]
 
 
-def _local_llm_layer(layer_spec: ModuleSpec, core_attention: type) -> ModuleSpec:
+def _local_llm_layer(layer_spec: ModuleSpec, core_attention: type,
+                     latent_norm_eps: float) -> ModuleSpec:
     """megatron's local MLA/MoE layer with our core attention, TP-duplicated MLA down-projections,
-    SP-capable norms and padding-free router."""
+    SP-capable norms (the latent ones at ``latent_norm_eps``) and padding-free router."""
     from megatron_vlm.models.linear import DuplicatedLinear
-    from megatron_vlm.models.norm import SequenceParallelNorm
+    from megatron_vlm.models.norm import LatentNorm, SequenceParallelNorm
 
+    latent_norm = ModuleSpec(module=LatentNorm, params={"latent_eps": latent_norm_eps})
     sub = layer_spec.submodules
     attn = dataclasses.replace(
         sub.self_attention,
@@ -312,8 +314,8 @@ def _local_llm_layer(layer_spec: ModuleSpec, core_attention: type) -> ModuleSpec
             core_attention=core_attention,
             linear_q_down_proj=DuplicatedLinear,
             linear_kv_down_proj=DuplicatedLinear,
-            q_layernorm=SequenceParallelNorm,
-            kv_layernorm=SequenceParallelNorm,
+            q_layernorm=latent_norm,
+            kv_layernorm=latent_norm,
         ),
     )
     new_sub = dataclasses.replace(
@@ -321,6 +323,28 @@ def _local_llm_layer(layer_spec: ModuleSpec, core_attention: type) -> ModuleSpec
         input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
     )
     return dataclasses.replace(layer_spec, submodules=new_sub)
+
+
+def _te_llm_layer(layer_spec: ModuleSpec, latent_norm_eps: float) -> ModuleSpec:
+    """megatron's TE MLA/MoE layer as is (TELinear down-projections, TEDotProductAttention) but
+    for the latent norms -- fused into the up-projections -- at ``latent_norm_eps``, and the
+    padding-free router."""
+    from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+    from megatron_vlm.models.norm import TELatentNormColumnParallelLinear
+
+    sub = layer_spec.submodules
+    attn = sub.self_attention.submodules
+    for name in ("linear_q_up_proj", "linear_kv_up_proj"):
+        if getattr(attn, name) is not TELayerNormColumnParallelLinear:
+            raise RuntimeError(f"megatron's TE MLA spec has {name}={getattr(attn, name)!r}, "
+                               "expected TELayerNormColumnParallelLinear (latent norm fused)")
+    up_proj = ModuleSpec(module=TELatentNormColumnParallelLinear,
+                         params={"latent_eps": latent_norm_eps})
+    attn = dataclasses.replace(sub.self_attention, submodules=dataclasses.replace(
+        attn, linear_q_up_proj=up_proj, linear_kv_up_proj=up_proj))
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        sub, self_attention=attn, mlp=_padding_free_router(sub.mlp)))
 
 
 def _padding_free_router(mlp):
@@ -350,8 +374,11 @@ def _torch_grouped_experts(layer_spec: ModuleSpec) -> ModuleSpec:
 
 
 def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = None,
-                           pp_rank: int | None = None) -> TransformerBlockSubmodules:
-    """The LLM decoder block spec of this pipeline stage for ``choice``."""
+                           pp_rank: int | None = None, *,
+                           latent_norm_eps: float) -> TransformerBlockSubmodules:
+    """The LLM decoder block spec of this pipeline stage for ``choice``; MLA's latent norms at
+    ``latent_norm_eps`` (``model.llm.mla_latent_norm_epsilon``), every other norm at
+    ``config.layernorm_epsilon``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     te = choice.backend == "te"
@@ -359,20 +386,15 @@ def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = 
                                        normalization="RMSNorm", vp_stage=vp_stage,
                                        pp_rank=pp_rank)
     if te:
-        # megatron's TE MLA spec as is (TELinear down-projections, norms fused into the
-        # up-projections, TEDotProductAttention); only the router keeps padding from experts.
-        block.layer_specs = [
-            dataclasses.replace(s, submodules=dataclasses.replace(
-                s.submodules, mlp=_padding_free_router(s.submodules.mlp)))
-            for s in block.layer_specs
-        ]
+        block.layer_specs = [_te_llm_layer(s, latent_norm_eps) for s in block.layer_specs]
         return block
     from megatron_vlm.models.linear import allow_duplicated_linear_in_mla
     from megatron_vlm.models.norm import SequenceParallelNorm
 
     allow_duplicated_linear_in_mla()
     attention = core_attention_module(choice)
-    block.layer_specs = [_local_llm_layer(s, attention) for s in block.layer_specs]
+    block.layer_specs = [_local_llm_layer(s, attention, latent_norm_eps)
+                         for s in block.layer_specs]
     if choice.experts == "torch_grouped_mm":
         block.layer_specs = [_torch_grouped_experts(s) for s in block.layer_specs]
     block.layer_norm = SequenceParallelNorm
