@@ -2,17 +2,22 @@
 
 Examples::
 
-    # 64 nodes x 8 H100, NGC-based image through pyxis; overrides after the options
-    python tools/launch.py --recipe kimi_k25 --nodes 64 --gpus-per-node 8 --time 04:00:00 \\
+    # 128 nodes x 8 H100 (the 1,024 GPUs kimi_k25 is laid out for), NGC-based image
+    # through pyxis; overrides after the options
+    python tools/launch.py --recipe kimi_k25 --nodes 128 --gpus-per-node 8 --time 04:00:00 \\
         --partition batch --account myproj --container-image /lustre/images/megatron_vlm.sqsh \\
-        --container-mounts /lustre:/lustre --run-dir /lustre/runs/k25 parallel.tp=8
+        --container-mounts /lustre:/lustre --run-dir /lustre/runs/k25 checkpoint.save_interval=250
     # a sweep as a job array: one line of train arguments per task
-    python tools/launch.py --array-file sweep.txt --gpus-per-node 1 --run-dir /lustre/sweep
+    python tools/launch.py --array-file sweep.txt --gpus-per-node 1 --venv /shared/venv \\
+        --run-dir /lustre/sweep
     # print the script instead of submitting it
-    python tools/launch.py --recipe tiny_cpu --nodes 2 --gpus-per-node 8 --dry-run
+    python tools/launch.py --recipe tiny_cpu --gpus-per-node 4 --venv .venv --dry-run
 
 Every run is checked before anything is queued: the recipe exists and the overrides apply
-(the same code path as ``python -m megatron_vlm.train``).
+(the same code path as ``python -m megatron_vlm.train``), the world size suits its parallel
+layout and the planner says it fits in GPU memory (``megatron_vlm/cluster/preflight.py``; a
+refusal names the nearest node counts that work), and the trainers have an environment
+(``--container-image``, ``--venv``, or ``--system-python`` for the nodes' own python).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import datetime
 import sys
 from pathlib import Path
 
+from megatron_vlm.cluster.preflight import check_launch
 from megatron_vlm.cluster.slurm import SlurmJob, read_array_file, render_sbatch, submit
 
 
@@ -38,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--job-name", help="SLURM job name (default: the recipe, or 'sweep')")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="memory per GPU for the planner's fit check (default 80: H100)")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPUs per node task: its ranks plus their data-loader workers "
+                        "(default 8 per GPU)")
     p.add_argument("--time", default="04:00:00", help="[D-]HH:MM:SS (default 04:00:00)")
     p.add_argument("--partition")
     p.add_argument("--account")
@@ -47,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     env = p.add_mutually_exclusive_group()
     env.add_argument("--container-image", help="pyxis/enroot image (srun --container-image)")
     env.add_argument("--venv", help="virtual environment to activate on the nodes")
+    env.add_argument("--system-python", action="store_true",
+                     help="run the nodes' own python (no container, no venv)")
     p.add_argument("--container-mounts", nargs="+", default=[], metavar="SRC:DST")
     p.add_argument("--container-workdir", default="/workspace/megatron_vlm")
     p.add_argument("--workdir", help="cd here on the nodes (no container; default: the submit "
@@ -69,8 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_run(args: list[str], where: str) -> str:
-    """The run's recipe name; ValueError naming ``where`` if the train CLI would refuse it."""
+def _check_run(args: list[str], where: str, ns: argparse.Namespace | None = None) -> str:
+    """The run's job name; ValueError naming ``where`` if the train CLI would refuse it or (with
+    the launch options ``ns``) its layout cannot use, or does not fit in, ``ns.nodes x
+    ns.gpus_per_node`` GPUs."""
+    from megatron_vlm.recipes.kimi import H100_GPUS
     from megatron_vlm.train import build_job, parse_args
 
     try:
@@ -78,9 +94,17 @@ def _check_run(args: list[str], where: str) -> str:
     except SystemExit as e:  # argparse already printed why
         raise ValueError(f"{where}: not valid train arguments: {' '.join(args)}") from e
     try:
-        return build_job(parsed).name
+        job = build_job(parsed)
     except (ValueError, KeyError) as e:
         raise ValueError(f"{where}: {e}") from e
+    if ns is not None and ns.nodes >= 1 and ns.gpus_per_node >= 1:  # else SlurmJob refuses
+        recipe = None if parsed.config else parsed.recipe
+        try:
+            check_launch(job, recipe=recipe, nodes=ns.nodes, gpus_per_node=ns.gpus_per_node,
+                         gpu_memory_gib=ns.gpu_memory, planned_gpus=H100_GPUS.get(recipe))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+    return job.name
 
 
 def build_slurm_job(ns: argparse.Namespace) -> SlurmJob:
@@ -90,11 +114,12 @@ def build_slurm_job(ns: argparse.Namespace) -> SlurmJob:
             raise ValueError("overrides go into the array file's lines with --array-file")
         runs = read_array_file(ns.array_file)
         for i, run in enumerate(runs):
-            _check_run(run, f"{ns.array_file} run {i}")
+            _check_run(run, f"{ns.array_file} run {i}", ns)
         name, train_args = ns.job_name or "sweep", []
     else:
         runs, train_args = None, ["--recipe", ns.recipe, *ns.overrides]
-        name = ns.job_name or _check_run(train_args, "--recipe")
+        name = _check_run(train_args, "--recipe", ns)  # checked with --job-name too
+        name = ns.job_name or name
     env = {}
     for item in ns.env:
         key, sep, value = item.partition("=")
@@ -107,10 +132,11 @@ def build_slurm_job(ns: argparse.Namespace) -> SlurmJob:
         run_dir=str(run_dir),
         checkpoint_dir=str(Path(ns.checkpoint_dir).absolute()) if ns.checkpoint_dir else None,
         log_dir=str(Path(ns.log_dir).absolute()) if ns.log_dir else None,
-        nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, time=ns.time, partition=ns.partition,
-        account=ns.account, qos=ns.qos, exclusive=ns.exclusive,
-        container_image=ns.container_image, container_mounts=ns.container_mounts,
-        container_workdir=ns.container_workdir, venv=ns.venv,
+        nodes=ns.nodes, gpus_per_node=ns.gpus_per_node, cpus_per_task=ns.cpus_per_task,
+        time=ns.time, partition=ns.partition, account=ns.account, qos=ns.qos,
+        exclusive=ns.exclusive, container_image=ns.container_image,
+        container_mounts=ns.container_mounts, container_workdir=ns.container_workdir,
+        venv=str(Path(ns.venv).absolute()) if ns.venv else None, system_python=ns.system_python,
         workdir=str(Path(ns.workdir or ".").absolute()), env=env, master_port=ns.master_port,
         signal_lead_s=ns.signal_lead, max_requeues=ns.max_requeues, extra_sbatch=ns.sbatch)
 
@@ -125,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     script = render_sbatch(job)
     if ns.dry_run:
         print(script, end="")
+        print(f"launch: dry run; before sbatch-ing this script yourself, mkdir -p {job.log_root} "
+              "(SLURM opens --output before the script runs)", file=sys.stderr)
         return 0
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     try:

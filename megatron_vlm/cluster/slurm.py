@@ -3,25 +3,35 @@
 :func:`render_sbatch` turns a :class:`SlurmJob` into one self-contained batch script;
 :func:`submit` writes it next to the logs and hands it to ``sbatch``. The script:
 
-* ``#SBATCH`` header: nodes, one task (one ``torchrun``) per node, GPUs per node, time,
-  partition/account/QoS, ``--requeue``, ``--open-mode=append`` (a requeued job appends to the
-  same log), ``--signal=B:USR1@<lead>`` and, for sweeps, ``--array=0-(N-1)``.
+* ``#SBATCH`` header: nodes, one task (one ``torchrun``) per node with ``--cpus-per-task`` CPUs
+  (its ranks and their data-loader workers; ``srun`` is given the same count, which it does not
+  inherit on every SLURM version), GPUs per node, time, partition/account/QoS, ``--requeue``,
+  ``--open-mode=append`` (a requeued job appends to the same log), ``--signal=B:USR1@<lead>``
+  and, for sweeps, ``--array=0-(N-1)``. SLURM opens ``--output`` before the script runs, so its
+  directory must exist at submission: :func:`submit` creates it.
 * Rendezvous: ``MASTER_ADDR`` is the first host of ``SLURM_JOB_NODELIST`` (``scontrol show
   hostnames``), ``MASTER_PORT`` is derived from the job id (two jobs sharing a node do not
   collide) unless set; ``torchrun --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID``, so node ranks
   are assigned by the rendezvous and one command line serves every node.
-* Environment: NCCL/torch settings for megatron on H100 nodes (see ``DEFAULT_ENV``) plus the
-  caller's; a container through pyxis/enroot (``srun --container-image``) or a venv.
+* Environment: NCCL/torch settings for megatron on H100 nodes (see ``DEFAULT_ENV``; one OpenMP
+  thread per rank) plus the caller's; a container through pyxis/enroot (``srun
+  --container-image``), a venv, or -- only when asked (``system_python``) -- the nodes' own
+  ``python``.
 * Preemption: SLURM sends SIGUSR1 to the batch shell ``<lead>`` seconds before the time limit
-  (``B:``: the shell only -- an unhandled USR1 would kill ``torchrun``). The trap sends SIGTERM
-  to every process of the job's steps (``scancel --signal=TERM $SLURM_JOB_ID``: not the batch
-  shell, not a cancel): the trainers set their stop flag (directly, and again through
-  ``torchrun``, which forwards SIGTERM and waits ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` s), agree on
-  it across ranks, checkpoint and exit. Then the script runs ``scontrol requeue`` and the same
-  script starts again later: the trainer always gets ``--resume``, which picks the newest
-  complete checkpoint (or starts fresh when there is none). A SIGTERM to the batch shell
-  (``scancel``, a preemption by another job) is waited out so the trainers can save; only the
-  time-limit signal requeues, at most ``max_requeues`` times.
+  (``B:``: the shell only -- an unhandled USR1 would kill ``torchrun``). The trap creates the
+  stop file ``<run_dir>/STOP-<job id>`` (exported to the trainers as ``MEGATRON_VLM_STOP_FILE``;
+  a stale one is removed at start). Every trainer checks it each step
+  (``megatron_vlm.training.state.StopSignal``, one ``stat``), the ranks agree on it, checkpoint
+  and exit 0, ``torchrun`` exits by itself, and the script runs ``scontrol requeue``. No signal
+  is sent to ``torchrun``: it would forward it and SIGKILL the trainers 30 s later (torch before
+  pytorch#172596, e.g. the NGC 25.10 container's 2.9, ignores
+  ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``), sooner than one K2.5 step plus a save. The same script
+  starts again later; a restart (``SLURM_RESTART_COUNT > 0``) gives the trainer
+  ``--resume=require`` (continue from the newest complete checkpoint or fail, never silently
+  from step 0), a first start ``--resume=auto``. A SIGTERM to the batch shell (``scancel``, a
+  preemption by another job) also creates the stop file and waits for the trainers to save;
+  only the time-limit signal requeues, at most ``max_requeues`` times. ``touch``-ing the stop
+  file by hand ends a run cleanly (checkpoint, no requeue).
 
 Everything user-supplied is shell-quoted (``shlex.quote``); the rendered script passes
 ``bash -n`` and is tested by running it with a stand-in ``srun``.
@@ -86,6 +96,9 @@ class SlurmJob:
     """Nodes (one ``torchrun`` each)."""
     gpus_per_node: int = 8
     """GPUs per node = ``torchrun --nproc-per-node``."""
+    cpus_per_task: int | None = None
+    """CPUs of each node's task (``--cpus-per-task``): its ``gpus_per_node`` ranks and their
+    data-loader workers (one OpenMP thread each, ``DEFAULT_ENV``); None = 8 per GPU."""
     time: str = "04:00:00"
     """Wall-clock limit, ``[D-]HH:MM:SS``."""
     partition: str | None = None
@@ -103,6 +116,11 @@ class SlurmJob:
     """Working directory inside the container (the Dockerfile's WORKDIR)."""
     venv: str | None = None
     """A virtual environment to activate on the nodes (instead of a container)."""
+    system_python: bool = False
+    """Run the nodes' own ``python`` (neither container nor venv); refused unless set, since the
+    nodes' python rarely has this package, and the trainers would fail only after the queue."""
+    train_module: str = "megatron_vlm.train"
+    """Module each rank runs (``torchrun -m``); tests put a stand-in trainer here."""
     workdir: str | None = None
     """Directory to ``cd`` into before ``srun`` (outside a container); None = the submit dir."""
     env: dict[str, str] = field(default_factory=dict)
@@ -131,6 +149,17 @@ class SlurmJob:
             raise ValueError("choose container_image or venv, not both")
         if self.container_mounts and not self.container_image:
             raise ValueError("container_mounts need container_image")
+        if not (self.container_image or self.venv or self.system_python):
+            raise ValueError("no environment for the trainers: set container_image (tools/launch"
+                             ".py --container-image), venv (--venv) or, to run the nodes' own "
+                             "python, system_python=True (--system-python)")
+        if self.system_python and (self.container_image or self.venv):
+            raise ValueError("system_python=True excludes container_image and venv")
+        if self.cpus_per_task is not None and self.cpus_per_task < self.gpus_per_node:
+            raise ValueError(f"cpus_per_task={self.cpus_per_task} is fewer than one CPU per rank "
+                             f"(gpus_per_node={self.gpus_per_node}); raise it")
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", self.train_module):
+            raise ValueError(f"train_module={self.train_module!r} is not a module name")
         if self.array_runs is not None:
             if not self.array_runs:
                 raise ValueError("array_runs is empty: a job array needs at least one run")
@@ -155,19 +184,28 @@ class SlurmJob:
     def log_root(self) -> str:
         return self.log_dir or str(Path(self.run_dir) / "slurm")
 
+    @property
+    def cpus(self) -> int:
+        """``--cpus-per-task`` (``cpus_per_task`` or 8 per GPU)."""
+        return self.cpus_per_task if self.cpus_per_task is not None else 8 * self.gpus_per_node
+
     def runs(self) -> list[list[str]]:
-        """The full argument list of each run (one for a single job), ``--resume`` included."""
+        """The argument list of each run (one for a single job), without a resume flag: the
+        script adds ``--resume=auto`` or ``--resume=require`` at run time (any ``--resume`` of
+        the caller's is dropped)."""
         if self.array_runs is None:
             ckpt = self.checkpoint_dir or str(Path(self.run_dir) / "checkpoints")
-            return [[*self.train_args, f"train.output_dir={self.run_dir}",
-                     f"checkpoint.dir={ckpt}", "--resume"]]
-        out = []
-        for i, args in enumerate(self.array_runs):
-            args = list(args)
-            if not any(a.startswith("train.output_dir=") for a in args):
-                args.append(f"train.output_dir={Path(self.run_dir) / f'task_{i}'}")
-            out.append([*(a for a in args if a != "--resume"), "--resume"])
-        return out
+            runs = [[*self.train_args, f"train.output_dir={self.run_dir}",
+                     f"checkpoint.dir={ckpt}"]]
+        else:
+            runs = []
+            for i, args in enumerate(self.array_runs):
+                args = list(args)
+                if not any(a.startswith("train.output_dir=") for a in args):
+                    args.append(f"train.output_dir={Path(self.run_dir) / f'task_{i}'}")
+                runs.append(args)
+        return [[a for a in args if a != "--resume" and not a.startswith("--resume=")]
+                for args in runs]
 
 
 def _q(value: object) -> str:
@@ -182,6 +220,7 @@ def _header(job: SlurmJob) -> list[str]:
         f"#SBATCH --nodes={job.nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={job.gpus_per_node}",
+        f"#SBATCH --cpus-per-task={job.cpus}",
         f"#SBATCH --time={job.time}",
         f"#SBATCH --output={_q(str(Path(job.log_root) / log_name))}",
         "#SBATCH --open-mode=append",
@@ -214,7 +253,8 @@ def _train_args_block(job: SlurmJob) -> list[str]:
 
 def _srun_command(job: SlurmJob) -> list[str]:
     """srun (one task per node: torchrun, not a shell, so the signals reach it) + torchrun."""
-    srun = ["srun", "--nodes=${SLURM_NNODES}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    srun = ["srun", "--nodes=${SLURM_NNODES}", "--ntasks-per-node=1",
+            f'--cpus-per-task="${{SLURM_CPUS_PER_TASK:-{job.cpus}}}"', "--kill-on-bad-exit=1"]
     if job.container_image:
         srun.append(f"--container-image={_q(job.container_image)}")
         if job.container_mounts:
@@ -225,22 +265,52 @@ def _srun_command(job: SlurmJob) -> list[str]:
         '--nnodes="${SLURM_NNODES}"', f"--nproc-per-node={job.gpus_per_node}",
         "--rdzv-backend=c10d", '--rdzv-endpoint="${MASTER_ADDR}:${MASTER_PORT}"',
         '--rdzv-id="${SLURM_JOB_ID}"', "--max-restarts=0",
-        '-m megatron_vlm.train "${TRAIN_ARGS[@]}"',
+        f'-m {job.train_module} "${{TRAIN_ARGS[@]}}"',
     ]
     return srun + torchrun
 
 
+def _stop_file_block(job: SlurmJob) -> list[str]:
+    """The stop file and the signal traps that create it (see the module docstring)."""
+    return [
+        "# Preemption: USR1 (time limit near) -> the stop file; every trainer checks it each step,",
+        "# checkpoints and exits; torchrun then exits by itself and this script requeues. No",
+        "# signal goes to torchrun: it would SIGKILL the trainers 30 s after forwarding it.",
+        "# SIGTERM to this shell: the stop file too, and wait for the save (no requeue).",
+        f'STOP_FILE={_q(job.run_dir)}/"STOP-${{SLURM_JOB_ID}}"',
+        'rm -f "${STOP_FILE}"  # a stale request must not stop this run',
+        "export MEGATRON_VLM_STOP_FILE=${STOP_FILE}",
+        "PREEMPTED=0",
+        "on_time_limit() {",
+        "  PREEMPTED=1",
+        (f'  echo "[$(date -Is)] SIGUSR1: time limit in {job.signal_lead_s} s;'
+         ' asking the trainers to checkpoint and stop (${STOP_FILE})"'),
+        '  touch "${STOP_FILE}"',
+        "}",
+        "on_term() {",
+        '  echo "[$(date -Is)] SIGTERM: asking the trainers to checkpoint and stop; waiting"',
+        '  touch "${STOP_FILE}"',
+        "}",
+        "trap on_time_limit USR1",
+        "trap on_term TERM",
+    ]
+
+
 def render_sbatch(job: SlurmJob) -> str:
     """The batch script for ``job`` (see the module docstring)."""
+    # torchrun's grace between forwarding a signal and SIGKILL, for signals SLURM sends to every
+    # process (scancel, preemption); honoured only by torch with pytorch#172596 (see above).
     env = {**DEFAULT_ENV, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(job.signal_lead_s), **job.env}
     port = (f"{job.master_port}" if job.master_port is not None
             else "$((20000 + SLURM_JOB_ID % 20000))")
-    dirs = [job.log_root]
+    dirs = [job.run_dir]
     if job.array_runs is None:
-        dirs += [job.run_dir, job.checkpoint_dir or str(Path(job.run_dir) / "checkpoints")]
+        dirs += [job.checkpoint_dir or str(Path(job.run_dir) / "checkpoints")]
     lines = _header(job) + [
         "",
         "# Rendered by tools/launch.py (megatron_vlm.cluster.slurm); safe to edit and resubmit.",
+        f"# SLURM opens --output before this script runs: {job.log_root} must exist at sbatch",
+        "# time (tools/launch.py creates it).",
         "set -uo pipefail",
         f"mkdir -p {' '.join(map(_q, dirs))}",
         "",
@@ -258,29 +328,23 @@ def render_sbatch(job: SlurmJob) -> str:
         "export MASTER_ADDR MASTER_PORT",
         "",
         *_train_args_block(job),
+        "# A restart must continue from a checkpoint: never silently from step 0.",
+        ('if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then RESUME=--resume=require; '
+         'else RESUME=--resume=auto; fi'),
+        'TRAIN_ARGS+=("${RESUME}")',
         "",
-        "# Preemption: USR1 (time limit near) -> SIGTERM to the training step's processes,",
-        "# which checkpoint and exit; then requeue. SIGTERM to this shell: let them save.",
-        "PREEMPTED=0",
-        "on_time_limit() {",
-        "  PREEMPTED=1",
-        (f'  echo "[$(date -Is)] SIGUSR1: time limit in {job.signal_lead_s} s;'
-         ' asking the trainers to checkpoint and stop"'),
-        '  scancel --signal=TERM "${SLURM_JOB_ID}"',
-        "}",
-        "trap on_time_limit USR1",
-        "trap 'echo \"[$(date -Is)] SIGTERM: waiting for the trainers to checkpoint\"' TERM",
+        *_stop_file_block(job),
         "",
         ('echo "[$(date -Is)] job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}:'
          ' ${SLURM_NNODES} node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}"'),
         " \\\n    ".join(_srun_command(job)) + " &",
         "SRUN_PID=$!",
-        "# wait returns early when a trapped signal arrives: keep waiting until srun is done.",
-        "while true; do",
-        '  wait "${SRUN_PID}"',
-        "  RC=$?",
-        '  kill -0 "${SRUN_PID}" 2>/dev/null || break',
-        "done",
+        "# wait returns early when a trapped signal arrives: keep waiting until srun is done,",
+        "# then take its exit status (bash keeps it for a second wait).",
+        'while kill -0 "${SRUN_PID}" 2>/dev/null; do wait "${SRUN_PID}"; done',
+        'wait "${SRUN_PID}"',
+        "RC=$?",
+        'rm -f "${STOP_FILE}"',
         "",
         'if [[ "${PREEMPTED}" == 1 ]]; then',
         f'  if (( ${{SLURM_RESTART_COUNT:-0}} >= {job.max_requeues} )); then',

@@ -1,8 +1,9 @@
-"""Loop state that is checkpointed, and the SIGTERM flag (SLURM preemption)."""
+"""Loop state that is checkpointed, and the stop request (SIGTERM/SIGUSR1 or a stop file)."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -31,11 +32,27 @@ class TrainState:
         return cls(**data)
 
 
-class StopSignal:
-    """Records SIGTERM/SIGUSR1 so the loop can save and exit at the next step boundary."""
+#: Environment variable naming the stop file (set by the SLURM batch script, see
+#: ``megatron_vlm/cluster/slurm.py``): once the file exists, the run saves and exits.
+STOP_FILE_ENV = "MEGATRON_VLM_STOP_FILE"
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+
+class StopSignal:
+    """A stop request for the loop: SIGTERM/SIGUSR1 arrived, or the stop file exists.
+
+    The loop saves and exits at the next step boundary when :attr:`requested`. The stop file is
+    how the SLURM batch script asks (its SIGUSR1 trap creates it): no signal has to pass through
+    ``torchrun``, which SIGKILLs the trainers a grace period after forwarding one, possibly in
+    the middle of the save: a fixed 30 s in every torch before pytorch#172596 (2026-03; the NGC
+    25.10 container's 2.9 included), ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` after it.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+                 stop_file: str | None = None) -> None:
+        """Install the handlers; ``stop_file`` None = the path in ``$MEGATRON_VLM_STOP_FILE``
+        (no file checked when that is unset or empty)."""
         self.received: int | None = None
+        self.stop_file = stop_file if stop_file is not None else os.environ.get(STOP_FILE_ENV)
         self._previous = {}
         for sig in signals:
             try:
@@ -48,7 +65,9 @@ class StopSignal:
 
     @property
     def requested(self) -> bool:
-        return self.received is not None
+        """A signal arrived, or the stop file exists (one ``stat`` per call)."""
+        return self.received is not None or bool(self.stop_file
+                                                   and os.path.exists(self.stop_file))
 
     def restore(self) -> None:
         for sig, prev in self._previous.items():

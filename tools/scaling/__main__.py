@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             dep = f" --sbatch=--dependency=afterok:${prev}" if prev else ""
             job_id = "sed -n 's/^submitted job \\([0-9]*\\).*/\\1/p'"
             print(f"  JOB{k}=$(python tools/launch.py --array-file {path} --gpus-per-node 1 "
-                  f"--run-dir {sweep.output_dir}{dep} | {job_id})")
+                  f"--venv .venv --run-dir {sweep.output_dir}{dep} | {job_id})")
             prev = f"JOB{k}"
         return 0
     if args.command == "run":
