@@ -104,13 +104,14 @@ def test_one_frame_last_chunk_uses_the_zero_temporal_row(hf_vit, ours, media):
     assert_close(merged, ref)
 
 
-def test_merger_matches_hf_temporal_patch_merger(hf_vit):
-    """Our gather-based merger vs HF's loop ``temporal_patch_merger`` (which handles mixed t)."""
+def test_merger_matches_hf_temporal_merge(hf_vit):
+    """Our gather-based merger vs HF's scatter-add ``Kimi_K25VisionModel.temporal_merge`` (the
+    public method its forward pools with; mixed t in one call)."""
     from megatron_vlm.models.vision.merger import tpool_patch_merger
 
     grid = torch.tensor([[1, 4, 6], [4, 2, 4], [2, 6, 2], [1, 2, 2], [3, 2, 2]])
     x = torch.randn(int(grid.prod(dim=1).sum()), 32, generator=torch.Generator().manual_seed(5))
-    expected = hf_vit.temporal_patch_merger(x, grid)
+    expected = hf_vit.temporal_merge(x, grid, 2, 2)
     actual = tpool_patch_merger(x, grid, 2, 2)
     assert_close(actual, expected, atol=1e-6)
 

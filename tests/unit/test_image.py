@@ -1,18 +1,14 @@
 """Image sizing/patchify vs transformers' Kimi K2.5 rules, decoding, and the skip policy.
 
-HF's ``Kimi_K25ImageProcessor`` imports torchvision (not installable here), so the reference
-``navit_resize`` is read out of the installed transformers source with ``ast`` and executed alone;
-the other expectations are derived by hand from the written rules.
+HF's ``Kimi_K25ImageProcessor`` imports torchvision (no CPU build for the pinned torch), so its
+outputs come from a fixture written by tests/fixtures/make_kimi_processor_fixture.py with the pinned
+transformers; the other expectations are derived by hand from the written rules.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import io
 import logging
-import math
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -29,6 +25,7 @@ from megatron_vlm.data.image import (
     process_image,
     unpatchify,
 )
+from hf_processor_fixture import kimi_processor_arrays, kimi_processor_fixture
 from megatron_vlm.data.media_errors import (
     BadSampleError,
     MediaDecodeError,
@@ -36,21 +33,6 @@ from megatron_vlm.data.media_errors import (
     SkipCounter,
     SkipReason,
 )
-
-
-def hf_navit_resize():
-    """transformers 5.23 ``navit_resize``, extracted from its source (no torchvision import)."""
-    spec = importlib.util.find_spec("transformers")
-    if spec is None or spec.origin is None:
-        pytest.skip("transformers not installed")
-    path = Path(spec.origin).parent / "models" / "kimi_k25" / "image_processing_kimi_k25.py"
-    if not path.is_file():
-        pytest.skip("transformers has no kimi_k25 image processor")
-    tree = ast.parse(path.read_text())
-    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "navit_resize"]
-    namespace: dict = {"math": math}
-    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), namespace)
-    return namespace["navit_resize"]
 
 
 def _encode(img: np.ndarray | PIL.Image.Image, fmt: str) -> bytes:
@@ -64,18 +46,26 @@ def _encode(img: np.ndarray | PIL.Image.Image, fmt: str) -> bytes:
 
 
 def test_navit_resize_equals_hf_on_many_sizes():
-    ref = hf_navit_resize()
-    rng = np.random.default_rng(0)
-    sizes = [(1, 1), (13, 13), (14, 14), (27, 29), (28, 28), (29, 57), (1000, 1000), (7168, 7169),
-             (100000, 20), (20, 100000), (8000, 8000), (1792, 1792), (1793, 1791), (480, 640)]
-    sizes += [tuple(int(v) for v in rng.integers(1, 6000, size=2)) for _ in range(400)]
-    budgets = [16384, 4096, 1024, 64, 4, 1]
-    for (h, w) in sizes:
-        for budget in budgets:
-            for per_side in (512, 16):
-                got = navit_resize(h, w, 14, 2, budget, per_side)
-                want = ref(h, w, 14, 2, budget, per_side)
-                assert got == want, (h, w, budget, per_side, got, want)
+    rows = kimi_processor_fixture()["navit_resize"]
+    assert len(rows) == 2496
+    for h, w, budget, per_side, *want in rows:
+        (rh, rw), (ph, pw) = navit_resize(h, w, 14, 2, budget, per_side)
+        assert [rh, rw, ph, pw] == want, (h, w, budget, per_side)
+
+
+def test_processed_images_equal_the_hf_image_processor():
+    """Grids and pixel values (pad to 28, normalise, (row, col) patch order) of images that need
+    no resize equal ``Kimi_K25ImageProcessor``'s."""
+    fixture, arrays = kimi_processor_fixture(), kimi_processor_arrays()
+    assert fixture["image_processor"]["max_patches"] == 16384
+    for k, case in enumerate(fixture["images"]):
+        img = np.random.default_rng(case["seed"]).integers(
+            0, 256, size=(case["height"], case["width"], 3), dtype=np.uint8)
+        ours = process_image(img)
+        assert [list(ours.grid_thw)] == case["image_grid_thw"]
+        want = torch.from_numpy(arrays[f"image_{k}_pixels"])
+        assert ours.pixel_values.shape == want.shape
+        torch.testing.assert_close(ours.pixel_values, want, atol=1e-6, rtol=0)
 
 
 def test_navit_rules_by_hand():

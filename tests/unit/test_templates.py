@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from hf_processor_fixture import kimi_processor_fixture
 from megatron_vlm.data.image import ProcessedImage
 from megatron_vlm.data.kimi_tokenizer import (
     KIMI_NUM_BASE_TOKENS,
@@ -61,38 +61,18 @@ class CharTokenizer:
         return bytes(ids).decode("utf-8")
 
 
-def hf_processor():
-    mod = pytest.importorskip("transformers.models.kimi_k25.processing_kimi_k25")
-    fake = SimpleNamespace(
-        image_processor=SimpleNamespace(merge_size=2),
-        video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=4),
-        image_token=IMAGE_PLACEHOLDER,
-        video_token=VIDEO_PLACEHOLDER,
-    )
-    return mod.Kimi_K25Processor, fake
-
-
 # ------------------------------------------------------------------------ text vs transformers
 
 
 def test_video_text_equals_hf_replace_video_token():
-    proc, fake = hf_processor()
-    video_utils = pytest.importorskip("transformers.video_utils")
-    fps = 29.97
-    # Indices spanning past an hour (HH > 0) and non-round milliseconds; 9 frames -> 4 + 4 + 1.
-    indices = [0, 15, 30, 46, 107907, 107922, 107937, 107952, 111111]
-    grids = [(4, 6, 8), (4, 6, 8), (1, 6, 8)]
-    meta = video_utils.VideoMetadata(total_num_frames=111112, fps=fps, frames_indices=indices)
-    inputs = {
-        "num_chunks_per_video": [3],
-        "video_grid_thw": torch.tensor(grids),
-        "video_metadata": [meta],
-    }
-    want = proc.replace_video_token(fake, inputs, 0)
+    """transformers' ``Kimi_K25Processor.replace_video_token`` (a real processor, in the fixture)
+    for 9 frames at 29.97 fps spanning past an hour (HH > 0, non-round ms): 4 + 4 + 1."""
+    case = kimi_processor_fixture()["video_text"]
+    want = case["prompt_text"]
+    fps, indices, grids = case["fps"], case["frames_indices"], case["video_grid_thw"]
     stamps = [i / fps for i in indices]
-    video = ProcessedVideo(
-        chunks=[chunk(*g, stamps[4 * k]) for k, g in enumerate(grids)], fps=fps, total_frames=111112
-    )
+    video = ProcessedVideo(chunks=[chunk(*g, stamps[4 * k]) for k, g in enumerate(grids)],
+                           fps=fps, total_frames=case["total_num_frames"])
     assert render_text([video]) == want
     assert want.startswith("00:00:00.000" + MEDIA_BEGIN + "video" + MEDIA_CONTENT)
     assert "01:00:00.500" + MEDIA_BEGIN in want  # 107907 / 29.97 = 3600.5005 s
@@ -107,11 +87,10 @@ def test_format_timestamp_truncates_ms():
 
 
 def test_image_text_equals_hf_wrapper_and_replace_image_token():
-    proc, fake = hf_processor()
-    grids = torch.tensor([[1, 4, 6], [1, 10, 2]])
-    for i, (h, w) in enumerate([(4, 6), (10, 2)]):
+    for case in kimi_processor_fixture()["image_text"]:
+        _, h, w = case["image_grid_thw"]
         # The chat template writes the wrapper around one <|media_pad|>; the processor expands it.
-        pads = proc.replace_image_token(fake, {"image_grid_thw": grids}, i)
+        pads = case["placeholders"]
         want = f"{MEDIA_BEGIN}image{MEDIA_CONTENT}{pads}{MEDIA_END}"
         assert render_text([image(h, w)]) == want
         assert pads.count(IMAGE_PLACEHOLDER) == h * w // 4

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_processor_fixture import kimi_processor_arrays, kimi_processor_fixture
 from megatron_vlm.data import video as video_mod
 from megatron_vlm.data.image import process_image
 from megatron_vlm.data.media_errors import MediaDecodeError, SkipCounter, SkipReason
@@ -159,66 +160,32 @@ def test_chunks_short_last_chunk(clips, name, lengths, stamps):
         assert chunk.frame_timestamps == tuple(decoded.timestamps[4 * c_idx : 4 * c_idx + 4])
 
 
-def hf_video_processor():
-    """transformers 5.23 ``Kimi_K25VideoProcessor``'s defaults, ``navit_resize`` and
-    ``get_num_of_video_patches``, extracted from its source (the module imports torchvision)."""
-    import ast
-    import importlib.util
-    import math
-
-    spec = importlib.util.find_spec("transformers")
-    path = Path(spec.origin).parent / "models" / "kimi_k25" / "video_processing_kimi_k25.py"
-    if not path.is_file():
-        pytest.skip("transformers has no kimi_k25 video processor")
-    tree = ast.parse(path.read_text())
-    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "navit_resize"]
-    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef)
-              and n.name == "Kimi_K25VideoProcessor"]
-    keep = {"size", "patch_size", "temporal_patch_size", "merge_size", "max_patches", "fps"}
-    body = [n for n in cls.body if (isinstance(n, ast.Assign) and n.targets[0].id in keep) or (
-        isinstance(n, ast.FunctionDef) and n.name == "get_num_of_video_patches")]
-    stub = ast.ClassDef(name="HFVideoRules", bases=[], keywords=[], body=body,
-                        decorator_list=[], type_params=[])
-    namespace: dict = {"math": math}
-    exec(compile(ast.fix_missing_locations(ast.Module(body=[fn, stub], type_ignores=[])),
-                 str(path), "exec"), namespace)
-    return namespace["HFVideoRules"]()
-
-
 @pytest.mark.parametrize("name, num_frames", [("six", 6), ("nine", 9)])
 def test_six_and_nine_frame_videos_follow_the_hf_processor(clips, name, num_frames):
-    """Frame sampling, chunk count, grids, patches, placeholder tokens and the prompt text of real
-    6- and 9-frame clips equal transformers' Kimi K2.5 processor rules."""
-    from types import SimpleNamespace
-
-    proc_mod = pytest.importorskip("transformers.models.kimi_k25.processing_kimi_k25")
-    video_utils = pytest.importorskip("transformers.video_utils")
+    """Frame sampling, chunk count, grids, patches, pixel values, placeholder tokens and the prompt
+    text of real 6- and 9-frame clips equal transformers' Kimi K2.5 video processor and processor
+    (tests/fixtures: the processors ran on the clip's frames with their 2 fps metadata)."""
     from megatron_vlm.data.templates import VIDEO_PLACEHOLDER, render_text
 
-    rules = hf_video_processor()
-    assert (rules.fps, rules.max_patches, rules.temporal_patch_size) == (2, 4096, 4)
+    fixture = kimi_processor_fixture()
+    (case,) = [c for c in fixture["videos"] if c["name"] == name]
+    rules = fixture["video_processor"]
+    assert (rules["fps"], rules["max_patches"], rules["temporal_patch_size"]) == (2, 4096, 4)
     v = process_video(clips[name])
-    meta = video_utils.VideoMetadata(total_num_frames=num_frames, fps=2.0)
-    meta.frames_indices = video_utils.default_sample_indices_fn(meta, fps=rules.fps)
-    assert v.frame_indices.tolist() == list(meta.frames_indices)
-    # HF: num_chunks = ceil(n / temporal_patch_size); every chunk costs one frame's merged patches.
-    processor = SimpleNamespace(
-        video_processor=SimpleNamespace(merge_size=rules.merge_size,
-                                        temporal_patch_size=rules.temporal_patch_size,
-                                        get_num_of_video_patches=rules.get_num_of_video_patches),
-        _merge_kwargs=lambda **kw: {"videos_kwargs": {}}, video_token=VIDEO_PLACEHOLDER)
-    hf = proc_mod.Kimi_K25Processor._get_num_multimodal_tokens(
-        processor, video_sizes=[(num_frames, H, W)])
-    assert v.num_tokens == hf.num_video_tokens[0]
-    assert v.num_patches == rules.get_num_of_video_patches(num_frames, H, W)
-    num_chunks = -(-num_frames // rules.temporal_patch_size)
-    assert len(v.chunks) == num_chunks
-    grid_hw = rules.get_num_of_video_patches(1, H, W)
-    assert all(c.grid_thw[1] * c.grid_thw[2] == grid_hw for c in v.chunks)
-    # The prompt text (timestamps, placeholders per chunk) equals HF's replace_video_token.
-    inputs = {"num_chunks_per_video": [num_chunks], "video_metadata": [meta],
-              "video_grid_thw": torch.tensor([c.grid_thw for c in v.chunks])}
-    assert render_text([v]) == proc_mod.Kimi_K25Processor.replace_video_token(processor, inputs, 0)
+    assert v.frame_indices.tolist() == case["frames_indices"]
+    assert [list(c.grid_thw) for c in v.chunks] == case["video_grid_thw"]
+    assert len(v.chunks) == case["num_chunks_per_video"][0] == -(-num_frames // 4)
+    assert render_text([v]) == case["prompt_text"]
+    assert v.num_tokens == case["prompt_text"].count(VIDEO_PLACEHOLDER)
+    # Pixels: the same frames (before the codec) through our chunker equal HF's, bit for bit
+    # up to float rounding; the decoded clip is lossy, so this uses the source frames.
+    frames = np.stack([square_frame(i) for i in range(num_frames)])
+    chunks = chunk_frames(frames, list(range(num_frames)), max_patches=rules["max_patches"])
+    ours = torch.cat([c.pixel_values for c in chunks])
+    want = torch.from_numpy(kimi_processor_arrays()[f"video_{name}_pixels"])
+    assert ours.shape == want.shape
+    torch.testing.assert_close(ours, want, atol=1e-6, rtol=0)
+    assert v.num_patches == want.shape[0]
 
 
 def test_chunk_budget_is_per_frame():
