@@ -1,6 +1,18 @@
 """CLI: ``python -m megatron_vlm.train --recipe tiny_cpu train.steps=20 parallel.tp=2``.
 
 Runs under ``torchrun`` for several processes, or as a plain single process.
+
+A run directory (``train.output_dir``) belongs to one run and one job at a time
+(``megatron_vlm/checkpoint/run_dir.py``):
+
+* no flag: a fresh run; refused if the directory holds a previous run's checkpoints or metrics;
+* ``--resume`` (= ``--resume=auto``): the newest complete checkpoint, or step 0 (it says so);
+* ``--resume=require``: the newest complete checkpoint, or exit with an error naming the
+  directory (what a requeued SLURM job passes);
+* ``--overwrite``: a fresh run that first moves the previous one to ``replaced-<UTC time>/``.
+
+Refusals (config errors, a run directory in use or holding another run, nothing to resume, a
+checkpoint of another model or layout) print one ``error: ...`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -11,6 +23,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from megatron_vlm.config.checkpoint import RESUME_MODES
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -19,11 +33,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--recipe", default="tiny_cpu", help="recipe name (default: tiny_cpu)")
     parser.add_argument("--config", default=None, help="YAML saved by a previous run (job.yaml)")
-    parser.add_argument("--resume", action="store_true",
-                        help="resume from the newest complete checkpoint (checkpoint.resume=true)")
+    parser.add_argument("--resume", choices=RESUME_MODES, default=None, metavar="{auto,require}",
+                        help="--resume or --resume=auto: continue from the newest complete "
+                        "checkpoint, or start at step 0 if there is none; --resume=require: "
+                        "exit with an error if there is none (checkpoint.resume=...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a run directory that holds a previous run, moving "
+                        "its checkpoints and metrics to replaced-<time>/ (checkpoint.overwrite)")
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
-    return parser.parse_args(argv)
+    return parser.parse_args(_bare_resume(sys.argv[1:] if argv is None else list(argv)))
+
+
+def _bare_resume(argv: list[str]) -> list[str]:
+    """``--resume`` alone means ``--resume=auto``; ``--resume MODE`` is ``--resume=MODE``.
+    (argparse's optional value would swallow a following ``section.field=value`` override.)"""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--resume":
+            mode = argv[i + 1] if i + 1 < len(argv) and argv[i + 1] in RESUME_MODES else None
+            out.append(f"--resume={mode or 'auto'}")
+            i += 2 if mode else 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
 
 
 def build_job(args: argparse.Namespace):
@@ -33,7 +67,9 @@ def build_job(args: argparse.Namespace):
     job = load_yaml(args.config) if args.config else get_recipe(args.recipe)
     overrides = list(args.overrides)
     if args.resume:
-        overrides.append("checkpoint.resume=true")
+        overrides.append(f"checkpoint.resume={args.resume}")
+    if args.overwrite:
+        overrides.append("checkpoint.overwrite=true")
     return apply_overrides(job, overrides)
 
 
@@ -51,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     # Without TE/Apex (the CPU path) megatron-core warns at import that it falls back to torch:
     # expected (SPEC §6), and one line per module per rank buries the progress output.
     warnings.filterwarnings("ignore", message=r".*not installed.*[Ff]all(ing)? back.*")
+    from megatron_vlm.checkpoint.run_dir import RunDirError
     from megatron_vlm.training.trainer import train
 
     out = Path(job.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if os.environ.get("RANK", "0") == "0":
-        (out / "job.yaml").write_text(job.to_yaml())
-    result = train(job)
+    try:
+        result = train(job)  # writes job.yaml once it holds the run directory
+    except RunDirError as err:  # refused start: one clear line (every rank raises it)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") == "0":
         print(f"done: step {result.state.step}, valid loss {result.final_valid_loss}, "
               f"checkpoint {result.checkpoint}, plot {out / 'loss_curve.png'}")

@@ -430,38 +430,47 @@ def find_latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-def _check_layout(manifest: dict, optimizer, load_optimizer: bool, ckpt_dir: Path) -> None:
-    """A DistributedOptimizer checkpoint reshards across DP only (``dp_reshardable``); other
-    optimizer state reshards across any layout but ep=1 <-> ep>1."""
-    if not (load_optimizer and manifest.get("optimizer_state")):
-        return
+_WEIGHTS_ONLY_HINT = " Load with load_optimizer=False to take the model weights only."
+
+
+def optimizer_layout_problem(manifest: dict, ckpt_dir: Path) -> str | None:
+    """Why the checkpoint's optimizer state cannot load in this run's parallel layout, or None.
+
+    Model weights reshard across any TP/PP/EP/CP/DP layout (dist_checkpointing); optimizer
+    state does too, except: a DistributedOptimizer checkpoint (``dp_reshardable``) reshards
+    across DP only, and no optimizer state crosses ep=1 <-> ep>1.
+    """
+    if not manifest.get("optimizer_state"):
+        return None
     saved, now = manifest.get("layout", {}), _layout()
     diffs = [f"{k}: {saved.get(k)} in checkpoint != {now.get(k)} now"
              for k in ("tp", "pp", "vpp", "cp", "ep", "etp") if saved.get(k) != now.get(k)]
     if diffs and manifest.get("distributed_optimizer"):
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} holds DistributedOptimizer state (dp_reshardable), which "
-            f"reshards across data-parallel ranks only; layout differs: {'; '.join(diffs)}. "
-            "Load with load_optimizer=False to take the model weights only."
-        )
+        return (f"checkpoint {ckpt_dir} holds DistributedOptimizer state (dp_reshardable), which "
+                f"reshards across data-parallel ranks only; layout differs: {'; '.join(diffs)}.")
     if (saved.get("ep", 1) > 1) != (now.get("ep", 1) > 1):
         # megatron keeps expert weights in their own optimizer only when ep > 1
         # (tensor_parallel/layers.py:829,886 'allreduce' -> optimizer/__init__.py:165).
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} holds optimizer state saved at ep={saved.get('ep')}, which "
-            f"cannot load at ep={now.get('ep')}: megatron keeps the experts' state in a separate "
-            "optimizer only when ep > 1. Load with load_optimizer=False to take the model "
-            "weights only.")
+        return (f"checkpoint {ckpt_dir} holds optimizer state saved at ep={saved.get('ep')}, "
+                f"which cannot load at ep={now.get('ep')}: megatron keeps the experts' state in "
+                "a separate optimizer only when ep > 1.")
+    return None
+
+
+def _check_layout(manifest: dict, optimizer, load_optimizer: bool, ckpt_dir: Path) -> None:
+    """Refuse optimizer state this layout cannot take (:func:`optimizer_layout_problem`)."""
+    problem = optimizer_layout_problem(manifest, ckpt_dir) if load_optimizer else None
+    if problem:
+        raise CheckpointError(problem + _WEIGHTS_ONLY_HINT)
 
 
 def optimizer_state_problem(ckpt_dir: Path) -> str | None:
     """Why ``ckpt_dir``'s optimizer state cannot load in this run's layout, or None if it can
     (the rules of ``load_checkpoint``'s layout check, asked before loading)."""
     try:
-        _check_layout(read_manifest(ckpt_dir), None, True, ckpt_dir)
+        return optimizer_layout_problem(read_manifest(ckpt_dir), ckpt_dir)
     except CheckpointError as e:
         return str(e)
-    return None
 
 
 def _describe_load_error(e: BaseException) -> str:

@@ -191,15 +191,48 @@ def diff_fields(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} in checkpoint != {b!r} now"]
 
 
-def check_model_config(manifest: dict[str, Any], config_yaml: str, ckpt_dir: Path) -> None:
-    """Refuse a checkpoint whose model section differs from ``config_yaml``'s, naming the fields."""
+#: Model fields a resume may change: how the same weights are computed, regularised or logged,
+#: never their shapes or meaning (kernels, recomputation, dropout, QK-Clip, the router's bias
+#: update, initialisation that a load overwrites, the tower's TP mode, which reshards).
+RUNTIME_MODEL_FIELDS = (
+    "model.kernels",
+    "model.llm.recompute", "model.llm.recompute_num_layers", "model.llm.recompute_modules",
+    "model.llm.attention_dropout", "model.llm.hidden_dropout", "model.llm.init_method_std",
+    "model.llm.qk_clip", "model.llm.qk_clip_threshold", "model.llm.log_max_attention_logit",
+    "model.llm.moe_router_bias_update_rate", "model.llm.moe_aux_loss_coeff",
+    "model.llm.moe_token_dispatcher",
+    "model.vision.recompute", "model.vision.recompute_num_layers",
+    "model.vision.attention_dropout", "model.vision.hidden_dropout",
+    "model.vision.init_method_std", "model.vision.qk_clip", "model.vision.qk_clip_threshold",
+    "model.vision.log_max_attention_logit", "model.vision.parallel_mode",
+    "model.projector.init_method_std",
+)
+
+
+def model_config_diffs(
+    manifest: dict[str, Any], config_yaml: str, ignore: Iterable[str] = ()
+) -> list[str]:
+    """The model fields where ``config_yaml`` differs from the checkpoint's config, with both
+    values (``"model.llm.hidden_size: 64 in checkpoint != 32 now"``), minus those under
+    ``ignore`` (dotted paths, each covering its sub-fields)."""
     current = model_section(config_yaml)
     if manifest.get("model_config_sha256") == structural_hash(current):
-        return
+        return []
     saved = model_section(manifest.get("config_yaml"))
+    # Same parsed values with the hash of an older rendering: no diffs, compatible.
     diffs = diff_fields(saved, current, "model")
-    if not diffs:  # same parsed values, hash of an older rendering: compatible
-        return
-    raise CheckpointError(
-        f"checkpoint {ckpt_dir} was saved with a different model config: " + "; ".join(diffs)
-    )
+    ignore = tuple(ignore)
+    return [d for d in diffs
+            if not any(d.split(":", 1)[0] == f or d.startswith(f + ".") for f in ignore)]
+
+
+def check_model_config(
+    manifest: dict[str, Any], config_yaml: str, ckpt_dir: Path, ignore: Iterable[str] = ()
+) -> None:
+    """Refuse a checkpoint whose model section differs from ``config_yaml``'s, naming the fields
+    (fields under ``ignore`` may differ)."""
+    diffs = model_config_diffs(manifest, config_yaml, ignore)
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} was saved with a different model config: " + "; ".join(diffs)
+        )

@@ -4,9 +4,15 @@
 * ``wsd``: warmup-stable-decay: linear warmup, constant ``lr``, and a final decay
   (``wsd_decay_fraction`` of the run) shaped ``wsd_decay_style``.
 * ``constant``: linear warmup then constant.
+
+On resume the schedule is this run's, not the checkpoint's: the checkpoint gives only the step
+count (extending a 600-step WSD run to 1000 steps moves its decay to the new end). The
+resume logs the old and new learning rate (``checkpoint/run_dir.py``, :func:`lr_at`).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -32,8 +38,19 @@ def build_scheduler(optim: OptimConfig, optimizer, total_steps: int) -> Optimize
         end_wd=optim.weight_decay,
         wd_incr_steps=total_steps,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # load_state_dict takes only num_steps from a checkpoint and keeps this run's schedule
+        # (megatron's use_checkpoint_opt_param_scheduler=True would keep the old run's lr,
+        # warmup and decay length silently, and its WSD decay length is not even saved).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
         wsd_decay_steps=wsd_steps,
         lr_wsd_decay_style=optim.wsd_decay_style if optim.schedule == "wsd" else None,
     )
+
+
+def lr_at(optim: OptimConfig, total_steps: int, num_steps: int) -> float:
+    """The schedule's base learning rate after ``num_steps`` scheduler steps (the lr of the next
+    update; param-group multipliers not applied). No optimizer needed."""
+    scheduler = build_scheduler(optim, SimpleNamespace(param_groups=[]), total_steps)
+    scheduler.num_steps = num_steps
+    return scheduler.get_lr({})

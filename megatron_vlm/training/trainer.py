@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -20,10 +21,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_vlm.checkpoint import (
     CheckpointSaver,
     SaveReport,
-    find_latest_checkpoint,
     load_checkpoint,
     step_dir_name,
 )
+from megatron_vlm.checkpoint.run_dir import lr_report, start_run
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.models.llm import padded_vocab_size
 from megatron_vlm.optim.builder import build_optimizer
@@ -203,17 +204,24 @@ def train(job: JobConfig) -> TrainResult:
     # From here on SIGTERM/SIGUSR1 (preemption) only raise a flag: the loop saves and exits at
     # the next step boundary, all ranks together (train_step agrees the flag by a MAX).
     stop = StopSignal()
-    try:
-        return _train(job, stop)
-    finally:
-        stop.restore()
+    # The run directory's lock is released on every way out (crash included; the kernel drops
+    # it if the process dies).
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return _train(job, stop, cleanup)
+        finally:
+            stop.restore()
 
 
-def _train(job: JobConfig, stop: StopSignal) -> TrainResult:
+def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> TrainResult:
     dp = init_distributed(job.parallel, job.train.seed)
     rank = dist.get_rank()
     run_dir = Path(job.train.output_dir)
     ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
+    # Lock the run directory; refuse a fresh run over a previous one, resume=require without a
+    # checkpoint, or a checkpoint of another model/layout; pick the checkpoint (rank 0 decides).
+    start = start_run(run_dir, ckpt_root, job.checkpoint, job.to_yaml())
+    cleanup.callback(start.release)
     data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
                       run_dir=run_dir)
     chunks = build_model_chunks(job)
@@ -230,8 +238,9 @@ def _train(job: JobConfig, stop: StopSignal) -> TrainResult:
     # before the checkpoint restores RNG states, so a resumed run continues bit-exactly.
     metrics = MetricsLogger(run_dir, is_writer=rank == 0, tensorboard=job.train.tensorboard,
                             total_steps=job.train.steps, peak_tflops=job.train.peak_tflops)
-    resume_from = Path(job.checkpoint.load) if job.checkpoint.load else (
-        find_latest_checkpoint(ckpt_root) if job.checkpoint.resume else None)
+    for line in start.messages:
+        metrics.message(line)
+    resume_from = start.resume_from
     if resume_from is not None:
         extra = load_checkpoint(resume_from, chunks, optimizer, scheduler)
         state = TrainState.from_dict(extra["train_state"])
@@ -247,6 +256,9 @@ def _train(job: JobConfig, stop: StopSignal) -> TrainResult:
 
     if resume_from is not None:
         metrics.message(f"resumed from {resume_from} at step {state.step}")
+        for line in lr_report(resume_from, job.optim, job.train.steps, state.step,
+                              scheduler.num_steps):
+            metrics.message(line)
     seq_len = job.data.seq_length
     flops_per_token = llm_flops_per_token(
         job.model.llm, seq_len,
