@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig
 
@@ -13,10 +14,24 @@ class DataConfig:
 
     corpus_dir: str | None = None
     """Directory of the text corpus (train.txt / valid.txt); None = the bundled corpus."""
+    tokenizer: str | None = None
+    """Tokenizer path: the tokenizer directory shipped beside an HF checkpoint (Kimi:
+    ``tiktoken.model`` + ``tokenizer_config.json``; Qwen / GLM / InternVL: ``tokenizer.json``),
+    a SentencePiece ``.model`` or a tiktoken BPE file. Media, chat and document token ids come
+    from it. None = train a SentencePiece model of ``tokenizer_vocab_size`` pieces on the text
+    corpus into the run directory (the tiny recipes; real-size recipes refuse None)."""
+    tokenizer_type: Literal["auto", "tiktoken", "hf", "sentencepiece"] = "auto"
+    """Reader of ``tokenizer``: ``auto`` decides from the files (``tiktoken.model`` -> Kimi's
+    tiktoken, ``tokenizer.json``/``tokenizer_config.json`` -> transformers, a protobuf
+    ``.model`` -> SentencePiece)."""
     tokenizer_model: str | None = None
-    """SentencePiece model path; None = train one on the corpus into the run directory."""
+    """Legacy name of ``tokenizer`` (older job.yaml files); folded into it."""
     tokenizer_vocab_size: int = 1024
-    """Vocab size when a SentencePiece model is trained here."""
+    """Vocab size when a SentencePiece model is trained here (``tokenizer`` None)."""
+    require_inputs: bool = False
+    """Refuse to start unless ``tokenizer`` and a data root are set (``data.multimodal.root``
+    or every mixed dataset in ``data.multimodal.datasets``; ``data.corpus_dir`` for text-only).
+    Real-size recipes set it: they must never train a tokenizer on the bundled toy corpus."""
     seq_length: int = 256
     """LLM tokens per packed micro-batch (S)."""
     micro_batch_size: int = 1
@@ -31,6 +46,12 @@ class DataConfig:
     """Multimodal shards (images, video, interleaved, text) on energon; None = text corpus."""
 
     def __post_init__(self) -> None:
+        if self.tokenizer_model is not None:
+            if self.tokenizer is not None and self.tokenizer != self.tokenizer_model:
+                raise ValueError(
+                    f"data.tokenizer_model={self.tokenizer_model!r} is the legacy name of "
+                    f"data.tokenizer={self.tokenizer!r}; set only data.tokenizer")
+            self.tokenizer, self.tokenizer_model = self.tokenizer_model, None
         if self.seq_length < 8:
             raise ValueError(f"data.seq_length={self.seq_length} is too small; use >= 8")
         if self.micro_batch_size != 1:
@@ -40,3 +61,20 @@ class DataConfig:
             )
         if self.global_batch_size < 1:
             raise ValueError("data.global_batch_size must be >= 1")
+
+    def missing_inputs(self) -> list[str]:
+        """Config keys a ``require_inputs`` run still needs (empty when it can start)."""
+        if not self.require_inputs:
+            return []
+        missing = [] if self.tokenizer else ["data.tokenizer"]
+        mm = self.multimodal
+        if mm is None:
+            if not self.corpus_dir:
+                missing.append("data.corpus_dir")
+        elif not mm.root:
+            unplaced = sorted(n for n, w in mm.mix.weights.items()
+                              if w > 0 and not str(mm.datasets.get(n, "")).startswith("/"))
+            if unplaced:
+                missing.append(f"data.multimodal.root (or absolute data.multimodal.datasets."
+                               f"<name> for {unplaced})")
+        return missing

@@ -170,7 +170,7 @@ class MultimodalDataConfig:
     def __post_init__(self) -> None:
         if self.stage not in self.mixes:
             raise ValueError(
-                f"data_mm.stage={self.stage!r} has no mix; choose one of {sorted(self.mixes)}"
+                f"data.multimodal.stage={self.stage!r} has no mix; choose one of {sorted(self.mixes)}"
             )
         for name, value in (
             ("max_patches_per_micro_batch", self.max_patches_per_micro_batch),
@@ -181,7 +181,7 @@ class MultimodalDataConfig:
             ("max_consecutive_skips", self.max_consecutive_skips),
         ):
             if value < 1:
-                raise ValueError(f"data_mm.{name} must be >= 1, got {value}")
+                raise ValueError(f"data.multimodal.{name} must be >= 1, got {value}")
         if self.image_min_patches is not None and not (
                 1 <= self.image_min_patches <= self.image_max_patches):
             raise ValueError(
@@ -189,16 +189,16 @@ class MultimodalDataConfig:
                 f"and data.multimodal.image_max_patches={self.image_max_patches} (or None: no "
                 "upscaling)")
         if self.packing_buffer_size is not None and self.packing_buffer_size < 1:
-            raise ValueError(f"data_mm.packing_buffer_size must be >= 1 or None (auto), got "
+            raise ValueError(f"data.multimodal.packing_buffer_size must be >= 1 or None (auto), got "
                              f"{self.packing_buffer_size}")
         if not self.video_fps > 0:
-            raise ValueError(f"data_mm.video_fps must be > 0, got {self.video_fps}")
+            raise ValueError(f"data.multimodal.video_fps must be > 0, got {self.video_fps}")
         if self.num_workers < 0:
-            raise ValueError(f"data_mm.num_workers must be >= 0, got {self.num_workers}")
+            raise ValueError(f"data.multimodal.num_workers must be >= 0, got {self.num_workers}")
         if self.verify_shards not in VERIFY_MODES:
-            raise ValueError(f"data_mm.verify_shards must be one of {VERIFY_MODES}")
+            raise ValueError(f"data.multimodal.verify_shards must be one of {VERIFY_MODES}")
         if self.video_backend not in VIDEO_BACKENDS:
-            raise ValueError(f"data_mm.video_backend must be one of {VIDEO_BACKENDS}")
+            raise ValueError(f"data.multimodal.video_backend must be one of {VIDEO_BACKENDS}")
         if self.video_sampler not in VIDEO_SAMPLERS:
             raise ValueError(f"data.multimodal.video_sampler={self.video_sampler!r}; use one of "
                              f"{VIDEO_SAMPLERS}")

@@ -64,6 +64,20 @@ class JobConfig:
                 f"optim.warmup_steps={self.optim.warmup_steps} must be < train.steps="
                 f"{self.train.steps}; lower optim.warmup_steps or raise train.steps")
 
+    def check_inputs(self) -> None:
+        """Refuse a real-size run that lacks its tokenizer or data (``data.require_inputs``).
+
+        Called at start-up (and by the launcher), not in ``__post_init__``, so ``--print-config``
+        and the planner still read real recipes without their data.
+        """
+        missing = self.data.missing_inputs()
+        if missing:
+            raise ValueError(
+                f"recipe {self.name} trains on real data and needs {' and '.join(missing)}, e.g. "
+                "data.tokenizer=/ckpt/Kimi-K2.5 (tiktoken.model + tokenizer_config.json) "
+                "data.multimodal.root=/data/shards (made by tools/prepare_data.py); real-size "
+                "recipes never fall back to the bundled toy corpus")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -124,10 +138,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ValueError:
                 continue
-        raise ValueError(f"override {key}={value!r} does not match type {tp}")
+        raise ValueError(f"override {key}={value!r} does not match type {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in args:
             raise ValueError(f"override {key}={value!r}: choose one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"override {key}={value!r}: {key} is a section; set its fields "
+                             f"({key}.<field>=...) or give a mapping such as {key}={{}}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -147,37 +166,82 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"override {key}={value!r}: expected a number")
         return float(value)
     if tp is str:
+        if isinstance(value, (list, dict)):
+            raise ValueError(f"override {key}={value!r}: expected a single string, got a "
+                             f"{type(value).__name__}")
         return str(value)
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"override {key}={value!r}: expected a list like [1,2]")
-        return value
+        (item,) = args or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"override {key}={value!r}: expected a mapping like {{a: 1}}")
+        kt, vt = args or (Any, Any)
+        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     return value
 
 
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _step(tp: Any, node: Any, part: str, path: str) -> tuple[Any, Any]:
+    """One level down the override path: (annotation of the child, the child's dict node).
+
+    ``tp`` is the annotation of ``node`` (a dataclass, ``X | None``, or ``dict[str, V]``);
+    ``node`` its dict in ``JobConfig.to_dict()`` form.
+    """
+    sub = _dataclass_of(tp)
+    if sub is not None:
+        hints = _field_types(sub)
+        if part not in hints:
+            valid = sorted(f.name for f in dataclasses.fields(sub))
+            raise ValueError(f"unknown config field {path!r}; valid here: {valid}")
+        return hints[part], node
+    if typing.get_origin(tp) is dict:
+        return typing.get_args(tp)[1] if typing.get_args(tp) else Any, node
+    raise ValueError(f"{path.rsplit('.', 1)[0]!r} is a value, not a config section")
+
+
 def apply_overrides(job: JobConfig, overrides: list[str]) -> JobConfig:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML) and re-validate."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) and re-validate.
+
+    A path walks dataclass fields and, through ``dict[str, X]`` fields, their keys
+    (``data.multimodal.mixes.joint.weights.text=0.5``). An optional section that is null in the
+    recipe is created with ``section={}`` (then set its fields), and removed with ``section=null``.
+    """
     data = job.to_dict()
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        cls: type = JobConfig
-        node = data
+        key = key.strip()
+        parts = key.split(".")
+        tp: Any = JobConfig
+        node: Any = data
         for i, part in enumerate(parts):
-            hints = _field_types(cls)
-            if part not in hints:
-                valid = sorted(f.name for f in dataclasses.fields(cls))
-                raise ValueError(f"unknown config field {'.'.join(parts[: i + 1])!r}; "
-                                 f"valid here: {valid}")
+            path = ".".join(parts[: i + 1])
+            in_dict = typing.get_origin(tp) is dict
+            tp, _ = _step(tp, node, part, path)
             if i == len(parts) - 1:
-                node[part] = _coerce(yaml.safe_load(raw), hints[part], key)
-            else:
-                sub = _dataclass_of(hints[part])
-                if sub is None:
-                    raise ValueError(f"{'.'.join(parts[: i + 1])!r} is not a config section")
-                cls, node = sub, node[part]
+                value = _coerce(yaml.safe_load(raw), tp, key)
+                sub = _dataclass_of(tp)
+                if sub is not None and isinstance(value, dict):
+                    # Validate now, with defaults for what the mapping leaves out.
+                    value = dataclasses.asdict(from_dict(sub, value))
+                node[part] = value
+                break
+            child = node.get(part) if isinstance(node, dict) else None
+            if child is None:
+                if in_dict:
+                    parent = path.rsplit(".", 1)[0]
+                    raise ValueError(f"{parent} has no entry {part!r} (it has "
+                                     f"{sorted(node)}); add the whole entry with {path}={{...}}")
+                raise ValueError(f"{path} is null in this config; create it with {path}={{}} "
+                                 f"(defaults) before setting {key}, or pick a recipe that has it")
+            node = child
     return from_dict(JobConfig, data)
 
 

@@ -28,10 +28,10 @@ class YarnConfig:
 
     def __post_init__(self) -> None:
         if self.factor < 1.0:
-            raise ValueError(f"model.yarn.factor={self.factor} must be >= 1 (1 disables YaRN)")
+            raise ValueError(f"model.llm.yarn.factor={self.factor} must be >= 1 (1 disables YaRN)")
         if self.beta_fast < self.beta_slow:
             raise ValueError(
-                f"model.yarn.beta_fast={self.beta_fast} < beta_slow={self.beta_slow}; "
+                f"model.llm.yarn.beta_fast={self.beta_fast} < beta_slow={self.beta_slow}; "
                 "beta_fast must be the larger (e.g. 32 and 1)"
             )
 
@@ -255,6 +255,42 @@ def adopt_legacy_qk_clip_tau(llm: LLMConfig, tau: float | None, name: str,
 
 
 @dataclass(kw_only=True)
+class TokenIdsConfig:
+    """Special-token ids the model's HF config carries (HF ``Kimi_K25Config`` names in brackets).
+
+    None = taken from the run's tokenizer at start-up (the filled-in values are what the run's
+    ``job.yaml`` and every checkpoint manifest record, so an export writes the ids the model was
+    trained with). A value set here must equal the tokenizer's, else start-up refuses the run.
+    ``tools/convert_hf.py import`` fills them from the HF config.
+    """
+
+    bos: int | None = None
+    """Beginning of sequence [``bos_token_id``]."""
+    eos: int | None = None
+    """End of document [``eos_token_id``]; appended to every document."""
+    pad: int | None = None
+    """Padding [``pad_token_id``]."""
+    image: int | None = None
+    """Image placeholder, repeated h*w/4 times per image [``image_token_id``]."""
+    video: int | None = None
+    """Video placeholder, repeated h*w/4 times per chunk [``video_token_id``]."""
+    media_begin: int | None = None
+    """Opens a media item [``vision_start_token_id``]."""
+    media_content: int | None = None
+    """Separates a media item's kind word from its placeholders."""
+    media_end: int | None = None
+    """Closes a media item [``vision_end_token_id``]."""
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {name: getattr(self, name) for name in TOKEN_ID_NAMES}
+
+
+TOKEN_ID_NAMES = ("bos", "eos", "pad", "image", "video", "media_begin", "media_content",
+                  "media_end")
+"""Fields of :class:`TokenIdsConfig`, in order."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """The whole model: the LLM, and for a VLM the vision tower and projector."""
 
@@ -274,6 +310,8 @@ class ModelConfig:
     """Keep the LLM's weights fixed (e.g. vision-alignment stages)."""
     kernels: KernelConfig = field(default_factory=KernelConfig)
     """Layer implementations (Transformer Engine or local, attention kernel, grouped GEMM)."""
+    token_ids: TokenIdsConfig = field(default_factory=TokenIdsConfig)
+    """Special-token ids (None = from the tokenizer at start-up; see TokenIdsConfig)."""
 
     def __post_init__(self) -> None:
         if (self.vision is None) != (self.projector is None):

@@ -134,7 +134,8 @@ def check_state_compatible(
             f"{saved[2]} workers; this is rank {now[0]} of {now[1]} with {now[2]}. energon "
             "keeps a separate position per rank and worker, so the data stream cannot be "
             f"resharded: resume with data-parallel size {saved[1]} and "
-            f"data_mm.num_workers={saved[2]}, or start the data stream afresh"
+            f"data.multimodal.num_workers={saved[2]}, or start the data stream afresh with "
+            "checkpoint.load_data_state=false"
         )
     mine = json.loads(json.dumps(fingerprint))
     if state["fingerprint"] != mine:

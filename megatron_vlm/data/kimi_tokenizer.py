@@ -23,8 +23,10 @@ import base64
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
@@ -37,9 +39,13 @@ from megatron_vlm.data.templates import (
     MEDIA_END,
     MEDIA_SPECIAL_TOKENS,
     VIDEO_PLACEHOLDER,
-    MediaTokenIds,
 )
-from megatron_vlm.data.tokenizer import TextTokenizer
+from megatron_vlm.data.tokenizer import (
+    TextTokenizer,
+    TokenizerBase,
+    added_tokens_decoder,
+    write_tokenizer_config,
+)
 
 KIMI_PAT_STR = "|".join(
     [
@@ -154,29 +160,61 @@ def _split_long_runs(text: str) -> Iterator[str]:
         yield part[cut:]
 
 
-class KimiTokenizer:
+KIMI_BPE_FILE = "tiktoken.model"
+"""Name of Kimi's BPE file in a checkpoint directory."""
+
+
+def _token_name(entry: Any) -> str | None:
+    """A ``tokenizer_config.json`` token entry: a string or ``{"content": ...}``."""
+    if isinstance(entry, dict):
+        return entry.get("content")
+    return entry if isinstance(entry, str) else None
+
+
+def read_chat_template(directory: Path, config: dict[str, Any]) -> str | None:
+    """The chat template shipped in a tokenizer directory: ``chat_template.jinja`` (newer
+    releases) or ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named
+    templates of which ``default`` is taken)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    tpl = config.get("chat_template")
+    if isinstance(tpl, list):
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        return named.get("default")
+    return tpl if isinstance(tpl, str) else None
+
+
+class KimiTokenizer(TokenizerBase):
     """Kimi's tiktoken tokenizer from a local BPE file.
 
     Args:
         bpe_path: ``tiktoken.model``.
         tokenizer_config: Optional ``tokenizer_config.json`` whose ``added_tokens_decoder`` names
-            the special ids (overrides ``KIMI_SPECIAL_TOKEN_OFFSETS``).
+            the special ids (overrides ``KIMI_SPECIAL_TOKEN_OFFSETS``), whose ``bos_token`` /
+            ``eos_token`` / ``pad_token`` name the document tokens (default ``[BOS]``,
+            ``[EOS]``, ``[PAD]``) and whose ``chat_template`` is the chat template (or
+            ``chat_template.jinja`` beside it).
     """
 
     def __init__(
         self, bpe_path: str | os.PathLike, tokenizer_config: str | os.PathLike | None = None
     ) -> None:
+        self.bpe_path = Path(bpe_path)
+        self.config_path = Path(tokenizer_config) if tokenizer_config is not None else None
         ranks = load_tiktoken_ranks(bpe_path)
         self.num_base_tokens = len(ranks)
         base = self.num_base_tokens
         names = {base + off: name for name, off in KIMI_SPECIAL_TOKEN_OFFSETS.items()}
         names[base + KIMI_VIDEO_PLACEHOLDER_OFFSET] = VIDEO_PLACEHOLDER
-        if tokenizer_config is not None:
-            decoder = json.loads(Path(tokenizer_config).read_text()).get("added_tokens_decoder", {})
-            configured = {
-                int(i): (e["content"] if isinstance(e, dict) else str(e))
-                for i, e in decoder.items()
-            }
+        config: dict[str, Any] = {}
+        if self.config_path is not None:
+            try:
+                config = json.loads(self.config_path.read_text())
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read {self.config_path}: {e}") from e
+            decoder = config.get("added_tokens_decoder", {})
+            configured = {int(i): _token_name(e) or str(e) for i, e in decoder.items()}
             # A name the config places elsewhere loses its default slot (names must be unique).
             names = {i: n for i, n in names.items() if n not in set(configured.values())}
             names.update(configured)
@@ -187,12 +225,28 @@ class KimiTokenizer:
         for i, name in names.items():  # ids past the reserved block (the video placeholder)
             if i >= base + KIMI_NUM_RESERVED_SPECIAL_TOKENS:
                 self.special_tokens[name] = i
+        self._document_tokens = {
+            role: _token_name(config.get(f"{role}_token")) or default
+            for role, default in (("bos", "[BOS]"), ("eos", "[EOS]"), ("pad", "[PAD]"))}
+        for role, name in self._document_tokens.items():
+            if name not in self.special_tokens:
+                raise ValueError(f"{self.config_path}: {role}_token {name!r} is not a special "
+                                 "token of this tokenizer")
+        self.chat_template = (read_chat_template(self.config_path.parent, config)
+                              if self.config_path is not None else None)
         self._enc = tiktoken.Encoding(
             name=Path(bpe_path).name,
             pat_str=KIMI_PAT_STR,
             mergeable_ranks=ranks,
             special_tokens=self.special_tokens,
         )
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike) -> KimiTokenizer:
+        """From a checkpoint's tokenizer files: ``tiktoken.model`` (+ ``tokenizer_config.json``)."""
+        directory = Path(directory)
+        config = directory / "tokenizer_config.json"
+        return cls(directory / KIMI_BPE_FILE, config if config.is_file() else None)
 
     @property
     def vocab_size(self) -> int:
@@ -201,21 +255,16 @@ class KimiTokenizer:
 
     @property
     def eos_id(self) -> int:
-        return self.special_tokens["[EOS]"]
+        """End of document (``eos_token``; Kimi: ``[EOS]``)."""
+        return self.special_tokens[self._document_tokens["eos"]]
 
     @property
     def bos_id(self) -> int:
-        return self.special_tokens["[BOS]"]
+        return self.special_tokens[self._document_tokens["bos"]]
 
     @property
     def pad_id(self) -> int:
-        return self.special_tokens["[PAD]"]
-
-    def token_id(self, token: str) -> int:
-        """Id of a special token string."""
-        if token not in self.special_tokens:
-            raise KeyError(f"{token!r} is not a special token of this tokenizer")
-        return self.special_tokens[token]
+        return self.special_tokens[self._document_tokens["pad"]]
 
     def encode(self, text: str) -> list[int]:
         """Ids of plain text: special-token strings are encoded as ordinary text."""
@@ -234,21 +283,29 @@ class KimiTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._enc.decode([int(i) for i in ids])
 
-    def media_token_ids(self) -> MediaTokenIds:
-        """Ids of the media special tokens (Kimi K2.5's for the real file)."""
-        t = self.special_tokens
-        return MediaTokenIds(
-            media_begin=t[MEDIA_BEGIN],
-            media_content=t[MEDIA_CONTENT],
-            media_end=t[MEDIA_END],
-            image_placeholder=t[IMAGE_PLACEHOLDER],
-            video_placeholder=t[VIDEO_PLACEHOLDER],
-            fast_start=t.get(FAST_START),
-            fast_end=t.get(FAST_END),
-        )
+    def save_pretrained(self, out_dir: str | os.PathLike) -> list[Path]:
+        """``tiktoken.model`` and a ``tokenizer_config.json`` naming every special id, the
+        document tokens and the chat template (so this class reloads them exactly)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        bpe = out / KIMI_BPE_FILE
+        shutil.copyfile(self.bpe_path, bpe)
+        config: dict[str, Any] = {}
+        if self.config_path is not None:
+            config = json.loads(self.config_path.read_text())
+        config.update({
+            "added_tokens_decoder": added_tokens_decoder(self.special_tokens),
+            **{f"{role}_token": name for role, name in self._document_tokens.items()},
+        })
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        return [bpe, write_tokenizer_config(out, config)]
+
+    def describe(self) -> str:
+        return f"Kimi tiktoken {self.bpe_path} ({self.vocab_size} ids)"
 
 
-class SpecialTokensTokenizer:
+class SpecialTokensTokenizer(TokenizerBase):
     """Any ``TextTokenizer`` plus special tokens at ids ``base.vocab_size + k``.
 
     Args:
@@ -262,14 +319,20 @@ class SpecialTokensTokenizer:
         if len(set(special_tokens)) != len(special_tokens):
             raise ValueError(f"duplicate special tokens: {list(special_tokens)}")
         self.base = base
-        self.special_tokens = {tok: base.vocab_size + k for k, tok in enumerate(special_tokens)}
-        self._by_id = {i: tok for tok, i in self.special_tokens.items()}
+        self.added_tokens = {tok: base.vocab_size + k for k, tok in enumerate(special_tokens)}
+        """The added tokens (string -> id), ids from ``base.vocab_size`` on."""
+        self._by_id = {i: tok for tok, i in self.added_tokens.items()}
         self._split = re.compile("(" + "|".join(re.escape(t) for t in special_tokens) + ")")
 
     @property
     def vocab_size(self) -> int:
         """Base vocabulary + added special tokens (size the embedding table with this)."""
-        return self.base.vocab_size + len(self.special_tokens)
+        return self.base.vocab_size + len(self.added_tokens)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The base tokenizer's special tokens and the added ones."""
+        return {**getattr(self.base, "special_tokens", {}), **self.added_tokens}
 
     @property
     def eos_id(self) -> int:
@@ -279,8 +342,13 @@ class SpecialTokensTokenizer:
     def pad_id(self) -> int:
         return self.base.pad_id
 
-    def token_id(self, token: str) -> int:
-        return self.special_tokens[token]
+    @property
+    def bos_id(self) -> int | None:
+        return getattr(self.base, "bos_id", None)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.base, "chat_template", None)
 
     def encode(self, text: str) -> list[int]:
         """Base ids of plain text (never a special id)."""
@@ -290,8 +358,8 @@ class SpecialTokensTokenizer:
         """Ids of text in which special-token strings become their ids."""
         out: list[int] = []
         for piece in self._split.split(text):
-            if piece in self.special_tokens:
-                out.append(self.special_tokens[piece])
+            if piece in self.added_tokens:
+                out.append(self.added_tokens[piece])
             elif piece:
                 out.extend(self.base.encode(piece))
         return out
@@ -311,14 +379,18 @@ class SpecialTokensTokenizer:
             out.append(self.base.decode(run))
         return "".join(out)
 
-    def media_token_ids(self) -> MediaTokenIds:
-        t = self.special_tokens
-        return MediaTokenIds(
-            media_begin=t[MEDIA_BEGIN],
-            media_content=t[MEDIA_CONTENT],
-            media_end=t[MEDIA_END],
-            image_placeholder=t[IMAGE_PLACEHOLDER],
-            video_placeholder=t[VIDEO_PLACEHOLDER],
-            fast_start=t.get(FAST_START),
-            fast_end=t.get(FAST_END),
-        )
+    def save_pretrained(self, out_dir: str | os.PathLike) -> list[Path]:
+        """The base tokenizer's files, with the added tokens in ``tokenizer_config.json``."""
+        files = self.base.save_pretrained(out_dir)
+        path = Path(out_dir) / "tokenizer_config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        decoder = config.get("added_tokens_decoder", {})
+        decoder.update(added_tokens_decoder(self.added_tokens))
+        config["added_tokens_decoder"] = decoder
+        written = write_tokenizer_config(Path(out_dir), config)
+        return [*(f for f in files if f != written), written]
+
+    def describe(self) -> str:
+        base = self.base.describe() if hasattr(self.base, "describe") else type(self.base).__name__
+        return (f"{base} + {len(self.added_tokens)} media tokens "
+                f"({self.vocab_size} ids)")

@@ -133,7 +133,7 @@ def resolve_datasets(
         if not (path / ".nv-meta").is_dir():
             raise ValueError(
                 f"dataset {name!r}: {path} is not a prepared dataset; prepare it with "
-                "tools/prepare_data.py or fix data_mm.root / data_mm.datasets"
+                "tools/prepare_data.py or fix data.multimodal.root / data.multimodal.datasets"
             )
         manifest = verify_shards(path, deep=verify == "deep") if verify != "none" else (
             load_manifest(path))

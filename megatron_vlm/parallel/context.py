@@ -48,14 +48,15 @@ def document_spans(cu_seqlens_padded: Tensor | list[int], total: int) -> list[tu
 
 def check_cp_alignment(spans: list[tuple[int, int]], cp_size: int) -> None:
     """``ValueError`` naming the first document whose padded length is not a multiple of
-    ``2*cp`` (the data must pad documents to ``parallel.document_multiple``)."""
+    ``2*cp`` (the data must pad documents to a multiple of 2*cp, x tp with sequence
+    parallelism: ``data.pad_to_multiple``)."""
     for d, (start, length) in enumerate(spans):
         if length % (2 * cp_size):
             raise ValueError(
                 f"context parallelism (cp={cp_size}) needs every document span padded to a "
                 f"multiple of 2*cp={2 * cp_size}; document {d} at token {start} spans {length} "
-                "tokens (set data.pad_to_multiple to parallel.document_multiple, and "
-                "data.seq_length to a multiple of 2*cp*tp)")
+                "tokens (set data.pad_to_multiple to a multiple of 2*cp, x tp with sequence "
+                "parallelism, and data.seq_length to a multiple of 2*cp*tp)")
 
 
 def cp_partition_index(cu_seqlens_padded: Tensor | list[int], total: int, cp_size: int,

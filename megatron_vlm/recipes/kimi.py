@@ -100,7 +100,7 @@ def _k25(*, seq: int, yarn_factor: float, recompute: str, parallel: ParallelConf
         model=_vlm(llm),
         parallel=parallel,
         data=DataConfig(
-            seq_length=seq, global_batch_size=global_batch, tokenizer_vocab_size=163840,
+            seq_length=seq, global_batch_size=global_batch, require_inputs=True,
             pad_to_multiple=align,
             multimodal=MultimodalDataConfig(
                 stage=stage, max_patches_per_micro_batch=patches, image_max_patches=4096,
@@ -205,7 +205,7 @@ def kimi_vl_a3b() -> JobConfig:
         parallel=ParallelConfig(tp=2, pp=1, cp=1, ep=8, etp=1, sequence_parallel=True,
                                 use_distributed_optimizer=True),
         data=DataConfig(
-            seq_length=8192, global_batch_size=1024, tokenizer_vocab_size=163840,
+            seq_length=8192, global_batch_size=1024, require_inputs=True,
             multimodal=MultimodalDataConfig(
                 stage="joint", max_patches_per_micro_batch=16384, image_max_patches=4096,
                 video_chunk_max_patches=1024, num_workers=4)),

@@ -8,22 +8,26 @@ from pathlib import Path
 import torch.distributed as dist
 
 from megatron_vlm.config.job import JobConfig
+from megatron_vlm.config.model import TOKEN_ID_NAMES, TokenIdsConfig
 from megatron_vlm.data.contract import PackedBatch
 from megatron_vlm.data.corpus import bundled_corpus_dir
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
 from megatron_vlm.data.mm_loader import MultimodalLoader
 from megatron_vlm.data.text_loader import TextLoader, validation_batches
-from megatron_vlm.data.tokenizer import SentencePieceTokenizer, get_or_train_tokenizer
+from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, get_or_train_tokenizer
+from megatron_vlm.data.tokenizer_loader import load_tokenizer
 
 
 @dataclass
 class DataSetup:
     """What the trainer needs from the data side."""
 
-    tokenizer: SentencePieceTokenizer | SpecialTokensTokenizer
+    tokenizer: Tokenizer
     loader: TextLoader | MultimodalLoader
     valid: dict[str, list[PackedBatch]]
     """Held-out micro-batches per dataset name (this DP rank's share)."""
+    token_ids: TokenIdsConfig | None = None
+    """``model.token_ids`` resolved against the tokenizer (what checkpoints record)."""
 
     def metrics(self) -> dict[str, float]:
         """Loader metrics (realised mix per dataset and modality, skips); empty for text."""
@@ -35,9 +39,8 @@ class DataSetup:
             self.loader.close()
 
 
-def _tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> SentencePieceTokenizer:
-    if job.data.tokenizer_model:
-        return SentencePieceTokenizer(job.data.tokenizer_model)
+def _trained_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> SentencePieceTokenizer:
+    """The tiny recipes' SentencePiece model, trained on the corpus into the run directory."""
     # Rank 0 trains (or reuses) the run's tokenizer; the others wait and load the same file.
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
@@ -51,24 +54,89 @@ def _tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> SentencePiece
     return tok
 
 
+def build_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Tokenizer:
+    """The run's tokenizer: ``data.tokenizer`` if set (media tokens must be in it), else a
+    SentencePiece model trained here; a VLM's SentencePiece gets the media tokens appended.
+
+    Raises:
+        ValueError: A tokenizer that cannot be read, lacks the media tokens a VLM needs, or has
+            more ids than ``model.llm.vocab_size``.
+    """
+    if job.data.tokenizer:
+        tok = load_tokenizer(job.data.tokenizer, job.data.tokenizer_type)
+        if isinstance(tok, SentencePieceTokenizer) and job.model.is_vlm:
+            tok = SpecialTokensTokenizer(tok)
+    else:
+        tok = _trained_tokenizer(job, corpus_dir, run_dir)
+        if job.model.is_vlm:
+            tok = SpecialTokensTokenizer(tok)
+    rows = embedding_rows(tok, job.model.is_vlm)  # raises naming missing media tokens
+    if rows > job.model.llm.vocab_size:
+        raise ValueError(
+            f"the tokenizer ({tok.describe()}) has {rows} ids but "
+            f"model.llm.vocab_size={job.model.llm.vocab_size}; set model.llm.vocab_size >= "
+            f"{rows} or use the model's own tokenizer")
+    return tok
+
+
+def embedding_rows(tok: Tokenizer, is_vlm: bool) -> int:
+    """Embedding rows the tokenizer needs: its ids, less media placeholders at the top of the
+    range (Kimi's video placeholder is the first id past the table: the model replaces
+    placeholders with vision features before the lookup, so they need no row)."""
+    rows = tok.vocab_size
+    if is_vlm:
+        placeholders = tok.media_token_ids().placeholder_ids
+        while rows - 1 in placeholders:
+            rows -= 1
+    return rows
+
+
+def tokenizer_token_ids(tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
+    """The special-token ids a model trained with ``tok`` carries (for its HF config)."""
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    if is_vlm:
+        media = tok.media_token_ids()
+        ids.update(image=media.image_placeholder, video=media.video_placeholder,
+                   media_begin=media.media_begin, media_content=media.media_content,
+                   media_end=media.media_end)
+    return TokenIdsConfig(**ids)
+
+
+def resolve_token_ids(configured: TokenIdsConfig, tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
+    """``model.token_ids`` filled from the tokenizer; a configured id must equal the tokenizer's.
+
+    Raises:
+        ValueError: Naming each ``model.token_ids.<name>`` that disagrees with the tokenizer.
+    """
+    actual = tokenizer_token_ids(tok, is_vlm)
+    wrong = [f"model.token_ids.{name}={getattr(configured, name)} but the tokenizer has "
+             f"{getattr(actual, name)}" for name in TOKEN_ID_NAMES
+             if getattr(configured, name) is not None
+             and getattr(configured, name) != getattr(actual, name)]
+    if wrong:
+        raise ValueError("; ".join(wrong) + f" ({tok.describe()}); leave them null to take the "
+                         "tokenizer's ids")
+    return actual
+
+
 def build_data(job: JobConfig, dp_rank: int, dp_size: int, run_dir: Path) -> DataSetup:
     """Tokenizer, loader and validation batches for this data-parallel rank."""
     corpus_dir = Path(job.data.corpus_dir) if job.data.corpus_dir else bundled_corpus_dir()
-    tok = _tokenizer(job, corpus_dir, Path(run_dir))
-    if job.data.multimodal is not None:
-        if job.data.global_batch_size % dp_size:
-            raise ValueError(
-                f"data.global_batch_size={job.data.global_batch_size} is not divisible by the "
-                f"data-parallel size {dp_size}; use a multiple of {dp_size}")
-        return _build_multimodal(job, tok, dp_rank, dp_size)
-    if tok.vocab_size > job.model.llm.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tok.vocab_size} ids but model.llm.vocab_size="
-            f"{job.model.llm.vocab_size}; set model.llm.vocab_size >= {tok.vocab_size}")
+    tok = build_tokenizer(job, corpus_dir, Path(run_dir))
+    token_ids = resolve_token_ids(job.model.token_ids, tok, job.model.is_vlm)
+    setup = _build_loaders(job, tok, corpus_dir, dp_rank, dp_size)
+    setup.token_ids = token_ids
+    return setup
+
+
+def _build_loaders(job: JobConfig, tok: Tokenizer, corpus_dir: Path, dp_rank: int,
+                   dp_size: int) -> DataSetup:
     if job.data.global_batch_size % dp_size:
         raise ValueError(
             f"data.global_batch_size={job.data.global_batch_size} is not divisible by the "
             f"data-parallel size {dp_size}; use a multiple of {dp_size}")
+    if job.data.multimodal is not None:
+        return _build_multimodal(job, tok, dp_rank, dp_size)
     loader = TextLoader(
         corpus_dir / "train.txt", tok, seq_length=job.data.seq_length,
         global_batch_size=job.data.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -80,17 +148,12 @@ def build_data(job: JobConfig, dp_rank: int, dp_size: int, run_dir: Path) -> Dat
     return DataSetup(tok, loader, {"text": all_valid[dp_rank::dp_size]})
 
 
-def _build_multimodal(job: JobConfig, tok, dp_rank: int, dp_size: int) -> DataSetup:
-    """energon loader over the multimodal shards; media tokens appended to the tokenizer."""
-    mm_tok = SpecialTokensTokenizer(tok)
-    if mm_tok.vocab_size > job.model.llm.vocab_size:
-        raise ValueError(
-            f"tokenizer with media tokens has {mm_tok.vocab_size} ids but model.llm.vocab_size="
-            f"{job.model.llm.vocab_size}; set model.llm.vocab_size >= {mm_tok.vocab_size}")
+def _build_multimodal(job: JobConfig, tok: Tokenizer, dp_rank: int, dp_size: int) -> DataSetup:
+    """energon loader over the multimodal shards."""
     loader = MultimodalLoader(
-        job.data.multimodal, mm_tok, seq_length=job.data.seq_length,
+        job.data.multimodal, tok, seq_length=job.data.seq_length,
         global_batch_size=job.data.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=job.data.seed, pad_to_multiple=job.data.pad_to_multiple,
     )
     # Already this rank's share of each dataset's val split.
-    return DataSetup(mm_tok, loader, loader.validation_batches(job.train.eval_batches))
+    return DataSetup(tok, loader, loader.validation_batches(job.train.eval_batches))

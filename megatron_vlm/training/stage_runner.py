@@ -40,13 +40,13 @@ def stage_jobs(names: Sequence[str], out_dir: str | Path, overrides: Sequence[st
 
 
 def _with_tokenizer(job: JobConfig, first: JobConfig) -> JobConfig:
-    if job.data.tokenizer_model or job is first:
+    if job.data.tokenizer or job is first:
         return job
     models = sorted(Path(first.train.output_dir).glob("spm_*.model"))
-    tok = first.data.tokenizer_model or (str(models[0]) if models else None)
+    tok = first.data.tokenizer or (str(models[0]) if models else None)
     if tok is None:
         raise FileNotFoundError(f"no tokenizer (spm_*.model) in {first.train.output_dir}")
-    return apply_overrides(job, [f"data.tokenizer_model={tok}"])
+    return apply_overrides(job, [f"data.tokenizer={tok}"])
 
 
 def run_stages(jobs: list[JobConfig], in_process: bool = False, nproc: int = 1) -> None:

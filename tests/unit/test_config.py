@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
+import typing
+from pathlib import Path
 
 import pytest
 
 from megatron_vlm.config import JobConfig, apply_overrides, load_yaml
+from megatron_vlm.config.job import _dataclass_of
 from megatron_vlm.recipes import RECIPES, get_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -71,3 +78,82 @@ def test_data_parallel_size_derivation():
 def test_warmup_longer_than_run_is_a_config_error():
     with pytest.raises(ValueError, match="optim.warmup_steps=10 must be < train.steps=6"):
         apply_overrides(get_recipe("tiny_text_cpu"), ["train.steps=6"])
+
+
+def test_overrides_reach_dict_entries():
+    """``dict[str, X]`` fields are walked by key (stage mixes, their weights, dataset paths)."""
+    job = apply_overrides(get_recipe("tiny_cpu"), [
+        "data.multimodal.mixes.joint.weights.text=0.5", "data.multimodal.datasets.video=/d/v",
+        "data.multimodal.mixes.late={weights: {text: 1.0}, unit: samples}",
+        "data.multimodal.stage=late"])
+    mm = job.data.multimodal
+    assert mm.mixes["joint"].weights["text"] == 0.5 and mm.datasets == {"video": "/d/v"}
+    assert mm.mixes["late"].weights == {"text": 1.0} and mm.mixes["late"].unit == "samples"
+    assert mm.mix is mm.mixes["late"]
+    with pytest.raises(ValueError, match=r"mixes has no entry 'nope' \(it has \['alignment'"):
+        apply_overrides(get_recipe("tiny_cpu"), ["data.multimodal.mixes.nope.weights.text=1"])
+    with pytest.raises(ValueError, match="expected a number"):
+        apply_overrides(get_recipe("tiny_cpu"), ["data.multimodal.mixes.joint.weights.text=[1]"])
+
+
+def test_override_under_a_null_section_is_a_config_error_and_can_create_it():
+    text = get_recipe("tiny_text_cpu")
+    with pytest.raises(ValueError, match=r"data.multimodal is null.*data.multimodal=\{\}"):
+        apply_overrides(text, ["data.multimodal.num_workers=0"])
+    with pytest.raises(ValueError, match="model.vision is null"):
+        apply_overrides(text, ["model.vision.hidden_size=8"])
+    vlm = get_recipe("tiny_cpu")
+    # Creating a section validates it with its defaults; removing it with null.
+    with pytest.raises(ValueError, match="data.multimodal needs a VLM"):
+        apply_overrides(text, ["data.multimodal={}"])
+    assert apply_overrides(vlm, ["data.multimodal=null", "model.vision=null",
+                                 "model.projector=null"]).data.multimodal is None
+
+
+def test_a_list_for_a_string_field_is_refused():
+    with pytest.raises(ValueError, match="expected a single string, got a list"):
+        apply_overrides(get_recipe("tiny_text_cpu"), ["train.output_dir=[a, b]"])
+    with pytest.raises(ValueError, match="is a section"):
+        apply_overrides(get_recipe("tiny_text_cpu"), ["model.llm=3"])
+    assert apply_overrides(get_recipe("tiny_text_cpu"),
+                           ["train.output_dir=123"]).train.output_dir == "123"
+
+
+_KEY = re.compile(r"(?<![\w./])(?:model|parallel|data|optim|train|checkpoint)"
+                  r"(?:\.[a-z_][a-z0-9_]*)+(?![\w/])")
+_FILE = re.compile(r"\.(?:py|txt|yaml|json|jsonl|model)$")
+
+
+def _is_config_key(path: str) -> bool:
+    """Whether ``a.b.c`` walks JobConfig's fields (and dict entries)."""
+    tp = JobConfig
+    for part in path.split("."):
+        sub = _dataclass_of(tp)
+        if sub is not None:
+            hints = typing.get_type_hints(sub)
+            if part not in hints:
+                return False
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return False
+    return True
+
+
+def test_error_messages_name_real_config_keys():
+    """Every ``section.field`` written in a raised error's text is a real config key (messages
+    once said ``data_mm.root`` and ``model.yarn.factor``, which are not)."""
+    assert not _is_config_key("data_mm.root") and not _is_config_key("model.yarn.factor")
+    assert _is_config_key("data.multimodal.mixes.joint.weights")
+    bad = []
+    for path in sorted((ROOT / "megatron_vlm").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Raise):
+                continue
+            for const in ast.walk(node):
+                if isinstance(const, ast.Constant) and isinstance(const.value, str):
+                    bad += [f"{path.relative_to(ROOT)}:{const.lineno}: {key}"
+                            for key in _KEY.findall(const.value)
+                            if not _FILE.search(key) and not _is_config_key(key)]
+    assert not bad, bad
