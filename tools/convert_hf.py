@@ -3,14 +3,22 @@
     python tools/convert_hf.py import HF_DIR OUT_ROOT [--params-dtype fp32|bf16]
     python tools/convert_hf.py export CKPT OUT_DIR [--family kimi_k25|deepseek_v3]
                                        [--dtype bf16|fp32] [--max-shard-gb 5]
-                                       [--int4-experts]
+                                       [--int4-experts] [--tokenizer PATH]
 
 ``import`` writes ``OUT_ROOT/step_0000000/`` (model weights only: step 0, no optimizer or data
-state) and ``OUT_ROOT/job.yaml`` (the model as a job config to edit); ``export`` takes a step directory or a checkpoint root (newest complete
-checkpoint) and writes release-named shards, ``model.safetensors.index.json`` and
-``config.json``; with ``--int4-experts`` the routed experts are written as the K2.5 release ships
-them (compressed-tensors INT4 pack-quantized, group 32, plus its ``quantization_config``), the
-rest bf16. Both stream tensor by tensor and leave nothing behind on error.
+state) and ``OUT_ROOT/job.yaml`` (the model as a job config to edit; its ``model.token_ids`` come
+from config.json, and ``data.tokenizer`` is HF_DIR when it ships a tokenizer that agrees).
+
+``export`` takes a step directory or a checkpoint root (newest complete checkpoint) and writes a
+directory transformers loads and uses offline: release-named shards,
+``model.safetensors.index.json``, ``config.json`` with the special-token ids the model was trained
+with (``model.token_ids``), the run's tokenizer (``data.tokenizer``, or ``--tokenizer PATH``;
+Kimi's tiktoken tokenizer also as a ``tokenizer.json`` that needs no remote code) and
+``chat_template.jinja``, the image/video processor configs with the run's sizing (K2.5) and
+``generation_config.json``; files 0644 (less the umask). With ``--int4-experts`` the routed
+experts are written as the K2.5 release ships them (compressed-tensors INT4 pack-quantized,
+group 32, plus its ``quantization_config``), the rest bf16. Both stream tensor by tensor and
+leave nothing behind on error.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--int4-experts", action="store_true",
                      help="routed experts as the K2.5 release ships them: compressed-tensors "
                           "INT4 pack-quantized, group 32 (bf16 only; needs megatron_vlm[int4])")
+    exp.add_argument("--tokenizer", type=Path, default=None,
+                     help="tokenizer to ship (directory or file); default: the run's "
+                          "(data.tokenizer, or the tiny run's trained SentencePiece model)")
     sig = sub.add_parser("import-siglip", help="SiglipVisionModel -> MoonViT weights")
     sig.add_argument("hf_dir", type=Path)
     sig.add_argument("out", type=Path, help="safetensors file to create")
@@ -54,14 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             result = import_hf(args.hf_dir, args.out, params_dtype=args.params_dtype,
                                progress=not args.quiet)
             print(f"imported {result.num_tensors} tensors ({result.family}) -> "
-                  f"{result.checkpoint}; skipped: {result.skipped or 'none'}")
+                  f"{result.checkpoint}; skipped: {result.skipped or 'none'}; data.tokenizer: "
+                  f"{result.tokenizer or 'unset'}")
         elif args.command == "export":
             result = export_hf(args.checkpoint, args.out, family=args.family, dtype=args.dtype,
                                max_shard_bytes=int(args.max_shard_gb * 2**30),
-                               progress=not args.quiet, int4_experts=args.int4_experts)
+                               progress=not args.quiet, int4_experts=args.int4_experts,
+                               tokenizer=args.tokenizer)
             int4 = f", {result.num_int4} INT4" if args.int4_experts else ""
             print(f"exported {result.num_tensors} tensors{int4} ({result.total_bytes / 1e9:.3f} "
-                  f"GB, {result.family}) -> {result.out}")
+                  f"GB, {result.family}) -> {result.out}; tokenizer: {result.tokenizer}; "
+                  f"token ids: {result.token_ids}")
         else:
             from megatron_vlm.convert.siglip import import_siglip
 

@@ -4,7 +4,9 @@
 family and the key layouts it accepts), ``hf_config.py`` (config.json <-> our config),
 ``hf_io.py`` (streaming safetensors), ``mcore.py`` (our checkpoints, tensor by tensor),
 ``importer.py`` / ``exporter.py`` / ``siglip.py`` (the conversions ``tools/convert_hf.py`` runs),
-``int4.py`` (K2.5's INT4 routed experts, through compressed-tensors).
+``int4.py`` (K2.5's INT4 routed experts, through compressed-tensors), ``tokenizer_export.py``
+(the run's tokenizer and special-token ids beside an export) and ``hf_assets.py`` (processor and
+generation configs, file modes).
 
 INT4 export (``convert_hf.py export CKPT OUT --int4-experts``, needs ``megatron_vlm[int4]``)
 writes a trained model in the K2.5 release's format, so it serves like the release

@@ -5,6 +5,11 @@ global; TP only changes the vocabulary padding) and with the local or the Transf
 (the table carries both names). Tensors are read a group at a time (``read_group_bytes``) and
 written shard by shard, into a temporary directory renamed into place at the end.
 
+Beside the weights: ``config.json`` with the special-token ids the model was trained with, the
+run's tokenizer (loadable by ``AutoTokenizer`` offline, without remote code) and chat template,
+the image/video processor configs and ``generation_config.json`` (``tokenizer_export.py``,
+``hf_assets.py``); every file readable by the group (0644, directories 0755, less the umask).
+
 ``int4_experts=True`` writes the release's format: routed experts (the rules marked ``int4``) as
 compressed-tensors ``pack-quantized`` INT4, quantised one tensor at a time as they stream through
 (``int4.py``), everything else bf16, and the release's ``quantization_config`` in config.json.
@@ -17,18 +22,34 @@ import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from tqdm import tqdm
 
+from megatron_vlm.config.data import DataConfig
+from megatron_vlm.config.model import ModelConfig, TokenIdsConfig
+from megatron_vlm.convert.hf_assets import (
+    generation_config,
+    make_readable,
+    processor_configs,
+    write_json,
+)
 from megatron_vlm.convert.hf_config import model_to_hf
 from megatron_vlm.convert.hf_io import ShardedSafetensorsWriter
-from megatron_vlm.convert.int4 import quantize_int4, release_freed_heap, require_library
 from megatron_vlm.convert.importer import context_for, load_job_model, table_for
+from megatron_vlm.convert.int4 import quantize_int4, release_freed_heap, require_library
 from megatron_vlm.convert.rules import ConversionError, Table
 from megatron_vlm.convert.tables import FAMILIES
+from megatron_vlm.convert.tokenizer_export import (
+    RunTokenizer,
+    check_with_transformers,
+    export_token_ids,
+    run_tokenizer,
+    write_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +107,75 @@ class ExportResult:
     te_layout: bool
     num_int4: int = 0
     """HF weights written as INT4 (``weight_packed``/``weight_scale``/``weight_shape``)."""
+    tokenizer: str = ""
+    """Where the exported tokenizer came from, or why there is none."""
+    token_ids: dict[str, int | None] = field(default_factory=dict)
+    """The special-token ids written (``TokenIdsConfig`` names)."""
+    notes: list[str] = field(default_factory=list)
+    """What the export could not carry over exactly (also logged as warnings)."""
+
+
+@dataclass
+class _Run:
+    """What the checkpoint's job config says about its run beyond the model."""
+
+    model: ModelConfig
+    data: DataConfig | None
+    run_dirs: list[Path]
+
+
+def _read_run(config_yaml: str, step_dir: Path) -> _Run:
+    """The model (required) and, leniently, the data section and run directory candidates."""
+    model = load_job_model(config_yaml)
+    raw = yaml.safe_load(config_yaml) or {}
+    data = None
+    if isinstance(raw.get("data"), dict):
+        from megatron_vlm.config.job import from_dict
+
+        try:
+            data = from_dict(DataConfig, raw["data"])
+        except (TypeError, ValueError) as e:  # a config this version cannot read: no tokenizer
+            logger.warning("the checkpoint's data config cannot be read (%s)", e)
+    output_dir = (raw.get("train") or {}).get("output_dir")
+    # The run directory is train.output_dir, relative to wherever the run started (so only an
+    # absolute one is trusted); checkpoints default to <output_dir>/checkpoints/step_N.
+    dirs = [Path(output_dir)] if output_dir and Path(output_dir).is_absolute() else []
+    dirs.append(step_dir.resolve().parent.parent)
+    return _Run(model, data, list(dict.fromkeys(dirs)))
+
+
+def _write_assets(out: Path, run: _Run, family: str, tok: RunTokenizer,
+                  ids: TokenIdsConfig) -> list[str]:
+    """Tokenizer, chat template, processor and generation configs into ``out``; returns notes."""
+    notes = []
+    if tok.tokenizer is not None:
+        write_tokenizer(tok.tokenizer, out)
+    if family == "kimi_k25":
+        files, mm_notes = processor_configs(
+            run.model, run.data.multimodal if run.data is not None else None)
+        for name, content in files.items():
+            write_json(out / name, content)
+        notes += mm_notes
+    gen = generation_config(ids)
+    if gen is not None:
+        write_json(out / "generation_config.json", gen)
+    if tok.tokenizer is not None:
+        problem = check_with_transformers(out, tok.tokenizer)
+        if problem is not None:
+            notes.append(f"exported tokenizer: {problem}")
+    return notes
 
 
 def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: str = "bf16",
               max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**28,
-              progress: bool = True, int4_experts: bool = False) -> ExportResult:
-    """Write ``out`` (must not exist): safetensors shards, index, ``config.json``.
+              progress: bool = True, int4_experts: bool = False,
+              tokenizer: Path | None = None) -> ExportResult:
+    """Write ``out`` (must not exist): safetensors shards, index, ``config.json``, and the
+    tokenizer / processor / generation files (module docstring).
 
     ``int4_experts``: routed experts as the K2.5 release ships them (INT4, see ``int4.py``);
     needs ``dtype="bf16"`` (the release's dtype for everything else).
+    ``tokenizer``: the tokenizer to ship (default: the run's, ``tokenizer_export.run_tokenizer``).
     """
     from megatron_vlm.checkpoint.manifest import verify_checkpoint
     from megatron_vlm.convert.mcore import (
@@ -116,9 +197,12 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
         raise ConversionError(f"output {out} exists; choose a new directory")
     step_dir = resolve_step_dir(checkpoint)
     manifest = verify_checkpoint(step_dir)
-    model = load_job_model(manifest["config_yaml"])
+    run = _read_run(manifest["config_yaml"], step_dir)
+    model = run.model
     family = family or ("kimi_k25" if model.is_vlm else "deepseek_v3")
-    hf_config = model_to_hf(model, family, dtype, int4_experts=int4_experts)
+    tok = run_tokenizer(run.data, model.is_vlm, run.run_dirs, tokenizer)
+    token_ids, notes = export_token_ids(model, tok)
+    hf_config = model_to_hf(model, family, dtype, int4_experts=int4_experts, token_ids=token_ids)
     ctx = context_for(model, rope_interleave=True)
     table = table_for(FAMILIES[family], model, ctx)
     slots = tensor_slots(build_meta_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA)))
@@ -159,9 +243,16 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
                     release_freed_heap()
         writer.close()
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        notes += _write_assets(tmp, run, family, tok, token_ids)
+        make_readable(tmp)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("exported %d tensors (%.2f GB) to %s", count, writer.total_bytes / 1e9, out)
-    return ExportResult(out, family, count, writer.total_bytes, te_layout, num_int4)
+    if tok.tokenizer is None:
+        notes.append(f"no tokenizer exported: {tok.source}")
+    for note in notes:
+        logger.warning("export: %s", note)
+    return ExportResult(out, family, count, writer.total_bytes, te_layout, num_int4,
+                        tokenizer=tok.source, token_ids=token_ids.as_dict(), notes=notes)

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from megatron_vlm.config.model import LLMConfig, ModelConfig, YarnConfig
+from megatron_vlm.config.model import LLMConfig, ModelConfig, TokenIdsConfig, YarnConfig
 from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
 from megatron_vlm.convert.int4 import check_quantization_config, quantization_config
 from megatron_vlm.convert.rules import ConversionError
@@ -27,6 +27,15 @@ from megatron_vlm.convert.tables import Family, family_of
 
 IMAGE_TOKEN_ID = 163605
 VIDEO_TOKEN_ID = 163840
+VISION_START_TOKEN_ID = 163602
+VISION_END_TOKEN_ID = 163604
+KIMI_K25_MEDIA_DEFAULTS = {"image": IMAGE_TOKEN_ID, "video": VIDEO_TOKEN_ID,
+                           "media_begin": VISION_START_TOKEN_ID, "media_end": VISION_END_TOKEN_ID}
+"""``Kimi_K25Config``'s default media ids (Kimi's tokenizer): what an export writes for a model
+whose ids are known neither from its config nor from its tokenizer."""
+_HF_MEDIA_KEYS = {"image": "image_token_id", "video": "video_token_id",
+                  "media_begin": "vision_start_token_id", "media_end": "vision_end_token_id"}
+_HF_DOCUMENT_KEYS = {"bos": "bos_token_id", "eos": "eos_token_id", "pad": "pad_token_id"}
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:
@@ -222,7 +231,8 @@ def model_from_hf(cfg: dict[str, Any], family: Family,
     check_quantization_config(cfg)
     if family.name == "deepseek_v3":
         llm, interleave = llm_from_hf(cfg)
-        return ModelConfig(llm=llm, params_dtype=params_dtype), interleave
+        return ModelConfig(llm=llm, params_dtype=params_dtype,
+                           token_ids=token_ids_from_hf(cfg, family)), interleave
     text = dict(cfg["text_config"])
     llm, interleave = llm_from_hf(text)
     vision = moonvit_from_hf(cfg.get("vision_config") or {})
@@ -238,19 +248,45 @@ def model_from_hf(cfg: dict[str, Any], family: Family,
     projector = ProjectorConfig(vision_hidden_size=vision.hidden_size,
                                 merge_size=vision.merge_size, output_size=llm.hidden_size,
                                 norm_epsilon=eps)
-    return ModelConfig(llm=llm, vision=vision, projector=projector,
-                       params_dtype=params_dtype), interleave
+    return ModelConfig(llm=llm, vision=vision, projector=projector, params_dtype=params_dtype,
+                       token_ids=token_ids_from_hf(cfg, family)), interleave
 
 
-def model_to_hf(model: ModelConfig, family: str, dtype: str,
-                int4_experts: bool = False) -> dict[str, Any]:
+def _int_or_none(value: Any) -> int | None:
+    # A list (generation configs allow several eos ids) keeps its first: ours is one id.
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return None if value is None else int(value)
+
+
+def token_ids_from_hf(cfg: dict[str, Any], family: Family) -> TokenIdsConfig:
+    """The special-token ids an HF config names (None where it names none; ``media_content``
+    never is: it lives in the tokenizer alone). Document ids from ``text_config`` (K2.5,
+    Kimi-VL) or the top level; Kimi-VL's image id is ``media_placeholder_token_id``."""
+    text = cfg if family.name == "deepseek_v3" else (cfg.get("text_config") or {})
+    ids = {name: _int_or_none(_pick(text, key, default=cfg.get(key)))
+           for name, key in _HF_DOCUMENT_KEYS.items()}
+    if family.name != "deepseek_v3":
+        ids.update({name: _int_or_none(cfg.get(key)) for name, key in _HF_MEDIA_KEYS.items()})
+        if ids["image"] is None:
+            ids["image"] = _int_or_none(cfg.get("media_placeholder_token_id"))
+    return TokenIdsConfig(**ids)
+
+
+def model_to_hf(model: ModelConfig, family: str, dtype: str, int4_experts: bool = False,
+                token_ids: TokenIdsConfig | None = None) -> dict[str, Any]:
     """config.json for ``family`` (``kimi_k25`` or ``deepseek_v3``) that transformers loads.
 
     ``int4_experts``: the release's ``quantization_config`` (``int4.py``), in ``text_config``
     for K2.5 as the release has it, top level for a DeepSeek-V3/K2 LLM.
+    ``token_ids``: the ids to write (default ``model.token_ids``): bos/eos/pad in the text
+    config where known; media ids, where unknown, ``Kimi_K25Config``'s defaults.
     """
     torch_dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
+    ids = token_ids if token_ids is not None else model.token_ids
     text = llm_to_hf(model.llm)
+    text.update({key: getattr(ids, name) for name, key in _HF_DOCUMENT_KEYS.items()
+                 if getattr(ids, name) is not None})
     if int4_experts:
         _require(model.llm.num_experts, "--int4-experts: the model has no routed experts")
         text["quantization_config"] = quantization_config(vlm=family == "kimi_k25")
@@ -265,7 +301,8 @@ def model_to_hf(model: ModelConfig, family: str, dtype: str,
         "text_config": text, "vision_config": moonvit_to_hf(model.vision),
         "projection_hidden_size": model.vision.hidden_size,
         "projection_layer_norm_eps": model.projector.norm_epsilon,
-        "image_token_id": IMAGE_TOKEN_ID, "video_token_id": VIDEO_TOKEN_ID,
+        **{key: KIMI_K25_MEDIA_DEFAULTS[name] if getattr(ids, name) is None else getattr(ids, name)
+           for name, key in _HF_MEDIA_KEYS.items()},
         "tie_word_embeddings": not model.llm.untie_embeddings, "dtype": torch_dtype,
     }
 

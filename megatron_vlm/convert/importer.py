@@ -152,10 +152,44 @@ def producer(plan: ImportPlan, source: TensorSource, ctx: ConvertContext,
     return produce
 
 
-def job_yaml(model: ModelConfig, name: str) -> str:
+def job_yaml(model: ModelConfig, name: str, tokenizer: str | None = None) -> str:
     """A JobConfig YAML for the imported model (``--config`` it, then set data/optim/train)."""
     seq = max(8, min(DataConfig().seq_length, model.llm.max_position_embeddings))
-    return JobConfig(name=name, model=model, data=DataConfig(seq_length=seq)).to_yaml()
+    return JobConfig(name=name, model=model,
+                     data=DataConfig(seq_length=seq, tokenizer=tokenizer)).to_yaml()
+
+
+def adopt_hf_tokenizer(model: ModelConfig, hf_dir: Path) -> str | None:
+    """The tokenizer shipped in ``hf_dir`` as ``data.tokenizer`` (its absolute path), with the
+    ids the HF config does not name (``media_content``; any other it lacks) filled in from it.
+
+    None, leaving ``model.token_ids`` as the config has them, when ``hf_dir`` holds no tokenizer
+    we can read or one whose ids differ from the config's (logged: training would refuse it).
+    """
+    from megatron_vlm.config.model import TOKEN_ID_NAMES
+    from megatron_vlm.convert.tokenizer_export import tokenizer_token_ids
+    from megatron_vlm.data.tokenizer_loader import load_tokenizer
+
+    try:
+        tok = load_tokenizer(hf_dir)
+        ids = tokenizer_token_ids(tok, model.is_vlm)
+    except (ValueError, ConversionError) as e:
+        logger.info("no usable tokenizer in %s (%s): job.yaml leaves data.tokenizer unset",
+                    hf_dir, e)
+        return None
+    config_ids = model.token_ids
+    wrong = [f"{n}: config {getattr(config_ids, n)}, tokenizer {getattr(ids, n)}"
+             for n in TOKEN_ID_NAMES if getattr(config_ids, n) is not None
+             and getattr(ids, n) is not None and getattr(config_ids, n) != getattr(ids, n)]
+    if wrong:
+        logger.warning("the tokenizer in %s (%s) disagrees with config.json on %s: job.yaml "
+                       "keeps config.json's ids and leaves data.tokenizer unset", hf_dir,
+                       tok.describe(), "; ".join(wrong))
+        return None
+    for n in TOKEN_ID_NAMES:
+        if getattr(config_ids, n) is None:
+            setattr(config_ids, n, getattr(ids, n))
+    return str(hf_dir.resolve())
 
 
 @dataclass
@@ -166,6 +200,8 @@ class ImportResult:
     family: str
     num_tensors: int
     skipped: dict[str, int]
+    tokenizer: str | None = None
+    """``data.tokenizer`` in the written job.yaml: ``hf_dir`` when it ships a usable tokenizer."""
 
 
 def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
@@ -174,7 +210,9 @@ def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
 
     Writes ``out/step_0000000/`` (a model-only checkpoint: step 0, no optimizer, scheduler or
     data state; ``checkpoint.load_checkpoint(..., load_optimizer=False)`` reads it) and
-    ``out/job.yaml`` (the model config as a job to edit). On any error nothing is left behind.
+    ``out/job.yaml`` (the model config as a job to edit: ``model.token_ids`` from config.json,
+``data.tokenizer`` = ``hf_dir`` when it ships a tokenizer that agrees with them). On any error
+nothing is left behind.
     """
     from megatron_vlm.convert.mcore import (
         SHARDED_METADATA,
@@ -191,6 +229,7 @@ def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
         raise ConversionError("SigLIP checkpoints initialise a vision tower: use "
                               "`convert_hf.py import-siglip`")
     model, interleave = model_from_hf(cfg, family, params_dtype)
+    tokenizer = adopt_hf_tokenizer(model, hf_dir)
     ctx = context_for(model, interleave)
     table = table_for(family, model, ctx)
     source = open_source(hf_dir, family, ctx)
@@ -206,7 +245,7 @@ def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
     try:
         step_dir = _write(out, meta, producer(plan, source, ctx, expected,
                                                lambda _: bar.update()),
-                          job_yaml(model, f"hf_import:{hf_dir.name}"),
+                          job_yaml(model, f"hf_import:{hf_dir.name}", tokenizer),
                           {"hf_import": {"source": str(hf_dir), "family": family.name}})
     except BaseException:
         if created:
@@ -214,7 +253,8 @@ def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
         raise
     finally:
         bar.close()
-    return ImportResult(step_dir, model, family.name, len(expected), dict(plan.skipped))
+    return ImportResult(step_dir, model, family.name, len(expected), dict(plan.skipped),
+                        tokenizer)
 
 
 def _write(out: Path, meta, produce, config_yaml: str, extra: dict) -> Path:
