@@ -175,64 +175,48 @@ def structural_hash(obj: Any) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
-def diff_fields(a: Any, b: Any, prefix: str) -> list[str]:
-    """Dotted paths where two nested dicts differ, with both values: ``"model.x: 1 != 2"``."""
+ABSENT = object()
+"""A key one of two compared configs lacks (:func:`field_diffs`)."""
+
+
+def field_diffs(a: Any, b: Any, prefix: str) -> list[tuple[str, Any, Any]]:
+    """``(dotted path, value in a, value in b)`` where two nested dicts differ (leaves, or a
+    key only one side has: :data:`ABSENT` on the other)."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b), key=str):
-            key = f"{prefix}.{k}"
-            if k not in a:
-                out.append(f"{key}: absent in checkpoint, {b[k]!r} now")
-            elif k not in b:
-                out.append(f"{key}: {a[k]!r} in checkpoint, absent now")
+            path = f"{prefix}.{k}"
+            if k in a and k in b:
+                out.extend(field_diffs(a[k], b[k], path))
             else:
-                out.extend(diff_fields(a[k], b[k], key))
+                out.append((path, a.get(k, ABSENT), b.get(k, ABSENT)))
         return out
-    return [] if a == b else [f"{prefix}: {a!r} in checkpoint != {b!r} now"]
+    return [] if a == b else [(prefix, a, b)]
 
 
-#: Model fields a resume may change: how the same weights are computed, regularised or logged,
-#: never their shapes or meaning (kernels, recomputation, dropout, QK-Clip, the router's bias
-#: update, initialisation that a load overwrites, the tower's TP mode, which reshards).
-RUNTIME_MODEL_FIELDS = (
-    "model.kernels",
-    "model.llm.recompute", "model.llm.recompute_num_layers", "model.llm.recompute_modules",
-    "model.llm.attention_dropout", "model.llm.hidden_dropout", "model.llm.init_method_std",
-    "model.llm.qk_clip", "model.llm.qk_clip_threshold", "model.llm.log_max_attention_logit",
-    "model.llm.moe_router_bias_update_rate", "model.llm.moe_aux_loss_coeff",
-    "model.llm.moe_token_dispatcher",
-    "model.vision.recompute", "model.vision.recompute_num_layers",
-    "model.vision.attention_dropout", "model.vision.hidden_dropout",
-    "model.vision.init_method_std", "model.vision.qk_clip", "model.vision.qk_clip_threshold",
-    "model.vision.log_max_attention_logit", "model.vision.parallel_mode",
-    "model.projector.init_method_std",
-)
+def format_diff(path: str, saved: Any, now: Any) -> str:
+    """``"model.x: 1 in checkpoint != 2 now"`` (or which side lacks the field)."""
+    if saved is ABSENT:
+        return f"{path}: absent in checkpoint, {now!r} now"
+    if now is ABSENT:
+        return f"{path}: {saved!r} in checkpoint, absent now"
+    return f"{path}: {saved!r} in checkpoint != {now!r} now"
 
 
-def model_config_diffs(
-    manifest: dict[str, Any], config_yaml: str, ignore: Iterable[str] = ()
-) -> list[str]:
-    """The model fields where ``config_yaml`` differs from the checkpoint's config, with both
-    values (``"model.llm.hidden_size: 64 in checkpoint != 32 now"``), minus those under
-    ``ignore`` (dotted paths, each covering its sub-fields)."""
+def diff_fields(a: Any, b: Any, prefix: str) -> list[str]:
+    """Dotted paths where two nested dicts differ, with both values: ``"model.x: 1 != 2"``."""
+    return [format_diff(*d) for d in field_diffs(a, b, prefix)]
+
+
+def check_model_config(manifest: dict[str, Any], config_yaml: str, ckpt_dir: Path) -> None:
+    """Refuse a checkpoint whose model section differs from ``config_yaml``'s, naming the fields."""
     current = model_section(config_yaml)
     if manifest.get("model_config_sha256") == structural_hash(current):
-        return []
+        return
     saved = model_section(manifest.get("config_yaml"))
-    # Same parsed values with the hash of an older rendering: no diffs, compatible.
     diffs = diff_fields(saved, current, "model")
-    ignore = tuple(ignore)
-    return [d for d in diffs
-            if not any(d.split(":", 1)[0] == f or d.startswith(f + ".") for f in ignore)]
-
-
-def check_model_config(
-    manifest: dict[str, Any], config_yaml: str, ckpt_dir: Path, ignore: Iterable[str] = ()
-) -> None:
-    """Refuse a checkpoint whose model section differs from ``config_yaml``'s, naming the fields
-    (fields under ``ignore`` may differ)."""
-    diffs = model_config_diffs(manifest, config_yaml, ignore)
-    if diffs:
-        raise CheckpointError(
-            f"checkpoint {ckpt_dir} was saved with a different model config: " + "; ".join(diffs)
-        )
+    if not diffs:  # same parsed values, hash of an older rendering: compatible
+        return
+    raise CheckpointError(
+        f"checkpoint {ckpt_dir} was saved with a different model config: " + "; ".join(diffs)
+    )

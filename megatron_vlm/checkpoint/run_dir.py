@@ -27,6 +27,7 @@ this run's at the resume step (the run follows its own schedule, ``optim/schedul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -34,6 +35,7 @@ import os
 import socket
 import threading
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,13 +51,16 @@ from megatron_vlm.checkpoint.dist import (
     optimizer_layout_problem,
 )
 from megatron_vlm.checkpoint.manifest import (
-    RUNTIME_MODEL_FIELDS,
+    ABSENT,
     CheckpointError,
-    model_config_diffs,
+    field_diffs,
+    format_diff,
+    model_section,
     read_manifest,
 )
 from megatron_vlm.config.checkpoint import CheckpointConfig
 from megatron_vlm.config.job import from_dict
+from megatron_vlm.config.model import ModelConfig
 from megatron_vlm.config.optim import OptimConfig
 from megatron_vlm.optim.schedules import lr_at
 
@@ -306,6 +311,69 @@ def choose_start(run_dir: Path, ckpt_root: Path, cfg: CheckpointConfig) -> tuple
                   + "; starting at step 0"]
 
 
+#: Model fields a resume may change: how the same weights are computed, regularised or logged,
+#: never their shapes or meaning (kernels, recomputation, dropout, QK-Clip, the router's bias
+#: update, initialisation that a load overwrites, the tower's TP mode, which reshards).
+RUNTIME_MODEL_FIELDS = (
+    "model.kernels",
+    "model.llm.recompute", "model.llm.recompute_num_layers", "model.llm.recompute_modules",
+    "model.llm.attention_dropout", "model.llm.hidden_dropout", "model.llm.init_method_std",
+    "model.llm.qk_clip", "model.llm.qk_clip_threshold", "model.llm.log_max_attention_logit",
+    "model.llm.moe_router_bias_update_rate", "model.llm.moe_aux_loss_coeff",
+    "model.llm.moe_token_dispatcher",
+    "model.vision.recompute", "model.vision.recompute_num_layers",
+    "model.vision.attention_dropout", "model.vision.hidden_dropout",
+    "model.vision.init_method_std", "model.vision.qk_clip", "model.vision.qk_clip_threshold",
+    "model.vision.log_max_attention_logit", "model.vision.parallel_mode",
+    "model.projector.init_method_std",
+)
+FROM_TOKENIZER = "model.token_ids"
+"""Its fields left null are filled from the tokenizer at start-up (which checks them)."""
+
+
+def _defaults(tp: Any) -> Any:
+    """A config dataclass's default values as a nested dict (optional sections filled in)."""
+    hints = typing.get_type_hints(tp)
+    out = {}
+    for f in dataclasses.fields(tp):
+        sub = next((t for t in (hints[f.name], *typing.get_args(hints[f.name]))
+                    if dataclasses.is_dataclass(t)), None)
+        if sub is not None:
+            out[f.name] = _defaults(sub)
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _at(tree: Any, path: str) -> Any:
+    """The value at dotted ``path`` (its first part naming ``tree`` itself), or ABSENT."""
+    for key in path.split(".")[1:]:
+        tree = tree.get(key, ABSENT) if isinstance(tree, dict) else ABSENT
+    return tree
+
+
+def model_differences(manifest: dict[str, Any], config_yaml: str) -> list[str]:
+    """The model fields that keep this run from resuming a checkpoint (``"model.llm.num_layers:
+    3 in checkpoint != 2 now"``): every difference but the runtime fields, token ids left to
+    the tokenizer, a field the checkpoint predates that is at its default now, and a field
+    this version no longer has."""
+    saved, now = model_section(manifest.get("config_yaml")), model_section(config_yaml)
+    defaults = _defaults(ModelConfig)
+    out = []
+    for path, old, new in field_diffs(saved, now, "model"):
+        if any(path == f or path.startswith(f + ".") for f in RUNTIME_MODEL_FIELDS):
+            continue
+        if (path == FROM_TOKENIZER or path.startswith(FROM_TOKENIZER + ".")) and (
+                new is None or old is ABSENT):
+            continue
+        if new is ABSENT or (old is ABSENT and new == _at(defaults, path)):
+            continue
+        out.append(format_diff(path, old, new))
+    return out
+
+
 def resume_problem(ckpt: Path, config_yaml: str) -> str | None:
     """Why this run cannot resume ``ckpt`` (a different model, or optimizer state this parallel
     layout cannot take), naming the fields; None when it can. Needs megatron's parallel state
@@ -314,7 +382,7 @@ def resume_problem(ckpt: Path, config_yaml: str) -> str | None:
         manifest = read_manifest(ckpt)
     except CheckpointError as e:
         return f"cannot resume: {e}"
-    diffs = model_config_diffs(manifest, config_yaml, RUNTIME_MODEL_FIELDS)
+    diffs = model_differences(manifest, config_yaml)
     if diffs:
         return (f"cannot resume from {ckpt}: it holds another model ({'; '.join(diffs)}). A "
                 "resume continues the same model; to change it (a new stage: RoPE base, YaRN, "

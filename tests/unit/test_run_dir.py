@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from megatron_vlm.checkpoint import run_dir as rd
 from megatron_vlm.checkpoint.manifest import FORMAT, model_section, structural_hash
@@ -262,6 +263,22 @@ def test_resume_refuses_another_model_naming_the_fields(tmp_path, megatron_group
     runtime = apply_overrides(job, ["model.llm.recompute=full", "model.kernels.backend=local",
                                     "model.llm.hidden_dropout=0.1", "train.steps=999"])
     assert resume_problem(ckpt, runtime.to_yaml()) is None
+
+
+def test_model_fields_new_or_gone_since_the_checkpoint(tmp_path, megatron_groups):
+    """A checkpoint older than a config field: compatible while the field is at its default;
+    token ids left null are filled from the tokenizer (which start-up checks)."""
+    job = get_recipe("tiny_text_cpu")
+    saved = json.loads(json.dumps(job.to_dict()))
+    del saved["model"]["llm"]["untie_embeddings"]  # a field this checkpoint predates
+    saved["model"]["llm"]["gone_field"] = 7  # a field this version no longer has
+    saved["model"]["token_ids"] = {"bos": 1, "eos": 2}
+    manifest = {"config_yaml": yaml.safe_dump(saved), "model_config_sha256": "old"}
+    assert rd.model_differences(manifest, job.to_yaml()) == []
+    changed = apply_overrides(job, ["model.llm.untie_embeddings=false", "model.token_ids.eos=5"])
+    assert rd.model_differences(manifest, changed.to_yaml()) == [
+        "model.llm.untie_embeddings: absent in checkpoint, False now",
+        "model.token_ids.eos: 2 in checkpoint != 5 now"]
 
 
 @pytest.mark.parametrize("layout, manifest, expected", [
