@@ -15,7 +15,7 @@ continues this run's model or says why it cannot.
    * ``require``: the newest complete checkpoint, or :class:`RunDirError` naming the directory.
    * ``checkpoint.load``: that checkpoint.
 3. **Resumable?** (:func:`resume_problem`): the checkpoint must hold this model (every model
-   field but the runtime ones in ``manifest.RUNTIME_MODEL_FIELDS``) and optimizer state this
+   field but the runtime ones, :data:`RUNTIME_MODEL_FIELDS`) and optimizer state this
    parallel layout can take (``dist.optimizer_layout_problem``). TP/PP/EP/CP/DP changes
    otherwise reshard on load. Model changes between stages go through ``checkpoint.init_from``.
 4. ``job.yaml`` is written (after the lock: a refused job leaves the running one's alone).
@@ -87,23 +87,32 @@ class RunLock:
 
     path: Path
     fd: int | None
-    stop: threading.Event = field(default_factory=threading.Event)
+    guard: threading.Lock = field(default_factory=threading.Lock)
+    """Orders the heartbeat's touch against :meth:`release` closing the descriptor."""
+
+    def beat(self) -> None:
+        """Refresh the file's mtime every ``HEARTBEAT_S`` until released (a daemon thread)."""
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self.guard:
+                if self.fd is None:
+                    return
+                with contextlib.suppress(OSError):
+                    os.utime(self.fd)
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        self.stop.set()
-        try:  # unlink before unlocking: a job that opened this file retries on the new one
-            if _same_file(self.fd, self.path):
-                self.path.unlink()
-        except OSError:
-            pass
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+        with self.guard:
+            if self.fd is None:
+                return
+            try:  # unlink before unlocking: a job that opened this file retries on the new one
+                if _same_file(self.fd, self.path):
+                    self.path.unlink()
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -186,8 +195,13 @@ def acquire_run_lock(directory: Path) -> tuple[RunLock, str | None]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
-    busy = (f"run directory {directory} is in use by another job ({{}}; lock {path}): wait for "
-            "it to end or stop it, or choose another train.output_dir / checkpoint.dir")
+
+    def busy(holder: dict | None) -> RunDirError:
+        return RunDirError(
+            f"run directory {directory} is in use by another job ({_describe(holder)}; lock "
+            f"{path}): wait for it to end or stop it, or choose another train.output_dir / "
+            "checkpoint.dir")
+
     try:
         fd, flock_works = _open_locked(path)
     except BlockingIOError:
@@ -196,7 +210,7 @@ def acquire_run_lock(directory: Path) -> tuple[RunLock, str | None]:
             holder = json.loads(path.read_text() or "null")
         except (OSError, ValueError):
             pass
-        raise RunDirError(busy.format(_describe(holder))) from None
+        raise busy(holder) from None
     holder, host, message = _read_holder(fd), socket.gethostname(), None
     if holder and (holder.get("host"), holder.get("pid")) != (host, os.getpid()):
         if holder.get("host") == host:
@@ -205,7 +219,7 @@ def acquire_run_lock(directory: Path) -> tuple[RunLock, str | None]:
             alive = _heartbeat_moves(fd)
         if alive:
             os.close(fd)
-            raise RunDirError(busy.format(_describe(holder)))
+            raise busy(holder)
         message = f"took over the stale lock {path} of {_describe(holder)}: that job is gone"
     mine = {"host": host, "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -213,17 +227,8 @@ def acquire_run_lock(directory: Path) -> tuple[RunLock, str | None]:
     os.pwrite(fd, json.dumps(mine).encode(), 0)
     os.fsync(fd)
     lock = RunLock(path, fd)
-    threading.Thread(target=_heartbeat, args=(fd, lock.stop), daemon=True,
-                     name="run-lock-heartbeat").start()
+    threading.Thread(target=lock.beat, daemon=True, name="run-lock-heartbeat").start()
     return lock, message
-
-
-def _heartbeat(fd: int, stop: threading.Event) -> None:
-    while not stop.wait(HEARTBEAT_S):
-        try:
-            os.utime(fd)
-        except OSError:  # closed by release() between the wait and here
-            return
 
 
 # --- previous runs -------------------------------------------------------------------------------
