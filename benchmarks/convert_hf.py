@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     config = {"size_gb_requested": size_gb, "shard_bytes": shard_bytes, "model": cfg,
               "isolation": "in-process" if args.smoke else "one process per conversion",
               "load_average_at_end": os.getloadavg()}
-    notes = ("RSS: conversion_rss = max(RSS sampled every 5 ms, kernel high-water mark) - RSS after "
-             "imports. GB/s = "
+    notes = ("RSS: conversion_rss = max(RSS sampled every 5 ms, kernel high-water mark) - RSS "
+             "after imports. GB/s = "
              "checkpoint bytes / wall seconds (import includes fsync and sha256 of the output for "
              "the manifest). Round trip: export compared with the input tensor by tensor.")
     return write_result("convert_hf", config, {**sizes, **phases, "round_trip": round_trip,

@@ -14,9 +14,10 @@ Two parts:
 2. Real samples/s: forward+backward of the tiny MLA/MoE LLM (recipe ``tiny_text_cpu``, built with
    ``build_model_chunks`` after ``init_distributed``) over the same documents laid out both
    ways. Lengths and patches are the mix's divided by 4096 / S (full run: S = 1024, P = 4096)
-   because the tiny model has 1024 positions. Packed micro-batches are [1, S] THD sequences; padded ones are [1, B * Lmax] with
-   every document taking Lmax tokens (its padding included in attention and MLP, as in a padded
-   [B, Lmax] batch), loss masked on the padding. samples/s = documents / total time.
+   because the tiny model has 1024 positions. Packed micro-batches are [1, S] THD sequences;
+   padded ones are [1, B * Lmax] with every document taking Lmax tokens (its padding included in
+   attention and MLP, as in a padded [B, Lmax] batch), loss masked on the padding.
+   samples/s = documents / total time.
 """
 
 from __future__ import annotations
@@ -211,9 +212,9 @@ def main(argv: list[str] | None = None):
              "(B*Lmax <= S, patches <= P), no tail padding charged. samples/s measured as real "
              "forward+backward of the tiny_text_cpu LLM (text-only; media placeholders are plain "
              "tokens, the ViT is not run) on this device; CPU numbers when device_kind is cpu.")
+    mix = "llava_like_mix (megatron_vlm/data/length_mixes.py)"
     return write_result("data_packing", {"accounting": acct, "timing": timing,
-                                         "pad_to_multiple": PAD_MULTIPLE,
-                                         "mix": "llava_like_mix (megatron_vlm/data/length_mixes.py)"},
+                                         "pad_to_multiple": PAD_MULTIPLE, "mix": mix},
                         results, args.out_dir, args.smoke, notes)
 
 

@@ -71,7 +71,9 @@ def run_variant(variant: str, llm, cfg: dict, batches, peak: float | None, kerne
         row["mfu_bshd"] = row["tflops_per_s_bshd"] / peak
         if "tflops_per_s_thd" in row:
             row["mfu_thd"] = row["tflops_per_s_thd"] / peak
-    del optimizer, model, step
+    # Free this variant before the next: rebind (not del) the names the closure shares as cells.
+    optimizer = model = None
+    del step
     harness.release_memory()
     return row
 

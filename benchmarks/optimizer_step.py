@@ -110,7 +110,9 @@ def run_optimizer(kind: str, llm, cfg: dict, batches) -> dict:
                    analytic_fraction_spec_20m2n=ns_approx / train,
                    analytic_fraction_at_measured_tokens=ns_exact / model_flops(
                        llm, tokens, cfg["seq_length"]))
-    del optimizer, model, inner
+    # Free this variant before the next: rebind (not del) the names the closures share as cells.
+    optimizer = model = None
+    del inner
     harness.release_memory()
     return row
 

@@ -6,7 +6,8 @@ tests/unit/test_video.py but at benchmark resolutions). Each backend decodes eve
 clip fully to RGB uint8 through ``megatron_vlm.data.video.decode_video(..., backend=...,
 num_threads=1, max_frames=None)`` with fps set to the clip's own rate, so no frame is skipped.
 One thread (torch/OMP threads 1, decord num_threads=1, PyAV's default single-thread decode),
-so frames/s is per core. One untimed warm-up decode, then best of ``repeats`` passes per (backend, clip).
+so frames/s is per core. One untimed warm-up decode, then best of ``repeats`` passes per
+(backend, clip).
 """
 
 from __future__ import annotations

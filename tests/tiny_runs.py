@@ -19,7 +19,8 @@ def train_env() -> dict[str, str]:
     return dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def run_train(args: list[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(args: list[str], timeout: int = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
     """``python -m megatron_vlm.train ARGS`` in a fresh process (as a user runs it)."""
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_vlm.train", *args],

@@ -19,8 +19,8 @@ duration of one call (``_patched``). Why each piece exists:
   ``killpg``, SLURM), taking the result queue of the save in flight with it. Ours is forked
   (nothing re-imported; megatron forks its writers the same way) and blocks SIGTERM/SIGUSR1.
   The queue is built inside a function with no hook, so it is rebound for the call.
-* ``SafeCommonLoadStrategy``: megatron reads ``common.pt`` with torch's loader (map_location cpu) and
-  no ``weights_only`` argument (``strategies/common.py:86``): safe only because torch >= 2.6
+* ``SafeCommonLoadStrategy``: megatron reads ``common.pt`` with torch's loader (map_location cpu)
+  and no ``weights_only`` argument (``strategies/common.py:86``): safe only because torch >= 2.6
   defaults to ``weights_only=True`` and an env var (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) can flip
   it. We pass ``weights_only=True`` explicitly, and refuse megatron's unsafe fallback load of
   ShardedObjects stored outside the torch_dist files.

@@ -170,7 +170,8 @@ class MultimodalDataConfig:
     def __post_init__(self) -> None:
         if self.stage not in self.mixes:
             raise ValueError(
-                f"data.multimodal.stage={self.stage!r} has no mix; choose one of {sorted(self.mixes)}"
+                f"data.multimodal.stage={self.stage!r} has no mix; choose one of "
+                f"{sorted(self.mixes)}"
             )
         for name, value in (
             ("max_patches_per_micro_batch", self.max_patches_per_micro_batch),
@@ -189,8 +190,8 @@ class MultimodalDataConfig:
                 f"and data.multimodal.image_max_patches={self.image_max_patches} (or None: no "
                 "upscaling)")
         if self.packing_buffer_size is not None and self.packing_buffer_size < 1:
-            raise ValueError(f"data.multimodal.packing_buffer_size must be >= 1 or None (auto), got "
-                             f"{self.packing_buffer_size}")
+            raise ValueError("data.multimodal.packing_buffer_size must be >= 1 or None (auto), "
+                             f"got {self.packing_buffer_size}")
         if not self.video_fps > 0:
             raise ValueError(f"data.multimodal.video_fps must be > 0, got {self.video_fps}")
         if self.num_workers < 0:

@@ -189,7 +189,8 @@ class LLMConfig:
                 f"mla_latent_norm_epsilon={self.mla_latent_norm_epsilon} must both be > 0 "
                 "(DeepSeek-V3 / Kimi: 1e-6)")
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_attention_heads <= 0:
-            raise ValueError("model.llm hidden_size, num_layers and num_attention_heads must be > 0")
+            raise ValueError(
+                "model.llm hidden_size, num_layers and num_attention_heads must be > 0")
         if self.num_dense_layers > self.num_layers:
             raise ValueError(
                 f"model.llm.num_dense_layers={self.num_dense_layers} exceeds "

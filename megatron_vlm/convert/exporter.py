@@ -205,7 +205,8 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
     hf_config = model_to_hf(model, family, dtype, int4_experts=int4_experts, token_ids=token_ids)
     ctx = context_for(model, rope_interleave=True)
     table = table_for(FAMILIES[family], model, ctx)
-    slots = tensor_slots(build_meta_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA)))
+    slots = tensor_slots(
+        build_meta_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA)))
     reader = CheckpointReader(step_dir, slots)
     reader.slots, te_layout = _checkpoint_slots(slots, table, set(reader.global_shapes))
 

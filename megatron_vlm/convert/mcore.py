@@ -119,7 +119,7 @@ def tensor_slots(sharded: dict) -> dict[str, TensorSlot]:
     return slots
 
 
-# --- write -----------------------------------------------------------------------------------------
+# --- write ----------------------------------------------------------------------------------------
 
 
 class _Writer(FileSystemWriter):
@@ -229,7 +229,8 @@ def _manifest(config_yaml: str, extra: dict, entries: list[dict]) -> dict:
         "time_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
         "versions": {"torch": torch.__version__, "megatron_core": megatron.core.__version__,
                      "megatron_vlm": ours},
-        "world_size": 1, "layout": {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "ep": 1, "etp": 1, "dp": 1},
+        "world_size": 1,
+        "layout": {"tp": 1, "pp": 1, "vpp": 1, "cp": 1, "ep": 1, "etp": 1, "dp": 1},
         "optimizer_state": False, "distributed_optimizer": False,
         "sharded_state_dict_metadata": dict(SHARDED_METADATA),
         "model_config_sha256": structural_hash(model_section(config_yaml)),
@@ -281,7 +282,7 @@ def write_checkpoint(root: Path, sharded: dict, produce: Callable[[str], Tensor]
         raise
 
 
-# --- read ------------------------------------------------------------------------------------------
+# --- read -----------------------------------------------------------------------------------------
 
 
 class CheckpointReader:

@@ -65,8 +65,8 @@ def llm_rules(q_lora: bool, tied: bool) -> list[Rule]:
              ol + "mlp.experts.local_experts.{E}.linear_fc2.weight", when="moe", int4=True),
         Rule((hl + "mlp.shared_experts.gate_proj.weight", hl + "mlp.shared_experts.up_proj.weight"),
              ol + "mlp.shared_experts.linear_fc1.weight", transform=FUSE_GATE_UP, when="moe"),
-        Rule(hl + "mlp.shared_experts.down_proj.weight", ol + "mlp.shared_experts.linear_fc2.weight",
-             when="moe"),
+        Rule(hl + "mlp.shared_experts.down_proj.weight",
+             ol + "mlp.shared_experts.linear_fc2.weight", when="moe"),
     ]
     if q_lora:
         rules += [

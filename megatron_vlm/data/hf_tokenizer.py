@@ -1,7 +1,8 @@
-"""``HFTokenizer``: a tokenizer directory that ``transformers.AutoTokenizer`` loads (``tokenizer.json``
-of Qwen, GLM, InternVL, ...; ``tokenizer.model`` SentencePiece files with a ``tokenizer_config.json``)
-behind the ``Tokenizer`` interface. Loaded offline (``local_files_only``) and without remote code:
-a tokenizer that needs remote code (Kimi's) is read by ``KimiTokenizer`` instead.
+"""``HFTokenizer``: a tokenizer directory that ``transformers.AutoTokenizer`` loads
+(``tokenizer.json`` of Qwen, GLM, InternVL, ...; ``tokenizer.model`` SentencePiece files with a
+``tokenizer_config.json``) behind the ``Tokenizer`` interface. Loaded offline
+(``local_files_only``) and without remote code: a tokenizer that needs remote code (Kimi's) is
+read by ``KimiTokenizer`` instead.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ file gets the same layout.
 ``SpecialTokensTokenizer``: for the tiny run, wraps our SentencePiece tokenizer (or any
 ``TextTokenizer``) and appends the media special tokens at ids ``>= base.vocab_size``. The trained
 ``.model`` file stays as it is (no retraining, cached models stay valid); the embedding table must
-be sized by the wrapper's ``vocab_size``. The alternative -- ``user_defined_symbols`` at SentencePiece
-training time -- would change ``tokenizer.py`` and every cached model.
+be sized by the wrapper's ``vocab_size``. The alternative -- ``user_defined_symbols`` at
+SentencePiece training time -- would change ``tokenizer.py`` and every cached model.
 
 Both ``encode`` methods treat special-token strings in text as plain text (a web page containing
 ``<|media_pad|>`` must not create a placeholder); ``encode_with_special`` parses them.

@@ -155,9 +155,10 @@ def _plan_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
                 width, height = img.size
                 orientation = img.getexif().get(0x0112, 1)
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
-        raise MediaDecodeError(f"image too large: {exc}", reason=SkipReason.IMAGE_TOO_LARGE)
+        raise MediaDecodeError(f"image too large: {exc}",
+                               reason=SkipReason.IMAGE_TOO_LARGE) from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:
-        raise MediaDecodeError(f"cannot read image header: {type(exc).__name__}: {exc}")
+        raise MediaDecodeError(f"cannot read image header: {type(exc).__name__}: {exc}") from exc
     if orientation in (5, 6, 7, 8):  # rotated by 90 degrees
         height, width = width, height
     resized, padded = navit_resize(height, width, max_patches=s.image_max_patches,

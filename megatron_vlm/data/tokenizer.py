@@ -4,12 +4,14 @@
 export need from a tokenizer: encoding with and without special-token parsing, special-token names
 -> ids, the end-of-document token, the chat template, and the files to ship beside an exported
 checkpoint. Implementations: ``SentencePieceTokenizer`` (a ``.model`` file; the tiny recipes train
-one on the bundled corpus), ``KimiTokenizer`` (Kimi's tiktoken BPE file + ``tokenizer_config.json``),
-``SpecialTokensTokenizer`` (any of them plus the media tokens the template needs) and
-``HFTokenizer`` (anything ``transformers.AutoTokenizer`` loads: ``tokenizer.json`` of Qwen / GLM /
-InternVL). ``load_tokenizer`` in ``tokenizer_loader.py`` picks one for a path.
+one on the bundled corpus), ``KimiTokenizer`` (Kimi's tiktoken BPE file +
+``tokenizer_config.json``), ``SpecialTokensTokenizer`` (any of them plus the media tokens the
+template needs) and ``HFTokenizer`` (anything ``transformers.AutoTokenizer`` loads:
+``tokenizer.json`` of Qwen / GLM / InternVL). ``load_tokenizer`` in ``tokenizer_loader.py`` picks
+one for a path.
 
-Special ids of every SentencePiece model trained here (fixed, so configs and tests can rely on them):
+Special ids of every SentencePiece model trained here (fixed, so configs and tests can rely on
+them):
 
 - ``pad_id = 0``: padding (``<pad>``); never produced by ``encode``.
 - ``unk_id = 1``: unknown piece (``<unk>``).

@@ -1,1 +1,4 @@
-"""Models: built from megatron-core modules through specs. Never import data/training/optim/checkpoint."""
+"""Models: built from megatron-core modules through specs.
+
+Never import data/training/optim/checkpoint.
+"""

@@ -44,9 +44,9 @@ def mask_padded_vocab(model: GPTModel, vocab_size: int) -> None:
     megatron-core's output layer and cross entropy treat the padded rows like real tokens, so with
     Megatron-LM's ``128 * tp`` padding the loss of the same weights depended on the TP size (tiny
     recipe: vocab 1152 -> 1280 at TP=2, loss 7.154 vs 7.050 at TP=1). With the padded columns at
-    -inf every layout computes the softmax over the real vocabulary only, as transformers does. A forward hook on megatron's output
-    ``ColumnParallelLinear`` (public module API); its logits are this TP rank's vocab slice unless
-    gathered.
+    -inf every layout computes the softmax over the real vocabulary only, as transformers does.
+    A forward hook on megatron's output ``ColumnParallelLinear`` (public module API); its logits
+    are this TP rank's vocab slice unless gathered.
     """
     layer = getattr(model, "output_layer", None)
     if layer is None:
@@ -226,8 +226,9 @@ def scatter_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
     (``models/gpt/gpt_model.py:314``); with ``decoder_input`` given, or on later pipeline stages,
     the caller must (the MoE router needs one mask entry per local token).
     """
+    seq_first = padding_mask.transpose(0, 1).contiguous()
     return (
-        tensor_parallel.scatter_to_sequence_parallel_region(padding_mask.transpose(0, 1).contiguous())
+        tensor_parallel.scatter_to_sequence_parallel_region(seq_first)
         .transpose(0, 1)
         .contiguous()
     )

@@ -127,7 +127,8 @@ def context_parallel_layout(cu_seqlens_padded: Tensor | list[int], total: int, c
     inverse[gathered] = torch.arange(total)
     local = gathered[cp_rank * (total // cp_size):(cp_rank + 1) * (total // cp_size)]
     return ContextParallelLayout(cp_size=cp_size, cp_rank=cp_rank, total=total,
-                                 local_index=local.to(device), gathered_to_global=inverse.to(device))
+                                 local_index=local.to(device),
+                                 gathered_to_global=inverse.to(device))
 
 
 def gather_context_parallel(x_local: Tensor, layout: ContextParallelLayout,

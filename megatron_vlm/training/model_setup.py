@@ -47,7 +47,8 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
         # sharding needs whole gradients on every owner (SPEC §2, Megatron-LM #2164).
         use_distributed_optimizer=(job.parallel.use_distributed_optimizer
                                    and job.optim.optimizer != "muon"),
-        check_for_nan_in_grad=False,  # the trainer skips non-finite steps itself, all ranks agreeing
+        # The trainer skips non-finite steps itself, all ranks agreeing.
+        check_for_nan_in_grad=False,
         bucket_size=None,
     )
     wrapped = [

@@ -122,7 +122,8 @@ def count_changed_items(before: list[PackedBatch], after: list[PackedBatch]) -> 
     return changed
 
 
-def only_changed_documents(before: list[PackedBatch], after: list[PackedBatch]) -> list[PackedBatch]:
+def only_changed_documents(before: list[PackedBatch],
+                           after: list[PackedBatch]) -> list[PackedBatch]:
     """``before`` with the loss mask kept only on documents that hold a media item whose pixels
     differ in ``after`` (a probe that could not move an item -- e.g. the only one of its grid --
     then does not dilute the comparison). Apply the same masks to both sides."""

@@ -26,7 +26,8 @@ def routers_of(model_chunks: list) -> list:
 
 
 class FinalizeWithTelemetry:
-    """``config.finalize_model_grads_func`` that records expert loads before megatron resets them."""
+    """``config.finalize_model_grads_func`` that records expert loads before megatron resets
+    them."""
 
     def __init__(self, model_chunks: list) -> None:
         self.routers = routers_of(model_chunks)

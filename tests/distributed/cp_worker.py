@@ -65,8 +65,8 @@ def dp_cp_group():
 
 def max_logits(chunks) -> tuple[dict[int, torch.Tensor], dict[tuple, torch.Tensor]]:
     """Per layer, every head's max logit of this step: after the MAX all-reduce over DP x CP
-    (heads joined over TP), and as each rank recorded it (keyed by layer, global rank and TP rank). Read
-    before QK-Clip resets them."""
+    (heads joined over TP), and as each rank recorded it (keyed by layer, global rank and TP
+    rank). Read before QK-Clip resets them."""
     mine, local = {}, {}
     for attention in mla_attentions(chunks):
         s = attention.core_attention.current_max_attn_logits.detach().float().clone()

@@ -28,7 +28,8 @@ from megatron_vlm.training.trainer import run_forward_backward
 
 def full_grad(name: str, param: torch.nn.Parameter, gated: bool = True) -> torch.Tensor:
     grad = param.main_grad.detach().clone()
-    if getattr(param, "tensor_model_parallel", False) and parallel_state.get_tensor_model_parallel_world_size() > 1:
+    if (getattr(param, "tensor_model_parallel", False)
+            and parallel_state.get_tensor_model_parallel_world_size() > 1):
         group = parallel_state.get_tensor_model_parallel_group()
         parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, grad, group=group)
@@ -55,7 +56,8 @@ def global_name(name: str, expert_offset: int, layer_offset: int) -> str:
 
 def main() -> None:
     out, init, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-    job = apply_overrides(get_recipe("tiny_text_cpu"), [f"train.output_dir={out.parent}", *overrides])
+    job = apply_overrides(get_recipe("tiny_text_cpu"),
+                          [f"train.output_dir={out.parent}", *overrides])
     dp = init_distributed(job.parallel, job.train.seed)
     data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
                       run_dir=out.parent)

@@ -5,16 +5,17 @@ four packed micro-batches of 128 tokens: text, images of different sizes and two
 (chunks of 4 + 2 frames); documents of odd real lengths padded to 8 (= 2*cp*tp), so chunk
 boundaries fall inside documents, image spans and padding. Every layout loads the one-process
 run's initial weights (``cp_worker.py``); QK-Clip's tau is set between the middle two of the
-reference's step-1 head maxima, so half of the heads clip. Process starts: the reference (1), CP=2 (2 ranks), and
-one 4-rank start for TP=2+SP x CP=2 (vision tower split over the 4 TP x CP ranks), the same with
-TP inside the tower, and PP=2 x CP=2 (tower on stage 0) with the per-document SDPA kernel (the
-reference uses the dense-mask kernel).
+reference's step-1 head maxima, so half of the heads clip. Process starts: the reference (1),
+CP=2 (2 ranks), and one 4-rank start for TP=2+SP x CP=2 (vision tower split over the 4 TP x CP
+ranks), the same with TP inside the tower, and PP=2 x CP=2 (tower on stage 0) with the
+per-document SDPA kernel (the reference uses the dense-mask kernel).
 
 Checked per layout: the routing of every MoE layer and token (CP/SP shards put back in global
 order) identical; the loss and every gradient; the per-head max attention logits after QK-Clip's
 MAX all-reduce over DP x CP equal the one-process maxima (a rank's own maxima would differ) and
-the same heads clip in each of three steps; the parameters after three AdamW + QK-Clip steps; every media item encoded on exactly one
-rank of the TP x CP group (split mode), or once per TP group and on one CP rank only (TP mode).
+the same heads clip in each of three steps; the parameters after three AdamW + QK-Clip steps;
+every media item encoded on exactly one rank of the TP x CP group (split mode), or once per TP
+group and on one CP rank only (TP mode).
 
 Tolerances (fp32; layouts differ in summation order only): loss 1e-6 relative; each gradient's
 max error 1e-5 of its largest entry (seen <= 9e-7); grad norms 1e-5 relative; max logits 1e-6

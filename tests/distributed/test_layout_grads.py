@@ -21,8 +21,8 @@ def _grads(tmp: Path, nproc: int, overrides: list[str]) -> dict:
     out = tmp / f"grads_{nproc}_{'_'.join(overrides) or 'single'}.pt"
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(HERE / "grads_worker.py"), str(out), str(tmp / "init" / "step_0000000"), *COMMON,
-           *overrides]
+           f"--nproc-per-node={nproc}", str(HERE / "grads_worker.py"), str(out),
+           str(tmp / "init" / "step_0000000"), *COMMON, *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                           cwd=HERE.parents[1])
     assert proc.returncode == 0, proc.stderr[-5000:]

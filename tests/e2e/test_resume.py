@@ -114,7 +114,8 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
 def test_nonfinite_steps_are_skipped_counted_then_abort(tmp_path):
     run_dir = tmp_path / "nan"
     # Weights of std 1e30 overflow the activations' squares: gradients become NaN/Inf.
-    proc = run_train(["--recipe", "tiny_text_cpu", "train.steps=20", "model.llm.init_method_std=1e30",
+    proc = run_train(["--recipe", "tiny_text_cpu", "train.steps=20",
+                      "model.llm.init_method_std=1e30",
                       "train.max_consecutive_nonfinite=3", "train.eval_interval=0",
                       f"train.output_dir={run_dir}"], check=False)
     assert proc.returncode != 0

@@ -19,16 +19,18 @@ import os
 import sys
 import warnings
 
+# Set before torch (and megatron) load: torch reads TORCH_COMPILE_DISABLE at import time and the
+# imports below warn at import time, hence the E402 noqa on each of them.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
-import torch
-import torch.distributed as dist
-from torch.testing._internal.distributed.fake_pg import FakeStore
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 
-from megatron_vlm.config import ParallelConfig, apply_overrides
-from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-from megatron_vlm.recipes import get_recipe
+from megatron_vlm.config import ParallelConfig, apply_overrides  # noqa: E402
+from megatron_vlm.parallel.cpu_shims import apply_cpu_shims  # noqa: E402
+from megatron_vlm.recipes import get_recipe  # noqa: E402
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 

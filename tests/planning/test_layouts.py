@@ -133,8 +133,8 @@ def test_in_flight_micro_batches_follow_megatrons_schedule(pp, vpp, micro) -> No
 def test_candidates_cover_the_enumerated_space() -> None:
     inputs = _k25_inputs()
     layouts = list(candidate_layouts(inputs))
-    assert all(l.tp * l.pp * l.cp * l.dp == 1024 for l in layouts)
-    assert {l.etp for l in layouts if l.tp == 8} == {1, 8}
+    assert all(lay.tp * lay.pp * lay.cp * lay.dp == 1024 for lay in layouts)
+    assert {lay.etp for lay in layouts if lay.tp == 8} == {1, 8}
     assert _lay(tp=8, pp=16, ep=8) in layouts
 
 

@@ -157,5 +157,6 @@ def test_activation_terms_bound_what_the_local_layers_save(world_of_one) -> None
         terms = llm_layer_terms(llm, layer.layer_number - 1, tp=1, etp=1, cp=1,
                                 seq_length=seq, flash=False)
         predicted = sum(t.elements for t in terms)
-        print(f"layer {layer.layer_number}: planner {predicted:.0f} of {measured:.0f} elements per token")
+        print(f"layer {layer.layer_number}: planner {predicted:.0f} of {measured:.0f} elements "
+              "per token")
         assert 0.4 * measured < predicted < measured, (layer.layer_number, predicted, measured)

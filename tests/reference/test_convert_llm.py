@@ -31,9 +31,10 @@ ATOL = 1e-5
 SEQ = 80
 
 BASE = dict(vocab_size=96, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
-            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-            v_head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
-            rms_norm_eps=1e-6, routed_scaling_factor=2.5, num_nextn_predict_layers=0)
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=128,
+            tie_word_embeddings=False, rms_norm_eps=1e-6, routed_scaling_factor=2.5,
+            num_nextn_predict_layers=0)
 CASES = {
     "q_lora_groups_yarn_af": dict(
         BASE, num_hidden_layers=3, first_k_dense_replace=2, q_lora_rank=16, n_routed_experts=8,

@@ -188,7 +188,8 @@ def test_processor_configs_use_transformers_keys_and_the_run_values(run):
 
     pkg = "transformers.models.kimi_k25."
     image_keys = _source_names(pkg + "image_processing_kimi_k25", (
-        "Kimi_K25ImageProcessor", "Kimi_K25ImageProcessorKwargs")) | set(ImagesKwargs.__annotations__)
+        "Kimi_K25ImageProcessor", "Kimi_K25ImageProcessorKwargs")) | set(
+        ImagesKwargs.__annotations__)
     video_keys = _source_names(pkg + "video_processing_kimi_k25", (
         "Kimi_K25VideoProcessor", "Kimi_K25VideoProcessorInitKwargs")) | set(
         VideosKwargs.__annotations__)

@@ -93,7 +93,7 @@ def build_ours(llm: LLMConfig):
     model_parallel_cuda_manual_seed(0)
     model = build_llm(llm, ParallelConfig()).eval()
     with torch.no_grad():  # norms away from 1, so a misplaced norm shows
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
     return model

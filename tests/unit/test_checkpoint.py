@@ -496,6 +496,7 @@ def test_async_save_equals_sync_save_while_training_goes_on(job, tmp_path,
     assert ma == mb
 
     # And it loads: a fresh model gets step 2's weights, not step 3's.
-    chunks2, optimizer2, scheduler2 = _build(job, seed=2, distributed_optimizer=distributed_optimizer)
+    chunks2, optimizer2, scheduler2 = _build(job, seed=2,
+                                             distributed_optimizer=distributed_optimizer)
     assert load_checkpoint(report.path, chunks2, optimizer2, scheduler2) == extra
     _assert_same_tensors(_params(chunks2), before)

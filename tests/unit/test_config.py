@@ -71,7 +71,8 @@ def test_data_parallel_size_derivation():
     job = get_recipe("tiny_text_cpu")
     assert job.parallel.data_parallel_size(4) == 4
     with pytest.raises(ValueError, match="not divisible by tp\\*pp\\*cp"):
-        apply_overrides(job, ["parallel.pp=3", "model.llm.num_layers=3"]).parallel.data_parallel_size(4)
+        apply_overrides(
+            job, ["parallel.pp=3", "model.llm.num_layers=3"]).parallel.data_parallel_size(4)
     assert isinstance(job, JobConfig)
 
 

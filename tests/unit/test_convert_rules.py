@@ -85,12 +85,14 @@ def test_local_to_te_to_local_is_bit_exact(groups):
     table = _table(model, "kimi_k25")
     te = {table.to_te_name(k): v for k, v in state.items()}
     assert len(te) == len(state)
-    for name in ["language_model.decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight",
-                 "language_model.decoder.layers.0.self_attention.linear_kv_up_proj.layer_norm_weight",
-                 "language_model.decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
-                 "language_model.decoder.layers.1.pre_mlp_layernorm.weight",
-                 "vision_tower.encoder.layers.1.self_attention.linear_qkv.layer_norm_bias",
-                 "vision_tower.encoder.layers.1.mlp.linear_fc1.layer_norm_weight"]:
+    for name in [
+        "language_model.decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight",
+        "language_model.decoder.layers.0.self_attention.linear_kv_up_proj.layer_norm_weight",
+        "language_model.decoder.layers.0.mlp.linear_fc1.layer_norm_weight",
+        "language_model.decoder.layers.1.pre_mlp_layernorm.weight",
+        "vision_tower.encoder.layers.1.self_attention.linear_qkv.layer_norm_bias",
+        "vision_tower.encoder.layers.1.mlp.linear_fc1.layer_norm_weight",
+    ]:
         assert name in te, name
     back = {table.to_local_name(k): v for k, v in te.items()}
     assert back.keys() == state.keys()

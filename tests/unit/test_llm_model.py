@@ -94,7 +94,8 @@ def test_padded_vocabulary_never_enters_the_softmax(megatron_groups):
     assert torch.isneginf(logits[..., vocab:]).all()
     assert torch.isfinite(logits[..., :vocab]).all()
     per_token = model(**inputs, labels=labels)  # megatron's vocab-parallel cross entropy, [1, S]
-    ref = torch.nn.functional.cross_entropy(logits[0, :, :vocab].detach(), labels[0], reduction="none")
+    ref = torch.nn.functional.cross_entropy(logits[0, :, :vocab].detach(), labels[0],
+                                            reduction="none")
     torch.testing.assert_close(per_token[0].detach(), ref, atol=1e-5, rtol=1e-5)
     per_token.sum().backward()
     grad = model.output_layer.weight.grad

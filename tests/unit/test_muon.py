@@ -198,7 +198,7 @@ def test_blocks_step_like_separate_matrices():
                 [gate_up[:24], gate_up[24:], *qkv_parts(qkv)]]
     ref = torch.optim.Muon(separate, lr=LR, weight_decay=WD, momentum=MU,
                            adjust_lr_fn="match_rms_adamw")
-    for step in range(2):
+    for _step in range(2):
         g_gu, g_qkv = torch.randn_like(gate_up), torch.randn_like(qkv)
         fused[0].grad, fused[1].grad = g_gu, g_qkv
         for p, g in zip(separate, [g_gu[:24], g_gu[24:], *qkv_parts(g_qkv)]):

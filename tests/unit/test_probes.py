@@ -91,8 +91,9 @@ def test_six_frame_video_is_played_backwards_in_the_same_chunk_sizes():
 
     (rev,) = reverse_frames([batch])
     # Expected: the raw frames reversed (6,5,4,3 | 2,1) and chunked by the data pipeline again.
+    second = _frames("moving", 5, 2)
     want = torch.cat([c.pixel_values for c in _video(moving[::-1].copy()).chunks]
-                     + [c.pixel_values for c in _video(_frames("moving", 5, 2)[::-1].copy()).chunks])
+                     + [c.pixel_values for c in _video(second[::-1].copy()).chunks])
     bounds = vision.cu_seqlens.tolist()
     assert torch.equal(rev.vision.pixel_values[bounds[1]:], want)
     assert torch.equal(rev.vision.pixel_values[: bounds[1]], vision.pixel_values[: bounds[1]])

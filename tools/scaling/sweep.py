@@ -170,7 +170,7 @@ def load_sweep(path: str | Path, smoke: bool = False, out_dir: str | None = None
         run_dir = str(Path(output_dir) / _safe(run_name))
         common = list(overrides)
         phase_spec = None
-        for axis, value, spec in combo:
+        for _axis, _value, spec in combo:
             common += spec["overrides"]
             if spec["phases"]:
                 if phase_spec is not None:
