@@ -15,5 +15,6 @@ from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
 __all__ = [
     "CheckpointConfig", "DataConfig", "JobConfig", "KernelConfig", "LLMConfig", "ModelConfig",
     "MultimodalDataConfig", "OptimConfig", "ParallelConfig", "ProjectorConfig", "StageMix",
-    "TokenIdsConfig", "TrainConfig", "VisionConfig", "YarnConfig", "apply_overrides", "from_dict", "load_yaml",
+    "TokenIdsConfig", "TrainConfig", "VisionConfig", "YarnConfig", "apply_overrides", "from_dict",
+    "load_yaml",
 ]

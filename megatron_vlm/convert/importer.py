@@ -68,7 +68,8 @@ class ImportPlan:
 
 def _skip_reason(key: str, family: Family, num_layers: int) -> str | None:
     m = _LAYER.search(key)
-    if family.name != "siglip" and m and int(m.group(1)) >= num_layers and "vision_tower" not in key:
+    if (family.name != "siglip" and m and int(m.group(1)) >= num_layers
+            and "vision_tower" not in key):
         return "multi-token-prediction layers (not part of the model)"
     if any(re.search(p, key) for p in family.skipped):
         return "no counterpart in our model"
@@ -98,9 +99,10 @@ def plan_import(table: Table, source: TensorSource, expected: dict[str, tuple[tu
                 raise ConversionError(f"dtype mismatch: {k!r} in {source.origin(k)} is {s.dtype}, "
                                       "expected a floating-point tensor")
         if len({s.dtype for s in specs}) > 1:
+            found = ", ".join(f"{k} ({s.dtype}, {source.origin(k)})"
+                              for k, s in zip(hf_names, specs))
             raise ConversionError(
-                f"dtype mismatch: {', '.join(f'{k} ({s.dtype}, {source.origin(k)})' for k, s in zip(hf_names, specs))} "
-                f"are combined into our {name!r} and must share a dtype")
+                f"dtype mismatch: {found} are combined into our {name!r} and must share a dtype")
         try:
             out = rule.transform.to_ours([meta_like(s.shape, s.dtype) for s in specs], table.ctx)
             ok = tuple(out.shape) == tuple(shape)

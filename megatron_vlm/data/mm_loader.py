@@ -148,7 +148,7 @@ def calibrate(info: DatasetInfo, encoder: MMTaskEncoder, num_samples: int) -> No
     per_shard = -(-num_samples // max(len(shards), 1))
     lengths, vision = [], []
     for shard in shards[:num_samples]:
-        for k, (key, members) in enumerate(iter_shard(info.path / shard["path"])):
+        for k, (_key, members) in enumerate(iter_shard(info.path / shard["path"])):
             if k >= per_shard or len(lengths) >= num_samples:
                 break
             try:

@@ -220,7 +220,7 @@ def test_tiny_model_experts_see_only_real_tokens(megatron_groups):
     llm = tiny_llm(vocab_size=128)
     model = build_llm(llm, ParallelConfig()).train()
 
-    real, spans = [10, 6], [12, 8]  # doc 0 real [0, 10) of [0, 12); doc 1 real [12, 18) of [12, 20)
+    spans = [12, 8]  # doc 0 real [0, 10) of [0, 12); doc 1 real [12, 18) of [12, 20)
     seq = sum(spans)
     padding = torch.ones(1, seq, dtype=torch.bool)
     padding[0, 0:10] = False
