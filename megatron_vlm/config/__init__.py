@@ -5,7 +5,11 @@ from megatron_vlm.config.data import DataConfig
 from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
 from megatron_vlm.config.job import JobConfig, apply_overrides, from_dict, load_yaml
 from megatron_vlm.config.model import (
-    KernelConfig, LLMConfig, ModelConfig, TokenIdsConfig, YarnConfig,
+    KernelConfig,
+    LLMConfig,
+    ModelConfig,
+    TokenIdsConfig,
+    YarnConfig,
 )
 from megatron_vlm.config.optim import OptimConfig
 from megatron_vlm.config.parallel import ParallelConfig

@@ -77,7 +77,7 @@ class _NullStream:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def __enter__(self) -> "_NullStream":
+    def __enter__(self) -> _NullStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -89,7 +89,7 @@ class _NullStream:
     def wait_event(self, *args: Any) -> None:
         pass
 
-    def record_event(self, *args: Any) -> "_NullStream":
+    def record_event(self, *args: Any) -> _NullStream:
         return self
 
     def record(self, *args: Any) -> None:

@@ -6,7 +6,11 @@ from collections.abc import Callable
 
 from megatron_vlm.config import JobConfig
 from megatron_vlm.recipes.kimi import (
-    kimi_k25, kimi_k25_32k, kimi_k25_128k, kimi_k25_512, kimi_vl_a3b,
+    kimi_k25,
+    kimi_k25_32k,
+    kimi_k25_128k,
+    kimi_k25_512,
+    kimi_vl_a3b,
 )
 from megatron_vlm.recipes.stages import TINY_STAGES
 from megatron_vlm.recipes.tiny import tiny_cpu, tiny_text_cpu, tiny_vlm_cpu

@@ -6,8 +6,17 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_vlm.config import (
-    CheckpointConfig, DataConfig, JobConfig, LLMConfig, ModelConfig, MultimodalDataConfig,
-    OptimConfig, ParallelConfig, ProjectorConfig, TrainConfig, VisionConfig,
+    CheckpointConfig,
+    DataConfig,
+    JobConfig,
+    LLMConfig,
+    ModelConfig,
+    MultimodalDataConfig,
+    OptimConfig,
+    ParallelConfig,
+    ProjectorConfig,
+    TrainConfig,
+    VisionConfig,
 )
 
 

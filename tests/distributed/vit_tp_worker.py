@@ -23,11 +23,15 @@ from hf_fixtures import TEXT, VISION, perturb  # noqa: E402
 from megatron_vlm.config import ParallelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from megatron_vlm.models.projector import build_projector  # noqa: E402
 from megatron_vlm.models.vision.hf_weights import (  # noqa: E402
-    load_state, projector_state_from_hf, vision_state_from_hf,
+    load_state,
+    projector_state_from_hf,
+    vision_state_from_hf,
 )
 from megatron_vlm.models.vision.moonvit import build_moonvit  # noqa: E402
 from megatron_vlm.optim.qk_clip import (  # noqa: E402
-    apply_vit_qk_clip, vision_max_logit_group, vit_attentions,
+    apply_vit_qk_clip,
+    vision_max_logit_group,
+    vit_attentions,
 )
 from megatron_vlm.parallel.init import init_distributed  # noqa: E402
 

@@ -33,8 +33,16 @@ from megatron.core import parallel_state as ps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vlm_cases import (  # noqa: E402
-    PAD_TO, SEQ, VOCAB, RoutingRecorder, all_batches, gather_dp_sharded_grads, gather_item_logs,
-    my_batches, save_results, whole,
+    PAD_TO,
+    SEQ,
+    VOCAB,
+    RoutingRecorder,
+    all_batches,
+    gather_dp_sharded_grads,
+    gather_item_logs,
+    my_batches,
+    save_results,
+    whole,
 )
 
 from megatron_vlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402

@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from hf_processor_fixture import kimi_processor_arrays, kimi_processor_fixture
 
 from megatron_vlm.data.image import (
     decode_image,
@@ -25,7 +27,6 @@ from megatron_vlm.data.image import (
     process_image,
     unpatchify,
 )
-from hf_processor_fixture import kimi_processor_arrays, kimi_processor_fixture
 from megatron_vlm.data.media_errors import (
     BadSampleError,
     MediaDecodeError,
@@ -148,7 +149,7 @@ def test_downscale_keeps_content_orientation():
     (rh, rw), (ph, pw) = navit_resize(h, w, max_patches=64)
     assert out.resized_hw == (rh, rw)
     full = unpatchify(out.pixel_values, out.grid_thw)[0][:, :rh, :rw]
-    ours = np.rint((full.numpy() * 127.5 + 127.5)).astype(np.int32).transpose(1, 2, 0)
+    ours = np.rint(full.numpy() * 127.5 + 127.5).astype(np.int32).transpose(1, 2, 0)
     pil = np.asarray(PIL.Image.fromarray(img).resize((rw, rh), PIL.Image.BICUBIC)).astype(np.int32)
     assert np.abs(ours - pil)[2:-2, 2:-2].max() <= 3
     assert np.all(ours[:, :, 2] == 77)

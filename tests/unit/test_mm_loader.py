@@ -15,9 +15,9 @@ import pytest
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
 from megatron_vlm.data.corpus import bundled_corpus_dir
+from megatron_vlm.data.energon_state import unpack_energon_state
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
 from megatron_vlm.data.mm_corpus import bundled_mm_corpus, write_raw_corpus
-from megatron_vlm.data.energon_state import unpack_energon_state
 from megatron_vlm.data.mm_loader import (
     STATE_EVERY_N_PACKS,
     MultimodalLoader,

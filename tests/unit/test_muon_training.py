@@ -199,9 +199,9 @@ def _chunks(*overrides: str):
 
 
 def test_muon_shards_layer_wise_and_qk_clip_refuses_flat_sharding():
-    from megatron_vlm.optim.builder import build_optimizer
-
     from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+
+    from megatron_vlm.optim.builder import build_optimizer
 
     # Muon needs whole reduced gradients: model setup builds DDP without flat reduce-scatter,
     # and parallel.use_distributed_optimizer then means layer-wise sharding.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 HIDDEN = 8

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from hf_processor_fixture import kimi_processor_fixture
+
 from megatron_vlm.data.image import ProcessedImage
 from megatron_vlm.data.kimi_tokenizer import (
     KIMI_NUM_BASE_TOKENS,
@@ -29,7 +29,6 @@ from megatron_vlm.data.templates import (
     MEDIA_BEGIN,
     MEDIA_CONTENT,
     MEDIA_END,
-    VIDEO_PLACEHOLDER,
     SpecialToken,
     Text,
     format_timestamp,

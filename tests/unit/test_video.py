@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from hf_processor_fixture import kimi_processor_arrays, kimi_processor_fixture
+
 from megatron_vlm.data import video as video_mod
 from megatron_vlm.data.image import process_image
 from megatron_vlm.data.media_errors import MediaDecodeError, SkipCounter, SkipReason
