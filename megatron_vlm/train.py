@@ -18,6 +18,7 @@ checkpoint of another model or layout) print one ``error: ...`` line and exit wi
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -26,12 +27,26 @@ from pathlib import Path
 from megatron_vlm.config.checkpoint import RESUME_MODES
 
 
+def _recipes_help() -> str:
+    from megatron_vlm.recipes import RECIPES
+
+    lines = []
+    for name, fn in RECIPES.items():
+        doc = (fn.__doc__ or "").strip().splitlines()
+        lines.append(f"  {name:<22} {doc[0] if doc else ''}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Pretrain a megatron_vlm model.",
-        epilog="Overrides are dotted config paths: train.steps=20 optim.lr=1e-3 parallel.tp=2",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides are dotted config paths: train.steps=20 optim.lr=1e-3 parallel.tp=2 "
+               "data.multimodal.mixes.joint.weights.text=0.5 (see --print-config for every "
+               "key).\n\nrecipes:\n" + _recipes_help(),
     )
-    parser.add_argument("--recipe", default="tiny_cpu", help="recipe name (default: tiny_cpu)")
+    parser.add_argument("--recipe", default="tiny_cpu",
+                        help="recipe name (default: tiny_cpu; the list is below)")
     parser.add_argument("--config", default=None, help="YAML saved by a previous run (job.yaml)")
     parser.add_argument("--resume", choices=RESUME_MODES, default=None, metavar="{auto,require}",
                         help="--resume or --resume=auto: continue from the newest complete "
@@ -73,31 +88,56 @@ def build_job(args: argparse.Namespace):
     return apply_overrides(job, overrides)
 
 
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def quiet_third_party() -> None:
+    """Silence third-party output that repeats per rank and says nothing actionable.
+
+    - megatron-core without TE/Apex (the CPU path) warns per module that it falls back to torch
+      (expected, SPEC §6), and emits deprecation notices for its own APIs;
+    - torch's DataLoader warns per loader that ``pin_memory`` has no accelerator to pin for
+      (energon's loaders ask for pinned memory; on CPU it is a no-op);
+    - energon's "Filling reading buffer" progress bar from every rank's loader workers
+      (``TQDM_DISABLE``, inherited by the workers; export ``TQDM_DISABLE=0`` to see them) and
+      its INFO logs.
+    """
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.filterwarnings("ignore", message=r".*not installed.*[Ff]all(ing)? back.*")
+    warnings.filterwarnings("ignore", message=r".*'pin_memory' argument is set as true.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+    for name in ("megatron.energon", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         job = build_job(args)
-    except ValueError as err:  # config errors: one clear line, no traceback
-        print(f"config error: {err}", file=sys.stderr)
+    except ValueError as err:  # config errors: one clear line, no traceback, once
+        if _is_rank0():
+            print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.print_config:
         print(job.to_yaml())
         return 0
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
-    # Without TE/Apex (the CPU path) megatron-core warns at import that it falls back to torch:
-    # expected (SPEC §6), and one line per module per rank buries the progress output.
-    warnings.filterwarnings("ignore", message=r".*not installed.*[Ff]all(ing)? back.*")
+    quiet_third_party()
     from megatron_vlm.checkpoint.run_dir import RunDirError
+    from megatron_vlm.parallel.agree import StartupError
     from megatron_vlm.training.trainer import train
 
     out = Path(job.train.output_dir)
     try:
         result = train(job)  # writes job.yaml once it holds the run directory
-    except RunDirError as err:  # refused start: one clear line (every rank raises it)
-        if os.environ.get("RANK", "0") == "0":
+    except (RunDirError, StartupError) as err:  # refused start: one line (every rank raises it)
+        if _is_rank0():
             print(f"error: {err}", file=sys.stderr)
         return 2
-    if os.environ.get("RANK", "0") == "0":
+    if _is_rank0():
         print(f"done: step {result.state.step}, valid loss {result.final_valid_loss}, "
               f"checkpoint {result.checkpoint}, plot {out / 'loss_curve.png'}")
     from megatron_vlm.parallel.init import destroy_distributed

@@ -74,6 +74,7 @@ from megatron_vlm.checkpoint.sharded_state import (
     unwrap,
     uses_distributed_optimizer,
 )
+from megatron_vlm.parallel.agree import all_gather_json as _all_gather_json
 
 logger = logging.getLogger(__name__)
 
@@ -100,33 +101,6 @@ def _rank_world() -> tuple[int, int]:
             "megatron_vlm.parallel.init.init_distributed first"
         )
     return dist.get_rank(), dist.get_world_size()
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_json(obj: Any) -> list[Any]:
-    """Every rank's JSON-serialisable ``obj``, in rank order."""
-    world = dist.get_world_size()
-    if world == 1:
-        return [json.loads(json.dumps(obj))]
-    device = _comm_device()
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
-    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    max_size = int(max(s.item() for s in sizes))
-    padded = torch.zeros(max_size, dtype=torch.uint8, device=device)
-    padded[: data.numel()] = data
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return [
-        json.loads(bytes(g[: int(s.item())].cpu().tolist()).decode())
-        for g, s in zip(gathered, sizes)
-    ]
 
 
 def _agree(check: Callable[[], Any]) -> Any:

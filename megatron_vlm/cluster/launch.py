@@ -95,6 +95,7 @@ def _check_run(args: list[str], where: str, ns: argparse.Namespace | None = None
         raise ValueError(f"{where}: not valid train arguments: {' '.join(args)}") from e
     try:
         job = build_job(parsed)
+        job.check_inputs()  # a real recipe without its tokenizer or data never queues
     except (ValueError, KeyError) as e:
         raise ValueError(f"{where}: {e}") from e
     if ns is not None and ns.nodes >= 1 and ns.gpus_per_node >= 1:  # else SlurmJob refuses

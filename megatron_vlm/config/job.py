@@ -187,6 +187,23 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _literal_strings(tp: Any) -> set[str]:
+    """The string choices of a ``Literal`` annotation (also inside ``X | None``)."""
+    if typing.get_origin(tp) is typing.Literal:
+        return {a for a in typing.get_args(tp) if isinstance(a, str)}
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return set().union(*(_literal_strings(a) for a in typing.get_args(tp)))
+    return set()
+
+
+def _parse_value(raw: str, tp: Any) -> Any:
+    """The override's value as YAML, except that a word naming one of a ``Literal`` field's
+    choices stays that word (YAML 1.1 reads ``off``/``on``/``no``/``yes`` as booleans)."""
+    if raw.strip() in _literal_strings(tp):
+        return raw.strip()
+    return yaml.safe_load(raw)
+
+
 def _step(tp: Any, node: Any, part: str, path: str) -> tuple[Any, Any]:
     """One level down the override path: (annotation of the child, the child's dict node).
 
@@ -226,7 +243,7 @@ def apply_overrides(job: JobConfig, overrides: list[str]) -> JobConfig:
             in_dict = typing.get_origin(tp) is dict
             tp, _ = _step(tp, node, part, path)
             if i == len(parts) - 1:
-                value = _coerce(yaml.safe_load(raw), tp, key)
+                value = _coerce(_parse_value(raw, tp), tp, key)
                 sub = _dataclass_of(tp)
                 if sub is not None and isinstance(value, dict):
                     # Validate now, with defaults for what the mapping leaves out.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(kw_only=True)
@@ -31,6 +32,20 @@ class TrainConfig:
     """Write a loss-curve PNG at the end."""
     exit_after_steps: int | None = None
     """Stop (after saving) once this many steps are done in this process; for tests/preemption."""
+    cpu_threads: int | None = None
+    """torch intra-op CPU threads per rank (``torch.set_num_threads``); None keeps the
+    environment's (``OMP_NUM_THREADS``; the SLURM launcher exports 1). On a shared node give each
+    rank at most its cores: (cores of the job) / (ranks per node), minus the loader workers."""
+    wandb: Literal["off", "online", "offline"] = "off"
+    """Weights & Biases logging from rank 0 (``pip install '.[wandb]'``): ``offline`` writes the
+    run under ``<output_dir>/wandb`` with no network (``wandb sync`` uploads it later)."""
+    wandb_project: str = "megatron_vlm"
+    """W&B project."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); None = the account's default."""
+    wandb_run_name: str | None = None
+    """W&B run name; None = the recipe name. A restarted job continues the same W&B run (its id
+    is kept in ``<output_dir>/wandb_run_id``)."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -39,3 +54,6 @@ class TrainConfig:
             raise ValueError("train.log_interval must be >= 1")
         if self.max_consecutive_nonfinite < 1:
             raise ValueError("train.max_consecutive_nonfinite must be >= 1")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"train.cpu_threads={self.cpu_threads} must be >= 1 (or null to keep "
+                             "OMP_NUM_THREADS)")

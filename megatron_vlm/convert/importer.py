@@ -169,7 +169,7 @@ def adopt_hf_tokenizer(model: ModelConfig, hf_dir: Path) -> str | None:
     we can read or one whose ids differ from the config's (logged: training would refuse it).
     """
     from megatron_vlm.config.model import TOKEN_ID_NAMES
-    from megatron_vlm.convert.tokenizer_export import tokenizer_token_ids
+    from megatron_vlm.data.token_ids import tokenizer_token_ids
     from megatron_vlm.data.tokenizer_loader import load_tokenizer
 
     try:

@@ -36,15 +36,18 @@ from typing import Any
 from megatron_vlm.config.data import DataConfig
 from megatron_vlm.config.model import TOKEN_ID_NAMES, ModelConfig, TokenIdsConfig
 from megatron_vlm.convert.rules import ConversionError
-from megatron_vlm.data.kimi_tokenizer import KIMI_PAT_STR, KimiTokenizer, SpecialTokensTokenizer
+from megatron_vlm.data.kimi_tokenizer import KIMI_PAT_STR, KimiTokenizer
+from megatron_vlm.data.token_ids import (
+    DOCUMENT_ID_NAMES,
+    MEDIA_ID_NAMES,
+    tokenizer_for_model,
+    tokenizer_token_ids,
+)
 from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from megatron_vlm.data.tokenizer_loader import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DOCUMENT_ID_NAMES = ("bos", "eos", "pad")
-"""The ``TokenIdsConfig`` fields a text-only model carries."""
-MEDIA_ID_NAMES = tuple(n for n in TOKEN_ID_NAMES if n not in DOCUMENT_ID_NAMES)
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
@@ -53,12 +56,6 @@ class RunTokenizer:
     tokenizer: Tokenizer | None
     source: str
     """Where it came from, or why there is none (for the export's report)."""
-
-
-def _for_model(tok: Tokenizer, is_vlm: bool) -> Tokenizer:
-    """As training builds it: a VLM's SentencePiece model gets the media tokens appended."""
-    return SpecialTokensTokenizer(tok) if is_vlm and isinstance(tok, SentencePieceTokenizer) \
-        else tok
 
 
 def run_tokenizer(data: DataConfig | None, is_vlm: bool, run_dirs: list[Path],
@@ -70,7 +67,7 @@ def run_tokenizer(data: DataConfig | None, is_vlm: bool, run_dirs: list[Path],
             tok = load_tokenizer(override)
         except ValueError as e:
             raise ConversionError(f"--tokenizer {override}: {e}") from e
-        return RunTokenizer(_for_model(tok, is_vlm), f"--tokenizer {override}")
+        return RunTokenizer(tokenizer_for_model(tok, is_vlm), f"--tokenizer {override}")
     if data is None:
         return RunTokenizer(None, "the checkpoint's config has no data section")
     if data.tokenizer:
@@ -79,29 +76,22 @@ def run_tokenizer(data: DataConfig | None, is_vlm: bool, run_dirs: list[Path],
         except ValueError as e:
             return RunTokenizer(None, f"data.tokenizer={data.tokenizer} cannot be read here "
                                       f"({e}); pass --tokenizer PATH")
-        return RunTokenizer(_for_model(tok, is_vlm), f"data.tokenizer={data.tokenizer}")
+        return RunTokenizer(tokenizer_for_model(tok, is_vlm), f"data.tokenizer={data.tokenizer}")
     name = f"spm_{data.tokenizer_vocab_size}.model"
     for d in run_dirs:
         if (d / name).is_file():
             tok = SentencePieceTokenizer(d / name)
-            return RunTokenizer(_for_model(tok, is_vlm), f"the run's trained {d / name}")
+            return RunTokenizer(tokenizer_for_model(tok, is_vlm), f"the run's trained {d / name}")
     where = ", ".join(str(d) for d in run_dirs) or "(no run directory known)"
     return RunTokenizer(None, f"data.tokenizer is null and the run's trained {name} is not in "
                               f"{where}; pass --tokenizer PATH")
 
 
-def tokenizer_token_ids(tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
-    """The special-token ids of ``tok`` (media ones for a VLM)."""
-    ids: dict[str, int | None] = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-    if is_vlm:
-        try:
-            media = tok.media_token_ids()
-        except ValueError as e:
-            raise ConversionError(f"the tokenizer to export cannot serve this VLM: {e}") from e
-        ids.update(image=media.image_placeholder, video=media.video_placeholder,
-                   media_begin=media.media_begin, media_content=media.media_content,
-                   media_end=media.media_end)
-    return TokenIdsConfig(**ids)
+def _token_ids(tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
+    try:
+        return tokenizer_token_ids(tok, is_vlm)
+    except ValueError as e:
+        raise ConversionError(f"the tokenizer to export cannot serve this VLM: {e}") from e
 
 
 def export_token_ids(model: ModelConfig, run: RunTokenizer) -> tuple[TokenIdsConfig, list[str]]:
@@ -113,7 +103,7 @@ def export_token_ids(model: ModelConfig, run: RunTokenizer) -> tuple[TokenIdsCon
     names = TOKEN_ID_NAMES if model.is_vlm else DOCUMENT_ID_NAMES
     recorded = model.token_ids
     tok = run.tokenizer
-    actual = tokenizer_token_ids(tok, model.is_vlm) if tok is not None else TokenIdsConfig()
+    actual = _token_ids(tok, model.is_vlm) if tok is not None else TokenIdsConfig()
     wrong = [f"model.token_ids.{n}={getattr(recorded, n)} but the tokenizer has "
              f"{getattr(actual, n)}" for n in names
              if tok is not None and getattr(recorded, n) is not None

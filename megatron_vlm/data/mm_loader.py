@@ -408,6 +408,21 @@ class MultimodalLoader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def describe(self) -> list[str]:
+        """The stage's mix for the start-up banner: per dataset its modality, target share,
+        sampling weight, mean tokens per sample and location."""
+        unit = "LLM tokens" if self.mix.unit == "tokens" else "samples"
+        head = f"data: stage {self.stage!r}, shares of {unit}"
+        if self.mix.vision_token_fraction is not None:
+            head += f", {100 * self.mix.vision_token_fraction:.0f}% vision tokens"
+        lines = [head]
+        for name, info in self.datasets.items():
+            lines.append(
+                f"  {name} ({info.modality}): {100 * self.token_shares.get(name, 0.0):.1f}% "
+                f"(weight {self.sample_weights.get(name, 0.0):.3f}, "
+                f"{info.mean_tokens:.0f} tok/sample) {info.path}")
+        return lines
+
     def metrics(self) -> dict[str, float]:
         """This rank's cumulative data metrics: realised token shares per dataset and modality
         (with targets), vision token fractions, padding, skips per reason."""

@@ -122,6 +122,13 @@ class TextLoader:
         self._layouts: dict[int, list[list[list[int]]]] = {}
         self._stats: dict[int, dict[str, float]] = {}
 
+    def describe(self) -> list[str]:
+        """The corpus for the start-up banner."""
+        ds = self.dataset
+        tokens = sum(len(d) for d in ds.docs)
+        return [f"data: text {getattr(ds, 'corpus_file', '?')} ({len(ds):,} documents, "
+                f"{tokens:,} tokens)"]
+
     @property
     def micro_batches_per_step(self) -> int:
         """Packed sequences this rank processes per optimizer step (``G / dp``)."""

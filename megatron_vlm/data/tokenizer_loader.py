@@ -3,9 +3,9 @@
 What a path may be (``data.tokenizer``):
 
 - a directory shipped beside an HF checkpoint: Kimi's ``tiktoken.model`` + ``tokenizer_config.json``
-  (read with our tiktoken loader; Kimi's own class is remote code that cannot run offline), or
-  anything ``transformers.AutoTokenizer`` loads offline (``tokenizer.json`` of Qwen / GLM /
-  InternVL, ``tokenizer.model`` + ``tokenizer_config.json``);
+  (read with our tiktoken loader; Kimi's own class is remote code that cannot run offline), a
+  ``tokenizer.json`` (Qwen / GLM / InternVL) or another directory ``transformers.AutoTokenizer``
+  loads offline, or one SentencePiece ``.model`` (what our tiny runs' HF export writes);
 - a file: a SentencePiece ``.model``, or a tiktoken BPE file (Kimi's ``tiktoken.model``; a
   ``tokenizer_config.json`` beside it is used).
 
@@ -38,11 +38,15 @@ def detect_kind(path: Path) -> str:
     if path.is_dir():
         if (path / KIMI_BPE_FILE).is_file():
             return "tiktoken"
-        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if (path / "tokenizer.json").is_file():
             return "hf"
+        # A SentencePiece model (our tiny runs' export writes tokenizer.model plus a
+        # tokenizer_config.json naming the appended media tokens, which we append the same way).
         models = sorted(path.glob("*.model"))
         if len(models) == 1 and _is_sentencepiece(models[0]):
             return "sentencepiece"
+        if (path / "tokenizer_config.json").is_file():
+            return "hf"
         found = sorted(p.name for p in path.iterdir())[:12]
         raise ValueError(
             f"data.tokenizer={path}: no tokenizer files found (expected {KIMI_BPE_FILE}, "

@@ -23,8 +23,20 @@ from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.models.attention import cp_layout_for
 from megatron_vlm.models.llm import build_llm, llm_head_dims, scatter_padding_mask
 from megatron_vlm.models.projector import build_projector
-from megatron_vlm.models.specs import resolve_kernels
+from megatron_vlm.models.specs import KernelChoice, resolve_kernels
 from megatron_vlm.models.vision.moonvit import build_moonvit
+
+
+def kernel_choice(model: ModelConfig, parallel: ParallelConfig) -> KernelChoice:
+    """The layer implementations a model is built with on this machine: one choice for the LLM
+    and, in a VLM, the tower (what ``KimiVLM`` and ``build_llm`` resolve)."""
+    dropout, heads = model.llm.attention_dropout, llm_head_dims(model.llm)
+    if model.is_vlm:
+        dropout = max(dropout, model.vision.attention_dropout)
+        heads = (*heads, model.vision.head_dim)
+    return resolve_kernels(model.kernels, params_dtype=model.params_dtype,
+                           attention_dropout=dropout, head_dims=heads,
+                           context_parallel=parallel.cp > 1)
 
 
 class KimiVLM(MegatronModule):
@@ -33,11 +45,7 @@ class KimiVLM(MegatronModule):
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
                  post_process: bool = True, vp_stage: int | None = None) -> None:
         # One implementation choice (backend, attention kernel) for the LLM and the tower.
-        choice = resolve_kernels(
-            model.kernels, params_dtype=model.params_dtype,
-            attention_dropout=max(model.llm.attention_dropout, model.vision.attention_dropout),
-            head_dims=(*llm_head_dims(model.llm), model.vision.head_dim),
-            context_parallel=parallel.cp > 1)
+        choice = kernel_choice(model, parallel)
         llm = model.llm
         if model.freeze_llm:
             # The router's expert bias is a buffer that megatron's finalize_model_grads moves by

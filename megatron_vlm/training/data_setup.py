@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch.distributed as dist
 
 from megatron_vlm.config.job import JobConfig
-from megatron_vlm.config.model import TOKEN_ID_NAMES, TokenIdsConfig
+from megatron_vlm.config.model import TokenIdsConfig
 from megatron_vlm.data.contract import PackedBatch
 from megatron_vlm.data.corpus import bundled_corpus_dir
-from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
 from megatron_vlm.data.mm_loader import MultimodalLoader
 from megatron_vlm.data.text_loader import TextLoader, validation_batches
+from megatron_vlm.data.token_ids import resolve_token_ids, tokenizer_for_model
 from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, get_or_train_tokenizer
 from megatron_vlm.data.tokenizer_loader import load_tokenizer
 
@@ -28,6 +28,8 @@ class DataSetup:
     """Held-out micro-batches per dataset name (this DP rank's share)."""
     token_ids: TokenIdsConfig | None = None
     """``model.token_ids`` resolved against the tokenizer (what checkpoints record)."""
+    notes: list[str] = field(default_factory=list)
+    """Start-up notes for the log (document ids that yielded to the tokenizer's)."""
 
     def metrics(self) -> dict[str, float]:
         """Loader metrics (realised mix per dataset and modality, skips); empty for text."""
@@ -64,12 +66,9 @@ def build_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Tokenize
     """
     if job.data.tokenizer:
         tok = load_tokenizer(job.data.tokenizer, job.data.tokenizer_type)
-        if isinstance(tok, SentencePieceTokenizer) and job.model.is_vlm:
-            tok = SpecialTokensTokenizer(tok)
     else:
         tok = _trained_tokenizer(job, corpus_dir, run_dir)
-        if job.model.is_vlm:
-            tok = SpecialTokensTokenizer(tok)
+    tok = tokenizer_for_model(tok, job.model.is_vlm)
     rows = embedding_rows(tok, job.model.is_vlm)  # raises naming missing media tokens
     if rows > job.model.llm.vocab_size:
         raise ValueError(
@@ -91,41 +90,13 @@ def embedding_rows(tok: Tokenizer, is_vlm: bool) -> int:
     return rows
 
 
-def tokenizer_token_ids(tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
-    """The special-token ids a model trained with ``tok`` carries (for its HF config)."""
-    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-    if is_vlm:
-        media = tok.media_token_ids()
-        ids.update(image=media.image_placeholder, video=media.video_placeholder,
-                   media_begin=media.media_begin, media_content=media.media_content,
-                   media_end=media.media_end)
-    return TokenIdsConfig(**ids)
-
-
-def resolve_token_ids(configured: TokenIdsConfig, tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
-    """``model.token_ids`` filled from the tokenizer; a configured id must equal the tokenizer's.
-
-    Raises:
-        ValueError: Naming each ``model.token_ids.<name>`` that disagrees with the tokenizer.
-    """
-    actual = tokenizer_token_ids(tok, is_vlm)
-    wrong = [f"model.token_ids.{name}={getattr(configured, name)} but the tokenizer has "
-             f"{getattr(actual, name)}" for name in TOKEN_ID_NAMES
-             if getattr(configured, name) is not None
-             and getattr(configured, name) != getattr(actual, name)]
-    if wrong:
-        raise ValueError("; ".join(wrong) + f" ({tok.describe()}); leave them null to take the "
-                         "tokenizer's ids")
-    return actual
-
-
 def build_data(job: JobConfig, dp_rank: int, dp_size: int, run_dir: Path) -> DataSetup:
     """Tokenizer, loader and validation batches for this data-parallel rank."""
     corpus_dir = Path(job.data.corpus_dir) if job.data.corpus_dir else bundled_corpus_dir()
     tok = build_tokenizer(job, corpus_dir, Path(run_dir))
-    token_ids = resolve_token_ids(job.model.token_ids, tok, job.model.is_vlm)
+    token_ids, notes = resolve_token_ids(job.model.token_ids, tok, job.model.is_vlm)
     setup = _build_loaders(job, tok, corpus_dir, dp_rank, dp_size)
-    setup.token_ids = token_ids
+    setup.token_ids, setup.notes = token_ids, notes
     return setup
 
 

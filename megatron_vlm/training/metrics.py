@@ -82,6 +82,8 @@ class MetricsLogger:
         console: a ``rich.console.Console`` to print to (default: stdout).
         clock: monotonic time source in seconds, for the ETA when records carry no
             ``step_time_s`` (tests pass a fake one).
+        sinks: more destinations for every record (e.g. ``wandb_log.WandbSink``): objects with
+            ``log(step, split, flat_metrics)`` and ``close()``; writer rank only.
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class MetricsLogger:
         peak_tflops: float | None = None,
         console: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        sinks: Sequence[Any] = (),
     ) -> None:
         self.is_writer = is_writer
+        self._sinks = list(sinks) if is_writer else []
         self.total_steps = total_steps
         self.peak_tflops = peak_tflops
         self._clock = clock
@@ -133,7 +137,8 @@ class MetricsLogger:
             step: optimizer step the values belong to.
             split: ``"train"`` or ``"valid"`` (see the module docstring).
             metrics: name -> number (floats, ints, 0-d tensors, nested dicts).
-            progress: also print the one-line progress report (once per log interval).
+            progress: also print the one-line report: the progress line for ``train``
+                (once per log interval), the losses for another split.
         """
         if not self.is_writer:
             return  # no .item() syncs or I/O on other ranks
@@ -146,9 +151,13 @@ class MetricsLogger:
             for key, value in flat.items():
                 if value is not None:
                     self._tb.add_scalar(f"{split}/{key}", value, global_step=int(step))
+        for sink in self._sinks:
+            sink.log(int(step), split, flat)
         if progress:
+            line = (self.progress_line(step, flat) if split == "train"
+                    else self.split_line(step, split, flat))
             # soft_wrap: one line even when wider than the terminal (log files, SLURM output).
-            self._console.print(self.progress_line(step, flat), soft_wrap=True)
+            self._console.print(line, soft_wrap=True)
 
     def message(self, text: str) -> None:
         """Print a one-off line (resume, stop, warnings) on the writer rank."""
@@ -202,8 +211,23 @@ class MetricsLogger:
         parts.append(f"ETA {format_eta(self.eta_seconds(step))}")
         return " | ".join(parts)
 
+    def split_line(self, step: int, split: str, metrics: Mapping[str, Any]) -> str:
+        """The one-line report of a validation pass: each dataset's loss (rich markup)."""
+        flat = flatten_metrics(metrics)
+        losses = [(k[len("loss/"):], v) for k, v in sorted(flat.items())
+                  if k.startswith("loss/") and v is not None]
+        width = len(str(self.total_steps))
+        parts = [f"[bold]{split} {step:>{width}}/{self.total_steps}[/bold]"]
+        parts += [f"{name} {value:.4f}" for name, value in losses]
+        if "loss" in flat and flat["loss"] is not None:
+            parts.append(f"loss {flat['loss']:.4f}")
+        return " | ".join(parts)
+
     def close(self) -> None:
         """Flush and close the files (idempotent)."""
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
         if self._file is not None:
             self._file.close()
             self._file = None

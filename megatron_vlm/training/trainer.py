@@ -27,6 +27,7 @@ from megatron_vlm.checkpoint import (
 from megatron_vlm.checkpoint.run_dir import lr_report, start_run
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.models.llm import padded_vocab_size
+from megatron_vlm.models.vlm import kernel_choice
 from megatron_vlm.optim.builder import build_optimizer
 from megatron_vlm.optim.qk_clip import (
     apply_qk_clip,
@@ -43,13 +44,16 @@ from megatron_vlm.optim.qk_clip import (
 from megatron_vlm.optim.schedules import build_scheduler
 from megatron_vlm.parallel.init import init_distributed
 from megatron_vlm.training import telemetry
-from megatron_vlm.training.data_setup import DataSetup, build_data
+from megatron_vlm.training.banner import startup_banner
+from megatron_vlm.training.data_setup import DataSetup
 from megatron_vlm.training.flops import llm_flops_per_token
 from megatron_vlm.training.init_from import EXTRA_KEY, init_from_checkpoint, trainable_set
 from megatron_vlm.training.metrics import MetricsLogger, plot_loss_curves
 from megatron_vlm.training.model_setup import build_model_chunks
+from megatron_vlm.training.startup import prepare_run, set_cpu_threads
 from megatron_vlm.training.state import StopSignal, TrainState
 from megatron_vlm.training.step import forward_step
+from megatron_vlm.training.wandb_log import WandbSink
 
 
 class NonFiniteLossError(RuntimeError):
@@ -189,7 +193,8 @@ def _log_saves(metrics: MetricsLogger, reports: list[SaveReport], step: int) -> 
     for r in reports:
         metrics.log(r.step, "checkpoint", {**r.metrics(), "completed_at_step": step})
         if not r.async_save:
-            metrics.message(f"checkpoint {r.path} (sync): blocked the step loop {r.blocked_s:.2f} s")
+            metrics.message(
+                f"checkpoint {r.path} (sync): blocked the step loop {r.blocked_s:.2f} s")
             continue
         waited = f", waited {r.wait_s:.2f} s for the writer" if r.wait_s else ""
         metrics.message(
@@ -218,12 +223,14 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
     rank = dist.get_rank()
     run_dir = Path(job.train.output_dir)
     ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
+    threads = set_cpu_threads(job)
     # Lock the run directory; refuse a fresh run over a previous one, resume=require without a
     # checkpoint, or a checkpoint of another model/layout; pick the checkpoint (rank 0 decides).
     start = start_run(run_dir, ckpt_root, job.checkpoint, job.to_yaml())
     cleanup.callback(start.release)
-    data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
-                      run_dir=run_dir)
+    # Inputs, tokenizer, data paths and token ids, before any model memory is spent.
+    job, data = prepare_run(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+                            run_dir=run_dir, resume_from=start.resume_from, is_writer=rank == 0)
     chunks = build_model_chunks(job)
     routers = telemetry.routers_of(chunks)
     finalize = telemetry.FinalizeWithTelemetry(chunks)
@@ -236,9 +243,11 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
 
     # Everything that may touch a global RNG (TensorBoard's import draws from numpy's) happens
     # before the checkpoint restores RNG states, so a resumed run continues bit-exactly.
+    sinks = [WandbSink(job, run_dir)] if rank == 0 and job.train.wandb != "off" else []
     metrics = MetricsLogger(run_dir, is_writer=rank == 0, tensorboard=job.train.tensorboard,
-                            total_steps=job.train.steps, peak_tflops=job.train.peak_tflops)
-    for line in start.messages:
+                            total_steps=job.train.steps, peak_tflops=job.train.peak_tflops,
+                            sinks=sinks)
+    for line in [*start.messages, *data.notes]:
         metrics.message(line)
     resume_from = start.resume_from
     if resume_from is not None:
@@ -254,6 +263,12 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
                                              scheduler).message)
         bias0 = telemetry.expert_bias_snapshot(routers)
 
+    for line in startup_banner(job, world_size=dist.get_world_size(), dp_size=dp,
+                               kernels=kernel_choice(job.model, job.parallel).describe(),
+                               tokenizer=data.tokenizer.describe(),
+                               data_lines=data.loader.describe(), checkpoint_root=ckpt_root,
+                               resume_from=resume_from, resume_step=state.step, threads=threads):
+        metrics.message(line)
     if resume_from is not None:
         metrics.message(f"resumed from {resume_from} at step {state.step}")
         for line in lr_report(resume_from, job.optim, job.train.steps, state.step,
@@ -266,7 +281,8 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
     world = dist.get_world_size()
     first_valid = evaluate(chunks, data, seq_len) if state.step == 0 else {}
     if first_valid:
-        metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in first_valid.items()})
+        metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in first_valid.items()},
+                    progress=True)
     saver = CheckpointSaver(ckpt_root, job.checkpoint.keep_last, job.checkpoint.async_save)
     last_ckpt, steps_here, stopped = None, 0, False
 
@@ -293,7 +309,8 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
                   **telemetry.moe_metrics(finalize.last_loads, routers, bias0), **step_metrics,
                   **data.metrics()}
         metrics.log(state.step, "train", values,
-                    progress=skipped or state.step % job.train.log_interval == 0)
+                    progress=(skipped or state.step % job.train.log_interval == 0
+                              or state.step == job.train.steps))
         if state.consecutive_nonfinite >= job.train.max_consecutive_nonfinite:
             saver.close()
             metrics.close()
@@ -304,8 +321,10 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
                 "train.max_consecutive_nonfinite to tolerate more.")
         if job.train.eval_interval and state.step % job.train.eval_interval == 0:
             metrics.log(state.step, "valid",
-                        {f"loss/{k}": v for k, v in evaluate(chunks, data, seq_len).items()})
-        done_here = job.train.exit_after_steps is not None and steps_here >= job.train.exit_after_steps
+                        {f"loss/{k}": v for k, v in evaluate(chunks, data, seq_len).items()},
+                        progress=True)
+        done_here = (job.train.exit_after_steps is not None
+                     and steps_here >= job.train.exit_after_steps)
         save_now = (job.checkpoint.save_interval and state.step % job.checkpoint.save_interval == 0)
         if save_now or stop_requested or done_here:
             _log_saves(metrics, _save(job, saver, state, chunks, optimizer, scheduler, data,
@@ -328,7 +347,8 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
     # Preempted: the grace period is for saving, not for a validation pass.
     final_valid = {} if stopped else evaluate(chunks, data, seq_len)  # overlaps an async write
     if final_valid:
-        metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in final_valid.items()})
+        metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in final_valid.items()},
+                    progress=True)
     _log_saves(metrics, saver.finish(), state.step)
     saver.close()
     metrics.close()

@@ -134,3 +134,14 @@ def test_readme_and_docs_launch_the_node_counts_the_recipes_are_laid_out_for(cap
     assert {name for name, *_ in rows} == set(H100_GPUS)
     for name, gpus, nodes in rows:
         assert int(gpus.replace(",", "")) == H100_GPUS[name] == 8 * int(nodes)
+
+
+def test_real_recipe_without_tokenizer_or_data_never_queues(capsys):
+    """kimi_k25 with no data.tokenizer / data.multimodal.root is refused before sbatch."""
+    from megatron_vlm.cluster.launch import main
+
+    rc = main(["--recipe", "kimi_k25", "--nodes", "128", "--gpus-per-node", "8",
+               "--container-image", "/x.sqsh", "--dry-run"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "data.tokenizer" in err and "data.multimodal.root" in err

@@ -158,3 +158,11 @@ def test_error_messages_name_real_config_keys():
                             for key in _KEY.findall(const.value)
                             if not _FILE.search(key) and not _is_config_key(key)]
     assert not bad, bad
+
+
+def test_literal_words_that_yaml_reads_as_booleans_stay_words():
+    job = apply_overrides(get_recipe("tiny_text_cpu"), ["train.wandb=off"])
+    assert job.train.wandb == "off"
+    assert apply_overrides(job, ["train.wandb=offline"]).train.wandb == "offline"
+    with pytest.raises(ValueError, match="choose one of"):
+        apply_overrides(job, ["train.wandb=yes"])

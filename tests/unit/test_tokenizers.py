@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
-
 from kimi_tokenizer_files import KIMI_STYLE_CHAT_TEMPLATE, write_kimi_tokenizer
+
 from megatron_vlm.config import JobConfig, apply_overrides
 from megatron_vlm.data.corpus import bundled_corpus_dir
 from megatron_vlm.data.kimi_tokenizer import KIMI_PAT_STR, KimiTokenizer, SpecialTokensTokenizer
 from megatron_vlm.data.templates import IMAGE_PLACEHOLDER, MEDIA_BEGIN, VIDEO_PLACEHOLDER
+from megatron_vlm.data.token_ids import resolve_token_ids, tokenizer_for_model
 from megatron_vlm.data.tokenizer import (
     MissingSpecialTokenError,
     SentencePieceTokenizer,
@@ -21,7 +22,7 @@ from megatron_vlm.data.tokenizer import (
 )
 from megatron_vlm.data.tokenizer_loader import detect_kind, load_tokenizer
 from megatron_vlm.recipes import get_recipe
-from megatron_vlm.training.data_setup import build_tokenizer, embedding_rows, resolve_token_ids
+from megatron_vlm.training.data_setup import build_tokenizer, embedding_rows
 
 TEXTS = ["The quick brown fox jumps over 12345 dogs.\n\n  Hello  world!",
          "日本語のテキスト and Ünïcödé, don't I'll WE'RE", "a <|media_pad|> in web text"]
@@ -152,10 +153,17 @@ def _job(recipe: str, *overrides: str) -> JobConfig:
 def test_run_tokenizer_checks_vocab_and_fills_token_ids(kimi_dir, tmp_path):
     job = _job("tiny_cpu", f"data.tokenizer={kimi_dir}")
     tok = build_tokenizer(job, bundled_corpus_dir(), tmp_path)
-    ids = resolve_token_ids(job.model.token_ids, tok, is_vlm=True)
+    ids, notes = resolve_token_ids(job.model.token_ids, tok, is_vlm=True)
     assert ids.image == tok.media_token_ids().image_placeholder and ids.eos == tok.eos_id
+    assert notes == []
     with pytest.raises(ValueError, match=r"model.token_ids.image=5 but the tokenizer has"):
         resolve_token_ids(_job("tiny_cpu", "model.token_ids.image=5").model.token_ids, tok, True)
+    # An imported Instruct config's eos (<|im_end|>) yields to the tokenizer's end of document.
+    im_end = tok.token_id("<|im_end|>")
+    ids, notes = resolve_token_ids(
+        _job("tiny_cpu", f"model.token_ids.eos={im_end}").model.token_ids, tok, True)
+    assert ids.eos == tok.eos_id != im_end
+    assert len(notes) == 1 and f"model.token_ids.eos={im_end} differs" in notes[0]
     small = _job("tiny_cpu", f"data.tokenizer={kimi_dir}", "model.llm.vocab_size=1024")
     with pytest.raises(ValueError, match=r"1112 ids but model.llm.vocab_size=1024"):
         build_tokenizer(small, bundled_corpus_dir(), tmp_path)
@@ -180,3 +188,16 @@ def test_real_recipes_require_tokenizer_and_data(recipe):
     assert "data.tokenizer " not in str(err.value)
     _job(recipe, "data.tokenizer=/ckpt/tok", "data.multimodal.root=/data").check_inputs()
     get_recipe("tiny_cpu").check_inputs()  # the tiny recipes train on the bundled corpus
+
+
+def test_an_exported_sentencepiece_directory_reloads_as_the_run_used_it(tmp_path, corpus_text):
+    """The tiny runs' tokenizer (SentencePiece + appended media tokens) saved as an HF export
+    writes it, then read back from the directory: the same ids."""
+    (tmp_path / "c.txt").write_text(corpus_text[:50_000])
+    mm = SpecialTokensTokenizer(SentencePieceTokenizer(
+        train_sentencepiece(tmp_path / "c.txt", tmp_path / "sp", 300, seed=0)))
+    mm.save_pretrained(tmp_path / "export")
+    assert detect_kind(tmp_path / "export") == "sentencepiece"
+    again = tokenizer_for_model(load_tokenizer(tmp_path / "export"), is_vlm=True)
+    assert again.special_tokens == mm.special_tokens
+    assert again.encode_with_special(TEXTS[2]) == mm.encode_with_special(TEXTS[2])

@@ -1,0 +1,65 @@
+"""Small agreements between ranks: gather JSON values, and make a start-up refusal seen by any
+rank end the run on every rank with the same message (a file visible to some nodes only must not
+leave the other ranks blocked in the next collective).
+
+Tensors travel on the group backend's device (CUDA under NCCL, CPU under gloo).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def comm_device() -> torch.device:
+    """Where the default group's collectives take tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_json(obj: Any) -> list[Any]:
+    """Every rank's JSON-serialisable ``obj``, in rank order (``[obj]`` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [json.loads(json.dumps(obj))]
+    world = dist.get_world_size()
+    device = comm_device()
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    max_size = int(max(s.item() for s in sizes))
+    padded = torch.zeros(max_size, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return [
+        json.loads(bytes(g[: int(s.item())].cpu().tolist()).decode())
+        for g, s in zip(gathered, sizes)
+    ]
+
+
+class StartupError(RuntimeError):
+    """A refused start (bad config value, missing data or tokenizer), raised on every rank with
+    the same one-line message; the CLI prints it once (rank 0) and exits 2."""
+
+
+def agree_on_startup(step: Callable[[], T], what: str,
+                     catch: tuple[type[BaseException], ...] = (ValueError, OSError)) -> T:
+    """Run ``step`` on every rank; if it raised one of ``catch`` on any rank, raise
+    :class:`StartupError` on all ranks with the lowest failing rank's message."""
+    try:
+        result, error = step(), None
+    except catch as e:
+        result, error = None, f"{what}: {e}"
+    errors = [(r, e) for r, e in enumerate(all_gather_json(error)) if e]
+    if errors:
+        rank, message = errors[0]
+        raise StartupError(message if rank == 0 else f"(rank {rank}) {message}")
+    return result
