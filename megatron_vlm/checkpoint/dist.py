@@ -404,7 +404,10 @@ def find_latest_checkpoint(root: Path) -> Path | None:
     return None
 
 
-_WEIGHTS_ONLY_HINT = " Load with load_optimizer=False to take the model weights only."
+_WEIGHTS_ONLY_HINT = (
+    " To take its model weights only: checkpoint.init_from=<this checkpoint> in a training run "
+    "(a fresh optimizer; step, schedule and data start afresh), or "
+    "load_checkpoint(..., load_optimizer=False) in code.")
 
 
 def optimizer_layout_problem(manifest: dict, ckpt_dir: Path) -> str | None:
