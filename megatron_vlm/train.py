@@ -109,6 +109,8 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.jit")
+    # torch's ShardedTensor deprecation, raised through megatron's dist_checkpointing on each load.
+    warnings.filterwarnings("ignore", message=r".*Please use DTensor instead.*")
     for name in ("megatron.energon", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -5,17 +5,18 @@ conversion and stage tests)."""
 from __future__ import annotations
 
 import pytest
-from tiny_runs import TinyRun, run_train
+from tiny_runs import TinyRun, run_example
 
 
 @pytest.fixture(scope="session")
 def tiny_vlm_run(tmp_path_factory) -> TinyRun:
-    """``python -m megatron_vlm.train --recipe tiny_cpu`` with the recipe's defaults (the tiny VLM,
-    600 steps on the bundled multimodal corpus, a checkpoint every 100 steps, the last 3 kept).
+    """``bash examples/pretrain_tiny.sh`` (``python -m megatron_vlm.train --recipe tiny_cpu``) with
+    the recipe's defaults (the tiny VLM, 600 steps on the bundled multimodal corpus, a checkpoint
+    every 100 steps, the last 3 kept): the README's main job and the pretraining example at once.
 
     Treat the run directory as read-only; ``TinyRun.fork`` copies a checkpoint to continue from.
     """
     run_dir = tmp_path_factory.mktemp("tiny_vlm_run")
     # ~4-6 minutes on 2 cores; kept under pytest-timeout's 900 s for the first test using it.
-    proc = run_train(["--recipe", "tiny_cpu", f"train.output_dir={run_dir}"], timeout=850)
+    proc = run_example("pretrain_tiny.sh", env={"OUT": str(run_dir)}, timeout=850)
     return TinyRun(run_dir, proc.stdout)

@@ -32,6 +32,19 @@ def run_train(args: list[str], timeout: int = 600,
     return proc
 
 
+def run_example(script: str, env: dict[str, str] | None = None, args: list[str] = (),
+                timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """``bash examples/SCRIPT ARGS`` as a user runs it, with this interpreter as ``PYTHON``."""
+    proc = subprocess.run(
+        ["bash", str(REPO / "examples" / script), *args], cwd=REPO,
+        env={**train_env(), "PYTHON": sys.executable, **(env or {})},
+        capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

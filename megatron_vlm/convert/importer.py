@@ -169,11 +169,11 @@ def adopt_hf_tokenizer(model: ModelConfig, hf_dir: Path) -> str | None:
     we can read or one whose ids differ from the config's (logged: training would refuse it).
     """
     from megatron_vlm.config.model import TOKEN_ID_NAMES
-    from megatron_vlm.data.token_ids import tokenizer_token_ids
+    from megatron_vlm.data.token_ids import tokenizer_for_model, tokenizer_token_ids
     from megatron_vlm.data.tokenizer_loader import load_tokenizer
 
     try:
-        tok = load_tokenizer(hf_dir)
+        tok = tokenizer_for_model(load_tokenizer(hf_dir), model.is_vlm)
         ids = tokenizer_token_ids(tok, model.is_vlm)
     except (ValueError, ConversionError) as e:
         logger.info("no usable tokenizer in %s (%s): job.yaml leaves data.tokenizer unset",

@@ -4,7 +4,9 @@
 Stage k+1's ``checkpoint.init_from`` is stage k's checkpoint root and every stage after the first
 uses the first stage's tokenizer (a VLM's token ids must mean the same thing in every stage).
 Overrides apply to every stage (``train.steps=5``) or, prefixed ``NAME:``, to one stage
-(``tiny_stage_long:parallel.cp=2``).
+(``tiny_stage_long:parallel.cp=2``). Each stage runs with ``checkpoint.resume=auto``: running the
+chain again after a crash continues the interrupted stage and skips finished ones (their own
+checkpoint wins over ``init_from``) instead of being refused as a second run in their directories.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def stage_jobs(names: Sequence[str], out_dir: str | Path, overrides: Sequence[st
     for name in names:
         mine = [o.split(":", 1)[1] if ":" in o.split("=", 1)[0] else o for o in overrides
                 if ":" not in o.split("=", 1)[0] or o.split(":", 1)[0] == name]
-        chain = [f"train.output_dir={out_dir / name}"]
+        chain = [f"train.output_dir={out_dir / name}", "checkpoint.resume=auto"]
         if previous is not None:
             chain.append(f"checkpoint.init_from={previous}")
         jobs.append(apply_overrides(get_recipe(name), [*chain, *mine]))

@@ -284,7 +284,8 @@ def _train(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> T
         metrics.log(state.step, "valid", {f"loss/{k}": v for k, v in first_valid.items()},
                     progress=True)
     saver = CheckpointSaver(ckpt_root, job.checkpoint.keep_last, job.checkpoint.async_save)
-    last_ckpt, steps_here, stopped = None, 0, False
+    # A resumed run's checkpoint counts as saved: a run resumed at its last step saves nothing.
+    last_ckpt, steps_here, stopped = resume_from, 0, False
 
     while state.step < job.train.steps:
         _log_saves(metrics, saver.poll(), state.step)  # an async save completes when written

@@ -95,14 +95,15 @@ def test_malformed_sweeps_are_refused(tmp_path, axes, needle) -> None:
 
 
 def test_smoke_sweep_runs_both_arms(tmp_path) -> None:
-    """The shipped sweep's smoke section, in one process (--in-process): both arms train, the
-    late arm sees text only, then resumes on the vision mix with a fresh data stream."""
+    """The shipped sweep's smoke section, in one process (--in-process), through the example
+    script (examples/scaling_sweep.sh, SMOKE=1): both arms train, the late arm sees text only,
+    then resumes on the vision mix with a fresh data stream."""
     # No rendezvous variables from this process's own world (tests before may have set them).
-    env = trainer_env()
-    proc = subprocess.run(
-        [sys.executable, "-m", "tools.scaling", "run", str(SWEEP), "--smoke", "--in-process",
-         "--output-dir", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
+    env = {**trainer_env(), "PYTHON": sys.executable, "SMOKE": "1", "SWEEP": str(SWEEP),
+           "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "scaling_sweep.sh")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["fusion"]: r for r in json.loads((tmp_path / "table.json").read_text())}
     assert set(rows) == {"early10", "late50"}
