@@ -24,7 +24,15 @@ MoE (balanced routing, ``k`` = top-k, ``E`` experts, ``F`` expert FFN, ``e`` = e
 input, ``h`` router/shared-expert input, ``4 E`` fp32 router logits and scores, ``k e h``
 dispatched expert inputs (the expert-TP group gathers tokens), ``4 k F`` expert SwiGLU
 intermediates, ``k h`` expert outputs kept for the probability-weighted combine, ``4 n_s F``
-shared expert.
+shared expert. torch ``grouped_mm`` experts (no Transformer Engine; ``models/experts.py``
+``GroupedExperts``) keep ``2 k F`` instead of ``4 k F``: the fc1 output, from which backward
+recomputes the SwiGLU (``moe_act`` recompute has nothing more to drop; ``moe`` drops it). They
+also stack the ``E / ep`` local experts' weights (``3 F h / e`` each, bf16) while a layer runs
+forward and again in backward: not kept between the two, but one stacked copy's worth of bytes
+is alive while one layer runs (backward: the stacked fc2 gradient with the stacked fc1 weights,
+then with the fc1 gradient), counted once like ``full`` recompute's rebuilt layer (``peak_extra``).
+Before ``GroupedExperts`` autograd kept that copy per MoE layer per micro-batch in flight (K2.5 at
+ep=8: 4.2 GB).
 
 MoonViT per patch and layer (split over tp x cp ranks, issue 7's rule that no item is encoded
 twice): ``10 h + 2 f`` (two LayerNorm inputs, qkv input, q k v, q k after RoPE, output, fc1 input
@@ -78,8 +86,10 @@ def _sum(terms: Iterable[Term], dropped: set[str]) -> float:
 
 
 def llm_layer_terms(llm: LLMConfig, layer: int, *, tp: int, etp: int, cp: int,
-                    seq_length: int, flash: bool = True) -> list[Term]:
-    """Saved tensors of decoder layer ``layer`` per local token (see the module docstring)."""
+                    seq_length: int, flash: bool = True,
+                    torch_grouped_experts: bool = False) -> list[Term]:
+    """Saved tensors of decoder layer ``layer`` per local token (see the module docstring);
+    ``torch_grouped_experts``: the routed experts run as torch ``grouped_mm`` (no TE)."""
     h, n = llm.hidden_size, llm.num_attention_heads
     d_qk, d_v, d_rope = llm.qk_head_dim, llm.v_head_dim, llm.qk_rope_head_dim
     terms = [Term("attn_norm_in", h),
@@ -106,7 +116,8 @@ def llm_layer_terms(llm: LLMConfig, layer: int, *, tp: int, etp: int, cp: int,
     terms += [Term("router_in", h, recompute_module="layernorm"),
               Term("router_scores", 2 * llm.num_experts, 4, recompute_module="moe"),
               Term("expert_in", k * etp * h, recompute_module="moe"),
-              Term("expert_swiglu", 4 * k * fe, recompute_module="moe_act"),
+              Term("expert_fc1", 2 * k * fe, recompute_module="moe") if torch_grouped_experts
+              else Term("expert_swiglu", 4 * k * fe, recompute_module="moe_act"),
               Term("expert_out", k * h, recompute_module="moe")]
     if llm.num_shared_experts:
         terms.append(Term("shared_swiglu", 4 * llm.num_shared_experts * fe,
@@ -123,23 +134,35 @@ def _dropped(recompute: str, modules: Iterable[str]) -> set[str]:
     return out
 
 
+def expert_stack_bytes(llm: LLMConfig, *, ep: int, etp: int) -> float:
+    """One stacked copy of an MoE layer's local expert weights (fc1 ``2F x h`` and fc2
+    ``h x F`` per expert, split over expert TP), bf16: what torch ``grouped_mm`` experts stack."""
+    if llm.num_experts is None:
+        return 0.0
+    return llm.num_experts / ep * 3 * llm.moe_ffn_hidden_size * llm.hidden_size / etp * BF16
+
+
 def llm_layer_bytes(llm: LLMConfig, layer: int, *, tp: int, etp: int, cp: int,
                     seq_length: int, recompute: str = "none",
                     recompute_modules: Iterable[str] = ("core_attn",),
-                    flash: bool = True) -> dict[str, float]:
+                    flash: bool = True, ep: int = 1,
+                    torch_grouped_experts: bool = False) -> dict[str, float]:
     """Activation bytes of one layer for one micro-batch on one GPU.
 
-    Returns ``kept`` (held until the layer's backward) and ``peak_extra`` (what ``full``
-    recompute rebuilds while the layer runs backward; 0 otherwise).
+    Returns ``kept`` (held until the layer's backward) and ``peak_extra`` (alive only while this
+    layer runs: what ``full`` recompute rebuilds, and with ``torch_grouped_experts`` the stacked
+    expert weights of an MoE layer; 0 otherwise).
     """
     local_tokens = seq_length / (cp * tp)
     terms = llm_layer_terms(llm, layer, tp=tp, etp=etp, cp=cp, seq_length=seq_length,
-                            flash=flash)
+                            flash=flash, torch_grouped_experts=torch_grouped_experts)
+    stack = (expert_stack_bytes(llm, ep=ep, etp=etp)
+             if torch_grouped_experts and llm.moe_layer_freq[layer] else 0.0)
     full = _sum(terms, set()) * local_tokens
     if recompute == "full":
-        return {"kept": llm.hidden_size * BF16 * local_tokens, "peak_extra": full}
+        return {"kept": llm.hidden_size * BF16 * local_tokens, "peak_extra": full + stack}
     return {"kept": _sum(terms, _dropped(recompute, recompute_modules)) * local_tokens,
-            "peak_extra": 0.0}
+            "peak_extra": stack}
 
 
 def head_bytes(llm: LLMConfig, *, tp: int, cp: int, seq_length: int) -> float:

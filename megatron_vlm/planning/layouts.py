@@ -114,6 +114,10 @@ class PlanInputs:
     vision_recompute: str = "none"
     flash_attention: bool = True
     """A fused attention kernel (no softmax output kept); False for the unfused CPU kernels."""
+    torch_grouped_experts: bool = False
+    """Routed experts run as torch ``grouped_mm`` (no Transformer Engine): fc1 output kept
+    instead of the SwiGLU intermediates, one stacked copy of a layer's expert weights alive while
+    it runs (``activations.py``)."""
     router_in_muon: bool = True
     min_tokens_per_cp_rank: int = 2048
     """Context parallelism below this many tokens per CP rank is rejected: each rank's GEMMs get
@@ -259,7 +263,8 @@ def _layer_bytes(inputs: PlanInputs, lay: Layout, layer: int) -> dict[str, float
     return llm_layer_bytes(inputs.model.llm, layer, tp=lay.tp, etp=lay.etp, cp=lay.cp,
                            seq_length=inputs.seq_length, recompute=inputs.recompute,
                            recompute_modules=inputs.recompute_modules,
-                           flash=inputs.flash_attention)
+                           flash=inputs.flash_attention, ep=lay.ep,
+                           torch_grouped_experts=inputs.torch_grouped_experts)
 
 
 def _signature(model: ModelConfig, stage, last_index: int) -> tuple:
