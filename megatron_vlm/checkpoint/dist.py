@@ -74,6 +74,7 @@ from megatron_vlm.checkpoint.sharded_state import (
     unwrap,
     uses_distributed_optimizer,
 )
+from megatron_vlm.parallel import comm
 from megatron_vlm.parallel.agree import all_gather_json as _all_gather_json
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,7 @@ def save_checkpoint(
     dist_checkpointing.save(pending.state, str(pending.tmp),
                             sharded_strategy=InProcessTorchDistSaveStrategy())
     write_rank_state(pending)
-    dist.barrier()
+    comm.barrier()
     # Hash (and fsync) the files, each rank a slice.
     files = list_files(pending.tmp)
     return complete_save(pending, file_entries(pending.tmp, files[pending.rank::pending.world],
@@ -301,10 +302,10 @@ def complete_save(pending: PendingSave, my_entries: list[dict]) -> Path:
         write_manifest(tmp, manifest)
         _fsync_dir(tmp)
         _rename_into_place(tmp, pending.final)
-    dist.barrier()
+    comm.barrier()
     if pending.rank == 0:
         prune_checkpoints(pending.root, pending.keep_last)
-    dist.barrier()
+    comm.barrier()
     logger.info("saved checkpoint %s", pending.final)
     return pending.final
 
@@ -555,6 +556,6 @@ def load_checkpoint(
             "checkpoint %s was saved by %d ranks, this run has %d: RNG states not restored, "
             "every rank gets rank 0's extra state", path, manifest["world_size"], world,
         )
-    dist.barrier()
+    comm.barrier()
     logger.info("loaded checkpoint %s (step %d)", path, manifest["step"])
     return json.loads(rank_state["extra_json"])

@@ -43,6 +43,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from megatron_vlm.parallel import comm
+
 
 class MixedFloat16Optimizer(Float16OptimizerWithFloat16Params):
     """bf16 params with fp32 masters, plus fp32 params, checkpointable (module docstring)."""
@@ -145,7 +147,7 @@ class LayerWiseMuonOptimizer(LayerWiseDistributedOptimizer):
             # FP32Optimizer: the torch state itself.
             optim_sd = sd["optimizer"] if "fp32_from_fp16_params" in sd else sd
             steps = [None] * dist.get_world_size()
-            dist.all_gather_object(steps, _as_float(optim_sd["state"].get("common_step")))
+            comm.all_gather_object(steps, _as_float(optim_sd["state"].get("common_step")))
             step = next((s for s in steps if s is not None), None)
             if len(optim_sd["state"]) == 0 and step is None:
                 optim_sd["state"] = LocalNonpersistentObject(optim_sd["state"])
@@ -155,7 +157,7 @@ class LayerWiseMuonOptimizer(LayerWiseDistributedOptimizer):
                 local_params = group.pop("params")
                 group["params"] = bool(local_params.unwrap())
                 groups = [None] * dist.get_world_size()
-                dist.all_gather_object(groups, group)
+                comm.all_gather_object(groups, group)
                 chosen = next((g for g in groups if g["params"]), group)
                 chosen["params"] = local_params
                 optim_sd["param_groups"][i] = chosen
@@ -188,7 +190,7 @@ class LayerWiseMuonOptimizer(LayerWiseDistributedOptimizer):
             if id(p) not in owners:
                 continue  # unsharded: every rank updated its own copy
             rank, group = owners[id(p)]
-            dist.broadcast(p.data, src=dist.get_global_rank(group, rank), group=group)
+            comm.broadcast(p.data, src=dist.get_global_rank(group, rank), group=group)
 
 
 def _as_float(step) -> float | None:
@@ -204,7 +206,7 @@ def _allgather(params_list: list[list[nn.Parameter]], group: dist.ProcessGroup,
            else torch.empty(0, device=device, dtype=dtype))
     outputs = [torch.empty(sum(p.numel() for p in params), device=device, dtype=dtype)
                for params in params_list]
-    dist.all_gather(outputs, src, group=group)
+    comm.all_gather(outputs, src, group=group)
     for r, (flat, params) in enumerate(zip(outputs, params_list)):
         if r == rank or not params:
             continue

@@ -54,6 +54,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_vlm.parallel import comm
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """Quintic Newton-Schulz coefficients (Keller Jordan; Moonlight; torch.optim.Muon)."""
 NS_STEPS = 5
@@ -293,7 +295,7 @@ class Muon(_TorchMuon):
         """This rank's shard of the whole matrix's scaled, orthogonalised update (no ``lr``)."""
         size, dim = dist.get_world_size(tp), param.partition_dim
         parts = [torch.empty_like(update) for _ in range(size)]
-        dist.all_gather(parts, update.contiguous(), group=tp)
+        comm.all_gather(parts, update.contiguous(), group=tp)
         whole = torch.cat(parts, dim=dim)  # fresh memory: blocks are overwritten in place
         for block in layout.views(whole):
             matrix = block_matrix(block)

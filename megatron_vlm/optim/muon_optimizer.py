@@ -44,6 +44,7 @@ from megatron_vlm.config.optim import OptimConfig
 from megatron_vlm.optim.megatron_wrappers import LayerWiseMuonOptimizer, wrap_optimizer
 from megatron_vlm.optim.muon import Muon
 from megatron_vlm.optim.param_groups import build_param_groups
+from megatron_vlm.parallel import comm
 
 _ORDER = (("muon", False), ("muon", True), ("adamw", False), ("adamw", True))
 """The chained optimizers, in order: (kind, routed experts)."""
@@ -109,7 +110,7 @@ def collect_param_groups(
     identities = list(groups)
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list[list[tuple] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, identities)
+        comm.all_gather_object(everyone, identities)
         identities = sorted({i for part in everyone for i in part}, key=_sort_key)
     else:
         identities = sorted(identities, key=_sort_key)

@@ -55,6 +55,8 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from torch import nn
 
+from megatron_vlm.parallel import comm
+
 
 @dataclass
 class QKClipStats:
@@ -111,7 +113,7 @@ def all_reduce_max_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None
     if group is None or not tensors:
         return
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(part.view_as(t))
 
@@ -337,8 +339,8 @@ def qk_clip_metrics(
         maxima[layer - 1] = max(heads)
         clipped[layer - 1] = stats.heads_clipped[layer]
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-        dist.all_reduce(clipped, group=group)
+        comm.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        comm.all_reduce(clipped, group=group)
     out = {f"{prefix}/max_logit": maxima.max().item(),
            f"{prefix}/heads_clipped": clipped.sum().item()}
     for i in range(num_layers):

@@ -2,7 +2,8 @@
 rank end the run on every rank with the same message (a file visible to some nodes only must not
 leave the other ranks blocked in the next collective).
 
-Tensors travel on the group backend's device (CUDA under NCCL, CPU under gloo).
+Built on ``parallel/comm.py``: tensors travel on the group backend's device (CUDA under NCCL,
+CPU under gloo). ``comm_device`` is re-exported from there.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from megatron_vlm.parallel import comm
+from megatron_vlm.parallel.comm import comm_device
+
+__all__ = ["StartupError", "agree_on_startup", "all_gather_json", "comm_device"]
+
 T = TypeVar("T")
-
-
-def comm_device() -> torch.device:
-    """Where the default group's collectives take tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def all_gather_json(obj: Any) -> list[Any]:
@@ -33,12 +32,12 @@ def all_gather_json(obj: Any) -> list[Any]:
     data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
     size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
+    comm.all_gather(sizes, size)
     max_size = int(max(s.item() for s in sizes))
     padded = torch.zeros(max_size, dtype=torch.uint8, device=device)
     padded[: data.numel()] = data
     gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
+    comm.all_gather(gathered, padded)
     return [
         json.loads(bytes(g[: int(s.item())].cpu().tolist()).decode())
         for g, s in zip(gathered, sizes)

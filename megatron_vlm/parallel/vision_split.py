@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_vlm.parallel import comm
+
 _SINGLETON: dict[int, dist.ProcessGroup] = {}
 
 
@@ -125,7 +127,7 @@ class _GatherItems(torch.autograd.Function):
         padded = local.new_zeros((most, *local.shape[1:]))
         padded[: local.shape[0]] = local.detach()
         parts = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(parts, padded.contiguous(), group=group)
+        comm.all_gather(parts, padded.contiguous(), group=group)
         rank_major = torch.cat([p[:c] for p, c in zip(parts, counts)])
         ctx.mine = order_rows(order, counts, dist.get_rank(group))
         ctx.reduce_group = reduce_group
@@ -137,7 +139,7 @@ class _GatherItems(torch.autograd.Function):
         # rank (module docstring); under CP each CP rank holds only its tokens' share: sum it.
         if ctx.reduce_group is not None and ctx.reduce_group.size() > 1:
             grad = grad.contiguous().clone()
-            dist.all_reduce(grad, group=ctx.reduce_group)
+            comm.all_reduce(grad, group=ctx.reduce_group)
         return grad.index_select(0, ctx.mine.to(grad.device)), None, None, None, None, None
 
 

@@ -16,6 +16,7 @@ from megatron_vlm.data.text_loader import TextLoader, validation_batches
 from megatron_vlm.data.token_ids import resolve_token_ids, tokenizer_for_model
 from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, get_or_train_tokenizer
 from megatron_vlm.data.tokenizer_loader import load_tokenizer
+from megatron_vlm.parallel import comm
 
 
 @dataclass
@@ -49,7 +50,7 @@ def _trained_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Sente
         tok = get_or_train_tokenizer(corpus_dir, run_dir, job.data.tokenizer_vocab_size,
                                      job.data.seed)
     if dist.is_initialized():
-        dist.barrier()
+        comm.barrier()
     if rank != 0:
         tok = get_or_train_tokenizer(corpus_dir, run_dir, job.data.tokenizer_vocab_size,
                                      job.data.seed)

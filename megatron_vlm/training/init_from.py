@@ -22,6 +22,7 @@ from megatron_vlm.checkpoint import find_latest_checkpoint, load_checkpoint
 from megatron_vlm.checkpoint.dist import optimizer_state_problem
 from megatron_vlm.checkpoint.manifest import CheckpointError, read_manifest
 from megatron_vlm.checkpoint.sharded_state import unwrap
+from megatron_vlm.parallel import comm
 
 EXTRA_KEY = "trainable_set"
 
@@ -31,7 +32,7 @@ def trainable_set(chunks) -> dict:
     names = sorted({n for c in chunks for n, p in unwrap(c).named_parameters() if p.requires_grad})
     if dist.is_initialized() and dist.get_world_size() > 1:
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, names)
+        comm.all_gather_object(gathered, names)
         names = sorted({n for rank_names in gathered for n in rank_names})
     modules = Counter(n.split(".", 1)[0] for n in names)
     return {"sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
+from megatron_vlm.parallel import comm
+
 
 def routers_of(model_chunks: list) -> list:
     """Every MoE router with an expert bias, in layer order."""
@@ -37,7 +39,7 @@ class FinalizeWithTelemetry:
         if self.routers:
             loads = torch.stack([r.local_tokens_per_expert.detach().clone() for r in self.routers])
             if dist.is_initialized():
-                dist.all_reduce(
+                comm.all_reduce(
                     loads,
                     group=parallel_state.get_tensor_and_data_parallel_group(
                         with_context_parallel=True

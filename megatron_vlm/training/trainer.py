@@ -42,6 +42,7 @@ from megatron_vlm.optim.qk_clip import (
     vit_records_max_logits,
 )
 from megatron_vlm.optim.schedules import build_scheduler
+from megatron_vlm.parallel import comm
 from megatron_vlm.parallel.init import init_distributed
 from megatron_vlm.training import telemetry
 from megatron_vlm.training.banner import startup_banner
@@ -78,8 +79,9 @@ def _reduce_loss_reports(reports: list[dict]) -> torch.Tensor:
         total += r["lm loss"].detach().to("cpu", torch.float64)
     if dist.is_initialized():
         # Only the last pipeline stage holds losses; the others contribute zeros.
-        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        dist.all_reduce(
+        # comm moves the CPU sums to the group's device (NCCL has no CPU path) and back.
+        comm.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        comm.all_reduce(
             total, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
         )
     return total
@@ -89,7 +91,7 @@ def _agree_any(*flags: bool) -> list[bool]:
     """Each flag OR-ed over all ranks (one small collective per step)."""
     t = torch.tensor([float(f) for f in flags])
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        comm.all_reduce(t, op=comm.ReduceOp.MAX)
     return [bool(x) for x in t.tolist()]
 
 
