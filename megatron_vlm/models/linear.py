@@ -15,6 +15,12 @@ sequence-parallel region, whose backward reduce-scatters (sums) the per-head con
 output in the sequence-parallel layout. Its weight gradient from a sequence shard is a partial
 sum, so the weight is marked ``sequence_parallel`` and ``finalize_model_grads`` all-reduces it over
 TP, like the norms. It requires sequence parallelism when TP > 1 (validated in the config).
+
+megatron-core 0.16.1 MLA accepts only ``[TELinear]`` (duplicated) or ``[Linear,
+TEColumnParallelLinear, ColumnParallelLinear]`` as a down-projection
+(``multi_latent_attention.py:408,453``); without TE its ``Linear`` name is modelopt's class or
+``None`` (``:60``). The start-up shims rebind that name to this class (``parallel/cpu_shims.py``,
+once, by ``init_distributed``), so MLA passes it ``gather_output=False``.
 """
 
 from __future__ import annotations
@@ -75,19 +81,3 @@ class DuplicatedLinear(MegatronModule):
             return F.linear(x, self.weight), self.bias
         return F.linear(x, self.weight, self.bias), None
 
-
-def allow_duplicated_linear_in_mla() -> None:
-    """Let ``MLASelfAttention`` accept ``DuplicatedLinear`` as a down-projection.
-
-    megatron-core 0.16.1 accepts only ``[TELinear]`` (duplicated) or ``[Linear,
-    TEColumnParallelLinear, ColumnParallelLinear]`` there (``multi_latent_attention.py:408,453``);
-    without TE its ``Linear`` name is ``None`` (``:60``, the import sits in the TE try-block). We
-    rebind that name to our class, which takes the ``gather_output=False`` MLA passes. (Without
-    TE the name may also hold modelopt's ``Linear``, which ignores ``init_method``; our specs never
-    use it.) With Transformer Engine present, TE specs use ``TELinear`` and nothing changes.
-    """
-    from megatron.core.extensions import transformer_engine as mte
-    from megatron.core.transformer import multi_latent_attention as mla
-
-    if not mte.HAVE_TE:
-        mla.Linear = DuplicatedLinear

@@ -373,6 +373,22 @@ def _torch_grouped_experts(layer_spec: ModuleSpec) -> ModuleSpec:
         layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
 
 
+def _require_mla_duplicated_linear() -> None:
+    """The local spec's MLA down-projections are ``DuplicatedLinear``, which megatron-core 0.16.1
+    MLA accepts only once the start-up shims rebound its ``Linear`` name
+    (``parallel/cpu_shims.py``, installed by ``init_distributed`` without Transformer Engine)."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    from megatron_vlm.models.linear import DuplicatedLinear
+
+    if mla.Linear is not DuplicatedLinear:
+        raise RuntimeError(
+            "the local MLA spec needs the start-up shims (megatron's MLA must accept "
+            "DuplicatedLinear): call megatron_vlm.parallel.init.init_distributed (or "
+            "parallel.cpu_shims.apply_cpu_shims) before building the model; with Transformer "
+            "Engine installed use model.kernels.backend=te")
+
+
 def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = None,
                            pp_rank: int | None = None, *,
                            latent_norm_eps: float) -> TransformerBlockSubmodules:
@@ -388,10 +404,9 @@ def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = 
     if te:
         block.layer_specs = [_te_llm_layer(s, latent_norm_eps) for s in block.layer_specs]
         return block
-    from megatron_vlm.models.linear import allow_duplicated_linear_in_mla
     from megatron_vlm.models.norm import SequenceParallelNorm
 
-    allow_duplicated_linear_in_mla()
+    _require_mla_duplicated_linear()
     attention = core_attention_module(choice)
     block.layer_specs = [_local_llm_layer(s, attention, latent_norm_eps)
                          for s in block.layer_specs]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vlm.config.parallel import ParallelConfig
-from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
+from megatron_vlm.parallel.cpu_shims import apply_cpu_shims, remove_cpu_shims
 from megatron_vlm.parallel.vision_split import forget_groups
 
 
@@ -70,7 +70,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600) 
 
 def ensure_single_process_groups(seed: int = 1234) -> None:
     """World-size-1 groups for one process (tests, tools); groups an earlier caller made are
-    reused as they are (only the CPU shims are re-applied, nothing is reseeded)."""
+    reused as they are (only the start-up shims are re-applied, nothing is reseeded)."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -80,10 +80,12 @@ def ensure_single_process_groups(seed: int = 1234) -> None:
 
 
 def destroy_distributed() -> None:
-    """Tear down megatron's groups and the default process group."""
+    """Tear down megatron's groups and the default process group, and put back every symbol
+    the start-up shims rebound (the next :func:`init_distributed` installs them again)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     forget_groups()
     if dist.is_initialized():
         dist.destroy_process_group()
+    remove_cpu_shims()
