@@ -60,7 +60,7 @@ _MOE_UTILS = "megatron.core.transformer.moe.moe_utils"
 _DISPATCHER = "megatron.core.transformer.moe.token_dispatcher"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Shim:
     """One patched symbol ``target.attr``."""
 
@@ -133,7 +133,8 @@ _MISSING = object()
 _ORIGINALS: dict[tuple[str, str], Any] = {}
 """``(target, attr)`` -> the value before patching (``_MISSING``: the attribute did not exist,
 or a class inherited it), in patching order."""
-_STATE: dict[str, Any] = {"installed": False, "cpu": False, "mode": None, "env": False}
+_STATE: dict[str, Any] = {"installed": False, "cpu": False, "mode": None, "env": False,
+                          "set": None}
 
 
 def _patch(target: str, attr: str, value: Any) -> None:
@@ -142,6 +143,9 @@ def _patch(target: str, attr: str, value: Any) -> None:
     if (target, attr) not in _TABLE:
         raise KeyError(f"{target}.{attr} is not in cpu_shims.SHIMS; add it with the megatron "
                        "lines it covers")
+    if _TABLE[(target, attr)].when != _STATE["set"]:
+        raise KeyError(f"{target}.{attr} is listed under when={_TABLE[(target, attr)].when!r} "
+                       f"but installed with the {_STATE['set']!r} set")
     owner = pkgutil.resolve_name(target)
     if (target, attr) not in _ORIGINALS:
         if isinstance(owner, type):  # restore an inherited method by deleting ours
@@ -349,11 +353,13 @@ def apply_cpu_shims() -> bool:
         from megatron.core.extensions import transformer_engine as mte
 
         if not mte.HAVE_TE:
+            _STATE["set"] = "no_te"
             _shim_no_te()
         if not torch.cuda.is_available():
+            _STATE["set"] = "no_cuda"
             _install_no_cuda()
             _STATE["cpu"] = True
-        _STATE["installed"] = True
+        _STATE.update(installed=True, set=None)
     return _STATE["cpu"]
 
 
@@ -382,7 +388,7 @@ def remove_cpu_shims() -> None:
         _pop_our_mode(_STATE["mode"])
     if _STATE["env"]:
         os.environ.pop("TORCH_COMPILE_DISABLE", None)
-    _STATE.update(installed=False, cpu=False, mode=None, env=False)
+    _STATE.update(installed=False, cpu=False, mode=None, env=False, set=None)
 
 
 def patched_symbols() -> list[tuple[str, str]]:
