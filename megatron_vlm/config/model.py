@@ -72,6 +72,45 @@ class KernelConfig:
     ``GroupedMLP`` (``grouped_gemm`` package). ``auto`` = on when available; ``off`` = megatron's
     per-expert ``SequentialMLP``."""
 
+    # GPU kernel fusions (megatron ``TransformerConfig`` fields of the same names). ``None`` =
+    # by capability in ``models/gpu_settings.py`` (every one is off on CPU, so the CPU path never
+    # changes); ``true`` that this machine or model cannot honour is refused at start-up with the
+    # reason; ``false`` is always honoured.
+    bias_activation_fusion: bool | None = None
+    """megatron's fused SwiGLU (``bias_swiglu_impl``, compiled with ``torch.compile``: one kernel
+    forward, one backward that recomputes from the fc1 output instead of keeping the SiLU output)
+    in the dense MLPs, the shared experts and megatron's routed experts (our torch ``grouped_mm``
+    experts have their own). Needs CUDA and Triton. None: on when both are there. The vision
+    tower's GELU-tanh is not one megatron fuses, so it never applies there."""
+    apply_rope_fusion: bool | None = None
+    """megatron's fused MLA YaRN RoPE (Triton kernels for q and k/v, THD and context
+    parallelism aware). Needs CUDA, Triton and YaRN (``model.llm.yarn.factor > 1``; megatron
+    supports no plain-RoPE MLA fusion), training only. None: off -- megatron-core 0.16.1 marks
+    it experimental, and its bf16 cos/sin cache is unverified against the unfused RoPE our
+    HF-equality tests pin. The vision tower rotates with its own 2D RoPE."""
+    masked_softmax_fusion: bool | None = None
+    """megatron's ``FusedScaleMaskSoftmax`` in its own ``DotProductAttention``. Our packed
+    attention kernels and TE's attention never call it, so ``true`` is refused (it would do
+    nothing); None and false: off."""
+    gradient_accumulation_fusion: bool | None = None
+    """Weight gradients accumulated straight into megatron DDP's fp32 ``main_grad`` buffers by
+    the GEMM (TE linears' ``fuse_wgrad_accumulation``; megatron's own linears through Apex's
+    ``fused_weight_gradient_mlp_cuda``): saves a bf16 gradient per weight and an add. Needs
+    CUDA and Apex's extension in every spec: the LLM's output layer is megatron's
+    ``ColumnParallelLinear`` even with TE (``gpt_model.py:241``), which refuses the flag
+    without it (``tensor_parallel/layers.py:924``). Needs the model wrapped in megatron DDP
+    (training does). None: on when both are there."""
+    moe_permute_fusion: bool | None = None
+    """Fused token permute/unpermute in megatron's MoE token dispatchers (Transformer Engine
+    >= 2.1 kernels). Needs CUDA, an MoE LLM and TE (checked only with ``backend`` auto or
+    te). None: on when available."""
+    moe_shared_expert_overlap: bool | None = None
+    """Shared experts computed on a side CUDA stream while the alltoall dispatcher moves the
+    routed tokens (megatron runs them after the router then, so the hidden-state gradient sums
+    in another order: bit-level differences). Needs CUDA, shared experts, the alltoall
+    dispatcher, and ``shared_experts`` not in selective ``recompute_modules`` (megatron refuses
+    the pair). None: on when all hold."""
+
     def __post_init__(self) -> None:
         if self.fp8 and self.backend == "local":
             raise ValueError("model.kernels.fp8=true needs Transformer Engine: set "

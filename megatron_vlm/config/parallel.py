@@ -85,6 +85,25 @@ class ParallelConfig:
     """torch.distributed backend; auto = nccl with CUDA, gloo without."""
     use_distributed_optimizer: bool = False
     """megatron's ZeRO-1 DistributedOptimizer over the data-parallel group."""
+    # megatron DDP communication settings. ``None`` = by capability in
+    # ``models/gpu_settings.py`` (off on CPU); ``true`` that cannot be honoured is refused at
+    # start-up with the reason.
+    overlap_grad_reduce: bool | None = None
+    """Start each gradient bucket's all-reduce / reduce-scatter during the last micro-batch's
+    backward, as soon as its gradients are complete, instead of after it. Needs CUDA, and a
+    model whose every trainable parameter gets a gradient in every step's last micro-batch
+    (megatron-core 0.16.1 issues the overlapped collective only then): not a VLM with a
+    trainable vision tower or projector, which a text-only micro-batch leaves without one.
+    None: on when both hold."""
+    overlap_param_gather: bool | None = None
+    """Defer the DistributedOptimizer's parameter all-gather after a step to the next forward,
+    bucket by bucket. Needs CUDA and megatron's DistributedOptimizer (``use_distributed_optimizer``
+    with AdamW; Muon's layer-wise optimizer sends whole parameters itself), and checkpoint saves
+    that first force the deferred gather, which ours do not yet do: refused for now, None = off."""
+    ddp_bucket_size: int | None = None
+    """Parameters per gradient bucket when overlapping the reduce; None = megatron's default
+    ``max(4e7, 1e6 * dp)``. Without ``overlap_grad_reduce`` megatron uses one bucket per dtype
+    and ignores it."""
     pipeline_layout: str | None = None
     """Decoder layers per (virtual) pipeline stage as megatron's
     ``pipeline_model_parallel_layout``: stages in layer order separated by ``|``, ``E`` the
@@ -103,6 +122,9 @@ class ParallelConfig:
             raise ValueError(f"parallel.vpp={self.vpp} must be >= 1 (or null = off)")
         if self.vpp is not None and self.pp < 2:
             raise ValueError("parallel.vpp needs parallel.pp >= 2; unset vpp or raise pp")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ValueError(f"parallel.ddp_bucket_size={self.ddp_bucket_size} must be >= 1 "
+                             "parameters (or null = megatron's default)")
 
     @property
     def expert_tp(self) -> int:

@@ -71,14 +71,34 @@ def llm_head_dims(llm: LLMConfig) -> tuple[int, int]:
     return (llm.qk_head_dim, llm.v_head_dim)
 
 
-def recompute_kwargs(recompute: str, num_layers: int, modules: list[str]) -> dict:
-    """megatron ``TransformerConfig`` activation-recompute fields for ``none|full|selective``."""
+def recompute_kwargs(recompute: str, num_layers: int, modules: list[str],
+                     choice: KernelChoice) -> dict:
+    """megatron ``TransformerConfig`` activation-recompute fields for ``none|full|selective``.
+
+    ``moe_act`` (the routed experts' SwiGLU) is recomputed by megatron only inside its
+    grouped-GEMM experts, and megatron-core 0.16.1 refuses it without ``moe_grouped_gemm``
+    (``transformer_config.py:1213``). ``choice`` (the experts the model is built with) decides:
+    kept for TE's / the legacy grouped MLP, dropped for our torch ``grouped_mm`` experts (which
+    already recompute the SwiGLU in backward), refused otherwise.
+    """
     if recompute == "none":
         return {"recompute_granularity": None}
     if recompute == "full":
         return {"recompute_granularity": "full", "recompute_method": "uniform",
                 "recompute_num_layers": num_layers}
-    return {"recompute_granularity": "selective", "recompute_modules": list(modules)}
+    modules = list(modules)
+    if "moe_act" in modules and not choice.moe_grouped_gemm:
+        if choice.experts == "torch_grouped_mm":
+            # GroupedExperts (models/experts.py) saves only the fc1 output and recomputes the
+            # SwiGLU from it in backward: what moe_act would drop is never kept. (Its fallback
+            # to SequentialMLP's forward, e.g. under expert TP, keeps the SwiGLU outputs.)
+            modules.remove("moe_act")
+        else:
+            raise ValueError(
+                "model.llm.recompute_modules has moe_act, which megatron recomputes only in "
+                f"grouped-GEMM experts; the routed experts here are {choice.experts} (see "
+                "model.kernels.moe_grouped_gemm): remove moe_act or use grouped GEMM experts")
+    return {"recompute_granularity": "selective", "recompute_modules": modules}
 
 
 def build_transformer_config(
@@ -88,13 +108,13 @@ def build_transformer_config(
     """Map our LLM config onto megatron-core's ``MLATransformerConfig``, field by field.
 
     ``choice`` (default: :func:`~megatron_vlm.models.specs.resolve_kernels` on this machine)
-    supplies the grouped-GEMM and FP8 switches.
+    supplies the grouped-GEMM and FP8 switches and the kernel fusions.
     """
     dtype = _DTYPES[params_dtype]
     if choice is None:
         choice = resolve_kernels(None, params_dtype=params_dtype,
                                  attention_dropout=llm.attention_dropout,
-                                 head_dims=llm_head_dims(llm))
+                                 head_dims=llm_head_dims(llm), llm=llm)
     on_gpu = torch.cuda.is_available()
     moe = llm.num_experts is not None
     yarn = llm.yarn
@@ -154,17 +174,20 @@ def build_transformer_config(
         fp16=False,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        gradient_accumulation_fusion=False,
-        bias_activation_fusion=False,
+        # fusions: resolved by capability with the layer implementations (models/gpu_settings.py;
+        # all off on CPU)
+        gradient_accumulation_fusion=choice.gradient_accumulation_fusion,
+        bias_activation_fusion=choice.bias_activation_fusion,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        masked_softmax_fusion=choice.masked_softmax_fusion,
+        apply_rope_fusion=choice.apply_rope_fusion,
         persist_layer_norm=False,
         cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         # --- loss: global per-token mean across micro-batches and DP ranks (SPEC §11)
         calculate_per_token_loss=True,
         # --- activation recompute (model.llm.recompute)
-        **recompute_kwargs(llm.recompute, llm.recompute_num_layers, llm.recompute_modules),
+        **recompute_kwargs(llm.recompute, llm.recompute_num_layers, llm.recompute_modules,
+                           choice),
     )
     if choice.fp8:
         # TE's delayed-scaling "hybrid" recipe: e4m3 forward, e5m2 gradients.
@@ -179,7 +202,7 @@ def build_transformer_config(
                 if llm.num_shared_experts
                 else None
             ),
-            moe_shared_expert_overlap=False,
+            moe_shared_expert_overlap=choice.moe_shared_expert_overlap,
             moe_router_topk=llm.moe_router_topk,
             moe_router_score_function=llm.moe_router_score_function,
             moe_router_topk_scaling_factor=llm.moe_router_topk_scaling_factor,
@@ -194,7 +217,7 @@ def build_transformer_config(
             moe_token_dispatcher_type=llm.moe_token_dispatcher,
             moe_grouped_gemm=choice.moe_grouped_gemm,
             moe_expert_capacity_factor=None,  # dropless
-            moe_permute_fusion=False,
+            moe_permute_fusion=choice.moe_permute_fusion,
             moe_router_fusion=False,
         )
     return MLATransformerConfig(**kwargs)
@@ -255,7 +278,8 @@ def build_llm(
     if choice is None:
         choice = resolve_kernels(kernels, params_dtype=params_dtype,
                                  attention_dropout=llm.attention_dropout,
-                                 head_dims=llm_head_dims(llm), context_parallel=parallel.cp > 1)
+                                 head_dims=llm_head_dims(llm), context_parallel=parallel.cp > 1,
+                                 llm=llm)
     config = build_transformer_config(llm, parallel, params_dtype, choice)
     model = GPTModel(
         config=config,

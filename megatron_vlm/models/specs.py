@@ -13,6 +13,8 @@ machine has (:class:`Capabilities`):
    ``torch_grouped_mm`` (our ``GroupedMMSequentialMLP``: torch's ``grouped_mm``, same parameters
    as the per-expert MLPs; CUDA sm90+, bf16), ``legacy_grouped`` (megatron's ``GroupedMLP`` with the
    ``grouped_gemm`` package, bf16) or ``sequential`` (megatron's ``SequentialMLP``).
+4. **Kernel fusions** (``model.kernels.bias_activation_fusion`` ... ``moe_shared_expert_overlap``),
+   by the rules of ``models/gpu_settings.py`` (all off on CPU).
 
 :func:`choose_kernels` is a pure function of the config and the capabilities (tests pass
 capabilities in); :func:`detect_capabilities` looks at the machine and never imports Transformer
@@ -30,7 +32,8 @@ import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
-from megatron_vlm.config.model import KernelConfig
+from megatron_vlm.config.model import KernelConfig, LLMConfig
+from megatron_vlm.models.gpu_settings import FUSION_FIELDS, choose_fusions, short_names
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,14 @@ class Capabilities:
     """The ``grouped_gemm`` package (megatron's legacy ``GroupedMLP``) is installed."""
     torch_grouped_mm: bool = False
     """torch's ``grouped_mm`` runs here in bf16 (CUDA compute capability >= 9.0)."""
+    triton: bool = False
+    """Triton is installed with CUDA (``torch.compile``'d fusions, megatron's MLA RoPE kernels)."""
+    apex_grad_accum: bool = False
+    """Apex's ``fused_weight_gradient_mlp_cuda`` is installed with CUDA (gradient-accumulation
+    fusion in megatron's own linears)."""
+    te_fused_permute: bool = False
+    """megatron's MoE fused permute functions are available (Transformer Engine >= 2.1; checked
+    only when TE is)."""
 
 
 @dataclass(frozen=True)
@@ -72,10 +83,29 @@ class KernelChoice:
     """One line per decision, for the log."""
     experts: str = "sequential"
     """Routed-expert implementation: te_grouped, torch_grouped_mm, legacy_grouped, sequential."""
+    # Resolved ``model.kernels`` fusions (models/gpu_settings.py), megatron field names.
+    bias_activation_fusion: bool = False
+    """megatron's fused SwiGLU."""
+    apply_rope_fusion: bool = False
+    """megatron's fused MLA YaRN RoPE."""
+    masked_softmax_fusion: bool = False
+    """megatron's fused softmax (never used by our attention: always off)."""
+    gradient_accumulation_fusion: bool = False
+    """Weight gradients accumulated into ``main_grad`` inside the GEMM."""
+    moe_permute_fusion: bool = False
+    """TE's fused MoE token permutation."""
+    moe_shared_expert_overlap: bool = False
+    """Shared experts overlapped with the alltoall token dispatch."""
+
+    @property
+    def fusions(self) -> dict[str, bool]:
+        """``{megatron field: value}`` of the resolved fusions."""
+        return {name: getattr(self, name) for name in FUSION_FIELDS}
 
     def describe(self) -> str:
         return (f"backend={self.backend} attention={self.attention_kernel} "
-                f"experts={self.experts} fp8={self.fp8} ({'; '.join(self.reasons)})")
+                f"experts={self.experts} fp8={self.fp8} fused={short_names(self.fusions)} "
+                f"({'; '.join(self.reasons)})")
 
 
 def _has_module(name: str) -> bool:
@@ -105,6 +135,14 @@ def detect_capabilities(kernels: KernelConfig) -> Capabilities:
             te = True
         except Exception as exc:  # noqa: BLE001 - a broken install means "no TE", with a reason
             logger.warning("transformer_engine is installed but does not import: %s", exc)
+    te_permute = False
+    if te:
+        from megatron.core.transformer.moe import moe_utils
+
+        # The functions megatron's config checks for moe_permute_fusion (None below TE 2.1).
+        te_permute = all(getattr(moe_utils, name, None) is not None for name in (
+            "fused_permute", "fused_permute_with_probs", "fused_sort_chunks_by_index",
+            "fused_sort_chunks_by_index_with_probs", "fused_unpermute"))
     sm90 = False
     if cuda and grouped_mm_fn() is not None:
         try:
@@ -118,6 +156,9 @@ def detect_capabilities(kernels: KernelConfig) -> Capabilities:
         flex=_has_module("torch.nn.attention.flex_attention"),
         grouped_gemm=cuda and _has_module("grouped_gemm"),
         torch_grouped_mm=sm90,
+        triton=cuda and _has_module("triton"),
+        apex_grad_accum=cuda and _has_module("fused_weight_gradient_mlp_cuda"),
+        te_fused_permute=te_permute,
     )
 
 
@@ -129,6 +170,7 @@ def choose_kernels(
     attention_dropout: float = 0.0,
     head_dims: tuple[int, ...] = (),
     context_parallel: bool = False,
+    llm: LLMConfig | None = None,
 ) -> KernelChoice:
     """Resolve ``kernels`` against ``caps``; explicit requests the machine cannot honour raise.
 
@@ -139,6 +181,8 @@ def choose_kernels(
         attention_dropout: the largest attention dropout of the model (flex/varlen have none).
         head_dims: every q/k/v head dim of the model (flash takes at most 256).
         context_parallel: the LLM runs with ``parallel.cp > 1`` (``varlen`` has no CP path).
+        llm: the LLM built with this choice (MoE and RoPE fusions depend on it); None: a
+            vision tower alone, those are off.
     """
     reasons: list[str] = []
     # --- backend
@@ -176,9 +220,12 @@ def choose_kernels(
                                       attention_dropout, head_dims, reasons, context_parallel)
     # --- routed experts
     experts = _choose_experts(kernels.moe_grouped_gemm, backend, caps, params_dtype, reasons)
+    # --- fusions and overlaps
+    fusions, fusion_reasons = choose_fusions(kernels, caps, llm, backend)
     return KernelChoice(backend=backend, attention_kernel=kernel,
                         moe_grouped_gemm=experts in ("te_grouped", "legacy_grouped"),
-                        fp8=kernels.fp8, reasons=tuple(reasons), experts=experts)
+                        fp8=kernels.fp8, reasons=tuple(reasons + fusion_reasons),
+                        experts=experts, **fusions)
 
 
 def _local_kernel_problem(kernel: str, caps: Capabilities, params_dtype: str, dropout: float,
@@ -264,13 +311,14 @@ _LOGGED: set[str] = set()
 def resolve_kernels(kernels: KernelConfig | None, *, params_dtype: str,
                     attention_dropout: float = 0.0, head_dims: tuple[int, ...] = (),
                     caps: Capabilities | None = None,
-                    context_parallel: bool = False) -> KernelChoice:
+                    context_parallel: bool = False,
+                    llm: LLMConfig | None = None) -> KernelChoice:
     """:func:`choose_kernels` on this machine's capabilities; logs the choice once."""
     kernels = kernels or KernelConfig()
     caps = caps or detect_capabilities(kernels)
     choice = choose_kernels(kernels, caps, params_dtype=params_dtype,
                             attention_dropout=attention_dropout, head_dims=head_dims,
-                            context_parallel=context_parallel)
+                            context_parallel=context_parallel, llm=llm)
     line = choice.describe()
     if line not in _LOGGED:
         _LOGGED.add(line)
@@ -385,8 +433,8 @@ def _require_mla_duplicated_linear() -> None:
         raise RuntimeError(
             "the local MLA spec needs the start-up shims (megatron's MLA must accept "
             "DuplicatedLinear): call megatron_vlm.parallel.init.init_distributed (or "
-            "parallel.cpu_shims.apply_cpu_shims) before building the model; with Transformer "
-            "Engine installed use model.kernels.backend=te")
+            "megatron_vlm.parallel.cpu_shims.apply_cpu_shims) before building the model; with "
+            "Transformer Engine installed use model.kernels.backend=te")
 
 
 def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = None,

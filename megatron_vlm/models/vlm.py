@@ -28,15 +28,15 @@ from megatron_vlm.models.vision.moonvit import build_moonvit
 
 
 def kernel_choice(model: ModelConfig, parallel: ParallelConfig) -> KernelChoice:
-    """The layer implementations a model is built with on this machine: one choice for the LLM
-    and, in a VLM, the tower (what ``KimiVLM`` and ``build_llm`` resolve)."""
+    """The layer implementations and kernel fusions a model is built with on this machine: one
+    choice for the LLM and, in a VLM, the tower (what ``KimiVLM`` and ``build_llm`` resolve)."""
     dropout, heads = model.llm.attention_dropout, llm_head_dims(model.llm)
     if model.is_vlm:
         dropout = max(dropout, model.vision.attention_dropout)
         heads = (*heads, model.vision.head_dim)
     return resolve_kernels(model.kernels, params_dtype=model.params_dtype,
                            attention_dropout=dropout, head_dims=heads,
-                           context_parallel=parallel.cp > 1)
+                           context_parallel=parallel.cp > 1, llm=model.llm)
 
 
 class KimiVLM(MegatronModule):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -9,8 +11,34 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config.job import JobConfig
+from megatron_vlm.models.gpu_settings import DDPChoice, choose_ddp
 from megatron_vlm.models.llm import build_llm
+from megatron_vlm.models.specs import detect_capabilities
 from megatron_vlm.models.vlm import KimiVLM
+
+logger = logging.getLogger(__name__)
+
+
+def ddp_choice(job: JobConfig) -> DDPChoice:
+    """The DDP settings of ``job`` on this machine (``parallel.overlap_*``, by capability)."""
+    model = job.model
+    return choose_ddp(job.parallel, detect_capabilities(model.kernels),
+                      muon=job.optim.optimizer == "muon",
+                      tower_trainable=model.is_vlm and not (model.freeze_vision
+                                                            and model.freeze_projector))
+
+
+def ddp_config(choice: DDPChoice) -> DistributedDataParallelConfig:
+    """megatron's DDP config for ``choice``."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=choice.overlap_grad_reduce,
+        overlap_param_gather=choice.overlap_param_gather,
+        use_distributed_optimizer=choice.use_distributed_optimizer,
+        # The trainer skips non-finite steps itself, all ranks agreeing.
+        check_for_nan_in_grad=False,
+        bucket_size=choice.bucket_size,
+    )
 
 
 def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronModule]:
@@ -20,6 +48,10 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
     (DP all-reduce, expert-bias update, per-token loss scaling) and how to sync under gradient
     accumulation -- the hooks megatron's pipeline schedules call.
     """
+    # Overlaps, bucket size and the reduce-scatter for megatron's flat ZeRO optimizer (not with
+    # Muon, whose layer-wise sharding needs whole gradients: SPEC §2, Megatron-LM #2164) are
+    # decided in models/gpu_settings.py, before building: a setting it refuses fails fast.
+    ddp = ddp_choice(job) if wrap_ddp else None
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     vpp = job.parallel.vpp or 1
@@ -40,19 +72,10 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
         chunks.append(model)
     if not wrap_ddp:
         return chunks
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        # megatron's reduce-scattered grad buffers feed its flat ZeRO optimizer; Muon's layer-wise
-        # sharding needs whole gradients on every owner (SPEC §2, Megatron-LM #2164).
-        use_distributed_optimizer=(job.parallel.use_distributed_optimizer
-                                   and job.optim.optimizer != "muon"),
-        # The trainer skips non-finite steps itself, all ranks agreeing.
-        check_for_nan_in_grad=False,
-        bucket_size=None,
-    )
+    logger.info("data-parallel: %s", ddp.describe())
+    config = ddp_config(ddp)
     wrapped = [
-        DistributedDataParallel(config=m.config, ddp_config=ddp_config, module=m,
+        DistributedDataParallel(config=m.config, ddp_config=config, module=m,
                                 disable_bucketing=(i > 0))
         for i, m in enumerate(chunks)
     ]

@@ -61,9 +61,11 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 def build_vision_transformer_config(
-    vision: VisionConfig, parallel: ParallelConfig, params_dtype: str = "fp32"
+    vision: VisionConfig, parallel: ParallelConfig, params_dtype: str = "fp32",
+    choice: KernelChoice | None = None,
 ) -> TransformerConfig:
-    """Map our vision config onto megatron-core's ``TransformerConfig``, field by field."""
+    """Map our vision config onto megatron-core's ``TransformerConfig``, field by field;
+    ``choice`` (the model's kernel choice) supplies gradient-accumulation fusion (None: off)."""
     if vision.num_attention_heads % parallel.tp:
         raise ValueError(
             f"parallel.tp={parallel.tp} does not divide model.vision.num_attention_heads="
@@ -112,7 +114,11 @@ def build_vision_transformer_config(
         fp16=False,
         use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=True,
-        gradient_accumulation_fusion=False,
+        # Of model.kernels' fusions (models/gpu_settings.py) only gradient accumulation applies
+        # to the tower: megatron fuses gelu/swiglu/quick_geglu, not GELU-tanh (it refuses
+        # bias_activation_fusion here); RoPE is our own 2D rotation (rope2d.py); our attention
+        # kernels never use megatron's fused softmax.
+        gradient_accumulation_fusion=choice is not None and choice.gradient_accumulation_fusion,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -366,7 +372,7 @@ def build_moonvit(
         tp_cp = (getattr(given_pgs, "tp_cp", None) if given_pgs is not None else None
                  ) or parallel_state.get_tensor_and_context_parallel_group()
         split_group = tp_cp if vision.parallel_mode == "split" else reduce_group
-    config = build_vision_transformer_config(vision, parallel_tower, params_dtype)
+    config = build_vision_transformer_config(vision, parallel_tower, params_dtype, choice)
     model = MoonViT(config, vision, pg_collection=pg_collection, choice=choice,
                     split_group=split_group, split_reduce_group=reduce_group,
                     replica_group=replica_group)
