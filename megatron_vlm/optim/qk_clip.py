@@ -348,3 +348,65 @@ def qk_clip_metrics(
             out[f"{prefix}/layer{i + 1}/max_logit"] = maxima[i].item()
             out[f"{prefix}/layer{i + 1}/heads_clipped"] = clipped[i].item()
     return out
+
+
+class QKClipHook:
+    """MuonClip's QK-Clip as an optimizer post-step hook (the LLM's MLA layers and, with
+    ``model.vision.qk_clip``, the vision tower's attention, one tau).
+
+    ``before_step()`` clears the maxima that evaluation forwards recorded; ``after_step()``
+    runs after a successful optimizer step: this step's per-head max logits, MAX over the ranks
+    that saw other data, rescale the fp32 master rows of heads above tau (the layer-wise
+    optimizer then sends the owners' bf16 casts to the other DP ranks: ``param_sync``), and
+    returns the metrics to log. A model that records no max logits gets an inert hook.
+
+    Args:
+        model_chunks: this rank's chunks.
+        threshold: tau (``model.llm.qk_clip_threshold``); None = each layer's config value.
+        param_sync: the optimizer's ``sync_params`` (layer-wise optimizer) or None.
+        dp_cp_group: the LLM's MAX group (DP x CP).
+        model_parallel_group: joins the LLM's per-layer metrics over TP x PP.
+        vit_group: the tower's MAX group (:func:`vision_max_logit_group`).
+        vit_metrics_group: joins the tower's metrics (its TP group under megatron TP; None
+            when it is replicated over TP).
+    """
+
+    def __init__(self, model_chunks: list[nn.Module], *, threshold: float | None,
+                 param_sync: Callable[[list[nn.Parameter]], None] | None,
+                 dp_cp_group: dist.ProcessGroup | None,
+                 model_parallel_group: dist.ProcessGroup | None,
+                 vit_group: dist.ProcessGroup | None,
+                 vit_metrics_group: dist.ProcessGroup | None) -> None:
+        self.chunks = model_chunks
+        self.llm_on = records_max_logits(model_chunks)
+        self.vit_on = vit_records_max_logits(model_chunks)
+        self.threshold = threshold
+        self.param_sync = param_sync
+        self.groups = (dp_cp_group, model_parallel_group, vit_group, vit_metrics_group)
+
+    @property
+    def active(self) -> bool:
+        return self.llm_on or self.vit_on
+
+    def before_step(self) -> None:
+        """Clear maxima recorded outside this step (evaluation forwards record them too)."""
+        if self.active:
+            reset_max_logits(self.chunks)
+
+    def after_step(self) -> dict[str, float]:
+        """Clip after a successful optimizer step; the step's QK-Clip metrics."""
+        dp_cp, model_parallel, vit_group, vit_metrics_group = self.groups
+        metrics: dict[str, float] = {}
+        if self.llm_on:
+            stats = apply_qk_clip(self.chunks, group=dp_cp, threshold=self.threshold,
+                                  param_sync=self.param_sync)
+            num_layers = mla_attentions(self.chunks)[0].config.num_layers
+            metrics = qk_clip_metrics(stats, num_layers, model_parallel)
+        if self.vit_on:
+            tau = (self.threshold if self.threshold is not None
+                   else mla_attentions(self.chunks)[0].config.qk_clip_threshold)
+            stats = apply_vit_qk_clip(self.chunks, threshold=tau, group=vit_group,
+                                      param_sync=self.param_sync)
+            metrics.update(qk_clip_metrics(stats, vit_attentions(self.chunks)[0].config.num_layers,
+                                           vit_metrics_group, prefix="vit_qk_clip"))
+        return metrics

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
+import yaml
 
 from megatron_vlm.checkpoint import find_latest_checkpoint, load_checkpoint
 from megatron_vlm.checkpoint.dist import optimizer_state_problem
@@ -60,15 +61,27 @@ class InitFromReport:
     message: str
 
 
-def init_from_checkpoint(path: str | Path, chunks, optimizer, scheduler) -> InitFromReport:
+def _saved_optimizer(manifest: dict) -> str | None:
+    """``optim.optimizer`` of the run that saved (None when the manifest has no config)."""
+    config = yaml.safe_load(manifest.get("config_yaml") or "{}") or {}
+    return (config.get("optim") or {}).get("optimizer")
+
+
+def init_from_checkpoint(path: str | Path, chunks, optimizer, scheduler,
+                         optimizer_kind: str | None = None) -> InitFromReport:
     """Load ``path``'s model weights into ``chunks``, and its optimizer state if the trainable
-    sets match and this layout can take it; the LR schedule, step and data stay fresh."""
+    sets match, the same optimizer (``optimizer_kind``: this run's ``optim.optimizer``) made it
+    and this layout can take it; the LR schedule, step and data stay fresh."""
     ckpt = resolve_init_from(path)
     manifest = read_manifest(ckpt)
     saved = (manifest.get("extra_rank0") or {}).get(EXTRA_KEY)
     now = trainable_set(chunks)
+    saved_kind = _saved_optimizer(manifest)
     if not manifest.get("optimizer_state"):
         keep, why = False, "the checkpoint holds no optimizer state (weights only)"
+    elif optimizer_kind is not None and saved_kind not in (None, optimizer_kind):
+        keep, why = False, (f"the optimizer changed: optim.optimizer={saved_kind} in the "
+                            f"checkpoint, {optimizer_kind} now")
     elif saved is None:
         keep, why = False, "the checkpoint does not record its trainable parameter set"
     elif saved["sha256"] != now["sha256"]:

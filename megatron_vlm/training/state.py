@@ -24,6 +24,14 @@ class TrainState:
     consecutive_nonfinite: int = 0
     """Non-finite steps in a row (abort past the configured limit)."""
 
+    def record(self, tokens: int, skipped: bool, global_batch_size: int) -> None:
+        """Count one attempted step."""
+        self.step += 1
+        self.consumed_sequences += global_batch_size
+        self.consumed_tokens += tokens
+        self.skipped_steps += int(skipped)
+        self.consecutive_nonfinite = self.consecutive_nonfinite + 1 if skipped else 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

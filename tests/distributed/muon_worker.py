@@ -259,20 +259,22 @@ def case_bf16_clip(out: Path, case: str) -> None:
             snaps[f"{tag}/{key}/master"] = _gather_rank_copies(
                 main.detach().clone() if main is not None else torch.zeros(w.shape))
 
-    step = run.optimizer.step
+    # The optimizer step ends with the layer-wise optimizer's all-gather of updated parameters
+    # (optim/step.py); snapshot right after it, before the QK-Clip hook runs.
+    gather = run.optimizer.allgather_params
 
-    def step_then_snapshot():
-        out_ = step()
+    def gather_then_snapshot():
+        out_ = gather()
         snapshot("stepped")
         snaps["local_max_logits"] = _gather_rank_copies(
             attention.core_attention.current_max_attn_logits.detach().clone())
         return out_
 
-    run.optimizer.step = step_then_snapshot
+    run.optimizer.allgather_params = gather_then_snapshot
     for group in run.optimizer.param_groups:
         group["lr"] = 0.0
     run.step(batches, tau)
-    run.optimizer.step = step
+    run.optimizer.allgather_params = gather
     snapshot("clipped")
     for group in run.optimizer.param_groups:
         group["lr"] = 0.0
@@ -301,16 +303,16 @@ def _gather_rank_copies(t: torch.Tensor) -> torch.Tensor:
 
 def _record_logits_before_clip() -> None:
     """Keep a copy of layer 1's recorded max logits before QK-Clip resets them (bf16 case)."""
-    import megatron_vlm.training.trainer as trainer
+    import megatron_vlm.optim.qk_clip as qk_clip  # the QK-Clip hook's module
 
-    clip = trainer.apply_qk_clip
+    clip = qk_clip.apply_qk_clip
 
     def wrapped(chunks, **kwargs):
         logits = mla_attentions(chunks)[0].core_attention.current_max_attn_logits
         _last_max_logits[0] = logits.detach().clone()
         return clip(chunks, **kwargs)
 
-    trainer.apply_qk_clip = wrapped
+    qk_clip.apply_qk_clip = wrapped
 
 
 CASES = {"single": case_layout, "single_nsbf16": case_layout, "dp2": case_dp2,

@@ -64,6 +64,10 @@ def test_staged_example_runs_stage_c_from_the_session_run(tiny_vlm_run, tmp_path
         "SMOKE": "1", "OUT": str(tmp_path / "stages"),
         "INIT_FROM": str(tiny_vlm_run.run_dir / "checkpoints")})
     assert "=== stage 1/1: tiny_stage_joint" in proc.stdout
+    # The main job trains with Muon, stage (c) with AdamW: the weights carry over, the optimizer
+    # state cannot (it would not even load).
+    assert "the optimizer changed: optim.optimizer=muon in the checkpoint, adamw now" \
+        in proc.stdout
     assert (tmp_path / "stages" / "tiny_stage_joint" / "checkpoints" / "step_0000002").is_dir()
 
 
