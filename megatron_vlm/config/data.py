@@ -44,6 +44,12 @@ class DataConfig:
     """Each document is padded to a multiple of this (2*cp*tp under CP/SP; SPEC §11)."""
     multimodal: MultimodalDataConfig | None = None
     """Multimodal shards (images, video, interleaved, text) on energon; None = text corpus."""
+    prepacked: str | None = None
+    """A file of packed micro-batches saved once from the real loader (``data/prepacked.py``;
+    written by ``python -m benchmarks.gpu_smoke --prepare``), replayed as a deterministic cycle
+    instead of reading ``multimodal`` or ``corpus_dir``: for machines without energon or the
+    video decoders (the lent GPU machine, SPEC §12). Its sequence length must equal
+    ``seq_length``; set ``tokenizer`` to the tokenizer written beside it. None = the loaders."""
 
     def __post_init__(self) -> None:
         if self.tokenizer_model is not None:
@@ -68,6 +74,8 @@ class DataConfig:
             return []
         missing = [] if self.tokenizer else ["data.tokenizer"]
         mm = self.multimodal
+        if self.prepacked:  # the batches are in the file: no data root is read
+            return missing
         if mm is None:
             if not self.corpus_dir:
                 missing.append("data.corpus_dir")

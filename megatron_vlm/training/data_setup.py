@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -11,12 +13,19 @@ from megatron_vlm.config.job import JobConfig
 from megatron_vlm.config.model import TokenIdsConfig
 from megatron_vlm.data.contract import PackedBatch
 from megatron_vlm.data.corpus import bundled_corpus_dir
-from megatron_vlm.data.mm_loader import MultimodalLoader
+from megatron_vlm.data.prepacked import PrepackedLoader
 from megatron_vlm.data.text_loader import TextLoader, validation_batches
-from megatron_vlm.data.token_ids import resolve_token_ids, tokenizer_for_model
+from megatron_vlm.data.token_ids import (
+    resolve_token_ids,
+    tokenizer_for_model,
+    tokenizer_token_ids,
+)
 from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, get_or_train_tokenizer
 from megatron_vlm.data.tokenizer_loader import load_tokenizer
 from megatron_vlm.parallel import comm
+
+if TYPE_CHECKING:  # energon is imported only when a multimodal loader is built
+    from megatron_vlm.data.mm_loader import MultimodalLoader
 
 
 @dataclass
@@ -24,7 +33,7 @@ class DataSetup:
     """What the trainer needs from the data side."""
 
     tokenizer: Tokenizer
-    loader: TextLoader | MultimodalLoader
+    loader: TextLoader | MultimodalLoader | PrepackedLoader
     valid: dict[str, list[PackedBatch]]
     """Held-out micro-batches per dataset name (this DP rank's share)."""
     token_ids: TokenIdsConfig | None = None
@@ -34,12 +43,14 @@ class DataSetup:
 
     def metrics(self) -> dict[str, float]:
         """Loader metrics (realised mix per dataset and modality, skips); empty for text."""
-        return self.loader.metrics() if isinstance(self.loader, MultimodalLoader) else {}
+        metrics = getattr(self.loader, "metrics", None)
+        return metrics() if metrics is not None else {}
 
     def close(self) -> None:
         """Stop loader workers (energon's take ~10 s to tear down when abandoned)."""
-        if isinstance(self.loader, MultimodalLoader):
-            self.loader.close()
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
 
 
 def _trained_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> SentencePieceTokenizer:
@@ -107,6 +118,8 @@ def _build_loaders(job: JobConfig, tok: Tokenizer, corpus_dir: Path, dp_rank: in
         raise ValueError(
             f"data.global_batch_size={job.data.global_batch_size} is not divisible by the "
             f"data-parallel size {dp_size}; use a multiple of {dp_size}")
+    if job.data.prepacked:
+        return _build_prepacked(job, tok, dp_rank, dp_size)
     if job.data.multimodal is not None:
         return _build_multimodal(job, tok, dp_rank, dp_size)
     loader = TextLoader(
@@ -120,8 +133,20 @@ def _build_loaders(job: JobConfig, tok: Tokenizer, corpus_dir: Path, dp_rank: in
     return DataSetup(tok, loader, {"text": all_valid[dp_rank::dp_size]})
 
 
+def _build_prepacked(job: JobConfig, tok: Tokenizer, dp_rank: int, dp_size: int) -> DataSetup:
+    """Micro-batches replayed from ``data.prepacked`` (no energon import)."""
+    loader = PrepackedLoader(job.data.prepacked, seq_length=job.data.seq_length,
+                             global_batch_size=job.data.global_batch_size, dp_rank=dp_rank,
+                             dp_size=dp_size)
+    ids = tokenizer_token_ids(tok, job.model.is_vlm)
+    loader.check_tokenizer(tok.vocab_size, dataclasses.asdict(ids))
+    return DataSetup(tok, loader, loader.validation_batches(job.train.eval_batches))
+
+
 def _build_multimodal(job: JobConfig, tok: Tokenizer, dp_rank: int, dp_size: int) -> DataSetup:
     """energon loader over the multimodal shards."""
+    from megatron_vlm.data.mm_loader import MultimodalLoader
+
     loader = MultimodalLoader(
         job.data.multimodal, tok, seq_length=job.data.seq_length,
         global_batch_size=job.data.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
