@@ -12,6 +12,7 @@ Benchmarks are not tests: numbers go to ``benchmarks/results/*.json`` via ``comm
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gc
 import math
@@ -335,13 +336,15 @@ def environment() -> dict:
             "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
 
 
-def parse_args(description: str, argv: list[str] | None = None):
-    """``common.parse_args`` options plus the model benchmarks' ``--attention-kernel``."""
-    import argparse
-
+def parse_args(description: str, argv: list[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """``common.parse_args`` options plus the model benchmarks' ``--attention-kernel``;
+    ``extra`` adds a benchmark's own options."""
     from benchmarks.common import RESULTS_DIR
 
     p = argparse.ArgumentParser(description=description)
+    if extra is not None:
+        extra(p)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, a few seconds")
     p.add_argument("--out-dir", default=None, help=f"result directory (default {RESULTS_DIR})")
     p.add_argument("--attention-kernel", default="auto",

@@ -29,6 +29,7 @@ CPU (no MFU: CPUs have no peak here).
 from __future__ import annotations
 
 import dataclasses
+import traceback
 
 from benchmarks import harness
 from benchmarks.common import write_result
@@ -78,13 +79,20 @@ def run_variant(variant: str, llm, cfg: dict, batches, peak: float | None, kerne
     return row
 
 
+def _options(p) -> None:
+    p.add_argument("--no-ablations", action="store_true",
+                   help="at GPU size, ours and stock+sdpa only (the GPU smoke's form)")
+
+
 def main(argv: list[str] | None = None):
     from megatron_vlm.config import KernelConfig
 
-    args = harness.parse_args(__doc__.splitlines()[0], argv)
+    args = harness.parse_args(__doc__.splitlines()[0], argv, _options)
     if not harness.can_run("llm_mfu", args.smoke):
         return None
     cfg = SMOKE if args.smoke else GPU
+    if args.no_ablations:
+        cfg = {**cfg, "ablations": False}
     llm, batches = harness.text_llm_and_batches(cfg, args.smoke)
     peak, peak_source = harness.peak_tflops(cfg["params_dtype"], args.peak_tflops)
     kernels = KernelConfig(attention_kernel=args.attention_kernel)
@@ -95,24 +103,41 @@ def main(argv: list[str] | None = None):
                   dataclasses.replace(kernels, moe_grouped_gemm="off")),
                  ("ours[attention=sdpa_doc]", "ours",
                   dataclasses.replace(kernels, attention_kernel="sdpa_doc"))]
-    results = {name: run_variant(variant, llm, cfg, batches, peak, k)
-               for name, variant, k in runs}
-    stock = results["stock+sdpa"]["tokens_per_s"]
-    results["tokens_per_s_over_stock"] = {name: results[name]["tokens_per_s"] / stock
-                                          for name, _, _ in runs}
-    results["ours_over_stock_tokens_per_s"] = results["tokens_per_s_over_stock"]["ours"]
-    results["data"] = harness.document_stats(batches)
-    config = {**cfg, "llm": harness.llm_label(args.smoke),
-              "llm_config": llm.__dict__ | {"yarn": llm.yarn.__dict__},
-              "tokens_per_step": cfg["micro_batches"] * cfg["seq_length"],
-              "optimizer": "AdamW (megatron, fp32 main params for bf16)",
-              "peak_tflops": peak, "peak_source": peak_source,
-              "environment": harness.environment()}
-    notes = ("MFU by Megatron-LM num_floating_point_operations: _bshd counts every token and "
-             "seq_length^2 causal attention (identical for both variants); _thd (ours) counts real "
-             "tokens and sum L_i^2 over documents (Megatron-LM's THD path). Documents: log-normal "
-             "lengths, random tokens, first-fit packed.")
-    return write_result("llm_mfu", config, results, args.out_dir, args.smoke, notes)
+    results: dict = {"data": harness.document_stats(batches)}
+    for name, variant, k in runs:
+        try:
+            results[name] = run_variant(variant, llm, cfg, batches, peak, k)
+        except Exception as err:  # noqa: BLE001 - recorded (an OOM, say); the others still run
+            results[name] = {"error": f"{type(err).__name__}: {err}",
+                             "traceback": traceback.format_exc()}
+            harness.release_memory()
+        if name != runs[-1][0]:  # a run cut off later still leaves the finished variants
+            write_result("llm_mfu", _config(cfg, args, llm, peak, peak_source),
+                         {**results, "complete": False}, args.out_dir, args.smoke, NOTES)
+    ok = [name for name, _, _ in runs if "error" not in results[name]]
+    if "stock+sdpa" in ok:
+        stock = results["stock+sdpa"]["tokens_per_s"]
+        results["tokens_per_s_over_stock"] = {n: results[n]["tokens_per_s"] / stock for n in ok}
+        if "ours" in ok:
+            results["ours_over_stock_tokens_per_s"] = results["tokens_per_s_over_stock"]["ours"]
+    results["complete"] = len(ok) == len(runs)
+    return write_result("llm_mfu", _config(cfg, args, llm, peak, peak_source), results,
+                        args.out_dir, args.smoke, NOTES)
+
+
+NOTES = ("MFU by Megatron-LM num_floating_point_operations: _bshd counts every token and "
+         "seq_length^2 causal attention (identical for both variants); _thd (ours) counts real "
+         "tokens and sum L_i^2 over documents (Megatron-LM's THD path). Documents: log-normal "
+         "lengths, random tokens, first-fit packed.")
+
+
+def _config(cfg: dict, args, llm, peak, peak_source) -> dict:
+    return {**cfg, "llm": harness.llm_label(args.smoke),
+            "llm_config": llm.__dict__ | {"yarn": llm.yarn.__dict__},
+            "tokens_per_step": cfg["micro_batches"] * cfg["seq_length"],
+            "optimizer": "AdamW (megatron, fp32 main params for bf16)",
+            "peak_tflops": peak, "peak_source": peak_source,
+            "environment": harness.environment()}
 
 
 if __name__ == "__main__":

@@ -12,26 +12,13 @@
 # BENCH_TIMEOUT (seconds, default 540) bounds each one; extra arguments go to every benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-SITE="$PWD/.gpu_site"
-export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+# shellcheck source=benchmarks/gpu_env.sh
+source benchmarks/gpu_env.sh
 
 "$PY" -c "import torch, sys; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), \
 'python', sys.version.split()[0])" || { echo "run_gpu_suite: needs a CUDA device"; exit 2; }
-
-missing=()
-while read -r req module; do
-  "$PY" -c "import $module" 2>/dev/null || missing+=("$req")
-done < <(sed -n 's/^\([^#[:space:]][^[:space:]]*\)[[:space:]]*#[[:space:]]*\([A-Za-z0-9_.]*\).*/\1 \2/p' \
-         benchmarks/gpu_requirements.txt)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing into $SITE: ${missing[*]}"
-  [ -d .gpu_wheels ] || { echo "run_gpu_suite: .gpu_wheels/ missing (run prepare_gpu_suite.sh and carry it)"; exit 2; }
-  "$PY" -m pip install --quiet --no-index --no-deps --find-links .gpu_wheels --target "$SITE" \
-    "${missing[@]}" || exit 2
-fi
+gpu_install_missing || exit 2
 
 BATCHES=benchmarks/data/vlm_batches_s4096_p16384.npz
 status=0
