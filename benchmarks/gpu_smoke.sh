@@ -5,7 +5,7 @@
 #   here, once (energon and the package index work):  bash benchmarks/gpu_smoke.sh --prepare
 #     -> benchmarks/data/gpu_smoke/{tiny_vlm_packs.pt,tokenizer.model} (~6 MB) and the
 #        megatron-core cp312 wheel in .gpu_wheels/ (2.6 MB); both git-ignored.
-#   on the lent GPU machine, with the device tool's `run` (one call, ~2-3 minutes of it):
+#   on the lent GPU machine, with the device tool's `run` (one call; the stages are budgeted at 290 s):
 #     command:   bash benchmarks/gpu_smoke.sh
 #     carry:     [".gpu_wheels", "benchmarks/data"]
 #     timeout_s: 360
