@@ -38,6 +38,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 
 from megatron_vlm.checkpoint.dist import (
+    Layout,
     PendingSave,
     _all_gather_json,
     begin_save,
@@ -132,12 +133,16 @@ class CheckpointSaver:
         root: checkpoint root (``root/step_XXXXXXX``).
         keep_last: complete checkpoints kept.
         async_save: write in the background (megatron's ``AsyncCallsQueue``).
+        layout: this run's parallel sizes for the manifests (``Runtime.layout()``; None: those
+            of the process groups this process made, ``dist.Layout``).
     """
 
-    def __init__(self, root: Path, keep_last: int, async_save: bool) -> None:
+    def __init__(self, root: Path, keep_last: int, async_save: bool,
+                 layout: Layout | None = None) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
         self.async_save = async_save
+        self.layout = layout
         self._queue: AsyncCallsQueue | None = None
         self._in_flight: _InFlight | None = None
         if async_save:
@@ -158,7 +163,7 @@ class CheckpointSaver:
         if not self.async_save:
             t0, start = time.perf_counter(), time.time()
             path = save_checkpoint(self.root, step, model_chunks, optimizer, scheduler, extra,
-                                   config_yaml, keep_last=self.keep_last)
+                                   config_yaml, keep_last=self.keep_last, layout=self.layout)
             dt, end = time.perf_counter() - t0, time.time()
             return [SaveReport(step=step, path=path, async_save=False, blocked_s=dt, schedule_s=dt,
                                finalize_s=0.0, write_start_unix=start, write_end_unix=end,
@@ -166,7 +171,7 @@ class CheckpointSaver:
         done = self.finish()
         t0 = time.perf_counter()
         pending = begin_save(self.root, step, model_chunks, optimizer, scheduler, extra,
-                             config_yaml, self.keep_last)
+                             config_yaml, self.keep_last, self.layout)
         request = dist_checkpointing.save(
             pending.state, str(pending.tmp), sharded_strategy=AsyncTorchDistSaveStrategy(),
             async_sharded_save=True)

@@ -33,14 +33,14 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
@@ -76,6 +76,7 @@ from megatron_vlm.checkpoint.sharded_state import (
 )
 from megatron_vlm.parallel import comm
 from megatron_vlm.parallel.agree import all_gather_json as _all_gather_json
+from megatron_vlm.parallel.runtime import layout_or_default
 
 logger = logging.getLogger(__name__)
 
@@ -131,19 +132,10 @@ def _fsync_dir(path: Path) -> None:
 # --- manifest contents, file names ---------------------------------------------------------------
 
 
-def _layout() -> dict[str, int]:
-    """This run's parallel layout as recorded in the manifest."""
-    if not parallel_state.model_parallel_is_initialized():
-        return {}
-    return {
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "vpp": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
-        "cp": parallel_state.get_context_parallel_world_size(),
-        "ep": parallel_state.get_expert_model_parallel_world_size(),
-        "etp": parallel_state.get_expert_tensor_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-    }
+Layout = Mapping[str, int]
+"""A run's parallel sizes ``{tp, pp, vpp, cp, ep, etp, dp}`` (``Runtime.layout()``). Every
+function here that takes one treats None as the layout of the process groups this process made
+(``parallel/runtime.py``: ``layout_or_default``)."""
 
 
 def _versions() -> dict[str, str]:
@@ -180,6 +172,7 @@ def save_checkpoint(
     extra: dict,
     config_yaml: str,
     keep_last: int = 3,
+    layout: Layout | None = None,
 ) -> Path:
     """Save a complete checkpoint of ``step`` atomically; collective over all ranks.
 
@@ -193,6 +186,7 @@ def save_checkpoint(
             returned by :func:`load_checkpoint` on the same rank.
         config_yaml: the run's JobConfig YAML, kept verbatim in the manifest.
         keep_last: complete checkpoints to keep under ``root``; older ones are deleted.
+        layout: this run's parallel sizes, recorded in the manifest (:data:`Layout`).
 
     Returns:
         The final checkpoint directory (the same path on every rank).
@@ -200,7 +194,7 @@ def save_checkpoint(
     See ``async_save.py`` for the asynchronous variant (same files, same manifest).
     """
     pending = begin_save(root, step, model_chunks, optimizer, scheduler, extra, config_yaml,
-                         keep_last)
+                         keep_last, layout)
     dist_checkpointing.save(pending.state, str(pending.tmp),
                             sharded_strategy=InProcessTorchDistSaveStrategy())
     write_rank_state(pending)
@@ -229,11 +223,13 @@ class PendingSave:
     extra: dict
     config_yaml: str
     keep_last: int
+    layout: dict[str, int]
+    """The run's parallel sizes, for the manifest."""
 
 
 def begin_save(
     root: Path, step: int, model_chunks: list, optimizer, scheduler, extra: dict,
-    config_yaml: str, keep_last: int,
+    config_yaml: str, keep_last: int, layout: Layout | None = None,
 ) -> PendingSave:
     """Validate, create the temp directory (rank 0) and build the state dict; collective."""
     if keep_last < 1:
@@ -264,7 +260,8 @@ def begin_save(
         state["scheduler"] = scheduler.state_dict()
     return PendingSave(root=root, tmp=tmp, final=final, step=step, rank=rank, world=world,
                        state=state, with_optimizer=with_optimizer, extra=extra,
-                       config_yaml=config_yaml, keep_last=keep_last)
+                       config_yaml=config_yaml, keep_last=keep_last,
+                       layout=layout_or_default(layout))
 
 
 def rank_file(rank: int) -> str:
@@ -298,7 +295,7 @@ def complete_save(pending: PendingSave, my_entries: list[dict]) -> Path:
                 f"checkpoint {tmp}: files {present} on disk, {listed} hashed by the ranks")
         _fsync_dir(tmp)
         manifest = _build_manifest(pending.step, pending.config_yaml, pending.with_optimizer,
-                                   pending.world, pending.extra, entries)
+                                   pending.world, pending.extra, entries, pending.layout)
         write_manifest(tmp, manifest)
         _fsync_dir(tmp)
         _rename_into_place(tmp, pending.final)
@@ -311,7 +308,8 @@ def complete_save(pending: PendingSave, my_entries: list[dict]) -> Path:
 
 
 def _build_manifest(
-    step: int, config_yaml: str, optimizer, world: int, extra: dict, entries: list[dict]
+    step: int, config_yaml: str, optimizer, world: int, extra: dict, entries: list[dict],
+    layout: dict[str, int],
 ) -> dict[str, Any]:
     now = time.time()
     return {
@@ -322,7 +320,7 @@ def _build_manifest(
         "time_utc": datetime.datetime.fromtimestamp(now, datetime.timezone.utc).isoformat(),
         "versions": _versions(),
         "world_size": world,
-        "layout": _layout(),
+        "layout": layout,
         "optimizer_state": optimizer is not None,
         "distributed_optimizer": uses_distributed_optimizer(optimizer),
         "sharded_state_dict_metadata": dict(_SHARDED_METADATA),
@@ -411,8 +409,10 @@ _WEIGHTS_ONLY_HINT = (
     "load_checkpoint(..., load_optimizer=False) in code.")
 
 
-def optimizer_layout_problem(manifest: dict, ckpt_dir: Path) -> str | None:
-    """Why the checkpoint's optimizer state cannot load in this run's parallel layout, or None.
+def optimizer_layout_problem(manifest: dict, ckpt_dir: Path,
+                             layout: Layout | None = None) -> str | None:
+    """Why the checkpoint's optimizer state cannot load in this run's parallel ``layout``
+    (:data:`Layout`), or None.
 
     Model weights reshard across any TP/PP/EP/CP/DP layout (dist_checkpointing); optimizer
     state does too, except: a DistributedOptimizer checkpoint (``dp_reshardable``) reshards
@@ -420,7 +420,7 @@ def optimizer_layout_problem(manifest: dict, ckpt_dir: Path) -> str | None:
     """
     if not manifest.get("optimizer_state"):
         return None
-    saved, now = manifest.get("layout", {}), _layout()
+    saved, now = manifest.get("layout", {}), layout_or_default(layout)
     diffs = [f"{k}: {saved.get(k)} in checkpoint != {now.get(k)} now"
              for k in ("tp", "pp", "vpp", "cp", "ep", "etp") if saved.get(k) != now.get(k)]
     if diffs and manifest.get("distributed_optimizer"):
@@ -435,18 +435,19 @@ def optimizer_layout_problem(manifest: dict, ckpt_dir: Path) -> str | None:
     return None
 
 
-def _check_layout(manifest: dict, optimizer, load_optimizer: bool, ckpt_dir: Path) -> None:
+def _check_layout(manifest: dict, optimizer, load_optimizer: bool, ckpt_dir: Path,
+                  layout: Layout | None) -> None:
     """Refuse optimizer state this layout cannot take (:func:`optimizer_layout_problem`)."""
-    problem = optimizer_layout_problem(manifest, ckpt_dir) if load_optimizer else None
+    problem = optimizer_layout_problem(manifest, ckpt_dir, layout) if load_optimizer else None
     if problem:
         raise CheckpointError(problem + _WEIGHTS_ONLY_HINT)
 
 
-def optimizer_state_problem(ckpt_dir: Path) -> str | None:
-    """Why ``ckpt_dir``'s optimizer state cannot load in this run's layout, or None if it can
-    (the rules of ``load_checkpoint``'s layout check, asked before loading)."""
+def optimizer_state_problem(ckpt_dir: Path, layout: Layout | None = None) -> str | None:
+    """Why ``ckpt_dir``'s optimizer state cannot load in this run's ``layout``, or None if it
+    can (the rules of ``load_checkpoint``'s layout check, asked before loading)."""
     try:
-        return optimizer_layout_problem(read_manifest(ckpt_dir), ckpt_dir)
+        return optimizer_layout_problem(read_manifest(ckpt_dir), ckpt_dir, layout)
     except CheckpointError as e:
         return str(e)
 
@@ -469,6 +470,7 @@ def load_checkpoint(
     load_optimizer: bool = True,
     verify_hashes: bool = True,
     config_yaml: str | None = None,
+    layout: Layout | None = None,
 ) -> dict:
     """Load a checkpoint into live objects; collective over all ranks. Returns this rank's extra.
 
@@ -484,6 +486,8 @@ def load_checkpoint(
             of the files).
         config_yaml: this run's JobConfig YAML; if given, the model section must match the
             checkpoint's (the error lists the differing fields).
+        layout: this run's parallel sizes (:data:`Layout`): optimizer state saved in a layout
+            it cannot take is refused.
 
     Returns:
         The ``extra`` dict this rank saved. RNG states (python, numpy, torch, CUDA, megatron's
@@ -503,7 +507,7 @@ def load_checkpoint(
         raise_problems(path, check_files(path, mine, hash_paths))
         if config_yaml is not None:
             check_model_config(manifest, config_yaml, path)
-        _check_layout(manifest, optimizer, load_optimizer, path)
+        _check_layout(manifest, optimizer, load_optimizer, path, layout)
         return manifest
 
     manifest = _agree(check)

@@ -45,6 +45,7 @@ import yaml
 
 from megatron_vlm.checkpoint.dist import (
     TMP_PREFIX,
+    Layout,
     _all_gather_json,
     _step_dirs,
     find_latest_checkpoint,
@@ -379,10 +380,10 @@ def model_differences(manifest: dict[str, Any], config_yaml: str) -> list[str]:
     return out
 
 
-def resume_problem(ckpt: Path, config_yaml: str) -> str | None:
+def resume_problem(ckpt: Path, config_yaml: str, layout: Layout | None = None) -> str | None:
     """Why this run cannot resume ``ckpt`` (a different model, or optimizer state this parallel
-    layout cannot take), naming the fields; None when it can. Needs megatron's parallel state
-    (the layout) but no model."""
+    ``layout`` cannot take: ``dist.Layout``), naming the fields; None when it can. Needs no
+    model."""
     try:
         manifest = read_manifest(ckpt)
     except CheckpointError as e:
@@ -393,10 +394,10 @@ def resume_problem(ckpt: Path, config_yaml: str) -> str | None:
                 "resume continues the same model; to change it (a new stage: RoPE base, YaRN, "
                 "frozen modules ...) start a new train.output_dir with "
                 f"checkpoint.init_from={ckpt}")
-    layout = optimizer_layout_problem(manifest, ckpt)
-    if layout:
+    problem = optimizer_layout_problem(manifest, ckpt, layout)
+    if problem:
         saved = " ".join(f"{k}={v}" for k, v in manifest.get("layout", {}).items())
-        return (f"cannot resume from {ckpt} in this parallel layout: {layout} Resume in the "
+        return (f"cannot resume from {ckpt} in this parallel layout: {problem} Resume in the "
                 f"checkpoint's layout ({saved}), or start a new train.output_dir from its weights "
                 f"with checkpoint.init_from={ckpt} (fresh optimizer state)")
     return None
@@ -420,7 +421,7 @@ class RunStart:
 
 
 def _claim(run_dir: Path, ckpt_root: Path, cfg: CheckpointConfig, config_yaml: str,
-           locks: list[RunLock]) -> tuple[Path | None, list[str]]:
+           locks: list[RunLock], layout: Layout | None) -> tuple[Path | None, list[str]]:
     """Rank 0's part of :func:`start_run`; appends the locks it takes to ``locks``."""
     messages, created = [], [d for d in (run_dir, ckpt_root) if not d.exists()]
     try:
@@ -430,7 +431,7 @@ def _claim(run_dir: Path, ckpt_root: Path, cfg: CheckpointConfig, config_yaml: s
             messages += [message] if message else []
         resume_from, notes = choose_start(run_dir, ckpt_root, cfg)
         if resume_from is not None:
-            problem = resume_problem(resume_from, config_yaml)
+            problem = resume_problem(resume_from, config_yaml, layout)
             if problem:
                 raise RunDirError(problem)
     except RunDirError:
@@ -446,10 +447,12 @@ def _claim(run_dir: Path, ckpt_root: Path, cfg: CheckpointConfig, config_yaml: s
 
 
 def start_run(run_dir: Path, ckpt_root: Path, cfg: CheckpointConfig,
-              config_yaml: str) -> RunStart:
+              config_yaml: str, layout: Layout | None = None) -> RunStart:
     """Lock the run directory, refuse a start that would lose or mix runs, pick the checkpoint
     to resume (see the module docstring). Collective when torch.distributed is up: rank 0
-    decides and holds the locks, every rank gets the same verdict.
+    decides and holds the locks, every rank gets the same verdict. ``layout``: this run's
+    parallel sizes (``Runtime.layout()``), against which a checkpoint's optimizer state is
+    checked.
 
     Raises:
         RunDirError: on every rank, with rank 0's reason.
@@ -460,7 +463,7 @@ def start_run(run_dir: Path, ckpt_root: Path, cfg: CheckpointConfig,
     if rank == 0:
         try:
             resume_from, messages = _claim(Path(run_dir), Path(ckpt_root), cfg, config_yaml,
-                                           locks)
+                                           locks, layout)
             verdict = {"resume_from": resume_from and str(resume_from), "messages": messages}
         except (CheckpointError, OSError) as e:
             verdict = {"error": str(e)}

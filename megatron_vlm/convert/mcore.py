@@ -38,26 +38,15 @@ from megatron_vlm.checkpoint.dist import _SHARDED_METADATA as SHARDED_METADATA
 from megatron_vlm.checkpoint.dist import _fsync_dir
 from megatron_vlm.config.model import ModelConfig
 from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.parallel.runtime import Runtime
 
 
-def ensure_single_process_groups() -> None:
-    """A world-size-1 gloo group and megatron groups (TP = PP = EP = 1), unless already there."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+def ensure_single_process_groups() -> Runtime:
+    """Conversion runs in one process: a world-size-1 gloo group and megatron groups (TP = PP =
+    CP = EP = 1), made (seed 0) or reused (``parallel.init.ensure_single_process_groups``)."""
+    from megatron_vlm.parallel.init import ensure_single_process_groups as single_process
 
-    from megatron_vlm.parallel.cpu_shims import apply_cpu_shims
-    from megatron_vlm.parallel.init import init_distributed
-
-    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
-        apply_cpu_shims()
-        sizes = (parallel_state.get_tensor_model_parallel_world_size(),
-                 parallel_state.get_pipeline_model_parallel_world_size(),
-                 parallel_state.get_expert_model_parallel_world_size())
-        if sizes != (1, 1, 1) or dist.get_world_size() != 1:
-            raise RuntimeError("conversion runs in one process (TP = PP = EP = 1); found "
-                               f"tp/pp/ep {sizes}, world {dist.get_world_size()}")
-        return
-    init_distributed(ParallelConfig(), seed=0)
+    return single_process(seed=0)
 
 
 def build_meta_model(model: ModelConfig) -> torch.nn.Module:
@@ -65,12 +54,12 @@ def build_meta_model(model: ModelConfig) -> torch.nn.Module:
     from megatron_vlm.models.llm import build_llm
     from megatron_vlm.models.vlm import KimiVLM
 
-    ensure_single_process_groups()
+    groups = ensure_single_process_groups().pg_collection
     parallel = ParallelConfig()
     with torch.device("meta"):
         if model.is_vlm:
-            return KimiVLM(model, parallel)
-        return build_llm(model.llm, parallel, model.params_dtype)
+            return KimiVLM(model, parallel, pg_collection=groups)
+        return build_llm(model.llm, parallel, model.params_dtype, pg_collection=groups)
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,9 @@ def import_siglip(hf_dir: Path, out_file: Path, params_dtype: str = "fp32") -> P
                                                vision.hidden_size))
     table = Table(family.rules(q_lora=False, tied=False), ctx)
     source = open_source(hf_dir, family, ctx)
-    ensure_single_process_groups()
+    groups = ensure_single_process_groups().pg_collection
     with torch.device("meta"):
-        meta = build_moonvit(vision, ParallelConfig(), params_dtype)
+        meta = build_moonvit(vision, ParallelConfig(), params_dtype, pg_collection=groups)
     expected = {n: (tuple(p.shape), p.dtype) for n, p in meta.named_parameters()}
     plan = plan_import(table, source, expected, family, num_layers=vision.num_layers,
                        where=str(hf_dir))

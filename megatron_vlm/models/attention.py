@@ -43,6 +43,7 @@ from megatron_vlm.parallel.context import (
     context_parallel_layout,
     gather_context_parallel,
 )
+from megatron_vlm.parallel.runtime import groups_or_default
 
 
 def thd_packed_seq_params(
@@ -165,11 +166,9 @@ class PackedSelfAttention(MegatronModule):
         self.cp_group = None
         if self.cp_size > 1:
             # All-gather CP whatever megatron's cp_comm_type (p2p/a2a/allgather) asks of TE.
-            cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-            if cp_group is None:
-                from megatron.core import parallel_state
-
-                cp_group = parallel_state.get_context_parallel_group()
+            # megatron's attention passes its pg_collection; None (a direct build in a test):
+            # the process's groups (parallel/runtime.py).
+            cp_group = groups_or_default(pg_collection, required=True).cp
             if cp_group.size() != self.cp_size:
                 raise ValueError(f"context_parallel_size={self.cp_size} but the CP process "
                                  f"group has {cp_group.size()} ranks")

@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron_vlm.config.model import KernelConfig, LLMConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.models.specs import KernelChoice, llm_decoder_block_spec, resolve_kernels
+from megatron_vlm.parallel.runtime import groups_or_default
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,6 +72,17 @@ def llm_head_dims(llm: LLMConfig) -> tuple[int, int]:
     return (llm.qk_head_dim, llm.v_head_dim)
 
 
+def llm_kernel_choice(llm: LLMConfig, parallel: ParallelConfig, params_dtype: str = "fp32",
+                      kernels: KernelConfig | None = None) -> KernelChoice:
+    """The layer implementations and fusions of an LLM built alone from ``kernels``
+    (``model.kernels``; None = all ``auto``) on this machine: what :func:`build_llm` and
+    :func:`build_transformer_config` use when no ``choice`` is given (a VLM passes the one
+    choice ``models.vlm.kernel_choice`` makes for LLM and tower together)."""
+    return resolve_kernels(kernels, params_dtype=params_dtype,
+                           attention_dropout=llm.attention_dropout, head_dims=llm_head_dims(llm),
+                           context_parallel=parallel.cp > 1, llm=llm)
+
+
 def recompute_kwargs(recompute: str, num_layers: int, modules: list[str],
                      choice: KernelChoice) -> dict:
     """megatron ``TransformerConfig`` activation-recompute fields for ``none|full|selective``.
@@ -107,14 +119,12 @@ def build_transformer_config(
 ) -> MLATransformerConfig:
     """Map our LLM config onto megatron-core's ``MLATransformerConfig``, field by field.
 
-    ``choice`` (default: :func:`~megatron_vlm.models.specs.resolve_kernels` on this machine)
-    supplies the grouped-GEMM and FP8 switches and the kernel fusions.
+    ``choice`` (default: :func:`llm_kernel_choice`, as :func:`build_llm` resolves it) supplies
+    the grouped-GEMM and FP8 switches and the kernel fusions.
     """
     dtype = _DTYPES[params_dtype]
     if choice is None:
-        choice = resolve_kernels(None, params_dtype=params_dtype,
-                                 attention_dropout=llm.attention_dropout,
-                                 head_dims=llm_head_dims(llm), llm=llm)
+        choice = llm_kernel_choice(llm, parallel, params_dtype)
     on_gpu = torch.cuda.is_available()
     moe = llm.num_experts is not None
     yarn = llm.yarn
@@ -224,34 +234,35 @@ def build_transformer_config(
 
 
 def llm_block_spec(
-    config: MLATransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None,
-    choice: KernelChoice | None = None, *,
-    latent_norm_eps: float = LLMConfig.mla_latent_norm_epsilon,
+    config: MLATransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None, *,
+    choice: KernelChoice, latent_norm_eps: float = LLMConfig.mla_latent_norm_epsilon,
 ) -> TransformerBlockSubmodules:
     """The decoder block spec for this pipeline stage (implementations from
     ``models/specs.py``: TE modules, or megatron's local MLA/MoE layers with our packed
     attention kernel, SP norms and padding-free router); MLA's latent norms at
-    ``latent_norm_eps`` (``LLMConfig.mla_latent_norm_epsilon``: ``config`` has no field for it)."""
-    if choice is None:
-        choice = resolve_kernels(
-            None, params_dtype="bf16" if config.bf16 else "fp32",
-            attention_dropout=config.attention_dropout,
-            head_dims=(config.qk_head_dim + config.qk_pos_emb_head_dim, config.v_head_dim),
-            context_parallel=config.context_parallel_size > 1)
+    ``latent_norm_eps`` (``LLMConfig.mla_latent_norm_epsilon``: ``config`` has no field for it).
+
+    ``choice`` is the one ``config`` was built with (:func:`build_transformer_config`): a
+    megatron config alone lacks the LLM fields the choice depends on."""
     return llm_decoder_block_spec(config, choice, vp_stage=vp_stage, pp_rank=pp_rank,
                                   latent_norm_eps=latent_norm_eps)
 
 
-def scatter_padding_mask(padding_mask: torch.Tensor) -> torch.Tensor:
-    """``[b, s]`` -> ``[b, s / tp]``: the padding mask in the sequence-parallel layout.
+def scatter_padding_mask(padding_mask: torch.Tensor,
+                         tp_group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+    """``[b, s]`` -> ``[b, s / tp]``: the padding mask in the sequence-parallel layout of
+    ``tp_group`` (the model's TP group; None: :func:`~megatron_vlm.parallel.runtime.
+    groups_or_default`'s).
 
     megatron's ``GPTModel`` does this only on the stage that embeds tokens itself
     (``models/gpt/gpt_model.py:314``); with ``decoder_input`` given, or on later pipeline stages,
     the caller must (the MoE router needs one mask entry per local token).
     """
     seq_first = padding_mask.transpose(0, 1).contiguous()
+    if tp_group is None:
+        tp_group = groups_or_default(required=True).tp
     return (
-        tensor_parallel.scatter_to_sequence_parallel_region(seq_first)
+        tensor_parallel.scatter_to_sequence_parallel_region(seq_first, group=tp_group)
         .transpose(0, 1)
         .contiguous()
     )
@@ -270,16 +281,16 @@ def build_llm(
     kernels: KernelConfig | None = None,
     choice: KernelChoice | None = None,
 ) -> GPTModel:
-    """Build this rank's part of the LLM (process groups must be initialised).
+    """Build this rank's part of the LLM on ``pg_collection`` (training: the runtime's; None:
+    :func:`~megatron_vlm.parallel.runtime.groups_or_default`'s).
 
     Layer implementations come from ``choice`` if given (a VLM resolves one for LLM and ViT
-    together), else from ``kernels`` (``model.kernels``; default ``auto``) on this machine.
+    together), else from ``kernels`` (``model.kernels``; default ``auto``) on this machine
+    (:func:`llm_kernel_choice`).
     """
+    pg_collection = groups_or_default(pg_collection, required=True)
     if choice is None:
-        choice = resolve_kernels(kernels, params_dtype=params_dtype,
-                                 attention_dropout=llm.attention_dropout,
-                                 head_dims=llm_head_dims(llm), context_parallel=parallel.cp > 1,
-                                 llm=llm)
+        choice = llm_kernel_choice(llm, parallel, params_dtype, kernels)
     config = build_transformer_config(llm, parallel, params_dtype, choice)
     model = GPTModel(
         config=config,

@@ -158,6 +158,7 @@ def build_llm_on_meta(
     *,
     pre_process: bool = True,
     post_process: bool = True,
+    pg_collection=None,
 ) -> GPTModel:
     """This rank's part of the LLM with every parameter and buffer on ``meta`` (no memory).
 
@@ -165,13 +166,21 @@ def build_llm_on_meta(
     but with ``perform_initialization=False`` (initialising 1T meta parameters through megatron's
     CPU-init path costs 4x the build time) and ``use_cpu_initialization=True`` (no per-rank RNG
     forks). Kimi K2.5 (61 layers, 60 x 384 ``SequentialMLP`` experts) builds in ~6 s on one core.
-    Process groups must be initialised for ``parallel`` (as for ``build_llm``).
+    Process groups for ``parallel``: ``pg_collection``, or (None) those ``init_distributed``
+    made (as for ``build_llm``).
     """
     from megatron.core.models.gpt import GPTModel
 
-    from megatron_vlm.models.llm import build_transformer_config, llm_block_spec, padded_vocab_size
+    from megatron_vlm.models.llm import (
+        build_transformer_config,
+        llm_block_spec,
+        llm_kernel_choice,
+        padded_vocab_size,
+    )
+    from megatron_vlm.parallel.runtime import groups_or_default
 
-    config = build_transformer_config(llm, parallel, params_dtype)
+    choice = llm_kernel_choice(llm, parallel, params_dtype)  # one choice for config and spec
+    config = build_transformer_config(llm, parallel, params_dtype, choice)
     config.use_cpu_initialization = True
     config.perform_initialization = False
     with allocate_on_meta():
@@ -179,11 +188,12 @@ def build_llm_on_meta(
         # that the two builds have the same parameter names and shapes.
         return GPTModel(
             config=config,
-            transformer_layer_spec=llm_block_spec(config),
+            transformer_layer_spec=llm_block_spec(config, choice=choice),
             vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
             max_sequence_length=llm.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
             share_embeddings_and_output_weights=not llm.untie_embeddings,
             position_embedding_type="none",
+            pg_collection=groups_or_default(pg_collection, required=True),
         )

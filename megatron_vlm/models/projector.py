@@ -23,6 +23,7 @@ from torch import Tensor
 
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.config.vision import ProjectorConfig
+from megatron_vlm.parallel.runtime import groups_or_default
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -76,7 +77,8 @@ class KimiProjector(MegatronModule):
     """Parameter names: ``pre_norm`` (LayerNorm over one sub-token), ``mlp.linear_fc1``
     (HF ``in_proj`` / ``proj.0``), ``mlp.linear_fc2`` (HF ``out_proj`` / ``proj.2``)."""
 
-    def __init__(self, config: TransformerConfig, projector: ProjectorConfig) -> None:
+    def __init__(self, config: TransformerConfig, projector: ProjectorConfig,
+                 tp_group: torch.distributed.ProcessGroup | None = None) -> None:
         super().__init__(config=config)
         self.projector = projector
         self.pre_norm = torch.nn.LayerNorm(
@@ -85,6 +87,7 @@ class KimiProjector(MegatronModule):
         self.mlp = build_module(
             projector_mlp_spec(), config=config,
             input_size=projector.input_size, ffn_hidden_size=projector.intermediate_size,
+            tp_group=groups_or_default(required=True).tp if tp_group is None else tp_group,
         )
 
     def forward(self, merged: Tensor) -> Tensor:
@@ -104,8 +107,10 @@ class KimiProjector(MegatronModule):
 
 
 def build_projector(
-    projector: ProjectorConfig, parallel: ParallelConfig, params_dtype: str = "fp32"
+    projector: ProjectorConfig, parallel: ParallelConfig, params_dtype: str = "fp32", *,
+    tp_group: torch.distributed.ProcessGroup | None = None,
 ) -> KimiProjector:
-    """Build the projector (process groups must be initialised)."""
+    """Build the projector, sharded over ``tp_group`` (the model's TP group; None: that of
+    :func:`~megatron_vlm.parallel.runtime.groups_or_default`)."""
     config = build_projector_transformer_config(projector, parallel, params_dtype)
-    return KimiProjector(config, projector)
+    return KimiProjector(config, projector, tp_group)

@@ -25,6 +25,7 @@ from megatron_vlm.models.llm import build_llm, llm_head_dims, scatter_padding_ma
 from megatron_vlm.models.projector import build_projector
 from megatron_vlm.models.specs import KernelChoice, resolve_kernels
 from megatron_vlm.models.vision.moonvit import build_moonvit
+from megatron_vlm.parallel.runtime import groups_or_default
 
 
 def kernel_choice(model: ModelConfig, parallel: ParallelConfig) -> KernelChoice:
@@ -40,12 +41,19 @@ def kernel_choice(model: ModelConfig, parallel: ParallelConfig) -> KernelChoice:
 
 
 class KimiVLM(MegatronModule):
-    """MoonViT + Kimi projector + megatron ``GPTModel`` (MLA/MoE), one pipeline stage of it."""
+    """MoonViT + Kimi projector + megatron ``GPTModel`` (MLA/MoE), one pipeline stage of it.
+
+    Built on ``pg_collection`` (training: the runtime's; None: :func:`~megatron_vlm.parallel.
+    runtime.groups_or_default`'s) with ``choice`` (None: :func:`kernel_choice`).
+    """
 
     def __init__(self, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
-                 post_process: bool = True, vp_stage: int | None = None) -> None:
+                 post_process: bool = True, vp_stage: int | None = None, pg_collection=None,
+                 choice: KernelChoice | None = None) -> None:
+        pg_collection = groups_or_default(pg_collection, required=True)
         # One implementation choice (backend, attention kernel) for the LLM and the tower.
-        choice = kernel_choice(model, parallel)
+        if choice is None:
+            choice = kernel_choice(model, parallel)
         llm = model.llm
         if model.freeze_llm:
             # The router's expert bias is a buffer that megatron's finalize_model_grads moves by
@@ -55,6 +63,7 @@ class KimiVLM(MegatronModule):
         language_model: GPTModel = build_llm(
             llm, parallel, model.params_dtype, pre_process=pre_process,
             post_process=post_process, vp_stage=vp_stage, choice=choice,
+            pg_collection=pg_collection,
             # We scatter to the sequence-parallel layout ourselves, after vision tokens are in.
             scatter_embedding_sequence_parallel=False,
         )
@@ -68,8 +77,9 @@ class KimiVLM(MegatronModule):
         self.vision_tower = self.projector = None
         if pre_process:
             self.vision_tower = build_moonvit(model.vision, parallel, model.params_dtype,
-                                              choice=choice)
-            self.projector = build_projector(model.projector, parallel, model.params_dtype)
+                                              pg_collection=pg_collection, choice=choice)
+            self.projector = build_projector(model.projector, parallel, model.params_dtype,
+                                             tp_group=pg_collection.tp)
         freeze = {"vision_tower": model.freeze_vision, "projector": model.freeze_projector,
                   "language_model": model.freeze_llm}
         for name, frozen in freeze.items():
@@ -130,7 +140,8 @@ class KimiVLM(MegatronModule):
                                    self.language_model.pg_collection.cp.rank(), emb.device)
             emb = emb.index_select(0, layout.local_index)
         if self.config.sequence_parallel:
-            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(
+                emb, group=self.language_model.pg_collection.tp)
         return emb
 
     def forward(self, input_ids, position_ids, attention_mask, labels=None,
@@ -142,7 +153,8 @@ class KimiVLM(MegatronModule):
                                        media_positions, packed_seq_params)
         if padding_mask is not None and self.config.sequence_parallel:
             # megatron scatters the mask only when it embeds the tokens itself (gpt_model.py:314).
-            padding_mask = scatter_padding_mask(padding_mask)
+            padding_mask = scatter_padding_mask(padding_mask,
+                                                self.language_model.pg_collection.tp)
         return self.language_model(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             packed_seq_params=packed_seq_params, padding_mask=padding_mask, **kwargs)

@@ -24,6 +24,7 @@ from megatron_vlm.config.optim import OptimConfig
 from megatron_vlm.optim.megatron_wrappers import MixedFloat16Optimizer
 from megatron_vlm.optim.muon_optimizer import build_muon_optimizer
 from megatron_vlm.optim.qk_clip import mla_attentions
+from megatron_vlm.parallel.runtime import groups_or_default
 
 
 def build_optimizer_config(
@@ -106,8 +107,11 @@ def build_optimizer(
     model_chunks: list,
     params_dtype: str,
     use_distributed_optimizer: bool,
+    pg_collection=None,
 ) -> MegatronOptimizer:
-    """megatron-core optimizer over ``model_chunks`` (each wrapped in megatron DDP).
+    """megatron-core optimizer over ``model_chunks`` (each wrapped in megatron DDP), on
+    ``pg_collection`` (the run's groups; None: :func:`~megatron_vlm.parallel.runtime.
+    groups_or_default`'s).
 
     Norm weights, biases and the router's expert bias (a buffer, never a parameter) get no weight
     decay (megatron's standard overrides exclude 1-D parameters); frozen parameters
@@ -116,15 +120,19 @@ def build_optimizer(
     ``DistributedDataParallelConfig(use_distributed_optimizer=False)``), and
     ``use_distributed_optimizer`` selects layer-wise sharding.
     """
+    pg_collection = groups_or_default(pg_collection, required=True)
     if optim.optimizer == "muon":
         config = build_optimizer_config(optim, params_dtype, use_distributed_optimizer=False)
         return build_muon_optimizer(optim, model_chunks, config,
                                     layer_wise=use_distributed_optimizer,
-                                    lr_mult=module_lr_mult(optim))
+                                    lr_mult=module_lr_mult(optim), pg_collection=pg_collection)
     _check_qk_clip(model_chunks, flat_sharded=use_distributed_optimizer)
     config = build_optimizer_config(optim, params_dtype, use_distributed_optimizer)
     overrides = {**get_standard_config_overrides(config), **module_lr_overrides(optim)}
-    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
+    # megatron refuses its gloo groups with an explicit pg_collection; our checkpoints never use
+    # them (dp_reshardable optimizer state is saved without a gather, checkpoint/dist.py).
+    optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides,
+                                       use_gloo_process_groups=False, pg_collection=pg_collection)
     for member in getattr(optimizer, "chained_optimizers", [optimizer]):
         # bf16 without the DistributedOptimizer: megatron's Float16 wrapper cannot checkpoint
         # our fp32 norm weights; its subclass adds only the fixed (sharded_)state_dict methods.

@@ -35,7 +35,6 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer, OptimizerConfig
 from megatron.core.process_groups_config import ProcessGroupCollection
 from torch import nn
@@ -45,6 +44,7 @@ from megatron_vlm.optim.megatron_wrappers import LayerWiseMuonOptimizer, wrap_op
 from megatron_vlm.optim.muon import Muon
 from megatron_vlm.optim.param_groups import build_param_groups
 from megatron_vlm.parallel import comm
+from megatron_vlm.parallel.runtime import groups_or_default
 
 _ORDER = (("muon", False), ("muon", True), ("adamw", False), ("adamw", True))
 """The chained optimizers, in order: (kind, routed experts)."""
@@ -148,6 +148,7 @@ def build_muon_optimizer(
     *,
     layer_wise: bool,
     lr_mult: Callable[[str], float] | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
 ) -> MegatronOptimizer:
     """Muon + AdamW over ``model_chunks`` (each wrapped in megatron DDP), see the module doc.
 
@@ -158,6 +159,8 @@ def build_muon_optimizer(
             flat DistributedOptimizer.
         layer_wise: shard whole parameters over DP (``LayerWiseMuonOptimizer``).
         lr_mult: per-parameter-name LR multiplier (the VLM's per-module LRs).
+        pg_collection: the run's process groups (None: :func:`~megatron_vlm.parallel.runtime.
+            groups_or_default`'s).
     """
     if config.use_distributed_optimizer:
         raise ValueError(
@@ -173,7 +176,7 @@ def build_muon_optimizer(
                 "use_distributed_optimizer=True) (reduce-scatter into flat shards). Wrap them "
                 "with use_distributed_optimizer=False; parallel.use_distributed_optimizer=true "
                 "then selects the layer-wise (whole-parameter) Muon sharding")
-    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs = groups_or_default(pg_collection, required=True)
     groups = collect_param_groups(optim, model_chunks, lr_mult)
     optimizers, init_fns, kinds = [], [], []
     for kind, expert in _ORDER:
@@ -191,9 +194,7 @@ def build_muon_optimizer(
             w = wrap_optimizer(opt, config, init_fn)
             # As megatron's builder: gradient statistics of routed experts reduce over
             # expert-TP x EP x PP, the rest over TP x PP (optimizer/__init__.py).
-            w.grad_stats_parallel_group = (
-                parallel_state.get_expert_tensor_model_pipeline_parallel_group() if expert
-                else parallel_state.get_model_parallel_group())
+            w.grad_stats_parallel_group = pgs.tp_ep_pp if expert else pgs.mp
             w.tp_group = pgs.expt_tp if expert else pgs.tp
             wrapped.append(w)
         result = ChainedOptimizer(wrapped)

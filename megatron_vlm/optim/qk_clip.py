@@ -56,6 +56,7 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from torch import nn
 
 from megatron_vlm.parallel import comm
+from megatron_vlm.parallel.runtime import groups_or_default
 
 
 @dataclass
@@ -107,8 +108,8 @@ def qk_clip_eta(max_logits: torch.Tensor, threshold: float) -> torch.Tensor:
 def all_reduce_max_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
     """In-place MAX all-reduce of every tensor over ``group`` with one collective.
 
-    ``group=None`` means "no reduction" (one process, or the caller reduced already); pass
-    megatron's ``parallel_state.get_data_parallel_group(with_context_parallel=True)`` in training.
+    ``group=None`` means "no reduction" (one process, or the caller reduced already); training
+    passes the runtime's data x context parallel group (``pg_collection.dp_cp``).
     """
     if group is None or not tensors:
         return
@@ -226,18 +227,18 @@ def vit_records_max_logits(model_chunks: nn.Module | Iterable[nn.Module]) -> boo
     return any(_records(a) for a in vit_attentions(model_chunks))
 
 
-def vision_max_logit_group(model_chunks: nn.Module | Iterable[nn.Module]
+def vision_max_logit_group(model_chunks: nn.Module | Iterable[nn.Module], pg_collection=None
                            ) -> dist.ProcessGroup | None:
-    """The ranks whose vision towers saw other items: DP x CP, and TP too when the tower is
-    replicated over TP and each TP rank encodes its own items (``parallel_mode='split'``,
-    recognised by the tower's ``replica_group``). None without torch.distributed."""
-    from megatron.core import parallel_state
+    """The ranks whose vision towers saw other items: DP x CP (``pg_collection.dp_cp``), and TP
+    too (``tp_dp_cp``) when the tower is replicated over TP and each TP rank encodes its own
+    items (``parallel_mode='split'``, recognised by the tower's ``replica_group``).
 
-    if not dist.is_initialized():
+    ``pg_collection``: the run's groups (None: :func:`~megatron_vlm.parallel.runtime.
+    groups_or_default`'s); None when there are none (one process)."""
+    groups = groups_or_default(pg_collection)
+    if groups is None:
         return None
-    if vision_split_over_tp(model_chunks):
-        return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return groups.tp_dp_cp if vision_split_over_tp(model_chunks) else groups.dp_cp
 
 
 def vision_split_over_tp(model_chunks: nn.Module | Iterable[nn.Module]) -> bool:

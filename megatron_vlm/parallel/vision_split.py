@@ -77,15 +77,13 @@ def forget_groups() -> None:
     _SINGLETON.clear()
 
 
-def replica_process_groups():
-    """megatron's process groups with TP and CP replaced by this rank alone: a module built with
-    them is unsharded and replicated over the real TP x CP ranks."""
+def replica_process_groups(pg_collection):
+    """The groups a module replicated over the real TP x CP ranks is built with: ``pg_collection``'s
+    pipeline group, and TP, CP and TP x CP of this rank alone (the module is unsharded)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    pgs = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp", "pp", "tp_cp"])
     alone = singleton_group()
-    pgs.tp = pgs.cp = pgs.tp_cp = alone
-    return pgs
+    return ProcessGroupCollection(tp=alone, cp=alone, tp_cp=alone, pp=pg_collection.pp)
 
 
 def mark_replicated(module: torch.nn.Module) -> None:

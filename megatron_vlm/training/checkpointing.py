@@ -30,13 +30,16 @@ class Checkpointer:
         config_yaml: the run's config, recorded in every manifest.
         metrics: where completed saves are logged.
         saved_step: a step already on disk (the resume point), or None.
+        layout: this run's parallel sizes for the manifests (``Runtime.layout()``; None: the
+            process's groups).
     """
 
     def __init__(self, root: Path, *, save_interval: int, keep_last: int, async_save: bool,
                  state: tuple, extra_fn: Callable[[], dict], config_yaml: str,
-                 metrics: MetricsLogger, saved_step: int | None = None) -> None:
+                 metrics: MetricsLogger, saved_step: int | None = None,
+                 layout: dict[str, int] | None = None) -> None:
         self.root = Path(root)
-        self.saver = CheckpointSaver(self.root, keep_last, async_save)
+        self.saver = CheckpointSaver(self.root, keep_last, async_save, layout)
         self.save_interval = save_interval
         self.state, self.extra_fn, self.config_yaml = state, extra_fn, config_yaml
         self.metrics = metrics

@@ -68,10 +68,12 @@ def _saved_optimizer(manifest: dict) -> str | None:
 
 
 def init_from_checkpoint(path: str | Path, chunks, optimizer, scheduler,
-                         optimizer_kind: str | None = None) -> InitFromReport:
+                         optimizer_kind: str | None = None,
+                         layout: dict[str, int] | None = None) -> InitFromReport:
     """Load ``path``'s model weights into ``chunks``, and its optimizer state if the trainable
     sets match, the same optimizer (``optimizer_kind``: this run's ``optim.optimizer``) made it
-    and this layout can take it; the LR schedule, step and data stay fresh."""
+    and this ``layout`` (``Runtime.layout()``; None: the process's groups) can take it; the LR
+    schedule, step and data stay fresh."""
     ckpt = resolve_init_from(path)
     manifest = read_manifest(ckpt)
     saved = (manifest.get("extra_rank0") or {}).get(EXTRA_KEY)
@@ -89,9 +91,9 @@ def init_from_checkpoint(path: str | Path, chunks, optimizer, scheduler,
                             f"{saved['modules']} in the checkpoint, {now['count']} "
                             f"{now['modules']} now")
     else:
-        problem = optimizer_state_problem(ckpt)
+        problem = optimizer_state_problem(ckpt, layout)
         keep, why = problem is None, problem or "the trainable set is identical"
-    load_checkpoint(ckpt, chunks, optimizer, None, load_optimizer=keep)
+    load_checkpoint(ckpt, chunks, optimizer, None, load_optimizer=keep, layout=layout)
     if keep:
         # The loaded param groups carry the old run's LR; put the fresh schedule's back.
         scheduler.step(increment=0)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.module import MegatronModule
@@ -15,6 +15,7 @@ from megatron_vlm.models.gpu_settings import DDPChoice, choose_ddp
 from megatron_vlm.models.llm import build_llm
 from megatron_vlm.models.specs import detect_capabilities
 from megatron_vlm.models.vlm import KimiVLM
+from megatron_vlm.parallel.runtime import Runtime, groups_or_default
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +42,23 @@ def ddp_config(choice: DDPChoice) -> DistributedDataParallelConfig:
     )
 
 
-def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronModule]:
+def build_model_chunks(job: JobConfig, wrap_ddp: bool = True,
+                       runtime: Runtime | None = None) -> list[MegatronModule]:
     """This rank's model chunk(s) (one per virtual pipeline stage), optionally DDP-wrapped.
 
-    The megatron ``TransformerConfig`` of each chunk is told how to finalise gradients
-    (DP all-reduce, expert-bias update, per-token loss scaling) and how to sync under gradient
-    accumulation -- the hooks megatron's pipeline schedules call.
+    Built and wrapped on ``runtime``'s process groups with its kernel choice (None: the groups
+    ``init_distributed`` made, ``parallel.runtime.groups_or_default``, and the choice resolved
+    from ``job.model``). The megatron ``TransformerConfig`` of each chunk is told how to
+    finalise gradients (DP all-reduce, expert-bias update, per-token loss scaling) and how to
+    sync under gradient accumulation -- the hooks megatron's pipeline schedules call.
     """
     # Overlaps, bucket size and the reduce-scatter for megatron's flat ZeRO optimizer (not with
     # Muon, whose layer-wise sharding needs whole gradients: SPEC §2, Megatron-LM #2164) are
     # decided in models/gpu_settings.py, before building: a setting it refuses fails fast.
     ddp = ddp_choice(job) if wrap_ddp else None
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    pgs = runtime.pg_collection if runtime is not None else groups_or_default(required=True)
+    choice = runtime.kernels if runtime is not None else None
+    pp_rank, pp_size = pgs.pp.rank(), pgs.pp.size()
     vpp = job.parallel.vpp or 1
     chunks = []
     for vp_stage in range(vpp):
@@ -62,11 +67,11 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
         vp = vp_stage if job.parallel.vpp else None
         if job.model.is_vlm:
             model = KimiVLM(job.model, job.parallel, pre_process=first, post_process=last,
-                            vp_stage=vp)
+                            vp_stage=vp, pg_collection=pgs, choice=choice)
         else:
             model = build_llm(job.model.llm, job.parallel, job.model.params_dtype,
                               pre_process=first, post_process=last, vp_stage=vp,
-                              kernels=job.model.kernels)
+                              pg_collection=pgs, kernels=job.model.kernels, choice=choice)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
@@ -76,12 +81,14 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True) -> list[MegatronMo
     config = ddp_config(ddp)
     wrapped = [
         DistributedDataParallel(config=m.config, ddp_config=config, module=m,
-                                disable_bucketing=(i > 0))
+                                disable_bucketing=(i > 0), pg_collection=pgs)
         for i, m in enumerate(chunks)
     ]
     for m in wrapped:
         cfg = m.config
-        cfg.finalize_model_grads_func = finalize_model_grads
+        # megatron's schedules pass their groups; a direct call gets ours.
+        cfg.finalize_model_grads_func = functools.partial(finalize_model_grads,
+                                                          pg_collection=pgs)
         cfg.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
         cfg.grad_sync_func = None
         cfg.param_sync_func = None

@@ -227,9 +227,9 @@ def run_vision_probes(run_dir: str, num_batches: int = 16) -> dict[str, dict[str
     job = apply_overrides(load_yaml(str(run / "job.yaml")), [f"train.eval_batches={num_batches}"])
     if not job.model.is_vlm:
         raise ValueError(f"{run} is a text-only run; the vision probes need a VLM")
-    init_distributed(job.parallel, job.train.seed)
+    runtime = init_distributed(job.parallel, job.train.seed, model=job.model)
     data = build_data(job, 0, 1, run)
-    chunks = build_model_chunks(job)
+    chunks = build_model_chunks(job, runtime=runtime)
     ckpt = find_latest_checkpoint(run / "checkpoints")
     if ckpt is None:
         raise ValueError(f"{run / 'checkpoints'} holds no complete checkpoint")
@@ -239,7 +239,8 @@ def run_vision_probes(run_dir: str, num_batches: int = 16) -> dict[str, dict[str
 
     def loss(batches: list[PackedBatch]) -> float:
         with torch.no_grad():
-            total = run_forward_backward(chunks, batches, job.data.seq_length, forward_only=True)
+            total = run_forward_backward(chunks, batches, job.data.seq_length, forward_only=True,
+                                         pg_collection=runtime.pg_collection)
         return (total[0] / total[1].clamp(min=1)).item()
 
     out: dict[str, dict[str, float]] = {}

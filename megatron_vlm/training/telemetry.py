@@ -10,11 +10,10 @@ and calls it.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
 from megatron_vlm.parallel import comm
+from megatron_vlm.parallel.runtime import groups_or_default
 
 
 def routers_of(model_chunks: list) -> list:
@@ -29,24 +28,22 @@ def routers_of(model_chunks: list) -> list:
 
 class FinalizeWithTelemetry:
     """``config.finalize_model_grads_func`` that records expert loads before megatron resets
-    them."""
+    them, on ``pg_collection`` (the run's groups; None: ``groups_or_default``'s). megatron's
+    schedules call it with the groups they run on; a call without them gets ours."""
 
-    def __init__(self, model_chunks: list) -> None:
+    def __init__(self, model_chunks: list, pg_collection=None) -> None:
         self.routers = routers_of(model_chunks)
         self.last_loads: list[torch.Tensor] = []
+        self.pgs = groups_or_default(pg_collection)
 
-    def __call__(self, model, *args, **kwargs):
+    def __call__(self, model, num_tokens=None, pg_collection=None, **kwargs):
+        pgs = pg_collection if pg_collection is not None else self.pgs
         if self.routers:
             loads = torch.stack([r.local_tokens_per_expert.detach().clone() for r in self.routers])
-            if dist.is_initialized():
-                comm.all_reduce(
-                    loads,
-                    group=parallel_state.get_tensor_and_data_parallel_group(
-                        with_context_parallel=True
-                    ),
-                )
+            if self.pgs is not None:
+                comm.all_reduce(loads, group=self.pgs.tp_dp_cp)
             self.last_loads = list(loads)
-        return finalize_model_grads(model, *args, **kwargs)
+        return finalize_model_grads(model, num_tokens, pg_collection=pgs, **kwargs)
 
 
 def expert_bias_snapshot(routers: list) -> list[torch.Tensor]:

@@ -17,17 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_vlm.checkpoint import load_checkpoint
 from megatron_vlm.checkpoint.run_dir import lr_report, start_run
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.models.llm import padded_vocab_size
-from megatron_vlm.models.vlm import kernel_choice
 from megatron_vlm.optim.builder import build_optimizer
 from megatron_vlm.optim.schedules import build_scheduler
 from megatron_vlm.parallel.init import init_distributed
+from megatron_vlm.parallel.runtime import Runtime
 from megatron_vlm.training import telemetry
 from megatron_vlm.training.banner import startup_banner
 from megatron_vlm.training.checkpointing import Checkpointer
@@ -69,6 +67,7 @@ class _Run:
     """The components of one run, built by :func:`_setup`."""
 
     job: JobConfig
+    runtime: Runtime
     data: DataSetup
     chunks: list
     step: TrainStep
@@ -82,7 +81,8 @@ class _Run:
 
     def validate(self) -> dict[str, float]:
         """Every held-out dataset's loss, logged and printed."""
-        losses = evaluate(self.chunks, self.data.valid, self.job.data.seq_length)
+        losses = evaluate(self.chunks, self.data.valid, self.job.data.seq_length,
+                          self.runtime.pg_collection)
         self.metrics.log(self.state.step, "valid", {f"loss/{k}": v for k, v in losses.items()},
                          progress=True)
         return losses
@@ -91,15 +91,14 @@ class _Run:
         """This rank's share of the step's vision-tower FLOPs: the tower's work on its
         micro-batches, counted once per data-parallel replica (first pipeline stage, CP rank 0;
         every TP rank holds the same batches and the sum runs over PP and DP x CP only)."""
-        vision = self.job.model.vision
-        if vision is None or not (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-                                  and parallel_state.get_context_parallel_rank() == 0):
+        vision, pgs = self.job.model.vision, self.runtime.pg_collection
+        if vision is None or not (pgs.pp.rank() == 0 and pgs.cp.rank() == 0):
             return 0.0
         return sum(vit_flops(vision, self.job.model.llm.hidden_size, b.vision.grid_thw)
                    for b in batches if b.vision is not None)
 
     def step_values(self, result: StepResult, dt: float) -> dict:
-        job, world = self.job, dist.get_world_size()
+        job, world = self.job, self.runtime.world_size
         seq_tokens = job.data.global_batch_size * job.data.seq_length
         flops = self.llm_flops_per_token * seq_tokens + result.vit_flops
         tflops = flops / dt / world / 1e12
@@ -168,7 +167,7 @@ def _loop(run: _Run, cleanup: contextlib.ExitStack) -> TrainResult:
     final_valid = {} if stopped else run.validate()  # overlaps an async write
     ckpt.finish(state.step)
     metrics.close()
-    if dist.get_rank() == 0 and job.train.plot:  # still holding the run directory's lock
+    if run.runtime.rank == 0 and job.train.plot:  # still holding the run directory's lock
         plot_loss_curves(Path(job.train.output_dir) / "metrics.jsonl",
                          Path(job.train.output_dir) / "loss_curve.png")
     cleanup.close()  # writer, loaders, lock
@@ -178,26 +177,26 @@ def _loop(run: _Run, cleanup: contextlib.ExitStack) -> TrainResult:
 def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _Run:
     """Build the run's components in data -> model -> optimizer -> metrics -> checkpoint order,
     registering each resource on ``cleanup``; resume or initialise from a checkpoint."""
-    dp = init_distributed(job.parallel, job.train.seed)
-    rank = dist.get_rank()
+    runtime = init_distributed(job.parallel, job.train.seed, model=job.model)
+    rank, pgs, layout = runtime.rank, runtime.pg_collection, runtime.layout()
     run_dir = Path(job.train.output_dir)
     ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
     threads = set_cpu_threads(job)
     # Lock the run directory; refuse a fresh run over a previous one, resume=require without a
     # checkpoint, or a checkpoint of another model/layout; pick the checkpoint (rank 0 decides).
-    start = start_run(run_dir, ckpt_root, job.checkpoint, job.to_yaml())
+    start = start_run(run_dir, ckpt_root, job.checkpoint, job.to_yaml(), layout)
     cleanup.callback(start.release)
     # Inputs, tokenizer, data paths and token ids, before any model memory is spent.
-    job, data = prepare_run(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+    job, data = prepare_run(job, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
                             run_dir=run_dir, resume_from=start.resume_from, is_writer=rank == 0)
     cleanup.callback(data.close)
-    chunks = build_model_chunks(job)
+    chunks = build_model_chunks(job, runtime=runtime)
     routers = telemetry.routers_of(chunks)
-    finalize = telemetry.FinalizeWithTelemetry(chunks)
+    finalize = telemetry.FinalizeWithTelemetry(chunks, pgs)
     for c in chunks:
         c.config.finalize_model_grads_func = finalize
     optimizer = build_optimizer(job.optim, chunks, job.model.params_dtype,
-                                job.parallel.use_distributed_optimizer)
+                                job.parallel.use_distributed_optimizer, pgs)
     scheduler = build_scheduler(job.optim, optimizer, job.train.steps)
     state, bias0 = TrainState(), telemetry.expert_bias_snapshot(routers)
 
@@ -212,7 +211,7 @@ def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _
         metrics.message(line)
     resume_from = start.resume_from
     if resume_from is not None:
-        extra = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+        extra = load_checkpoint(resume_from, chunks, optimizer, scheduler, layout=layout)
         state = TrainState.from_dict(extra["train_state"])
         if job.checkpoint.load_data_state:
             data.loader.load_state_dict(extra["loader"])
@@ -221,10 +220,10 @@ def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _
         bias0 = [torch.tensor(b) for b in extra["expert_bias_at_start"]]
     elif job.checkpoint.init_from:  # a new run (stage) from another run's weights
         metrics.message(init_from_checkpoint(job.checkpoint.init_from, chunks, optimizer,
-                                             scheduler, job.optim.optimizer).message)
+                                             scheduler, job.optim.optimizer, layout).message)
         bias0 = telemetry.expert_bias_snapshot(routers)
-    for line in startup_banner(job, world_size=dist.get_world_size(), dp_size=dp,
-                               kernels=kernel_choice(job.model, job.parallel).describe(),
+    for line in startup_banner(job, world_size=runtime.world_size, dp_size=runtime.dp_size,
+                               kernels=runtime.kernels.describe(),
                                tokenizer=data.tokenizer.describe(),
                                data_lines=data.loader.describe(), checkpoint_root=ckpt_root,
                                resume_from=resume_from, resume_step=state.step, threads=threads):
@@ -234,11 +233,11 @@ def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _
         for line in lr_report(resume_from, job.optim, job.train.steps, state.step,
                               scheduler.num_steps):
             metrics.message(line)
-    hook = qk_clip_hook(chunks, optimizer, job.model.llm.qk_clip_threshold)
+    hook = qk_clip_hook(chunks, optimizer, job.model.llm.qk_clip_threshold, pgs)
     step = TrainStep(chunks, optimizer, scheduler, job.data.seq_length, routers, stop,
-                     hook if hook.active else None)
-    run = _Run(job=job, data=data, chunks=chunks, step=step, routers=routers, finalize=finalize,
-               metrics=metrics, checkpointer=None, state=state, bias0=bias0,
+                     hook if hook.active else None, pg_collection=pgs)
+    run = _Run(job=job, runtime=runtime, data=data, chunks=chunks, step=step, routers=routers,
+               finalize=finalize, metrics=metrics, checkpointer=None, state=state, bias0=bias0,
                llm_flops_per_token=llm_flops_per_token(
                    job.model.llm, job.data.seq_length,
                    padded_vocab_size=padded_vocab_size(job.model.llm.vocab_size,
@@ -246,7 +245,8 @@ def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _
     # A resumed run's checkpoint counts as saved: a run resumed at its last step saves nothing.
     run.checkpointer = Checkpointer(
         ckpt_root, save_interval=job.checkpoint.save_interval, keep_last=job.checkpoint.keep_last,
-        async_save=job.checkpoint.async_save, state=(chunks, optimizer, scheduler),
+        async_save=job.checkpoint.async_save, layout=layout,
+        state=(chunks, optimizer, scheduler),
         extra_fn=run.extra_state, config_yaml=job.to_yaml(), metrics=metrics,
         saved_step=state.step if resume_from is not None else None)
     cleanup.callback(run.checkpointer.close)

@@ -58,8 +58,8 @@ def main() -> None:
     out, init, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
     job = apply_overrides(get_recipe("tiny_text_cpu"),
                           [f"train.output_dir={out.parent}", *overrides])
-    dp = init_distributed(job.parallel, job.train.seed)
-    data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+    runtime = init_distributed(job.parallel, job.train.seed)
+    data = build_data(job, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
                       run_dir=out.parent)
     chunks = build_model_chunks(job)
     num_local = job.model.llm.num_experts // job.parallel.ep

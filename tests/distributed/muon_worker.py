@@ -90,8 +90,8 @@ def start(out: Path, case: str) -> Run:
         parallel_state.destroy_model_parallel()
     job = apply_overrides(get_recipe("tiny_text_cpu"),
                           [f"train.output_dir={out}", *COMMON, *overrides])
-    dp = init_distributed(job.parallel, job.train.seed)
-    data = build_data(job, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp,
+    runtime = init_distributed(job.parallel, job.train.seed)
+    data = build_data(job, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
                       run_dir=out)
     chunks = build_model_chunks(job)  # DDP all-reduces (parallel.use_distributed_optimizer=false)
     finalize = telemetry.FinalizeWithTelemetry(chunks)

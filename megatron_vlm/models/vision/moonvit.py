@@ -43,6 +43,7 @@ from megatron_vlm.models.specs import KernelChoice, resolve_kernels, vit_modules
 from megatron_vlm.models.vision.merger import tpool_patch_merger
 from megatron_vlm.models.vision.pos_embed import VisionPositionEmbedding
 from megatron_vlm.models.vision.rope2d import Rope2DSelfAttention, rope_2d_angles
+from megatron_vlm.parallel.runtime import groups_or_default
 from megatron_vlm.parallel.vision_split import (
     assign_items,
     gather_items,
@@ -129,11 +130,21 @@ def build_vision_transformer_config(
     )
 
 
-def moonvit_layer_spec(choice: KernelChoice | None = None) -> ModuleSpec:
+def vit_kernel_choice(vision: VisionConfig, params_dtype: str = "fp32",
+                      kernels: KernelConfig | None = None) -> KernelChoice:
+    """The layer implementations of a tower built alone from ``kernels`` (``model.kernels``;
+    None = all ``auto``) on this machine: what :func:`build_moonvit` and :class:`MoonViT` use
+    when no ``choice`` is given (a VLM passes its one ``models.vlm.kernel_choice``)."""
+    return resolve_kernels(kernels, params_dtype=params_dtype,
+                           attention_dropout=vision.attention_dropout,
+                           head_dims=(vision.head_dim,))
+
+
+def moonvit_layer_spec(choice: KernelChoice) -> ModuleSpec:
     """One MoonViT layer: megatron's TransformerLayer with 2D-RoPE self-attention and packed
     bidirectional core attention; module classes (local or Transformer Engine, attention kernel)
-    from ``models/specs.py`` (default: ``auto`` on this machine)."""
-    m = vit_modules(choice or resolve_kernels(None, params_dtype="fp32"))
+    from ``models/specs.py`` for ``choice`` (:func:`vit_kernel_choice`)."""
+    m = vit_modules(choice)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -217,9 +228,7 @@ class MoonViT(MegatronModule):
         """Test-only: when set to a list, :meth:`encode` appends ``(t, h, w, pixel sum)`` of
         every item it encodes."""
         if choice is None:
-            choice = resolve_kernels(None, params_dtype="bf16" if config.bf16 else "fp32",
-                                     attention_dropout=vision.attention_dropout,
-                                     head_dims=(vision.head_dim,))
+            choice = vit_kernel_choice(vision, "bf16" if config.bf16 else "fp32")
         self.vision = vision
         self.patch_embed = torch.nn.Conv2d(
             vision.in_channels, vision.hidden_size, kernel_size=vision.patch_size,
@@ -238,7 +247,7 @@ class MoonViT(MegatronModule):
             post_layer_norm=True,
             pre_process=True,
             post_process=True,
-            pg_collection=pg_collection,
+            pg_collection=groups_or_default(pg_collection, required=True),
         )
         self.tp_group = self.encoder.tp_group
 
@@ -335,13 +344,13 @@ def build_moonvit(
     kernels: KernelConfig | None = None,
     choice: KernelChoice | None = None,
 ) -> MoonViT:
-    """Build the vision tower (process groups must be initialised); layer implementations from
+    """Build the vision tower on ``pg_collection`` (training: the runtime's; None:
+    :func:`~megatron_vlm.parallel.runtime.groups_or_default`'s); layer implementations from
     ``choice``, else resolved from ``kernels`` (``model.kernels``, default auto)."""
     if choice is None:
-        choice = resolve_kernels(kernels, params_dtype=params_dtype,
-                                 attention_dropout=vision.attention_dropout,
-                                 head_dims=(vision.head_dim,))
-    given_pgs = pg_collection
+        choice = vit_kernel_choice(vision, params_dtype, kernels)
+    groups = groups_or_default(pg_collection, required=True)
+    tower_groups = groups
     split_group = replica_group = None
     if vision.parallel_mode == "split" and parallel.tp > 1:
         if not parallel.sequence_parallel:
@@ -350,30 +359,19 @@ def build_moonvit(
                 "sums the replicated tower's per-rank gradients over TP only then "
                 "(finalize_model_grads); or set model.vision.parallel_mode=tp")
         # Replicated over TP: an unsharded tower on TP/CP groups of this rank alone.
-        if pg_collection is not None:
-            split_group = pg_collection.tp
-        else:
-            from megatron.core import parallel_state
-
-            split_group = parallel_state.get_tensor_model_parallel_group()
-        replica_group = split_group
+        split_group = replica_group = groups.tp
         parallel_tower = ParallelConfig(tp=1, sequence_parallel=False)
-        pg_collection = replica_process_groups()
+        tower_groups = replica_process_groups(groups)
     else:
         parallel_tower = parallel
     reduce_group = None
     if parallel.cp > 1:
         # Context parallelism: items split over TP x CP (split mode) or CP (tp mode), never
         # encoded on two CP ranks; the gather's backward sums over CP (vision_split.py).
-        from megatron.core import parallel_state
-
-        reduce_group = (given_pgs.cp if given_pgs is not None
-                        else parallel_state.get_context_parallel_group())
-        tp_cp = (getattr(given_pgs, "tp_cp", None) if given_pgs is not None else None
-                 ) or parallel_state.get_tensor_and_context_parallel_group()
-        split_group = tp_cp if vision.parallel_mode == "split" else reduce_group
+        reduce_group = groups.cp
+        split_group = groups.tp_cp if vision.parallel_mode == "split" else reduce_group
     config = build_vision_transformer_config(vision, parallel_tower, params_dtype, choice)
-    model = MoonViT(config, vision, pg_collection=pg_collection, choice=choice,
+    model = MoonViT(config, vision, pg_collection=tower_groups, choice=choice,
                     split_group=split_group, split_reduce_group=reduce_group,
                     replica_group=replica_group)
     if replica_group is not None:
