@@ -21,16 +21,11 @@ TINY_VLM = "tiny_vlm_cpu"
 
 @pytest.fixture(scope="module")
 def world_of_one():
-    """World size 1 (gloo) with megatron's model-parallel state at tp=pp=ep=1."""
-    from megatron.core import parallel_state
+    """World size 1 (gloo) with megatron's model-parallel state at tp=pp=ep=1, whatever an
+    earlier test left behind (groups of another layout are made again)."""
+    from megatron_vlm.parallel.init import ensure_single_process_groups
 
-    from megatron_vlm.parallel.init import init_distributed
-
-    init_distributed(ParallelConfig(), seed=1234)
-    if (parallel_state.get_tensor_model_parallel_world_size() != 1
-            or parallel_state.get_pipeline_model_parallel_world_size() != 1
-            or parallel_state.get_expert_model_parallel_world_size() != 1):
-        pytest.skip("another test initialised megatron with model parallelism; needs tp=pp=ep=1")
+    ensure_single_process_groups(seed=1234)
 
 
 def _storages(tensors) -> dict[int, int]:

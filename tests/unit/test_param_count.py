@@ -21,19 +21,12 @@ from megatron_vlm.recipes.tiny import tiny_llm
 
 @pytest.fixture(scope="module")
 def process_groups():
-    """A world-size-1 gloo group and megatron's model-parallel state (reused if already set)."""
-    from megatron.core import parallel_state
+    """A world-size-1 gloo group and megatron's model-parallel state at tp=pp=ep=1, whatever an
+    earlier test left behind (groups of another layout are made again). Left initialised:
+    megatron's state is process-global and other modules reuse it."""
+    from megatron_vlm.parallel.init import ensure_single_process_groups
 
-    from megatron_vlm.parallel.init import init_distributed
-
-    init_distributed(ParallelConfig(), seed=1234)
-    if (
-        parallel_state.get_tensor_model_parallel_world_size() != 1
-        or parallel_state.get_pipeline_model_parallel_world_size() != 1
-        or parallel_state.get_expert_model_parallel_world_size() != 1
-    ):
-        pytest.skip("another test initialised megatron with model parallelism; needs tp=pp=ep=1")
-    # Left initialised: megatron's state is process-global and other modules reuse it.
+    ensure_single_process_groups(seed=1234)
 
 
 def _activated_from_module(model: torch.nn.Module, topk: int) -> int:
