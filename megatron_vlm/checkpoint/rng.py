@@ -39,9 +39,9 @@ def capture_rng_state() -> dict[str, Any]:
             "cached_gaussian": float(np_gauss),
         },
         "torch_cpu": torch.get_rng_state(),
-        "cuda": [s.cpu() for s in torch.cuda.get_rng_state_all()]
-        if torch.cuda.is_available()
-        else [],
+        # This rank's own device only: a checkpoint written by torchrun (every GPU visible) must
+        # resume under SLURM's one-GPU-per-task and back.
+        "cuda": [torch.cuda.get_rng_state().cpu()] if torch.cuda.is_available() else [],
         "tracker": {
             name: s.detach().cpu().clone() for name, s in _tracker().get_states().items()
         },
@@ -52,8 +52,6 @@ def capture_rng_state() -> dict[str, Any]:
 def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`.
 
-    Raises:
-        RuntimeError: the checkpoint has CUDA RNG states for a different number of devices.
     """
     py = state["python"]
     internal = tuple(int(x) for x in py["internal"].tolist())
@@ -70,10 +68,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch_cpu"])
     if torch.cuda.is_available() and state["cuda"]:
-        if len(state["cuda"]) != torch.cuda.device_count():
-            raise RuntimeError(
-                f"checkpoint has CUDA RNG states for {len(state['cuda'])} devices, "
-                f"this process sees {torch.cuda.device_count()}"
-            )
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Older checkpoints hold every visible device's state; this rank's device is the one
+        # it generated on (device ``current_device()`` then as now).
+        saved = state["cuda"]
+        own = saved[0] if len(saved) == 1 else saved[torch.cuda.current_device() % len(saved)]
+        torch.cuda.set_rng_state(own)
     _tracker().set_states(dict(state["tracker"]))

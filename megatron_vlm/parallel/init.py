@@ -54,11 +54,17 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_s: int = 600, 
         backend = parallel.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device_id = None
+        if torch.cuda.is_available():
+            # One GPU per rank whatever the backend: LOCAL_RANK modulo the visible devices (a
+            # launcher that gives each task one GPU shows it as cuda:0).
+            local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+            torch.cuda.set_device(local)
+            if backend == "nccl":  # binds the communicator to it (eager NCCL init)
+                device_id = torch.device("cuda", local)
         timeout = datetime.timedelta(seconds=timeout_s)
         if "WORLD_SIZE" in os.environ:  # torchrun / srun: the launcher's rendezvous
-            dist.init_process_group(backend=backend, timeout=timeout)
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
         else:
             # One plain process: a private localhost store, and nothing written to os.environ --
             # exported MASTER_PORT/RANK/WORLD_SIZE would leak into every subprocess this process

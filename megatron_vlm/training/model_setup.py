@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config.job import JobConfig
@@ -16,6 +14,7 @@ from megatron_vlm.models.llm import build_llm
 from megatron_vlm.models.specs import detect_capabilities
 from megatron_vlm.models.vlm import KimiVLM
 from megatron_vlm.parallel.runtime import Runtime, groups_or_default
+from megatron_vlm.training.telemetry import FinalizeWithTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +83,13 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True,
                                 disable_bucketing=(i > 0), pg_collection=pgs)
         for i, m in enumerate(chunks)
     ]
+    # Set once, here: megatron's finalize_model_grads (DP all-reduce, expert-bias update,
+    # per-token loss scaling) preceded by the MoE load record the trainer logs; megatron's
+    # schedules pass their groups, a direct call gets ours.
+    finalize = FinalizeWithTelemetry(wrapped, pgs)
     for m in wrapped:
         cfg = m.config
-        # megatron's schedules pass their groups; a direct call gets ours.
-        cfg.finalize_model_grads_func = functools.partial(finalize_model_grads,
-                                                          pg_collection=pgs)
+        cfg.finalize_model_grads_func = finalize
         cfg.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
         cfg.grad_sync_func = None
         cfg.param_sync_func = None

@@ -33,7 +33,7 @@ from megatron_vlm.training.data_setup import DataSetup
 from megatron_vlm.training.flops import llm_flops_per_token, vit_flops
 from megatron_vlm.training.init_from import EXTRA_KEY, init_from_checkpoint, trainable_set
 from megatron_vlm.training.metrics import MetricsLogger, plot_loss_curves
-from megatron_vlm.training.model_setup import build_model_chunks
+from megatron_vlm.training.model_setup import build_model_chunks, ddp_choice
 from megatron_vlm.training.startup import prepare_run, set_cpu_threads
 from megatron_vlm.training.state import StopSignal, TrainState
 from megatron_vlm.training.step_runner import (  # noqa: F401  (re-exported for tools and tests)
@@ -192,9 +192,7 @@ def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _
     cleanup.callback(data.close)
     chunks = build_model_chunks(job, runtime=runtime)
     routers = telemetry.routers_of(chunks)
-    finalize = telemetry.FinalizeWithTelemetry(chunks, pgs)
-    for c in chunks:
-        c.config.finalize_model_grads_func = finalize
+    finalize = chunks[0].config.finalize_model_grads_func  # set by build_model_chunks
     optimizer = build_optimizer(job.optim, chunks, job.model.params_dtype,
                                 job.parallel.use_distributed_optimizer, pgs)
     scheduler = build_scheduler(job.optim, optimizer, job.train.steps)
@@ -217,13 +215,16 @@ def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _
             data.loader.load_state_dict(extra["loader"])
         else:
             metrics.message("data stream started afresh (checkpoint.load_data_state=false)")
-        bias0 = [torch.tensor(b) for b in extra["expert_bias_at_start"]]
+        # On the routers' device: the drift metric subtracts them from the live (CUDA) bias.
+        bias_device = routers[0].expert_bias.device if routers else torch.device("cpu")
+        bias0 = [torch.tensor(b, device=bias_device) for b in extra["expert_bias_at_start"]]
     elif job.checkpoint.init_from:  # a new run (stage) from another run's weights
         metrics.message(init_from_checkpoint(job.checkpoint.init_from, chunks, optimizer,
                                              scheduler, job.optim.optimizer, layout).message)
         bias0 = telemetry.expert_bias_snapshot(routers)
     for line in startup_banner(job, world_size=runtime.world_size, dp_size=runtime.dp_size,
-                               kernels=runtime.kernels.describe(),
+                               kernels=(f"{runtime.kernels.describe()}; data-parallel: "
+                                        f"{ddp_choice(job).describe()}"),
                                tokenizer=data.tokenizer.describe(),
                                data_lines=data.loader.describe(), checkpoint_root=ckpt_root,
                                resume_from=resume_from, resume_step=state.step, threads=threads):
