@@ -43,7 +43,11 @@ class SkipReason:
     EMPTY_TEXT = "empty_text"
     """A sample with no tokens."""
     TOO_LONG = "too_long"
-    """A sample longer than the packed sequence or the ViT patch budget."""
+    """A sample longer than the packed sequence or the ViT patch budget (a video only after
+    fitting it: lower resolution, then lower fps, did not bring it under the budgets)."""
+    BAD_TIMESTAMPS = "bad_timestamps"
+    """A video whose frame timestamps are all zero or not increasing and whose stream has no
+    frame rate to rebuild them from."""
 
 
 class BadSampleError(Exception):
@@ -52,13 +56,17 @@ class BadSampleError(Exception):
     Args:
         message: What is wrong, with the offending source when known.
         reason: Skip reason; defaults to the class's ``default_reason``.
+        media: The media item at fault (a path, or ``<file>:<key/row>`` for bytes held inside
+            a tar or parquet file) for reject logs; None when the record itself is at fault.
     """
 
     default_reason: str = "bad_sample"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str | None = None,
+                 media: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason or self.default_reason
+        self.media = media
 
 
 class MediaDecodeError(BadSampleError):
