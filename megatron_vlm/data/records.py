@@ -218,17 +218,11 @@ def normalize_record(obj: Any, media_root: Path, check_media: bool = True) -> Ca
 
 
 def read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record or exception) for every line of a ``.jsonl`` or ``.txt`` input."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if path.suffix == ".txt":
-                if line.strip():
-                    yield where, {"id": f"{path.stem}_{lineno}", "text": line.rstrip("\n")}
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, BadSampleError(f"malformed JSON: {exc}", reason=BAD_RECORD)
+    """(where, record or BadSampleError) for every record of an input (``sources.iter_input``)."""
+    from megatron_vlm.data.sources import iter_input
+
+    for where, load in iter_input(Path(path)):
+        try:
+            yield where, load()
+        except BadSampleError as exc:
+            yield where, exc
