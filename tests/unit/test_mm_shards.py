@@ -83,12 +83,21 @@ def test_prepare_writes_canonical_samples_and_counts_rejections(raw, tmp_path):
         "missing_file": 1, "image_decode": 1, "video_decode": 1, "placeholder_in_text": 1,
         "duplicate_id": 1, "bad_record": 2, "empty_text": 1,
     }
-    assert "missing_file" in summary.format() and summary.num_shards == 3 + 1
+    assert "missing_file" in summary.format()
+    # Block b of 2 records -> shard b; blocks 3, 5, 6 hold no valid record (no file), block 4
+    # holds the duplicate "cap" (written, excluded from energon's index at merge).
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == [
+        f"shard_{b:06d}.tar" for b in (0, 1, 2, 4)]
+    assert summary.num_shards == 4 + 1
+    assert "train/shard_000004.tar/train_000000009" in (out / ".nv-meta/split.yaml").read_text()
+    # modality per sample: cap/conv image, vid video, doc mixed, txt + 2 val text
+    assert dict(summary.sample_modalities) == {"text": 3, "image": 2, "video": 1, "mixed": 1}
+    assert summary.modality == "image"  # most samples with media are image-only
     samples = [m for shard in sorted((out / "train").glob("*.tar")) for _, m in iter_shard(shard)]
     recs = [json.loads(m["json"]) for m in samples]
-    assert [r["id"] for r in recs] == ["cap", "vid", "conv", "doc", "txt"]
+    assert [r["id"] for r in recs] == ["cap", "vid", "conv", "doc", "txt", "cap"]
     assert [r["kind"] for r in recs] == ["caption", "caption", "conversation", "interleaved",
-                                         "text"]
+                                         "text", "text"]
     assert samples[0]["m0.jpg"] == (raw / "media/a.jpg").read_bytes()
     assert set(samples[2]) == {"json", "m0.jpg", "m1.png"}
     conv = recs[2]["segments"]
@@ -100,7 +109,7 @@ def test_prepare_writes_canonical_samples_and_counts_rejections(raw, tmp_path):
     assert [s.get("media") for s in recs[3]["segments"]] == [None, 0, None, 1]
     # energon's index agrees with what we wrote, per split.
     info = json.loads((out / ".nv-meta/.info.json").read_text())["shard_counts"]
-    assert sum(v for k, v in info.items() if k.startswith("train/")) == 5
+    assert sum(v for k, v in info.items() if k.startswith("train/")) == 5 + 1  # + excluded
     assert sum(v for k, v in info.items() if k.startswith("val/")) == 2
     assert "CrudeWebdataset" in (out / ".nv-meta/dataset.yaml").read_text()
 

@@ -1,0 +1,470 @@
+"""Raw inputs -> one prepared dataset, in slices that any engine can run, then one merge.
+
+``prepare_slice(inputs, out_dir, shard=(i, N))`` prepares slice ``i`` of ``N``: the records of
+every split are numbered in input order (``iter_input``) and cut into blocks of
+``samples_per_shard``; block ``b`` belongs to slice ``b % N`` and becomes shard
+``<split>/shard_<b:06d>.tar`` holding its valid records under the keys
+``<split>_<record index:09d>``. A slice calls ``load()`` only for its own blocks' records and
+writes its shards, a partial manifest, its samples' ids and its reject log under
+``<out_dir>/.slices/``. ``merge_slices(out_dir)`` joins the partial manifests into
+``mm_dataset.json``, the reject logs into ``rejects.jsonl`` and builds the energon index, without
+rewriting a shard. Duplicate ids are decided at merge (the first in split/record order is kept;
+later ones stay in their shards and are excluded in energon's ``split.yaml``, logged
+``duplicate_id``). ``prepare_dataset`` is slice 0 of 1 plus the merge, so N slices merged equal
+one process byte for byte (shards, keys, splits).
+
+Within a slice, ``workers`` processes prepare blocks in parallel (default: the CPUs the process
+is given); results do not depend on it. Ray Data, Dask or a SLURM array (``tools/prepare_data.py
+--shard i/N`` then ``--merge``) only need to call ``prepare_slice`` once per ``i`` and
+``merge_slices`` once after all of them (see ``docs/data_at_scale.md``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from megatron_vlm.data.media_errors import BadSampleError
+from megatron_vlm.data.records import DUPLICATE_ID, FORMAT, normalize_record
+from megatron_vlm.data.shards import (
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SPLITS,
+    ShardVerificationError,
+    TarShard,
+    _mp_context,
+    default_workers,
+    infer_modality,
+    sample_modality,
+    verify_entries,
+    write_energon_index,
+)
+from megatron_vlm.data.sources import iter_input
+
+SLICES_DIR = ".slices"
+"""Partial manifests, id lists and reject logs of the slices, under the dataset directory."""
+
+_BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+@dataclass
+class PrepareSummary:
+    """What a prepared dataset holds and what was rejected."""
+
+    name: str
+    modality: str
+    written: dict[str, int]
+    """Samples per split (duplicates excluded)."""
+    rejected: Counter
+    """Reason -> records."""
+    examples: dict[str, str]
+    """Reason -> first rejected record's location and message."""
+    num_shards: int
+    num_bytes: int
+    seconds: float
+    sample_modalities: Counter | None = None
+    """Per-sample modality (``text``/``image``/``video``/``mixed``) -> samples."""
+
+    def format(self) -> str:
+        lines = [
+            f"{self.name} ({self.modality}): wrote "
+            + ", ".join(f"{n} {s}" for s, n in self.written.items())
+            + f" samples in {self.num_shards} shards ({self.num_bytes / 1e6:.1f} MB, "
+            f"{self.seconds:.1f} s); rejected {sum(self.rejected.values())}"
+        ]
+        total = sum((self.sample_modalities or {}).values())
+        if total:
+            lines.append("  samples by modality: " + ", ".join(
+                f"{m} {n} ({100 * n / total:.1f}%)" for m, n in self.sample_modalities.items()
+                if n))
+        for reason, n in sorted(self.rejected.items()):
+            lines.append(f"  rejected {n:6d} {reason}: e.g. {self.examples[reason][:200]}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- a slice
+
+
+def _reject(split: str, index: int, src: str, where: str, exc: BadSampleError) -> dict:
+    media = getattr(exc, "media", None)
+    message = _BYTESIO.sub(media or where, str(exc))  # never an object's repr in the log
+    return {"split": split, "index": index, "input": src, "where": where, "reason": exc.reason,
+            "media": media, "message": message}
+
+
+def _prepare_block(split: str, block: int, out: str, check_media: bool,
+                   items: list[tuple], rejects: list[dict]) -> dict[str, Any]:
+    """Normalise (and check) one block's loaded records and write its shard (worker side)."""
+    shard, samples = None, []
+    for index, src, where, root, record in items:
+        try:
+            sample = normalize_record(record, Path(root), check_media)
+        except BadSampleError as exc:
+            rejects.append(_reject(split, index, src, where, exc))
+            continue
+        if shard is None:
+            shard = TarShard(Path(out) / split / f"shard_{block:06d}.tar")
+        shard.add(sample.to_members(f"{split}_{index:09d}"))
+        samples.append([split, index, sample.id, sample.kind,
+                        sample_modality(m.type for m in sample.media),
+                        [m.type for m in sample.media], src, where])
+    entry = None
+    if shard is not None:
+        entry = shard.close()
+        entry["path"] = str(entry["path"].relative_to(out))
+    rejects.sort(key=lambda r: r["index"])
+    return {"split": split, "block": block, "shard": entry, "samples": samples,
+            "rejects": rejects}
+
+
+def _my_blocks(inputs: dict[str, list[Path]], media_root: Path | None, samples_per_shard: int,
+               shard: tuple[int, int], progress: bool, name: str) -> Iterator[tuple]:
+    """(split, block, [(index, input, where, media root, load)]) of this slice's blocks."""
+    i, n = shard
+    for split in SPLITS:
+        index, pending_block, pending = 0, None, []
+        for src in inputs.get(split, []):
+            root = media_root if media_root is not None else src.parent
+            records = iter_input(src, root)
+            if progress:
+                from tqdm import tqdm
+
+                records = tqdm(records, desc=f"{name}/{split} {i}/{n}", unit="rec",
+                               file=sys.stderr, mininterval=0.5)
+            for where, load in records:
+                block = index // samples_per_shard
+                if block % n == i:
+                    if pending_block is not None and block != pending_block:
+                        yield split, pending_block, pending
+                        pending = []
+                    pending_block = block
+                    pending.append((index, str(src), where, str(root), load))
+                index += 1
+        if pending:
+            yield split, pending_block, pending
+
+
+class _BlockPool:
+    """Runs ``_prepare_block`` inline (1 worker) or in a process pool with bounded backlog."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        self.futures: list[Future] = []
+        self.results: list[dict] = []
+
+    def submit(self, *args: Any) -> None:
+        if self.workers <= 1:
+            self.results.append(_prepare_block(*args))
+            return
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=_mp_context())
+        self.futures.append(self.pool.submit(_prepare_block, *args))
+        while len(self.futures) > 2 * self.workers:  # loaded records wait in memory: bound them
+            self.results.append(self.futures.pop(0).result())
+
+    def finish(self) -> list[dict]:
+        try:
+            self.results += [f.result() for f in self.futures]
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(cancel_futures=True)
+        return self.results
+
+
+def _settings(inputs: dict[str, list[Path]], *, name: str, modality: str | None,
+              media_root: Path | None, samples_per_shard: int, check_media: bool,
+              num_slices: int) -> dict[str, Any]:
+    return {"name": name, "modality": modality,
+            "inputs": {s: [str(p) for p in inputs.get(s, [])] for s in SPLITS},
+            "media_root": None if media_root is None else str(media_root),
+            "samples_per_shard": samples_per_shard, "check_media": check_media,
+            "num_slices": num_slices}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _clear_merged(out: Path) -> None:
+    for name in (MANIFEST_NAME, REJECTS_NAME):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / ".nv-meta", ignore_errors=True)
+
+
+def prepare_slice(
+    inputs: dict[str, list[str | os.PathLike]],
+    out_dir: str | os.PathLike,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    name: str,
+    modality: str | None = None,
+    media_root: str | os.PathLike | None = None,
+    samples_per_shard: int = 1000,
+    check_media: bool = True,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    after_write: Callable[[Path], None] | None = None,
+) -> dict[str, Any]:
+    """Prepare slice ``shard = (i, N)`` of a dataset into ``out_dir`` (see the module docstring).
+
+    Every slice of one dataset must get the same arguments except ``shard``, ``workers`` and
+    ``progress``. A slice already done with the same arguments returns at once (a re-run array
+    task redoes nothing), unless ``overwrite``.
+
+    Args:
+        inputs: ``split -> input paths`` (anything ``sources.iter_input`` reads); splits are
+            ``train`` and ``val``.
+        out_dir: The dataset directory (shared by all slices).
+        shard: ``(i, N)``: this is slice ``i`` of ``N`` (0-based).
+        name: Dataset name (mixes and metrics refer to it).
+        modality: Dataset label for the manifest; inferred from per-sample counts when None.
+        media_root: Base of relative media paths (default: each input file's directory).
+        samples_per_shard: Input records per block (= at most samples per shard).
+        check_media: Decode every image and video and reject the ones that fail.
+        workers: Processes preparing blocks (default: ``len(os.sched_getaffinity(0))``).
+        overwrite: Redo this slice even if done, and drop a merged manifest and index.
+        progress: tqdm progress bar on stderr.
+        after_write: Called with each finished shard's path before verification (fault
+            injection in tests; a hook for uploads).
+
+    Returns:
+        The slice's partial manifest.
+
+    Raises:
+        ShardVerificationError: A written shard does not read back as written.
+        ValueError: Bad arguments, or a slice done before with other arguments.
+    """
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard={i}/{n}: need 0 <= i < N (e.g. --shard 0/4 .. 3/4)")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if unknown := set(inputs) - set(SPLITS):
+        raise ValueError(f"unknown splits {sorted(unknown)}; use {SPLITS}")
+    out = Path(out_dir)
+    paths = {s: [Path(p) for p in inputs.get(s, [])] for s in SPLITS}
+    root = None if media_root is None else Path(media_root)
+    settings = _settings(paths, name=name, modality=modality, media_root=root,
+                         samples_per_shard=samples_per_shard, check_media=check_media,
+                         num_slices=n)
+    slices = out / SLICES_DIR
+    tag = f"{i:05d}_of_{n:05d}"
+    part_path = slices / f"slice_{tag}.json"
+    if part_path.is_file() and not overwrite:
+        part = json.loads(part_path.read_text())
+        if part["settings"] != settings:
+            raise ValueError(f"{out}: slice {i}/{n} was prepared with other arguments; use a new "
+                             "--out or pass overwrite=True (--overwrite)")
+        return part
+    if (out / MANIFEST_NAME).is_file() and not overwrite:
+        raise ValueError(f"{out} is a merged dataset; pass overwrite=True (--overwrite) to redo "
+                         "its slices")
+    if overwrite:
+        part_path.unlink(missing_ok=True)
+        _clear_merged(out)
+    slices.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    workers = default_workers() if workers is None else max(1, workers)
+    pool = _BlockPool(workers)
+    for split, block, records in _my_blocks(paths, root, samples_per_shard, shard, progress,
+                                            name):
+        items, rejects = [], []
+        for index, src, where, rec_root, load in records:  # load here: reading is I/O, serial
+            try:
+                items.append((index, src, where, rec_root, load()))
+            except BadSampleError as exc:
+                rejects.append(_reject(split, index, src, where, exc))
+        pool.submit(split, block, str(out), check_media, items, rejects)
+    order = {s: k for k, s in enumerate(SPLITS)}
+    results = sorted(pool.finish(), key=lambda r: (order[r["split"]], r["block"]))
+    entries = [r["shard"] for r in results if r["shard"] is not None]
+    for entry in entries:
+        if after_write is not None:
+            after_write(out / entry["path"])
+    if problems := verify_entries(out, entries, deep=True, workers=workers):
+        raise ShardVerificationError(f"slice {i}/{n} of {out}: " + "; ".join(problems))
+    samples_file, rejects_file = f"samples_{tag}.jsonl", f"rejects_{tag}.jsonl"
+    _write_atomic(slices / samples_file, "".join(
+        json.dumps(s, ensure_ascii=False) + "\n" for r in results for s in r["samples"]))
+    _write_atomic(slices / rejects_file, "".join(
+        json.dumps(j, ensure_ascii=False) + "\n" for r in results for j in r["rejects"]))
+    part = {"format": FORMAT, "slice": [i, n], "settings": settings, "shards": entries,
+            "samples_file": samples_file, "rejects_file": rejects_file,
+            "seconds": time.perf_counter() - start}
+    _write_atomic(part_path, json.dumps(part, indent=1) + "\n")  # last: the slice is done
+    return part
+
+
+# ------------------------------------------------------------------------------------- merge
+
+
+def _read_parts(out: Path) -> list[dict[str, Any]]:
+    parts = [json.loads(p.read_text()) for p in sorted((out / SLICES_DIR).glob("slice_*.json"))]
+    if not parts:
+        raise ValueError(f"{out}: no prepared slices (run tools/prepare_data.py --shard i/N "
+                         f"--out {out} for every i first)")
+    n = parts[0]["settings"]["num_slices"]
+    if any(p["settings"] != parts[0]["settings"] for p in parts):
+        raise ValueError(f"{out}: slices were prepared with different arguments (inputs, "
+                         "--samples-per-shard, N...); redo them with one command line")
+    missing = sorted(set(range(n)) - {p["slice"][0] for p in parts})
+    if missing:
+        raise ValueError(f"{out}: slices {missing} of {n} are not done; run "
+                         f"tools/prepare_data.py ... --shard i/{n} for them, then --merge again")
+    return sorted(parts, key=lambda p: p["slice"][0])
+
+
+def _jsonl(path: Path) -> Iterator[Any]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def merge_slices(out_dir: str | os.PathLike, *, verbose: bool = True, workers: int | None = None,
+                 deep: bool = False) -> PrepareSummary:
+    """Join the slices under ``out_dir`` into one dataset (no shard is rewritten).
+
+    Writes ``mm_dataset.json`` (counts per split, kind, media item, per-sample modality and
+    reject reason), ``rejects.jsonl`` (every rejected record in split/record order, duplicate
+    ids included) and energon's ``.nv-meta`` index (duplicates excluded in ``split.yaml``).
+
+    Args:
+        out_dir: The dataset directory the slices wrote into.
+        verbose: Print the summary (and energon's index messages).
+        workers: Processes for verification and energon's indexing (default: the CPUs given).
+        deep: Re-read every shard (each slice already did after writing); else sizes only.
+
+    Raises:
+        ValueError: A slice missing or prepared with other arguments; no valid train record.
+        ShardVerificationError: A shard differs from what its slice wrote.
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    parts = _read_parts(out)
+    settings = parts[0]["settings"]
+    workers = default_workers() if workers is None else max(1, workers)
+    order = {s: k for k, s in enumerate(SPLITS)}
+    shards = sorted((e for p in parts for e in p["shards"]),
+                    key=lambda e: (order[e["path"].split("/")[0]], e["path"]))
+    if problems := verify_entries(out, shards, deep=deep, workers=workers):
+        raise ShardVerificationError(f"{len(problems)} bad shard(s) in {out}: "
+                                     + "; ".join(problems) + ". Re-run those slices.")
+
+    def key(row: Any) -> tuple[int, int]:
+        return (order[row[0]], row[1]) if isinstance(row, list) else (order[row["split"]],
+                                                                     row["index"])
+
+    seen: dict[str, str] = {}
+    kinds, modalities, media, rejected = Counter(), Counter(), Counter(), Counter()
+    written = dict.fromkeys(SPLITS, 0)
+    exclude: list[str] = []
+    examples: dict[str, str] = {}
+    streams = [_jsonl(out / SLICES_DIR / p[f]) for p in parts for f in ("samples_file",
+                                                                         "rejects_file")]
+    sps = settings["samples_per_shard"]
+    with open(out / (REJECTS_NAME + ".tmp"), "w", encoding="utf-8") as log:
+        for row in heapq.merge(*streams, key=key):
+            if isinstance(row, list):  # a written sample
+                split, index, sid, kind, modality, types, src, where = row
+                sample_key = f"{split}_{index:09d}"
+                if sid in seen:
+                    exclude.append(f"{split}/shard_{index // sps:06d}.tar/{sample_key}")
+                    row = _reject(split, index, src, where, BadSampleError(
+                        f"duplicate id {sid!r} (first: {seen[sid]})", reason=DUPLICATE_ID))
+                else:
+                    seen[sid] = where
+                    written[split] += 1
+                    kinds[kind] += 1
+                    modalities[modality] += 1
+                    media.update(types)
+                    continue
+            rejected[row["reason"]] += 1
+            examples.setdefault(row["reason"], f"{row['where']}: {row['message']}")
+            log.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(out / (REJECTS_NAME + ".tmp"), out / REJECTS_NAME)
+    name = settings["name"]
+    if not written["train"]:
+        raise ValueError(f"no valid train records for dataset {name!r} "
+                         f"(rejected: {dict(rejected)}; e.g. {list(examples.values())[:3]}; "
+                         f"every rejected record is in {out / REJECTS_NAME})")
+    modality = settings["modality"] or infer_modality(kinds, modalities)
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "modality": modality,
+        "kinds": dict(kinds),
+        "media": dict(media),
+        "sample_modalities": {m: modalities[m] for m in ("text", "image", "video", "mixed")},
+        "rejected": dict(rejected),
+        "excluded": len(exclude),
+        "splits": {split: {"samples": written[split],
+                           "shards": [s for s in shards if s["path"].startswith(split + "/")]}
+                   for split in SPLITS},
+    }
+    _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+    write_energon_index(out, [s for s in shards if s["samples"]], verbose, exclude, workers)
+    summary = PrepareSummary(
+        name, modality, written, rejected, examples, len(shards),
+        sum(s["bytes"] for s in shards), time.perf_counter() - start,
+        Counter({m: modalities[m] for m in ("text", "image", "video", "mixed")}),
+    )
+    if verbose:
+        print(summary.format())
+    return summary
+
+
+def prepare_dataset(
+    inputs: dict[str, list[str | os.PathLike]],
+    out_dir: str | os.PathLike,
+    *,
+    name: str,
+    modality: str | None = None,
+    media_root: str | os.PathLike | None = None,
+    samples_per_shard: int = 1000,
+    check_media: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+    workers: int | None = None,
+    after_write: Callable[[Path], None] | None = None,
+) -> PrepareSummary:
+    """Write, verify and index one energon dataset in one process: slice 0 of 1, then the merge.
+
+    Arguments as ``prepare_slice``; ``out_dir`` must not exist unless ``overwrite`` (it is then
+    removed first). ``verbose`` prints the summary and energon's index messages.
+
+    Returns:
+        The summary (also in ``mm_dataset.json``; every rejected record in ``rejects.jsonl``).
+    """
+    start = time.perf_counter()
+    out = Path(out_dir)
+    if unknown := set(inputs) - set(SPLITS):
+        raise ValueError(f"unknown splits {sorted(unknown)}; use {SPLITS}")
+    if out.exists():
+        if not overwrite:
+            raise ValueError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    prepare_slice(inputs, out, shard=(0, 1), name=name, modality=modality,
+                  media_root=media_root, samples_per_shard=samples_per_shard,
+                  check_media=check_media, workers=workers, progress=progress,
+                  after_write=after_write)
+    summary = merge_slices(out, verbose=False, workers=workers)
+    summary.seconds = time.perf_counter() - start
+    if verbose:
+        print(summary.format())
+    return summary
