@@ -1,7 +1,16 @@
 """Raw input records -> canonical samples (the record shapes ``prepare_data`` accepts).
 
-Input records (one JSON object per line of a ``.jsonl`` file; a ``.txt`` file is one plain-text
-document per line). Media paths are relative to ``media_root`` (or absolute):
+Input records come from ``sources.iter_input`` (the project's ``.jsonl``, and the ecosystem's
+formats read in place). A media value is one of:
+
+- a path string, relative to ``media_root`` or absolute;
+- ``{"bytes": b"...", "path": "name.jpg"}``: bytes held inside the input (a tar member, a parquet
+  cell); ``path`` gives the type by its extension (sniffed from the bytes when it has none) and is
+  the name reject logs show (``<file>:<key>``);
+- ``{"path": "clip.mp4", "clip": [start_s, end_s]}``: a span of a video, cut at decode time (the
+  file is stored whole, never re-encoded; the canonical meta carries ``"clip"``).
+
+Record shapes:
 
 - plain text:    ``{"id": ..., "text": "..."}``
 - captioned:     ``{"id": ..., "image" | "images" | "video" | "videos": path(s), "caption": "..."}``
@@ -19,6 +28,7 @@ order (``shards.py`` writes it as tar members).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -27,7 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from megatron_vlm.data.image import decode_image
-from megatron_vlm.data.media_errors import BadSampleError, MediaMissingError, SkipReason
+from megatron_vlm.data.media_errors import (
+    BadSampleError,
+    MediaDecodeError,
+    MediaMissingError,
+    SkipReason,
+)
 from megatron_vlm.data.templates import MEDIA_SPECIAL_TOKENS
 from megatron_vlm.data.video import decode_video
 
@@ -51,6 +66,8 @@ class MediaItem:
     """``image`` or ``video``."""
     data: bytes
     ext: str
+    clip: tuple[float, float] | None = None
+    """``(start_s, end_s)`` of a video span to decode (Panda-70M); None: the whole video."""
 
 
 @dataclass
@@ -71,7 +88,7 @@ class CanonicalSample:
             "id": self.id,
             "kind": self.kind,
             "segments": self.segments,
-            "media": [{"type": m.type, "ext": m.ext} for m in self.media],
+            "media": [_media_meta(m) for m in self.media],
         }
         members = {f"{key}.json": json.dumps(meta, ensure_ascii=False).encode()}
         for i, m in enumerate(self.media):
@@ -79,32 +96,100 @@ class CanonicalSample:
         return members
 
 
-def _media_type(path: str) -> tuple[str, str]:
-    ext = Path(path).suffix.lower().lstrip(".")
+def _media_meta(m: MediaItem) -> dict[str, Any]:
+    meta: dict[str, Any] = {"type": m.type, "ext": m.ext}
+    if m.clip is not None:
+        meta["clip"] = [float(m.clip[0]), float(m.clip[1])]
+    return meta
+
+
+_MAGIC = (  # (offset, bytes, ext) for media bytes whose name has no extension
+    (0, b"\xff\xd8\xff", "jpg"), (0, b"\x89PNG", "png"), (8, b"WEBP", "webp"),
+    (0, b"GIF8", "gif"), (0, b"BM", "bmp"), (4, b"ftyp", "mp4"), (0, b"\x1aE\xdf\xa3", "mkv"),
+)
+
+
+def _media_type(name: str, data: bytes | None = None) -> tuple[str, str]:
+    ext = Path(name).suffix.lower().lstrip(".")
+    if ext not in IMAGE_EXTS and ext not in VIDEO_EXTS and data is not None:
+        ext = next((e for off, magic, e in _MAGIC if data[off:off + len(magic)] == magic), ext)
     if ext in IMAGE_EXTS:
         return "image", IMAGE_EXTS[ext]
     if ext in VIDEO_EXTS:
         return "video", VIDEO_EXTS[ext]
-    raise BadSampleError(f"unknown media extension in {path!r}", reason=BAD_RECORD)
+    raise BadSampleError(f"unknown media type of {name!r} (extension {ext!r})",
+                         reason=BAD_RECORD, media=name)
 
 
-def _load_media(path: Any, expected: str | None, media_root: Path, check: bool) -> MediaItem:
-    if not isinstance(path, str) or not path:
-        raise BadSampleError(f"media path must be a non-empty string, got {path!r}",
-                             reason=BAD_RECORD)
-    kind, ext = _media_type(path)
-    if expected is not None and kind != expected:
-        raise BadSampleError(f"{path!r} is not a {expected}", reason=BAD_RECORD)
-    full = Path(path) if os.path.isabs(path) else media_root / path
-    if not full.is_file():
-        raise MediaMissingError(f"{kind} file not found: {full}")
-    data = full.read_bytes()
-    if check:  # decode now: a corrupt file is rejected here, not skipped at every epoch
+_ANON_SOURCE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>|<\d+ bytes>")
+
+
+def _check_decodes(kind: str, data: bytes, name: str) -> float | None:
+    """Decode now (a corrupt file is rejected here, not skipped at every epoch); a video's
+    duration in seconds (None if unknown). Errors name ``name``, never anonymous bytes."""
+    try:
         if kind == "image":
             decode_image(data)
-        else:
-            decode_video(data)
-    return MediaItem(kind, data, ext)
+            return None
+        video = decode_video(data)
+    except BadSampleError as exc:
+        message = _ANON_SOURCE.sub(name, str(exc))
+        if name not in message:
+            message = f"{name}: {message}"
+        raise type(exc)(message, reason=exc.reason, media=name) from None
+    return video.total_frames / video.fps if video.fps > 0 else None
+
+
+def _parse_clip(clip: Any, name: str) -> tuple[float, float]:
+    ok = isinstance(clip, (list, tuple)) and len(clip) == 2 and all(
+        isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+        for t in clip)
+    if not ok or not 0 <= clip[0] < clip[1]:
+        raise BadSampleError(f"clip of {name} must be [start_s, end_s] with 0 <= start < end, "
+                             f"got {clip!r}", reason=BAD_RECORD, media=name)
+    return float(clip[0]), float(clip[1])
+
+
+def _read_media(value: Any, media_root: Path) -> tuple[str, bytes | None, Path | None, Any]:
+    """(name for logs, bytes held in the record or None, file to read or None, clip or None)."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        name = value.get("path") or "<bytes>"
+        if not isinstance(value["bytes"], (bytes, bytearray)) or not isinstance(name, str):
+            raise BadSampleError(f"media {{'bytes', 'path'}} needs bytes and a string path, "
+                                 f"got {type(value['bytes']).__name__}, {name!r}",
+                                 reason=BAD_RECORD, media=str(name))
+        return name, bytes(value["bytes"]), None, value.get("clip")
+    clip = None
+    if isinstance(value, dict):
+        value, clip = value.get("path"), value.get("clip")
+    if not isinstance(value, str) or not value:
+        raise BadSampleError(f"media must be a path, {{'bytes', 'path'}} or {{'path', 'clip'}}, "
+                             f"got {value!r:.80}", reason=BAD_RECORD)
+    full = Path(value) if os.path.isabs(value) else media_root / value
+    return str(full), None, full, clip
+
+
+def _load_media(value: Any, expected: str | None, media_root: Path, check: bool) -> MediaItem:
+    name, data, full, clip = _read_media(value, media_root)
+    kind, ext = _media_type(name, data)
+    if expected is not None and kind != expected:
+        raise BadSampleError(f"{name} is not a {expected}", reason=BAD_RECORD, media=name)
+    if clip is not None:
+        if kind != "video":
+            raise BadSampleError(f"clip given for {name}, which is not a video",
+                                 reason=BAD_RECORD, media=name)
+        clip = _parse_clip(clip, name)
+    if full is not None:
+        if not full.is_file():
+            raise MediaMissingError(f"{kind} file not found: {full}", media=name)
+        data = full.read_bytes()
+    if check:
+        duration = _check_decodes(kind, data, name)
+        if clip is not None and duration is not None and clip[0] >= duration:
+            raise MediaDecodeError(f"clip {list(clip)} of {name} starts after the video ends "
+                                   f"({duration:.3f} s)", reason=SkipReason.VIDEO_EMPTY,
+                                   media=name)
+    return MediaItem(kind, data, ext, clip)
 
 
 def _check_text(text: Any) -> str:
@@ -193,6 +278,8 @@ def normalize_record(obj: Any, media_root: Path, check_media: bool = True) -> Ca
                                  "loss": bool(seg.get("loss", True))})
             elif seg_type in ("image", "video"):
                 path = seg.get(seg_type, seg.get("path"))
+                if isinstance(path, str) and "clip" in seg:
+                    path = {"path": path, "clip": seg["clip"]}
                 media.append(_load_media(path, seg_type, media_root, check_media))
                 segments.append({"media": len(media) - 1})
             else:
