@@ -136,6 +136,15 @@ class MultimodalDataConfig:
     """Video sampling rate in frames per second."""
     video_max_frames: int = 128
     """Frame budget per video (32 chunks of 4)."""
+    video_min_patches_per_frame: int = 256
+    """A sample over the token or patch budget that holds video is fitted, not skipped: first
+    its frames' patch budget is lowered (navit resize, never upscaling) from
+    ``video_chunk_max_patches`` down to this, then ``video_min_fps`` applies (data/video_fit.py).
+    A value >= ``video_chunk_max_patches`` turns the resolution step off."""
+    video_min_fps: float = 0.5
+    """Lowest sampling rate a too-long video sample is fitted down to (after its resolution);
+    still over a budget there, it is skipped as ``too_long``. A value >= ``video_fps`` turns the
+    rate step off."""
     video_backend: str = "auto"
     """``auto`` (decord, PyAV fallback), ``decord`` or ``pyav``."""
     video_sampler: str = "uniform"
@@ -194,6 +203,12 @@ class MultimodalDataConfig:
                              f"got {self.packing_buffer_size}")
         if not self.video_fps > 0:
             raise ValueError(f"data.multimodal.video_fps must be > 0, got {self.video_fps}")
+        if self.video_min_patches_per_frame < 1:
+            raise ValueError("data.multimodal.video_min_patches_per_frame must be >= 1 (e.g. "
+                             f"256), got {self.video_min_patches_per_frame}")
+        if not self.video_min_fps > 0:
+            raise ValueError(f"data.multimodal.video_min_fps must be > 0 (e.g. 0.5), got "
+                             f"{self.video_min_fps}")
         if self.num_workers < 0:
             raise ValueError(f"data.multimodal.num_workers must be >= 0, got {self.num_workers}")
         if self.verify_shards not in VERIFY_MODES:

@@ -66,12 +66,14 @@ from megatron_vlm.data.slowfast import (
 from megatron_vlm.data.templates import MediaTokenIds, Text, TokenizedSample, tokenize_interleaved
 from megatron_vlm.data.video import (
     TEMPORAL_PATCH_SIZE,
+    Clip,
     DecodedVideo,
     VideoChunk,
     decode_video,
     process_video,
-    sample_frame_indices,
+    stream_timing,
 )
+from megatron_vlm.data.video_fit import VideoHeader, fit_videos
 
 _NO_PIXELS = torch.empty(0, 3, PATCH_SIZE, PATCH_SIZE)
 
@@ -92,6 +94,10 @@ class EncodeSettings:
     video_chunk_max_patches: int = 4096
     video_fps: float = 2.0
     video_max_frames: int = 128
+    video_min_patches_per_frame: int = 256
+    """Lowest per-frame budget a too-long document's videos are fitted down to (video_fit.py)."""
+    video_min_fps: float = 0.5
+    """Lowest sampling rate a too-long document's videos are fitted down to."""
     video_backend: str = "auto"
     markers_loss: bool = True
     video_sampler: str = "uniform"
@@ -121,6 +127,8 @@ class EncodeSettings:
             video_chunk_max_patches=cfg.video_chunk_max_patches,
             video_fps=cfg.video_fps,
             video_max_frames=cfg.video_max_frames,
+            video_min_patches_per_frame=cfg.video_min_patches_per_frame,
+            video_min_fps=cfg.video_min_fps,
             video_backend=cfg.video_backend,
             markers_loss=cfg.markers_loss,
             video_sampler=cfg.video_sampler,
@@ -144,6 +152,18 @@ class PlannedMedia:
     data: bytes
     item_indices: list[int]
     """Its items (one image, or the video's chunks) in ``TokenizedSample.items``."""
+    clip: Clip | None = None
+    """Video span ``(start_s, end_s)`` of the source to sample (the media meta's ``clip``)."""
+    fps: float | None = None
+    """Sampling rate the video was planned with (None: ``EncodeSettings.video_fps``)."""
+    frame_max_patches: int | None = None
+    """Per-frame patch budget the video was planned with (None: ``video_chunk_max_patches``)."""
+    fit: str = "unchanged"
+    """How the document's videos were fitted to the budgets: ``unchanged``, ``resolution`` or
+    ``fps`` (video_fit.py)."""
+    timestamps_repaired: bool = False
+    """The video's timestamps were broken and rebuilt from its nominal frame rate (counted as
+    ``repaired_timestamps``)."""
 
 
 def _plan_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
@@ -167,30 +187,32 @@ def _plan_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
     return ProcessedImage(_NO_PIXELS, grid, (height, width), resized)
 
 
-def _probe_video(data: bytes, s: EncodeSettings) -> tuple[np.ndarray, int, int]:
-    """(timestamps of the sampled frames, height, width) from the container header (PyAV),
-    by the same rule ``decode_video`` samples with; a full decode when the header lacks counts."""
+def _probe_video(data: bytes, s: EncodeSettings, clip: Clip | None = None) -> VideoHeader:
+    """Frame count, timing rate and size of a video from its container header and a demux
+    (PyAV; timestamps checked as ``decode_video`` does); a full decode when the header lacks
+    counts."""
     import av
 
-    total, fps, height, width = 0, 0.0, 0, 0
     try:
         with av.open(io.BytesIO(data)) as container:
             if not container.streams.video:
                 raise MediaDecodeError("no video stream", reason=SkipReason.VIDEO_EMPTY)
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate
-            total, fps = int(stream.frames), float(rate) if rate else 0.0
-            height, width = stream.codec_context.height, stream.codec_context.width
+            timing = stream_timing(container, container.streams.video[0])
     except BadSampleError:
         raise
     except Exception as exc:  # av.error.* (ValueError/OSError subclasses) on garbage
         raise MediaDecodeError(f"pyav probe: {type(exc).__name__}: {exc}",
                                reason=SkipReason.VIDEO_DECODE) from exc
-    if total < 1 or fps <= 0 or height < 1 or width < 1:
-        decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend)
-        return decoded.timestamps, *decoded.frames.shape[1:3]
-    indices = sample_frame_indices(total, fps, s.video_fps, s.video_max_frames)
-    return indices / fps, height, width
+    if (timing.total_frames < 1 or timing.fps <= 0 or timing.height < 1
+            or timing.width < 1):
+        decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend, clip=clip)
+        return VideoHeader(total_frames=decoded.total_frames, fps=decoded.fps,
+                           height=decoded.frames.shape[1], width=decoded.frames.shape[2],
+                           timestamps_repaired=decoded.timestamps_repaired, clip=clip)
+    header = VideoHeader(total_frames=timing.total_frames, fps=timing.fps, height=timing.height,
+                         width=timing.width, timestamps_repaired=timing.repaired, clip=clip)
+    header.frame_indices(s.video_fps, s.video_max_frames)  # a span without frames raises here
+    return header
 
 
 def _slowfast_plan(decoded: DecodedVideo, s: EncodeSettings) -> SlowFastPlan:
@@ -199,21 +221,75 @@ def _slowfast_plan(decoded: DecodedVideo, s: EncodeSettings) -> SlowFastPlan:
                          s.slowfast_patch_tolerance)
 
 
-def _plan_video(data: bytes, s: EncodeSettings) -> list[VideoChunk]:
+def _plan_video(data: bytes, s: EncodeSettings,
+                clip: Clip | None = None) -> tuple[VideoHeader | list[VideoChunk], bool]:
+    """(uniform: the header, chunked later at the fitted settings by ``_video_chunks``;
+    SlowFast: the chunks, not fitted), whether the timestamps were repaired."""
     if s.slowfast:  # the slow/fast labels need pixels: decode now (pixels are not kept)
-        decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend)
+        decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend, clip=clip)
         plan = _slowfast_plan(decoded, s)
         stamps = [float(t) for t in decoded.timestamps]
-        return [VideoChunk(_NO_PIXELS, grid, stamps[a], tuple(stamps[a:b]), is_fast=fast)
-                for (a, b), grid, fast in zip(plan.chunks, plan.grids, plan.chunk_is_fast)]
-    timestamps, height, width = _probe_video(data, s)
-    _, padded = navit_resize(height, width, max_patches=s.video_chunk_max_patches)
+        chunks = [VideoChunk(_NO_PIXELS, grid, stamps[a], tuple(stamps[a:b]), is_fast=fast)
+                  for (a, b), grid, fast in zip(plan.chunks, plan.grids, plan.chunk_is_fast)]
+        return chunks, decoded.timestamps_repaired
+    header = _probe_video(data, s, clip)
+    return header, header.timestamps_repaired
+
+
+def _video_chunks(header: VideoHeader, s: EncodeSettings, frame_max_patches: int,
+                  fps: float) -> list[VideoChunk]:
+    """Chunks (grids and timestamps, no pixels) ``process_video`` makes at these settings."""
+    timestamps = header.frame_indices(fps, s.video_max_frames) / header.fps
+    _, padded = navit_resize(header.height, header.width, max_patches=frame_max_patches)
     h, w = padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE
     chunks = []
     for start in range(0, len(timestamps), TEMPORAL_PATCH_SIZE):
         stamps = tuple(float(t) for t in timestamps[start : start + TEMPORAL_PATCH_SIZE])
         chunks.append(VideoChunk(_NO_PIXELS, (len(stamps), h, w), stamps[0], stamps))
     return chunks
+
+
+def _media_clip(meta: dict) -> Clip | None:
+    """The ``clip`` of a canonical media entry (contract: ``[start_s, end_s]`` floats)."""
+    clip = meta.get("clip")
+    if clip is None:
+        return None
+    try:
+        start, end = (float(x) for x in clip)
+    except (TypeError, ValueError) as exc:
+        raise BadSampleError(f"media clip {clip!r:.60} is not [start_s, end_s]",
+                             reason=BAD_RECORD) from exc
+    if not 0.0 <= start < end:
+        raise BadSampleError(f"media clip {clip!r:.60} needs 0 <= start_s < end_s",
+                             reason=BAD_RECORD)
+    return (start, end)
+
+
+def _tokenize(parts: list, s: EncodeSettings, tokenizer: Any, media_ids: MediaTokenIds,
+              frame_max_patches: int, fps: float) -> tuple[TokenizedSample, list[int]]:
+    """The document of ``parts`` (Text, an image, a video header or SlowFast chunks) with the
+    videos at these settings, EOS appended; and the item count of each media."""
+    segments: list[Any] = []
+    counts: list[int] = []
+    for part in parts:
+        if isinstance(part, Text):
+            segments.append(part)
+            continue
+        if isinstance(part, VideoHeader):
+            items: list = _video_chunks(part, s, frame_max_patches, fps)
+        else:
+            items = part if isinstance(part, list) else [part]
+        is_slowfast = isinstance(part, list)
+        segments.extend(slowfast_segments(items) if is_slowfast else items)
+        counts.append(len(items))
+    doc = tokenize_interleaved(segments, tokenizer, media_ids, s.markers_loss)
+    doc = TokenizedSample(
+        tokens=np.append(doc.tokens, tokenizer.eos_id).astype(np.int64),
+        target_mask=np.append(doc.target_mask, True),
+        placeholder_spans=doc.placeholder_spans,
+        items=doc.items,
+    )
+    return doc, counts
 
 
 def plan_document(
@@ -225,24 +301,28 @@ def plan_document(
 ) -> tuple[TokenizedSample, list[PlannedMedia]]:
     """Tokenise one canonical sample (shards.py format) without decoding its media.
 
+    A document over a budget that holds (uniform-sampled) video is fitted first: lower
+    per-frame resolution, then lower sampling rate (video_fit.py); the settings chosen are kept
+    on its ``PlannedMedia`` for ``decode_document``.
+
     Returns:
         The document (EOS appended as a target; media items with grids but no pixels) and
         its media in order.
 
     Raises:
-        BadSampleError: Bad record, missing/undecodable media header, empty text, over a budget.
+        BadSampleError: Bad record, missing/undecodable media header, empty text, over a budget
+            even after fitting (``too_long``), broken video timestamps without a frame rate.
     """
     if record.get("format") != FORMAT:
         raise BadSampleError(f"sample format {record.get('format')!r} is not {FORMAT!r}",
                              reason=BAD_RECORD)
     media_meta = record.get("media", [])
-    segments: list[Any] = []
+    parts: list[Any] = []
     planned: list[PlannedMedia] = []
-    num_items = 0
     used: set[int] = set()
     for seg in record.get("segments", []):
         if "text" in seg:
-            segments.append(Text(str(seg["text"]), bool(seg.get("loss", True))))
+            parts.append(Text(str(seg["text"]), bool(seg.get("loss", True))))
             continue
         i = seg.get("media")
         if not isinstance(i, int) or not 0 <= i < len(media_meta) or i in used:
@@ -255,26 +335,48 @@ def plan_document(
         if not data:
             raise MediaMissingError(f"member m{i}.{meta['ext']} is missing or empty")
         if meta["type"] == "image":
-            items: list = [_plan_image(data, settings)]
-            segments.extend(items)
+            parts.append(_plan_image(data, settings))
+            planned.append(PlannedMedia("image", data, []))
         else:
-            items = _plan_video(data, settings)
-            segments.extend(slowfast_segments(items) if settings.slowfast else items)
-        planned.append(PlannedMedia(meta["type"], data,
-                                    list(range(num_items, num_items + len(items)))))
-        num_items += len(items)
-    doc = tokenize_interleaved(segments, tokenizer, media_ids, settings.markers_loss)
-    doc = TokenizedSample(
-        tokens=np.append(doc.tokens, tokenizer.eos_id).astype(np.int64),
-        target_mask=np.append(doc.target_mask, True),
-        placeholder_spans=doc.placeholder_spans,
-        items=doc.items,
-    )
-    tokens, patches = document_cost(doc, settings.pad_to_multiple)
-    if tokens > settings.seq_length or patches > settings.max_patches:
+            clip = _media_clip(meta)
+            video, repaired = _plan_video(data, settings, clip)
+            parts.append(video)
+            planned.append(PlannedMedia("video", data, [], clip=clip,
+                                        timestamps_repaired=repaired))
+    built: dict[tuple[int, float], tuple[TokenizedSample, list[int]]] = {}
+
+    def build(frame_max_patches: int, fps: float) -> tuple[TokenizedSample, list[int]]:
+        key = (frame_max_patches, fps)
+        if key not in built:
+            built[key] = _tokenize(parts, settings, tokenizer, media_ids, frame_max_patches, fps)
+        return built[key]
+
+    def fits(frame_max_patches: int, fps: float) -> bool:
+        tokens, patches = document_cost(build(frame_max_patches, fps)[0],
+                                        settings.pad_to_multiple)
+        return tokens <= settings.seq_length and patches <= settings.max_patches
+
+    s = settings
+    fit = fit_videos(fits, [p for p in parts if isinstance(p, VideoHeader)],
+                     frame_max_patches=s.video_chunk_max_patches, fps=s.video_fps,
+                     min_patches_per_frame=s.video_min_patches_per_frame,
+                     min_fps=s.video_min_fps, max_frames=s.video_max_frames)
+    if fit is None:
+        tokens, patches = document_cost(build(s.video_chunk_max_patches, s.video_fps)[0],
+                                        s.pad_to_multiple)
+        fitted = (f" (videos fitted down to {s.video_min_patches_per_frame} patches per frame "
+                  f"at {s.video_min_fps:g} fps do not fit either)"
+                  if any(isinstance(p, VideoHeader) for p in parts) else "")
         raise BadSampleError(
             f"{tokens} tokens / {patches} patches over the micro-batch budgets "
-            f"{settings.seq_length} / {settings.max_patches}", reason=SkipReason.TOO_LONG)
+            f"{s.seq_length} / {s.max_patches}{fitted}", reason=SkipReason.TOO_LONG)
+    doc, counts = build(fit.frame_max_patches, fit.fps)
+    first = 0
+    for m, n in zip(planned, counts):
+        m.item_indices = list(range(first, first + n))
+        first += n
+        if m.type == "video" and not s.slowfast:
+            m.fps, m.frame_max_patches, m.fit = fit.fps, fit.frame_max_patches, fit.kind
     return doc, planned
 
 
@@ -300,12 +402,15 @@ def decode_document(
                                            min_patches=settings.image_min_patches)]
         elif settings.slowfast:
             video = decode_video(m.data, settings.video_fps, settings.video_max_frames,
-                                 settings.video_backend)
+                                 settings.video_backend, clip=m.clip)
             decoded = process_slowfast(video.frames, video.timestamps,
                                        _slowfast_plan(video, settings))
-        else:
-            decoded = process_video(m.data, settings.video_fps, settings.video_max_frames,
-                                    settings.video_chunk_max_patches, settings.video_backend).chunks
+        else:  # at the settings the plan fitted the document to
+            fps = settings.video_fps if m.fps is None else m.fps
+            budget = (settings.video_chunk_max_patches if m.frame_max_patches is None
+                      else m.frame_max_patches)
+            decoded = process_video(m.data, fps, settings.video_max_frames, budget,
+                                    settings.video_backend, clip=m.clip).chunks
         got = [_item_key(d) for d in decoded]
         want = [_item_key(p) for p in planned]
         if got != want:

@@ -15,6 +15,19 @@ Follows transformers 5.23 ``Kimi_K25VideoProcessor`` + ``video_utils`` (torchvis
 - Per chunk: ``pixel_values [t*h*w, 3, 14, 14]`` in (frame, row, col) order, grid (t, h, w), and the
   timestamp of its first frame.
 
+Two more additions of ours:
+
+- Clip spans (Panda-70M: one source video, several captioned spans cut at decode time):
+  ``clip=(start_s, end_s)`` samples only the source frames ``i`` with ``start_s <= i / fps <
+  end_s`` (``clip_frame_range``), by the same uniform rule applied to the span's frames;
+  timestamps stay relative to the source's start.
+- Broken timing: a stream whose packet timestamps are all equal (e.g. all zero) or repeat has a
+  meaningless average frame rate (ffmpeg derives it from the duration: 20 frames with pts 0 read
+  as 200 fps, so the sampler kept ONE frame). ``read_timing`` checks the timestamps (a demux, no
+  decoding); such a stream is timed by its nominal rate (the codec's declared frame rate, else
+  the container's base rate) and decoded by PyAV in decode order (``timestamps_repaired``), or
+  rejected (``bad_timestamps``) when it declares no rate.
+
 Decoding uses decord and falls back to PyAV when decord is missing or fails. A file neither can
 decode completely raises ``MediaDecodeError`` (reason ``video_decode``): decord raises
 ``RuntimeError``/``DECORDError``, PyAV ``av.error.InvalidDataError`` (sometimes after yielding the
@@ -25,6 +38,7 @@ claims -- all three end up as the one error type.
 from __future__ import annotations
 
 import io
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +56,12 @@ from megatron_vlm.data.image import (
     patchify,
     resize_and_pad,
 )
-from megatron_vlm.data.media_errors import MediaDecodeError, MediaMissingError, SkipReason
+from megatron_vlm.data.media_errors import (
+    BadSampleError,
+    MediaDecodeError,
+    MediaMissingError,
+    SkipReason,
+)
 
 VIDEO_FPS = 2.0
 """Default sampling rate in frames per second (HF ``Kimi_K25VideoProcessor.fps``)."""
@@ -54,6 +73,8 @@ TEMPORAL_PATCH_SIZE = 4
 """Frames per chunk (HF ``temporal_patch_size``)."""
 
 VideoSource = str | os.PathLike | bytes
+Clip = tuple[float, float]
+"""A span ``(start_s, end_s)`` of the source video, in seconds from its start."""
 
 
 @dataclass
@@ -72,6 +93,9 @@ class DecodedVideo:
     """Frames in the source."""
     backend: str
     """``"decord"`` or ``"pyav"``."""
+    timestamps_repaired: bool = False
+    """The stream's own timestamps were broken (all equal / repeating): frames were timed by
+    its nominal frame rate instead (see ``read_timing``)."""
 
 
 @dataclass
@@ -115,11 +139,31 @@ class ProcessedVideo:
 # ---------------------------------------------------------------------------------------- sampling
 
 
+def clip_frame_range(total_frames: int, video_fps: float, clip: Clip | None) -> tuple[int, int]:
+    """Source frames ``[first, end)`` of a clip span: frame ``i`` (shown at ``i / video_fps``)
+    is inside when ``start_s <= i / video_fps < end_s`` (1e-6 frame of float tolerance).
+
+    Raises:
+        MediaDecodeError: A span that holds no frame of the video (reason ``video_empty``).
+    """
+    if clip is None:
+        return 0, total_frames
+    start_s, end_s = float(clip[0]), float(clip[1])
+    first = max(0, math.ceil(start_s * video_fps - 1e-6))
+    end = min(total_frames, math.ceil(end_s * video_fps - 1e-6))
+    if end <= first:
+        raise MediaDecodeError(
+            f"clip span [{start_s:g}, {end_s:g}) s holds no frame of a {total_frames}-frame "
+            f"video at {video_fps:g} fps", reason=SkipReason.VIDEO_EMPTY)
+    return first, end
+
+
 def sample_frame_indices(
     total_frames: int,
     video_fps: float,
     fps: float = VIDEO_FPS,
     max_frames: int | None = VIDEO_MAX_FRAMES,
+    clip: Clip | None = None,
 ) -> np.ndarray:
     """Indices of the frames to keep: HF's uniform rule at ``fps``, capped by ``max_frames``.
 
@@ -128,6 +172,8 @@ def sample_frame_indices(
         video_fps: Source frame rate (> 0).
         fps: Target rate.
         max_frames: Frame budget (None: no cap).
+        clip: Sample only inside this span (``clip_frame_range``): the same rule over the
+            span's frames, offset by its first frame (indices stay those of the source).
 
     Returns:
         [n] int64 increasing indices, ``n >= 1``.
@@ -136,11 +182,90 @@ def sample_frame_indices(
         raise ValueError(f"total_frames must be >= 1, got {total_frames}")
     if not video_fps > 0:
         raise ValueError(f"video_fps must be > 0, got {video_fps}")
-    num = max(1, int(total_frames / video_fps * fps))
-    num = min(num, total_frames)  # HF raises here; a low-fps source just keeps every frame
+    first, end = clip_frame_range(total_frames, video_fps, clip)
+    span = end - first
+    num = max(1, int(span / video_fps * fps))
+    num = min(num, span)  # HF raises here; a low-fps source just keeps every frame
     if max_frames is not None:
         num = min(num, max(1, max_frames))
-    return np.arange(num, dtype=np.int64) * total_frames // num
+    return first + np.arange(num, dtype=np.int64) * span // num
+
+
+# ----------------------------------------------------------------------------------- timing
+
+
+@dataclass(frozen=True)
+class VideoTiming:
+    """What the PyAV header and a demux (no decoding) say about a stream's timing."""
+
+    total_frames: int
+    """Frame count in the header (0: the container does not say)."""
+    fps: float
+    """Rate to time frames by: the average rate, or the nominal rate when repaired."""
+    repaired: bool
+    """The packet timestamps were broken and ``fps`` is the nominal rate."""
+    height: int
+    width: int
+
+
+def nominal_rate(stream) -> float:
+    """The rate a stream declares apart from its timestamps: the codec's frame rate (H.264 VUI,
+    MPEG-4 time base), else the container's base rate (e.g. Matroska's default duration)."""
+    for rate in (stream.codec_context.framerate, stream.base_rate):
+        if rate and float(rate) > 0:
+            return float(rate)
+    return 0.0
+
+
+def stream_timing(container, stream) -> VideoTiming:
+    """Timing of an open PyAV stream; demuxes it to the end (reopen or seek to decode).
+
+    Packet timestamps (presentation, any order) must be present and distinct; all zero or
+    repeating ones are repaired from ``nominal_rate``.
+
+    Raises:
+        BadSampleError: Broken timestamps and no nominal rate (reason ``bad_timestamps``).
+    """
+    rate = stream.average_rate or stream.guessed_rate
+    fps = float(rate) if rate else 0.0
+    total = int(stream.frames)
+    height, width = stream.codec_context.height, stream.codec_context.width
+    pts = [p.pts for p in container.demux(stream) if p.size]
+    broken = len(pts) >= 2 and (None in pts or len(set(pts)) < len(pts))
+    if not broken:
+        return VideoTiming(total_frames=total, fps=fps, repaired=False, height=height,
+                           width=width)
+    nominal = nominal_rate(stream)
+    if nominal <= 0:
+        shown = sorted({p for p in pts if p is not None})[:4]
+        raise BadSampleError(
+            f"{len(pts)} frames with broken timestamps (distinct pts {shown}...) and no "
+            "nominal frame rate to rebuild them from", reason=SkipReason.BAD_TIMESTAMPS)
+    return VideoTiming(total_frames=total, fps=nominal, repaired=True, height=height,
+                       width=width)
+
+
+def read_timing(source: VideoSource) -> VideoTiming | None:
+    """``stream_timing`` of a file or bytes; None when PyAV cannot read it (the decoders then
+    report the damage) or PyAV is missing.
+
+    Raises:
+        BadSampleError: Broken timestamps and no nominal rate (reason ``bad_timestamps``).
+    """
+    try:
+        import av
+    except ImportError:
+        return None
+    uri, _ = _open_arg(source)
+    try:
+        with av.open(uri) as container:
+            if not container.streams.video:
+                return None
+            return stream_timing(container, container.streams.video[0])
+    except BadSampleError:
+        raise
+    except Exception:  # av.error.* on damaged input: left to the decoders' own reports
+        return None
 
 
 # ---------------------------------------------------------------------------------------- decoding
@@ -168,7 +293,8 @@ def _quiet_decord(decord_module) -> None:
 
 
 def _decode_decord(
-    source: VideoSource, fps: float, max_frames: int | None, num_threads: int
+    source: VideoSource, fps: float, max_frames: int | None, num_threads: int,
+    clip: Clip | None = None,
 ) -> DecodedVideo:
     import decord  # optional: PyAV takes over when it is missing
 
@@ -181,7 +307,7 @@ def _decode_decord(
         raise MediaDecodeError(
             f"decord: no frames (frames={total}, fps={video_fps})", reason=SkipReason.VIDEO_EMPTY
         )
-    indices = sample_frame_indices(total, video_fps, fps, max_frames)
+    indices = sample_frame_indices(total, video_fps, fps, max_frames, clip)
     frames = reader.get_batch(indices.tolist()).asnumpy()
     if frames.shape[0] != len(indices):
         raise MediaDecodeError(f"decord returned {frames.shape[0]} of {len(indices)} frames")
@@ -195,7 +321,12 @@ def _decode_decord(
     )
 
 
-def _decode_pyav(source: VideoSource, fps: float, max_frames: int | None) -> DecodedVideo:
+def _decode_pyav(
+    source: VideoSource, fps: float, max_frames: int | None, clip: Clip | None = None,
+    timing: VideoTiming | None = None,
+) -> DecodedVideo:
+    """PyAV decode in decode order (frame ``i`` is the i-th frame out of the decoder);
+    ``timing`` (repaired) replaces the stream's own frame rate."""
     import av
 
     uri, _ = _open_arg(source)
@@ -205,6 +336,8 @@ def _decode_pyav(source: VideoSource, fps: float, max_frames: int | None) -> Dec
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(rate) if rate else 0.0
+        if timing is not None and timing.repaired:
+            video_fps = timing.fps
         total = int(stream.frames)
         if total <= 0:  # containers without a frame count: count with a first pass (no RGB)
             total = sum(1 for _ in container.decode(stream))
@@ -213,7 +346,7 @@ def _decode_pyav(source: VideoSource, fps: float, max_frames: int | None) -> Dec
             raise MediaDecodeError(
                 f"pyav: no frames (frames={total}, fps={video_fps})", reason=SkipReason.VIDEO_EMPTY
             )
-        indices = sample_frame_indices(total, video_fps, fps, max_frames)
+        indices = sample_frame_indices(total, video_fps, fps, max_frames, clip)
         wanted = set(indices.tolist())
         last = int(indices[-1])
         frames = []
@@ -234,6 +367,7 @@ def _decode_pyav(source: VideoSource, fps: float, max_frames: int | None) -> Dec
         fps=video_fps,
         total_frames=total,
         backend="pyav",
+        timestamps_repaired=timing is not None and timing.repaired,
     )
 
 
@@ -243,6 +377,7 @@ def decode_video(
     max_frames: int | None = VIDEO_MAX_FRAMES,
     backend: str = "auto",
     num_threads: int = 1,
+    clip: Clip | None = None,
 ) -> DecodedVideo:
     """Decode and sample a video from a path or encoded bytes.
 
@@ -251,22 +386,28 @@ def decode_video(
         fps: Target sampling rate.
         max_frames: Frame budget (None: no cap).
         backend: ``"auto"`` (decord, then PyAV if decord is missing or fails), ``"decord"`` or
-            ``"pyav"``.
+            ``"pyav"``. A stream with repaired timestamps is always decoded by PyAV (decord
+            seeks by timestamp and returns wrong frames for it).
         num_threads: decord decoding threads (1 suits DataLoader workers).
+        clip: Sample only inside this span of the source (``sample_frame_indices``).
 
     Raises:
         MediaMissingError: A path that does not exist.
         MediaDecodeError: Neither backend decodes every sampled frame (reason ``video_decode``,
-            or ``video_empty`` for a stream without frames).
+            or ``video_empty`` for a stream without frames or a span without frames).
+        BadSampleError: Broken timestamps and no nominal frame rate (``bad_timestamps``).
     """
     if backend not in ("auto", "decord", "pyav"):
         raise ValueError(f"backend must be 'auto', 'decord' or 'pyav', got {backend!r}")
     _open_arg(source)  # missing file -> MediaMissingError before any decoder runs
+    timing = read_timing(source)
     errors: list[str] = []
     reasons: list[str] = []
+    if timing is not None and timing.repaired:
+        backend = "pyav"
     if backend in ("auto", "decord"):
         try:
-            return _decode_decord(source, fps, max_frames, num_threads)
+            return _decode_decord(source, fps, max_frames, num_threads, clip)
         except ImportError as exc:
             if backend == "decord":
                 raise
@@ -278,7 +419,7 @@ def decode_video(
             errors.append(str(err))
             reasons.append(err.reason)
     try:
-        return _decode_pyav(source, fps, max_frames)
+        return _decode_pyav(source, fps, max_frames, clip, timing)
     except Exception as exc:  # av.error.InvalidDataError (a ValueError), OSError, MediaDecodeError
         err = _as_decode_error(exc, "pyav")
         errors.append(str(err))
@@ -356,16 +497,17 @@ def process_video(
     max_frames: int | None = VIDEO_MAX_FRAMES,
     max_patches: int = VIDEO_CHUNK_MAX_PATCHES,
     backend: str = "auto",
+    clip: Clip | None = None,
 ) -> ProcessedVideo:
     """Decode (unless given decoded frames), sample and chunk one video.
 
     Raises:
-        MediaMissingError / MediaDecodeError: See ``decode_video``.
+        MediaMissingError / MediaDecodeError / BadSampleError: See ``decode_video``.
     """
     decoded = (
         source
         if isinstance(source, DecodedVideo)
-        else decode_video(source, fps=fps, max_frames=max_frames, backend=backend)
+        else decode_video(source, fps=fps, max_frames=max_frames, backend=backend, clip=clip)
     )
     chunks = chunk_frames(decoded.frames, decoded.timestamps, max_patches=max_patches)
     return ProcessedVideo(
