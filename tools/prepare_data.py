@@ -1,83 +1,185 @@
 """Raw multimodal records -> verified energon WebDataset shards (one dataset per call).
 
-Input formats (JSONL records referencing image/video files, LLaVA conversations, interleaved
-documents, plain text) are described in ``megatron_vlm/data/shards.py``. Examples::
+Input formats are those ``megatron_vlm/data/sources.py`` reads (the project's JSONL records,
+plain text, and the ecosystem's formats read in place); record shapes are described in
+``megatron_vlm/data/records.py``. Examples::
 
     # one dataset: train + val inputs, media paths relative to --media-root
     python tools/prepare_data.py --name llava --train llava.jsonl --val llava_val.jsonl \\
         --media-root /data/images --out /data/prepared/llava
     # plain text, one document per line
     python tools/prepare_data.py --name web --train web.txt --out /data/prepared/web
+    # scaled out: slice i of N (any machine, any order), then one merge
+    python tools/prepare_data.py --name llava --train llava.jsonl --out /data/prepared/llava \\
+        --shard 3/16
+    python tools/prepare_data.py --merge /data/prepared/llava
+    # the same as a SLURM array of 16 tasks plus a merge job that waits for them
+    python tools/prepare_data.py --name llava --train llava.jsonl --out /data/prepared/llava \\
+        --slurm-array 16 --cpus-per-task 16 --venv /shared/venv --partition cpu [--dry-run]
     # the bundled synthetic corpus (what the default config trains on)
     python tools/prepare_data.py --bundled [--cache-dir DIR]
-    # re-check a prepared dataset (sizes; --deep re-reads and hashes every shard)
+    # re-check a prepared dataset (sizes; --deep re-reads and hashes every shard, in parallel)
     python tools/prepare_data.py --verify /data/prepared/llava --deep
 
 Every shard is re-read after writing; a shard that does not read back as written stops the tool
-with exit code 2. Rejected records are counted per reason in the summary.
+with exit code 2. Rejected records are counted per reason in the summary and listed one per line
+in ``<out>/rejects.jsonl``. See docs/data_at_scale.md for Ray Data / Dask and a 1B-pair plan.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from megatron_vlm.data.mm_corpus import bundled_mm_corpus
-from megatron_vlm.data.shards import ShardVerificationError, prepare_dataset, verify_shards
+from megatron_vlm.data.shards import ShardVerificationError, verify_shards
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--name", help="dataset name (mixes and metrics use it)")
+    mode.add_argument("--merge", metavar="OUT", help="join the slices prepared into OUT")
     mode.add_argument("--bundled", action="store_true", help="generate the bundled corpus")
     mode.add_argument("--verify", metavar="DIR", help="check a prepared dataset's shards")
-    p.add_argument("--train", nargs="+", default=[], help="train inputs (.jsonl / .txt)")
-    p.add_argument("--val", nargs="+", default=[], help="held-out inputs (.jsonl / .txt)")
+    p.add_argument("--train", nargs="+", default=[], help="train inputs")
+    p.add_argument("--val", nargs="+", default=[], help="held-out inputs")
     p.add_argument("--out", help="dataset directory to create")
     p.add_argument("--media-root", help="base of relative media paths (default: input's dir)")
     p.add_argument("--modality", choices=["image", "video", "interleaved", "text"],
-                   help="modality label (default: inferred)")
+                   help="modality label (default: inferred from per-sample counts)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--no-check-media", action="store_true",
                    help="do not decode media while preparing (faster, bad files pass)")
+    p.add_argument("--shard", metavar="I/N",
+                   help="prepare only slice I of N (0-based); then --merge OUT once")
+    p.add_argument("--workers", type=int,
+                   help="processes (default: the CPUs this process is given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--cache-dir", help="--bundled: where to build it")
-    p.add_argument("--deep", action="store_true", help="--verify: re-read and hash every shard")
+    p.add_argument("--deep", action="store_true", help="--verify/--merge: re-read every shard")
+    slurm = p.add_argument_group("SLURM (--slurm-array N: N tasks --shard i/N, then a merge)")
+    slurm.add_argument("--slurm-array", type=int, metavar="N", help="submit N slices + merge")
+    slurm.add_argument("--cpus-per-task", type=int, default=16)
+    slurm.add_argument("--mem", help="memory per task, e.g. 32G (default: the partition's)")
+    slurm.add_argument("--time", default="04:00:00", help="per task, [D-]HH:MM:SS")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--array-parallel", type=int, help="at most this many tasks at once")
+    env = slurm.add_mutually_exclusive_group()
+    env.add_argument("--container-image", help="pyxis/enroot image (srun --container-image)")
+    env.add_argument("--venv", help="virtual environment to activate on the nodes")
+    env.add_argument("--system-python", action="store_true", help="the nodes' own python")
+    slurm.add_argument("--container-mounts", nargs="+", default=[], metavar="SRC:DST")
+    slurm.add_argument("--log-dir", help="SLURM output files (default <out>/.slurm)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the scripts, submit nothing")
     return p
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: use I/N, e.g. --shard 0/8") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def _prepare_args(args: argparse.Namespace) -> list[str]:
+    """This command line's preparation arguments, for the SLURM tasks (absolute paths)."""
+    out = ["--name", args.name, "--out", str(Path(args.out).absolute())]
+    for split in ("train", "val"):
+        if getattr(args, split):
+            out += [f"--{split}", *(str(Path(p).absolute()) for p in getattr(args, split))]
+    if args.media_root:
+        out += ["--media-root", str(Path(args.media_root).absolute())]
+    if args.modality:
+        out += ["--modality", args.modality]
+    out += ["--samples-per-shard", str(args.samples_per_shard)]
+    if args.no_check_media:
+        out.append("--no-check-media")
+    if args.overwrite:
+        out.append("--overwrite")
+    return out
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from megatron_vlm.cluster.prepare_array import (
+        PrepareArrayJob,
+        render_prepare_scripts,
+        submit_prepare,
+    )
+
+    out = Path(args.out).absolute()
+    job = PrepareArrayJob(
+        name=args.name, prepare_args=_prepare_args(args), out_dir=str(out),
+        num_tasks=args.slurm_array, array_parallel=args.array_parallel,
+        cpus_per_task=args.cpus_per_task, mem=args.mem, time=args.time,
+        partition=args.partition, account=args.account, qos=args.qos,
+        container_image=args.container_image, container_mounts=args.container_mounts,
+        venv=str(Path(args.venv).absolute()) if args.venv else None,
+        system_python=args.system_python, workdir=str(Path.cwd()),
+        log_dir=str(Path(args.log_dir).absolute()) if args.log_dir else None)
+    array, merge = render_prepare_scripts(job)
+    if args.dry_run:
+        print(f"# ---- array job ({job.num_tasks} tasks)\n{array}# ---- merge job "
+              f"(sbatch --dependency=afterok:<array job id>)\n{merge}", end="")
+        return 0
+    (array_path, array_id), (merge_path, merge_id) = submit_prepare(job, array, merge)
+    print(f"submitted array job {array_id} ({array_path}) and merge job {merge_id} "
+          f"({merge_path}, after the array succeeds); logs in {job.log_root}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.verify:
-            manifest = verify_shards(args.verify, deep=args.deep)
+            manifest = verify_shards(args.verify, deep=args.deep, workers=args.workers)
             counts = {s: v["samples"] for s, v in manifest["splits"].items()}
             print(f"{args.verify}: OK ({manifest['name']}, {counts})")
         elif args.bundled:
+            from megatron_vlm.data.mm_corpus import bundled_mm_corpus
+
             print(bundled_mm_corpus(args.cache_dir))
+        elif args.merge:
+            from megatron_vlm.data.prepare import merge_slices
+
+            merge_slices(args.merge, workers=args.workers, deep=args.deep)
         else:
             if not args.out or not args.train:
                 raise ValueError("--name needs --out and at least one --train input")
-            prepare_dataset(
-                {"train": args.train, "val": args.val},
-                args.out,
-                name=args.name,
-                modality=args.modality,
-                media_root=args.media_root,
-                samples_per_shard=args.samples_per_shard,
-                check_media=not args.no_check_media,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
+            if args.slurm_array is not None:
+                return _slurm(args)
+            _prepare(args)
     except ShardVerificationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from megatron_vlm.data.prepare import prepare_dataset, prepare_slice
+
+    kwargs = {"name": args.name, "modality": args.modality, "media_root": args.media_root,
+              "samples_per_shard": args.samples_per_shard,
+              "check_media": not args.no_check_media, "overwrite": args.overwrite,
+              "progress": not args.no_progress, "workers": args.workers}
+    inputs = {"train": args.train, "val": args.val}
+    if args.shard is None:
+        prepare_dataset(inputs, args.out, **kwargs)
+        return
+    i, n = _parse_shard(args.shard)
+    part = prepare_slice(inputs, args.out, shard=(i, n), **kwargs)
+    samples = sum(s["samples"] for s in part["shards"])
+    print(f"{args.name} slice {i}/{n}: {samples} samples in {len(part['shards'])} shards "
+          f"({part['seconds']:.1f} s); merge with: tools/prepare_data.py --merge {args.out}")
 
 
 if __name__ == "__main__":
