@@ -321,9 +321,6 @@ class TokenIdsConfig:
     media_end: int | None = None
     """Closes a media item [``vision_end_token_id``]."""
 
-    def as_dict(self) -> dict[str, int | None]:
-        return {name: getattr(self, name) for name in TOKEN_ID_NAMES}
-
 
 TOKEN_ID_NAMES = ("bos", "eos", "pad", "image", "video", "media_begin", "media_content",
                   "media_end")

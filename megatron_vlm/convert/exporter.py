@@ -17,6 +17,7 @@ compressed-tensors ``pack-quantized`` INT4, quantised one tensor at a time as th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -256,4 +257,4 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
     for note in notes:
         logger.warning("export: %s", note)
     return ExportResult(out, family, count, writer.total_bytes, te_layout, num_int4,
-                        tokenizer=tok.source, token_ids=token_ids.as_dict(), notes=notes)
+                        tokenizer=tok.source, token_ids=dataclasses.asdict(token_ids), notes=notes)

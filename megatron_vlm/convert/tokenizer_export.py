@@ -43,7 +43,7 @@ from megatron_vlm.data.token_ids import (
     tokenizer_for_model,
     tokenizer_token_ids,
 )
-from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer
+from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, write_tokenizer_config
 from megatron_vlm.data.tokenizer_loader import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -166,8 +166,7 @@ def _kimi_fast_tokenizer(tok: KimiTokenizer, out: Path) -> list[Path]:
     config: dict[str, Any] = json.loads(config_path.read_text())
     config.pop("auto_map", None)
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return [path, config_path]
+    return [path, write_tokenizer_config(out, config)]
 
 
 def _probe(tok: Tokenizer) -> str:

@@ -12,7 +12,6 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
 
 from megatron_vlm.parallel import comm
@@ -24,24 +23,16 @@ T = TypeVar("T")
 
 
 def all_gather_json(obj: Any) -> list[Any]:
-    """Every rank's JSON-serialisable ``obj``, in rank order (``[obj]`` without a process group)."""
+    """Every rank's JSON-serialisable ``obj``, in rank order (``[obj]`` without a process group).
+
+    Through torch's object all-gather (``comm.all_gather_object``, on the group's device); the
+    JSON round trip gives every rank the same plain types as the one-process path."""
+    text = json.dumps(obj)
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [json.loads(json.dumps(obj))]
-    world = dist.get_world_size()
-    device = comm_device()
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(device)
-    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    comm.all_gather(sizes, size)
-    max_size = int(max(s.item() for s in sizes))
-    padded = torch.zeros(max_size, dtype=torch.uint8, device=device)
-    padded[: data.numel()] = data
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    comm.all_gather(gathered, padded)
-    return [
-        json.loads(bytes(g[: int(s.item())].cpu().tolist()).decode())
-        for g, s in zip(gathered, sizes)
-    ]
+        return [json.loads(text)]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    comm.all_gather_object(gathered, text)
+    return [json.loads(t) for t in gathered]
 
 
 class StartupError(RuntimeError):
