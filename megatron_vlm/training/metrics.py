@@ -8,7 +8,7 @@ Record format (one JSON object per line of ``<out_dir>/metrics.jsonl``, appended
 ``split`` is ``"train"`` for training steps and ``"valid"`` for validation, where each dataset's
 loss is ``"loss/<dataset>"``; every other key is a float metric. Nested dicts are flattened with
 ``/`` (``{"moe": {"a": 1}}`` -> ``"moe/a"``); NaN and infinities are written as ``null`` (strict
-JSON). The progress line reads ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``,
+JSON). The progress line reads ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s``, ``samples_per_s``,
 ``tflops_per_device``, ``mfu`` (a fraction), ``data/modality/<name>`` (realised token mix),
 ``skipped_steps`` and ``step_time_s`` (for the ETA).
 Only the writer rank (rank 0) touches files or the console: the caller passes ``is_writer``
@@ -32,6 +32,7 @@ _PROGRESS_FIELDS = (
     ("lr", "lr", "{:.2e}"),
     ("grad_norm", "gnorm", "{:.3f}"),
     ("tokens_per_s", "tok/s", "{:,.0f}"),
+    ("samples_per_s", "samples/s", "{:,.1f}"),
     ("tflops_per_device", "TFLOP/s", "{:.3g}"),  # 0.0463 on a CPU, 412 on an H100
 )
 

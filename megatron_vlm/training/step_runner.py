@@ -54,6 +54,8 @@ class StepResult:
     """Extra numbers to log (QK-Clip maxima and heads clipped); empty for a skipped step."""
     vit_flops: float = 0.0
     """The step's vision-tower + projector training FLOPs over all DP replicas."""
+    samples: int = 0
+    """Documents (packed samples) in the step over all DP replicas."""
 
     def astuple(self) -> tuple:
         """The former 6-tuple ``(loss, tokens, grad_norm, skipped, stop_requested, metrics)``."""
@@ -90,9 +92,11 @@ def _schedule(chunks, pgs: ProcessGroupCollection) -> tuple[Callable, dict]:
 
 
 def _local_totals(chunks, batches, seq_length: int, forward_only: bool,
-                  pgs: ProcessGroupCollection) -> torch.Tensor:
-    """megatron's schedule over this rank's micro-batches; this rank's ``[loss_sum, tokens]``."""
-    schedule, groups = _schedule(chunks, pgs)
+                  pgs: ProcessGroupCollection,
+                  schedule: tuple[Callable, dict] | None = None) -> torch.Tensor:
+    """megatron's schedule (``_schedule``'s, or the caller's, built once) over this rank's
+    micro-batches; this rank's ``[loss_sum, tokens]``."""
+    schedule, groups = schedule or _schedule(chunks, pgs)
     reports = schedule(
         forward_step_func=forward_step,
         data_iterator=iter(batches),
@@ -172,18 +176,22 @@ class TrainStep:
         self.seq_length, self.routers, self.stop, self.hook = seq_length, routers, stop, hook
         self.grad_norm_fn = grad_norm_fn or optimizer.get_grad_norm
         self.pgs = groups_or_default(pg_collection, required=True)
+        self.schedule = _schedule(chunks, self.pgs)  # once: the same function and groups each step
 
-    def __call__(self, batches: list, vit_flops: float = 0.0) -> StepResult:
-        """One step on this rank's micro-batches; ``vit_flops`` is this rank's share of the
-        step's vision FLOPs (summed over PP and DP x CP with the loss, one collective)."""
+    def __call__(self, batches: list, vit_flops: float = 0.0, samples: int = 0) -> StepResult:
+        """One step on this rank's micro-batches; ``vit_flops`` and ``samples`` are this rank's
+        shares of the step's vision FLOPs and documents (summed over PP and DP x CP with the
+        loss, one collective)."""
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         if self.hook is not None:
             self.hook.before_step()
         bias_before = telemetry.expert_bias_snapshot(self.routers)
-        local = _local_totals(self.chunks, batches, self.seq_length, False, self.pgs)
-        total = _reduce_totals(torch.cat([local, local.new_tensor([vit_flops])]), self.pgs)
+        local = _local_totals(self.chunks, batches, self.seq_length, False, self.pgs,
+                              self.schedule)
+        total = _reduce_totals(torch.cat([local, local.new_tensor([vit_flops, samples])]),
+                               self.pgs)
         # A finite loss can still give NaN/Inf gradients, which would poison the weights: the
         # norm is computed once, before deciding, and the step reuses it.
         self.optimizer.prepare_grads()
@@ -194,16 +202,19 @@ class TrainStep:
                              total.new_tensor(float(not math.isfinite(grad_norm))),
                              total.new_tensor(float(self.stop.requested))])
         comm.all_reduce(flags, op=comm.ReduceOp.MAX)  # the default group: every rank
-        loss_sum, tokens, flops, bad_loss, bad_norm, stop = torch.cat([total, flags]).tolist()
+        loss_sum, tokens, flops, docs, bad_loss, bad_norm, stop = torch.cat(
+            [total, flags]).tolist()
         loss = loss_sum / max(tokens, 1.0)
         if bad_loss or bad_norm:
             # The expert-bias update ran inside finalize_model_grads: undo it with the step.
             telemetry.restore_expert_bias(self.routers, bias_before)
-            return StepResult(loss, int(tokens), float("nan"), True, bool(stop), vit_flops=flops)
+            return StepResult(loss, int(tokens), float("nan"), True, bool(stop), vit_flops=flops,
+                              samples=int(docs))
         step_with_grad_norm(self.optimizer, grad_norm)
         metrics = self.hook.after_step() if self.hook is not None else {}
         self.scheduler.step(increment=1)
-        return StepResult(loss, int(tokens), grad_norm, False, bool(stop), metrics, flops)
+        return StepResult(loss, int(tokens), grad_norm, False, bool(stop), metrics, flops,
+                          int(docs))
 
 
 def train_step(chunks, optimizer, scheduler, batches, seq_length: int, routers,

@@ -97,6 +97,14 @@ class _Run:
         return sum(vit_flops(vision, self.job.model.llm.hidden_size, b.vision.grid_thw)
                    for b in batches if b.vision is not None)
 
+    def step_samples(self, batches: list) -> int:
+        """This rank's share of the step's documents, counted once per data-parallel replica
+        (first pipeline stage, CP rank 0, as ``step_vit_flops``)."""
+        pgs = self.runtime.pg_collection
+        if not (pgs.pp.rank() == 0 and pgs.cp.rank() == 0):
+            return 0
+        return sum(int(b.cu_seqlens.numel()) - 1 for b in batches)
+
     def step_values(self, result: StepResult, dt: float) -> dict:
         job, world = self.job, self.runtime.world_size
         seq_tokens = job.data.global_batch_size * job.data.seq_length
@@ -104,6 +112,7 @@ class _Run:
         tflops = flops / dt / world / 1e12
         return {"loss": result.loss, "lr": self.step.optimizer.param_groups[0]["lr"],
                 "grad_norm": result.grad_norm, "tokens_per_s": seq_tokens / dt,
+                "samples_per_s": result.samples / dt,
                 "tflops_per_device": tflops, "mfu": tflops / job.train.peak_tflops,
                 "skipped_steps": self.state.skipped_steps, "step_time_s": dt,
                 **telemetry.moe_metrics(self.finalize.last_loads, self.routers, self.bias0),
@@ -136,7 +145,8 @@ def _loop(run: _Run, cleanup: contextlib.ExitStack) -> TrainResult:
         ckpt.poll(state.step)  # an async save completes when written
         t0 = time.perf_counter()
         batches = run.data.loader.next_global_batch()
-        result = run.step(batches, vit_flops=run.step_vit_flops(batches))
+        result = run.step(batches, vit_flops=run.step_vit_flops(batches),
+                          samples=run.step_samples(batches))
         dt = time.perf_counter() - t0
         state.record(result.tokens, result.skipped, job.data.global_batch_size)
         metrics.log(state.step, "train", run.step_values(result, dt),

@@ -23,7 +23,8 @@ from tiny_runs import REPO, read_metrics, run_train, train_env
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 RESUME_AT, END = 500, 600
-TIMING_KEYS = {"time", "step_time_s", "tokens_per_s", "tflops_per_device", "mfu"}
+TIMING_KEYS = {"time", "step_time_s", "tokens_per_s", "samples_per_s", "tflops_per_device",
+               "mfu"}
 """Metrics that measure wall time; everything else must repeat exactly."""
 
 

@@ -36,12 +36,12 @@ def test_an_exception_mid_run_closes_workers_writer_metrics_and_lock(tmp_path, m
     real_call = step_runner.TrainStep.__call__
     calls = []
 
-    def failing_call(self, batches, vit_flops=0.0):
+    def failing_call(self, batches, vit_flops=0.0, samples=0):
         calls.append(1)
         if len(calls) == 3:  # after two steps: a save in flight, loader workers busy
             assert _children() - before, "the run should have worker processes by now"
             raise InjectedFailure("injected")
-        return real_call(self, batches, vit_flops)
+        return real_call(self, batches, vit_flops, samples)
 
     monkeypatch.setattr(step_runner.TrainStep, "__call__", failing_call)
     with pytest.raises(InjectedFailure):
