@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,21 @@ def _check_decodes(kind: str, data: bytes, name: str) -> float | None:
     return video.total_frames / video.fps if video.fps > 0 else None
 
 
+_CHECKED_FILES: OrderedDict[tuple[str, int, int], float | None] = OrderedDict()
+"""(path, size, mtime_ns) -> duration of the last files that decoded: a Panda-70M video with
+many spans (one record each) is decoded once, not once per span."""
+
+
+def _check_file(kind: str, data: bytes, name: str, full: Path) -> float | None:
+    stat = full.stat()
+    key = (str(full), stat.st_size, stat.st_mtime_ns)
+    if key not in _CHECKED_FILES:
+        _CHECKED_FILES[key] = _check_decodes(kind, data, name)
+        if len(_CHECKED_FILES) > 16:
+            _CHECKED_FILES.popitem(last=False)
+    return _CHECKED_FILES[key]
+
+
 def _parse_clip(clip: Any, name: str) -> tuple[float, float]:
     ok = isinstance(clip, (list, tuple)) and len(clip) == 2 and all(
         isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
@@ -184,7 +200,8 @@ def _load_media(value: Any, expected: str | None, media_root: Path, check: bool)
             raise MediaMissingError(f"{kind} file not found: {full}", media=name)
         data = full.read_bytes()
     if check:
-        duration = _check_decodes(kind, data, name)
+        duration = (_check_decodes(kind, data, name) if full is None
+                    else _check_file(kind, data, name, full))
         if clip is not None and duration is not None and clip[0] >= duration:
             raise MediaDecodeError(f"clip {list(clip)} of {name} starts after the video ends "
                                    f"({duration:.3f} s)", reason=SkipReason.VIDEO_EMPTY,

@@ -171,3 +171,32 @@ def test_read_records_wrapper(tmp_path):
     assert got[0] == (f"{path}:1", {"id": 1, "text": "a"})
     assert [(w, o.reason) for w, o in got[1:]] == [(f"{path}:3", "bad_record"),
                                                    (f"{path}:4", "bad_record")]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_header_scan_agrees_with_tarfile(tmp_path, fmt):
+    """The fast header scanner (slices count every record of every tar) finds what tarfile finds:
+    long names (GNU ``L``, pax ``path``, ustar prefix), pax sizes, folders and links skipped."""
+    import io
+
+    from megatron_vlm.data.sources import _scan_headers, _scan_tarfile
+
+    path = tmp_path / "t.tar"
+    long_dir = "d" * 90 + "/" + "e" * 60
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in [("a/000.jpg", b"x" * 700), (f"{long_dir}/001.txt", b"caption"),
+                           ("b/002.json", b"{}")]:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5
+            tf.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("c")
+        folder.type = tarfile.DIRTYPE
+        tf.addfile(folder)
+        link = tarfile.TarInfo("c/link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a/000.jpg"
+        tf.addfile(link)
+    scanned = _scan_headers(path)
+    assert scanned is not None and scanned == _scan_tarfile(path)
+    assert [m[0] for m in scanned[0]] == ["a/000.jpg", f"{long_dir}/001.txt", "b/002.json"]
+    keys = [w for w, _ in iter_input(path)]
+    assert keys == [f"{path}:a/000", f"{path}:{long_dir}/001", f"{path}:b/002"]
