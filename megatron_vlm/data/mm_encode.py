@@ -37,6 +37,12 @@ from megatron.energon.errors import FatalSampleError
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig
 from megatron_vlm.data.contract import PackedBatch
+from megatron_vlm.data.foreign import (
+    SOURCE_FORMAT,
+    TextMemberDecoder,
+    crude_members,
+    sample_members,
+)
 from megatron_vlm.data.image import (
     MERGE_SIZE,
     PATCH_SIZE,
@@ -454,13 +460,25 @@ class MMPack:
     video_tokens: int
     skips: dict[str, int]
     """Samples this worker skipped, by reason, since its previous pack."""
+    samples_per_modality: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Documents of the pack by modality: ``text`` (no media), ``image``, ``video``, ``mixed``."""
     __restore_key__: tuple = ()
 
 
 @stateless
 def cook_raw(sample: dict) -> RawMMSample:
-    """energon cooker: keep the raw members (decoding is ours, after the packing choice)."""
+    """energon cooker: keep the raw members (decoding is ours, after the packing choice).
+
+    A crude dataset of another layout (subflavor ``source_format``: energon interleaved,
+    img2dataset; see ``foreign.py``) is mapped to canonical members here.
+    """
     members = {k: v for k, v in sample.items() if not k.startswith("__")}
+    source = (sample.get("__subflavors__") or {}).get(SOURCE_FORMAT)
+    if source is not None:
+        try:
+            members = crude_members(source, sample["__key__"], members)
+        except BadSampleError as exc:  # skipped like any bad sample, with its reason
+            members = {"__error__": exc}
     return RawMMSample(**basic_sample_keys(sample), members=members)
 
 
@@ -475,7 +493,9 @@ class MMTaskEncoder(TaskEncoder):
         warn_every: One log line per this many skips.
     """
 
-    decoder = None  # energon hands us raw bytes; images and videos are decoded by our code
+    # energon decodes txt/json members of foreign datasets only (their field maps read them);
+    # images and videos stay bytes, decoded by our code (foreign.TextMemberDecoder)
+    decoder = TextMemberDecoder()
     cookers = (Cooker(cook_raw),)
 
     def __init__(
@@ -506,7 +526,12 @@ class MMTaskEncoder(TaskEncoder):
 
     def encode_raw(self, sample: RawMMSample) -> EncodedMMSample:
         """Plan one raw sample (also used for start-up calibration)."""
-        members = sample.members
+        if not isinstance(sample, RawMMSample):  # a typed energon sample (foreign.py)
+            members = sample_members(sample)
+        elif "__error__" in sample.members:
+            raise sample.members["__error__"]  # the cooker could not map it
+        else:
+            members = sample.members
         try:
             record = json.loads(members["json"])
         except (KeyError, ValueError, TypeError) as exc:
@@ -553,9 +578,13 @@ class MMTaskEncoder(TaskEncoder):
         batch = pack_tokenized([x.doc for x in samples], s.seq_length,
                                self.tokenizer.pad_id, s.pad_to_multiple)
         tokens: Counter[str] = Counter()
+        modalities: Counter[str] = Counter()
         image_tokens = video_tokens = 0
         for x in samples:
             tokens[x.dataset] += len(x.doc)
+            kinds = {span.is_video for span in x.doc.placeholder_spans}
+            modalities[("text", "image", "video", "mixed")[
+                (False in kinds) + 2 * (True in kinds)]] += 1
             for span in x.doc.placeholder_spans:
                 if span.is_video:
                     video_tokens += span.length
@@ -571,4 +600,5 @@ class MMTaskEncoder(TaskEncoder):
             image_tokens=image_tokens,
             video_tokens=video_tokens,
             skips=dict(delta),
+            samples_per_modality=dict(modalities),
         )

@@ -56,6 +56,13 @@ from megatron_vlm.data.energon_state import (
     pack_energon_state,
     unpack_energon_state,
 )
+from megatron_vlm.data.foreign import (
+    CANONICAL,
+    SOURCE_FORMAT,
+    calibration_members,
+    dataset_manifest,
+    not_a_dataset_message,
+)
 from megatron_vlm.data.media_errors import BadSampleError, SkipCounter
 from megatron_vlm.data.mm_encode import (
     EncodedMMSample,
@@ -68,7 +75,7 @@ from megatron_vlm.data.mm_encode import (
     decode_document,
     plan_document,
 )
-from megatron_vlm.data.shards import iter_shard, load_manifest, verify_shards
+from megatron_vlm.data.shards import iter_shard
 
 # Sample encoding lives in mm_encode.py and the state codec in energon_state.py; their names are
 # re-exported here, where they were defined before the split.
@@ -97,6 +104,8 @@ logger = logging.getLogger(__name__)
 
 STATE_EVERY_N_PACKS = 16
 """Packs between a loader worker's state snapshots (bounds the replay on resume)."""
+SAMPLE_MODALITIES = ("text", "image", "video", "mixed")
+"""A packed sample's modality (contract 5): no media, images only, videos only, both."""
 
 
 # ------------------------------------------------------------------------------------ mixing
@@ -115,11 +124,21 @@ class DatasetInfo:
     mean_vision_tokens: float = 0.0
     """Media placeholder tokens per sample."""
 
+    @property
+    def subflavors(self) -> dict[str, Any]:
+        """energon subflavors of its samples (a foreign dataset's selects its cooker)."""
+        flavors = {"dataset": self.name, "modality": self.modality}
+        source = self.manifest.get(SOURCE_FORMAT, CANONICAL)
+        if source != CANONICAL:
+            flavors[SOURCE_FORMAT] = source
+        return flavors
+
 
 def resolve_datasets(
     cfg: MultimodalDataConfig, names: list[str], verify: str = "size"
 ) -> dict[str, DatasetInfo]:
-    """Locate (and check the shards of) the prepared datasets a mix names."""
+    """Locate (and check the shards of) the datasets a mix names: prepared by
+    ``tools/prepare_data.py``, or energon/img2dataset datasets read in place (``foreign.py``)."""
     if cfg.root is None:
         from megatron_vlm.data.mm_corpus import bundled_mm_corpus
 
@@ -131,12 +150,8 @@ def resolve_datasets(
         path = Path(cfg.datasets.get(name, name))
         path = path if path.is_absolute() else root / path
         if not (path / ".nv-meta").is_dir():
-            raise ValueError(
-                f"dataset {name!r}: {path} is not a prepared dataset; prepare it with "
-                "tools/prepare_data.py or fix data.multimodal.root / data.multimodal.datasets"
-            )
-        manifest = verify_shards(path, deep=verify == "deep") if verify != "none" else (
-            load_manifest(path))
+            raise ValueError(f"dataset {name!r}: {not_a_dataset_message(path)}")
+        manifest = dataset_manifest(path, verify)
         infos[name] = DatasetInfo(name, path, manifest["modality"], manifest)
     return infos
 
@@ -148,10 +163,11 @@ def calibrate(info: DatasetInfo, encoder: MMTaskEncoder, num_samples: int) -> No
     per_shard = -(-num_samples // max(len(shards), 1))
     lengths, vision = [], []
     for shard in shards[:num_samples]:
-        for k, (_key, members) in enumerate(iter_shard(info.path / shard["path"])):
+        for k, (key, members) in enumerate(iter_shard(info.path / shard["path"])):
             if k >= per_shard or len(lengths) >= num_samples:
                 break
             try:
+                members = calibration_members(info.manifest, key, members)
                 doc, _ = plan_document(json.loads(members["json"]), members, encoder.settings,
                                        encoder.tokenizer, encoder.media_ids)
             except (BadSampleError, KeyError, ValueError):
@@ -303,7 +319,7 @@ class MultimodalLoader:
     def _metadataset(self) -> dict[str, Any]:
         blend = [
             {"path": str(self.datasets[n].path), "weight": w,
-             "subflavors": {"dataset": n, "modality": self.datasets[n].modality}}
+             "subflavors": self.datasets[n].subflavors}
             for n, w in self.sample_weights.items()
         ]
         return {"__module__": "megatron.energon", "__class__": "MetadatasetV2",
@@ -322,8 +338,7 @@ class MultimodalLoader:
         if self.one_pass:  # a plain dataset: energon's weighted blends always repeat
             (info,) = self.datasets.values()
             source = str(info.path)
-            extra = {"repeat": False,
-                     "subflavors": {"dataset": info.name, "modality": info.modality}}
+            extra = {"repeat": False, "subflavors": info.subflavors}
         dataset = get_train_dataset(
             source,
             worker_config=self._worker_config(cfg.num_workers, self.encoder),
@@ -369,6 +384,7 @@ class MultimodalLoader:
         self._packs = 0
         self._tokens: Counter[str] = Counter()
         self._image_tokens = self._video_tokens = 0
+        self._samples_by_modality: Counter[str] = Counter()
         self.skips = SkipCounter(warn_every=0)
         self.last_step_sample_ids: list[list[str]] = []
 
@@ -377,6 +393,7 @@ class MultimodalLoader:
         self._tokens.update(pack.tokens_per_dataset)
         self._image_tokens += pack.image_tokens
         self._video_tokens += pack.video_tokens
+        self._samples_by_modality.update(pack.samples_per_modality)
         self.skips.merge(pack.skips)
         return pack
 
@@ -424,8 +441,9 @@ class MultimodalLoader:
         return lines
 
     def metrics(self) -> dict[str, float]:
-        """This rank's cumulative data metrics: realised token shares per dataset and modality
-        (with targets), vision token fractions, padding, skips per reason."""
+        """This rank's cumulative data metrics: realised token shares per dataset and dataset
+        modality (with targets), packed samples per sample modality (counts and fractions),
+        vision token fractions, padding, skips per reason."""
         real = sum(self._tokens.values())
         out: dict[str, float] = {}
         by_modality: Counter[str] = Counter()
@@ -435,6 +453,12 @@ class MultimodalLoader:
             by_modality[info.modality] += self._tokens[name]
         for modality, n in sorted(by_modality.items()):
             out[f"data/modality/{modality}"] = n / real if real else 0.0
+        # Per packed sample (contract 5): text / image / video / mixed from its media types.
+        num_samples = sum(self._samples_by_modality.values())
+        for modality in SAMPLE_MODALITIES:
+            n = self._samples_by_modality[modality]
+            out[f"data/samples/{modality}"] = float(n)
+            out[f"data/sample_fraction/{modality}"] = n / num_samples if num_samples else 0.0
         vision = self._image_tokens + self._video_tokens
         out["data/vision_token_fraction"] = vision / real if real else 0.0
         out["data/image_token_fraction"] = self._image_tokens / real if real else 0.0
@@ -484,6 +508,7 @@ class MultimodalLoader:
             "tokens": dict(self._tokens),
             "image_tokens": self._image_tokens,
             "video_tokens": self._video_tokens,
+            "samples_by_modality": dict(self._samples_by_modality),
             "skips": self.skips.state_dict(),
             "energon": pack_energon_state(raw),
         }
@@ -503,6 +528,9 @@ class MultimodalLoader:
         self._tokens = Counter(state["tokens"])
         self._image_tokens = int(state["image_tokens"])
         self._video_tokens = int(state["video_tokens"])
+        # absent from states saved before per-sample modality counts: those start from zero
+        self._samples_by_modality = Counter(
+            {str(k): int(v) for k, v in state.get("samples_by_modality", {}).items()})
         self.skips.load_state_dict(state["skips"])
 
     # -- validation
@@ -520,7 +548,7 @@ class MultimodalLoader:
             dataset = get_val_dataset(
                 info.path, split_part="val", worker_config=self._worker_config(0, encoder),
                 batch_size=None, packing_buffer_size=self.packing_buffer_size,
-                task_encoder=encoder, subflavors={"dataset": name, "modality": info.modality},
+                task_encoder=encoder, subflavors=info.subflavors,
             )
             batches: list[PackedBatch] = []
             for pack in get_loader(dataset, watchdog_timeout_seconds=None):
