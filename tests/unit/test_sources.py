@@ -200,3 +200,19 @@ def test_header_scan_agrees_with_tarfile(tmp_path, fmt):
     assert [m[0] for m in scanned[0]] == ["a/000.jpg", f"{long_dir}/001.txt", "b/002.json"]
     keys = [w for w, _ in iter_input(path)]
     assert keys == [f"{path}:a/000", f"{path}:{long_dir}/001", f"{path}:b/002"]
+
+
+def test_video_webdataset_tar(tmp_path):
+    """video2dataset writes clips the same way (``KEY.mp4`` + ``KEY.txt`` + ``KEY.json``)."""
+    import webdataset as wds
+
+    clip = video_bytes(2, num_sampled=4)
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as sink:
+        sink.write({"__key__": "v0", "mp4": clip, "txt": "a blue triangle moves down",
+                    "json": json.dumps({"status": "success", "caption": "ignored: txt wins"})})
+        sink.write({"__key__": "v1", "mp4": clip, "json": json.dumps({"caption": "from json"})})
+    samples, rejects = _read(tmp_path, None)
+    assert rejects == []
+    assert [(s.id, s.segments[-1]["text"], [(m.type, m.ext, m.data) for m in s.media])
+            for s in samples] == [("v0", "a blue triangle moves down", [("video", "mp4", clip)]),
+                                  ("v1", "from json", [("video", "mp4", clip)])]
