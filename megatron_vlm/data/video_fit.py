@@ -36,7 +36,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,6 +180,22 @@ def _report_tokenizer(tokenizer: Any, data_cfg: Any) -> Any:
     return tokenizer
 
 
+def _video_samples(root: Path, manifest: dict) -> Iterator[tuple[dict, dict[str, bytes]]]:
+    """(record, members) of every sample with a video, splits and shards in manifest order."""
+    from megatron_vlm.data.shards import iter_shard
+
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            for _key, members in iter_shard(root / shard["path"]):
+                try:
+                    record = json.loads(members["json"])
+                except (KeyError, ValueError):
+                    continue
+                media = record.get("media", []) if isinstance(record, dict) else []
+                if any(isinstance(m, dict) and m.get("type") == "video" for m in media):
+                    yield record, members
+
+
 def drop_report(dataset_dir: str | os.PathLike, recipe: str, max_samples: int | None = None,
                 tokenizer: Any = None) -> dict[str, Any]:
     """How a recipe's budgets treat the video samples of a prepared dataset.
@@ -203,7 +219,7 @@ def drop_report(dataset_dir: str | os.PathLike, recipe: str, max_samples: int | 
     """
     from megatron_vlm.data.media_errors import BadSampleError
     from megatron_vlm.data.mm_encode import EncodeSettings, plan_document
-    from megatron_vlm.data.shards import iter_shard, load_manifest
+    from megatron_vlm.data.shards import load_manifest
     from megatron_vlm.recipes import get_recipe
 
     data_cfg = get_recipe(recipe).data
@@ -217,29 +233,20 @@ def drop_report(dataset_dir: str | os.PathLike, recipe: str, max_samples: int | 
     manifest = load_manifest(root)
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            for _key, members in iter_shard(root / shard["path"]):
-                if max_samples is not None and counts["videos"] >= max_samples:
-                    break
-                try:
-                    record = json.loads(members["json"])
-                except (KeyError, ValueError):
-                    continue
-                media = record.get("media", []) if isinstance(record, dict) else []
-                if not any(isinstance(m, dict) and m.get("type") == "video" for m in media):
-                    continue
-                counts["videos"] += 1
-                try:
-                    _, planned = plan_document(record, members, settings, tok, media_ids)
-                except BadSampleError as exc:
-                    counts["dropped"] += 1
-                    reasons[exc.reason] += 1
-                    continue
-                videos = [m for m in planned if m.type == "video"]
-                kind = videos[0].fit if videos else "unchanged"
-                counts["fitted_" + kind if kind != "unchanged" else kind] += 1
-                counts["repaired_timestamps"] += sum(m.timestamps_repaired for m in videos)
+    for record, members in _video_samples(root, manifest):
+        if max_samples is not None and counts["videos"] >= max_samples:
+            break
+        counts["videos"] += 1
+        try:
+            _, planned = plan_document(record, members, settings, tok, media_ids)
+        except BadSampleError as exc:
+            counts["dropped"] += 1
+            reasons[exc.reason] += 1
+            continue
+        videos = [m for m in planned if m.type == "video"]
+        kind = videos[0].fit if videos else "unchanged"
+        counts[kind if kind == "unchanged" else "fitted_" + kind] += 1
+        counts["repaired_timestamps"] += sum(m.timestamps_repaired for m in videos)
     videos = counts["videos"]
     return {
         "recipe": recipe,
