@@ -13,13 +13,14 @@ formats read in place). A media value is one of:
 Record shapes:
 
 - plain text:    ``{"id": ..., "text": "..."}``
-- captioned:     ``{"id": ..., "image" | "images" | "video" | "videos": path(s), "caption": "..."}``
+- captioned:     ``{"id": ..., "image" | "images" | "video" | "videos": media value(s),
+  "caption": "..."}``
 - LLaVA-style:   ``{"id": ..., "image" | "video": path(s), "conversations": [{"from": "human",
   "value": "<image>\\nq"}, {"from": "gpt", "value": "a"}, ...]}``; each ``<image>`` / ``<video>``
   tag places the next media item (untagged media go before the first turn). Human turns and the
   ``assistant:`` prefixes are prompt spans (no loss); answers are trained on.
 - interleaved:   ``{"id": ..., "segments": [{"text": ...}, {"image": path}, {"video": path}, ...]}``
-  (``{"type": "image", "path": ...}`` is accepted too).
+  (``{"type": "image" | "video", "path": ..., "clip": [start_s, end_s]}`` is accepted too).
 
 Every record becomes one ``CanonicalSample``: text segments with loss flags and its media bytes in
 order (``shards.py`` writes it as tar members).

@@ -595,7 +595,9 @@ def iter_input(path: Path, media_root: Path | None = None) -> Iterator[Record]:
         if not tars:
             raise unknown_input(path, "a directory with no .tar shards")
         return iter_tars(tars)
-    root = Path(media_root) if media_root is not None else path.parent
+    # absolute: the CSV and parquet readers hand out resolved paths, which the caller must not
+    # join to a relative root a second time
+    root = (Path(media_root) if media_root is not None else path.parent).absolute()
     suffix = path.suffix.lower()
     with open(path, "rb") as f:
         head = f.read(4096)

@@ -216,3 +216,13 @@ def test_video_webdataset_tar(tmp_path):
     assert [(s.id, s.segments[-1]["text"], [(m.type, m.ext, m.data) for m in s.media])
             for s in samples] == [("v0", "a blue triangle moves down", [("video", "mp4", clip)]),
                                   ("v1", "from json", [("video", "mp4", clip)])]
+
+
+@pytest.mark.parametrize("fmt", ["webvid", "panda70m", "llava"])
+def test_relative_input_paths(tmp_path, monkeypatch, fmt):
+    """Inputs and --media-root given relative to the working directory resolve once."""
+    fixture = WRITERS[fmt](tmp_path)
+    monkeypatch.chdir(tmp_path)
+    rel = lambda p: None if p is None else p.relative_to(tmp_path)  # noqa: E731
+    samples, _ = _read(rel(fixture.path), rel(fixture.media_root))
+    assert [s.media[0].data for s in samples] == [e.media[0][2] for e in fixture.samples]
