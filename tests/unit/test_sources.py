@@ -179,7 +179,7 @@ def test_header_scan_agrees_with_tarfile(tmp_path, fmt):
     long names (GNU ``L``, pax ``path``, ustar prefix), pax sizes, folders and links skipped."""
     import io
 
-    from megatron_vlm.data.sources import _scan_headers, _scan_tarfile
+    from megatron_vlm.data.tar_index import scan_headers, scan_tarfile
 
     path = tmp_path / "t.tar"
     long_dir = "d" * 90 + "/" + "e" * 60
@@ -195,8 +195,8 @@ def test_header_scan_agrees_with_tarfile(tmp_path, fmt):
         link = tarfile.TarInfo("c/link.jpg")
         link.type, link.linkname = tarfile.SYMTYPE, "a/000.jpg"
         tf.addfile(link)
-    scanned = _scan_headers(path)
-    assert scanned is not None and scanned == _scan_tarfile(path)
+    scanned = scan_headers(path)
+    assert scanned is not None and scanned == scan_tarfile(path)
     assert [m[0] for m in scanned[0]] == ["a/000.jpg", f"{long_dir}/001.txt", "b/002.json"]
     keys = [w for w, _ in iter_input(path)]
     assert keys == [f"{path}:a/000", f"{path}:{long_dir}/001", f"{path}:b/002"]
