@@ -79,7 +79,7 @@ from megatron_vlm.data.video import (
     process_video,
     stream_timing,
 )
-from megatron_vlm.data.video_fit import VideoHeader, fit_videos
+from megatron_vlm.data.video_fit import VideoHeader, fit_videos, media_clip, video_chunks
 
 _NO_PIXELS = torch.empty(0, 3, PATCH_SIZE, PATCH_SIZE)
 
@@ -229,7 +229,7 @@ def _slowfast_plan(decoded: DecodedVideo, s: EncodeSettings) -> SlowFastPlan:
 
 def _plan_video(data: bytes, s: EncodeSettings,
                 clip: Clip | None = None) -> tuple[VideoHeader | list[VideoChunk], bool]:
-    """(uniform: the header, chunked later at the fitted settings by ``_video_chunks``;
+    """(uniform: the header, chunked later at the fitted settings by ``video_chunks``;
     SlowFast: the chunks, not fitted), whether the timestamps were repaired."""
     if s.slowfast:  # the slow/fast labels need pixels: decode now (pixels are not kept)
         decoded = decode_video(data, s.video_fps, s.video_max_frames, s.video_backend, clip=clip)
@@ -240,35 +240,6 @@ def _plan_video(data: bytes, s: EncodeSettings,
         return chunks, decoded.timestamps_repaired
     header = _probe_video(data, s, clip)
     return header, header.timestamps_repaired
-
-
-def _video_chunks(header: VideoHeader, s: EncodeSettings, frame_max_patches: int,
-                  fps: float) -> list[VideoChunk]:
-    """Chunks (grids and timestamps, no pixels) ``process_video`` makes at these settings."""
-    timestamps = header.frame_indices(fps, s.video_max_frames) / header.fps
-    _, padded = navit_resize(header.height, header.width, max_patches=frame_max_patches)
-    h, w = padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE
-    chunks = []
-    for start in range(0, len(timestamps), TEMPORAL_PATCH_SIZE):
-        stamps = tuple(float(t) for t in timestamps[start : start + TEMPORAL_PATCH_SIZE])
-        chunks.append(VideoChunk(_NO_PIXELS, (len(stamps), h, w), stamps[0], stamps))
-    return chunks
-
-
-def _media_clip(meta: dict) -> Clip | None:
-    """The ``clip`` of a canonical media entry (contract: ``[start_s, end_s]`` floats)."""
-    clip = meta.get("clip")
-    if clip is None:
-        return None
-    try:
-        start, end = (float(x) for x in clip)
-    except (TypeError, ValueError) as exc:
-        raise BadSampleError(f"media clip {clip!r:.60} is not [start_s, end_s]",
-                             reason=BAD_RECORD) from exc
-    if not 0.0 <= start < end:
-        raise BadSampleError(f"media clip {clip!r:.60} needs 0 <= start_s < end_s",
-                             reason=BAD_RECORD)
-    return (start, end)
 
 
 def _tokenize(parts: list, s: EncodeSettings, tokenizer: Any, media_ids: MediaTokenIds,
@@ -282,7 +253,7 @@ def _tokenize(parts: list, s: EncodeSettings, tokenizer: Any, media_ids: MediaTo
             segments.append(part)
             continue
         if isinstance(part, VideoHeader):
-            items: list = _video_chunks(part, s, frame_max_patches, fps)
+            items: list = video_chunks(part, frame_max_patches, fps, s.video_max_frames)
         else:
             items = part if isinstance(part, list) else [part]
         is_slowfast = isinstance(part, list)
@@ -344,7 +315,7 @@ def plan_document(
             parts.append(_plan_image(data, settings))
             planned.append(PlannedMedia("image", data, []))
         else:
-            clip = _media_clip(meta)
+            clip = media_clip(meta)
             video, repaired = _plan_video(data, settings, clip)
             parts.append(video)
             planned.append(PlannedMedia("video", data, [], clip=clip,

@@ -41,9 +41,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_vlm.data.video import Clip, clip_frame_range, sample_frame_indices
+import torch
+
+from megatron_vlm.data.image import PATCH_SIZE, navit_resize
+from megatron_vlm.data.media_errors import BadSampleError
+from megatron_vlm.data.records import BAD_RECORD
+from megatron_vlm.data.video import (
+    TEMPORAL_PATCH_SIZE,
+    Clip,
+    VideoChunk,
+    clip_frame_range,
+    sample_frame_indices,
+)
 
 FIT_KINDS = ("unchanged", "resolution", "fps")
+_NO_PIXELS = torch.empty(0, 3, PATCH_SIZE, PATCH_SIZE)
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,39 @@ class VideoHeader:
 
     def num_frames(self, fps: float, max_frames: int | None) -> int:
         return len(self.frame_indices(fps, max_frames))
+
+
+def video_chunks(header: VideoHeader, frame_max_patches: int, fps: float,
+                 max_frames: int | None) -> list[VideoChunk]:
+    """Chunks (grids and timestamps, no pixels) ``process_video`` makes at these settings."""
+    timestamps = header.frame_indices(fps, max_frames) / header.fps
+    _, padded = navit_resize(header.height, header.width, max_patches=frame_max_patches)
+    h, w = padded[0] // PATCH_SIZE, padded[1] // PATCH_SIZE
+    chunks = []
+    for start in range(0, len(timestamps), TEMPORAL_PATCH_SIZE):
+        stamps = tuple(float(t) for t in timestamps[start : start + TEMPORAL_PATCH_SIZE])
+        chunks.append(VideoChunk(_NO_PIXELS, (len(stamps), h, w), stamps[0], stamps))
+    return chunks
+
+
+def media_clip(meta: dict) -> Clip | None:
+    """The ``clip`` of a canonical media entry (``[start_s, end_s]`` float seconds), checked.
+
+    Raises:
+        BadSampleError: Not two numbers with ``0 <= start_s < end_s`` (``bad_record``).
+    """
+    clip = meta.get("clip")
+    if clip is None:
+        return None
+    try:
+        start, end = (float(x) for x in clip)
+    except (TypeError, ValueError) as exc:
+        raise BadSampleError(f"media clip {clip!r:.60} is not [start_s, end_s]",
+                             reason=BAD_RECORD) from exc
+    if not 0.0 <= start < end:
+        raise BadSampleError(f"media clip {clip!r:.60} needs 0 <= start_s < end_s",
+                             reason=BAD_RECORD)
+    return (start, end)
 
 
 @dataclass(frozen=True)
@@ -217,7 +262,6 @@ def drop_report(dataset_dir: str | os.PathLike, recipe: str, max_samples: int | 
         ``fitted_fps``, ``dropped``, ``dropped_fraction`` (of ``videos``), ``by_reason``
         (skip reason -> dropped samples) and ``repaired_timestamps``.
     """
-    from megatron_vlm.data.media_errors import BadSampleError
     from megatron_vlm.data.mm_encode import EncodeSettings, plan_document
     from megatron_vlm.data.shards import load_manifest
     from megatron_vlm.recipes import get_recipe
