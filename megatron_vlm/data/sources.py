@@ -218,8 +218,11 @@ def _panda_spans(row: dict[str, str], root: Path) -> list[Callable[[], Any]]:
 
 def iter_csv(path: Path, root: Path) -> Iterator[Record]:
     """Rows of a WebVid CSV, or spans of a Panda-70M CSV (told apart by the header)."""
-    with open(path, encoding="utf-8", newline="") as f:
-        header = [h.strip().lower() for h in next(csv.reader(f), [])]
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            header = [h.strip().lower() for h in next(csv.reader(f), [])]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise unknown_input(path, f"unreadable CSV at its start ({type(exc).__name__}: {exc})") from None
     columns = set(header)
     if {"videoid", "timestamp", "caption"} <= columns:
         panda = True
@@ -236,7 +239,14 @@ def _iter_csv_rows(path: Path, root: Path, header: list[str], panda: bool) -> It
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f)
         next(reader)
-        for values in reader:
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise unknown_input(path, f"unreadable CSV after line {reader.line_num} "
+                                          f"({type(exc).__name__}: {exc})") from None
             if not any(v.strip() for v in values):
                 continue
             where = f"{path}:{reader.line_num}"

@@ -84,6 +84,12 @@ def test_unknown_inputs_raise_one_line(tmp_path):
     _one_line_error(tmp_path / "blob.bin", "binary")
     (tmp_path / "obj.json").write_text(json.dumps({"data": [1, 2]}, indent=2))
     _one_line_error(tmp_path / "obj.json", "not a list of records")
+    (tmp_path / "latin1.csv").write_bytes(b"videoid,contentUrl,name\n" + b"1,a.mp4,ok\n" * 2000
+                                          + b"2,b.mp4,caf\xe9\n")
+    _one_line_error(tmp_path / "latin1.csv", "unreadable CSV after line")
+    (tmp_path / "latin1.csv").write_bytes(b"videoid,contentUrl,name\n" + b"1,a.mp4,ok\n" * 400
+                                          + b"2,b.mp4,caf\xe9\n")
+    _one_line_error(tmp_path / "latin1.csv", "unreadable CSV at its start")
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     _one_line_error(tmp_path / "other.csv", "['a', 'b']")
     pq.write_table(pa.table({"x": [1], "y": ["z"]}), tmp_path / "other.parquet")
