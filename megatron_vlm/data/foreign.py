@@ -393,6 +393,7 @@ def verify_foreign(path: Path, manifest: dict[str, Any], deep: bool) -> None:
         ShardVerificationError: Listing every bad shard.
     """
     problems = []
+    counts = _energon_meta(path)["counts"] if deep else {}
     for split in manifest["splits"].values():
         for entry in split["shards"]:
             tar = path / entry["path"]
@@ -409,7 +410,7 @@ def verify_foreign(path: Path, manifest: dict[str, Any], deep: bool) -> None:
                 except ShardVerificationError as exc:
                     problems.append(str(exc))
                     continue
-                indexed = int(_energon_meta(path)["counts"].get(entry["path"], 0))
+                indexed = int(counts.get(entry["path"], 0))
                 if num != indexed:
                     problems.append(f"{entry['path']}: {num} samples readable, energon "
                                     f"indexed {indexed}")

@@ -3,15 +3,17 @@
 Pipeline per DP rank (energon ``WorkerConfig(rank, world_size, num_workers)``; ranks read disjoint
 shard slices)::
 
-    prepared datasets (shards.py) --MetadatasetV2 blend (weights per stage)--> shuffle buffer
-      -> cook: raw tar members of one sample
+    prepared datasets (shards.py), energon/img2dataset datasets read in place (foreign.py)
+      --MetadatasetV2 blend (weights per stage)--> shuffle buffer
+      -> cook: raw tar members of one sample (a foreign layout mapped to canonical members)
       -> preencode (every sample): probe media headers, plan grids/chunks, Kimi templates ->
          TokenizedSample with empty pixel tensors (cheap: the packing buffer holds many; the
          SlowFast video sampler decodes videos here, its grids depend on the pixels)
       -> select_samples_to_pack: two-budget best fit over the packing buffer (mm_packing)
       -> postencode (only the pack's samples): decode + resize + patchify media, check the grids
          against the plan
-      -> pack_selected_samples: PackedBatch + VisionInputs, per-dataset token counts, skips
+      -> pack_selected_samples: PackedBatch + VisionInputs, per-dataset token counts,
+         per-sample modality counts (text/image/video/mixed), skips
 
 Bad samples (corrupt/truncated/missing media, empty text, over a budget) are skipped with a
 ``SkipCounter`` reason in whichever worker meets them; each pack carries the skips its worker
