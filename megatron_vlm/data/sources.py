@@ -222,7 +222,8 @@ def iter_csv(path: Path, root: Path) -> Iterator[Record]:
         with open(path, encoding="utf-8", newline="") as f:
             header = [h.strip().lower() for h in next(csv.reader(f), [])]
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise unknown_input(path, f"unreadable CSV at its start ({type(exc).__name__}: {exc})") from None
+        why = f"unreadable CSV at its start ({type(exc).__name__}: {exc})"
+        raise unknown_input(path, why) from None
     columns = set(header)
     if {"videoid", "timestamp", "caption"} <= columns:
         panda = True
