@@ -140,7 +140,8 @@ class MultimodalDataConfig:
     """A sample over the token or patch budget that holds video is fitted, not skipped: first
     its frames' patch budget is lowered (navit resize, never upscaling) from
     ``video_chunk_max_patches`` down to this, then ``video_min_fps`` applies (data/video_fit.py).
-    A value >= ``video_chunk_max_patches`` turns the resolution step off."""
+    A value >= ``video_chunk_max_patches`` turns the resolution step off. Uniform sampler only:
+    SlowFast videos are not fitted (``slowfast.max_video_tokens`` bounds them)."""
     video_min_fps: float = 0.5
     """Lowest sampling rate a too-long video sample is fitted down to (after its resolution);
     still over a budget there, it is skipped as ``too_long``. A value >= ``video_fps`` turns the

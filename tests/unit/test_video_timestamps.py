@@ -34,9 +34,9 @@ class _Bytes:
 
 
 def encode_clip(num_frames: int, rate: int, codec: str = "libx264",
-                zero_pts: bool = False) -> bytes:
+                zero_pts: bool = False, fmt: str = "mp4") -> bytes:
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with av.open(buf, mode="w", format=fmt) as container:
         stream = container.add_stream(codec, rate=rate)
         stream.height, stream.width = H, W
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
@@ -107,8 +107,12 @@ def test_zero_timestamp_clip_is_repaired_from_the_nominal_rate(zero_h264, backen
     assert [source_index(f) for f in video.frames] == want
 
 
-def test_repaired_clip_plans_and_decodes_all_frames(zero_h264) -> None:
-    doc, media, decoded = plan_and_decode(zero_h264)
+@pytest.mark.parametrize("fmt", ["mp4", "matroska"])
+def test_repaired_clip_plans_and_decodes_all_frames(zero_h264, fmt) -> None:
+    """Planning sees the repair too: from the MP4 header and demux, and from a decode where
+    the header has no frame count (Matroska)."""
+    data = zero_h264 if fmt == "mp4" else encode_clip(20, 10, zero_pts=True, fmt=fmt)
+    doc, media, decoded = plan_and_decode(data)
     assert media[0].timestamps_repaired
     chunks = [decoded.items[i] for i in media[0].item_indices]
     assert [c.grid_thw[0] for c in chunks] == [4]
