@@ -369,7 +369,7 @@ def merge_slices(out_dir: str | os.PathLike, *, verbose: bool = True, workers: i
         return (order[row[0]], row[1]) if isinstance(row, list) else (order[row["split"]],
                                                                      row["index"])
 
-    seen: dict[str, str] = {}
+    seen: dict[str, int] = {}  # id -> first record's index (an int: 1B ids must fit a node)
     kinds, modalities, media, rejected = Counter(), Counter(), Counter(), Counter()
     written = dict.fromkeys(SPLITS, 0)
     exclude: list[str] = []
@@ -384,10 +384,12 @@ def merge_slices(out_dir: str | os.PathLike, *, verbose: bool = True, workers: i
                 sample_key = f"{split}_{index:09d}"
                 if sid in seen:
                     exclude.append(f"{split}/shard_{index // sps:06d}.tar/{sample_key}")
+                    first_split, first = divmod(seen[sid], 1 << 48)
                     row = _reject(split, index, src, where, BadSampleError(
-                        f"duplicate id {sid!r} (first: {seen[sid]})", reason=DUPLICATE_ID))
+                        f"duplicate id {sid!r} (first: sample {SPLITS[first_split]}_{first:09d})",
+                        reason=DUPLICATE_ID))
                 else:
-                    seen[sid] = where
+                    seen[sid] = (order[split] << 48) + index
                     written[split] += 1
                     kinds[kind] += 1
                     modalities[modality] += 1

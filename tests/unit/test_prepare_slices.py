@@ -153,8 +153,7 @@ def test_reject_log_lines_are_the_injected_faults(one, raw):
     assert "bad.jpg" in messages["image_decode"]
     assert "cannot decode image" in messages["image_decode"]
     assert "malformed JSON" in messages["bad_record"]
-    assert "duplicate id 'a'" in messages["duplicate_id"] and f"{src}:1" in messages[
-        "duplicate_id"]
+    assert "duplicate id 'a' (first: sample train_000000000)" in messages["duplicate_id"]
     assert not any("BytesIO" in m or " bytes>" in m for m in messages.values())
     manifest = json.loads((one / "mm_dataset.json").read_text())
     assert manifest["rejected"] == {o: 1 for _, o in RECORDS if o != "ok"}
@@ -222,3 +221,17 @@ def test_modality_per_sample():
     assert infer_modality(caption, Counter(image=2, video=5, text=9)) == "video"
     assert infer_modality(caption, Counter(text=4)) == "text"
     assert infer_modality(Counter(interleaved=3, caption=1), Counter(image=4)) == "interleaved"
+
+
+def test_prepare_throughput_benchmark_smoke(tmp_path):
+    from benchmarks import prepare_throughput
+
+    data = json.loads(prepare_throughput.main(["--smoke", "--out-dir", str(tmp_path)]).read_text())
+    res = data["results"]
+    assert data["smoke"] is True and data["device"]["cpu_model"]
+    for label in ("checks_1_worker", "no_checks_1_worker", "checks_2_workers"):
+        assert res[label]["samples"] == data["config"]["num_records"] and res[label][
+            "pairs_per_s"] > 0
+    assert res["checks_1_worker"]["shard_bytes"] == res["checks_2_workers"]["shard_bytes"]
+    assert res["enumeration"]["records"] == data["config"]["enumeration_records"]
+    assert res["merge_scale"]["merge_samples_per_s"] > 0
