@@ -95,10 +95,12 @@ class TextMemberDecoder(SampleDecoder):
         out = dict(sample)
         for k in parts:
             ext = k.rsplit(".", 1)[-1]
-            if ext == "txt" and isinstance(out[k], bytes):
-                out[k] = out[k].decode("utf-8")
-            elif ext == "json" and isinstance(out[k], bytes):
-                out[k] = json.loads(out[k])
+            if ext not in ("txt", "json") or not isinstance(out[k], bytes):
+                continue
+            try:
+                out[k] = out[k].decode("utf-8") if ext == "txt" else json.loads(out[k])
+            except ValueError:  # left as bytes: our mapping rejects it with a skip reason
+                pass
         return out
 
     def decode(self, fname: str, raw: bytes) -> Any:

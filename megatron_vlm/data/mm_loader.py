@@ -362,11 +362,25 @@ class MultimodalLoader:
             self._loader.restore_state_rank(self._restored)
 
     def _next_pack(self) -> MMPack:
+        if self.one_pass and self._one_pass_done():
+            raise StopIteration
         if self._loader is None:
             self._build()
         if self._iter is None:
             self._iter = iter(self._loader)
         return next(self._iter)
+
+    def _one_pass_done(self) -> bool:
+        """Every train sample of the one-pass dataset packed or skipped.
+
+        energon, restored from a state saved after its reader had reached the end (the packing
+        buffer held the rest), replays the rest and then starts the dataset again; the stream
+        ends here instead. (Counts restored from a state saved before per-sample counts existed
+        start at zero, so such a resume is not cut.)
+        """
+        (info,) = self.datasets.values()
+        done = sum(self._samples_by_modality.values()) + self.skips.total
+        return done >= info.manifest["splits"]["train"]["samples"]
 
     def close(self) -> None:
         """Stop the worker processes now; used again, the loader continues where it was.

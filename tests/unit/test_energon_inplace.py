@@ -103,21 +103,27 @@ def _loader(path: Path, tok, seq_length: int = 512, one_pass: bool = True,
 def _documents(path: Path, tok, **kw) -> tuple[dict[str, tuple[str, str]], dict[str, float]]:
     """sample id -> (decoded prompt text, decoded trained-on text) of every packed document,
     with the loader's metrics; media and special tokens are left out of both texts."""
-    base = tok.base.vocab_size
     out = {}
     with _loader(path, tok, **kw) as mm:
         for pack in mm.packs():
-            b = pack.batch
-            tokens, labels = b.tokens[0].numpy(), b.labels[0].numpy()
-            loss = b.loss_mask[0].numpy().astype(bool)
-            bounds = b.cu_seqlens.numpy()
-            for sid, start, end in zip(pack.sample_ids, bounds[:-1], bounds[1:]):
-                ids, target = tokens[start:end], labels[start:end][loss[start:end]]
-                prompt = [int(t) for t in ids if t < base and t != tok.eos_id]
-                trained = [int(t) for t in target if t < base and t != tok.eos_id]
-                out[sid] = (tok.decode(prompt), tok.decode(trained))
+            out.update(zip(pack.sample_ids, _decode(pack.batch, tok)))
         metrics = mm.metrics()
     return out, metrics
+
+
+def _decode(batch, tok) -> list[tuple[str, str]]:
+    """(prompt text, trained-on text) of each document of a packed batch."""
+    base = tok.base.vocab_size
+    tokens, labels = batch.tokens[0].numpy(), batch.labels[0].numpy()
+    loss = batch.loss_mask[0].numpy().astype(bool)
+    bounds = batch.cu_seqlens.numpy()
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        ids, target = tokens[start:end], labels[start:end][loss[start:end]]
+        prompt = [int(t) for t in ids if t < base and t != tok.eos_id]
+        trained = [int(t) for t in target if t < base and t != tok.eos_id]
+        out.append((tok.decode(prompt), tok.decode(trained)))
+    return out
 
 
 # --------------------------------------------------------------------------------- tests
@@ -141,6 +147,9 @@ def test_energon_captioning_sample_trains_in_place(tmp_path, tok):
     assert {sid: trained for sid, (_, trained) in docs.items()} == {
         f"c{i}": c for i, c in enumerate(CAPTIONS)}
     assert metrics["data/samples/image"] == 4 and metrics["data/samples/video"] == 0
+    with _loader(ds, tok) as mm:  # energon's val split part: the held-out caption
+        (val,) = mm.validation_batches(1)["ds"]
+    assert [trained for _, trained in _decode(val, tok)] == ["a blue circle"]
 
 
 def test_energon_vqa_sample_trains_on_the_best_answer_only(tmp_path, tok):
@@ -253,6 +262,22 @@ def test_per_sample_modality_survives_resume_and_old_states_load(tmp_path, tok):
         assert counts(c.metrics()) == dict.fromkeys(modality.values(), 0.0)
 
 
+def test_one_pass_resume_ends_with_the_dataset(tmp_path, tok):
+    # The packing buffer (16) takes all 7 documents before the first pack: energon, restored
+    # from a state saved then, replays the rest and would start the dataset again.
+    ds = tmp_path / "inter"
+    _interleaved_dataset(ds)
+    with _loader(ds, tok, seq_length=64) as a:
+        packs = a.packs()
+        first = next(packs).sample_ids
+        state = json.loads(json.dumps(a.state_dict()))
+        rest = [i for p in packs for i in p.sample_ids]
+    assert sorted(first + rest) == ["i0", "i1", "i2", "m0", "t0", "v0", "v1"]
+    with _loader(ds, tok, seq_length=64) as b:
+        b.load_state_dict(state)
+        assert [i for p in b.packs() for i in p.sample_ids] == rest
+
+
 def _img2dataset_folder(out: Path) -> dict[str, str]:
     """What img2dataset writes (webdataset output): NNNNN.tar with KEY.jpg|png|webp + KEY.txt +
     KEY.json, and NNNNN.parquet / NNNNN_stats.json beside."""
@@ -267,6 +292,9 @@ def _img2dataset_folder(out: Path) -> dict[str, str]:
             samples.append({"__key__": key, ext: _image(fmt, j), "txt": caption.encode(),
                             "json": json.dumps(meta).encode()})
             captions[key] = caption
+        if shard == 1:  # a caption that is not UTF-8: skipped (bad_record), never trained on
+            samples.append({"__key__": "000019999", "jpg": _image("JPEG", 5),
+                            "txt": b"\xff\xfe caption", "json": b"{}"})
         _write_tar(out / f"{shard:05d}.tar", samples)
         (out / f"{shard:05d}.parquet").write_bytes(b"PAR1 not read by the loader PAR1")
         (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
@@ -280,14 +308,14 @@ def test_img2dataset_folder_is_indexed_and_trained_in_place(tmp_path, tok):
     with pytest.raises(ValueError, match="index img2dataset tars in place"):
         resolve_datasets(_config(ds), ["ds"])  # not indexed yet: says how
     manifest = index_in_place(ds, fmt="img2dataset")
-    assert manifest["splits"]["train"]["samples"] == 6 and manifest["modality"] == "image"
+    assert manifest["splits"]["train"]["samples"] == 7 and manifest["modality"] == "image"
     after = {p for p in ds.rglob("*") if p.is_file()}
     added = sorted(str(p.relative_to(ds)) for p in after - set(before))
     assert all(a.startswith(".nv-meta/") or a.endswith(".tar.idx") for a in added), added
     assert all(p.read_bytes() == data for p, data in before.items()), "a file was changed"
     docs, metrics = _documents(ds, tok)
     assert {k: trained for k, (_, trained) in docs.items()} == captions
-    assert metrics["data/samples/image"] == 6
+    assert metrics["data/samples/image"] == 6 and metrics["data/skipped/bad_record"] == 1
 
 
 def test_a_directory_that_is_no_dataset_gives_a_clear_error(tmp_path, tok):
