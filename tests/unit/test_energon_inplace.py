@@ -330,6 +330,14 @@ def test_a_directory_that_is_no_dataset_gives_a_clear_error(tmp_path, tok):
     energon_prepare(odd, "CrudeWebdataset")
     with pytest.raises(ValueError, match=r"members \['cls'\]\) are neither"):
         resolve_datasets(_config(odd), ["ds"])
+    custom = tmp_path / "custom"  # a typed dataset with energon's sample_loader.py, no field map
+    _write_tar(custom / "train" / "shard_000000.tar",
+               [{"__key__": "a", "jpg": _image("JPEG", 1), "txt": b"a red circle"}])
+    energon_prepare(custom, "CaptioningSample")
+    assert (custom / ".nv-meta" / "sample_loader.py").is_file()
+    with pytest.raises(ValueError, match="CaptioningSample with a sample_loader is not read in "
+                       "place; prepare it as CaptioningSample or VQASample with --field-map"):
+        resolve_datasets(_config(custom), ["ds"])
 
 
 def test_verify_modes_use_energons_index(tmp_path, tok):
