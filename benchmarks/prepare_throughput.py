@@ -100,8 +100,21 @@ def time_merge_scale(root: Path, num_records: int) -> dict:
     merge_slices(out, verbose=False, workers=1)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"samples": num_records, "merge_seconds": seconds,
+    from megatron_vlm.data.prepare import _read_parts
+    from megatron_vlm.data.shards import write_energon_index
+
+    shards = [e for p in _read_parts(out) for e in p["shards"]]
+    index_s = {}
+    for workers in (1, 2):
+        shutil.rmtree(out / ".nv-meta")
+        t0 = time.perf_counter()
+        write_energon_index(out, shards, verbose=False, workers=workers)
+        index_s[workers] = time.perf_counter() - t0
+    return {"samples": num_records, "shards": len(shards), "merge_seconds": seconds,
             "merge_samples_per_s": num_records / seconds,
+            "energon_index_seconds_1_worker": index_s[1],
+            "energon_index_seconds_2_workers": index_s[2],
+            "merge_without_index_samples_per_s": num_records / max(seconds - index_s[1], 1e-9),
             "merge_peak_python_bytes_per_sample": peak / num_records}
 
 
