@@ -415,6 +415,8 @@ class EncodedMMSample(Sample):
     dataset: str
     doc: TokenizedSample
     media: list
+    repaired_timestamps: int = 0
+    """Videos of the document whose frame timestamps were rebuilt from the nominal rate."""
 
 
 @dataclass
@@ -433,6 +435,9 @@ class MMPack:
     """Samples this worker skipped, by reason, since its previous pack."""
     samples_per_modality: dict[str, int] = dataclasses.field(default_factory=dict)
     """Documents of the pack by modality: ``text`` (no media), ``image``, ``video``, ``mixed``."""
+    repaired_timestamps: int = 0
+    """Videos of the pack whose all-zero/repeating frame timestamps were rebuilt from the
+    stream's nominal rate (``video.read_timing``)."""
     __restore_key__: tuple = ()
 
 
@@ -515,6 +520,7 @@ class MMTaskEncoder(TaskEncoder):
         return EncodedMMSample.derive_from(
             sample, sample_id=str(record.get("id", sample.__key__)),
             dataset=str(flavors.get("dataset", "")), doc=doc, media=media,
+            repaired_timestamps=sum(bool(m.timestamps_repaired) for m in media),
         )
 
     @stateless
@@ -540,7 +546,8 @@ class MMTaskEncoder(TaskEncoder):
             raise self._skipped(exc) from None
         self._consecutive = 0
         return EncodedMMSample.derive_from(sample, sample_id=sample.sample_id,
-                                           dataset=sample.dataset, doc=doc, media=[])
+                                           dataset=sample.dataset, doc=doc, media=[],
+                                           repaired_timestamps=sample.repaired_timestamps)
 
     def pack_selected_samples(self, samples: list[EncodedMMSample]) -> MMPack:
         if not samples:  # every document of the pack failed to decode
@@ -572,4 +579,5 @@ class MMTaskEncoder(TaskEncoder):
             video_tokens=video_tokens,
             skips=dict(delta),
             samples_per_modality=dict(modalities),
+            repaired_timestamps=sum(x.repaired_timestamps for x in samples),
         )

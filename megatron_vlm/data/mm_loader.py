@@ -401,6 +401,7 @@ class MultimodalLoader:
         self._tokens: Counter[str] = Counter()
         self._image_tokens = self._video_tokens = 0
         self._samples_by_modality: Counter[str] = Counter()
+        self._repaired_timestamps = 0
         self.skips = SkipCounter(warn_every=0)
         self.last_step_sample_ids: list[list[str]] = []
 
@@ -410,6 +411,7 @@ class MultimodalLoader:
         self._image_tokens += pack.image_tokens
         self._video_tokens += pack.video_tokens
         self._samples_by_modality.update(pack.samples_per_modality)
+        self._repaired_timestamps += pack.repaired_timestamps
         self.skips.merge(pack.skips)
         return pack
 
@@ -482,6 +484,7 @@ class MultimodalLoader:
         total = self._packs * self.seq_length
         out["data/padding_fraction"] = 1.0 - real / total if total else 0.0
         out["data/packs"] = float(self._packs)
+        out["data/repaired_timestamps"] = float(self._repaired_timestamps)
         out.update({k: float(v) for k, v in self.skips.as_metrics().items()})
         return out
 
@@ -525,6 +528,7 @@ class MultimodalLoader:
             "image_tokens": self._image_tokens,
             "video_tokens": self._video_tokens,
             "samples_by_modality": dict(self._samples_by_modality),
+            "repaired_timestamps": self._repaired_timestamps,
             "skips": self.skips.state_dict(),
             "energon": pack_energon_state(raw),
         }
@@ -547,6 +551,7 @@ class MultimodalLoader:
         # absent from states saved before per-sample modality counts: those start from zero
         self._samples_by_modality = Counter(
             {str(k): int(v) for k, v in state.get("samples_by_modality", {}).items()})
+        self._repaired_timestamps = int(state.get("repaired_timestamps", 0))
         self.skips.load_state_dict(state["skips"])
 
     # -- validation

@@ -159,3 +159,35 @@ def test_clip_span_outside_the_video_is_skipped() -> None:
     with pytest.raises(BadSampleError) as err:
         plan_and_decode(encode_clip(10, 10), clip=[5.0, 6.0])
     assert err.value.reason == SkipReason.VIDEO_EMPTY
+
+
+def test_repaired_clips_are_counted_in_the_loader_metrics(tmp_path, zero_h264) -> None:
+    """One zero-timestamp clip among healthy ones: prepared, packed and counted once."""
+    from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
+    from megatron_vlm.data.corpus import bundled_corpus_dir
+    from megatron_vlm.data.mm_loader import MultimodalLoader
+    from megatron_vlm.data.shards import prepare_dataset
+    from megatron_vlm.data.tokenizer import get_or_train_tokenizer
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "zero.mp4").write_bytes(zero_h264)
+    (raw / "ok.mp4").write_bytes(encode_clip(20, 10))
+    records = [{"id": "z", "video": "zero.mp4", "caption": "zero clip"},
+               {"id": "a", "video": "ok.mp4", "caption": "healthy clip"},
+               {"id": "b", "video": "ok.mp4", "caption": "healthy again"}]
+    (raw / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare_dataset({"train": [raw / "v.jsonl"]}, tmp_path / "ds" / "v", name="v",
+                    progress=False, verbose=False)
+    spm = get_or_train_tokenizer(bundled_corpus_dir(), tmp_path / "spm", 1024, 0)
+    cfg = MultimodalDataConfig(root=str(tmp_path / "ds"), num_workers=0, shuffle_buffer_size=1,
+                               packing_buffer_size=8, mixes={"s": StageMix(weights={"v": 1})},
+                               stage="s")
+    with MultimodalLoader(cfg, SpecialTokensTokenizer(spm), seq_length=1024,
+                          global_batch_size=1, dp_rank=0, dp_size=1, seed=0,
+                          one_pass=True) as loader:
+        ids = [i for pack in loader.packs() for i in pack.sample_ids]
+        metrics = loader.metrics()
+    assert sorted(ids) == ["a", "b", "z"]
+    assert metrics["data/repaired_timestamps"] == 1.0
+    assert metrics["data/samples/video"] == 3.0
