@@ -7,8 +7,16 @@ formats read in place). A media value is one of:
 - ``{"bytes": b"...", "path": "name.jpg"}``: bytes held inside the input (a tar member, a parquet
   cell); ``path`` gives the type by its extension (sniffed from the bytes when it has none) and is
   the name reject logs show (``<file>:<key>``);
-- ``{"path": "clip.mp4", "clip": [start_s, end_s]}``: a span of a video, cut at decode time (the
-  file is stored whole, never re-encoded; the canonical meta carries ``"clip"``).
+- ``{"path": "clip.mp4", "clip": [start_s, end_s]}``: a span of a video (Panda-70M), cut at decode
+  time and never re-encoded. The sample stores only the packets that decode the span, stream-copied
+  (``video_remux.cut_clip``: from the keyframe at or before the span through the end of the GOP of
+  its last frame, timestamps rebased to 0, same container), and the canonical meta's ``"clip"`` is
+  the span INSIDE that segment: ``[start_s - seg_start, end_s - seg_start]``, where ``seg_start``
+  is the time of the segment's first frame. So frame timestamps (``index / fps``, printed in
+  prompts) count from the segment's first frame, not from the source video's start. The whole file
+  is stored with the clip unchanged when the remux is impossible (no keyframe index, broken
+  timestamps, a container other than mp4/mov/mkv/webm, a muxer error) or the span's GOPs cover
+  the whole file.
 
 Record shapes:
 
@@ -46,7 +54,8 @@ from megatron_vlm.data.media_errors import (
     SkipReason,
 )
 from megatron_vlm.data.templates import MEDIA_SPECIAL_TOKENS
-from megatron_vlm.data.video import decode_video
+from megatron_vlm.data.video import VideoSource, decode_video
+from megatron_vlm.data.video_remux import PacketIndex, cut_clip, packet_index
 
 FORMAT = "megatron_vlm.mm/1"
 """Version tag of the canonical sample format and of ``mm_dataset.json``."""
@@ -69,7 +78,9 @@ class MediaItem:
     data: bytes
     ext: str
     clip: tuple[float, float] | None = None
-    """``(start_s, end_s)`` of a video span to decode (Panda-70M); None: the whole video."""
+    """``(start_s, end_s)`` of a video span to decode (Panda-70M), in the times of ``data``: a
+    clip segment's own (its first frame at 0 s), or the source's when it is stored whole; None:
+    the whole video."""
 
 
 @dataclass
@@ -126,7 +137,7 @@ def _media_type(name: str, data: bytes | None = None) -> tuple[str, str]:
 _ANON_SOURCE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>|<\d+ bytes>")
 
 
-def _check_decodes(kind: str, data: bytes, name: str) -> float | None:
+def _check_decodes(kind: str, data: VideoSource, name: str) -> float | None:
     """Decode now (a corrupt file is rejected here, not skipped at every epoch); a video's
     duration in seconds (None if unknown). Errors name ``name``, never anonymous bytes."""
     try:
@@ -145,16 +156,43 @@ def _check_decodes(kind: str, data: bytes, name: str) -> float | None:
 _CHECKED_FILES: OrderedDict[tuple[str, int, int], float | None] = OrderedDict()
 """(path, size, mtime_ns) -> duration of the last files that decoded: a Panda-70M video with
 many spans (one record each) is decoded once, not once per span."""
+_PACKET_INDEXES: OrderedDict[tuple[str, int, int], PacketIndex | None] = OrderedDict()
+"""(path, size, mtime_ns) -> packet index of the last videos cut into clip segments (one demux
+per file however many spans)."""
 
 
-def _check_file(kind: str, data: bytes, name: str, full: Path) -> float | None:
+def _file_key(full: Path) -> tuple[str, int, int]:
     stat = full.stat()
-    key = (str(full), stat.st_size, stat.st_mtime_ns)
-    if key not in _CHECKED_FILES:
-        _CHECKED_FILES[key] = _check_decodes(kind, data, name)
-        if len(_CHECKED_FILES) > 16:
-            _CHECKED_FILES.popitem(last=False)
-    return _CHECKED_FILES[key]
+    return str(full), stat.st_size, stat.st_mtime_ns
+
+
+def _cached(cache: OrderedDict, key: tuple[str, int, int], compute: Any) -> Any:
+    if key not in cache:
+        cache[key] = compute()
+        if len(cache) > 16:
+            cache.popitem(last=False)
+    return cache[key]
+
+
+def _check_file(kind: str, data: bytes | None, name: str, full: Path) -> float | None:
+    """``_check_decodes`` of a file, once per (path, size, mtime); ``data`` None: decode the
+    file by its path (a clip's source, whose bytes are not read unless stored whole)."""
+    return _cached(_CHECKED_FILES, _file_key(full),
+                   lambda: _check_decodes(kind, full if data is None else data, name))
+
+
+def _cut_clip(data: bytes | None, full: Path | None, ext: str,
+              clip: tuple[float, float]) -> tuple[bytes, tuple[float, float]]:
+    """(bytes to store, clip inside them): the span's stream-copied segment, or the whole
+    source with the clip unchanged (see the module docstring)."""
+    if full is None:
+        cut = cut_clip(data, ext, clip)
+    else:
+        index = _cached(_PACKET_INDEXES, _file_key(full), lambda: packet_index(full))
+        cut = cut_clip(full, ext, clip, index) if index is not None else None
+    if cut is not None:
+        return cut
+    return (full.read_bytes() if data is None else data), clip
 
 
 def _parse_clip(clip: Any, name: str) -> tuple[float, float]:
@@ -199,7 +237,8 @@ def _load_media(value: Any, expected: str | None, media_root: Path, check: bool)
     if full is not None:
         if not full.is_file():
             raise MediaMissingError(f"{kind} file not found: {full}", media=name)
-        data = full.read_bytes()
+        if clip is None:
+            data = full.read_bytes()
     if check:
         duration = (_check_decodes(kind, data, name) if full is None
                     else _check_file(kind, data, name, full))
@@ -207,6 +246,8 @@ def _load_media(value: Any, expected: str | None, media_root: Path, check: bool)
             raise MediaDecodeError(f"clip {list(clip)} of {name} starts after the video ends "
                                    f"({duration:.3f} s)", reason=SkipReason.VIDEO_EMPTY,
                                    media=name)
+    if clip is not None:
+        data, clip = _cut_clip(data, full, ext, clip)
     return MediaItem(kind, data, ext, clip)
 
 
