@@ -8,14 +8,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
-from megatron.energon.tools.prepare import command as energon_prepare_cli
+from fixtures.loader_checks import decode_batch, energon_prepare, write_tar
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
 from megatron_vlm.data.corpus import bundled_corpus_dir
@@ -53,32 +52,6 @@ def _video(seed: int) -> bytes:
     return encode_h264(frames, fps=2)
 
 
-def _write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
-    """One WebDataset shard: ``{key}.{part}`` members, sample after sample."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for members in samples:
-            key = members["__key__"]
-            for part, data in members.items():
-                if part == "__key__":
-                    continue
-                info = tarfile.TarInfo(f"{key}.{part}")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
-
-
-def energon_prepare(path: Path, sample_type: str, field_map: dict | None = None,
-                    splits: tuple[str, ...] = ("train",)) -> None:
-    """The real ``energon prepare`` CLI (megatron-energon 7.4.1), non-interactive."""
-    args = [str(path), "--non-interactive", "--no-progress", "--num-workers", "1",
-            "--sample-type", sample_type]
-    for split in splits:
-        args += ["--split-parts", f"{split}:{split}/.*"]
-    if field_map is not None:
-        args += ["--field-map", json.dumps(field_map)]
-    energon_prepare_cli.main(args, standalone_mode=False)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> SpecialTokensTokenizer:
     spm = get_or_train_tokenizer(bundled_corpus_dir(), tmp_path_factory.mktemp("spm"), 1024, 0)
@@ -106,24 +79,9 @@ def _documents(path: Path, tok, **kw) -> tuple[dict[str, tuple[str, str]], dict[
     out = {}
     with _loader(path, tok, **kw) as mm:
         for pack in mm.packs():
-            out.update(zip(pack.sample_ids, _decode(pack.batch, tok)))
+            out.update(zip(pack.sample_ids, decode_batch(pack.batch, tok)))
         metrics = mm.metrics()
     return out, metrics
-
-
-def _decode(batch, tok) -> list[tuple[str, str]]:
-    """(prompt text, trained-on text) of each document of a packed batch."""
-    base = tok.base.vocab_size
-    tokens, labels = batch.tokens[0].numpy(), batch.labels[0].numpy()
-    loss = batch.loss_mask[0].numpy().astype(bool)
-    bounds = batch.cu_seqlens.numpy()
-    out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        ids, target = tokens[start:end], labels[start:end][loss[start:end]]
-        prompt = [int(t) for t in ids if t < base and t != tok.eos_id]
-        trained = [int(t) for t in target if t < base and t != tok.eos_id]
-        out.append((tok.decode(prompt), tok.decode(trained)))
-    return out
 
 
 # --------------------------------------------------------------------------------- tests
@@ -132,10 +90,10 @@ def _decode(batch, tok) -> list[tuple[str, str]]:
 def test_energon_captioning_sample_trains_in_place(tmp_path, tok):
     ds = tmp_path / "cap"
     fmts = ["JPEG", "PNG", "JPEG", "WEBP"]
-    _write_tar(ds / "train" / "shard_000000.tar",
+    write_tar(ds / "train" / "shard_000000.tar",
                [{"__key__": f"c{i}", "jpg": _image(f, i), "txt": c.encode()}
                 for i, (f, c) in enumerate(zip(fmts, CAPTIONS))])
-    _write_tar(ds / "val" / "shard_000000.tar",
+    write_tar(ds / "val" / "shard_000000.tar",
                [{"__key__": "v0", "jpg": _image("JPEG", 9), "txt": b"a blue circle"}])
     energon_prepare(ds, "CaptioningSample", {"image": "jpg", "caption": "txt"}, ("train", "val"))
     assert {"dataset.yaml", "split.yaml", ".info.json"} <= set(os.listdir(ds / ".nv-meta"))
@@ -149,12 +107,12 @@ def test_energon_captioning_sample_trains_in_place(tmp_path, tok):
     assert metrics["data/samples/image"] == 4 and metrics["data/samples/video"] == 0
     with _loader(ds, tok) as mm:  # energon's val split part: the held-out caption
         (val,) = mm.validation_batches(1)["ds"]
-    assert [trained for _, trained in _decode(val, tok)] == ["a blue circle"]
+    assert [trained for _, trained in decode_batch(val, tok)] == ["a blue circle"]
 
 
 def test_energon_vqa_sample_trains_on_the_best_answer_only(tmp_path, tok):
     ds = tmp_path / "vqa"
-    _write_tar(ds / "train" / "shard_000000.tar", [
+    write_tar(ds / "train" / "shard_000000.tar", [
         {"__key__": f"q{i}", "jpg": _image("JPEG", i),
          "json": json.dumps({"question": q, "answers": a,
                              **({"weights": w} if w else {})}).encode()}
@@ -172,7 +130,7 @@ def test_energon_vqa_sample_trains_on_the_best_answer_only(tmp_path, tok):
 def test_energon_vqa_answer_weights_pick_the_answer(tmp_path, tok):
     ds = tmp_path / "vqaw"
     rows = [(q, a, w) for q, a, w in VQA if w]
-    _write_tar(ds / "train" / "shard_000000.tar", [
+    write_tar(ds / "train" / "shard_000000.tar", [
         {"__key__": f"w{i}", "jpg": _image("PNG", i),
          "json": json.dumps({"question": q, "answers": a, "weights": w}).encode()}
         for i, (q, a, w) in enumerate(rows)])
@@ -204,8 +162,8 @@ def _interleaved_dataset(ds: Path) -> tuple[dict[str, str], dict[str, list]]:
                 fmt = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}.get(part.split(".")[1])
                 members[part] = _video(n) if fmt is None else _image(fmt, n)
         samples.append(members)
-    _write_tar(ds / "train" / "shard_000000.tar", samples[:4])
-    _write_tar(ds / "train" / "shard_000001.tar", samples[4:])
+    write_tar(ds / "train" / "shard_000000.tar", samples[:4])
+    write_tar(ds / "train" / "shard_000001.tar", samples[4:])
     energon_prepare(ds, "CrudeWebdataset")
     return {k: " ".join(x for x in seq if isinstance(x, str)) for k, seq in docs.items()}, docs
 
@@ -295,7 +253,7 @@ def _img2dataset_folder(out: Path) -> dict[str, str]:
         if shard == 1:  # a caption that is not UTF-8: skipped (bad_record), never trained on
             samples.append({"__key__": "000019999", "jpg": _image("JPEG", 5),
                             "txt": b"\xff\xfe caption", "json": b"{}"})
-        _write_tar(out / f"{shard:05d}.tar", samples)
+        write_tar(out / f"{shard:05d}.tar", samples)
         (out / f"{shard:05d}.parquet").write_bytes(b"PAR1 not read by the loader PAR1")
         (out / f"{shard:05d}_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
     return captions
@@ -326,12 +284,12 @@ def test_a_directory_that_is_no_dataset_gives_a_clear_error(tmp_path, tok):
                        ".* nor an energon dataset"):
         resolve_datasets(_config(plain), ["ds"])
     odd = tmp_path / "odd"  # an energon crude dataset of a layout no cooker reads
-    _write_tar(odd / "train" / "shard_000000.tar", [{"__key__": "a", "cls": b"3"}])
+    write_tar(odd / "train" / "shard_000000.tar", [{"__key__": "a", "cls": b"3"}])
     energon_prepare(odd, "CrudeWebdataset")
     with pytest.raises(ValueError, match=r"members \['cls'\]\) are neither"):
         resolve_datasets(_config(odd), ["ds"])
     custom = tmp_path / "custom"  # a typed dataset with energon's sample_loader.py, no field map
-    _write_tar(custom / "train" / "shard_000000.tar",
+    write_tar(custom / "train" / "shard_000000.tar",
                [{"__key__": "a", "jpg": _image("JPEG", 1), "txt": b"a red circle"}])
     energon_prepare(custom, "CaptioningSample")
     assert (custom / ".nv-meta" / "sample_loader.py").is_file()
@@ -345,11 +303,11 @@ def test_verify_modes_use_energons_index(tmp_path, tok):
     samples = [{"__key__": f"c{i}", "jpg": _image("JPEG", i), "txt": c.encode()}
                for i, c in enumerate(CAPTIONS)]
     tar = ds / "train" / "shard_000000.tar"
-    _write_tar(tar, samples)
+    write_tar(tar, samples)
     energon_prepare(ds, "CaptioningSample", {"image": "jpg", "caption": "txt"})
     good = tar.read_bytes()
     # one sample more, same prefix: the size check passes, the deep re-read counts 5 vs 4
-    _write_tar(tar, samples + [{"__key__": "c9", "jpg": _image("JPEG", 9), "txt": b"x"}])
+    write_tar(tar, samples + [{"__key__": "c9", "jpg": _image("JPEG", 9), "txt": b"x"}])
     resolve_datasets(_config(ds), ["ds"], "size")
     with pytest.raises(ShardVerificationError, match="5 samples readable, energon indexed 4"):
         resolve_datasets(_config(ds), ["ds"], "deep")
