@@ -20,7 +20,9 @@ Two more additions of ours:
 - Clip spans (Panda-70M: one source video, several captioned spans cut at decode time):
   ``clip=(start_s, end_s)`` samples only the source frames ``i`` with ``start_s <= i / fps <
   end_s`` (``clip_frame_range``), by the same uniform rule applied to the span's frames;
-  timestamps stay relative to the source's start.
+  timestamps stay relative to the start of the file decoded. Preparation stores a span as its
+  stream-copied segment (``video_remux.cut_clip``) with the clip rebased into it, so for a
+  prepared sample they count from the segment's first frame (a keyframe at or before the span).
 - Broken timing: a stream whose packet timestamps are all equal (e.g. all zero) or repeat has a
   meaningless average frame rate (ffmpeg derives it from the duration: 20 frames with pts 0 read
   as 200 fps, so the sampler kept ONE frame). ``read_timing`` checks the timestamps (a demux, no

@@ -27,6 +27,7 @@ or a span whose GOPs cover the whole file.
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -51,6 +52,19 @@ class PacketIndex:
     @property
     def total_frames(self) -> int:
         return len(self.pts)
+
+    @functools.cached_property
+    def ordered(self) -> list[int]:
+        """``pts`` in presentation order: frame ``i`` is shown at ``ordered[i]``."""
+        return sorted(self.pts)
+
+    @functools.cached_property
+    def suffix_min(self) -> list[int]:
+        """Least pts from each decode position on: a cut there loses no frame before it."""
+        out = list(self.pts)
+        for p in range(len(out) - 2, -1, -1):
+            out[p] = min(out[p], out[p + 1])
+        return out
 
 
 def _open(source: VideoSource) -> str | io.BytesIO:
@@ -97,15 +111,11 @@ class _Plan:
 def _plan(index: PacketIndex, first: int, end: int) -> _Plan | None:
     """Packets that decode source frames ``[first, end)``; None if no keyframe precedes them
     or the segment's frames would not be consecutive source frames."""
-    pts, key = index.pts, index.keyframe
-    ordered = sorted(pts)
+    pts, key, ordered, suffix_min = index.pts, index.keyframe, index.ordered, index.suffix_min
     lo, hi = ordered[first], ordered[end - 1]
     start = max((p for p in range(len(pts)) if key[p] and pts[p] <= lo), default=None)
     if start is None:
         return None
-    suffix_min = list(pts)  # min pts from each position on: a cut there loses no needed frame
-    for p in range(len(pts) - 2, -1, -1):
-        suffix_min[p] = min(suffix_min[p], suffix_min[p + 1])
     stop = next((p for p in range(start + 1, len(pts)) if key[p] and suffix_min[p] > hi),
                 len(pts))
     positions = tuple(p for p in range(start, stop) if pts[p] >= pts[start])
