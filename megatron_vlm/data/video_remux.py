@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import functools
 import io
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -57,6 +58,14 @@ class PacketIndex:
     def ordered(self) -> list[int]:
         """``pts`` in presentation order: frame ``i`` is shown at ``ordered[i]``."""
         return sorted(self.pts)
+
+    @functools.cached_property
+    def keyframes(self) -> tuple[list[int], list[int], list[int]]:
+        """Keyframes by pts: (their pts, the latest decode position among keyframes with pts up
+        to each, their decode positions in order)."""
+        keys = sorted((self.pts[p], p) for p in range(len(self.pts)) if self.keyframe[p])
+        latest = list(itertools.accumulate((p for _, p in keys), max))
+        return [t for t, _ in keys], latest, sorted(p for _, p in keys)
 
     @functools.cached_property
     def suffix_min(self) -> list[int]:
@@ -111,13 +120,15 @@ class _Plan:
 def _plan(index: PacketIndex, first: int, end: int) -> _Plan | None:
     """Packets that decode source frames ``[first, end)``; None if no keyframe precedes them
     or the segment's frames would not be consecutive source frames."""
-    pts, key, ordered, suffix_min = index.pts, index.keyframe, index.ordered, index.suffix_min
+    pts, ordered, suffix_min = index.pts, index.ordered, index.suffix_min
+    key_pts, latest, key_positions = index.keyframes
     lo, hi = ordered[first], ordered[end - 1]
-    start = max((p for p in range(len(pts)) if key[p] and pts[p] <= lo), default=None)
-    if start is None:
+    below = bisect.bisect_right(key_pts, lo)
+    if below == 0:
         return None
-    stop = next((p for p in range(start + 1, len(pts)) if key[p] and suffix_min[p] > hi),
-                len(pts))
+    start = latest[below - 1]  # the last keyframe (decode order) shown at or before the span
+    after = key_positions[bisect.bisect_right(key_positions, start):]
+    stop = next((p for p in after if suffix_min[p] > hi), len(pts))
     positions = tuple(p for p in range(start, stop) if pts[p] >= pts[start])
     seg_first = bisect.bisect_left(ordered, pts[start])
     if sorted(pts[p] for p in positions) != ordered[seg_first:seg_first + len(positions)]:
