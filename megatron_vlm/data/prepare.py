@@ -123,6 +123,10 @@ def _prepare_block(split: str, block: int, out: str, check_media: bool,
     if shard is not None:
         entry = shard.close()
         entry["path"] = str(entry["path"].relative_to(out))
+        # Re-read it now, while it is likely still in the page cache: a shard cut short on disk
+        # stops the slice before its partial manifest says it is done.
+        if problems := verify_entries(Path(out), [entry], deep=True, workers=1):
+            raise ShardVerificationError(problems[0])
     rejects.sort(key=lambda r: r["index"])
     return {"split": split, "block": block, "shard": entry, "samples": samples,
             "rejects": rejects}
@@ -156,31 +160,33 @@ def _my_blocks(inputs: dict[str, list[Path]], media_root: Path | None, samples_p
 
 
 class _BlockPool:
-    """Runs ``_prepare_block`` inline (1 worker) or in a process pool with bounded backlog."""
+    """Runs ``_prepare_block`` inline (1 worker) or in a process pool with a bounded backlog,
+    handing each result to ``sink`` in submission order (so the slice's lists stay sorted and
+    nothing per sample accumulates in memory)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, sink: Callable[[dict], None]) -> None:
         self.workers = workers
+        self.sink = sink
         self.pool: ProcessPoolExecutor | None = None
         self.futures: list[Future] = []
-        self.results: list[dict] = []
 
     def submit(self, *args: Any) -> None:
         if self.workers <= 1:
-            self.results.append(_prepare_block(*args))
+            self.sink(_prepare_block(*args))
             return
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=_mp_context())
         self.futures.append(self.pool.submit(_prepare_block, *args))
         while len(self.futures) > 2 * self.workers:  # loaded records wait in memory: bound them
-            self.results.append(self.futures.pop(0).result())
+            self.sink(self.futures.pop(0).result())
 
-    def finish(self) -> list[dict]:
-        try:
-            self.results += [f.result() for f in self.futures]
-        finally:
-            if self.pool is not None:
-                self.pool.shutdown(cancel_futures=True)
-        return self.results
+    def drain(self) -> None:
+        while self.futures:
+            self.sink(self.futures.pop(0).result())
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def _settings(inputs: dict[str, list[Path]], *, name: str, modality: str | None,
@@ -280,29 +286,39 @@ def prepare_slice(
     slices.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     workers = default_workers() if workers is None else max(1, workers)
-    pool = _BlockPool(workers)
-    for split, block, records in _my_blocks(paths, root, samples_per_shard, shard, progress,
-                                            name):
-        items, rejects = [], []
-        for index, src, where, rec_root, load in records:  # load here: reading is I/O, serial
-            try:
-                items.append((index, src, where, rec_root, load()))
-            except BadSampleError as exc:
-                rejects.append(_reject(split, index, src, where, exc))
-        pool.submit(split, block, str(out), check_media, items, rejects)
-    order = {s: k for k, s in enumerate(SPLITS)}
-    results = sorted(pool.finish(), key=lambda r: (order[r["split"]], r["block"]))
-    entries = [r["shard"] for r in results if r["shard"] is not None]
-    for entry in entries:
-        if after_write is not None:
-            after_write(out / entry["path"])
-    if problems := verify_entries(out, entries, deep=True, workers=workers):
-        raise ShardVerificationError(f"slice {i}/{n} of {out}: " + "; ".join(problems))
     samples_file, rejects_file = f"samples_{tag}.jsonl", f"rejects_{tag}.jsonl"
-    _write_atomic(slices / samples_file, "".join(
-        json.dumps(s, ensure_ascii=False) + "\n" for r in results for s in r["samples"]))
-    _write_atomic(slices / rejects_file, "".join(
-        json.dumps(j, ensure_ascii=False) + "\n" for r in results for j in r["rejects"]))
+    entries: list[dict[str, Any]] = []
+    with open(slices / (samples_file + ".tmp"), "w", encoding="utf-8") as samples_out, \
+            open(slices / (rejects_file + ".tmp"), "w", encoding="utf-8") as rejects_out:
+
+        def sink(result: dict) -> None:  # results arrive in block order
+            if result["shard"] is not None:
+                entries.append(result["shard"])
+                if after_write is not None:
+                    after_write(out / result["shard"]["path"])
+                    if problems := verify_entries(out, [result["shard"]], deep=True, workers=1):
+                        raise ShardVerificationError(f"slice {i}/{n} of {out}: {problems[0]}")
+            samples_out.writelines(json.dumps(x, ensure_ascii=False) + "\n"
+                                   for x in result["samples"])
+            rejects_out.writelines(json.dumps(x, ensure_ascii=False) + "\n"
+                                   for x in result["rejects"])
+
+        pool = _BlockPool(workers, sink)
+        try:
+            for split, block, records in _my_blocks(paths, root, samples_per_shard, shard,
+                                                    progress, name):
+                items, rejects = [], []
+                for index, src, where, rec_root, load in records:  # load here: reading is I/O
+                    try:
+                        items.append((index, src, where, rec_root, load()))
+                    except BadSampleError as exc:
+                        rejects.append(_reject(split, index, src, where, exc))
+                pool.submit(split, block, str(out), check_media, items, rejects)
+            pool.drain()
+        finally:
+            pool.close()
+    for fname in (samples_file, rejects_file):
+        os.replace(slices / (fname + ".tmp"), slices / fname)
     part = {"format": FORMAT, "slice": [i, n], "settings": settings, "shards": entries,
             "samples_file": samples_file, "rejects_file": rejects_file,
             "seconds": time.perf_counter() - start}
