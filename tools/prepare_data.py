@@ -89,13 +89,12 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 def _prepare_args(args: argparse.Namespace) -> list[str]:
-    """This command line's preparation arguments, for the SLURM tasks (absolute paths)."""
-    out = ["--name", args.name, "--out", str(Path(args.out).absolute())]
-    for split in ("train", "val"):
-        if getattr(args, split):
-            out += [f"--{split}", *(str(Path(p).absolute()) for p in getattr(args, split))]
+    """This command line's preparation arguments, for the SLURM tasks."""
+    out = ["--name", args.name, "--out", args.out, "--train", *args.train]
+    if args.val:
+        out += ["--val", *args.val]
     if args.media_root:
-        out += ["--media-root", str(Path(args.media_root).absolute())]
+        out += ["--media-root", args.media_root]
     if args.modality:
         out += ["--modality", args.modality]
     out += ["--samples-per-shard", str(args.samples_per_shard)]
@@ -109,13 +108,13 @@ def _prepare_args(args: argparse.Namespace) -> list[str]:
 def _slurm(args: argparse.Namespace) -> int:
     from megatron_vlm.cluster.prepare_array import (
         PrepareArrayJob,
-        render_prepare_scripts,
-        submit_prepare,
+        launch_prepare_array,
+        slice_task_args,
     )
 
-    out = Path(args.out).absolute()
+    name, out, task_args = slice_task_args(_prepare_args(args))
     job = PrepareArrayJob(
-        name=args.name, prepare_args=_prepare_args(args), out_dir=str(out),
+        name=name, prepare_args=task_args, out_dir=out,
         num_tasks=args.slurm_array, array_parallel=args.array_parallel,
         cpus_per_task=args.cpus_per_task, mem=args.mem, time=args.time,
         partition=args.partition, account=args.account, qos=args.qos,
@@ -123,14 +122,7 @@ def _slurm(args: argparse.Namespace) -> int:
         venv=str(Path(args.venv).absolute()) if args.venv else None,
         system_python=args.system_python, workdir=str(Path.cwd()),
         log_dir=str(Path(args.log_dir).absolute()) if args.log_dir else None)
-    array, merge = render_prepare_scripts(job)
-    if args.dry_run:
-        print(f"# ---- array job ({job.num_tasks} tasks)\n{array}# ---- merge job "
-              f"(sbatch --dependency=afterok:<array job id>)\n{merge}", end="")
-        return 0
-    (array_path, array_id), (merge_path, merge_id) = submit_prepare(job, array, merge)
-    print(f"submitted array job {array_id} ({array_path}) and merge job {merge_id} "
-          f"({merge_path}, after the array succeeds); logs in {job.log_root}")
+    print(launch_prepare_array(job, args.dry_run), end="")
     return 0
 
 

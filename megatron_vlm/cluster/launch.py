@@ -12,6 +12,11 @@ Examples::
         --run-dir /lustre/sweep
     # print the script instead of submitting it
     python tools/launch.py --recipe tiny_cpu --gpus-per-node 4 --venv .venv --dry-run
+    # data preparation: an array of 64 slices (prepare_data --shard i/64) and a merge job after
+    # it; the arguments after -- are tools/prepare_data.py's (megatron_vlm/cluster/prepare_array.py)
+    python tools/launch.py --prepare-slices 64 --cpus-per-task 16 --partition cpu \
+        --venv /shared/venv -- --name laion --train /lustre/laion/pairs.jsonl \
+        --media-root /lustre/laion --out /lustre/prepared/laion
 
 Every run is checked before anything is queued: the recipe exists and the overrides apply
 (the same code path as ``python -m megatron_vlm.train``), the world size suits its parallel
@@ -41,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="a sweep: each non-empty line is one run's train arguments "
                            "(e.g. --recipe tiny_cpu optim.lr=1e-3 train.steps=100); task i runs "
                            "line i")
+    what.add_argument("--prepare-slices", type=int, metavar="N",
+                      help="data preparation as a job array of N slices plus a merge job; the "
+                           "arguments after -- are tools/prepare_data.py's (--name --out "
+                           "--train ...)")
     p.add_argument("--job-name", help="SLURM job name (default: the recipe, or 'sweep')")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -142,8 +151,39 @@ def build_slurm_job(ns: argparse.Namespace) -> SlurmJob:
         signal_lead_s=ns.signal_lead, max_requeues=ns.max_requeues, extra_sbatch=ns.sbatch)
 
 
+def _prepare_slices(ns: argparse.Namespace) -> int:
+    """``--prepare-slices N``: the preparation array and its merge job (no GPUs, no torchrun)."""
+    from megatron_vlm.cluster.prepare_array import (
+        PrepareArrayJob,
+        launch_prepare_array,
+        slice_task_args,
+    )
+
+    try:
+        name, out, task_args = slice_task_args(ns.overrides)
+        job = PrepareArrayJob(
+            name=name, prepare_args=task_args, out_dir=out, num_tasks=ns.prepare_slices,
+            array_parallel=ns.array_parallel, cpus_per_task=ns.cpus_per_task or 16,
+            time=ns.time, partition=ns.partition, account=ns.account, qos=ns.qos,
+            container_image=ns.container_image, container_mounts=ns.container_mounts,
+            container_workdir=ns.container_workdir,
+            venv=str(Path(ns.venv).absolute()) if ns.venv else None,
+            system_python=ns.system_python, workdir=str(Path(ns.workdir or ".").absolute()),
+            log_dir=str(Path(ns.log_dir).absolute()) if ns.log_dir else None)
+        print(launch_prepare_array(job, ns.dry_run), end="")
+    except ValueError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    if ns.prepare_slices is not None:
+        return _prepare_slices(ns)
     try:
         job = build_slurm_job(ns)
     except ValueError as e:

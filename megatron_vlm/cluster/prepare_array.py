@@ -14,6 +14,7 @@ them with stand-in ``srun``/``sbatch`` (``tests/cluster/test_prepare_array.py``)
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,39 @@ class PrepareArrayJob:
     @property
     def log_root(self) -> str:
         return self.log_dir or str(Path(self.out_dir) / ".slurm")
+
+
+def slice_task_args(prepare_args: list[str]) -> tuple[str, str, list[str]]:
+    """``(name, out_dir, args)`` of ``tools/prepare_data.py`` arguments for the array's tasks.
+
+    The paths (``--out``, ``--train``, ``--val``, ``--media-root``) become absolute (the tasks
+    run elsewhere); other arguments pass through verbatim.
+
+    Raises:
+        ValueError: No ``--name``/``--out``/``--train``, or an argument that is the array's own.
+    """
+    p = argparse.ArgumentParser(prog="prepare_data arguments", add_help=False)
+    p.add_argument("--name")
+    p.add_argument("--out")
+    p.add_argument("--train", nargs="+", default=[])
+    p.add_argument("--val", nargs="+", default=[])
+    p.add_argument("--media-root")
+    known, rest = p.parse_known_args(prepare_args)
+    if not (known.name and known.out and known.train):
+        raise ValueError("the preparation needs --name NAME --out DIR --train INPUT... "
+                         "(tools/prepare_data.py arguments)")
+    own = [a for a in rest if a.split("=")[0] in ("--shard", "--merge", "--slurm-array",
+                                                    "--workers", "--bundled", "--verify")]
+    if own:
+        raise ValueError(f"{own[0]} is set by the array itself; remove it")
+    out = str(Path(known.out).absolute())
+    args = ["--name", known.name, "--out", out]
+    for flag, paths in (("--train", known.train), ("--val", known.val)):
+        if paths:
+            args += [flag, *(str(Path(x).absolute()) for x in paths)]
+    if known.media_root:
+        args += ["--media-root", str(Path(known.media_root).absolute())]
+    return known.name, out, args + rest
 
 
 def _header(job: PrepareArrayJob, name: str, log_name: str, cpus: int) -> list[str]:
@@ -165,3 +199,19 @@ def submit_prepare(job: PrepareArrayJob, array: str,
     array_id = _sbatch(array_path)
     merge_id = _sbatch(merge_path, f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes")
     return (array_path, array_id), (merge_path, merge_id)
+
+
+def launch_prepare_array(job: PrepareArrayJob, dry_run: bool) -> str:
+    """Both scripts (``dry_run``) or, after submitting them, what was submitted: the text for
+    the command line to print.
+
+    Raises:
+        RuntimeError: sbatch missing or refusing a script.
+    """
+    array, merge = render_prepare_scripts(job)
+    if dry_run:
+        return (f"# ---- array job ({job.num_tasks} tasks)\n{array}# ---- merge job "
+                f"(sbatch --dependency=afterok:<array job id>)\n{merge}")
+    (array_path, array_id), (merge_path, merge_id) = submit_prepare(job, array, merge)
+    return (f"submitted array job {array_id} ({array_path}) and merge job {merge_id} "
+            f"({merge_path}, after the array succeeds); logs in {job.log_root}\n")

@@ -92,3 +92,33 @@ def test_bad_prepare_arrays_are_refused(kw, message):
             "venv": "/venv"}
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         PrepareArrayJob(**{**base, **kw})
+
+
+def test_launcher_renders_the_same_preparation_array(tmp_path, capsys, monkeypatch):
+    """tools/launch.py --prepare-slices N -- <prepare_data arguments> (relative paths made
+    absolute) renders the array and merge scripts prepare_data --slurm-array renders."""
+    from megatron_vlm.cluster.launch import main as launch_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "x."}\n')
+    opts = ["--cpus-per-task", "8", "--partition", "cpu", "--venv", sys.prefix, "--dry-run"]
+    data = ["--name", "web", "--train", "in.jsonl", "--out", "prepared/web",
+            "--samples-per-shard", "500"]
+    assert launch_main(["--prepare-slices", "3", *opts, "--", *data]) == 0
+    launched = capsys.readouterr().out
+    assert _tool().main([*data, "--slurm-array", "3", *opts]) == 0
+    assert capsys.readouterr().out == launched
+    array, merge = (part.split("\n", 1)[1] for part in launched.split("# ---- ")[1:])
+    for script in (array, merge):
+        assert script.startswith("#!/bin/bash\n")
+        path = tmp_path / "s.sbatch"
+        path.write_text(script)
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    assert "#SBATCH --array=0-2" in array and "#SBATCH --cpus-per-task=8" in array
+    assert f"--train {tmp_path / 'in.jsonl'}" in array  # absolute: tasks run elsewhere
+    assert '--shard "${SLURM_ARRAY_TASK_ID:?an array task (sbatch --array)}/3"' in array
+    assert f"--merge {tmp_path / 'prepared/web'}" in merge
+    assert launch_main(["--prepare-slices", "3", *opts, "--", "--name", "web"]) == 2
+    assert "needs --name NAME --out DIR --train" in capsys.readouterr().err
+    assert launch_main(["--prepare-slices", "3", *opts, "--", *data, "--shard", "0/3"]) == 2
+    assert "--shard is set by the array itself" in capsys.readouterr().err
