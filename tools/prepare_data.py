@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not decode media while preparing (faster, bad files pass)")
     p.add_argument("--shard", metavar="I/N",
                    help="prepare only slice I of N (0-based); then --merge OUT once")
+    p.add_argument("--slice-by", choices=["block", "file"], default="block",
+                   help="--shard units: blocks of --samples-per-shard records (default; every "
+                        "slice scans every record) or whole input files (a slice opens only its "
+                        "own: for many tar/parquet inputs)")
     p.add_argument("--workers", type=int,
                    help="processes (default: the CPUs this process is given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -100,6 +104,8 @@ def _prepare_args(args: argparse.Namespace) -> list[str]:
     out += ["--samples-per-shard", str(args.samples_per_shard)]
     if args.no_check_media:
         out.append("--no-check-media")
+    if args.slice_by != "block":
+        out += ["--slice-by", args.slice_by]
     if args.overwrite:
         out.append("--overwrite")
     return out
@@ -162,7 +168,8 @@ def _prepare(args: argparse.Namespace) -> None:
     kwargs = {"name": args.name, "modality": args.modality, "media_root": args.media_root,
               "samples_per_shard": args.samples_per_shard,
               "check_media": not args.no_check_media, "overwrite": args.overwrite,
-              "progress": not args.no_progress, "workers": args.workers}
+              "progress": not args.no_progress, "workers": args.workers,
+              "slice_by": args.slice_by}
     inputs = {"train": args.train, "val": args.val}
     if args.shard is None:
         prepare_dataset(inputs, args.out, **kwargs)

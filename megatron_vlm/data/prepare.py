@@ -103,9 +103,10 @@ def _reject(split: str, index: int, src: str, where: str, exc: BadSampleError) -
             "media": media, "message": message}
 
 
-def _prepare_block(split: str, block: int, out: str, check_media: bool,
+def _prepare_block(split: str, shard_rel: str, key_prefix: str, out: str, check_media: bool,
                    items: list[tuple], rejects: list[dict]) -> dict[str, Any]:
-    """Normalise (and check) one block's loaded records and write its shard (worker side)."""
+    """Normalise (and check) one block's loaded records and write its shard ``shard_rel``
+    (worker side); sample keys are ``<key_prefix><index:09d>``."""
     shard, samples = None, []
     for index, src, where, root, record in items:
         try:
@@ -114,11 +115,12 @@ def _prepare_block(split: str, block: int, out: str, check_media: bool,
             rejects.append(_reject(split, index, src, where, exc))
             continue
         if shard is None:
-            shard = TarShard(Path(out) / split / f"shard_{block:06d}.tar")
-        shard.add(sample.to_members(f"{split}_{index:09d}"))
+            shard = TarShard(Path(out) / shard_rel)
+        key = f"{key_prefix}{index:09d}"
+        shard.add(sample.to_members(key))
         samples.append([split, index, sample.id, sample.kind,
                         sample_modality(m.type for m in sample.media),
-                        [m.type for m in sample.media], src, where])
+                        [m.type for m in sample.media], src, where, f"{shard_rel}/{key}"])
     entry = None
     if shard is not None:
         entry = shard.close()
@@ -128,35 +130,59 @@ def _prepare_block(split: str, block: int, out: str, check_media: bool,
         if problems := verify_entries(Path(out), [entry], deep=True, workers=1):
             raise ShardVerificationError(problems[0])
     rejects.sort(key=lambda r: r["index"])
-    return {"split": split, "block": block, "shard": entry, "samples": samples,
-            "rejects": rejects}
+    return {"shard": entry, "samples": samples, "rejects": rejects}
+
+
+def _records(src: Path, root: Path, progress: bool, desc: str) -> Iterator[tuple[str, Any]]:
+    records = iter_input(src, root)
+    if progress:
+        from tqdm import tqdm
+
+        records = tqdm(records, desc=desc, unit="rec", file=sys.stderr, mininterval=0.5)
+    return records
 
 
 def _my_blocks(inputs: dict[str, list[Path]], media_root: Path | None, samples_per_shard: int,
-               shard: tuple[int, int], progress: bool, name: str) -> Iterator[tuple]:
-    """(split, block, [(index, input, where, media root, load)]) of this slice's blocks."""
+               shard: tuple[int, int], slice_by: str, progress: bool,
+               name: str) -> Iterator[tuple]:
+    """(split, shard path, key prefix, [(index, input, where, media root, load)]) of this
+    slice's blocks.
+
+    ``slice_by="block"``: records numbered across a split's inputs, block ``b`` (shard
+    ``shard_<b:06d>``, keys ``<split>_<index:09d>``) to slice ``b % N``; every slice scans every
+    record. ``"file"``: input ``f`` of a split to slice ``f % N``, numbered within the file
+    (shard ``shard_<f:05d>_<b:06d>``, keys ``<split>_<f:05d>_<index:09d>``); a slice opens only
+    its own files.
+    """
     i, n = shard
     for split in SPLITS:
         index, pending_block, pending = 0, None, []
-        for src in inputs.get(split, []):
+        for f, src in enumerate(inputs.get(split, [])):
+            if slice_by == "file":
+                if f % n != i:
+                    continue
+                index, pending_block, pending = 0, None, []
             root = media_root if media_root is not None else src.parent
-            records = iter_input(src, root)
-            if progress:
-                from tqdm import tqdm
-
-                records = tqdm(records, desc=f"{name}/{split} {i}/{n}", unit="rec",
-                               file=sys.stderr, mininterval=0.5)
-            for where, load in records:
+            for where, load in _records(src, root, progress, f"{name}/{split} {i}/{n}"):
                 block = index // samples_per_shard
-                if block % n == i:
+                if slice_by == "file" or block % n == i:
                     if pending_block is not None and block != pending_block:
-                        yield split, pending_block, pending
+                        yield _named(split, f, pending_block, slice_by) + (pending,)
                         pending = []
                     pending_block = block
                     pending.append((index, str(src), where, str(root), load))
                 index += 1
+            if slice_by == "file" and pending:
+                yield _named(split, f, pending_block, slice_by) + (pending,)
+                pending = []
         if pending:
-            yield split, pending_block, pending
+            yield _named(split, 0, pending_block, slice_by) + (pending,)
+
+
+def _named(split: str, file: int, block: int, slice_by: str) -> tuple[str, str, str]:
+    if slice_by == "file":
+        return split, f"{split}/shard_{file:05d}_{block:06d}.tar", f"{split}_{file:05d}_"
+    return split, f"{split}/shard_{block:06d}.tar", f"{split}_"
 
 
 class _BlockPool:
@@ -191,8 +217,8 @@ class _BlockPool:
 
 def _settings(inputs: dict[str, list[Path]], *, name: str, modality: str | None,
               media_root: Path | None, samples_per_shard: int, check_media: bool,
-              num_slices: int) -> dict[str, Any]:
-    return {"name": name, "modality": modality,
+              num_slices: int, slice_by: str) -> dict[str, Any]:
+    return {"name": name, "modality": modality, "slice_by": slice_by,
             "inputs": {s: [str(p) for p in inputs.get(s, [])] for s in SPLITS},
             "media_root": None if media_root is None else str(media_root),
             "samples_per_shard": samples_per_shard, "check_media": check_media,
@@ -225,6 +251,7 @@ def prepare_slice(
     overwrite: bool = False,
     progress: bool = False,
     after_write: Callable[[Path], None] | None = None,
+    slice_by: str = "block",
 ) -> dict[str, Any]:
     """Prepare slice ``shard = (i, N)`` of a dataset into ``out_dir`` (see the module docstring).
 
@@ -247,6 +274,11 @@ def prepare_slice(
         progress: tqdm progress bar on stderr.
         after_write: Called with each finished shard's path before verification (fault
             injection in tests; a hook for uploads).
+        slice_by: ``"block"``: blocks of ``samples_per_shard`` records round-robin over the
+            slices (any number of input files; every slice scans every record). ``"file"``:
+            whole input files round-robin (a slice opens only its own files: for many inputs
+            that are slow to scan, e.g. WebDataset tars; keys and shard names then carry the
+            file's position).
 
     Returns:
         The slice's partial manifest.
@@ -262,12 +294,14 @@ def prepare_slice(
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if unknown := set(inputs) - set(SPLITS):
         raise ValueError(f"unknown splits {sorted(unknown)}; use {SPLITS}")
+    if slice_by not in ("block", "file"):
+        raise ValueError(f"slice_by={slice_by!r}: use 'block' or 'file' (--slice-by)")
     out = Path(out_dir)
     paths = {s: [Path(p) for p in inputs.get(s, [])] for s in SPLITS}
     root = None if media_root is None else Path(media_root)
     settings = _settings(paths, name=name, modality=modality, media_root=root,
                          samples_per_shard=samples_per_shard, check_media=check_media,
-                         num_slices=n)
+                         num_slices=n, slice_by=slice_by)
     slices = out / SLICES_DIR
     tag = f"{i:05d}_of_{n:05d}"
     part_path = slices / f"slice_{tag}.json"
@@ -305,15 +339,15 @@ def prepare_slice(
 
         pool = _BlockPool(workers, sink)
         try:
-            for split, block, records in _my_blocks(paths, root, samples_per_shard, shard,
-                                                    progress, name):
+            for split, shard_rel, prefix, records in _my_blocks(
+                    paths, root, samples_per_shard, shard, slice_by, progress, name):
                 items, rejects = [], []
                 for index, src, where, rec_root, load in records:  # load here: reading is I/O
                     try:
                         items.append((index, src, where, rec_root, load()))
                     except BadSampleError as exc:
                         rejects.append(_reject(split, index, src, where, exc))
-                pool.submit(split, block, str(out), check_media, items, rejects)
+                pool.submit(split, shard_rel, prefix, str(out), check_media, items, rejects)
             pool.drain()
         finally:
             pool.close()
@@ -381,31 +415,34 @@ def merge_slices(out_dir: str | os.PathLike, *, verbose: bool = True, workers: i
         raise ShardVerificationError(f"{len(problems)} bad shard(s) in {out}: "
                                      + "; ".join(problems) + ". Re-run those slices.")
 
-    def key(row: Any) -> tuple[int, int]:
-        return (order[row[0]], row[1]) if isinstance(row, list) else (order[row["split"]],
-                                                                     row["index"])
+    ordinal = {(s, src): f for s in SPLITS for f, src in enumerate(settings["inputs"][s])}
 
-    seen: dict[str, int] = {}  # id -> first record's index (an int: 1B ids must fit a node)
+    def key(row: Any) -> tuple[int, int, int]:  # split, input, record: the one-process order
+        if isinstance(row, list):
+            return order[row[0]], ordinal[row[0], row[6]], row[1]
+        return order[row["split"]], ordinal[row["split"], row["input"]], row["index"]
+
+    seen: dict[str, int] = {}  # id -> its first sample's (split, input, index) as one int
+    slice_by = settings["slice_by"]
     kinds, modalities, media, rejected = Counter(), Counter(), Counter(), Counter()
     written = dict.fromkeys(SPLITS, 0)
     exclude: list[str] = []
     examples: dict[str, str] = {}
     streams = [_jsonl(out / SLICES_DIR / p[f]) for p in parts for f in ("samples_file",
                                                                          "rejects_file")]
-    sps = settings["samples_per_shard"]
     with open(out / (REJECTS_NAME + ".tmp"), "w", encoding="utf-8") as log:
         for row in heapq.merge(*streams, key=key):
             if isinstance(row, list):  # a written sample
-                split, index, sid, kind, modality, types, src, where = row
-                sample_key = f"{split}_{index:09d}"
+                split, index, sid, kind, modality, types, src, where, sample_path = row
                 if sid in seen:
-                    exclude.append(f"{split}/shard_{index // sps:06d}.tar/{sample_key}")
-                    first_split, first = divmod(seen[sid], 1 << 48)
+                    exclude.append(sample_path)
+                    s_first, rest = divmod(seen[sid], 1 << 60)
+                    f_first, i_first = divmod(rest, 1 << 40)
+                    first = _named(SPLITS[s_first], f_first, 0, slice_by)[2] + f"{i_first:09d}"
                     row = _reject(split, index, src, where, BadSampleError(
-                        f"duplicate id {sid!r} (first: sample {SPLITS[first_split]}_{first:09d})",
-                        reason=DUPLICATE_ID))
+                        f"duplicate id {sid!r} (first: sample {first})", reason=DUPLICATE_ID))
                 else:
-                    seen[sid] = (order[split] << 48) + index
+                    seen[sid] = (order[split] << 60) + (ordinal[split, src] << 40) + index
                     written[split] += 1
                     kinds[kind] += 1
                     modalities[modality] += 1
@@ -460,6 +497,7 @@ def prepare_dataset(
     verbose: bool = True,
     workers: int | None = None,
     after_write: Callable[[Path], None] | None = None,
+    slice_by: str = "block",
 ) -> PrepareSummary:
     """Write, verify and index one energon dataset in one process: slice 0 of 1, then the merge.
 
@@ -480,7 +518,7 @@ def prepare_dataset(
     prepare_slice(inputs, out, shard=(0, 1), name=name, modality=modality,
                   media_root=media_root, samples_per_shard=samples_per_shard,
                   check_media=check_media, workers=workers, progress=progress,
-                  after_write=after_write)
+                  after_write=after_write, slice_by=slice_by)
     summary = merge_slices(out, verbose=False, workers=workers)
     summary.seconds = time.perf_counter() - start
     if verbose:

@@ -262,3 +262,42 @@ def test_no_sample_byte_is_written_twice(tmp_path):
     assert shard_bytes > 3 * len(media)
     # the shards plus a few KB of slice metadata (sample list, reject log, partial manifest)
     assert shard_bytes <= written < shard_bytes + 16_384, (written, shard_bytes)
+
+
+def test_slices_by_file_open_only_their_files_and_merge_to_one_process(raw, tmp_path,
+                                                                       monkeypatch):
+    """--slice-by file: input f goes to slice f % N, which never opens the other inputs; keys
+    and shards are numbered within each file, so 2 slices merged == 1 process again."""
+    from megatron_vlm.data import prepare
+
+    lines = (raw / "train.jsonl").read_text().splitlines(keepends=True)
+    files = [tmp_path / n for n in ("a.jsonl", "b.jsonl", "c.jsonl")]
+    for path, part in zip(files, (lines[:5], lines[5:9], lines[9:])):
+        path.write_text("".join(part))  # the duplicate "a" is b.jsonl's 4th record
+    inputs = {"train": files, "val": [raw / "val.txt"]}
+    one = tmp_path / "one"
+    prepare_dataset(inputs, one, name="mix", media_root=raw, samples_per_shard=SPS,
+                    progress=False, verbose=False, workers=1, slice_by="file")
+    opened: list[str] = []
+    real = prepare.iter_input
+    monkeypatch.setattr(prepare, "iter_input", lambda p, r=None: (opened.append(p.name),
+                                                                   real(p, r))[1])
+    out = tmp_path / "sliced"
+    for i in (1, 0):
+        opened.clear()
+        prepare_slice(inputs, out, shard=(i, 2), name="mix", media_root=raw,
+                      samples_per_shard=SPS, workers=1, slice_by="file")
+        assert opened == (["b.jsonl"] if i else ["a.jsonl", "c.jsonl", "val.txt"])
+    merge_slices(out, verbose=False, workers=1)
+    assert _tree(out) == _tree(one) and _samples(out) == _samples(one)
+    assert sorted(_samples(one))[:3] == ["train/train_00000_000000000",
+                                         "train/train_00000_000000001",
+                                         "train/train_00000_000000002"]
+    assert "train/shard_00001_000001.tar/train_00001_000000003" in (
+        out / ".nv-meta/split.yaml").read_text()
+    dup = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()
+           if '"duplicate_id"' in x]
+    assert [d["where"] for d in dup] == [f"{files[1]}:4"]
+    assert "first: sample train_00000_000000000" in dup[0]["message"]
+    manifest = json.loads((out / "mm_dataset.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 8
