@@ -301,3 +301,40 @@ def test_slices_by_file_open_only_their_files_and_merge_to_one_process(raw, tmp_
     assert "first: sample train_00000_000000000" in dup[0]["message"]
     manifest = json.loads((out / "mm_dataset.json").read_text())
     assert manifest["splits"]["train"]["samples"] == 8
+
+
+def test_docs_engine_examples_use_the_real_signatures():
+    """docs/data_at_scale.md: the signatures it shows are the real ones, and every call of
+    prepare_slice/merge_slices in its Ray/Dask examples binds to them."""
+    import ast
+    import inspect
+    import re
+
+    from megatron_vlm.data import prepare
+
+    text = (REPO / "docs/data_at_scale.md").read_text()
+    blocks = [ast.parse(b) for b in re.findall(r"```python\n(.*?)```", text, re.S)]
+    real = {n: inspect.signature(getattr(prepare, n)) for n in ("prepare_slice", "merge_slices")}
+    shown, calls = {}, 0
+    for tree in blocks:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in real:
+                args = node.args
+                defaults = [None] * (len(args.args) - len(args.defaults)) + args.defaults
+                shown[node.name] = [(a.arg, d and ast.unparse(d)) for a, d in zip(
+                    args.args, defaults)] + [(a.arg, d and ast.unparse(d)) for a, d in zip(
+                        args.kwonlyargs, args.kw_defaults)]
+            if isinstance(node, ast.Call):
+                func = node.func
+                if isinstance(func, ast.Call) and func.args:  # dask.delayed(prepare_slice)(...)
+                    func = func.args[0]
+                name = getattr(func, "id", None)
+                if name in real:
+                    real[name].bind(*[None] * len(node.args),
+                                    **{k.arg: None for k in node.keywords})
+                    calls += 1
+    for name, sig in real.items():
+        expected = [(p.name, None if p.default is p.empty else repr(p.default))
+                    for p in sig.parameters.values()]
+        assert shown[name] == expected, name
+    assert calls >= 4  # Ray and Dask: a slice call and a merge call each
