@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +215,47 @@ class _BlockPool:
             self.pool.shutdown(cancel_futures=True)
 
 
+def _run_blocks(blocks: Iterator[tuple], out: Path, samples_path: Path, rejects_path: Path, *,
+                check_media: bool, after_write: Callable[[Path], None] | None,
+                workers: int) -> list[dict[str, Any]]:
+    """Prepare ``blocks`` (``_my_blocks``) with ``workers`` processes; write the sample list
+    and the reject log (in block order) and return the shard entries."""
+    entries: list[dict[str, Any]] = []
+    tmp_samples, tmp_rejects = (p.with_name(p.name + ".tmp") for p in (samples_path,
+                                                                        rejects_path))
+    with open(tmp_samples, "w", encoding="utf-8") as samples_out, \
+            open(tmp_rejects, "w", encoding="utf-8") as rejects_out:
+
+        def sink(result: dict) -> None:  # results arrive in block order
+            if result["shard"] is not None:
+                entries.append(result["shard"])
+                if after_write is not None:
+                    after_write(out / result["shard"]["path"])
+                    if problems := verify_entries(out, [result["shard"]], deep=True, workers=1):
+                        raise ShardVerificationError(f"{out}: {problems[0]}")
+            samples_out.writelines(json.dumps(x, ensure_ascii=False) + "\n"
+                                   for x in result["samples"])
+            rejects_out.writelines(json.dumps(x, ensure_ascii=False) + "\n"
+                                   for x in result["rejects"])
+
+        pool = _BlockPool(workers, sink)
+        try:
+            for split, shard_rel, prefix, records in blocks:
+                items, rejects = [], []
+                for index, src, where, rec_root, load in records:  # load here: reading is I/O
+                    try:
+                        items.append((index, src, where, rec_root, load()))
+                    except BadSampleError as exc:
+                        rejects.append(_reject(split, index, src, where, exc))
+                pool.submit(split, shard_rel, prefix, str(out), check_media, items, rejects)
+            pool.drain()
+        finally:
+            pool.close()
+    os.replace(tmp_samples, samples_path)
+    os.replace(tmp_rejects, rejects_path)
+    return entries
+
+
 def _settings(inputs: dict[str, list[Path]], *, name: str, modality: str | None,
               media_root: Path | None, samples_per_shard: int, check_media: bool,
               num_slices: int, slice_by: str) -> dict[str, Any]:
@@ -319,40 +360,11 @@ def prepare_slice(
         _clear_merged(out)
     slices.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    workers = default_workers() if workers is None else max(1, workers)
     samples_file, rejects_file = f"samples_{tag}.jsonl", f"rejects_{tag}.jsonl"
-    entries: list[dict[str, Any]] = []
-    with open(slices / (samples_file + ".tmp"), "w", encoding="utf-8") as samples_out, \
-            open(slices / (rejects_file + ".tmp"), "w", encoding="utf-8") as rejects_out:
-
-        def sink(result: dict) -> None:  # results arrive in block order
-            if result["shard"] is not None:
-                entries.append(result["shard"])
-                if after_write is not None:
-                    after_write(out / result["shard"]["path"])
-                    if problems := verify_entries(out, [result["shard"]], deep=True, workers=1):
-                        raise ShardVerificationError(f"slice {i}/{n} of {out}: {problems[0]}")
-            samples_out.writelines(json.dumps(x, ensure_ascii=False) + "\n"
-                                   for x in result["samples"])
-            rejects_out.writelines(json.dumps(x, ensure_ascii=False) + "\n"
-                                   for x in result["rejects"])
-
-        pool = _BlockPool(workers, sink)
-        try:
-            for split, shard_rel, prefix, records in _my_blocks(
-                    paths, root, samples_per_shard, shard, slice_by, progress, name):
-                items, rejects = [], []
-                for index, src, where, rec_root, load in records:  # load here: reading is I/O
-                    try:
-                        items.append((index, src, where, rec_root, load()))
-                    except BadSampleError as exc:
-                        rejects.append(_reject(split, index, src, where, exc))
-                pool.submit(split, shard_rel, prefix, str(out), check_media, items, rejects)
-            pool.drain()
-        finally:
-            pool.close()
-    for fname in (samples_file, rejects_file):
-        os.replace(slices / (fname + ".tmp"), slices / fname)
+    blocks = _my_blocks(paths, root, samples_per_shard, shard, slice_by, progress, name)
+    entries = _run_blocks(blocks, out, slices / samples_file, slices / rejects_file,
+                          check_media=check_media, after_write=after_write,
+                          workers=default_workers() if workers is None else max(1, workers))
     part = {"format": FORMAT, "slice": [i, n], "settings": settings, "shards": entries,
             "samples_file": samples_file, "rejects_file": rejects_file,
             "seconds": time.perf_counter() - start}
@@ -385,6 +397,60 @@ def _jsonl(path: Path) -> Iterator[Any]:
             yield json.loads(line)
 
 
+@dataclass
+class _Joined:
+    """What the slices' sample lists and reject logs add up to."""
+
+    kinds: Counter = field(default_factory=Counter)
+    modalities: Counter = field(default_factory=Counter)
+    media: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    exclude: list[str] = field(default_factory=list)
+    """``<shard>/<key>`` of every later sample of an id (energon's split.yaml excludes)."""
+    examples: dict[str, str] = field(default_factory=dict)
+
+
+def _join_slices(out: Path, parts: list[dict[str, Any]]) -> _Joined:
+    """Stream every slice's sample list and reject log in one-process order (split, input,
+    record), decide duplicate ids, count, and write ``rejects.jsonl``."""
+    settings, j = parts[0]["settings"], _Joined()
+    order = {s: k for k, s in enumerate(SPLITS)}
+    ordinal = {(s, src): f for s in SPLITS for f, src in enumerate(settings["inputs"][s])}
+
+    def key(row: Any) -> tuple[int, int, int]:
+        if isinstance(row, list):
+            return order[row[0]], ordinal[row[0], row[6]], row[1]
+        return order[row["split"]], ordinal[row["split"], row["input"]], row["index"]
+
+    seen: dict[str, int] = {}  # id -> its first sample's (split, input, index) as one int
+    streams = [_jsonl(out / SLICES_DIR / p[f]) for p in parts for f in ("samples_file",
+                                                                         "rejects_file")]
+    with open(out / (REJECTS_NAME + ".tmp"), "w", encoding="utf-8") as log:
+        for row in heapq.merge(*streams, key=key):
+            if isinstance(row, list):  # a written sample
+                split, index, sid, kind, modality, types, src, where, sample_path = row
+                if sid not in seen:
+                    seen[sid] = (order[split] << 60) + (ordinal[split, src] << 40) + index
+                    j.written[split] += 1
+                    j.kinds[kind] += 1
+                    j.modalities[modality] += 1
+                    j.media.update(types)
+                    continue
+                j.exclude.append(sample_path)
+                s_first, rest = divmod(seen[sid], 1 << 60)
+                f_first, i_first = divmod(rest, 1 << 40)
+                first = (_named(SPLITS[s_first], f_first, 0, settings["slice_by"])[2]
+                         + f"{i_first:09d}")
+                row = _reject(split, index, src, where, BadSampleError(
+                    f"duplicate id {sid!r} (first: sample {first})", reason=DUPLICATE_ID))
+            j.rejected[row["reason"]] += 1
+            j.examples.setdefault(row["reason"], f"{row['where']}: {row['message']}")
+            log.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(out / (REJECTS_NAME + ".tmp"), out / REJECTS_NAME)
+    return j
+
+
 def merge_slices(out_dir: str | os.PathLike, *, verbose: bool = True, workers: int | None = None,
                  deep: bool = False) -> PrepareSummary:
     """Join the slices under ``out_dir`` into one dataset (no shard is rewritten).
@@ -415,43 +481,9 @@ def merge_slices(out_dir: str | os.PathLike, *, verbose: bool = True, workers: i
         raise ShardVerificationError(f"{len(problems)} bad shard(s) in {out}: "
                                      + "; ".join(problems) + ". Re-run those slices.")
 
-    ordinal = {(s, src): f for s in SPLITS for f, src in enumerate(settings["inputs"][s])}
-
-    def key(row: Any) -> tuple[int, int, int]:  # split, input, record: the one-process order
-        if isinstance(row, list):
-            return order[row[0]], ordinal[row[0], row[6]], row[1]
-        return order[row["split"]], ordinal[row["split"], row["input"]], row["index"]
-
-    seen: dict[str, int] = {}  # id -> its first sample's (split, input, index) as one int
-    slice_by = settings["slice_by"]
-    kinds, modalities, media, rejected = Counter(), Counter(), Counter(), Counter()
-    written = dict.fromkeys(SPLITS, 0)
-    exclude: list[str] = []
-    examples: dict[str, str] = {}
-    streams = [_jsonl(out / SLICES_DIR / p[f]) for p in parts for f in ("samples_file",
-                                                                         "rejects_file")]
-    with open(out / (REJECTS_NAME + ".tmp"), "w", encoding="utf-8") as log:
-        for row in heapq.merge(*streams, key=key):
-            if isinstance(row, list):  # a written sample
-                split, index, sid, kind, modality, types, src, where, sample_path = row
-                if sid in seen:
-                    exclude.append(sample_path)
-                    s_first, rest = divmod(seen[sid], 1 << 60)
-                    f_first, i_first = divmod(rest, 1 << 40)
-                    first = _named(SPLITS[s_first], f_first, 0, slice_by)[2] + f"{i_first:09d}"
-                    row = _reject(split, index, src, where, BadSampleError(
-                        f"duplicate id {sid!r} (first: sample {first})", reason=DUPLICATE_ID))
-                else:
-                    seen[sid] = (order[split] << 60) + (ordinal[split, src] << 40) + index
-                    written[split] += 1
-                    kinds[kind] += 1
-                    modalities[modality] += 1
-                    media.update(types)
-                    continue
-            rejected[row["reason"]] += 1
-            examples.setdefault(row["reason"], f"{row['where']}: {row['message']}")
-            log.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(out / (REJECTS_NAME + ".tmp"), out / REJECTS_NAME)
+    j = _join_slices(out, parts)
+    kinds, modalities, media, rejected = j.kinds, j.modalities, j.media, j.rejected
+    written, exclude, examples = j.written, j.exclude, j.examples
     name = settings["name"]
     if not written["train"]:
         raise ValueError(f"no valid train records for dataset {name!r} "
