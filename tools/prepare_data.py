@@ -53,10 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not decode media while preparing (faster, bad files pass)")
     p.add_argument("--shard", metavar="I/N",
                    help="prepare only slice I of N (0-based); then --merge OUT once")
-    p.add_argument("--slice-by", choices=["block", "file"], default="block",
-                   help="--shard units: blocks of --samples-per-shard records (default; every "
-                        "slice scans every record) or whole input files (a slice opens only its "
-                        "own: for many tar/parquet inputs)")
+    p.add_argument("--slice-by", choices=["auto", "block", "file"], default="auto",
+                   help="--shard units: blocks of --samples-per-shard records (every slice scans "
+                        "every record) or whole input files (a slice opens only its own: for "
+                        "many tar/parquet inputs); auto (default): files when a split has >= 16 "
+                        "input files (a folder of shards counts its tars), else blocks")
     p.add_argument("--workers", type=int,
                    help="processes (default: the CPUs this process is given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -104,7 +105,7 @@ def _prepare_args(args: argparse.Namespace) -> list[str]:
     out += ["--samples-per-shard", str(args.samples_per_shard)]
     if args.no_check_media:
         out.append("--no-check-media")
-    if args.slice_by != "block":
+    if args.slice_by != "auto":
         out += ["--slice-by", args.slice_by]
     if args.overwrite:
         out.append("--overwrite")

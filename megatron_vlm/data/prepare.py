@@ -50,10 +50,26 @@ from megatron_vlm.data.shards import (
     verify_entries,
     write_energon_index,
 )
-from megatron_vlm.data.sources import iter_input
+from megatron_vlm.data.sources import expand_inputs, iter_input
 
 SLICES_DIR = ".slices"
 """Partial manifests, id lists and reject logs of the slices, under the dataset directory."""
+
+SLICE_BY = ("auto", "block", "file")
+AUTO_FILE_INPUTS = 16
+"""``slice_by="auto"`` slices by whole files when a split has at least this many input files
+(tar shards, parquet parts: what teams hold at scale), by blocks of records otherwise (one big
+manifest). It depends on the inputs only, never on N, so any N merges to the same dataset."""
+
+
+def resolve_slice_by(slice_by: str, paths: dict[str, list[Path]]) -> str:
+    """``block`` or ``file`` for these (folder-expanded) inputs; see ``AUTO_FILE_INPUTS``."""
+    if slice_by not in SLICE_BY:
+        raise ValueError(f"slice_by={slice_by!r}: use one of {SLICE_BY} (--slice-by)")
+    if slice_by != "auto":
+        return slice_by
+    return "file" if max(map(len, paths.values()), default=0) >= AUTO_FILE_INPUTS else "block"
+
 
 _BYTESIO = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
@@ -292,7 +308,7 @@ def prepare_slice(
     overwrite: bool = False,
     progress: bool = False,
     after_write: Callable[[Path], None] | None = None,
-    slice_by: str = "block",
+    slice_by: str = "auto",
 ) -> dict[str, Any]:
     """Prepare slice ``shard = (i, N)`` of a dataset into ``out_dir`` (see the module docstring).
 
@@ -315,7 +331,9 @@ def prepare_slice(
         progress: tqdm progress bar on stderr.
         after_write: Called with each finished shard's path before verification (fault
             injection in tests; a hook for uploads).
-        slice_by: ``"block"``: blocks of ``samples_per_shard`` records round-robin over the
+        slice_by: ``"auto"`` (default): ``"file"`` when a split has at least
+            ``AUTO_FILE_INPUTS`` input files (a folder of shards counts its tars), else
+            ``"block"``. ``"block"``: blocks of ``samples_per_shard`` records round-robin over the
             slices (any number of input files; every slice scans every record). ``"file"``:
             whole input files round-robin (a slice opens only its own files: for many inputs
             that are slow to scan, e.g. WebDataset tars; keys and shard names then carry the
@@ -335,10 +353,9 @@ def prepare_slice(
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if unknown := set(inputs) - set(SPLITS):
         raise ValueError(f"unknown splits {sorted(unknown)}; use {SPLITS}")
-    if slice_by not in ("block", "file"):
-        raise ValueError(f"slice_by={slice_by!r}: use 'block' or 'file' (--slice-by)")
     out = Path(out_dir)
-    paths = {s: [Path(p) for p in inputs.get(s, [])] for s in SPLITS}
+    paths = {s: expand_inputs(inputs.get(s, [])) for s in SPLITS}
+    slice_by = resolve_slice_by(slice_by, paths)
     root = None if media_root is None else Path(media_root)
     settings = _settings(paths, name=name, modality=modality, media_root=root,
                          samples_per_shard=samples_per_shard, check_media=check_media,
@@ -529,7 +546,7 @@ def prepare_dataset(
     verbose: bool = True,
     workers: int | None = None,
     after_write: Callable[[Path], None] | None = None,
-    slice_by: str = "block",
+    slice_by: str = "auto",
 ) -> PrepareSummary:
     """Write, verify and index one energon dataset in one process: slice 0 of 1, then the merge.
 

@@ -482,6 +482,25 @@ def _is_binary(head: bytes) -> bool:
     return False
 
 
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Input paths with every folder of WebDataset shards replaced by its ``.tar`` files (sorted,
+    hidden folders skipped), so whole-file slicing can split a folder of shards.
+
+    Raises:
+        ValueError: A folder with no ``.tar`` shards (one line naming the formats).
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            tars = _tar_files(path)
+            if not tars:
+                raise unknown_input(path, "a directory with no .tar shards")
+            out += tars
+        else:
+            out.append(path)
+    return out
+
+
 def iter_input(path: Path, media_root: Path | None = None) -> Iterator[Record]:
     """``(where, load)`` for every record of one input (file or folder), in a fixed order.
 

@@ -21,6 +21,7 @@ from megatron_vlm.data.shards import (
     TarShard,
     infer_modality,
     iter_shard,
+    load_manifest,
     sample_modality,
     verify_shards,
 )
@@ -338,3 +339,31 @@ def test_docs_engine_examples_use_the_real_signatures():
                     for p in sig.parameters.values()]
         assert shown[name] == expected, name
     assert calls >= 4  # Ray and Dask: a slice call and a merge call each
+
+
+def test_auto_slicing_splits_a_folder_of_shards_by_file(tmp_path):
+    """--slice-by auto: a folder of >= AUTO_FILE_INPUTS tars is expanded and sliced by file
+    (shard_<f>_<b>), a single manifest by blocks (shard_<b>); folder and tar list agree."""
+    from fixtures.formats import image_bytes
+    from fixtures.loader_checks import write_tar
+
+    from megatron_vlm.data.prepare import AUTO_FILE_INPUTS
+
+    folder = tmp_path / "shards"
+    for f in range(AUTO_FILE_INPUTS):
+        write_tar(folder / f"{f:05d}.tar", [{"__key__": f"{f:05d}{k}", "jpg": image_bytes(f, "jpg"),
+                                             "txt": f"caption {f} {k}".encode()}
+                                            for k in range(2)])
+    by_folder, by_list = tmp_path / "folder", tmp_path / "list"
+    prepare_dataset({"train": [folder]}, by_folder, name="t", progress=False, verbose=False,
+                    workers=1)
+    prepare_dataset({"train": sorted(folder.glob("*.tar"))}, by_list, name="t",
+                    progress=False, verbose=False, workers=1)
+    shards = [e["path"] for e in load_manifest(by_folder)["splits"]["train"]["shards"]]
+    assert shards == [f"train/shard_{f:05d}_000000.tar" for f in range(AUTO_FILE_INPUTS)]
+    assert _tree(by_folder) == _tree(by_list)
+    few = tmp_path / "few"
+    prepare_dataset({"train": sorted(folder.glob("*.tar"))[:3]}, few, name="t",
+                    progress=False, verbose=False, workers=1)
+    assert [e["path"] for e in load_manifest(few)["splits"]["train"]["shards"]] == [
+        "train/shard_000000.tar"]
