@@ -20,6 +20,11 @@ plain text, and the ecosystem's formats read in place); record shapes are descri
     python tools/prepare_data.py --bundled [--cache-dir DIR]
     # re-check a prepared dataset (sizes; --deep re-reads and hashes every shard, in parallel)
     python tools/prepare_data.py --verify /data/prepared/llava --deep
+    # how a recipe's budgets treat the videos (fitted by resolution/fps, or still dropped)
+    python tools/prepare_data.py --verify /data/prepared/webvid --recipe kimi_k25 \
+        --tokenizer /models/Kimi-K2.5
+    # img2dataset output trained in place: only energon's index files are added to the folder
+    python tools/prepare_data.py --index-in-place /data/laion-img2dataset
 
 Every shard is re-read after writing; a shard that does not read back as written stops the tool
 with exit code 2. Rejected records are counted per reason in the summary and listed one per line
@@ -42,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--merge", metavar="OUT", help="join the slices prepared into OUT")
     mode.add_argument("--bundled", action="store_true", help="generate the bundled corpus")
     mode.add_argument("--verify", metavar="DIR", help="check a prepared dataset's shards")
+    mode.add_argument("--index-in-place", metavar="DIR",
+                      help="index img2dataset tars where they lie (energon index files only)")
+    p.add_argument("--recipe", help="after preparing/merging/verifying: report how this "
+                   "recipe's budgets treat the videos (fitted or dropped)")
+    p.add_argument("--tokenizer", help="--recipe: tokenizer path (default: the recipe's "
+                   "data.tokenizer, else bytes: an upper bound on drops)")
     p.add_argument("--train", nargs="+", default=[], help="train inputs")
     p.add_argument("--val", nargs="+", default=[], help="held-out inputs")
     p.add_argument("--out", help="dataset directory to create")
@@ -133,9 +144,32 @@ def _slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _video_report(dataset_dir: str, recipe: str, tokenizer: str | None) -> None:
+    from megatron_vlm.data.video_fit import drop_report
+
+    r = drop_report(dataset_dir, recipe, tokenizer=tokenizer)
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(r["by_reason"].items())) or "none"
+    print(f"{recipe}: {r['videos']} video samples: {r['unchanged']} unchanged, "
+          f"{r['fitted_resolution']} fitted by resolution, {r['fitted_fps']} by fps, "
+          f"{r['dropped']} still dropped ({100 * r['dropped_fraction']:.1f}%: {reasons}); "
+          f"{r['repaired_timestamps']} with repaired timestamps")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.recipe and (args.shard or args.slurm_array is not None or args.bundled
+                            or args.index_in_place):
+            raise ValueError("--recipe reports on a whole dataset: use it when preparing in one "
+                             "process, with --merge, or with --verify")
+        if args.index_in_place:
+            from megatron_vlm.data.foreign import index_in_place
+
+            manifest = index_in_place(args.index_in_place)
+            counts = {s: v["samples"] for s, v in manifest["splits"].items()}
+            print(f"{args.index_in_place}: indexed in place ({counts}); train on it with "
+                  f"data.multimodal.datasets={{NAME: {Path(args.index_in_place).absolute()}}}")
+            return 0
         if args.verify:
             manifest = verify_shards(args.verify, deep=args.deep, workers=args.workers)
             counts = {s: v["samples"] for s, v in manifest["splits"].items()}
@@ -154,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.slurm_array is not None:
                 return _slurm(args)
             _prepare(args)
+        if args.recipe:
+            _video_report(args.verify or args.merge or args.out, args.recipe, args.tokenizer)
     except ShardVerificationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ tested against HF elsewhere) and HF's uniform sampling written out, not by the s
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -155,8 +156,12 @@ def _prepared(root: Path, samples: list[tuple[dict, dict]]) -> Path:
                 info = tarfile.TarInfo(f"train_{k:09d}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    manifest = {"format": FORMAT, "splits": {"train": {"shards": [
-        {"path": "train/shard-000000.tar", "samples": len(samples)}]}}}
+    shard = root / "train" / "shard-000000.tar"
+    manifest = {"format": FORMAT, "name": root.name, "splits": {"train": {
+        "samples": len(samples), "shards": [
+            {"path": "train/shard-000000.tar", "samples": len(samples),
+             "bytes": shard.stat().st_size,
+             "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}]}}}
     (root / MANIFEST_NAME).write_text(json.dumps(manifest))
     return root
 
@@ -182,6 +187,20 @@ def test_drop_report_counts_a_recipes_outcomes(tmp_path, clip_720p_10s) -> None:
     assert report["dropped"] == 2 and report["dropped_fraction"] == pytest.approx(0.4)
     assert report["by_reason"] == {SkipReason.BAD_TIMESTAMPS: 1, SkipReason.TOO_LONG: 1}
     assert drop_report(tmp_path / "ds", "kimi_k25", max_samples=2)["videos"] == 2
+    # the same numbers from the tool: prepare_data --verify DIR --recipe NAME
+    import importlib.util
+    import io
+    from contextlib import redirect_stdout
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_data", Path(__file__).resolve().parents[2] / "tools/prepare_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert tool.main(["--verify", str(tmp_path / "ds"), "--recipe", "kimi_k25"]) == 0
+    assert ("kimi_k25: 5 video samples: 1 unchanged, 1 fitted by resolution, 1 by fps, "
+            "2 still dropped (40.0%: bad_timestamps 1, too_long 1)") in out.getvalue()
 
 
 @pytest.mark.parametrize("key, value", [("video_min_patches_per_frame", 0),
