@@ -82,3 +82,13 @@ class TinyRun:
                 shutil.copy2(item, dest / item.name)
         shutil.copytree(self.checkpoint(step), dest / "checkpoints" / self.checkpoint(step).name)
         return dest
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (the command-line tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

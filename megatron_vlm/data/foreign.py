@@ -52,6 +52,7 @@ from megatron_vlm.data.records import (
     USER_PREFIX,
     CanonicalSample,
     MediaItem,
+    check_text,
 )
 from megatron_vlm.data.shards import (
     MANIFEST_NAME,
@@ -60,7 +61,6 @@ from megatron_vlm.data.shards import (
     load_manifest,
     verify_shards,
 )
-from megatron_vlm.data.templates import MEDIA_SPECIAL_TOKENS
 
 SOURCE_FORMAT = "source_format"
 """Subflavor (and manifest key) naming how a dataset's samples map to canonical records."""
@@ -116,14 +116,7 @@ def _text(value: Any, what: str) -> str:
             value = value.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BadSampleError(f"{what} is not UTF-8: {exc}", reason=BAD_RECORD) from None
-    if not isinstance(value, str):
-        raise BadSampleError(f"{what} must be text, got {type(value).__name__}",
-                             reason=BAD_RECORD)
-    for token in MEDIA_SPECIAL_TOKENS:
-        if token in value:
-            raise BadSampleError(f"{what} contains the media special token {token}",
-                                 reason=SkipReason.PLACEHOLDER_IN_TEXT)
-    return value
+    return check_text(value, what)
 
 
 def _json(value: Any, what: str) -> Any:

@@ -251,13 +251,19 @@ def _load_media(value: Any, expected: str | None, media_root: Path, check: bool)
     return MediaItem(kind, data, ext, clip)
 
 
-def _check_text(text: Any) -> str:
+def check_text(text: Any, what: str = "text") -> str:
+    """``text`` if it is a string without media special tokens, else the reason it is not.
+
+    Raises:
+        BadSampleError: Not a string (``bad_record``), or a media special token inside
+            (``placeholder_in_text``); ``what`` names the field in the message.
+    """
     if not isinstance(text, str):
-        raise BadSampleError(f"text must be a string, got {type(text).__name__}",
+        raise BadSampleError(f"{what} must be a string, got {type(text).__name__}",
                              reason=BAD_RECORD)
     for token in MEDIA_SPECIAL_TOKENS:
         if token in text:
-            raise BadSampleError(f"text contains the media special token {token}",
+            raise BadSampleError(f"{what} contains the media special token {token}",
                                  reason=SkipReason.PLACEHOLDER_IN_TEXT)
     return text
 
@@ -290,7 +296,7 @@ def _conversation_segments(turns: Any, num_media: int) -> list[dict]:
         if not isinstance(turn, dict) or "value" not in turn:
             raise BadSampleError("each turn needs 'from' and 'value'", reason=BAD_RECORD)
         role = str(turn.get("from", "")).lower()
-        value = _check_text(turn["value"])
+        value = check_text(turn["value"])
         if role in ("human", "user"):
             segments.append({"text": USER_PREFIX, "loss": False})
             for piece in tag_re.split(value):
@@ -333,7 +339,7 @@ def normalize_record(obj: Any, media_root: Path, check_media: bool = True) -> Ca
             seg_type = seg.get("type") or next((k for k in ("text", "image", "video")
                                                 if k in seg), None)
             if seg_type == "text":
-                segments.append({"text": _check_text(seg.get("text")),
+                segments.append({"text": check_text(seg.get("text")),
                                  "loss": bool(seg.get("loss", True))})
             elif seg_type in ("image", "video"):
                 path = seg.get(seg_type, seg.get("path"))
@@ -350,11 +356,11 @@ def normalize_record(obj: Any, media_root: Path, check_media: bool = True) -> Ca
     elif _record_media(obj):
         kind = "caption"
         media = [_load_media(p, t, media_root, check_media) for p, t in _record_media(obj)]
-        caption = _check_text(obj.get("caption", obj.get("text")))
+        caption = check_text(obj.get("caption", obj.get("text")))
         segments = [{"media": i} for i in range(len(media))]
         segments.append({"text": caption, "loss": True})
     elif "text" in obj:
-        kind, segments = "text", [{"text": _check_text(obj["text"]), "loss": True}]
+        kind, segments = "text", [{"text": check_text(obj["text"]), "loss": True}]
     else:
         raise BadSampleError("record has none of text/caption/conversations/segments",
                              reason=BAD_RECORD)

@@ -5,7 +5,6 @@ the stand-in ``srun`` (``slurm_stand_ins.py``), produce the dataset one process 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from slurm_stand_ins import slurm_env
+from tiny_runs import load_tool
 
 from megatron_vlm.cluster.prepare_array import PrepareArrayJob
 from megatron_vlm.data.prepare import prepare_dataset
@@ -21,10 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools/prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("prepare_data")
 
 
 def _files(out: Path) -> dict[str, bytes]:

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_runs import load_tool
 
 pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file
@@ -176,13 +177,7 @@ def test_export_failure_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypat
 
 
 def test_cli_reports_errors_with_exit_code(hf_dir, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_hf", Path(__file__).parents[2] / "tools" / "convert_hf.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("convert_hf")
     path, tensors = hf_dir
     del tensors["model.norm.weight"]
     _rewrite(path, tensors)

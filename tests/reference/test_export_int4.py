@@ -16,12 +16,11 @@ the router bias perturbed), imported from ``save_pretrained``'s files.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import load_tool
 
 pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
@@ -184,10 +183,7 @@ def test_cli_export_loads_in_transformers_close_to_ours(k25_int4, tmp_path, caps
     from megatron_vlm.convert import import_hf
 
     hf, _, ckpt, _ = k25_int4
-    spec = importlib.util.spec_from_file_location(
-        "convert_hf", Path(__file__).parents[2] / "tools" / "convert_hf.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_tool("convert_hf")
     out = tmp_path / "cli"
     assert cli.main(["export", str(ckpt.parent), str(out), "--int4-experts", "--quiet"]) == 0
     assert f", {len(INT4)} INT4 (" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from tiny_runs import load_tool
 
 pytest.importorskip("transformers")
 from hf_fixtures import VISION, load_converted, perturb_all, random_media
@@ -283,11 +284,7 @@ def test_tiny_run_sentencepiece_tokenizer_is_found_in_the_run_dir(run, tmp_path)
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location(
-        "convert_hf", Path(__file__).parents[2] / "tools" / "convert_hf.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
+    return load_tool("convert_hf")
 
 
 def test_cli_tokenizer_option_and_refusal_of_a_tokenizer_that_disagrees(run, tmp_path, capsys):

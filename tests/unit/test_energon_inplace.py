@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from fixtures.loader_checks import decode_batch, energon_prepare, write_tar
+from tiny_runs import load_tool
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
 from megatron_vlm.data.corpus import bundled_corpus_dir
@@ -258,23 +259,13 @@ def _img2dataset_folder(out: Path) -> dict[str, str]:
     return captions
 
 
-def _prepare_data_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", Path(__file__).resolve().parents[2] / "tools/prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_img2dataset_folder_is_indexed_and_trained_in_place(tmp_path, tok):
     ds = tmp_path / "laion"
     captions = _img2dataset_folder(ds)
     before = {p: p.read_bytes() for p in ds.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match="index img2dataset tars in place"):
         resolve_datasets(_config(ds), ["ds"])  # not indexed yet: says how
-    tool = _prepare_data_tool()  # tools/prepare_data.py --index-in-place DIR
+    tool = load_tool("prepare_data")  # tools/prepare_data.py --index-in-place DIR
     assert tool.main(["--index-in-place", str(ds)]) == 0
     manifest = resolve_datasets(_config(ds), ["ds"])["ds"].manifest
     assert manifest["splits"]["train"]["samples"] == 7 and manifest["modality"] == "image"

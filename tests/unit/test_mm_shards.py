@@ -3,12 +3,12 @@ verification (a tar cut short while writing, truncated or altered after), energo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_runs import load_tool
 
 from megatron_vlm.data.mm_corpus import (
     Shape,
@@ -31,10 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools/prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("prepare_data")
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ reject log names every injected fault, parallel verification catches a truncated
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -13,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from tiny_runs import load_tool
 
 from megatron_vlm.data.mm_corpus import Shape, draw_scene, encode_image
 from megatron_vlm.data.prepare import merge_slices, prepare_dataset, prepare_slice
@@ -48,10 +48,7 @@ RECORDS = [
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("prepare_data", REPO / "tools/prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("prepare_data")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_runs import load_tool
 
 from megatron_vlm.data.image import PATCH_SIZE, navit_resize
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
@@ -188,14 +189,10 @@ def test_drop_report_counts_a_recipes_outcomes(tmp_path, clip_720p_10s) -> None:
     assert report["by_reason"] == {SkipReason.BAD_TIMESTAMPS: 1, SkipReason.TOO_LONG: 1}
     assert drop_report(tmp_path / "ds", "kimi_k25", max_samples=2)["videos"] == 2
     # the same numbers from the tool: prepare_data --verify DIR --recipe NAME
-    import importlib.util
     import io
     from contextlib import redirect_stdout
 
-    spec = importlib.util.spec_from_file_location(
-        "prepare_data", Path(__file__).resolve().parents[2] / "tools/prepare_data.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("prepare_data")
     out = io.StringIO()
     with redirect_stdout(out):
         assert tool.main(["--verify", str(tmp_path / "ds"), "--recipe", "kimi_k25"]) == 0
