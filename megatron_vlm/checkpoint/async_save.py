@@ -9,8 +9,9 @@
    megatron's ``AsyncCallsQueue`` forks the writer. On CPU the fork is the snapshot: the child
    sees the tensors as they were at step N (copy-on-write) while the parent trains on; on GPU
    megatron's ``preload_fn`` copies them to host memory first.
-2. *in the background*: the forked process writes the tensors (megatron's per-bucket writers,
-   fsync), then hashes the files this rank wrote and leaves the hashes in a sidecar file.
+2. *in the background*: the forked process writes the tensors (one thread per bucket file,
+   each byte hashed as it is written, fsync; ``hashed_io.py``), hashes this rank's small files
+   (its rank file, rank 0's ``common.pt``) and leaves the hashes in a sidecar file.
 3. *blocking, at a later step boundary* (``poll`` finds every rank's writer done, one small
    all-reduce per step while a save is in flight): megatron's finalize (``.metadata``,
    ``metadata.json``), then ours: the ranks' hashes are gathered and rank 0 writes the
@@ -107,15 +108,21 @@ def _sidecar(tmp: Path, rank: int) -> Path:
     return tmp / f".write_rank_{rank:05d}.json"
 
 
-def _write_then_hash(write_fn, tmp: str, rel_paths: list[str], sidecar: str, *args, **kwargs):
-    """Runs in the forked writer: megatron's write, then this rank's file hashes -> sidecar."""
+def _write_then_hash(write_fn, tmp: str, small: list[str], digests: dict, data: list[str],
+                     sidecar: str, *args, **kwargs):
+    """Runs in the forked writer: megatron's buckets, hashed while written (into ``digests``),
+    then the hashes of this rank's small files; every entry -> sidecar."""
     start = time.time()
     record: dict[str, Any] = {"write_start_unix": start}
     try:
         with without_psutil():
             if write_fn is not None:
                 write_fn(*args, **kwargs)  # failures go to megatron's result queue
-            record["entries"] = file_entries(Path(tmp), rel_paths, fsync=True)
+            missing = [name for name in data if name not in digests]
+            if missing:
+                raise CheckpointError(f"no digest for data files {missing} (write failed)")
+            record["entries"] = ([digests[name] for name in data]
+                                 + file_entries(Path(tmp), small, fsync=True))
     except Exception as e:  # noqa: BLE001 -- reported by the finalize step on every rank
         record["error"] = f"{type(e).__name__}: {e}"
     record["write_end_unix"] = time.time()
@@ -172,18 +179,19 @@ class CheckpointSaver:
         t0 = time.perf_counter()
         pending = begin_save(self.root, step, model_chunks, optimizer, scheduler, extra,
                              config_yaml, self.keep_last, self.layout)
+        strategy = AsyncTorchDistSaveStrategy()
         request = dist_checkpointing.save(
-            pending.state, str(pending.tmp), sharded_strategy=AsyncTorchDistSaveStrategy(),
-            async_sharded_save=True)
+            pending.state, str(pending.tmp), sharded_strategy=strategy, async_sharded_save=True)
         pending.state = {}  # the request holds what it writes; drop our references
         write_rank_state(pending)
-        mine = [rank_file(pending.rank)]
+        small = [rank_file(pending.rank)]
         if pending.rank == 0:
-            mine.append(COMMON_STATE_FNAME)  # written by dist_checkpointing.save above
+            small.append(COMMON_STATE_FNAME)  # written by dist_checkpointing.save above
+        data = []
         if request.async_fn is not None:
-            mine += [bucket[1] for bucket in request.async_fn_args[1]]  # (path, name, data)
+            data = [bucket[1] for bucket in request.async_fn_args[1]]  # (path, name, data)
         request = request._replace(async_fn=partial(
-            _write_then_hash, request.async_fn, str(pending.tmp), mine,
+            _write_then_hash, request.async_fn, str(pending.tmp), small, strategy.digests, data,
             str(_sidecar(pending.tmp, pending.rank))))
         flight = _InFlight(pending, schedule_s=0.0)
         request.finalize_fns.insert(0, partial(_mark_finalize_start, flight))

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
@@ -195,14 +196,16 @@ def save_checkpoint(
     """
     pending = begin_save(root, step, model_chunks, optimizer, scheduler, extra, config_yaml,
                          keep_last, layout)
-    dist_checkpointing.save(pending.state, str(pending.tmp),
-                            sharded_strategy=InProcessTorchDistSaveStrategy())
+    strategy = InProcessTorchDistSaveStrategy()
+    dist_checkpointing.save(pending.state, str(pending.tmp), sharded_strategy=strategy)
     write_rank_state(pending)
-    comm.barrier()
-    # Hash (and fsync) the files, each rank a slice.
-    files = list_files(pending.tmp)
-    return complete_save(pending, file_entries(pending.tmp, files[pending.rank::pending.world],
-                                               fsync=True))
+    # The data files were hashed (and fsynced) while written; the small ones are hashed here.
+    # Rank 0 wrote common.pt, and megatron's finalize .metadata and metadata.json.
+    small = [rank_file(pending.rank)]
+    if pending.rank == 0:
+        small += [COMMON_STATE_FNAME, ".metadata", "metadata.json"]
+    entries = list(strategy.digests.values()) + file_entries(pending.tmp, small, fsync=True)
+    return complete_save(pending, entries)
 
 
 @dataclass

@@ -5,10 +5,12 @@ and, where megatron builds a helper inside a function, rebinds that module attri
 duration of one call (``_patched``). Why each piece exists:
 
 * ``InProcessTorchDistSaveStrategy`` (with ``_InProcessFileSystemWriter`` and
-  ``_write_buckets*``): the torch_dist save strategy writes through ``FileSystemWriterAsync``,
+  ``_write_buckets_in_process``): the torch_dist save strategy writes through ``FileSystemWriterAsync``,
   which even for a synchronous save starts a ``spawn`` multiprocessing Manager (re-importing
   ``__main__``) and forks one writer process per bucket (``strategies/filesystem_async.py:54,266``).
-  We write the same buckets, with fsync and megatron's result protocol, in this process instead.
+  We write the same buckets, with fsync and megatron's result protocol, in this process instead:
+  one thread per bucket file, every byte hashed as it is written (``hashed_io.py``), so the
+  manifest needs no second read of the data.
   Without psutil (not a megatron-core dependency) ``filesystem_async.py:642`` raises just to log
   memory use, so that call is stubbed out while writing (``without_psutil``).
 * ``AsyncTorchDistSaveStrategy`` (with ``_AsyncFileSystemWriter``): megatron's own async path
@@ -63,6 +65,8 @@ from megatron.core.dist_checkpointing.strategies.common import (
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import StorageMeta
 
+from megatron_vlm.checkpoint import hashed_io
+from megatron_vlm.checkpoint.hashed_io import WRITE_THREADS
 from megatron_vlm.checkpoint.manifest import CheckpointError
 
 
@@ -92,35 +96,41 @@ def without_psutil() -> contextlib.AbstractContextManager:
 
 
 def _write_buckets_in_process(
-    transform_list: list, rank: int, write_buckets: list, results_queue: queue.Queue
+    transform_list: list, digests: dict, rank: int, write_buckets: list,
+    results_queue: queue.Queue,
 ) -> None:
-    """In-process stand-in for ``FileSystemWriterAsync.write_preloaded_data_multiproc``.
-
-    Same per-bucket writer (with fsync), same result protocol, no forked workers.
-    """
+    """Stand-in for ``FileSystemWriterAsync.write_preloaded_data_multiproc``: the same result
+    protocol, the buckets written by threads of this process, each file hashed as it is written
+    (``hashed_io.write_buckets``; its manifest entry lands in ``digests``)."""
     with without_psutil():
         # An exception goes into the queue, as from megatron's workers: its finalize step then
         # reports the failure on every rank instead of leaving the others in a collective.
-        results_queue.put(_write_buckets(transform_list, write_buckets))
+        results_queue.put(hashed_io.write_buckets(transform_list, write_buckets, digests))
 
 
-def _write_buckets(transform_list: list, write_buckets: list) -> dict[int, list] | Exception:
-    results: dict[int, list] = {}
-    for idx, bucket in enumerate(write_buckets):
-        local_q: queue.Queue = queue.Queue()
-        count_q: queue.Queue = queue.Queue()
-        count_q.put(idx)
-        _fs_async.FileSystemWriterAsync.write_preloaded_data(
-            transform_list, idx, bucket, local_q, count_q, use_fsync=True
-        )
-        _, out = local_q.get_nowait()
-        if isinstance(out, Exception):
-            return out
-        results[idx] = out
-    return results
+class _HashingWriterMixin:
+    """Writes the buckets with :func:`_write_buckets_in_process` (hashes into ``digests``)."""
+
+    digests: dict
+
+    def get_save_function_and_args(self):
+        fn, preload_fn, args = super().get_save_function_and_args()
+        if fn is None:
+            return fn, preload_fn, args
+        transform_list = [self.transforms] if hasattr(self, "transforms") else []
+        return partial(_write_buckets_in_process, transform_list, self.digests), preload_fn, args
 
 
-class _InProcessFileSystemWriter(_fs_async.FileSystemWriterAsync):
+def _writer_factory(cls: type, digests: dict):
+    """``FileSystemWriterAsync(...)`` stand-in: ``cls`` sharing the strategy's ``digests``."""
+    def make(*args, **kwargs):
+        writer = cls(*args, **kwargs)
+        writer.digests = digests
+        return writer
+    return make
+
+
+class _InProcessFileSystemWriter(_HashingWriterMixin, _fs_async.FileSystemWriterAsync):
     """megatron 0.16.1's async writer, made synchronous and in-process (see module docstring)."""
 
     def prepare_write_data(self, plan, planner) -> None:
@@ -128,23 +138,22 @@ class _InProcessFileSystemWriter(_fs_async.FileSystemWriterAsync):
         with _patched(_fs_async, "_get_write_results_queue", queue.Queue):
             super().prepare_write_data(plan, planner)
 
-    def get_save_function_and_args(self):
-        fn, preload_fn, args = super().get_save_function_and_args()
-        if fn is None:
-            return fn, preload_fn, args
-        transform_list = [self.transforms] if hasattr(self, "transforms") else []
-        return partial(_write_buckets_in_process, transform_list), preload_fn, args
-
 
 class InProcessTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
-    """The torch_dist save strategy with :class:`_InProcessFileSystemWriter`; used synchronously."""
+    """The torch_dist save strategy with :class:`_InProcessFileSystemWriter`; used synchronously.
+
+    ``thread_count=WRITE_THREADS``: that many data files per rank, written by as many threads.
+    After a save, ``digests`` holds ``{relative path: manifest entry}`` of this rank's data
+    files, hashed while they were written.
+    """
 
     def __init__(self) -> None:
-        # thread_count=1: one data file per rank (the in-process writer is sequential anyway).
-        super().__init__("torch_dist", 1, thread_count=1)
+        super().__init__("torch_dist", 1, thread_count=WRITE_THREADS)
+        self.digests: dict[str, dict] = {}
 
     def async_save(self, sharded_state_dict, checkpoint_dir):
-        with _patched(_torch_strategy, "FileSystemWriterAsync", _InProcessFileSystemWriter):
+        writer = _writer_factory(_InProcessFileSystemWriter, self.digests)
+        with _patched(_torch_strategy, "FileSystemWriterAsync", writer):
             return super().async_save(sharded_state_dict, checkpoint_dir)
 
 
@@ -183,8 +192,9 @@ def shutdown_results_queue() -> None:
     _RESULTS_MANAGER = _RESULTS_QUEUE = None
 
 
-class _AsyncFileSystemWriter(_fs_async.FileSystemWriterAsync):
-    """megatron 0.16.1's async writer with :func:`write_results_queue` (module docstring)."""
+class _AsyncFileSystemWriter(_HashingWriterMixin, _fs_async.FileSystemWriterAsync):
+    """megatron 0.16.1's async writer with :func:`write_results_queue` (module docstring), the
+    buckets written by threads of the forked writer and hashed on the way."""
 
     def prepare_write_data(self, plan, planner) -> None:
         with _patched(_fs_async, "_get_write_results_queue", write_results_queue):
@@ -194,15 +204,18 @@ class _AsyncFileSystemWriter(_fs_async.FileSystemWriterAsync):
 class AsyncTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
     """megatron's torch_dist async save with :class:`_AsyncFileSystemWriter`.
 
-    ``thread_count=1``: one data file per rank, the same layout as
-    :class:`InProcessTorchDistSaveStrategy`, so async and synchronous checkpoints are alike.
+    ``thread_count=WRITE_THREADS``: the same files as :class:`InProcessTorchDistSaveStrategy`,
+    so async and synchronous checkpoints are alike. ``digests`` is filled in the forked writer
+    (read it there, after the write).
     """
 
     def __init__(self) -> None:
-        super().__init__("torch_dist", 1, thread_count=1)
+        super().__init__("torch_dist", 1, thread_count=WRITE_THREADS)
+        self.digests: dict[str, dict] = {}
 
     def async_save(self, sharded_state_dict, checkpoint_dir):
-        with _patched(_torch_strategy, "FileSystemWriterAsync", _AsyncFileSystemWriter):
+        writer = _writer_factory(_AsyncFileSystemWriter, self.digests)
+        with _patched(_torch_strategy, "FileSystemWriterAsync", writer):
             return super().async_save(sharded_state_dict, checkpoint_dir)
 
 

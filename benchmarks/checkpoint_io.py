@@ -1,0 +1,239 @@
+"""Benchmark: our checkpoint save/load against plain torch DCP of the same state, plus async cost.
+
+One process (gloo, world size 1) builds the tiny MLA/MoE LLM widened to a few hundred MB of
+state (fp32 weights + Adam moments after one step), then in interleaved pairs (ours, baseline):
+
+1. ``save``: ``checkpoint.save_checkpoint`` (megatron torch_dist, per-rank file, manifest with
+   every file's sha256, temp directory + rename) vs ``torch.distributed.checkpoint.save`` of the
+   same tensors (``FileSystemWriter`` defaults: fsync on, one thread);
+2. ``load``: ``checkpoint.load_checkpoint(verify_hashes=True)`` vs ``dcp.load`` of the same
+   tensors into preallocated ones; ``load_sizes_only`` (``verify_hashes=False``) for reference;
+3. ``async``: training steps of the same model with ``CheckpointSaver(async_save=True)`` saving
+   every step vs no saves (paired step medians), and the time each save blocked the step loop
+   per 10 GB of rank state.
+
+Each figure is the median of >= 5 pairs; ratios are baseline time / our time per pair (so >= 0.8
+means "at least 0.8x the baseline's speed"). The load average is recorded before and after.
+
+    python -m benchmarks.checkpoint_io              # writes benchmarks/results/checkpoint_io_*.json
+    python -m benchmarks.checkpoint_io --smoke      # a few MB, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS_DIR, write_result
+
+FULL = {"hidden_size": 512, "vocab_size": 32768, "pairs": 5, "async_steps": 8}
+SMOKE = {"hidden_size": 64, "vocab_size": 1024, "pairs": 1, "async_steps": 2}
+SEQ = 64
+
+
+def _job(cfg: dict[str, Any]):
+    from megatron_vlm.config import apply_overrides
+    from megatron_vlm.recipes import get_recipe
+
+    return apply_overrides(get_recipe("tiny_text_cpu"), [
+        f"model.llm.vocab_size={cfg['vocab_size']}", f"model.llm.hidden_size={cfg['hidden_size']}"])
+
+
+def _batches(step: int, vocab: int) -> list:
+    from megatron_vlm.data.contract import PackedBatch
+
+    gen = torch.Generator().manual_seed(step)
+    tokens = torch.randint(0, vocab, (1, SEQ), generator=gen)
+    batch = PackedBatch(
+        tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=torch.ones(1, SEQ),
+        position_ids=torch.arange(SEQ)[None],
+        cu_seqlens=torch.tensor([0, SEQ], dtype=torch.int32),
+        cu_seqlens_padded=torch.tensor([0, SEQ], dtype=torch.int32), max_seqlen=SEQ)
+    return [batch]
+
+
+def _build(job):
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from megatron_vlm.optim.builder import build_optimizer
+    from megatron_vlm.optim.schedules import build_scheduler
+    from megatron_vlm.training.model_setup import build_model_chunks
+
+    torch.manual_seed(1)
+    model_parallel_cuda_manual_seed(1)
+    chunks = build_model_chunks(job)
+    optimizer = build_optimizer(job.optim, chunks, "fp32", False)
+    scheduler = build_scheduler(job.optim, optimizer, total_steps=100)
+    return chunks, optimizer, scheduler
+
+
+def _train_step(chunks, optimizer, scheduler, step: int, vocab: int) -> None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_vlm.training.step import forward_step
+
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(_batches(step, vocab)), model=chunks,
+        num_microbatches=1, seq_length=SEQ, micro_batch_size=1, forward_only=False)
+    optimizer.step()
+    scheduler.step(1)
+
+
+def plain_state(chunks, optimizer) -> dict[str, torch.Tensor]:
+    """The same tensors our checkpoint holds, as a flat dict for torch DCP (model weights and
+    every per-parameter optimizer state tensor)."""
+    out = {}
+    for i, c in enumerate(chunks):
+        for k, v in c.module.state_dict().items():
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state"):
+                out[f"model{i}.{k}"] = v
+    for oi, o in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
+        for gi, group in enumerate(o.optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                for k, v in o.optimizer.state[p].items():
+                    if isinstance(v, torch.Tensor) and v.dim() > 0:
+                        out[f"optim{oi}.{gi}.{pi}.{k}"] = v
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _pairs(n: int, ours, base) -> dict[str, Any]:
+    """``n`` interleaved (ours, baseline) pairs, the order alternating; medians and the ratio."""
+    t_ours, t_base = [], []
+    for i in range(n):
+        if i % 2:
+            t_base.append(base())
+            t_ours.append(ours())
+        else:
+            t_ours.append(ours())
+            t_base.append(base())
+    ratios = [b / o for o, b in zip(t_ours, t_base)]
+    return {"ours_s": statistics.median(t_ours), "baseline_s": statistics.median(t_base),
+            "baseline_over_ours": statistics.median(ratios),
+            "ours_all_s": t_ours, "baseline_all_s": t_base}
+
+
+def bench_save_load(work: Path, cfg: dict, job, chunks, optimizer, scheduler) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+
+    from megatron_vlm.checkpoint import load_checkpoint, save_checkpoint
+
+    yaml = job.to_yaml()
+    state = plain_state(chunks, optimizer)
+    counter = iter(range(1, 10**6))
+
+    def ours_save() -> float:
+        root = work / f"ours_{next(counter)}"
+        dt = _timed(lambda: save_checkpoint(root, 1, chunks, optimizer, scheduler, {}, yaml,
+                                            keep_last=1))
+        shutil.rmtree(root)
+        return dt
+
+    def dcp_save() -> float:
+        d = work / f"dcp_{next(counter)}"
+        dt = _timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(d))))
+        shutil.rmtree(d)
+        return dt
+
+    save = _pairs(cfg["pairs"], ours_save, dcp_save)
+    ckpt = save_checkpoint(work / "ours_load", 1, chunks, optimizer, scheduler, {}, yaml)
+    dcp_dir = work / "dcp_load"
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dcp_dir)))
+
+    def ours_load(verify: bool = True) -> float:
+        return _timed(lambda: load_checkpoint(ckpt, chunks, optimizer, scheduler,
+                                              verify_hashes=verify))
+
+    def dcp_load() -> float:
+        return _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir))))
+
+    load = _pairs(cfg["pairs"], ours_load, dcp_load)
+    sizes_only = _pairs(cfg["pairs"], lambda: ours_load(False), dcp_load)
+    return {"ours_bytes": _dir_bytes(ckpt), "baseline_bytes": _dir_bytes(dcp_dir),
+            "save": save, "load_verified": load, "load_sizes_only": sizes_only}
+
+
+def bench_async(work: Path, cfg: dict, chunks, optimizer, scheduler) -> dict[str, Any]:
+    """Step time without saves vs with an async save every step (interleaved blocks of steps)."""
+    from megatron_vlm.checkpoint import CheckpointSaver
+
+    vocab, yaml = cfg["vocab_size"], "model: {}\n"
+    saver = CheckpointSaver(work / "async", keep_last=2, async_save=True)
+    plain, saving, blocked = [], [], []
+    step = 100
+    try:
+        for _ in range(cfg["async_steps"]):
+            for with_save in (False, True):
+                step += 1
+                t0 = time.perf_counter()
+                _train_step(chunks, optimizer, scheduler, step, vocab)
+                if with_save:
+                    saver.poll()
+                    saver.save(step, chunks, optimizer, scheduler, {}, yaml)
+                    saving.append(time.perf_counter() - t0)
+                else:
+                    plain.append(time.perf_counter() - t0)
+            reports = saver.finish()  # outside the timed steps: the writer's own duration
+            blocked += [r.schedule_s for r in reports]
+    finally:
+        saver.close()
+    state_bytes = sum(v.numel() * v.element_size() for v in plain_state(chunks, optimizer).values())
+    step_plain, step_saving = statistics.median(plain), statistics.median(saving)
+    snap = statistics.median(blocked) if blocked else float("nan")
+    return {"step_s_without_saves": step_plain, "step_s_with_async_save": step_saving,
+            "step_cost_fraction": step_saving / step_plain - 1.0,
+            "schedule_blocked_s": snap, "rank_state_bytes": state_bytes,
+            "blocked_s_per_10GB": snap * 10e9 / state_bytes}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    p.add_argument("--out-dir", default=None, help=f"result directory (default {RESULTS_DIR})")
+    p.add_argument("--work-dir", default=None, help="where checkpoints are written (a temp dir "
+                   "under it; default the system temp dir)")
+    p.add_argument("--no-async", action="store_true", help="skip the async step-time part")
+    args = p.parse_args(argv)
+    cfg = dict(SMOKE if args.smoke else FULL)
+
+    from benchmarks.harness import init_single_process
+
+    init_single_process()
+    job = _job(cfg)
+    chunks, optimizer, scheduler = _build(job)
+    _train_step(chunks, optimizer, scheduler, 0, cfg["vocab_size"])
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="ckpt_io_") as tmp:
+        work = Path(tmp)
+        results = bench_save_load(work, cfg, job, chunks, optimizer, scheduler)
+        if not args.no_async:
+            results["async"] = bench_async(work, cfg, chunks, optimizer, scheduler)
+    results["loadavg_before"], results["loadavg_after"] = load_before, os.getloadavg()
+    write_result("checkpoint_io", {**cfg, "seq_length": SEQ, "threads": torch.get_num_threads()},
+                 results, out_dir=args.out_dir, smoke=args.smoke,
+                 notes="ratios: baseline seconds / our seconds per interleaved pair, median")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Checkpoint bytes hashed on the way: sha256 while writing, and verification beside the load.
+
+Hashing was a second pass over every byte after a save (and before a load); on a few cores that
+pass cost as much as the write itself. Here:
+
+* **save**: each data file of a rank's torch_dist buckets is written through
+  :class:`HashingWriter` (every byte hashed as it goes to the file, no re-read), one thread per
+  bucket file (:data:`WRITE_THREADS`); :func:`write_buckets` returns megatron's write results and
+  fills a ``{relative path: manifest entry}`` dict.
+* **load**: :class:`BackgroundHasher` hashes this rank's slice of the files in threads while
+  torch DCP reads them (the bytes are then in the page cache for both), so verification costs a
+  core beside the read rather than time before it. The digests are compared before any loaded
+  state reaches the live model or optimizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from torch.distributed.checkpoint.filesystem import _write_item
+
+from megatron_vlm.checkpoint.manifest import sha256_file
+
+WRITE_THREADS = 2
+"""Data files per rank, each written (and hashed) by its own thread. Both save paths (sync and
+async) use it, so their checkpoints have the same files."""
+
+_SERIALIZATION_KWARGS: dict[str, Any] = {}
+if "serialization_format" in inspect.signature(_write_item).parameters:
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    _SERIALIZATION_KWARGS["serialization_format"] = SerializationFormat.TORCH_SAVE
+
+
+class HashingWriter:
+    """A write-only stream over an open binary file that hashes every byte written.
+
+    Only sequential writes (``write``/``tell``/``flush``): a seek would make the digest differ
+    from the file, so it raises.
+    """
+
+    def __init__(self, raw) -> None:
+        self.raw = raw
+        self.size = 0
+        self._hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        n = self.raw.write(view)
+        if n is not None and n != view.nbytes:
+            raise OSError(f"short write to {self.raw.name}: {n} of {view.nbytes} bytes")
+        self._hash.update(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def seek(self, *args: Any) -> int:
+        raise OSError("HashingWriter is sequential: a seek would invalidate the running sha256")
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _write_bucket(transform_list: list, bucket) -> tuple[list, dict[str, Any]]:
+    """One bucket file (megatron's ``(path, relative name, (bytes, tensors))``), fsynced;
+    returns its write results and its manifest entry."""
+    file_name, storage_key, (bytes_data, tensor_data) = bucket
+    results = []
+    with open(file_name, "wb") as f:
+        stream = HashingWriter(f)
+        for item, data in list(bytes_data) + list(tensor_data):
+            results.append(_write_item(*transform_list, stream, data, item, storage_key,
+                                       **_SERIALIZATION_KWARGS))
+        f.flush()
+        if f.tell() != stream.size:  # internal invariant: every byte went through the hash
+            raise OSError(f"{file_name}: {f.tell()} bytes written, {stream.size} hashed")
+        os.fsync(f.fileno())
+    entry = {"path": Path(file_name).name, "size": stream.size, "sha256": stream.hexdigest()}
+    return results, entry
+
+
+def write_buckets(transform_list: list, buckets: list,
+                  digests: dict[str, dict]) -> dict[int, list] | Exception:
+    """Write megatron's buckets, one thread each; megatron's result protocol (``{bucket index:
+    write results}``, or the first exception). Fills ``digests`` with each file's manifest
+    entry (paths relative to the checkpoint directory)."""
+    if not buckets:
+        return {}
+    try:
+        with ThreadPoolExecutor(max_workers=len(buckets),
+                                thread_name_prefix="ckpt-write") as pool:
+            futures = [pool.submit(_write_bucket, transform_list, b) for b in buckets]
+            out = {}
+            for idx, fut in enumerate(futures):
+                results, entry = fut.result()
+                out[idx] = results
+                digests[entry["path"]] = entry
+            return out
+    except Exception as e:  # noqa: BLE001 -- megatron's finalize reports it on every rank
+        return e
+
+
+class BackgroundHasher:
+    """sha256 of some files of a checkpoint, computed in threads from construction on.
+
+    Args:
+        ckpt_dir: the checkpoint directory.
+        entries: manifest entries (``path``, ``sha256``) to check.
+        threads: hashing threads (default: half the CPUs this process may use, at least 1, so
+            the load keeps the rest).
+    """
+
+    def __init__(self, ckpt_dir: Path, entries: list[dict], threads: int | None = None) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.entries = list(entries)
+        if threads is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+            threads = max(1, cpus // 2)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(self.entries) or 1)),
+                                        thread_name_prefix="ckpt-verify")
+        # Largest first, so the threads finish together.
+        order = sorted(self.entries, key=lambda e: -e.get("size", 0))
+        self._futures: dict[str, Future] = {
+            e["path"]: self._pool.submit(sha256_file, self.ckpt_dir / e["path"]) for e in order}
+        self._lock = threading.Lock()
+
+    def problems(self) -> list[str]:
+        """Wait for every digest; one message per file whose sha256 differs from the manifest
+        (or that could not be read)."""
+        out = []
+        with self._lock:
+            for e in self.entries:
+                p = self.ckpt_dir / e["path"]
+                try:
+                    digest = self._futures[e["path"]].result()
+                except OSError as err:
+                    out.append(f"cannot read {p}: {err}")
+                    continue
+                if digest != e["sha256"]:
+                    out.append(f"sha256 mismatch for {p}: {digest[:16]}..., "
+                               f"manifest says {e['sha256'][:16]}...")
+            self._pool.shutdown(wait=True)
+        return out
