@@ -45,6 +45,7 @@ from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAM
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
+from megatron_vlm.checkpoint.hashed_io import BackgroundHasher
 from megatron_vlm.checkpoint.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -485,8 +486,10 @@ def load_checkpoint(
         strict: require every model key in the checkpoint and vice versa.
         load_optimizer: restore optimizer state; if False, model weights only (fp32 main params
             re-copied from the loaded weights).
-        verify_hashes: check every file's sha256, not only its size (each rank checks a slice
-            of the files).
+        verify_hashes: check every file's sha256 against the manifest, not only its size (each
+            rank a slice of the files, hashed in threads while DCP reads them; a mismatch is
+            raised before the state is applied, though DCP may already have read tensors into
+            the live parameters: after a CheckpointError, rebuild the model).
         config_yaml: this run's JobConfig YAML; if given, the model section must match the
             checkpoint's (the error lists the differing fields).
         layout: this run's parallel sizes (:data:`Layout`): optimizer state saved in a layout
@@ -505,9 +508,8 @@ def load_checkpoint(
 
     def check() -> dict:
         manifest = read_manifest(path)
-        mine = manifest["files"][rank::world]  # _agree() joins the ranks' verdicts
-        hash_paths = {e["path"] for e in mine} if verify_hashes else None
-        raise_problems(path, check_files(path, mine, hash_paths))
+        # Sizes now; digests beside the read below. _agree() joins the ranks' verdicts.
+        raise_problems(path, check_files(path, manifest["files"][rank::world]))
         if config_yaml is not None:
             check_model_config(manifest, config_yaml, path)
         _check_layout(manifest, optimizer, load_optimizer, path, layout)
@@ -523,6 +525,8 @@ def load_checkpoint(
     state = sharded_state_dict(
         model_chunks, with_optimizer, manifest["sharded_state_dict_metadata"], is_loading=True
     )
+    # This rank's slice of the files is hashed in threads while DCP reads (hashed_io.py).
+    hasher = BackgroundHasher(path, manifest["files"][rank::world]) if verify_hashes else None
     try:
         loaded = dist_checkpointing.load(
             state,
@@ -531,12 +535,16 @@ def load_checkpoint(
             common_strategy=SafeCommonLoadStrategy(),
             strict=StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_ALL,
         )
-    except CheckpointError:
-        raise
     # megatron's CheckpointingException, key/shape errors; DCP's CheckpointException (which
     # derives from BaseException) carries the per-rank errors of its read phase.
     except (Exception, DCPCheckpointException) as e:
+        if hasher is not None:  # a damaged file explains a failed read best
+            raise_problems(path, hasher.problems())
+        if isinstance(e, CheckpointError):
+            raise
         raise CheckpointError(f"cannot load {path}: {_describe_load_error(e)}") from e
+    if hasher is not None:  # before anything reaches the live objects' load_state_dict
+        _agree(lambda: raise_problems(path, hasher.problems()))
 
     chunks = [unwrap(m) for m in model_chunks]
     for key, chunk in zip(model_keys(len(chunks)), chunks):
