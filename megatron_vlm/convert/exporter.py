@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from megatron_vlm.convert.hf_assets import (
     write_json,
 )
 from megatron_vlm.convert.hf_config import model_to_hf
-from megatron_vlm.convert.hf_io import ShardedSafetensorsWriter
+from megatron_vlm.convert.hf_io import INDEX_NAME
 from megatron_vlm.convert.importer import context_for, load_job_model, table_for
 from megatron_vlm.convert.int4 import quantize_int4, release_freed_heap, require_library
 from megatron_vlm.convert.rules import ConversionError, Table
@@ -167,18 +166,25 @@ def _write_assets(out: Path, run: _Run, family: str, tok: RunTokenizer,
     return notes
 
 
-def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: str = "bf16",
-              max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**28,
-              progress: bool = True, int4_experts: bool = False,
-              tokenizer: Path | None = None) -> ExportResult:
-    """Write ``out`` (must not exist): safetensors shards, index, ``config.json``, and the
-    tokenizer / processor / generation files (module docstring).
+@dataclass
+class _Setup:
+    """What every export slice and the finishing step derive from the checkpoint alone."""
 
-    ``int4_experts``: routed experts as the K2.5 release ships them (INT4, see ``int4.py``);
-    needs ``dtype="bf16"`` (the release's dtype for everything else).
-    ``tokenizer``: the tokenizer to ship (default: the run's, ``tokenizer_export.run_tokenizer``).
-    """
+    step_dir: Path
+    manifest: dict
+    run: _Run
+    family: str
+    ctx: object
+    table: Table
+    reader: object
+    te_layout: bool
+    shards: list
+
+
+def _setup(checkpoint: Path, family: str | None, dtype: str, int4_experts: bool,
+           max_shard_bytes: int) -> _Setup:
     from megatron_vlm.checkpoint.manifest import verify_checkpoint
+    from megatron_vlm.convert.export_plan import plan_shards
     from megatron_vlm.convert.mcore import (
         SHARDED_METADATA,
         CheckpointReader,
@@ -193,68 +199,146 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
                               f"bf16 elsewhere): drop --dtype {dtype}")
     if int4_experts:
         require_library()
-    out = Path(out)
-    if out.exists():
-        raise ConversionError(f"output {out} exists; choose a new directory")
     step_dir = resolve_step_dir(checkpoint)
     manifest = verify_checkpoint(step_dir)
     run = _read_run(manifest["config_yaml"], step_dir)
     model = run.model
     family = family or ("kimi_k25" if model.is_vlm else "deepseek_v3")
-    tok = run_tokenizer(run.data, model.is_vlm, run.run_dirs, tokenizer)
-    token_ids, notes = export_token_ids(model, tok)
-    hf_config = model_to_hf(model, family, dtype, int4_experts=int4_experts, token_ids=token_ids)
     ctx = context_for(model, rope_interleave=True)
     table = table_for(FAMILIES[family], model, ctx)
     slots = tensor_slots(
         build_meta_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA)))
     reader = CheckpointReader(step_dir, slots)
     reader.slots, te_layout = _checkpoint_slots(slots, table, set(reader.global_shapes))
+    shards = plan_shards(table, ctx, list(slots), reader.saved_shape,
+                         lambda n: reader.dtypes[reader.slots[n].key], _DTYPES[dtype],
+                         int4_experts, max_shard_bytes)
+    return _Setup(step_dir, manifest, run, family, ctx, table, reader, te_layout, shards)
 
-    groups, group, size = [], [], 0
-    for name, slot in slots.items():
-        nbytes = torch.Size(slot.shape).numel() * slot.dtype.itemsize
-        if group and size + nbytes > read_group_bytes:
-            groups.append(group)
-            group, size = [], 0
-        group.append(name)
-        size += nbytes
-    groups.append(group)
 
-    tmp = out.parent / f".tmp-{out.name}-{secrets.token_hex(4)}"
-    tmp.mkdir(parents=True)
-    try:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes)
-        count = num_int4 = 0
-        with tqdm(total=len(slots), desc="export", unit="tensor", disable=not progress) as bar:
-            for names in groups:
-                for name, tensor in reader.read(names).items():
-                    rule, binding = table.lookup(name)
-                    for hf_name, t in zip(rule.hf_names(binding),
-                                          rule.transform.to_hf(tensor, ctx)):
-                        if int4_experts and rule.int4:
-                            base = hf_name.removesuffix("weight")
-                            for suffix, p in quantize_int4(t, hf_name).items():
-                                writer.add(base + suffix, p)
-                            num_int4 += 1
-                        else:
-                            writer.add(hf_name, t if rule.keep_dtype else t.to(_DTYPES[dtype]))
-                        count += 1
-                    bar.update()
-                if int4_experts:
-                    release_freed_heap()
-        writer.close()
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        notes += _write_assets(tmp, run, family, tok, token_ids)
-        make_readable(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("exported %d tensors (%.2f GB) to %s", count, writer.total_bytes / 1e9, out)
+def _parts(out: Path) -> Path:
+    """The staging folder of the slices of an export to ``out`` (the same for every slice)."""
+    return out.parent / f".parts-{out.name}"
+
+
+def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
+                 family: str | None = None, dtype: str = "bf16",
+                 max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**28,
+                 int4_experts: bool = False, threads: int = 2, progress: bool = False) -> Path:
+    """Slice ``index`` of ``count`` of an export (``export_plan.py``): this process writes its
+    whole shards into the staging folder beside ``out``; :func:`finish_export` completes it. A
+    finished slice returns at once."""
+    from megatron_vlm.convert.export_plan import slice_shards, write_shards
+
+    out = Path(out)
+    if out.exists():
+        raise ConversionError(f"output {out} exists; choose a new directory")
+    parts = _parts(out)
+    done = parts / f"slice_{index:05d}_of_{count:05d}.done"
+    if done.is_file():
+        return parts
+    parts.mkdir(parents=True, exist_ok=True)
+    s = _setup(checkpoint, family, dtype, int4_experts, max_shard_bytes)
+    mine = slice_shards(s.shards, index, count)
+    target = _DTYPES[dtype]
+
+    def convert(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        rule, binding = s.table.lookup(name)
+        written = []
+        for hf_name, t in zip(rule.hf_names(binding), rule.transform.to_hf(tensor, s.ctx)):
+            if int4_experts and rule.int4:
+                base = hf_name.removesuffix("weight")
+                written += [(base + k, p) for k, p in quantize_int4(t, hf_name).items()]
+            else:
+                written.append((hf_name, t if rule.keep_dtype else t.to(target)))
+        bar.update()
+        return written
+
+    def nbytes(name: str) -> int:
+        return (torch.Size(s.reader.saved_shape(name)).numel()
+                * s.reader.dtypes[s.reader.slots[name].key].itemsize)
+
+    with tqdm(total=sum(len(x.ours) for x in mine), desc=f"export {index}/{count}",
+              unit="tensor", disable=not progress) as bar:
+        write_shards(parts, mine, s.reader.read, convert, threads, read_group_bytes, nbytes,
+                     release_freed_heap if int4_experts else None)
+    done.write_text(json.dumps({"shards": [x.file for x in mine]}))
+    return parts
+
+
+def finish_export(checkpoint: Path, out: Path, count: int = 1, *, family: str | None = None,
+                  dtype: str = "bf16", max_shard_bytes: int = 5 * 2**30,
+                  int4_experts: bool = False, tokenizer: Path | None = None) -> ExportResult:
+    """The index, config.json and tokenizer / processor / generation files beside the ``count``
+    finished slices' shards; the whole directory renamed into place as ``out``."""
+    out = Path(out)
+    parts = _parts(out)
+    missing = [i for i in range(count)
+               if not (parts / f"slice_{i:05d}_of_{count:05d}.done").is_file()]
+    if missing:
+        raise ConversionError(f"export slice {missing[0]}/{count} of {out} is not finished: run "
+                              f"it (--slice {missing[0]}/{count}) before finishing")
+    s = _setup(checkpoint, family, dtype, int4_experts, max_shard_bytes)
+    model, run = s.run.model, s.run
+    tok = run_tokenizer(run.data, model.is_vlm, run.run_dirs, tokenizer)
+    token_ids, notes = export_token_ids(model, tok)
+    hf_config = model_to_hf(model, s.family, dtype, int4_experts=int4_experts,
+                            token_ids=token_ids)
+    for p in parts.glob("*.done"):
+        p.unlink()
+    weight_map = {o.name: shard.file for shard in s.shards for o in shard.outs}
+    total = sum(shard.nbytes for shard in s.shards)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (parts / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (parts / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    notes += _write_assets(parts, run, s.family, tok, token_ids)
+    make_readable(parts)
+    os.replace(parts, out)
+    num = len(weight_map)
+    num_int4 = sum(1 for k in weight_map if k.endswith(".weight_packed"))
+    count_tensors = num - 2 * num_int4
+    logger.info("exported %d tensors (%.2f GB) to %s", count_tensors, total / 1e9, out)
     if tok.tokenizer is None:
         notes.append(f"no tokenizer exported: {tok.source}")
     for note in notes:
         logger.warning("export: %s", note)
-    return ExportResult(out, family, count, writer.total_bytes, te_layout, num_int4,
+    return ExportResult(out, s.family, count_tensors, total, s.te_layout, num_int4,
                         tokenizer=tok.source, token_ids=dataclasses.asdict(token_ids), notes=notes)
+
+
+def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: str = "bf16",
+              max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**28,
+              progress: bool = True, int4_experts: bool = False,
+              tokenizer: Path | None = None, workers: int = 1,
+              threads: int = 2) -> ExportResult:
+    """Write ``out`` (must not exist): safetensors shards, index, ``config.json``, and the
+    tokenizer / processor / generation files (module docstring).
+
+    ``int4_experts``: routed experts as the K2.5 release ships them (INT4, see ``int4.py``);
+    needs ``dtype="bf16"`` (the release's dtype for everything else).
+    ``tokenizer``: the tokenizer to ship (default: the run's, ``tokenizer_export.run_tokenizer``).
+    ``workers``: local processes writing disjoint shards (``export_slice``); ``threads``: writer
+    threads per process. The bytes written depend on neither.
+    """
+    from megatron_vlm.convert.workers import run_slices
+
+    out = Path(out)
+    if out.exists():
+        raise ConversionError(f"output {out} exists; choose a new directory")
+    if workers < 1:
+        raise ConversionError(f"--workers {workers}: give at least 1")
+    opts = dict(family=family, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                int4_experts=int4_experts)
+    _setup(checkpoint, **opts)  # every error before anything is written
+    if _parts(out).exists():
+        shutil.rmtree(_parts(out))  # a stale attempt of a local run
+    try:
+        kw = dict(opts, read_group_bytes=read_group_bytes, threads=threads)
+        if workers == 1:
+            export_slice(checkpoint, out, 0, 1, progress=progress, **kw)
+        else:
+            run_slices(export_slice, [(checkpoint, out, i, workers) for i in range(workers)], kw)
+        return finish_export(checkpoint, out, workers, tokenizer=tokenizer, **opts)
+    except BaseException:
+        shutil.rmtree(_parts(out), ignore_errors=True)
+        raise

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,7 @@ class AliasedSource(TensorSource):
                 raise ConversionError(f"{key!r} is in the checkpoint twice: as itself (in "
                                       f"{source.origin(key)}) and in another layout")
         self._cache: tuple[tuple, list[Tensor]] | None = None
+        self._lock = threading.Lock()
 
     def _add(self, key: str, v: _Virtual) -> None:
         if key in self._virtual:
@@ -255,12 +257,15 @@ class AliasedSource(TensorSource):
         v = self._virtual.get(key)
         if v is None:
             return self.source.read(key)
-        # One group is kept: the partners of a multi-output alias are read one after the other.
-        if self._cache is None or self._cache[0] != v.src_keys:
-            self._cache = (v.src_keys, [self.source.read(k) for k in v.src_keys])
-        out = self._apply(v, self._cache[1])
+        # One group is kept: the partners of a multi-output alias are read one after the other
+        # (under a lock: the writer's threads read concurrently).
+        with self._lock:
+            if self._cache is None or self._cache[0] != v.src_keys:
+                self._cache = (v.src_keys, [self.source.read(k) for k in v.src_keys])
+            cache = self._cache[1]
+        out = self._apply(v, cache)
         # Never hand out a view of the cached inputs: callers may free what they get.
-        cached = {t.untyped_storage().data_ptr() for t in self._cache[1]}
+        cached = {t.untyped_storage().data_ptr() for t in cache}
         return out.clone() if out.untyped_storage().data_ptr() in cached else out
 
 
@@ -311,3 +316,57 @@ class ShardedSafetensorsWriter:
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return weight_map
+
+
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+class PlannedShardWriter:
+    """One safetensors file whose tensors (names, shapes, dtypes, order) are known up front: the
+    header is written first, then each tensor's bytes straight from its memory as it arrives
+    (no copy, nothing held), and the file is fsynced on :meth:`close`. The layout is the
+    safetensors library's (8-byte header length, JSON header padded with spaces to 8 bytes,
+    data in order), so any reader of the format reads it."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.specs = specs
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in specs:
+            n = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": _CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.nbytes = offset
+        self._f = open(self.path, "wb")  # noqa: SIM115 (closed in close)
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        if self._next >= len(self.specs) or self.specs[self._next][0] != name:
+            want = self.specs[self._next][0] if self._next < len(self.specs) else "nothing"
+            raise ConversionError(f"{self.path.name}: got {name!r}, planned {want!r}")
+        _, shape, dtype = self.specs[self._next]
+        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ConversionError(f"{name!r}: planned {list(shape)} {dtype}, got "
+                                  f"{list(tensor.shape)} {tensor.dtype}")
+        if tensor.numel():
+            flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+            self._f.write(memoryview(flat.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.specs):
+            self._f.close()
+            raise ConversionError(f"{self.path.name}: {len(self.specs) - self._next} planned "
+                                  "tensor(s) never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()

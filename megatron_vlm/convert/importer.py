@@ -142,14 +142,23 @@ def open_source(hf_dir: Path, family: Family, ctx: ConvertContext) -> TensorSour
 def producer(plan: ImportPlan, source: TensorSource, ctx: ConvertContext,
              expected: dict[str, tuple[tuple, torch.dtype]],
              on_tensor: Callable[[str], None] | None = None) -> Callable[[str], Tensor]:
-    def produce(name: str) -> Tensor:
+    def produce(name: str) -> Tensor | list[Tensor]:
+        """Our tensor ``name``, or row blocks that make it up (``Transform.blocks``: no cat)."""
         rule, hf_names = plan.sources[name]
-        out = rule.transform.to_ours([source.read(k) for k in hf_names], ctx)
+        inputs = [source.read(k) for k in hf_names]
         shape, dtype = expected[name]
-        assert tuple(out.shape) == tuple(shape), (name, out.shape, shape)  # checked in the plan
+        if rule.transform.blocks is not None:
+            blocks = rule.transform.blocks(inputs, ctx)
+            rows = sum(b.shape[0] for b in blocks)
+            assert (rows, *blocks[0].shape[1:]) == tuple(shape), (name, shape)  # planned
+            out = [b.to(dtype) for b in blocks]
+        else:
+            full = rule.transform.to_ours(inputs, ctx)
+            assert tuple(full.shape) == tuple(shape), (name, full.shape, shape)  # planned
+            out = full.to(dtype)
         if on_tensor is not None:
             on_tensor(name)
-        return out.to(dtype)
+        return out
 
     return produce
 
@@ -206,25 +215,26 @@ class ImportResult:
     """``data.tokenizer`` in the written job.yaml: ``hf_dir`` when it ships a usable tokenizer."""
 
 
-def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32",
-              progress: bool = True) -> ImportResult:
-    """Convert the HF checkpoint in ``hf_dir`` into our checkpoint root ``out`` (new or empty).
+@dataclass
+class _Prepared:
+    """Everything an import slice or its finishing step needs, derived from ``hf_dir`` alone
+    (the same in every process)."""
 
-    Writes ``out/step_0000000/`` (a model-only checkpoint: step 0, no optimizer, scheduler or
-    data state; ``checkpoint.load_checkpoint(..., load_optimizer=False)`` reads it) and
-    ``out/job.yaml`` (the model config as a job to edit: ``model.token_ids`` from config.json,
-``data.tokenizer`` = ``hf_dir`` when it ships a tokenizer that agrees with them). On any error
-nothing is left behind.
-    """
-    from megatron_vlm.convert.mcore import (
-        SHARDED_METADATA,
-        build_meta_model,
-        tensor_slots,
-    )
+    model: ModelConfig
+    family: Family
+    tokenizer: str | None
+    ctx: ConvertContext
+    source: TensorSource
+    meta: torch.nn.Module
+    expected: dict[str, tuple[tuple, torch.dtype]]
+    plan: ImportPlan
+    config_yaml: str
+    extra: dict
 
-    hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output {out} exists and is not empty")
+
+def _prepare(hf_dir: Path, params_dtype: str, log: bool = True) -> _Prepared:
+    from megatron_vlm.convert.mcore import SHARDED_METADATA, build_meta_model, tensor_slots
+
     cfg = read_config(hf_dir)
     family = architecture_of(cfg)
     if family.name == "siglip":
@@ -240,37 +250,97 @@ nothing is left behind.
     expected = {n: (s.shape, s.dtype) for n, s in slots.items()}
     plan = plan_import(table, source, expected, family, model.llm.num_layers, str(hf_dir))
     for reason, count in plan.skipped.items():
-        logger.warning("skipped %d HF tensor(s): %s", count, reason)
+        if log:
+            logger.warning("skipped %d HF tensor(s): %s", count, reason)
+    return _Prepared(model, family, tokenizer, ctx, source, meta, expected, plan,
+                     job_yaml(model, f"hf_import:{hf_dir.name}", tokenizer),
+                     {"hf_import": {"source": str(hf_dir), "family": family.name}})
 
-    created = not out.exists()
-    bar = tqdm(total=len(expected), desc="import", unit="tensor", disable=not progress)
+
+def _check_out(out: Path) -> None:
+    from megatron_vlm.convert.slices import parts_dir
+
+    if out.exists() and any(p != parts_dir(out) for p in out.iterdir()):
+        raise ConversionError(f"output {out} exists and is not empty")
+
+
+def import_slice(hf_dir: Path, out: Path, index: int, count: int, *, params_dtype: str = "fp32",
+                 threads: int = 2, progress: bool = False) -> Path:
+    """Slice ``index`` of ``count`` of an import (``slices.py``): this process converts and
+    writes its share of the tensors (whole layers/experts) under ``out``; any process or host
+    may run any slice; :func:`finish_import` joins them. Returns the slice's directory."""
+    from megatron_vlm.convert.mcore import SHARDED_METADATA
+    from megatron_vlm.convert.slices import write_slice
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    _check_out(out)
+    p = _prepare(hf_dir, params_dtype, log=index == 0)
+    bar = tqdm(total=len(p.expected), desc=f"import {index}/{count}", unit="tensor",
+               disable=not progress)
     try:
-        step_dir = _write(out, meta, producer(plan, source, ctx, expected,
-                                               lambda _: bar.update()),
-                          job_yaml(model, f"hf_import:{hf_dir.name}", tokenizer),
-                          {"hf_import": {"source": str(hf_dir), "family": family.name}})
+        return write_slice(out, p.meta.sharded_state_dict(metadata=dict(SHARDED_METADATA)),
+                           producer(p.plan, p.source, p.ctx, p.expected, lambda _: bar.update()),
+                           index, count, threads)
+    finally:
+        bar.close()
+
+
+def finish_import(hf_dir: Path, out: Path, count: int, *,
+                  params_dtype: str = "fp32") -> ImportResult:
+    """Join the ``count`` finished slices under ``out`` into ``out/step_0000000`` and write
+    ``out/job.yaml``."""
+    from megatron_vlm.convert.slices import finish_checkpoint
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    p = _prepare(hf_dir, params_dtype, log=False)
+    step_dir = finish_checkpoint(out, count, p.config_yaml, p.extra)
+    tmp = out / f".tmp-job-{secrets.token_hex(4)}.yaml"
+    tmp.write_text(p.config_yaml)
+    os.replace(tmp, out / "job.yaml")
+    return ImportResult(step_dir, p.model, p.family.name, len(p.expected), dict(p.plan.skipped),
+                        p.tokenizer)
+
+
+def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32", progress: bool = True,
+              workers: int = 1, threads: int = 2) -> ImportResult:
+    """Convert the HF checkpoint in ``hf_dir`` into our checkpoint root ``out`` (new or empty).
+
+    Writes ``out/step_0000000/`` (a model-only checkpoint: step 0, no optimizer, scheduler or
+    data state; ``checkpoint.load_checkpoint(..., load_optimizer=False)`` reads it) and
+    ``out/job.yaml`` (the model config as a job to edit: ``model.token_ids`` from config.json,
+    ``data.tokenizer`` = ``hf_dir`` when it ships a tokenizer that agrees with them). On any error
+    nothing is left behind.
+
+    ``workers``: local processes, each converting and writing a slice (``import_slice``), then
+    joined (``finish_import``); ``threads``: writer threads per process. The tensors written do
+    not depend on either.
+    """
+    from megatron_vlm.convert.workers import run_slices
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    _check_out(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"output {out} exists and is not empty")
+    if workers < 1:
+        raise ConversionError(f"--workers {workers}: give at least 1")
+    created = not out.exists()
+    try:
+        if workers == 1:
+            import_slice(hf_dir, out, 0, 1, params_dtype=params_dtype, threads=threads,
+                         progress=progress)
+        else:
+            _prepare(hf_dir, params_dtype)  # errors (and skipped-key warnings) before spawning
+            run_slices(import_slice, [(hf_dir, out, i, workers) for i in range(workers)],
+                       dict(params_dtype=params_dtype, threads=threads))
+        return finish_import(hf_dir, out, workers, params_dtype=params_dtype)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
+        else:
+            from megatron_vlm.convert.slices import parts_dir
+
+            shutil.rmtree(parts_dir(out), ignore_errors=True)
         raise
-    finally:
-        bar.close()
-    return ImportResult(step_dir, model, family.name, len(expected), dict(plan.skipped),
-                        tokenizer)
-
-
-def _write(out: Path, meta, produce, config_yaml: str, extra: dict) -> Path:
-    from megatron_vlm.convert.mcore import SHARDED_METADATA, write_checkpoint
-
-    out.mkdir(parents=True, exist_ok=True)
-    sharded = meta.sharded_state_dict(metadata=dict(SHARDED_METADATA))
-    # Every tensor the producer returns is new (read from a file, or computed from such).
-    step_dir = write_checkpoint(out, sharded, produce, config_yaml, extra,
-                                produce_owns_results=True)
-    tmp = out / f".tmp-job-{secrets.token_hex(4)}.yaml"
-    tmp.write_text(config_yaml)
-    os.replace(tmp, out / "job.yaml")
-    return step_dir
 
 
 def load_job_model(config_yaml: str) -> ModelConfig:

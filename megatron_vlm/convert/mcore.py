@@ -2,11 +2,10 @@
 
 Writing: the model is built on the ``meta`` device (no memory), so its ``sharded_state_dict``
 gives every key, shape, offset and ``_extra_state`` object megatron will expect on load.
-megatron's ``dist_checkpointing.save`` then runs with :class:`LazySaveStrategy`: torch DCP's
-``FileSystemWriter`` with one thread resolves each chunk just before writing it
-(``filesystem._SerialCpuLoader``), and our planner produces it then from the HF tensors. Only
-the tensor being written (and its HF sources) is in memory. The manifest, rank file and atomic
-rename follow ``checkpoint/dist.py`` (``load_checkpoint`` reads the result).
+megatron's ``dist_checkpointing.save`` then plans the save and ``slices.py`` writes the chunks,
+each produced from the HF tensors just before it is written (and the next one meanwhile), by one
+or several processes (slices) that each write their own files. The manifest, rank file and
+atomic rename follow ``checkpoint/dist.py`` (``load_checkpoint`` reads the result).
 
 Reading: megatron's (safe) torch_dist load strategy, asked for a few whole (TP=1) tensors at a
 time; DCP reads only their byte ranges and reassembles them from whatever TP/EP layout the
@@ -15,27 +14,18 @@ checkpoint was saved in.
 
 from __future__ import annotations
 
-import json
-import secrets
 import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
-from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint import save as dcp_save
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.planner import WriteItemType
 
 # The sharded-state-dict metadata our checkpoints are saved and loaded with (checkpoint/dist.py).
 from megatron_vlm.checkpoint.dist import _SHARDED_METADATA as SHARDED_METADATA
-from megatron_vlm.checkpoint.dist import _fsync_dir
 from megatron_vlm.config.model import ModelConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.parallel.runtime import Runtime
@@ -119,80 +109,6 @@ class _Writer(FileSystemWriter):
         return None
 
 
-class _LazyPlanner(mcore_torch.MCoreSavePlanner):
-    """megatron's save planner whose tensor chunks come from ``produce`` when DCP writes them.
-
-    torch 2.13's writer keeps every tensor it has written to a file in a dict until the file is
-    closed (``filesystem._write_files_from_queue``: ``tensor_dict[fqn] = tensor``, line 451,
-    used only for its safetensors format), i.e. the whole checkpoint with one file per rank. DCP
-    asks for the next chunk only after writing the previous one, so each call here first frees
-    the previous chunk's storage (the written bytes are on disk; the dict is never read with the
-    torch_save format). Chunks are returned with storage of their own, so DCP's loader does not
-    clone them (``_SerialCpuLoader.values``) and the storage freed is the one it holds (a chunk
-    whose storage cannot be resized, e.g. read through numpy, is copied first).
-    """
-
-    def __init__(self, chunk: Callable[[str, tuple[int, ...], tuple[int, ...]], Tensor]) -> None:
-        super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
-        self._chunk = chunk
-        self._previous: Tensor | None = None
-
-    def resolve_data(self, write_item):
-        if write_item.type == WriteItemType.BYTE_IO:
-            return super().resolve_data(write_item)
-        if self._previous is not None:
-            self._previous.untyped_storage().resize_(0)
-        out = self._chunk(write_item.index.fqn, tuple(write_item.index.offset),
-                          tuple(write_item.tensor_data.chunk.sizes))
-        self._previous = out
-        return out
-
-
-class LazySaveStrategy(SaveShardedStrategy):
-    """torch_dist save whose tensors are produced one at a time by ``produce(name)``."""
-
-    def __init__(self, slots: dict[str, TensorSlot], produce: Callable[[str], Tensor],
-                 produce_owns_results: bool = False) -> None:
-        super().__init__("torch_dist", 1)
-        self._owned = produce_owns_results
-        self._by_key = {(s.key, s.prepend): n for n, s in slots.items()}
-        self._prepend = {s.key: len(s.prepend) for s in slots.values()}
-        self._produce = produce
-        self._last: tuple[str, Tensor] | None = None
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
-
-    def _chunk(self, key: str, offset: tuple[int, ...], sizes: tuple[int, ...]) -> Tensor:
-        p = self._prepend[key]
-        name = self._by_key[(key, offset[:p])]
-        if self._last is None or self._last[0] != name:  # gate and up chunks come in a row
-            self._last = (name, self._produce(name))
-        full = self._last[1]
-        index = tuple(slice(o, o + s) for o, s in zip(offset[p:], sizes[p:]))
-        chunk = full[index].reshape(sizes)
-        storage = chunk.untyped_storage()
-        # The planner frees every chunk's storage once written: hand it a storage of its own
-        # unless ``produce`` made this one for us alone and the chunk is all of it.
-        if (not self._owned or storage.nbytes() != chunk.nbytes or not storage.resizable()
-                or not chunk.is_contiguous()):
-            return chunk.clone(memory_format=torch.contiguous_format)
-        self._last = None  # the whole tensor is this one chunk: the planner frees it later
-        return chunk
-
-    def save(self, sharded_state_dict, checkpoint_dir) -> None:
-        state, _, _ = mcore_torch._replace_state_dict_keys_with_sharded_keys(
-            sharded_state_dict, keep_only_main_replica=True)
-        pyt_state = mcore_torch.mcore_to_pyt_state_dict(state, is_loading=False)
-        # One thread and no copy-ahead: DCP then resolves each chunk right after writing the
-        # previous one (filesystem._SerialCpuLoader, also with CUDA present), as the planner's
-        # freeing of the previous chunk requires.
-        writer = _Writer(str(checkpoint_dir), single_file_per_rank=True, sync_files=True,
-                         thread_count=1, per_thread_copy_ahead=0)
-        dcp_save(pyt_state, storage_writer=writer, planner=_LazyPlanner(self._chunk))
-
-
 def _manifest(config_yaml: str, extra: dict, entries: list[dict]) -> dict:
     """The fields ``checkpoint/dist.py`` writes for a one-rank, model-only step-0 save."""
     import datetime
@@ -229,45 +145,28 @@ def _manifest(config_yaml: str, extra: dict, entries: list[dict]) -> dict:
 
 
 def write_checkpoint(root: Path, sharded: dict, produce: Callable[[str], Tensor],
-                     config_yaml: str, extra: dict, produce_owns_results: bool = False) -> Path:
+                     config_yaml: str, extra: dict, produce_owns_results: bool = False,
+                     threads: int = 2) -> Path:
     """Write ``root/step_0000000`` -- a model-only checkpoint in ``checkpoint/dist.py``'s format
     (``load_checkpoint`` reads it) -- for ``sharded``, a model's ``sharded_state_dict`` (taken
     with ``SHARDED_METADATA``), whose tensors come from ``produce(name)``; into a temporary
     directory renamed into place (nothing is left behind on error). Returns the step directory.
 
-    ``produce_owns_results``: each tensor ``produce`` returns is new and referenced nowhere else,
-    so the writer may free it after writing instead of copying it first."""
-    from megatron_vlm.checkpoint.manifest import FORMAT, file_entries, list_files, write_manifest
-    from megatron_vlm.checkpoint.rng import capture_rng_state
+    One process, one slice (``slices.py``: ``threads`` writer threads with copy-ahead, hashes
+    taken while writing). ``produce_owns_results`` is kept for callers; the writer never
+    frees or changes what ``produce`` returns (it drops its references once written)."""
+    from megatron_vlm.convert.slices import finish_checkpoint, parts_dir, write_slice
 
+    del produce_owns_results
     root = Path(root)
-    final = root / "step_0000000"
-    if final.exists():
-        raise FileExistsError(f"{final} exists")
+    if (root / "step_0000000").exists():
+        raise FileExistsError(f"{root / 'step_0000000'} exists")
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{final.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     try:
-        slots = tensor_slots(sharded)
-        try:
-            strategy = LazySaveStrategy(slots, produce, produce_owns_results)
-            dist_checkpointing.save({"model": sharded, "step": 0}, str(tmp),
-                                    sharded_strategy=strategy)
-        except CheckpointException as e:  # DCP wraps what our producer raised
-            cause = next(iter(e.failures.values()))[0] if e.failures else e
-            raise cause from e
-        # Per-rank state as dist.py writes it (plain values, read with weights_only=True).
-        torch.save({"format": FORMAT, "rank": 0, "world_size": 1, "step": 0,
-                    "rng": capture_rng_state(), "extra_json": json.dumps(extra)},
-                   tmp / "rank_00000.pt")
-        entries = file_entries(tmp, list_files(tmp), fsync=True)
-        write_manifest(tmp, _manifest(config_yaml, extra, entries))
-        _fsync_dir(tmp)
-        tmp.rename(final)
-        _fsync_dir(root)
-        return final
+        write_slice(root, sharded, produce, 0, 1, threads)
+        return finish_checkpoint(root, 1, config_yaml, extra)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(parts_dir(root), ignore_errors=True)
         raise
 
 

@@ -62,6 +62,9 @@ class Transform:
     name: str
     to_ours: Callable[[list[Tensor], ConvertContext], Tensor]
     to_hf: Callable[[Tensor, ConvertContext], list[Tensor]]
+    blocks: Callable[[list[Tensor], ConvertContext], list[Tensor]] | None = None
+    """Optional: ``to_ours`` as row blocks (dim 0) whose concatenation it is, so a writer can
+    store each block as it is instead of copying all of them into one tensor first."""
 
 
 IDENTITY = Transform("identity", lambda ts, ctx: ts[0], lambda t, ctx: [t])

@@ -48,6 +48,7 @@ FUSE_GATE_UP = Transform(
     "fuse_gate_up",
     to_ours=lambda ts, ctx: torch.cat(ts, dim=0),
     to_hf=lambda t, ctx: list(t.chunk(2, dim=0)),
+    blocks=lambda ts, ctx: list(ts),  # megatron stores gate and up as two chunks: no cat
 )
 
 

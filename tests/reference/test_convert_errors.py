@@ -132,7 +132,9 @@ def test_failure_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(SafetensorsDir, "read", flaky)
     _import_fails(path, tmp_path / "out", "short read")
-    assert len(calls) == 7
+    # The writer stops at the failure (its other thread and the read-ahead finish at most the
+    # tensors they had started): far fewer reads than the checkpoint's tensors.
+    assert 7 <= len(calls) < len(SafetensorsDir(path).keys()) // 2
 
 
 def test_mtp_layers_are_skipped_and_counted(hf_dir, tmp_path):
@@ -169,7 +171,7 @@ def test_export_failure_while_writing_leaves_nothing(hf_dir, tmp_path, monkeypat
     def boom(self):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_io.ShardedSafetensorsWriter, "_flush", boom)
+    monkeypatch.setattr(hf_io.PlannedShardWriter, "close", boom)
     out = tmp_path / "exported"
     with pytest.raises(OSError, match="disk full"):
         export_hf(step, out, progress=False)
