@@ -261,6 +261,26 @@ def hand_off(obj: Any, pg_collection, fields: StageFields = StageFields()) -> An
     return obj
 
 
+def hand_off_from_loader(obj: Any, pg_collection, fields: StageFields = StageFields()) -> Any:
+    """:func:`hand_off` of what the source's loader just built, with the source's torch CPU
+    generator state, which the receivers take over.
+
+    torch's ``DataLoader`` (under energon) draws its base seed from the global CPU generator
+    whenever an iterator starts. When every rank ran the loader, every rank of a replica drew
+    the same and their generators stayed equal, so what draws next (the model's CPU
+    initialisation, which splits one master weight over TP) saw one stream. Receivers run no
+    loader; taking the source's state keeps every rank, and rank 0's numbers, as they were.
+    """
+    if pg_collection is None:
+        return obj
+    source = is_batch_source(pg_collection)
+    got = hand_off({"data": obj, "torch_rng": torch.get_rng_state()} if source else None,
+                   pg_collection, fields)
+    if not source:
+        torch.set_rng_state(got["torch_rng"].clone())
+    return got["data"]
+
+
 class ReplicaLoader:
     """The loader interface on every rank of a replica: the source wraps its real loader and
     hands each step's micro-batches to the other ranks; the others hold no loader and receive.
@@ -292,7 +312,7 @@ class ReplicaLoader:
     def next_global_batch(self) -> list:
         """This replica's micro-batches for one step (collective over the replica)."""
         batches = self.loader.next_global_batch() if self.is_source else None
-        return hand_off(batches, self.pgs, self.fields)
+        return hand_off_from_loader(batches, self.pgs, self.fields)
 
     def describe(self) -> list[str]:
         pgs = self.pgs
