@@ -23,6 +23,11 @@ from megatron_vlm.data.token_ids import (
 from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer, get_or_train_tokenizer
 from megatron_vlm.data.tokenizer_loader import load_tokenizer
 from megatron_vlm.parallel import comm
+from megatron_vlm.parallel.batch_handoff import (
+    ReplicaLoader,
+    hand_off_from_loader,
+    is_batch_source,
+)
 
 if TYPE_CHECKING:  # energon is imported only when a multimodal loader is built
     from megatron_vlm.data.mm_loader import MultimodalLoader
@@ -33,7 +38,9 @@ class DataSetup:
     """What the trainer needs from the data side."""
 
     tokenizer: Tokenizer
-    loader: TextLoader | MultimodalLoader | PrepackedLoader
+    loader: TextLoader | MultimodalLoader | PrepackedLoader | ReplicaLoader | None
+    """This DP rank's loader; after :func:`share_batches` a ``ReplicaLoader`` on every rank
+    (None on a rank that receives its batches, between ``build_data`` and ``share_batches``)."""
     valid: dict[str, list[PackedBatch]]
     """Held-out micro-batches per dataset name (this DP rank's share)."""
     token_ids: TokenIdsConfig | None = None
@@ -102,22 +109,50 @@ def embedding_rows(tok: Tokenizer, is_vlm: bool) -> int:
     return rows
 
 
-def build_data(job: JobConfig, dp_rank: int, dp_size: int, run_dir: Path) -> DataSetup:
-    """Tokenizer, loader and validation batches for this data-parallel rank."""
+def build_data(job: JobConfig, dp_rank: int, dp_size: int, run_dir: Path,
+               pg_collection=None) -> DataSetup:
+    """Tokenizer, loader and validation batches for this data-parallel rank.
+
+    With ``pg_collection`` (the runtime's groups) only the replica's source rank (TP 0, CP 0,
+    PP stage 0, ``parallel.batch_handoff``) builds a loader and validation batches; the other
+    ranks get the tokenizer only, and :func:`share_batches` (after the ranks agree the build
+    worked) connects them. Without groups every rank builds its own (tests, tools).
+    """
     corpus_dir = Path(job.data.corpus_dir) if job.data.corpus_dir else bundled_corpus_dir()
     tok = build_tokenizer(job, corpus_dir, Path(run_dir))
     token_ids, notes = resolve_token_ids(job.model.token_ids, tok, job.model.is_vlm)
-    setup = _build_loaders(job, tok, corpus_dir, dp_rank, dp_size)
+    if is_batch_source(pg_collection):
+        setup = _build_loaders(job, tok, corpus_dir, dp_rank, dp_size)
+    else:
+        _check_batch_size(job, dp_size)
+        setup = DataSetup(tok, None, {})
     setup.token_ids, setup.notes = token_ids, notes
     return setup
 
 
-def _build_loaders(job: JobConfig, tok: Tokenizer, corpus_dir: Path, dp_rank: int,
-                   dp_size: int) -> DataSetup:
+def share_batches(data: DataSetup, pg_collection) -> DataSetup:
+    """Connect a replica's ranks to its source (collective over every rank; call it on all ranks
+    after :func:`build_data` with the same groups): the loader becomes a ``ReplicaLoader`` that
+    hands each step's batches over, and the source's validation batches are handed over once.
+    Without groups, ``data`` as it is."""
+    if pg_collection is None:
+        return data
+    source = is_batch_source(pg_collection)
+    data.loader = ReplicaLoader(data.loader if source else None, pg_collection)
+    data.valid = hand_off_from_loader(data.valid if source else None, pg_collection)
+    return data
+
+
+def _check_batch_size(job: JobConfig, dp_size: int) -> None:
     if job.data.global_batch_size % dp_size:
         raise ValueError(
             f"data.global_batch_size={job.data.global_batch_size} is not divisible by the "
             f"data-parallel size {dp_size}; use a multiple of {dp_size}")
+
+
+def _build_loaders(job: JobConfig, tok: Tokenizer, corpus_dir: Path, dp_rank: int,
+                   dp_size: int) -> DataSetup:
+    _check_batch_size(job, dp_size)
     if job.data.prepacked:
         return _build_prepacked(job, tok, dp_rank, dp_size)
     if job.data.multimodal is not None:

@@ -16,7 +16,7 @@ from megatron_vlm.checkpoint import read_manifest
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.data.token_ids import MEDIA_ID_NAMES
 from megatron_vlm.parallel.agree import agree_on_startup
-from megatron_vlm.training.data_setup import DataSetup, build_data
+from megatron_vlm.training.data_setup import DataSetup, build_data, share_batches
 from megatron_vlm.training.wandb_log import check_wandb
 
 
@@ -53,18 +53,23 @@ def check_resumed_token_ids(job: JobConfig, resume_from: Path | None) -> None:
 
 
 def prepare_run(job: JobConfig, *, dp_rank: int, dp_size: int, run_dir: Path,
-                resume_from: Path | None, is_writer: bool) -> tuple[JobConfig, DataSetup]:
+                resume_from: Path | None, is_writer: bool,
+                pg_collection=None) -> tuple[JobConfig, DataSetup]:
     """The checks and the data pipeline, agreed over ranks; returns the job with its token ids
-    resolved (rank 0 rewrites ``job.yaml`` with them) and this rank's data."""
+    resolved (rank 0 rewrites ``job.yaml`` with them) and this rank's data (with
+    ``pg_collection``, built on each replica's source rank and handed to the others:
+    ``data_setup.share_batches``)."""
     def checks() -> None:
         job.check_inputs()
         check_wandb(job)
 
     agree_on_startup(checks, "config error")
     data = agree_on_startup(
-        lambda: build_data(job, dp_rank=dp_rank, dp_size=dp_size, run_dir=run_dir),
+        lambda: build_data(job, dp_rank=dp_rank, dp_size=dp_size, run_dir=run_dir,
+                           pg_collection=pg_collection),
         "data error")
     try:
+        data = share_batches(data, pg_collection)  # after the agreement: every rank has built
         job = with_token_ids(job, data)
         agree_on_startup(lambda: check_resumed_token_ids(job, resume_from), "resume refused")
     except BaseException:

@@ -198,7 +198,8 @@ def _setup(job: JobConfig, stop: StopSignal, cleanup: contextlib.ExitStack) -> _
     cleanup.callback(start.release)
     # Inputs, tokenizer, data paths and token ids, before any model memory is spent.
     job, data = prepare_run(job, dp_rank=runtime.dp_rank, dp_size=runtime.dp_size,
-                            run_dir=run_dir, resume_from=start.resume_from, is_writer=rank == 0)
+                            run_dir=run_dir, resume_from=start.resume_from, is_writer=rank == 0,
+                            pg_collection=pgs)  # batches built once per replica, handed over
     cleanup.callback(data.close)
     chunks = build_model_chunks(job, runtime=runtime)
     routers = telemetry.routers_of(chunks)
