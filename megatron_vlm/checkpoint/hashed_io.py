@@ -7,23 +7,29 @@ pass cost as much as the write itself. Here:
   :class:`HashingWriter` (every byte hashed as it goes to the file, no re-read), one thread per
   bucket file (:data:`WRITE_THREADS`); :func:`write_buckets` returns megatron's write results and
   fills a ``{relative path: manifest entry}`` dict.
-* **load**: :class:`BackgroundHasher` hashes this rank's slice of the files in threads while
-  torch DCP reads them (the bytes are then in the page cache for both), so verification costs a
-  core beside the read rather than time before it. The digests are compared before any loaded
-  state reaches the live model or optimizer.
+* **load**: :func:`read_data_hashed` is torch DCP's ``FileSystemReader.read_data`` reading each
+  data file once, front to back, hashing every byte it reads (gaps and the tail included) for
+  the files this rank verifies; :class:`BackgroundHasher` hashes the small files (and any data
+  file the read did not cover) in a thread meanwhile. One read of the bytes, no second pass;
+  the digests are compared before any loaded state reaches the live model or optimizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import os
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import _write_item
+from torch.distributed.checkpoint.planner import LoadItemType
 
 from megatron_vlm.checkpoint.manifest import sha256_file
 
@@ -123,13 +129,18 @@ class BackgroundHasher:
     Args:
         ckpt_dir: the checkpoint directory.
         entries: manifest entries (``path``, ``sha256``) to check.
+        skip: paths among ``entries`` hashed elsewhere (the hashing read); their digests come
+            to :meth:`problems`.
         threads: hashing threads (default: half the CPUs this process may use, at least 1, so
             the load keeps the rest).
     """
 
-    def __init__(self, ckpt_dir: Path, entries: list[dict], threads: int | None = None) -> None:
+    def __init__(self, ckpt_dir: Path, entries: list[dict], threads: int | None = None,
+                 skip: Iterable[str] = ()) -> None:
         self.ckpt_dir = Path(ckpt_dir)
-        self.entries = list(entries)
+        self.all_entries = list(entries)
+        skip = set(skip)
+        self.entries = [e for e in entries if e["path"] not in skip]
         if threads is None:
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
             threads = max(1, cpus // 2)
@@ -141,20 +152,93 @@ class BackgroundHasher:
             e["path"]: self._pool.submit(sha256_file, self.ckpt_dir / e["path"]) for e in order}
         self._lock = threading.Lock()
 
-    def problems(self) -> list[str]:
+    def problems(self, known: dict[str, str] | None = None) -> list[str]:
         """Wait for every digest; one message per file whose sha256 differs from the manifest
-        (or that could not be read)."""
-        out = []
+        (or that could not be read). ``known``: digests computed elsewhere (by the hashing
+        read) for entries this hasher was not given; any other entry of theirs is hashed now."""
+        known = dict(known or {})
         with self._lock:
             for e in self.entries:
-                p = self.ckpt_dir / e["path"]
                 try:
-                    digest = self._futures[e["path"]].result()
+                    known[e["path"]] = self._futures[e["path"]].result()
                 except OSError as err:
-                    out.append(f"cannot read {p}: {err}")
-                    continue
-                if digest != e["sha256"]:
-                    out.append(f"sha256 mismatch for {p}: {digest[:16]}..., "
-                               f"manifest says {e['sha256'][:16]}...")
+                    known[e["path"]] = f"unreadable ({err})"
             self._pool.shutdown(wait=True)
-        return out
+        return mismatches(self.ckpt_dir, self.all_entries, known)
+
+
+def mismatches(ckpt_dir: Path, entries: list[dict], digests: dict[str, str]) -> list[str]:
+    """One message per entry whose digest (from ``digests``, else hashed now) is not the
+    manifest's."""
+    out = []
+    for e in entries:
+        p = Path(ckpt_dir) / e["path"]
+        digest = digests.get(e["path"])
+        if digest is None:
+            try:
+                digest = sha256_file(p)
+            except OSError as err:
+                digest = f"unreadable ({err})"
+        if digest != e["sha256"]:
+            out.append(f"sha256 mismatch for {p}: {digest[:16]}..., "
+                       f"manifest says {e['sha256'][:16]}...")
+    return out
+
+_SKIP_CHUNK = 1 << 24
+
+
+def _hash_through(stream, h, nbytes: int | None) -> int:
+    """Read ``nbytes`` (None: to EOF) from ``stream`` into ``h``; bytes read."""
+    done = 0
+    while nbytes is None or done < nbytes:
+        want = _SKIP_CHUNK if nbytes is None else min(_SKIP_CHUNK, nbytes - done)
+        chunk = stream.read(want)
+        if not chunk:
+            break
+        h.update(chunk)
+        done += len(chunk)
+    return done
+
+
+def _load_item(reader, req, item_md, raw: bytes, planner) -> None:
+    """torch 2.13 ``FileSystemReader.read_data``'s per-item body, from bytes in memory."""
+    source = reader.transforms.transform_load_stream(
+        req, item_md.transform_descriptors or (), io.BytesIO(raw))
+    if req.type == LoadItemType.BYTE_IO:
+        planner.load_bytes(req, io.BytesIO(source.read(-1)))
+        return
+    if not source.seekable():
+        source = io.BytesIO(source.read(-1))
+    tensor = torch.load(source, map_location="cpu", weights_only=True)
+    tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+    target = planner.resolve_tensor(req).detach()
+    if target.size() != tensor.size():
+        raise AssertionError(
+            f"req {req.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
+    target.copy_(tensor)
+    planner.commit_tensor(req, target)
+
+
+def read_file_hashed(reader, path, reqs: list, planner) -> str:
+    """Serve ``reqs`` (one file's read items) reading the file once, front to back, and return
+    the sha256 of all its bytes."""
+    h = hashlib.sha256()
+    pos, last = 0, (None, b"")
+    reqs = sorted(reqs, key=lambda r: reader.storage_data[r.storage_index].offset)
+    with open(path, "rb", buffering=0) as stream:
+        for req in reqs:
+            md = reader.storage_data[req.storage_index]
+            key = (md.offset, md.length)
+            if key != last[0]:  # several requests may share one stored item (resharding)
+                if md.offset < pos:
+                    raise OSError(f"{path}: overlapping items at offset {md.offset}")
+                pos += _hash_through(stream, h, md.offset - pos)
+                raw = stream.read(md.length)
+                if len(raw) != md.length:
+                    raise OSError(f"{path}: item at {md.offset} cut short")
+                h.update(raw)
+                pos += md.length
+                last = (key, raw)
+            _load_item(reader, req, md, last[1], planner)
+        _hash_through(stream, h, None)
+    return h.hexdigest()
