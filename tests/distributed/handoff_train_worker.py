@@ -1,0 +1,83 @@
+"""TP=2 training of the tiny VLM through ``trainer.train`` (torchrun, 2 gloo ranks), three runs
+in one process start: ``handoff`` (batches built on TP rank 0 only and handed over; step 1, then
+a checkpoint and exit), ``every_rank`` (the former path: each rank builds its own, by giving
+``prepare_run`` no groups; steps 1-2) and ``resumed`` (hand-off, step 2 from ``handoff``'s
+checkpoint: the loader state saved by the source rank). Each rank counts the multimodal
+loader's batch builds and pack calls per run and writes them to ``OUT/counts_rank{R}.json``;
+rank 0 writes each run's ``metrics.jsonl``.
+
+Usage: torchrun --nproc-per-node=2 handoff_train_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_vlm.config import apply_overrides
+from megatron_vlm.data import mm_loader
+from megatron_vlm.recipes import get_recipe
+from megatron_vlm.training import trainer
+
+COUNTS: Counter = Counter()
+COMMON = ["parallel.tp=2", "parallel.sequence_parallel=true", "train.steps=2",
+          "data.global_batch_size=2", "data.pad_to_multiple=4", "train.eval_interval=0",
+          "train.eval_batches=1", "train.log_interval=1", "train.plot=false",
+          "train.tensorboard=false", "checkpoint.save_on_exit=false", "optim.warmup_steps=1"]
+
+
+def _counted(name: str, fn):
+    def wrapper(*args, **kwargs):
+        COUNTS[name] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _every_rank_prepare_run(prepare_run):
+    """``prepare_run`` as before the hand-off: no groups, so every rank builds its loader."""
+    def wrapper(*args, pg_collection=None, **kwargs):
+        return prepare_run(*args, **kwargs)
+    return wrapper
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    loader = mm_loader.MultimodalLoader
+    loader.next_global_batch = _counted("next_global_batch", loader.next_global_batch)
+    loader.validation_batches = _counted("validation_batches", loader.validation_batches)
+    loader._next_pack = _counted("pack", loader._next_pack)
+    counts = {}
+    runs = [("handoff", ["train.exit_after_steps=1"]),  # saves step 1 and stops
+            ("every_rank", []),
+            ("resumed", ["checkpoint.resume=require",
+                         f"checkpoint.dir={out / 'handoff' / 'checkpoints'}"])]
+    prepare_run = trainer.prepare_run
+    wanted = sys.argv[2:] or [name for name, _ in runs]
+    for name, extra in runs:
+        if name not in wanted:
+            continue
+        COUNTS.clear()
+        trainer.prepare_run = (_every_rank_prepare_run(prepare_run) if name == "every_rank"
+                               else prepare_run)
+        job = apply_overrides(get_recipe("tiny_vlm_cpu"),
+                              [*COMMON, f"train.output_dir={out / name}", *extra])
+        if name != "handoff" and dist.get_rank() == 0:  # the first run's tokenizer, not retrained
+            (out / name).mkdir()
+            for f in (out / "handoff").glob("spm_*"):
+                shutil.copy(f, out / name / f.name)
+        t0 = time.perf_counter()
+        trainer.train(job)
+        if dist.get_rank() == 0:
+            print(f"[handoff_train_worker] {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        counts[name] = dict(COUNTS)
+    (out / f"counts_rank{dist.get_rank()}.json").write_text(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main()
