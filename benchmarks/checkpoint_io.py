@@ -34,7 +34,7 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, write_result
 
-FULL = {"hidden_size": 512, "vocab_size": 32768, "pairs": 5, "async_steps": 8}
+FULL = {"hidden_size": 512, "vocab_size": 32768, "pairs": 7, "async_steps": 8}
 SMOKE = {"hidden_size": 64, "vocab_size": 1024, "pairs": 1, "async_steps": 2}
 SEQ = 64
 
@@ -111,14 +111,16 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of ``fn()``."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _pairs(n: int, ours, base) -> dict[str, Any]:
-    """``n`` interleaved (ours, baseline) pairs, the order alternating; medians and the ratio."""
+    """``n`` interleaved (ours, baseline) pairs, the order alternating; medians and the ratio
+    (wall time, and the process's CPU time, which a busy shared machine disturbs less)."""
     t_ours, t_base = [], []
     for i in range(n):
         if i % 2:
@@ -127,10 +129,13 @@ def _pairs(n: int, ours, base) -> dict[str, Any]:
         else:
             t_ours.append(ours())
             t_base.append(base())
-    ratios = [b / o for o, b in zip(t_ours, t_base)]
-    return {"ours_s": statistics.median(t_ours), "baseline_s": statistics.median(t_base),
-            "baseline_over_ours": statistics.median(ratios),
-            "ours_all_s": t_ours, "baseline_all_s": t_base}
+    wall_o, cpu_o = zip(*t_ours)
+    wall_b, cpu_b = zip(*t_base)
+    return {"ours_s": statistics.median(wall_o), "baseline_s": statistics.median(wall_b),
+            "baseline_over_ours": statistics.median(b / o for o, b in zip(wall_o, wall_b)),
+            "ours_cpu_s": statistics.median(cpu_o), "baseline_cpu_s": statistics.median(cpu_b),
+            "cpu_baseline_over_ours": statistics.median(b / o for o, b in zip(cpu_o, cpu_b)),
+            "ours_all_s": list(wall_o), "baseline_all_s": list(wall_b)}
 
 
 def bench_save_load(work: Path, cfg: dict, job, chunks, optimizer, scheduler) -> dict[str, Any]:
@@ -142,14 +147,14 @@ def bench_save_load(work: Path, cfg: dict, job, chunks, optimizer, scheduler) ->
     state = plain_state(chunks, optimizer)
     counter = iter(range(1, 10**6))
 
-    def ours_save() -> float:
+    def ours_save() -> tuple[float, float]:
         root = work / f"ours_{next(counter)}"
         dt = _timed(lambda: save_checkpoint(root, 1, chunks, optimizer, scheduler, {}, yaml,
                                             keep_last=1))
         shutil.rmtree(root)
         return dt
 
-    def dcp_save() -> float:
+    def dcp_save() -> tuple[float, float]:
         d = work / f"dcp_{next(counter)}"
         dt = _timed(lambda: dcp.save(state, storage_writer=dcp.FileSystemWriter(str(d))))
         shutil.rmtree(d)
@@ -160,11 +165,11 @@ def bench_save_load(work: Path, cfg: dict, job, chunks, optimizer, scheduler) ->
     dcp_dir = work / "dcp_load"
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dcp_dir)))
 
-    def ours_load(verify: bool = True) -> float:
+    def ours_load(verify: bool = True) -> tuple[float, float]:
         return _timed(lambda: load_checkpoint(ckpt, chunks, optimizer, scheduler,
                                               verify_hashes=verify))
 
-    def dcp_load() -> float:
+    def dcp_load() -> tuple[float, float]:
         return _timed(lambda: dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir))))
 
     load = _pairs(cfg["pairs"], ours_load, dcp_load)

@@ -142,8 +142,7 @@ class BackgroundHasher:
         skip = set(skip)
         self.entries = [e for e in entries if e["path"] not in skip]
         if threads is None:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
-            threads = max(1, cpus // 2)
+            threads = max(1, _cpus() // 2)
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(self.entries) or 1)),
                                         thread_name_prefix="ckpt-verify")
         # Largest first, so the threads finish together.
@@ -200,26 +199,47 @@ def _hash_through(stream, h, nbytes: int | None) -> int:
     return done
 
 
-def _load_item(reader, req, item_md, raw: bytes, planner) -> None:
+def read_files_hashed(reader, paths: dict[str, Any], reqs: dict[str, list],
+                      planner) -> dict[str, str]:
+    """:func:`read_file_hashed` for several files, one thread each (hashing and reading release
+    the GIL, so files overlap); ``{relative path: sha256}``."""
+    if not reqs:
+        return {}
+    lock = threading.Lock()
+    with ThreadPoolExecutor(max_workers=min(len(reqs), _cpus()),
+                            thread_name_prefix="ckpt-read") as pool:
+        futures = {rel: pool.submit(read_file_hashed, reader, paths[rel], items, planner, lock)
+                   for rel, items in reqs.items()}
+        return {rel: fut.result() for rel, fut in futures.items()}
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+
+
+def _load_item(reader, req, item_md, raw: bytes, planner, lock) -> None:
     """torch 2.13 ``FileSystemReader.read_data``'s per-item body, from bytes in memory."""
     source = reader.transforms.transform_load_stream(
         req, item_md.transform_descriptors or (), io.BytesIO(raw))
     if req.type == LoadItemType.BYTE_IO:
-        planner.load_bytes(req, io.BytesIO(source.read(-1)))
+        data = io.BytesIO(source.read(-1))
+        with lock:
+            planner.load_bytes(req, data)
         return
     if not source.seekable():
         source = io.BytesIO(source.read(-1))
     tensor = torch.load(source, map_location="cpu", weights_only=True)
     tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
-    target = planner.resolve_tensor(req).detach()
-    if target.size() != tensor.size():
-        raise AssertionError(
-            f"req {req.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
-    target.copy_(tensor)
-    planner.commit_tensor(req, target)
+    with lock:  # the planner is not thread-safe (megatron's FP8 resolve/commit pair)
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise AssertionError(
+                f"req {req.storage_index} mismatch sizes {target.size()} vs {tensor.size()}")
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
 
 
-def read_file_hashed(reader, path, reqs: list, planner) -> str:
+def read_file_hashed(reader, path, reqs: list, planner, lock=None) -> str:
     """Serve ``reqs`` (one file's read items) reading the file once, front to back, and return
     the sha256 of all its bytes."""
     h = hashlib.sha256()
@@ -239,6 +259,6 @@ def read_file_hashed(reader, path, reqs: list, planner) -> str:
                 h.update(raw)
                 pos += md.length
                 last = (key, raw)
-            _load_item(reader, req, md, last[1], planner)
+            _load_item(reader, req, md, last[1], planner, lock or threading.Lock())
         _hash_through(stream, h, None)
     return h.hexdigest()

@@ -284,12 +284,13 @@ class _SafeMetadataReader(CachedMetadataFileSystemReader):
         for item in plan.items:
             rel = self.storage_data[item.storage_index].relative_path
             per_file.setdefault(rel, []).append(item)
+        hashed = {rel: reqs for rel, reqs in per_file.items()
+                  if rel in self.hash_files and self.digests is not None}
         for rel, reqs in per_file.items():
-            if rel in self.hash_files and self.digests is not None:
-                path = self.fs.concat_path(self.path, rel)
-                self.digests[rel] = hashed_io.read_file_hashed(self, path, reqs, planner)
-            else:
+            if rel not in hashed:
                 super().read_data(dataclasses.replace(plan, items=reqs), planner)
+        paths = {rel: self.fs.concat_path(self.path, rel) for rel in hashed}
+        self.digests.update(hashed_io.read_files_hashed(self, paths, hashed, planner))
         fut: Future = Future()
         fut.set_result(None)
         return fut
