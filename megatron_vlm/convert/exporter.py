@@ -224,7 +224,8 @@ def _parts(out: Path) -> Path:
 def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
                  family: str | None = None, dtype: str = "bf16",
                  max_shard_bytes: int = 5 * 2**30, read_group_bytes: int = 2**28,
-                 int4_experts: bool = False, threads: int = 2, progress: bool = False) -> Path:
+                 int4_experts: bool = False, threads: int = 2, progress: bool = False,
+                 setup: _Setup | None = None) -> Path:
     """Slice ``index`` of ``count`` of an export (``export_plan.py``): this process writes its
     whole shards into the staging folder beside ``out``; :func:`finish_export` completes it. A
     finished slice returns at once."""
@@ -238,7 +239,7 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
     if done.is_file():
         return parts
     parts.mkdir(parents=True, exist_ok=True)
-    s = _setup(checkpoint, family, dtype, int4_experts, max_shard_bytes)
+    s = setup or _setup(checkpoint, family, dtype, int4_experts, max_shard_bytes)
     mine = slice_shards(s.shards, index, count)
     target = _DTYPES[dtype]
 
@@ -268,7 +269,8 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
 
 def finish_export(checkpoint: Path, out: Path, count: int = 1, *, family: str | None = None,
                   dtype: str = "bf16", max_shard_bytes: int = 5 * 2**30,
-                  int4_experts: bool = False, tokenizer: Path | None = None) -> ExportResult:
+                  int4_experts: bool = False, tokenizer: Path | None = None,
+                  setup: _Setup | None = None) -> ExportResult:
     """The index, config.json and tokenizer / processor / generation files beside the ``count``
     finished slices' shards; the whole directory renamed into place as ``out``."""
     out = Path(out)
@@ -278,7 +280,7 @@ def finish_export(checkpoint: Path, out: Path, count: int = 1, *, family: str | 
     if missing:
         raise ConversionError(f"export slice {missing[0]}/{count} of {out} is not finished: run "
                               f"it (--slice {missing[0]}/{count}) before finishing")
-    s = _setup(checkpoint, family, dtype, int4_experts, max_shard_bytes)
+    s = setup or _setup(checkpoint, family, dtype, int4_experts, max_shard_bytes)
     model, run = s.run.model, s.run
     tok = run_tokenizer(run.data, model.is_vlm, run.run_dirs, tokenizer)
     token_ids, notes = export_token_ids(model, tok)
@@ -329,16 +331,17 @@ def export_hf(checkpoint: Path, out: Path, *, family: str | None = None, dtype: 
         raise ConversionError(f"--workers {workers}: give at least 1")
     opts = dict(family=family, dtype=dtype, max_shard_bytes=max_shard_bytes,
                 int4_experts=int4_experts)
-    _setup(checkpoint, **opts)  # every error before anything is written
+    setup = _setup(checkpoint, **opts)  # every error before anything is written
     if _parts(out).exists():
         shutil.rmtree(_parts(out))  # a stale attempt of a local run
     try:
         kw = dict(opts, read_group_bytes=read_group_bytes, threads=threads)
         if workers == 1:
-            export_slice(checkpoint, out, 0, 1, progress=progress, **kw)
+            export_slice(checkpoint, out, 0, 1, progress=progress, setup=setup, **kw)
         else:
-            run_slices(export_slice, [(checkpoint, out, i, workers) for i in range(workers)], kw)
-        return finish_export(checkpoint, out, workers, tokenizer=tokenizer, **opts)
+            run_slices("megatron_vlm.convert.exporter:export_slice",
+                       [[str(checkpoint), str(out), i, workers] for i in range(workers)], kw)
+        return finish_export(checkpoint, out, workers, tokenizer=tokenizer, setup=setup, **opts)
     except BaseException:
         shutil.rmtree(_parts(out), ignore_errors=True)
         raise

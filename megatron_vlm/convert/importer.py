@@ -265,7 +265,8 @@ def _check_out(out: Path) -> None:
 
 
 def import_slice(hf_dir: Path, out: Path, index: int, count: int, *, params_dtype: str = "fp32",
-                 threads: int = 2, progress: bool = False) -> Path:
+                 threads: int = 2, progress: bool = False,
+                 prepared: _Prepared | None = None) -> Path:
     """Slice ``index`` of ``count`` of an import (``slices.py``): this process converts and
     writes its share of the tensors (whole layers/experts) under ``out``; any process or host
     may run any slice; :func:`finish_import` joins them. Returns the slice's directory."""
@@ -274,7 +275,7 @@ def import_slice(hf_dir: Path, out: Path, index: int, count: int, *, params_dtyp
 
     hf_dir, out = Path(hf_dir), Path(out)
     _check_out(out)
-    p = _prepare(hf_dir, params_dtype, log=index == 0)
+    p = prepared or _prepare(hf_dir, params_dtype, log=index == 0)
     bar = tqdm(total=len(p.expected), desc=f"import {index}/{count}", unit="tensor",
                disable=not progress)
     try:
@@ -285,14 +286,14 @@ def import_slice(hf_dir: Path, out: Path, index: int, count: int, *, params_dtyp
         bar.close()
 
 
-def finish_import(hf_dir: Path, out: Path, count: int, *,
-                  params_dtype: str = "fp32") -> ImportResult:
+def finish_import(hf_dir: Path, out: Path, count: int, *, params_dtype: str = "fp32",
+                  prepared: _Prepared | None = None) -> ImportResult:
     """Join the ``count`` finished slices under ``out`` into ``out/step_0000000`` and write
     ``out/job.yaml``."""
     from megatron_vlm.convert.slices import finish_checkpoint
 
     hf_dir, out = Path(hf_dir), Path(out)
-    p = _prepare(hf_dir, params_dtype, log=False)
+    p = prepared or _prepare(hf_dir, params_dtype, log=False)
     step_dir = finish_checkpoint(out, count, p.config_yaml, p.extra)
     tmp = out / f".tmp-job-{secrets.token_hex(4)}.yaml"
     tmp.write_text(p.config_yaml)
@@ -323,16 +324,17 @@ def import_hf(hf_dir: Path, out: Path, *, params_dtype: str = "fp32", progress: 
         raise ConversionError(f"output {out} exists and is not empty")
     if workers < 1:
         raise ConversionError(f"--workers {workers}: give at least 1")
+    prepared = _prepare(hf_dir, params_dtype)  # every error before anything is written
     created = not out.exists()
     try:
         if workers == 1:
             import_slice(hf_dir, out, 0, 1, params_dtype=params_dtype, threads=threads,
-                         progress=progress)
+                         progress=progress, prepared=prepared)
         else:
-            _prepare(hf_dir, params_dtype)  # errors (and skipped-key warnings) before spawning
-            run_slices(import_slice, [(hf_dir, out, i, workers) for i in range(workers)],
+            run_slices("megatron_vlm.convert.importer:import_slice",
+                       [[str(hf_dir), str(out), i, workers] for i in range(workers)],
                        dict(params_dtype=params_dtype, threads=threads))
-        return finish_import(hf_dir, out, workers, params_dtype=params_dtype)
+        return finish_import(hf_dir, out, workers, params_dtype=params_dtype, prepared=prepared)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)

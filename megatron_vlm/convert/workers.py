@@ -1,33 +1,42 @@
 """Run conversion slices in local worker processes (``convert_hf.py --workers N``).
 
-Each slice is a fresh process (``spawn``: no state inherited from the parent, the same as a
-SLURM array task) calling ``fn(*args, **kwargs)``; the first failure is raised here after the
-other workers are stopped.
+Each slice is a fresh Python process (nothing inherited from the parent, as for a SLURM array
+task) that runs ``module:function(*args, **kwargs)`` (JSON arguments) -- what a task of the array
+form runs too. All start at once; the first failure stops the others and is raised here, a
+``ConversionError`` (any exception of that name) with its own message.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
 import os
-import traceback
-from collections.abc import Callable
-
-
-def _run(fn: Callable, args: tuple, kwargs: dict, errors) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        fn(*args, **kwargs)
-    except BaseException as e:  # reported to the parent, which raises it
-        errors.put((type(e).__name__, str(e), traceback.format_exc()))
-        raise SystemExit(1) from e
+import subprocess
+import sys
+import tempfile
+import time
 
 
 class WorkerError(RuntimeError):
-    """A worker process failed (its traceback is in the message)."""
+    """A worker process failed (its last output is in the message)."""
 
 
-def run_slices(fn: Callable, args_list: list[tuple], kwargs: dict) -> None:
-    """``fn(*args, **kwargs)`` for each ``args`` in its own process, all at once; waits for all.
+# Run with ``python -c`` (not ``-m``, which would import this package and with it torch and
+# megatron before the slice's own module): imports nothing but that module.
+_ENTRY = """
+import importlib, json, sys
+job = json.loads(sys.argv[1])
+module, name = job["fn"].split(":")
+try:
+    getattr(importlib.import_module(module), name)(*job["args"], **job["kwargs"])
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "message": str(e)}), file=sys.stderr)
+    raise
+"""
+
+
+def run_slices(fn: str, args_list: list[list], kwargs: dict) -> None:
+    """``fn`` (``"module:function"``) with each ``args`` (JSON values) in its own process, all at
+    once, with ``OMP_NUM_THREADS=1`` unless set; waits for all.
 
     Raises:
         ConversionError: a worker raised one (same message);
@@ -35,27 +44,41 @@ def run_slices(fn: Callable, args_list: list[tuple], kwargs: dict) -> None:
     """
     from megatron_vlm.convert.rules import ConversionError
 
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_run, args=(fn, a, kwargs, errors), daemon=True)
-             for a in args_list]
-    for p in procs:
-        p.start()
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    procs, logs = [], []
+    for args in args_list:
+        spec = json.dumps({"fn": fn, "args": args, "kwargs": kwargs})
+        logs.append(tempfile.TemporaryFile("w+"))  # a pipe could fill up and stall the worker
+        procs.append(subprocess.Popen([sys.executable, "-c", _ENTRY, spec],
+                                      env=env, stderr=logs[-1]))
+    failed = None
     try:
-        for p in procs:
-            p.join()
-            if p.exitcode != 0:
-                break
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+            time.sleep(0.05)
+        failed = failed or next((p for p in procs if p.returncode != 0), None)
     finally:
         for p in procs:
-            if p.is_alive():
+            if p.poll() is None:
                 p.terminate()
-            p.join()
-    if not errors.empty():
-        name, message, tb = errors.get()
-        if name == "ConversionError":
-            raise ConversionError(message)
-        raise WorkerError(f"a conversion worker failed:\n{tb}")
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
-    if bad:
-        raise WorkerError(f"a conversion worker exited with status {bad[0]}")
+            p.wait()
+        errs = []
+        for log in logs:
+            log.seek(0)
+            errs.append(log.read())
+            log.close()
+    if failed is None:
+        return
+    err = errs[procs.index(failed)]
+    for line in reversed(err.strip().splitlines()):
+        try:
+            report = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(report, dict) and report.get("error") == "ConversionError":
+            raise ConversionError(report["message"])
+        break
+    raise WorkerError(f"a conversion worker exited with status {failed.returncode}:\n"
+                      f"{err[-3000:]}")
+
