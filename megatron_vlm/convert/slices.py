@@ -127,6 +127,10 @@ def _own_storage(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+class _Stopped(ConversionError):
+    """A writer thread stopped because another one failed."""
+
+
 @dataclasses.dataclass
 class _Unit:
     """One tensor of ours and the write items (chunks) it fills."""
@@ -200,8 +204,10 @@ class _SliceWriter(_Writer):
                 self.files[name] = info
 
         with ThreadPoolExecutor(len(buckets)) as pool:
-            for fut in [pool.submit(run, t) for t in range(len(buckets))]:
-                fut.result()
+            futures = [pool.submit(run, t) for t in range(len(buckets))]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:  # the first cause, not a thread that stopped because of it
+            raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
         self.num_items = len(results)
         done: Future = Future()
         done.set_result(results)
@@ -244,7 +250,7 @@ class _SliceWriter(_Writer):
             for k, unit in enumerate(units):
                 chunks = nxt.result()
                 if self._failed.is_set():
-                    raise ConversionError("stopped: another writer thread failed")
+                    raise _Stopped("stopped: another writer thread failed")
                 nxt = ahead.submit(self._chunks, units[k + 1]) if k + 1 < len(units) else None
                 for it, chunk in zip(unit.items, chunks):
                     start = f.pos
