@@ -91,3 +91,21 @@ def test_run_slices_spawns_one_process_per_slice_and_reports_errors(tmp_path):
     assert len(pids) == 3 and str(os.getpid()) not in pids
     with pytest.raises(ConversionError, match="slice 1 cannot read its shard"):
         run_slices(fn, [[str(tmp_path), i, 2] for i in range(2)], {"fail_at": 1})
+
+
+def test_slurm_array_scripts_slice_then_finish(tmp_path, capsys):
+    import subprocess
+
+    from tiny_runs import load_tool
+
+    cli = load_tool("convert_hf")
+    out = tmp_path / "ours"
+    assert cli.main(["import", str(tmp_path / "hf"), str(out), "--slurm-array", "3",
+                     "--slurm-partition", "cpu", "--dry-run"]) == 0
+    array, finish = capsys.readouterr().out.split("# --- then")
+    assert "#SBATCH --array=0-2" in array and "#SBATCH --partition=cpu" in array
+    assert f'import {tmp_path / "hf"} {out} ' in array
+    assert '--slice "${SLURM_ARRAY_TASK_ID:?an array task (sbatch --array)}/3"' in array
+    assert "--finish 3" in finish and "--array" not in finish
+    for script in (array, finish.split("\n", 1)[1]):
+        assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
