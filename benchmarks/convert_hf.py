@@ -1,24 +1,29 @@
-"""Benchmark: HF <-> megatron_vlm checkpoint conversion of a synthetic multi-GB checkpoint.
+"""Benchmark: HF <-> megatron_vlm checkpoint conversion of a synthetic checkpoint, against a
+safetensors read + write + fsync loop over the same shards, with 1 and N processes.
 
 A DeepSeek-V3-shaped text model (Moonlight widths: hidden 2048, MLA 512 kv-latent, 16 experts of
-1408) with as many layers as ``--size-gb`` asks is written as bf16 safetensors shards, then
+1408) with as many layers as ``--size-gb`` asks is written as bf16 safetensors shards, then,
+in ``--repeats`` interleaved rounds (one process per measurement; each times its work after its
+imports, so process start-up is not counted):
 
-1. ``import``: HF -> our megatron checkpoint with bf16 parameters (``convert.import_hf``), in
-   its own process;
-2. ``export``: ours -> HF release names, bf16 (``convert.export_hf``: tensors read in groups of
-   256 MiB, shards of ``--shard-gb``), in its own process;
-3. the export is compared with the input tensor by tensor (bit-exact round trip);
-4. ``export_int4``: the same export with ``int4_experts=True`` (routed experts as compressed-tensors
-   INT4, as the K2.5 release ships them), in its own process: time, memory, and its size against
-   the bf16 export (``int4_size``); its bf16 tensors are compared with the input too.
+1. ``loop``: the baseline -- every input shard ``safetensors.torch.load_file`` -> ``save_file``
+   -> fsync (the same bytes read and written, no conversion);
+2. ``import``: HF -> our megatron checkpoint, bf16 (``convert.import_hf``), one process;
+3. ``import_N``: the same as ``--workers N`` runs it: N slice processes started together
+   (``import_slice``), then the joining step (``finish_import``); time = slices + join;
+4. ``export`` / ``export_N``: ours -> HF release names, bf16, one process / N slices + join;
 
-Each conversion reports wall time, GB/s (checkpoint bytes / seconds) and host memory: the peak
-RSS of its process (sampled every 5 ms, and the kernel's high-water mark) minus the RSS after
-imports, against the checkpoint size, the largest shard and the largest layer -- the streaming
-claim is that the conversion needs about one shard plus one layer, not the checkpoint.
+then once: the export compared with the input tensor by tensor (bit-exact round trip), the N-process
+export compared byte for byte with the one-process export, and ``export_int4`` (routed experts
+as compressed-tensors INT4): time, memory, size against the bf16 export.
 
-    python -m benchmarks.convert_hf --size-gb 3        # writes benchmarks/results/convert_hf_*.json
-    python -m benchmarks.convert_hf --smoke            # a few MB, in-process, seconds
+Reported: per phase the median seconds and GB/s (checkpoint bytes / seconds), the ratios of the
+medians (``ours/loop``: >= 0.8 is the target; ``N/1``: >= 0.7 N) and host memory of the
+one-process runs: peak RSS (sampled every 5 ms, and the kernel's high-water mark) minus the RSS
+after imports, against the checkpoint, the largest shard and the largest layer.
+
+    python -m benchmarks.convert_hf --size-gb 0.6 --workers 2  # results/convert_hf_*.json
+    python -m benchmarks.convert_hf --smoke                    # a few MB, in-process
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS_DIR, write_result
+
+INDEX_NAME = "model.safetensors.index.json"
 
 FULL = {"hidden_size": 2048, "num_attention_heads": 16, "q_lora_rank": 768, "kv_lora_rank": 512,
         "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
@@ -116,7 +124,9 @@ def generate(hf_dir: Path, cfg: dict[str, Any], shard_bytes: int, seed: int = 0)
     gen = torch.Generator().manual_seed(seed)
     writer = ShardedSafetensorsWriter(hf_dir, shard_bytes)
     layer_bytes: dict[str, int] = {}
+    largest = 0
     for name, shape, dtype in hf_tensors(cfg):
+        largest = max(largest, _nbytes(shape, dtype))
         t = torch.randn(shape, generator=gen).mul_(0.02)
         writer.add(name, t if dtype == "fp32" else t.to(torch.bfloat16))
         layer = ".".join(name.split(".")[:3]) if ".layers." in name else name
@@ -126,6 +136,7 @@ def generate(hf_dir: Path, cfg: dict[str, Any], shard_bytes: int, seed: int = 0)
     shards = [p.stat().st_size for p in hf_dir.glob("*.safetensors")]
     return {"checkpoint_bytes": sum(shards), "num_shards": len(shards),
             "largest_shard_bytes": max(shards), "largest_layer_bytes": max(layer_bytes.values()),
+            "largest_tensor_bytes": largest,
             "num_layers": cfg["num_hidden_layers"]}
 
 
@@ -159,34 +170,98 @@ class PeakRss:
         self.peak = max(self.peak, _rss_bytes())
 
 
-def run_phase(phase: str, src: Path, dst: Path, shard_bytes: int) -> dict[str, Any]:
-    """``import`` (HF ``src`` -> our root ``dst``) or ``export`` / ``export_int4`` (ours -> HF
-    ``dst``)."""
+def safetensors_loop(src: Path, dst: Path) -> None:
+    """The baseline: each shard of ``src`` read with safetensors and written to ``dst``, fsynced."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    for path in sorted(src.glob("*.safetensors")):
+        out = dst / path.name
+        save_file(load_file(path), str(out), metadata={"format": "pt"})
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def _convert(phase: str, src: Path, dst: Path, shard_bytes: int, index: int, count: int) -> None:
     from megatron_vlm.convert import export_hf, import_hf
+    from megatron_vlm.convert.exporter import export_slice, finish_export
+    from megatron_vlm.convert.importer import finish_import, import_slice
+
+    if phase == "loop":
+        safetensors_loop(src, dst)
+    elif phase == "import":
+        import_hf(src, dst, params_dtype="bf16", progress=False)
+    elif phase == "import_slice":
+        import_slice(src, dst, index, count, params_dtype="bf16")
+    elif phase == "import_finish":
+        finish_import(src, dst, count, params_dtype="bf16")
+    elif phase == "export_slice":
+        export_slice(src, dst, index, count, dtype="bf16", max_shard_bytes=shard_bytes)
+    elif phase == "export_finish":
+        finish_export(src, dst, count, dtype="bf16", max_shard_bytes=shard_bytes)
+    else:
+        export_hf(src, dst, dtype="bf16", max_shard_bytes=shard_bytes, progress=False,
+                  int4_experts=phase == "export_int4")
+
+
+def run_phase(phase: str, src: Path, dst: Path, shard_bytes: int, index: int = 0,
+              count: int = 1, wait: bool = False) -> dict[str, Any]:
+    """One measured conversion (``_convert``), timed after the imports (and, with ``wait``,
+    after a ``go`` line on stdin: the parent starts the slices of one run together)."""
     from megatron_vlm.convert.mcore import ensure_single_process_groups
 
     ensure_single_process_groups()  # process groups and imports before the baseline
     baseline = _rss_bytes()
+    if wait:
+        print("ready", flush=True)
+        sys.stdin.readline()
     t0 = time.perf_counter()
     with PeakRss() as rss:
-        if phase == "import":
-            import_hf(src, dst, params_dtype="bf16", progress=True)
-        else:
-            export_hf(src, dst, dtype="bf16", max_shard_bytes=shard_bytes, progress=True,
-                      int4_experts=phase == "export_int4")
+        _convert(phase, src, dst, shard_bytes, index, count)
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "baseline_rss_bytes": baseline, "peak_rss_bytes": rss.peak,
             "max_rss_bytes_kernel": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def _cmd(phase: str, src: Path, dst: Path, shard_bytes: int, index: int = 0,
+         count: int = 1, wait: bool = False) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.convert_hf", "--phase", phase, "--src", str(src),
+            "--dst", str(dst), "--shard-bytes", str(shard_bytes), "--index", str(index),
+            "--count", str(count)] + (["--wait"] if wait else [])
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+                TORCH_COMPILE_DISABLE="1")
+
+
 def _child(phase: str, src: Path, dst: Path, shard_bytes: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.convert_hf", "--phase", phase, "--src", str(src),
-           "--dst", str(dst), "--shard-bytes", str(shard_bytes)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               TORCH_COMPILE_DISABLE="1")
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(_cmd(phase, src, dst, shard_bytes), env=_env(), stdout=subprocess.PIPE,
+                          text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _sliced(kind: str, src: Path, dst: Path, shard_bytes: int, count: int) -> dict[str, Any]:
+    """``count`` slice processes started together (each after its imports), then the join:
+    what ``--workers count`` runs, without the process start-up."""
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen(_cmd(f"{kind}_slice", src, dst, shard_bytes, i, count, True),
+                              env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=root) for i in range(count)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    slices = time.perf_counter() - t0
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a {kind} slice failed")
+    join = _child(f"{kind}_finish", src, dst, shard_bytes)["seconds"]
+    return {"seconds": slices + join, "slices_seconds": slices, "join_seconds": join,
+            "slice_seconds": [o["seconds"] for o in outs]}
 
 
 def verify(a: Path, b: Path) -> dict[str, Any]:
@@ -226,14 +301,65 @@ def int4_size(hf: Path, bf16: Path, int4: Path) -> dict[str, Any]:
 
 
 def _summary(phase: dict[str, Any], sizes: dict[str, Any]) -> dict[str, Any]:
+    out = {**phase, "gb_per_s": sizes["checkpoint_bytes"] / 1e9 / phase["seconds"]}
+    if "peak_rss_bytes" not in phase:
+        return out
     # The kernel's high-water mark also sees spikes between two samples (it covers the imports
     # before the baseline too, which stay below it): the larger of the two is the peak.
     used = max(phase["peak_rss_bytes"], phase["max_rss_bytes_kernel"]) - phase["baseline_rss_bytes"]
-    return {**phase, "gb_per_s": sizes["checkpoint_bytes"] / 1e9 / phase["seconds"],
-            "conversion_rss_bytes": used,
+    return {**out, "conversion_rss_bytes": used,
             "conversion_rss_over_checkpoint": used / sizes["checkpoint_bytes"],
             "conversion_rss_over_shard_plus_layer": used / (
-                sizes["largest_shard_bytes"] + sizes["largest_layer_bytes"])}
+                sizes["largest_shard_bytes"] + sizes["largest_layer_bytes"]),
+            "conversion_rss_over_largest_tensor_plus_layer": used / (
+                sizes["largest_tensor_bytes"] + sizes["largest_layer_bytes"])}
+
+
+def _rounds(work: Path, sizes: dict, shard_bytes: int, repeats: int, workers: int,
+            smoke: bool) -> dict[str, list[dict]]:
+    """``repeats`` interleaved rounds of loop, import, import_N, export, export_N."""
+    runs: dict[str, list[dict]] = {}
+    hf = work / "hf"
+    for r in range(repeats):
+        for name in ("loop", "import", f"import_{workers}", "export", f"export_{workers}"):
+            kind = name.split("_")[0]
+            src = work / "ours" if kind == "export" else hf
+            dst = work / f"{name}_{r}"
+            if smoke and name.endswith(f"_{workers}"):  # in-process, one slice after the other
+                t0 = time.perf_counter()
+                for i in range(workers):
+                    _convert(f"{kind}_slice", src, dst, shard_bytes, i, workers)
+                _convert(f"{kind}_finish", src, dst, shard_bytes, 0, workers)
+                measured = {"seconds": time.perf_counter() - t0}
+            elif name.endswith(f"_{workers}"):
+                measured = _sliced(kind, src, dst, shard_bytes, workers)
+            else:
+                measured = (run_phase(name, src, dst, shard_bytes) if smoke
+                            else _child(name, src, dst, shard_bytes))
+            runs.setdefault(name, []).append(_summary(measured, sizes))
+            if name == "import" and not (work / "ours").exists():
+                os.replace(dst, work / "ours")  # the export's input
+            elif r < repeats - 1 or name.startswith("import") or name == "loop":
+                shutil.rmtree(dst, ignore_errors=True)
+            print(f"round {r} {name}: {measured['seconds']:.2f} s", flush=True)
+    return runs
+
+
+def _medians(runs: dict[str, list[dict]], workers: int) -> dict[str, Any]:
+    med = {k: statistics.median(x["seconds"] for x in v) for k, v in runs.items()}
+    ratios = {}
+    for kind in ("import", "export"):
+        n = f"{kind}_{workers}"
+        ratios[f"{kind}_over_loop"] = med["loop"] / med[kind]
+        ratios[f"{n}_over_{kind}"] = med[kind] / med[n]
+        ratios[f"{n}_over_{kind}_per_worker"] = med[kind] / med[n] / workers
+        ratios[f"{n}_over_loop"] = med["loop"] / med[n]
+    # paired: each round's own ratio, then the median of those
+    paired = {}
+    for kind in ("import", "export", f"import_{workers}", f"export_{workers}"):
+        paired[f"{kind}_over_loop"] = statistics.median(
+            a["seconds"] / b["seconds"] for a, b in zip(runs["loop"], runs[kind]))
+    return {"median_seconds": med, "ratio_of_medians": ratios, "median_of_paired_ratios": paired}
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -242,45 +368,63 @@ def main(argv: list[str] | None = None) -> Path | None:
     p.add_argument("--out-dir", default=None, help=f"result directory (default {RESULTS_DIR})")
     p.add_argument("--size-gb", type=float, default=3.0, help="synthetic checkpoint size")
     p.add_argument("--shard-gb", type=float, default=0.5, help="HF shard size (input, output)")
+    p.add_argument("--workers", type=int, default=2, help="N of the N-process runs")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians)")
     p.add_argument("--work-dir", default=None, help="scratch directory (default: a temp dir)")
-    p.add_argument("--phase", choices=["import", "export", "export_int4"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--src", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dst", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--shard-bytes", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.phase:  # child process: one measured conversion, JSON on the last stdout line
-        print(json.dumps(run_phase(args.phase, args.src, args.dst, args.shard_bytes)))
+        print(json.dumps(run_phase(args.phase, args.src, args.dst, args.shard_bytes, args.index,
+                                   args.count, args.wait)))
         return None
 
-    size_gb = 0.004 if args.smoke else args.size_gb
+    size_gb = 0.002 if args.smoke else args.size_gb
     shard_bytes = int((0.001 if args.smoke else args.shard_gb) * 1e9)
+    repeats = 1 if args.smoke else args.repeats
     work = Path(tempfile.mkdtemp(prefix="convert_hf_", dir=args.work_dir))
+    load_start = os.getloadavg()
     try:
         cfg = synthetic_config(size_gb, args.smoke)
         print(f"generating {size_gb} GB ({cfg['num_hidden_layers']} layers) in {work}")
         sizes = generate(work / "hf", cfg, shard_bytes)
-        phases = {}
-        for phase, src, dst in (("import", work / "hf", work / "ours"),
-                                ("export", work / "ours", work / "exported"),
-                                ("export_int4", work / "ours", work / "int4")):
-            print(f"{phase} ...")
-            measured = (run_phase(phase, src, dst, shard_bytes) if args.smoke
-                        else _child(phase, src, dst, shard_bytes))
-            phases[phase] = _summary(measured, sizes)
-        round_trip = verify(work / "hf", work / "exported")
-        int4 = int4_size(work / "hf", work / "exported", work / "int4")
+        runs = _rounds(work, sizes, shard_bytes, repeats, args.workers, args.smoke)
+        last = repeats - 1
+        exported, exported_n = work / f"export_{last}", work / f"export_{args.workers}_{last}"
+        round_trip = verify(work / "hf", exported)
+        same = sorted(x.name for x in exported.iterdir()) == sorted(
+            x.name for x in exported_n.iterdir()) and all(
+            (exported / n).read_bytes() == (exported_n / n).read_bytes()
+            for n in [x.name for x in exported.glob("*.safetensors")] + [INDEX_NAME])
+        int4_run = (run_phase("export_int4", work / "ours", work / "int4", shard_bytes)
+                    if args.smoke else _child("export_int4", work / "ours", work / "int4",
+                                              shard_bytes))
+        int4 = int4_size(work / "hf", exported, work / "int4")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     config = {"size_gb_requested": size_gb, "shard_bytes": shard_bytes, "model": cfg,
-              "isolation": "in-process" if args.smoke else "one process per conversion",
-              "load_average_at_end": os.getloadavg()}
-    notes = ("RSS: conversion_rss = max(RSS sampled every 5 ms, kernel high-water mark) - RSS "
-             "after imports. GB/s = "
-             "checkpoint bytes / wall seconds (import includes fsync and sha256 of the output for "
-             "the manifest). Round trip: export compared with the input tensor by tensor.")
-    return write_result("convert_hf", config, {**sizes, **phases, "round_trip": round_trip,
-                                               "int4_size": int4},
-                        out_dir=args.out_dir, smoke=args.smoke, notes=notes)
+              "workers": args.workers, "repeats": repeats, "threads_per_process": 2,
+              "isolation": "in-process" if args.smoke else "one process per measurement, "
+                           "timed after its imports",
+              "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()}
+    notes = ("GB/s = checkpoint bytes / seconds (import and export include fsync; import the "
+             "sha256 of every file for the manifest, taken while writing). loop = safetensors "
+             "load_file + save_file + fsync of every input shard. N-process runs: N slice "
+             "processes released together after their imports, then the join (its own process). "
+             "RSS (one-process runs): max(RSS sampled every 5 ms, kernel high-water mark) - RSS "
+             "after imports. Round trip: export compared with the input tensor by tensor; "
+             "export_N_bytes_identical: the N-process export's shards and index equal the "
+             "one-process export's byte for byte.")
+    results = {**sizes, **_medians(runs, args.workers), "runs": runs,
+               "export_int4": _summary(int4_run, sizes), "round_trip": round_trip,
+               f"export_{args.workers}_bytes_identical": same, "int4_size": int4}
+    return write_result("convert_hf", config, results, out_dir=args.out_dir, smoke=args.smoke,
+                        notes=notes)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ def test_convert_hf_benchmark_smoke(tmp_path):
     int4 = res["int4_size"]
     assert int4["other_tensors_bit_exact"] is True and int4["num_int4_weights"] > 0
     assert int4["bf16_over_int4"] > 1
-    for phase in ("import", "export", "export_int4"):
-        assert res[phase]["seconds"] > 0 and res[phase]["gb_per_s"] > 0
-        assert res[phase]["peak_rss_bytes"] >= res[phase]["baseline_rss_bytes"] > 0
+    assert res["export_2_bytes_identical"] is True
+    runs = {k: v[0] for k, v in res["runs"].items()}
+    for phase in ("loop", "import", "import_2", "export", "export_2"):
+        assert runs[phase]["seconds"] > 0 and runs[phase]["gb_per_s"] > 0
+    for phase in (runs["import"], runs["export"], res["export_int4"]):
+        assert phase["peak_rss_bytes"] >= phase["baseline_rss_bytes"] > 0
+    assert res["ratio_of_medians"]["import_over_loop"] > 0
