@@ -217,10 +217,39 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
 
 
-def _load_item(reader, req, item_md, raw: bytes, planner, lock) -> None:
+class _MemoryReader(io.RawIOBase):
+    """A seekable read-only stream over a memoryview, without copying it (``io.BytesIO`` of a
+    bytearray would); ``readinto`` lets torch.load copy straight into its storage."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view, self._pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), len(self._view) - self._pos))
+        memoryview(b).cast("B")[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _load_item(reader, req, item_md, raw: memoryview, planner, lock) -> None:
     """torch 2.13 ``FileSystemReader.read_data``'s per-item body, from bytes in memory."""
     source = reader.transforms.transform_load_stream(
-        req, item_md.transform_descriptors or (), io.BytesIO(raw))
+        req, item_md.transform_descriptors or (), _MemoryReader(raw))
     if req.type == LoadItemType.BYTE_IO:
         data = io.BytesIO(source.read(-1))
         with lock:
@@ -243,8 +272,10 @@ def read_file_hashed(reader, path, reqs: list, planner, lock=None) -> str:
     """Serve ``reqs`` (one file's read items) reading the file once, front to back, and return
     the sha256 of all its bytes."""
     h = hashlib.sha256()
-    pos, last = 0, (None, b"")
+    pos, last = 0, (None, memoryview(b""))
     reqs = sorted(reqs, key=lambda r: reader.storage_data[r.storage_index].offset)
+    # One buffer for all items (no fresh pages per item), as large as the largest.
+    buf = bytearray(max(reader.storage_data[r.storage_index].length for r in reqs))
     with open(path, "rb", buffering=0) as stream:
         for req in reqs:
             md = reader.storage_data[req.storage_index]
@@ -253,9 +284,13 @@ def read_file_hashed(reader, path, reqs: list, planner, lock=None) -> str:
                 if md.offset < pos:
                     raise OSError(f"{path}: overlapping items at offset {md.offset}")
                 pos += _hash_through(stream, h, md.offset - pos)
-                raw = stream.read(md.length)
-                if len(raw) != md.length:
-                    raise OSError(f"{path}: item at {md.offset} cut short")
+                raw = memoryview(buf)[:md.length]
+                got = 0
+                while got < md.length:
+                    n = stream.readinto(raw[got:])
+                    if not n:
+                        raise OSError(f"{path}: item at {md.offset} cut short")
+                    got += n
                 h.update(raw)
                 pos += md.length
                 last = (key, raw)
