@@ -10,6 +10,7 @@ from megatron_vlm.checkpoint.dist import (
     prune_checkpoints,
     save_checkpoint,
     step_dir_name,
+    wait_for_pruning,
 )
 from megatron_vlm.checkpoint.manifest import CheckpointError, read_manifest, verify_checkpoint
 
@@ -24,4 +25,5 @@ __all__ = [
     "save_checkpoint",
     "step_dir_name",
     "verify_checkpoint",
+    "wait_for_pruning",
 ]

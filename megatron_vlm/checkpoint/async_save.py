@@ -46,6 +46,7 @@ from megatron_vlm.checkpoint.dist import (
     complete_save,
     rank_file,
     save_checkpoint,
+    wait_for_pruning,
     write_rank_state,
 )
 from megatron_vlm.checkpoint.manifest import CheckpointError, file_entries
@@ -210,8 +211,10 @@ class CheckpointSaver:
         return self._drain(blocking=True)
 
     def close(self) -> None:
-        """Finish, then stop the async machinery (the writers' result queue)."""
+        """Finish, wait for pruning, then stop the async machinery (the writers' result
+        queue)."""
         self.finish()
+        wait_for_pruning()
         if self._queue is not None:
             self._queue.close()
             shutdown_results_queue()

@@ -32,6 +32,7 @@ import re
 import secrets
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -243,6 +244,7 @@ def begin_save(
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint extra state must be JSON-serialisable: {e}") from e
     rank, world = _rank_world()
+    wait_for_pruning()  # the previous save's deletions (bounds the disk in use)
     root = Path(root)
     final = root / step_dir_name(step)
 
@@ -304,8 +306,8 @@ def complete_save(pending: PendingSave, my_entries: list[dict]) -> Path:
         _fsync_dir(tmp)
         _rename_into_place(tmp, pending.final)
     comm.barrier()
-    if pending.rank == 0:
-        prune_checkpoints(pending.root, pending.keep_last)
+    if pending.rank == 0:  # renames now, deletes in a thread (off the step loop)
+        prune_checkpoints(pending.root, pending.keep_last, background=True)
     comm.barrier()
     logger.info("saved checkpoint %s", pending.final)
     return pending.final
@@ -359,12 +361,33 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(out, reverse=True)
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+_PRUNER: threading.Thread | None = None
+"""Rank 0's background deletion of pruned checkpoints (at most one at a time)."""
+
+
+def wait_for_pruning() -> None:
+    """Wait until a background prune (:func:`prune_checkpoints` ``background=True``) is done."""
+    global _PRUNER
+    if _PRUNER is not None:
+        _PRUNER.join()
+        _PRUNER = None
+
+
+def _remove_dirs(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_checkpoints(root: Path, keep_last: int, background: bool = False) -> list[Path]:
     """Delete complete checkpoints under ``root`` beyond the newest ``keep_last``.
 
     Directories that fail verification are left alone (never count as kept, never deleted).
-    Returns the deleted paths.
+    ``background``: each is first renamed to ``.tmp-pruned-step_*-<random>`` (atomic; resume
+    ignores ``.tmp-*``, so a crash mid-delete leaves no checkpoint that looks complete), then a
+    thread deletes it; :func:`wait_for_pruning` waits for it (the next save and
+    ``CheckpointSaver.close`` do). Returns the deleted checkpoints' original paths.
     """
+    global _PRUNER
     complete = []
     for _, path in _step_dirs(Path(root)):
         try:
@@ -373,9 +396,18 @@ def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
             continue
         complete.append(path)
     deleted = complete[keep_last:]
+    aside = []
     for path in deleted:
-        shutil.rmtree(path)
+        if background:
+            aside.append(path.rename(
+                path.with_name(f"{TMP_PREFIX}pruned-{path.name}-{secrets.token_hex(4)}")))
+        else:
+            shutil.rmtree(path)
         logger.info("deleted old checkpoint %s (keep_last=%d)", path, keep_last)
+    if aside:
+        wait_for_pruning()
+        _PRUNER = threading.Thread(target=_remove_dirs, args=(aside,), name="ckpt-prune")
+        _PRUNER.start()  # not a daemon: the interpreter finishes the deletion before exiting
     return deleted
 
 

@@ -23,6 +23,7 @@ from megatron_vlm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     verify_checkpoint,
+    wait_for_pruning,
 )
 from megatron_vlm.config import ParallelConfig, apply_overrides
 from megatron_vlm.data.contract import PackedBatch
@@ -375,9 +376,14 @@ def test_keep_last_and_resave(job, trained, tmp_path):
     for step in (4, 5, 6, 7):
         save_checkpoint(root, step, chunks, optimizer, scheduler, {"s": step}, "a: 1\n",
                         keep_last=2)
+        # Pruned at once from resume's view (renamed to .tmp-*), deleted in the background.
+        assert sorted(p.name for p in root.iterdir() if p.name.startswith("step_")) == sorted(
+            f"step_{s:07d}" for s in range(max(4, step - 1), step + 1))
+    wait_for_pruning()
     assert sorted(p.name for p in root.iterdir()) == ["step_0000006", "step_0000007"]
     again = save_checkpoint(root, 7, chunks, optimizer, scheduler, {"s": 70}, "a: 1\n",
                             keep_last=2)
+    wait_for_pruning()
     assert sorted(p.name for p in root.iterdir()) == ["step_0000006", "step_0000007"]
     assert find_latest_checkpoint(root) == again
     assert json.loads((again / "manifest.json").read_text())["extra_rank0"] == {"s": 70}
