@@ -1,12 +1,15 @@
-"""TP=2 training of the tiny VLM through ``trainer.train`` (torchrun, 2 gloo ranks), three runs
-in one process start: ``handoff`` (batches built on TP rank 0 only and handed over; step 1, then
-a checkpoint and exit), ``every_rank`` (the former path: each rank builds its own, by giving
-``prepare_run`` no groups; steps 1-2) and ``resumed`` (hand-off, step 2 from ``handoff``'s
-checkpoint: the loader state saved by the source rank). Each rank counts the multimodal
-loader's batch builds and pack calls per run and writes them to ``OUT/counts_rank{R}.json``;
-rank 0 writes each run's ``metrics.jsonl``.
+"""TP=2 (or PP=2) training of the tiny VLM through ``trainer.train`` (torchrun, 2 gloo ranks),
+three runs in one process start: ``handoff`` (batches built on rank 0 only and handed over;
+step 1, then a checkpoint and exit), ``every_rank`` (the former path: each rank builds its own,
+by giving ``prepare_run`` no groups; steps 1-2) and ``resumed`` (hand-off, step 2 from
+``handoff``'s checkpoint: the loader state saved by the source rank). Each rank counts the
+multimodal loader's batch builds and pack calls per run and writes them to
+``OUT/counts_rank{R}.json``; rank 0 writes each run's ``metrics.jsonl`` (under PP the last stage
+computes the loss, and megatron's reductions bring it to rank 0's log).
 
-Usage: torchrun --nproc-per-node=2 handoff_train_worker.py OUT
+Usage: torchrun --nproc-per-node=2 handoff_train_worker.py OUT LAYOUT [RUN ...]
+(LAYOUT: tp2 or pp2 (PP=2: stage 0 builds, stage 1 receives); RUN: which of the three, default
+all).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from megatron_vlm.recipes import get_recipe
 from megatron_vlm.training import trainer
 
 COUNTS: Counter = Counter()
-COMMON = ["parallel.tp=2", "parallel.sequence_parallel=true", "train.steps=2",
+LAYOUTS = {"tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pp=2"]}
+COMMON = ["train.steps=2",
           "data.global_batch_size=2", "data.pad_to_multiple=4", "train.eval_interval=0",
           "train.eval_batches=1", "train.log_interval=1", "train.plot=false",
           "train.tensorboard=false", "checkpoint.save_on_exit=false", "optim.warmup_steps=1"]
@@ -58,7 +62,8 @@ def main() -> None:
             ("resumed", ["checkpoint.resume=require",
                          f"checkpoint.dir={out / 'handoff' / 'checkpoints'}"])]
     prepare_run = trainer.prepare_run
-    wanted = sys.argv[2:] or [name for name, _ in runs]
+    layout = LAYOUTS[sys.argv[2]]
+    wanted = sys.argv[3:] or [name for name, _ in runs]
     for name, extra in runs:
         if name not in wanted:
             continue
@@ -66,7 +71,7 @@ def main() -> None:
         trainer.prepare_run = (_every_rank_prepare_run(prepare_run) if name == "every_rank"
                                else prepare_run)
         job = apply_overrides(get_recipe("tiny_vlm_cpu"),
-                              [*COMMON, f"train.output_dir={out / name}", *extra])
+                              [*layout, *COMMON, f"train.output_dir={out / name}", *extra])
         if name != "handoff" and dist.get_rank() == 0:  # the first run's tokenizer, not retrained
             (out / name).mkdir()
             for f in (out / "handoff").glob("spm_*"):

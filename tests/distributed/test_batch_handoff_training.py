@@ -28,7 +28,8 @@ def _same(got: dict, want: dict, key) -> None:
 
 def test_tp2_loads_on_one_rank_and_trains_as_every_rank_loading(tmp_path):
     run_worker([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node=2", str(HERE / "handoff_train_worker.py"), str(tmp_path)])
+                "--nproc-per-node=2", str(HERE / "handoff_train_worker.py"), str(tmp_path),
+                "tp2"])
     counts = [json.loads((tmp_path / f"counts_rank{r}.json").read_text()) for r in range(2)]
     # Former path: both TP ranks decode and pack the same batches.
     assert counts[0]["every_rank"] == counts[1]["every_rank"] == {
