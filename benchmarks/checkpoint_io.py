@@ -8,9 +8,11 @@ state (fp32 weights + Adam moments after one step), then in interleaved pairs (o
    same tensors (``FileSystemWriter`` defaults: fsync on, one thread);
 2. ``load``: ``checkpoint.load_checkpoint(verify_hashes=True)`` vs ``dcp.load`` of the same
    tensors into preallocated ones; ``load_sizes_only`` (``verify_hashes=False``) for reference;
-3. ``async``: training steps of the same model with ``CheckpointSaver(async_save=True)`` saving
-   every step vs no saves (paired step medians), and the time each save blocked the step loop
-   per 10 GB of rank state.
+3. ``async``: the tiny run (``tiny_text_cpu``'s model) trained in alternating blocks of steps
+   without saves and with ``CheckpointSaver(async_save=True)`` saving after every step: the
+   training part of each step (medians; the background writer's cost), the time each save
+   blocks the loop, and the time an async save blocks before its writer runs for the tiny and
+   the big state, extrapolated linearly to 10 GB.
 
 Each figure is the median of >= 5 pairs; ratios are baseline time / our time per pair (so >= 0.8
 means "at least 0.8x the baseline's speed"). The load average is recorded before and after.
@@ -34,8 +36,9 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, write_result
 
-FULL = {"hidden_size": 512, "vocab_size": 32768, "pairs": 7, "async_steps": 8}
+FULL = {"hidden_size": 512, "vocab_size": 32768, "pairs": 7, "async_steps": 10}
 SMOKE = {"hidden_size": 64, "vocab_size": 1024, "pairs": 1, "async_steps": 2}
+"""``SMOKE``'s model is also the tiny run of the async part."""
 SEQ = 64
 
 
@@ -178,37 +181,81 @@ def bench_save_load(work: Path, cfg: dict, job, chunks, optimizer, scheduler) ->
             "save": save, "load_verified": load, "load_sizes_only": sizes_only}
 
 
-def bench_async(work: Path, cfg: dict, chunks, optimizer, scheduler) -> dict[str, Any]:
-    """Step time without saves vs with an async save every step (interleaved blocks of steps)."""
+def _async_block(saver, state: tuple, steps: int, start: int, vocab: int,
+                 with_saves: bool) -> tuple[list[float], list[float]]:
+    """``steps`` training steps (saving after each if asked); the seconds of each step's
+    training alone (the background writer's cost shows there) and, per finished save, the
+    seconds it blocked the loop."""
+    chunks, optimizer, scheduler = state
+    times, blocked = [], []
+    for step in range(start, start + steps):
+        t0 = time.perf_counter()
+        _train_step(chunks, optimizer, scheduler, step, vocab)
+        times.append(time.perf_counter() - t0)
+        if with_saves:
+            reports = saver.poll()
+            reports += saver.save(step, chunks, optimizer, scheduler, {}, "model: {}\n")
+            blocked += [r.blocked_s for r in reports]
+    if with_saves:
+        blocked += [r.blocked_s - r.wait_s for r in saver.finish()]
+    return times, blocked
+
+
+def _snapshot_s(work: Path, state: tuple) -> float:
+    """Seconds one async save blocks before its writer runs (state dict, plan, fork)."""
     from megatron_vlm.checkpoint import CheckpointSaver
 
-    vocab, yaml = cfg["vocab_size"], "model: {}\n"
-    saver = CheckpointSaver(work / "async", keep_last=2, async_save=True)
-    plain, saving, blocked = [], [], []
-    step = 100
+    saver = CheckpointSaver(work, keep_last=1, async_save=True)
     try:
-        for _ in range(cfg["async_steps"]):
-            for with_save in (False, True):
-                step += 1
-                t0 = time.perf_counter()
-                _train_step(chunks, optimizer, scheduler, step, vocab)
-                if with_save:
-                    saver.poll()
-                    saver.save(step, chunks, optimizer, scheduler, {}, yaml)
-                    saving.append(time.perf_counter() - t0)
-                else:
-                    plain.append(time.perf_counter() - t0)
-            reports = saver.finish()  # outside the timed steps: the writer's own duration
-            blocked += [r.schedule_s for r in reports]
+        out = []
+        for step in (1, 2, 3):
+            saver.save(step, *state, {}, "model: {}\n")
+            out.append(saver._in_flight.schedule_s)
+            saver.finish()
     finally:
         saver.close()
-    state_bytes = sum(v.numel() * v.element_size() for v in plain_state(chunks, optimizer).values())
+    return statistics.median(out)
+
+
+def bench_async(work: Path, cfg: dict, big_state: tuple) -> dict[str, Any]:
+    """The tiny run (``tiny_text_cpu``'s model) trained in alternating blocks without saves and
+    with an async save after every step; and the blocking part of an async save of the tiny and
+    the big state, extrapolated linearly to 10 GB of rank state."""
+    from megatron_vlm.checkpoint import CheckpointSaver
+
+    tiny_cfg = dict(SMOKE)
+    job = _job(tiny_cfg)
+    tiny = _build(job)
+    vocab, steps = tiny_cfg["vocab_size"], cfg["async_steps"]
+    _train_step(*tiny, 0, vocab)
+    saver = CheckpointSaver(work / "async", keep_last=2, async_save=True)
+    plain, saving, blocked, step = [], [], [], 1
+    try:
+        for _ in range(max(2, cfg["pairs"] // 2)):
+            for with_saves in (False, True):
+                times, b = _async_block(saver, tiny, steps, step, vocab, with_saves)
+                (saving if with_saves else plain).extend(times)
+                blocked += b
+                step += steps
+    finally:
+        saver.close()
+    sizes = [sum(v.numel() * v.element_size() for v in plain_state(*st[:2]).values())
+             for st in (tiny, big_state)]
+    snaps = [_snapshot_s(work / f"snap{i}", st) for i, st in enumerate((tiny, big_state))]
+    # Smoke: one size, so the proportional figure stands in for the slope.
+    slope = ((snaps[1] - snaps[0]) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0]
+             else snaps[1] / sizes[1])
     step_plain, step_saving = statistics.median(plain), statistics.median(saving)
-    snap = statistics.median(blocked) if blocked else float("nan")
-    return {"step_s_without_saves": step_plain, "step_s_with_async_save": step_saving,
-            "step_cost_fraction": step_saving / step_plain - 1.0,
-            "schedule_blocked_s": snap, "rank_state_bytes": state_bytes,
-            "blocked_s_per_10GB": snap * 10e9 / state_bytes}
+    block = statistics.median(blocked)
+    return {"tiny_train_s_without_saves": step_plain,
+            "tiny_train_s_while_writer_runs": step_saving,
+            "writer_cost_fraction": step_saving / step_plain - 1.0,
+            "tiny_blocked_s_per_save": block,
+            "blocked_fraction_of_step": block / step_plain,
+            "snapshot_s": dict(zip(("tiny", "big"), snaps)),
+            "rank_state_bytes": dict(zip(("tiny", "big"), sizes)),
+            "blocked_s_at_10GB_linear": snaps[0] + slope * (10e9 - sizes[0]),
+            "blocked_s_per_10GB_proportional": snaps[1] * 10e9 / sizes[1]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -232,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = Path(tmp)
         results = bench_save_load(work, cfg, job, chunks, optimizer, scheduler)
         if not args.no_async:
-            results["async"] = bench_async(work, cfg, chunks, optimizer, scheduler)
+            results["async"] = bench_async(work, cfg, (chunks, optimizer, scheduler))
     results["loadavg_before"], results["loadavg_after"] = load_before, os.getloadavg()
     write_result("checkpoint_io", {**cfg, "seq_length": SEQ, "threads": torch.get_num_threads()},
                  results, out_dir=args.out_dir, smoke=args.smoke,
