@@ -1,8 +1,8 @@
-"""Decode once per replica in a real TP=2 run (``handoff_train_worker.py``, tiny VLM on the
-bundled multimodal corpus): only TP rank 0 runs the loader (its batch builds, pack calls and
-validation batches counted per rank), and the losses, validation losses and data metrics rank 0
-logs equal the former path's, where every rank loads; a run resumed from the hand-off run's
-checkpoint (loader state saved by the source) continues it exactly."""
+"""Decode once per replica in real TP=2 and PP=2 runs (``handoff_train_worker.py``, tiny VLM on
+the bundled multimodal corpus): only rank 0 (TP rank 0 / PP stage 0) runs the loader (its batch
+builds, pack calls and validation batches counted per rank), and the losses, validation losses
+and data metrics rank 0 logs equal the former path's, where every rank loads; a run resumed
+from the hand-off run's checkpoint (loader state saved by the source) continues it exactly."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 
 import pytest
 from vlm_runs import HERE, run_worker
+
+LAYOUTS = ["tp2", "pp2"]
 
 
 def _records(run_dir) -> dict:
@@ -26,12 +28,21 @@ def _same(got: dict, want: dict, key) -> None:
         assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-12), (key, k)
 
 
-def test_tp2_loads_on_one_rank_and_trains_as_every_rank_loading(tmp_path):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Both layouts in one process start (the groups are rebuilt between them)."""
+    out = tmp_path_factory.mktemp("handoff_training")
     run_worker([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node=2", str(HERE / "handoff_train_worker.py"), str(tmp_path),
-                "tp2"])
-    counts = [json.loads((tmp_path / f"counts_rank{r}.json").read_text()) for r in range(2)]
-    # Former path: both TP ranks decode and pack the same batches.
+                "--nproc-per-node=2", str(HERE / "handoff_train_worker.py"), str(out),
+                ",".join(LAYOUTS)])
+    return out, [json.loads((out / f"counts_rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_rank_loads_and_trains_as_every_rank_loading(runs, layout):
+    out, counts = runs
+    counts = [c[layout] for c in counts]
+    # Former path: both ranks (TP peers, or PP stages) decode and pack the same batches.
     assert counts[0]["every_rank"] == counts[1]["every_rank"] == {
         "validation_batches": 1, "next_global_batch": 2, "pack": 4}
     # Hand-off: rank 0 only, rank 1 never touches a loader.
@@ -39,8 +50,8 @@ def test_tp2_loads_on_one_rank_and_trains_as_every_rank_loading(tmp_path):
     assert counts[0]["resumed"] == {"validation_batches": 1, "next_global_batch": 1, "pack": 2}
     assert counts[1]["handoff"] == counts[1]["resumed"] == {}
 
-    ref = _records(tmp_path / "every_rank")
-    handoff, resumed = _records(tmp_path / "handoff"), _records(tmp_path / "resumed")
+    ref = _records(out / layout / "every_rank")
+    handoff, resumed = _records(out / layout / "handoff"), _records(out / layout / "resumed")
     assert handoff.keys() == {("valid", 0), ("train", 1), ("valid", 1)}
     assert resumed.keys() == {("train", 2), ("valid", 2)}
     for key in [("valid", 0), ("train", 1)]:
@@ -48,4 +59,4 @@ def test_tp2_loads_on_one_rank_and_trains_as_every_rank_loading(tmp_path):
     for key in [("train", 2), ("valid", 2)]:
         _same(resumed[key], ref[key], key)
     # The step changed the model, so equal numbers are not trivially equal.
-    assert ref[("train", 2)]["loss"] != ref[("train", 1)]["loss"]
+    assert ref[("valid", 2)]["loss/text"] != ref[("valid", 0)]["loss/text"]
