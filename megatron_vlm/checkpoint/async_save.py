@@ -105,6 +105,11 @@ class _InFlight:
     """Set by the finalize step once the checkpoint is complete."""
 
 
+WRITER_NICE = 10
+"""Niceness added to the forked writer, so on cores shared with training (or with other jobs)
+the step loop wins and the write takes longer instead."""
+
+
 def _sidecar(tmp: Path, rank: int) -> Path:
     return tmp / f".write_rank_{rank:05d}.json"
 
@@ -115,6 +120,10 @@ def _write_then_hash(write_fn, tmp: str, small: list[str], digests: dict, data: 
     then the hashes of this rank's small files; every entry -> sidecar."""
     start = time.time()
     record: dict[str, Any] = {"write_start_unix": start}
+    try:
+        os.nice(WRITER_NICE)  # this forked process only: training keeps the CPU when contended
+    except OSError:
+        pass
     try:
         with without_psutil():
             if write_fn is not None:

@@ -497,6 +497,19 @@ def _describe_load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+_DATA_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def _verify_share(entries: list[dict], rank: int, world: int) -> list[dict]:
+    """The files this rank verifies: the data files written by rank ``k`` go to rank
+    ``k % world`` (the rank that reads them when the layout is unchanged, so one read both
+    loads and hashes them), the other files round-robin."""
+    data = [(e, _DATA_FILE.match(e["path"])) for e in entries]
+    other = [e for e, m in data if m is None]
+    return ([e for e, m in data if m is not None and int(m.group(1)) % world == rank]
+            + other[rank::world])
+
+
 def load_checkpoint(
     path: Path,
     model_chunks: list,
@@ -560,8 +573,8 @@ def load_checkpoint(
     )
     # This rank verifies its slice of the files: the data files it reads are hashed by that
     # read, the rest in a thread meanwhile (hashed_io.py).
-    mine = manifest["files"][rank::world] if verify_hashes else []
-    data = [e["path"] for e in mine if e["path"].endswith(".distcp")]
+    mine = _verify_share(manifest["files"], rank, world) if verify_hashes else []
+    data = [e["path"] for e in mine if _DATA_FILE.match(e["path"])]
     strategy = SafeTorchDistLoadStrategy(hash_files=data)
     hasher = BackgroundHasher(path, mine, skip=data) if verify_hashes else None
     try:
