@@ -115,7 +115,7 @@ def media_rates(smoke: bool, repeats: int, image_max_patches: int,
     patches, tokens = grid[0] * grid[1] * grid[2], grid[1] * grid[2] // 4  # 2x2 merge
     image_s = _median_seconds(lambda: process_image(jpeg, max_patches=image_max_patches),
                               repeats)
-    vw, vh, seconds = (320, 180, 2) if smoke else (1280, 720, 10)
+    vw, vh, seconds = (160, 96, 1) if smoke else (1280, 720, 10)
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_video(Path(tmp) / "clip.mp4", vw, vh, seconds)
         clip_bytes = clip.stat().st_size
@@ -149,15 +149,16 @@ def pack_rate(smoke: bool, repeats: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) if smoke else default_cache_dir()
-        root = (bundled_mm_corpus(cache, SMOKE_SIZES, seed=0, samples_per_shard=25) if smoke
+        sizes = {name: (max(train // 4, 4), val) for name, (train, val) in SMOKE_SIZES.items()}
+        root = (bundled_mm_corpus(cache, sizes, seed=0, samples_per_shard=25) if smoke
                 else bundled_mm_corpus(cache))
         tok = SpecialTokensTokenizer(get_or_train_tokenizer(bundled_corpus_dir(), cache / "spm",
                                                             1024, 0))
         cfg = MultimodalDataConfig(root=str(root), stage="joint", shuffle_buffer_size=64,
                                    max_patches_per_micro_batch=2048, image_max_patches=256,
                                    video_chunk_max_patches=64,
-                                   calibration_samples=32 if smoke else 128)
-        rates = [_loader_tokens_per_cpu_s(cfg, tok, packs=4 if smoke else 30)
+                                   calibration_samples=8 if smoke else 128)
+        rates = [_loader_tokens_per_cpu_s(cfg, tok, packs=2 if smoke else 30)
                  for _ in range(1 if smoke else repeats)]
     rate = statistics.median(rates)
     return {"llm_tokens_per_cpu_s": rate, "s_per_token": 1.0 / rate, "runs": rates}
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None):
 
     torch.set_num_threads(1)
     args = parse_args(__doc__.splitlines()[0], argv)
-    repeats = 2 if args.smoke else 5
+    repeats = 1 if args.smoke else 5
     p = plan(1024)
     load_before = os.getloadavg()
     media = media_rates(args.smoke, repeats, p["image_max_patches"], p["video_chunk_max_patches"])

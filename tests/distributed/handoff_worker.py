@@ -1,6 +1,7 @@
-"""Two gloo processes (``RANK`` 0/1, ``WORLD_SIZE`` 2, ``MASTER_PORT``): the batch hand-off
-(``parallel/batch_handoff.py``) in three layouts of two ranks -- TP=2 (one stage), PP=2 with
-megatron's embedding group of first + last stage, PP=2 without one -- with batches holding
+"""Two or three gloo processes (``RANK``, ``WORLD_SIZE``, ``MASTER_PORT``): the batch hand-off
+(``parallel/batch_handoff.py``) in the layouts of two ranks -- TP=2 (one stage), PP=2 with
+megatron's embedding group of first + last stage, PP=2 without one -- or of three, PP=3 (a
+middle stage gets neither tokens nor the loss fields), with batches holding
 None vision, empty tensors, int64/float32/bfloat16/bool tensors, ints and a list of tuples, and a
 family's batch class that adds fields. Rank 0 is the source; rank 1 rebuilds the expected
 batches itself (same seed) and checks what it received. Exit 0 and prints "ok" on success.
@@ -89,36 +90,53 @@ def check_stand_in(got: torch.Tensor, want: torch.Tensor, where: str) -> None:
     assert not got.any() and all(s == 0 for s in got.stride()), where
 
 
+def check_later_stage(got: dict, want: dict, name: str, last: bool) -> None:
+    """A later stage: no tokens, no media; the loss fields on the last stage only; every other
+    field (the family's added ones too) bit-exactly."""
+    assert got.keys() == want.keys()
+    check_equal(got["scalar"], want["scalar"], name)
+    absent = {"tokens"} if last else {"tokens", "labels", "loss_mask"}
+    for i, (g, w) in enumerate(zip(got["train"], want["train"])):
+        where = f"{name}.train[{i}]"
+        assert type(g) is type(w) and g.vision is None, where
+        for f in w.__dataclass_fields__:
+            if f in absent:
+                check_stand_in(getattr(g, f), getattr(w, f), f"{where}.{f}")
+            elif f != "vision":
+                check_equal(getattr(g, f), getattr(w, f), f"{where}.{f}")
+        assert g.seq_length == S and torch.equal(g.padding_mask, w.padding_mask), where
+
+
+def layouts(rank: int, world_size: int) -> list[tuple[str, SimpleNamespace]]:
+    """(name, groups) of this world size; every rank creates every group (new_group's rule)."""
+    world = dist.group.WORLD
+    solo = [dist.new_group([r]) for r in range(world_size)][rank]
+    if world_size == 3:  # PP=3: the embedding group holds the first and the last stage
+        ends = dist.new_group([0, 2])
+        return [("pp3", SimpleNamespace(tp=solo, cp=solo, pp=world, tp_cp=solo,
+                                        embd=ends if rank != 1 else None))]
+    return [("tp2", SimpleNamespace(tp=world, cp=solo, pp=solo, tp_cp=world, embd=solo)),
+            ("pp2", SimpleNamespace(tp=solo, cp=solo, pp=world, tp_cp=solo, embd=world)),
+            ("pp2_no_embedding_group",
+             SimpleNamespace(tp=solo, cp=solo, pp=world, tp_cp=solo, embd=None))]
+
+
 def main() -> None:
-    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=2)
-    rank, world = dist.get_rank(), dist.group.WORLD
-    solo = [dist.new_group([0]), dist.new_group([1])][rank]
-    tp2 = SimpleNamespace(tp=world, cp=solo, pp=solo, tp_cp=world, embd=solo)
-    pp2 = SimpleNamespace(tp=solo, cp=solo, pp=world, tp_cp=solo, embd=world)
-    pp2_no_embd = SimpleNamespace(tp=solo, cp=solo, pp=world, tp_cp=solo, embd=None)
+    world_size = int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world_size)
+    rank = dist.get_rank()
     want = expected_batches()
-    for name, pgs in [("tp2", tp2), ("pp2", pp2), ("pp2_no_embedding_group", pp2_no_embd)]:
+    for name, pgs in layouts(rank, world_size):
         assert is_batch_source(pgs) == (rank == 0)
         mine = expected_batches() if rank == 0 else None
         got = hand_off(mine, pgs)
         if rank == 0:
             assert got is mine  # the source keeps its own objects
             check_equal(got, want, name)  # and they were not modified by the send
-            continue
-        if name == "tp2":  # the same stage: everything
+        elif name == "tp2":  # the same stage: everything
             check_equal(got, want, name)
-            continue
-        # The last stage: no tokens, no media; every other field, the added ones too.
-        assert got.keys() == want.keys()
-        check_equal(got["scalar"], want["scalar"], name)
-        for i, (g, w) in enumerate(zip(got["train"], want["train"])):
-            where = f"{name}.train[{i}]"
-            assert type(g) is type(w) and g.vision is None, where
-            check_stand_in(g.tokens, w.tokens, where)
-            for f in w.__dataclass_fields__:
-                if f not in ("tokens", "vision"):
-                    check_equal(getattr(g, f), getattr(w, f), f"{where}.{f}")
-            assert g.seq_length == S and torch.equal(g.padding_mask, w.padding_mask), where
+        else:
+            check_later_stage(got, want, name, last=rank == world_size - 1)
     dist.barrier()
     print(f"rank {rank} ok", flush=True)
     dist.destroy_process_group()
