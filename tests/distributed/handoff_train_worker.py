@@ -9,7 +9,7 @@ multimodal loader's batch builds and pack calls per run and writes them to
 to rank 0's log).
 
 Usage: torchrun --nproc-per-node=2 handoff_train_worker.py OUT LAYOUTS
-(LAYOUTS: comma-separated, of tp2 and pp2 (PP=2: stage 0 builds, stage 1 receives); each in
+(LAYOUTS: comma-separated, of tp2, pp2 (PP=2: stage 0 builds, stage 1 receives) and cp2; each in
 ``OUT/<layout>/<run>``, megatron's groups rebuilt between layouts).
 """
 
@@ -31,7 +31,8 @@ from megatron_vlm.training import trainer
 
 COUNTS: Counter = Counter()
 LAYOUTS = {"tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
-           "pp2": ["parallel.pp=2", "model.llm.num_layers=4"]}
+           "pp2": ["parallel.pp=2", "model.llm.num_layers=4"],
+           "cp2": ["parallel.cp=2"]}  # pad_to_multiple=4 = 2 x cp x tp
 COMMON = ["train.steps=2",
           "data.global_batch_size=2", "data.pad_to_multiple=4", "train.eval_interval=0",
           "train.eval_batches=1", "train.log_interval=1", "train.plot=false",
