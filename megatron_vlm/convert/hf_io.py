@@ -2,9 +2,10 @@
 shard, so host memory stays near one output shard plus the tensors being converted.
 
 Reading parses each file's safetensors header ourselves (8-byte little-endian length + JSON) and
-reads a tensor's byte range with plain file I/O. ``safetensors.safe_open`` would memory-map the
-file: every page it touches then counts in the process's RSS while the handle is open, so a
-converter holding shards open grows towards the checkpoint size. The header check also refuses a
+maps one tensor's byte range at a time (no copy; the mapping lives as long as the tensor).
+``safetensors.safe_open`` would map the whole file: every page it touches then counts in the
+process's RSS while the handle is open, so a converter holding shards open grows towards the
+checkpoint size. The header check also refuses a
 truncated shard before anything is converted.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -141,15 +143,21 @@ class SafetensorsDir(TensorSource):
         return self._entries[key].file.name
 
     def read(self, key: str) -> Tensor:
+        """The tensor, mapped from the file (no copy: a converter writing it as it is copies
+        the page cache once, as a plain file copy does). The mapping is private (writes stay
+        in this process) and covers this tensor only, for as long as the tensor lives, so the
+        process's RSS holds the tensors in use, not the shards."""
         e = self._entries[key]
-        # Read straight into a tensor's own (resizable, freeable) storage.
-        out = torch.empty(e.spec.shape, dtype=e.spec.dtype)
-        if e.nbytes:
-            with open(e.file, "rb") as f:
-                f.seek(e.start)
-                if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != e.nbytes:
-                    raise ConversionError(f"truncated shard {e.file}: short read of {key!r}")
-        return out
+        if not e.nbytes:
+            return torch.empty(e.spec.shape, dtype=e.spec.dtype)
+        start = e.start - e.start % mmap.ALLOCATIONGRANULARITY
+        with open(e.file, "rb") as f:
+            if os.fstat(f.fileno()).st_size < e.start + e.nbytes:
+                raise ConversionError(f"truncated shard {e.file}: short read of {key!r}")
+            m = mmap.mmap(f.fileno(), e.start + e.nbytes - start, access=mmap.ACCESS_COPY,
+                          offset=start)
+        flat = torch.frombuffer(m, dtype=torch.uint8, count=e.nbytes, offset=e.start - start)
+        return flat.view(e.spec.dtype).view(e.spec.shape)
 
 
 class DictSource(TensorSource):

@@ -25,6 +25,7 @@ import io
 import json
 import os
 import pickle
+import queue
 import secrets
 import shutil
 import threading
@@ -85,36 +86,62 @@ def partition(sizes: list[int], count: int) -> list[range]:
 
 
 class HashingFile(io.RawIOBase):
-    """A write-only file that hashes (sha256) and counts the bytes it is given, then fsyncs on
-    :meth:`finish`. ``torch.save`` writes through it (it only needs ``write``)."""
+    """A write-only file that sha256-hashes the bytes it is given in a thread of its own (the
+    hash runs beside the write instead of after it), counts them, and fsyncs on :meth:`finish`.
+    ``torch.save`` writes through it (it only needs ``write``). Large buffers are hashed in
+    place: call :meth:`settle` before the memory written may change or be freed."""
+
+    _COPY_BELOW = 1 << 20
 
     def __init__(self, path: Path) -> None:
         self._f = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in finish/close)
         self._h = hashlib.sha256()
+        self._q: queue.Queue = queue.Queue()
+        self._hasher = threading.Thread(target=self._hash, daemon=True)
+        self._hasher.start()
         self.pos = 0
+
+    def _hash(self) -> None:
+        while True:
+            b = self._q.get()
+            if b is not None:
+                self._h.update(b)
+            self._q.task_done()
+            if b is None:
+                return
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:
         mv = memoryview(b).cast("B")
-        self._h.update(mv)
+        n = len(mv)
+        self._q.put(bytes(mv) if n < self._COPY_BELOW else mv)
         done = 0
-        while done < len(mv):
+        while done < n:
             done += self._f.write(mv[done:])
-        self.pos += len(mv)
-        return len(mv)
+        self.pos += n
+        return n
 
     def tell(self) -> int:
         return self.pos
 
+    def settle(self) -> None:
+        """Wait until everything written so far is hashed."""
+        self._q.join()
+
     def finish(self) -> dict:
         """fsync and close; ``{"size", "sha256"}`` of what was written."""
+        self._q.put(None)
+        self._hasher.join()
         os.fsync(self._f.fileno())
         self._f.close()
         return {"size": self.pos, "sha256": self._h.hexdigest()}
 
     def close(self) -> None:
+        if self._hasher.is_alive():
+            self._q.put(None)
+            self._hasher.join()
         if not self._f.closed:
             self._f.close()
         super().close()
@@ -192,6 +219,7 @@ class _SliceWriter(_Writer):
                     for it in objects:
                         data = planner.resolve_data(it)
                         out.append(self._record(it, name, f.pos, f.write(data.getbuffer())))
+                        f.settle()
                 out += self._write_units(f, name, buckets[t])
                 info = f.finish()
             except BaseException:
@@ -203,8 +231,15 @@ class _SliceWriter(_Writer):
                 results.extend(out)
                 self.files[name] = info
 
-        with ThreadPoolExecutor(len(buckets)) as pool:
-            futures = [pool.submit(run, t) for t in range(len(buckets))]
+        # torch.save's zip CRC32 halves its speed and nothing checks it (torch.load does not;
+        # the manifest's sha256 covers every byte): off while this slice writes.
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with ThreadPoolExecutor(len(buckets)) as pool:
+                futures = [pool.submit(run, t) for t in range(len(buckets))]
+        finally:
+            torch.serialization.set_crc32_options(crc)
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:  # the first cause, not a thread that stopped because of it
             raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
@@ -256,6 +291,7 @@ class _SliceWriter(_Writer):
                     start = f.pos
                     torch.save(chunk, f)
                     out.append(self._record(it, name, start, f.pos - start))
+                f.settle()  # hashed: the chunks' memory may go
                 del chunks
         return out
 
