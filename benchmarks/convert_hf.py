@@ -236,8 +236,9 @@ def _env() -> dict[str, str]:
                 TORCH_COMPILE_DISABLE="1")
 
 
-def _child(phase: str, src: Path, dst: Path, shard_bytes: int) -> dict[str, Any]:
-    proc = subprocess.run(_cmd(phase, src, dst, shard_bytes), env=_env(), stdout=subprocess.PIPE,
+def _child(phase: str, src: Path, dst: Path, shard_bytes: int, count: int = 1) -> dict[str, Any]:
+    proc = subprocess.run(_cmd(phase, src, dst, shard_bytes, 0, count), env=_env(),
+                          stdout=subprocess.PIPE,
                           text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -259,7 +260,7 @@ def _sliced(kind: str, src: Path, dst: Path, shard_bytes: int, count: int) -> di
     slices = time.perf_counter() - t0
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a {kind} slice failed")
-    join = _child(f"{kind}_finish", src, dst, shard_bytes)["seconds"]
+    join = _child(f"{kind}_finish", src, dst, shard_bytes, count)["seconds"]
     return {"seconds": slices + join, "slices_seconds": slices, "join_seconds": join,
             "slice_seconds": [o["seconds"] for o in outs]}
 

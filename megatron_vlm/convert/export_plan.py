@@ -12,7 +12,6 @@ index. A shard holds whole tensors of ours (a fused gate/up never straddles two 
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,14 +110,10 @@ def write_shards(out_dir: Path, shards: list[Shard], read: Callable[[list[str]],
                  nbytes_of: Callable[[str], int] = lambda n: 0,
                  after_group: Callable[[], None] | None = None) -> None:
     """Write ``shards`` into ``out_dir`` with ``threads`` threads (whole shards each). Our
-    tensors are read a group (``read_group_bytes``) at a time through ``read`` (one read at a
-    time: the reader is not thread-safe), the next group while the current one is converted
-    and written (copy-ahead); ``convert(name, tensor)`` gives the HF tensors to write."""
-    lock = threading.Lock()
-
-    def locked_read(names: list[str]) -> dict:
-        with lock:
-            return read(names)
+    tensors are read a group (``read_group_bytes``) at a time through ``read`` (thread-safe),
+    the next group while the current one is converted and written (copy-ahead);
+    ``convert(name, tensor)`` gives the HF tensors to write."""
+    locked_read = read
 
     def groups(names: list[str]) -> list[list[str]]:
         out, group, size = [], [], 0

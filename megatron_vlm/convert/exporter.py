@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from megatron_vlm.config.data import DataConfig
 from megatron_vlm.config.model import ModelConfig, TokenIdsConfig
+from megatron_vlm.convert.distcp_read import DistcpReader
 from megatron_vlm.convert.hf_assets import (
     generation_config,
     make_readable,
@@ -243,10 +245,16 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
     mine = slice_shards(s.shards, index, count)
     target = _DTYPES[dtype]
 
-    def convert(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    def convert(name: str, tensor) -> list[tuple[str, torch.Tensor]]:
         rule, binding = s.table.lookup(name)
+        if isinstance(tensor, list):  # row blocks (distcp_read)
+            hf = tensor if rule.transform.blocks is not None else None
+            if hf is None:
+                hf = rule.transform.to_hf(torch.cat(tensor), s.ctx)
+        else:
+            hf = rule.transform.to_hf(tensor, s.ctx)
         written = []
-        for hf_name, t in zip(rule.hf_names(binding), rule.transform.to_hf(tensor, s.ctx)):
+        for hf_name, t in zip(rule.hf_names(binding), hf):
             if int4_experts and rule.int4:
                 base = hf_name.removesuffix("weight")
                 written += [(base + k, p) for k, p in quantize_int4(t, hf_name).items()]
@@ -259,10 +267,31 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
         return (torch.Size(s.reader.saved_shape(name)).numel()
                 * s.reader.dtypes[s.reader.slots[name].key].itemsize)
 
-    with tqdm(total=sum(len(x.ours) for x in mine), desc=f"export {index}/{count}",
-              unit="tensor", disable=not progress) as bar:
-        write_shards(parts, mine, s.reader.read, convert, threads, read_group_bytes, nbytes,
-                     release_freed_heap if int4_experts else None)
+    direct = DistcpReader(s.step_dir, s.reader.slots)
+    lock = threading.Lock()
+
+    def read(names: list[str]) -> dict:
+        """Straight from the files where the layout allows, else megatron's reader (one
+        call at a time: it is not thread-safe)."""
+        out, rest = {}, []
+        for name in names:
+            got = direct.read(name, s.reader.saved_shape(name))
+            if got is None:
+                rest.append(name)
+            else:
+                out[name] = got
+        if rest:
+            with lock:
+                out.update(s.reader.read(rest))
+        return out
+
+    try:
+        with tqdm(total=sum(len(x.ours) for x in mine), desc=f"export {index}/{count}",
+                  unit="tensor", disable=not progress) as bar:
+            write_shards(parts, mine, read, convert, threads, read_group_bytes, nbytes,
+                         release_freed_heap if int4_experts else None)
+    finally:
+        direct.close()
     done.write_text(json.dumps({"shards": [x.file for x in mine]}))
     return parts
 

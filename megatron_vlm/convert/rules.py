@@ -63,8 +63,9 @@ class Transform:
     to_ours: Callable[[list[Tensor], ConvertContext], Tensor]
     to_hf: Callable[[Tensor, ConvertContext], list[Tensor]]
     blocks: Callable[[list[Tensor], ConvertContext], list[Tensor]] | None = None
-    """Optional: ``to_ours`` as row blocks (dim 0) whose concatenation it is, so a writer can
-    store each block as it is instead of copying all of them into one tensor first."""
+    """Optional: ``to_ours`` as row blocks (dim 0) whose concatenation it is, and whose
+    ``to_hf`` gives exactly those blocks back: import writes each block as it is and export
+    reads them as the HF tensors, with no concatenated copy either way."""
 
 
 IDENTITY = Transform("identity", lambda ts, ctx: ts[0], lambda t, ctx: [t])
