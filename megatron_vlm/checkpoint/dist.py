@@ -502,8 +502,8 @@ _DATA_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 def _verify_share(entries: list[dict], rank: int, world: int) -> list[dict]:
     """The files this rank verifies: the data files written by rank ``k`` go to rank
-    ``k % world`` (the rank that reads them when the layout is unchanged, so one read both
-    loads and hashes them), the other files round-robin."""
+    ``k % world`` (the rank that reads them when the layout is unchanged, so the hasher finds
+    them in the page cache), the other files round-robin."""
     data = [(e, _DATA_FILE.match(e["path"])) for e in entries]
     other = [e for e, m in data if m is None]
     return ([e for e, m in data if m is not None and int(m.group(1)) % world == rank]
@@ -532,10 +532,9 @@ def load_checkpoint(
         load_optimizer: restore optimizer state; if False, model weights only (fp32 main params
             re-copied from the loaded weights).
         verify_hashes: check every file's sha256 against the manifest, not only its size (each
-            rank a slice of the files: data files hashed by the one read that loads them, the
-            small ones in a thread meanwhile; a mismatch is raised before the state is applied,
-            though DCP may already have read tensors into the live parameters: after a
-            CheckpointError, rebuild the model).
+            rank a share of the files, hashed in threads while DCP reads them; a mismatch is
+            raised before the state is applied, though DCP may already have read tensors into
+            the live parameters: after a CheckpointError, rebuild the model).
         config_yaml: this run's JobConfig YAML; if given, the model section must match the
             checkpoint's (the error lists the differing fields).
         layout: this run's parallel sizes (:data:`Layout`): optimizer state saved in a layout
@@ -571,17 +570,14 @@ def load_checkpoint(
     state = sharded_state_dict(
         model_chunks, with_optimizer, manifest["sharded_state_dict_metadata"], is_loading=True
     )
-    # This rank verifies its slice of the files: the data files it reads are hashed by that
-    # read, the rest in a thread meanwhile (hashed_io.py).
-    mine = _verify_share(manifest["files"], rank, world) if verify_hashes else []
-    data = [e["path"] for e in mine if _DATA_FILE.match(e["path"])]
-    strategy = SafeTorchDistLoadStrategy(hash_files=data)
-    hasher = BackgroundHasher(path, mine, skip=data) if verify_hashes else None
+    # This rank's share of the files is hashed in threads while DCP reads (hashed_io.py).
+    mine = _verify_share(manifest["files"], rank, world)
+    hasher = BackgroundHasher(path, mine) if verify_hashes else None
     try:
         loaded = dist_checkpointing.load(
             state,
             str(path),
-            sharded_strategy=strategy,
+            sharded_strategy=SafeTorchDistLoadStrategy(),
             common_strategy=SafeCommonLoadStrategy(),
             strict=StrictHandling.ASSUME_OK_UNEXPECTED if strict else StrictHandling.LOG_ALL,
         )
@@ -589,12 +585,12 @@ def load_checkpoint(
     # derives from BaseException) carries the per-rank errors of its read phase.
     except (Exception, DCPCheckpointException) as e:
         if hasher is not None:  # a damaged file explains a failed read best
-            raise_problems(path, hasher.problems(strategy.digests))
+            raise_problems(path, hasher.problems())
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"cannot load {path}: {_describe_load_error(e)}") from e
     if hasher is not None:  # before anything reaches the live objects' load_state_dict
-        _agree(lambda: raise_problems(path, hasher.problems(strategy.digests)))
+        _agree(lambda: raise_problems(path, hasher.problems()))
 
     chunks = [unwrap(m) for m in model_chunks]
     for key, chunk in zip(model_keys(len(chunks)), chunks):

@@ -5,9 +5,10 @@ and, where megatron builds a helper inside a function, rebinds that module attri
 duration of one call (``_patched``). Why each piece exists:
 
 * ``InProcessTorchDistSaveStrategy`` (with ``_InProcessFileSystemWriter`` and
-  ``_write_buckets_in_process``): the torch_dist save strategy writes through ``FileSystemWriterAsync``,
-  which even for a synchronous save starts a ``spawn`` multiprocessing Manager (re-importing
-  ``__main__``) and forks one writer process per bucket (``strategies/filesystem_async.py:54,266``).
+  ``_write_buckets_in_process``): the torch_dist save strategy writes through
+  ``FileSystemWriterAsync``, which even for a synchronous save starts a ``spawn``
+  multiprocessing Manager (re-importing ``__main__``) and forks one writer process per bucket
+  (``strategies/filesystem_async.py:54,266``).
   We write the same buckets, with fsync and megatron's result protocol, in this process instead:
   one thread per bucket file, every byte hashed as it is written (``hashed_io.py``), so the
   manifest needs no second read of the data.
@@ -46,7 +47,7 @@ import io
 import pickle
 import queue
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -64,7 +65,6 @@ from megatron.core.dist_checkpointing.strategies.common import (
 )
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.futures import Future
 
 from megatron_vlm.checkpoint import hashed_io
 from megatron_vlm.checkpoint.hashed_io import WRITE_THREADS
@@ -272,28 +272,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 class _SafeMetadataReader(CachedMetadataFileSystemReader):
     """Reads ``.metadata`` with :class:`_MetadataUnpickler` (torch 2.13 ``FileSystemReader.
-    read_metadata`` is a bare ``pickle.load``); otherwise the same reader megatron uses, but
-    the data files in ``hash_files`` are read once front to back and hashed on the way
-    (``hashed_io.read_file_hashed``), their digests left in ``digests``."""
-
-    hash_files: frozenset[str] = frozenset()
-    digests: dict[str, str] | None = None
-
-    def read_data(self, plan, planner):
-        per_file: dict[str, list] = {}
-        for item in plan.items:
-            rel = self.storage_data[item.storage_index].relative_path
-            per_file.setdefault(rel, []).append(item)
-        hashed = {rel: reqs for rel, reqs in per_file.items()
-                  if rel in self.hash_files and self.digests is not None}
-        for rel, reqs in per_file.items():
-            if rel not in hashed:
-                super().read_data(dataclasses.replace(plan, items=reqs), planner)
-        paths = {rel: self.fs.concat_path(self.path, rel) for rel in hashed}
-        self.digests.update(hashed_io.read_files_hashed(self, paths, hashed, planner))
-        fut: Future = Future()
-        fut.set_result(None)
-        return fut
+    read_metadata`` is a bare ``pickle.load``); otherwise the same reader megatron uses."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         if self._cached_metadata is None:
@@ -323,28 +302,13 @@ class _SafeLoadPlanner(_torch_strategy.MCoreLoadPlanner):
 
 
 class SafeTorchDistLoadStrategy(_torch_strategy.TorchDistLoadShardedStrategy):
-    """megatron's torch_dist load strategy with the safe planner and reader swapped in.
-
-    Args:
-        hash_files: data files (paths relative to the checkpoint) to hash while reading; after
-            a load, ``digests`` maps those this rank read to their sha256.
-    """
-
-    def __init__(self, hash_files: Iterable[str] = ()) -> None:
-        super().__init__()
-        self.hash_files = frozenset(hash_files)
-        self.digests: dict[str, str] = {}
-
-    def _reader(self, checkpoint_dir, cache_metadata: bool = False) -> _SafeMetadataReader:
-        reader = _safe_reader(checkpoint_dir, cache_metadata)
-        reader.hash_files, reader.digests = self.hash_files, self.digests
-        return reader
+    """megatron's torch_dist load strategy with the safe planner and reader swapped in."""
 
     @contextlib.contextmanager
     def _safe(self) -> Iterator[None]:
         with (
             _patched(_torch_strategy, "MCoreLoadPlanner", _SafeLoadPlanner),
-            _patched(_torch_strategy, "_get_filesystem_reader", self._reader),
+            _patched(_torch_strategy, "_get_filesystem_reader", _safe_reader),
         ):
             yield
 
