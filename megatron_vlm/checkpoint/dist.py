@@ -46,7 +46,7 @@ from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAM
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
-from megatron_vlm.checkpoint.hashed_io import BackgroundHasher
+from megatron_vlm.checkpoint.hashed_io import BackgroundHasher, verify_share
 from megatron_vlm.checkpoint.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -497,19 +497,6 @@ def _describe_load_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
-_DATA_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
-
-
-def _verify_share(entries: list[dict], rank: int, world: int) -> list[dict]:
-    """The files this rank verifies: the data files written by rank ``k`` go to rank
-    ``k % world`` (the rank that reads them when the layout is unchanged, so the hasher finds
-    them in the page cache), the other files round-robin."""
-    data = [(e, _DATA_FILE.match(e["path"])) for e in entries]
-    other = [e for e, m in data if m is None]
-    return ([e for e, m in data if m is not None and int(m.group(1)) % world == rank]
-            + other[rank::world])
-
-
 def load_checkpoint(
     path: Path,
     model_chunks: list,
@@ -571,7 +558,7 @@ def load_checkpoint(
         model_chunks, with_optimizer, manifest["sharded_state_dict_metadata"], is_loading=True
     )
     # This rank's share of the files is hashed in threads while DCP reads (hashed_io.py).
-    mine = _verify_share(manifest["files"], rank, world)
+    mine = verify_share(manifest["files"], rank, world)
     hasher = BackgroundHasher(path, mine) if verify_hashes else None
     try:
         loaded = dist_checkpointing.load(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -179,3 +180,16 @@ def mismatches(ckpt_dir: Path, entries: list[dict], digests: dict[str, str]) -> 
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+
+
+_DATA_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def verify_share(entries: list[dict], rank: int, world: int) -> list[dict]:
+    """The files this rank verifies: the data files written by rank ``k`` go to rank
+    ``k % world`` (the rank that reads them when the layout is unchanged, so the hasher finds
+    them in the page cache), the other files round-robin."""
+    data = [(e, _DATA_FILE.match(e["path"])) for e in entries]
+    other = [e for e, m in data if m is None]
+    return ([e for e, m in data if m is not None and int(m.group(1)) % world == rank]
+            + other[rank::world])

@@ -542,14 +542,14 @@ def test_async_save_equals_sync_save_while_training_goes_on(job, tmp_path,
 def test_verify_share_partitions_files_by_writer():
     """Every file is verified by exactly one rank; a data file by the rank that wrote (and, in
     an unchanged layout, reads) it."""
-    from megatron_vlm.checkpoint.dist import _verify_share
+    from megatron_vlm.checkpoint.hashed_io import verify_share
 
     names = [".metadata", "common.pt", "metadata.json"] + [
         f"__{r}_{i}.distcp" for r in range(4) for i in range(2)] + [
         f"rank_{r:05d}.pt" for r in range(4)]
     entries = [{"path": n} for n in names]
     for world in (1, 2, 4):
-        shares = [[e["path"] for e in _verify_share(entries, r, world)] for r in range(world)]
+        shares = [[e["path"] for e in verify_share(entries, r, world)] for r in range(world)]
         assert sorted(n for share in shares for n in share) == sorted(names)
         for r, share in enumerate(shares):
             assert {n for n in share if n.endswith(".distcp")} == {
