@@ -248,7 +248,7 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
     def convert(name: str, tensor) -> list[tuple[str, torch.Tensor]]:
         rule, binding = s.table.lookup(name)
         if isinstance(tensor, list):  # row blocks (distcp_read)
-            hf = tensor if rule.transform.blocks is not None else None
+            hf = _regroup(tensor, len(rule.hf_names(binding))) if rule.transform.blocks else None
             if hf is None:
                 hf = rule.transform.to_hf(torch.cat(tensor), s.ctx)
         else:
@@ -294,6 +294,25 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
         direct.close()
     done.write_text(json.dumps({"shards": [x.file for x in mine]}))
     return parts
+
+
+def _regroup(blocks: list[torch.Tensor], parts: int) -> list[torch.Tensor] | None:
+    """Row blocks as ``parts`` equal row ranges (the HF tensors of a ``Transform.blocks``
+    rule): a range that is one block is that block; one of several blocks is their
+    concatenation (a TP save splits gate and up per rank); None if a block straddles two."""
+    rows = sum(b.shape[0] for b in blocks)
+    if rows % parts:
+        return None
+    size, out, group, filled = rows // parts, [], [], 0
+    for b in blocks:
+        group.append(b)
+        filled += b.shape[0]
+        if filled > size:
+            return None
+        if filled == size:
+            out.append(group[0] if len(group) == 1 else torch.cat(group))
+            group, filled = [], 0
+    return out
 
 
 def finish_export(checkpoint: Path, out: Path, count: int = 1, *, family: str | None = None,
