@@ -99,6 +99,7 @@ class HashingFile(io.RawIOBase):
         self._q: queue.Queue = queue.Queue()
         self._hasher = threading.Thread(target=self._hash, daemon=True)
         self._hasher.start()
+        self._small = bytearray()
         self.pos = 0
 
     def _hash(self) -> None:
@@ -116,12 +117,28 @@ class HashingFile(io.RawIOBase):
     def write(self, b) -> int:
         mv = memoryview(b).cast("B")
         n = len(mv)
-        self._q.put(bytes(mv) if n < self._COPY_BELOW else mv)
-        done = 0
-        while done < n:
-            done += self._f.write(mv[done:])
         self.pos += n
+        if n < self._COPY_BELOW:  # torch.save's many small records: gathered, written at once
+            self._small += mv
+            if len(self._small) >= self._COPY_BELOW:
+                self._flush()
+            return n
+        self._flush()
+        self._q.put(mv)
+        self._write(mv)
         return n
+
+    def _write(self, mv: memoryview) -> None:
+        done = 0
+        while done < len(mv):
+            done += self._f.write(mv[done:])
+
+    def _flush(self) -> None:
+        if self._small:
+            data = bytes(self._small)
+            self._small.clear()
+            self._q.put(data)
+            self._write(memoryview(data))
 
     def tell(self) -> int:
         return self.pos
@@ -132,6 +149,7 @@ class HashingFile(io.RawIOBase):
 
     def finish(self) -> dict:
         """fsync and close; ``{"size", "sha256"}`` of what was written."""
+        self._flush()
         self._q.put(None)
         self._hasher.join()
         os.fsync(self._f.fileno())
