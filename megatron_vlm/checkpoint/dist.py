@@ -46,7 +46,7 @@ from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAM
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpointException
 
-from megatron_vlm.checkpoint.hashed_io import BackgroundHasher, verify_share
+from megatron_vlm.checkpoint.hashed_io import BackgroundHasher, overlap_hashing, verify_share
 from megatron_vlm.checkpoint.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -519,8 +519,9 @@ def load_checkpoint(
         load_optimizer: restore optimizer state; if False, model weights only (fp32 main params
             re-copied from the loaded weights).
         verify_hashes: check every file's sha256 against the manifest, not only its size (each
-            rank a share of the files, hashed in threads while DCP reads them; a mismatch is
-            raised before the state is applied, though DCP may already have read tensors into
+            rank a share of the files, hashed in threads while DCP reads them, or first on
+            fewer than ``hashed_io.OVERLAP_MIN_CPUS`` CPUs; a mismatch is raised before the
+            state is applied, though with the overlap DCP may already have read tensors into
             the live parameters: after a CheckpointError, rebuild the model).
         config_yaml: this run's JobConfig YAML; if given, the model section must match the
             checkpoint's (the error lists the differing fields).
@@ -557,9 +558,13 @@ def load_checkpoint(
     state = sharded_state_dict(
         model_chunks, with_optimizer, manifest["sharded_state_dict_metadata"], is_loading=True
     )
-    # This rank's share of the files is hashed in threads while DCP reads (hashed_io.py).
-    mine = verify_share(manifest["files"], rank, world)
-    hasher = BackgroundHasher(path, mine) if verify_hashes else None
+    # This rank's share of the files is hashed in threads while DCP reads, or first where no
+    # core is to spare (hashed_io.py).
+    hasher = (BackgroundHasher(path, verify_share(manifest["files"], rank, world))
+              if verify_hashes else None)
+    if hasher is not None and not overlap_hashing():
+        _agree(lambda: raise_problems(path, hasher.problems()))
+        hasher = None
     try:
         loaded = dist_checkpointing.load(
             state,

@@ -298,9 +298,14 @@ def test_digests_hashed_while_writing_equal_the_files(trained):
         assert (e["size"], e["sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest()), e["path"]
 
 
-def test_load_refuses_corrupted_data_file_by_hash(job, trained, tmp_path):
+@pytest.mark.parametrize("min_cpus", [1, 10**6], ids=["beside_read", "first"])
+def test_load_refuses_corrupted_data_file_by_hash(job, trained, tmp_path, monkeypatch,
+                                                  min_cpus):
     """A flipped byte inside a tensor's storage (same size, DCP reads it without complaint) is
-    caught by the digests checked beside the read, before the state is applied."""
+    caught by the digests, checked beside the read or before it, before the state is applied."""
+    from megatron_vlm.checkpoint import hashed_io
+
+    monkeypatch.setattr(hashed_io, "OVERLAP_MIN_CPUS", min_cpus)
     path = _copy(trained[0], tmp_path)
     target = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
     raw = bytearray(target.read_bytes())
