@@ -110,15 +110,19 @@ def write_shards(out_dir: Path, shards: list[Shard], read: Callable[[list[str]],
                  nbytes_of: Callable[[str], int] = lambda n: 0,
                  after_group: Callable[[], None] | None = None) -> None:
     """Write ``shards`` into ``out_dir`` with ``threads`` threads (whole shards each). Our
-    tensors are read a group (``read_group_bytes``) at a time through ``read`` (thread-safe),
+    tensors are read a group at a time through ``read`` (thread-safe; the groups in memory at
+    once, current and read-ahead of every thread, hold ``read_group_bytes`` or one tensor each),
     the next group while the current one is converted and written (copy-ahead);
     ``convert(name, tensor)`` gives the HF tensors to write."""
     locked_read = read
 
+    # read_group_bytes is the whole budget: each thread holds a group and reads the next one.
+    budget = max(1, read_group_bytes // (2 * max(1, threads)))
+
     def groups(names: list[str]) -> list[list[str]]:
         out, group, size = [], [], 0
         for name in names:
-            if group and size + nbytes_of(name) > read_group_bytes:
+            if group and size + nbytes_of(name) > budget:
                 out.append(group)
                 group, size = [], 0
             group.append(name)
