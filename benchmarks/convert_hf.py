@@ -205,6 +205,12 @@ def _convert(phase: str, src: Path, dst: Path, shard_bytes: int, index: int, cou
                   int4_experts=phase == "export_int4")
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads)."""
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
 def run_phase(phase: str, src: Path, dst: Path, shard_bytes: int, index: int = 0,
               count: int = 1, wait: bool = False) -> dict[str, Any]:
     """One measured conversion (``_convert``), timed after the imports (and, with ``wait``,
@@ -216,11 +222,12 @@ def run_phase(phase: str, src: Path, dst: Path, shard_bytes: int, index: int = 0
     if wait:
         print("ready", flush=True)
         sys.stdin.readline()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     with PeakRss() as rss:
         _convert(phase, src, dst, shard_bytes, index, count)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "baseline_rss_bytes": baseline, "peak_rss_bytes": rss.peak,
+    return {"seconds": seconds, "cpu_seconds": _cpu_seconds() - c0,
+            "baseline_rss_bytes": baseline, "peak_rss_bytes": rss.peak,
             "max_rss_bytes_kernel": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -260,12 +267,14 @@ def _sliced(kind: str, src: Path, dst: Path, shard_bytes: int, count: int) -> di
     wall = time.perf_counter() - t0
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a {kind} slice failed")
-    join = _child(f"{kind}_finish", src, dst, shard_bytes, count)["seconds"]
+    joined = _child(f"{kind}_finish", src, dst, shard_bytes, count)
+    join = joined["seconds"]
     # All slices start at "go" (within milliseconds): the slowest one's own time is the run's,
     # as for the one-process run (the wall time also holds the processes' exit, ~1 s each).
     slices = max(o["seconds"] for o in outs)
     return {"seconds": slices + join, "slices_seconds": slices, "join_seconds": join,
             "slice_seconds": [o["seconds"] for o in outs], "wall_until_exit_seconds": wall,
+            "cpu_seconds": sum(o["cpu_seconds"] for o in outs) + joined["cpu_seconds"],
             "slice_peak_rss_bytes": [o["peak_rss_bytes"] - o["baseline_rss_bytes"]
                                      for o in outs]}
 
@@ -365,7 +374,10 @@ def _medians(runs: dict[str, list[dict]], workers: int) -> dict[str, Any]:
     for kind in ("import", "export", f"import_{workers}", f"export_{workers}"):
         paired[f"{kind}_over_loop"] = statistics.median(
             a["seconds"] / b["seconds"] for a, b in zip(runs["loop"], runs[kind]))
-    return {"median_seconds": med, "ratio_of_medians": ratios, "median_of_paired_ratios": paired}
+    cores = {k: statistics.median(x["cpu_seconds"] / x["seconds"] for x in v)
+             for k, v in runs.items() if all("cpu_seconds" in x for x in v)}
+    return {"median_seconds": med, "ratio_of_medians": ratios, "median_of_paired_ratios": paired,
+            "median_cores_busy": cores}
 
 
 def main(argv: list[str] | None = None) -> Path | None:
