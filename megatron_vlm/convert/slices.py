@@ -384,6 +384,7 @@ def finish_checkpoint(root: Path, count: int, config_yaml: str, extra: dict) -> 
     into place); the staging folder is removed. Returns the step directory."""
     from megatron_vlm.checkpoint.dist import _fsync_dir
     from megatron_vlm.checkpoint.manifest import FORMAT, file_entries, write_manifest
+    from megatron_vlm.checkpoint.megatron_io import _MetadataUnpickler
     from megatron_vlm.checkpoint.rng import capture_rng_state
     from megatron_vlm.convert.mcore import _manifest
 
@@ -410,13 +411,13 @@ def finish_checkpoint(root: Path, count: int, config_yaml: str, extra: dict) -> 
     try:
         first = slice_dir(root, 0)
         with open(first / ".metadata", "rb") as f:
-            metadata = pickle.load(f)
+            metadata = _MetadataUnpickler(f).load()  # DCP's own classes only
         storage = {}
         entries = []
         for i, done in enumerate(dones):
             src = slice_dir(root, i)
             with open(src / ".metadata", "rb") as f:
-                storage.update(pickle.load(f).storage_data)
+                storage.update(_MetadataUnpickler(f).load().storage_data)
             for name, info in done["files"].items():
                 os.replace(src / name, tmp / name)
                 entries.append({"path": name, **info})
