@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from benchmarks import data_demand
@@ -33,14 +31,3 @@ def test_before_and_after_arithmetic():
     assert d["cases"]["image@full_patch_budget"]["media_cores_per_gpu_before"] == \
         pytest.approx(4 * 800 * 2.5e-4)
     assert d["meets_target"] == (mix["cores_per_gpu_after"] <= 0.2)
-
-
-def test_smoke_run_writes_json(tmp_path):
-    path = data_demand.main(["--smoke", "--out-dir", str(tmp_path)])
-    result = json.loads(path.read_text())
-    assert result["device"]["cpu_model"] and result["smoke"]
-    r = result["results"]
-    assert r["plan"]["recipe"] == "kimi_k25" and r["plan"]["tokens_per_s_per_gpu"] > 0
-    assert r["media"]["image"]["patches"] > 0 and r["media"]["video"]["llm_tokens"] > 0
-    assert set(r["demand"]["cases"]) == {f"{m}@{b}" for m in ("stage_mix", "image", "video")
-                                         for b in ("vision_share", "full_patch_budget")}
