@@ -28,7 +28,7 @@ duration of one call (``_patched``). Why each piece exists:
   it. We pass ``weights_only=True`` explicitly, and refuse megatron's unsafe fallback load of
   ShardedObjects stored outside the torch_dist files.
 * ``SafeTorchDistLoadStrategy`` (with ``_SafeLoadPlanner``, ``_SafeMetadataReader`` and
-  ``_MetadataUnpickler``): ShardedObjects (the model's ``_extra_state`` entries,
+  ``MetadataUnpickler``): ShardedObjects (the model's ``_extra_state`` entries,
   DistributedOptimizer param groups under ``dp_reshardable``) are unpickled by torch DCP's
   ``DefaultLoadPlanner.load_bytes`` with ``weights_only=False`` (torch 2.13
   ``default_planner.py:387``), and DCP's ``.metadata`` with a bare ``pickle.load``
@@ -236,7 +236,7 @@ def weights_only_load(source: Path | io.BytesIO, what: str) -> Any:
         ) from e
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class MetadataUnpickler(pickle.Unpickler):
     """Unpickler for torch DCP's ``.metadata``: constructs only DCP's own plain data classes
     (dataclasses and enums of its metadata/planner/filesystem modules), torch dtypes, layouts,
     memory formats and ``torch.Size``; anything else is refused."""
@@ -271,14 +271,14 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeMetadataReader(CachedMetadataFileSystemReader):
-    """Reads ``.metadata`` with :class:`_MetadataUnpickler` (torch 2.13 ``FileSystemReader.
+    """Reads ``.metadata`` with :class:`MetadataUnpickler` (torch 2.13 ``FileSystemReader.
     read_metadata`` is a bare ``pickle.load``); otherwise the same reader megatron uses."""
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         if self._cached_metadata is None:
             path = self._get_metadata_path(kwargs.get("rank"))
             with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+                metadata = MetadataUnpickler(f).load()
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

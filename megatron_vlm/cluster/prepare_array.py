@@ -171,7 +171,8 @@ def render_prepare_scripts(job: PrepareArrayJob) -> tuple[str, str]:
     return "\n".join(array), "\n".join(merge)
 
 
-def _sbatch(path: Path, *extra: str) -> str:
+def sbatch_submit(path: Path, *extra: str) -> str:
+    """``sbatch --parsable [extra] path``; returns the job id (also used by convert's arrays)."""
     try:
         proc = subprocess.run(["sbatch", "--parsable", *extra, str(path)], capture_output=True,
                               text=True, check=False)
@@ -196,8 +197,9 @@ def submit_prepare(job: PrepareArrayJob, array: str,
     array_path, merge_path = root / f"prep-{job.name}.sbatch", root / f"merge-{job.name}.sbatch"
     array_path.write_text(array)
     merge_path.write_text(merge)
-    array_id = _sbatch(array_path)
-    merge_id = _sbatch(merge_path, f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes")
+    array_id = sbatch_submit(array_path)
+    merge_id = sbatch_submit(merge_path, f"--dependency=afterok:{array_id}",
+                             "--kill-on-invalid-dep=yes")
     return (array_path, array_id), (merge_path, merge_id)
 
 

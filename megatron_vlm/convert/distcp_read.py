@@ -56,12 +56,12 @@ class DistcpReader:
     """Chunks of our checkpoint at ``step_dir`` by tensor, from its ``.metadata``."""
 
     def __init__(self, step_dir: Path, slots: dict[str, TensorSlot]) -> None:
-        from megatron_vlm.checkpoint.megatron_io import _MetadataUnpickler
+        from megatron_vlm.checkpoint.megatron_io import MetadataUnpickler
 
         self.step_dir = Path(step_dir)
         self.slots = slots
         with open(self.step_dir / ".metadata", "rb") as f:
-            md = _MetadataUnpickler(f).load()
+            md = MetadataUnpickler(f).load()
         self._chunks: dict[str, list[tuple[tuple, tuple, object]]] = {}
         for index, info in md.storage_data.items():
             meta = md.state_dict_metadata.get(index.fqn)

@@ -382,9 +382,9 @@ def _fsync_file(path: Path) -> None:
 def finish_checkpoint(root: Path, count: int, config_yaml: str, extra: dict) -> Path:
     """Join the ``count`` finished slices under ``root`` into ``root/step_0000000`` (renamed
     into place); the staging folder is removed. Returns the step directory."""
-    from megatron_vlm.checkpoint.dist import _fsync_dir
+    from megatron_vlm.checkpoint.dist import fsync_dir
     from megatron_vlm.checkpoint.manifest import FORMAT, file_entries, write_manifest
-    from megatron_vlm.checkpoint.megatron_io import _MetadataUnpickler
+    from megatron_vlm.checkpoint.megatron_io import MetadataUnpickler
     from megatron_vlm.checkpoint.rng import capture_rng_state
     from megatron_vlm.convert.mcore import _manifest
 
@@ -411,13 +411,13 @@ def finish_checkpoint(root: Path, count: int, config_yaml: str, extra: dict) -> 
     try:
         first = slice_dir(root, 0)
         with open(first / ".metadata", "rb") as f:
-            metadata = _MetadataUnpickler(f).load()  # DCP's own classes only
+            metadata = MetadataUnpickler(f).load()  # DCP's own classes only
         storage = {}
         entries = []
         for i, done in enumerate(dones):
             src = slice_dir(root, i)
             with open(src / ".metadata", "rb") as f:
-                storage.update(_MetadataUnpickler(f).load().storage_data)
+                storage.update(MetadataUnpickler(f).load().storage_data)
             for name, info in done["files"].items():
                 os.replace(src / name, tmp / name)
                 entries.append({"path": name, **info})
@@ -435,9 +435,9 @@ def finish_checkpoint(root: Path, count: int, config_yaml: str, extra: dict) -> 
         small = [".metadata", "common.pt", "metadata.json", "rank_00000.pt"]
         entries += file_entries(tmp, small, fsync=True)
         write_manifest(tmp, _manifest(config_yaml, extra, entries))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -78,7 +78,7 @@ def render_scripts(args: argparse.Namespace, repo: Path) -> tuple[str, str]:
 def slurm_array(args: argparse.Namespace, argv: list[str]) -> int:
     """Print (``--dry-run``) or write and submit the two scripts; the finishing job depends on
     the array (``afterok``)."""
-    from megatron_vlm.cluster.prepare_array import _sbatch
+    from megatron_vlm.cluster.prepare_array import sbatch_submit
 
     repo = Path(__file__).resolve().parents[2]
     try:
@@ -95,8 +95,8 @@ def slurm_array(args: argparse.Namespace, argv: list[str]) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     (logs / "array.sbatch").write_text(array)
     (logs / "finish.sbatch").write_text(finish)
-    array_id = _sbatch(logs / "array.sbatch")
-    finish_id = _sbatch(logs / "finish.sbatch", f"--dependency=afterok:{array_id}",
+    array_id = sbatch_submit(logs / "array.sbatch")
+    finish_id = sbatch_submit(logs / "finish.sbatch", f"--dependency=afterok:{array_id}",
                         "--kill-on-invalid-dep=yes")
     print(f"submitted array {array_id} ({args.slurm_array} slices) and finishing job "
           f"{finish_id} (after all succeeded); scripts and logs in {logs}")
