@@ -124,8 +124,8 @@ def _agree(check: Callable[[], Any]) -> Any:
     return result
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory (its entries: a rename or a new file inside it is durable)."""
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory (its entries: a rename or a new file inside is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -300,11 +300,11 @@ def complete_save(pending: PendingSave, my_entries: list[dict]) -> Path:
         if listed != present:  # internal invariant: the manifest covers exactly the files
             raise CheckpointError(
                 f"checkpoint {tmp}: files {present} on disk, {listed} hashed by the ranks")
-        fsync_dir(tmp)
+        fsync_path(tmp)
         manifest = _build_manifest(pending.step, pending.config_yaml, pending.with_optimizer,
                                    pending.world, pending.extra, entries, pending.layout)
         write_manifest(tmp, manifest)
-        fsync_dir(tmp)
+        fsync_path(tmp)
         _rename_into_place(tmp, pending.final)
     comm.barrier()
     if pending.rank == 0:  # renames now, deletes in a thread (off the step loop)
@@ -345,7 +345,7 @@ def _rename_into_place(tmp: Path, final: Path) -> None:
         old = final.with_name(f"{TMP_PREFIX}replaced-{final.name}-{secrets.token_hex(4)}")
         final.rename(old)
     tmp.rename(final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old)
 

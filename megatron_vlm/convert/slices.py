@@ -371,18 +371,10 @@ def write_slice(root: Path, sharded: dict, produce: Callable[[str], Tensor | lis
     return out
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def finish_checkpoint(root: Path, count: int, config_yaml: str, extra: dict) -> Path:
     """Join the ``count`` finished slices under ``root`` into ``root/step_0000000`` (renamed
     into place); the staging folder is removed. Returns the step directory."""
-    from megatron_vlm.checkpoint.dist import fsync_dir
+    from megatron_vlm.checkpoint.dist import fsync_path
     from megatron_vlm.checkpoint.manifest import FORMAT, file_entries, write_manifest
     from megatron_vlm.checkpoint.megatron_io import MetadataUnpickler
     from megatron_vlm.checkpoint.rng import capture_rng_state
@@ -428,16 +420,16 @@ def finish_checkpoint(root: Path, count: int, config_yaml: str, extra: dict) -> 
             os.fsync(f.fileno())
         for name in ("common.pt", "metadata.json"):
             os.replace(first / name, tmp / name)
-            _fsync_file(tmp / name)
+            fsync_path(tmp / name)
         torch.save({"format": FORMAT, "rank": 0, "world_size": 1, "step": 0,
                     "rng": capture_rng_state(), "extra_json": json.dumps(extra)},
                    tmp / "rank_00000.pt")
         small = [".metadata", "common.pt", "metadata.json", "rank_00000.pt"]
         entries += file_entries(tmp, small, fsync=True)
         write_manifest(tmp, _manifest(config_yaml, extra, entries))
-        fsync_dir(tmp)
+        fsync_path(tmp)
         tmp.rename(final)
-        fsync_dir(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
