@@ -519,7 +519,8 @@ def load_checkpoint(
         strict: require every model key in the checkpoint and vice versa.
         load_optimizer: restore optimizer state; if False, model weights only (fp32 main params
             re-copied from the loaded weights).
-        verify_hashes: check every file's sha256 against the manifest, not only its size (each
+        verify_hashes: check every file's digest against the manifest (XXH3-128 where the
+            manifest has it, else sha256), not only its size (each
             rank a share of the files, hashed in threads while DCP reads them, or first on
             fewer than ``hashed_io.OVERLAP_MIN_CPUS`` CPUs; a mismatch is raised before the
             state is applied, though with the overlap DCP may already have read tensors into

@@ -1,4 +1,4 @@
-"""Checkpoint bytes hashed on the way: sha256 while writing, and verification beside the load.
+"""Checkpoint bytes hashed on the way: sha256 and XXH3 while writing, XXH3 checks on loading.
 
 Hashing was a second pass over every byte after a save (and before a load); on a few cores that
 pass cost as much as the write itself. Here:
@@ -7,16 +7,17 @@ pass cost as much as the write itself. Here:
   :class:`HashingWriter` (every byte hashed as it goes to the file, no re-read), one thread per
   bucket file (:data:`WRITE_THREADS`); :func:`write_buckets` returns megatron's write results and
   fills a ``{relative path: manifest entry}`` dict.
-* **load**: :class:`BackgroundHasher` hashes this rank's share of the files in threads while
-  torch DCP reads them (each data file is verified by the rank that reads it, so the hasher
-  finds its bytes in the page cache); the digests are compared before any loaded state reaches
-  the live model or optimizer. With fewer than :data:`OVERLAP_MIN_CPUS` CPUs the share is
-  hashed first instead (no core to spare, nothing reaches the live objects before the check).
-  Chosen by measurement over hashing inside the read (a ``FileSystemReader.read_data`` that
-  read each file once, front to back, hashing as it went, and served the items from those
-  bytes): on 2 busy cores, a 425 MB state, CPU seconds per verified load were 0.98 beside the
-  read, 1.13 inside it, 1.00 hashing first; DCP alone 0.43. The hash is the cost (sha256 ~1.2
-  GB/s per core): it overlaps the read only where a core is free, and torch's read path stays.
+* **load**: :class:`BackgroundHasher` checks this rank's share of the files against the
+  manifest's XXH3-128 (``manifest.FAST_DIGEST``, recorded beside sha256 while writing; sha256
+  for checkpoints without it), each file hashed from a memory map, in threads while torch DCP
+  reads them or first (:data:`OVERLAP_MIN_CPUS`); the digests are compared before any loaded
+  state reaches the live model or optimizer (each data file is verified by the rank that reads
+  it, so the hasher finds its bytes in the page cache).
+  Chosen by measurement: with sha256 (~1 GB/s per core) the check alone cost 0.35 CPU-s of a
+  425 MB state against DCP's whole 0.43 CPU-s load, and neither hashing beside the read nor
+  inside it (a ``read_data`` that read each file once, hashing as it went) helped on 2 busy
+  cores (CPU-s per verified load 0.98 beside, 1.13 inside, 1.00 first). XXH3 from a memory map
+  costs ~0.2 CPU-s per GB (page mapping included), so the check is a small part of the load.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ from typing import Any
 
 from torch.distributed.checkpoint.filesystem import _write_item
 
-from megatron_vlm.checkpoint.manifest import sha256_file
+from megatron_vlm.checkpoint.manifest import (
+    FAST_DIGEST,
+    fast_digest_file,
+    fast_hasher,
+    sha256_file,
+)
 
 WRITE_THREADS = 2
 """Data files per rank, each written (and hashed) by its own thread. Both save paths (sync and
@@ -46,7 +52,8 @@ if "serialization_format" in inspect.signature(_write_item).parameters:
 
 
 class HashingWriter:
-    """A write-only stream over an open binary file that hashes every byte written.
+    """A write-only stream over an open binary file that hashes every byte written (sha256
+    and, with xxhash, :data:`~megatron_vlm.checkpoint.manifest.FAST_DIGEST`).
 
     Only sequential writes (``write``/``tell``/``flush``): a seek would make the digest differ
     from the file, so it raises.
@@ -56,6 +63,7 @@ class HashingWriter:
         self.raw = raw
         self.size = 0
         self._hash = hashlib.sha256()
+        self._fast = fast_hasher()
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -63,6 +71,8 @@ class HashingWriter:
         if n is not None and n != view.nbytes:
             raise OSError(f"short write to {self.raw.name}: {n} of {view.nbytes} bytes")
         self._hash.update(view)
+        if self._fast is not None:
+            self._fast.update(view)
         self.size += view.nbytes
         return view.nbytes
 
@@ -84,6 +94,13 @@ class HashingWriter:
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
+    def digests(self) -> dict[str, str]:
+        """The manifest's digests of what was written: ``sha256`` (and the fast one)."""
+        out = {"sha256": self._hash.hexdigest()}
+        if self._fast is not None:
+            out[FAST_DIGEST] = self._fast.hexdigest()
+        return out
+
 
 def _write_bucket(transform_list: list, bucket) -> tuple[list, dict[str, Any]]:
     """One bucket file (megatron's ``(path, relative name, (bytes, tensors))``), fsynced;
@@ -99,7 +116,7 @@ def _write_bucket(transform_list: list, bucket) -> tuple[list, dict[str, Any]]:
         if f.tell() != stream.size:  # internal invariant: every byte went through the hash
             raise OSError(f"{file_name}: {f.tell()} bytes written, {stream.size} hashed")
         os.fsync(f.fileno())
-    entry = {"path": Path(file_name).name, "size": stream.size, "sha256": stream.hexdigest()}
+    entry = {"path": Path(file_name).name, "size": stream.size, **stream.digests()}
     return results, entry
 
 
@@ -136,12 +153,21 @@ def overlap_hashing() -> bool:
     return _cpus() >= OVERLAP_MIN_CPUS
 
 
+def check_digest(path: Path, entry: dict) -> tuple[str, str]:
+    """``(algorithm, hex digest)`` of a file, by the fastest digest its manifest entry has:
+    :data:`FAST_DIGEST` where recorded (and xxhash is installed), else sha256."""
+    if FAST_DIGEST in entry and fast_hasher() is not None:
+        return FAST_DIGEST, fast_digest_file(path)
+    return "sha256", sha256_file(path)
+
+
 class BackgroundHasher:
-    """sha256 of some files of a checkpoint, computed in threads from construction on.
+    """Digests of some files of a checkpoint (:func:`check_digest`), computed in threads from
+    construction on.
 
     Args:
         ckpt_dir: the checkpoint directory.
-        entries: manifest entries (``path``, ``sha256``) to check.
+        entries: manifest entries (``path``, ``sha256``, maybe :data:`FAST_DIGEST`) to check.
         threads: hashing threads (default: half the CPUs this process may use, at least 1, so
             the load keeps the rest).
     """
@@ -156,38 +182,41 @@ class BackgroundHasher:
         # Largest first, so the threads finish together.
         order = sorted(self.entries, key=lambda e: -e.get("size", 0))
         self._futures: dict[str, Future] = {
-            e["path"]: self._pool.submit(sha256_file, self.ckpt_dir / e["path"]) for e in order}
+            e["path"]: self._pool.submit(check_digest, self.ckpt_dir / e["path"], e)
+            for e in order}
         self._lock = threading.Lock()
 
     def problems(self) -> list[str]:
-        """Wait for every digest; one message per file whose sha256 differs from the manifest
+        """Wait for every digest; one message per file whose digest differs from the manifest
         (or that could not be read)."""
-        known: dict[str, str] = {}
+        known: dict[str, tuple[str, str]] = {}
         with self._lock:
             for e in self.entries:
                 try:
                     known[e["path"]] = self._futures[e["path"]].result()
                 except OSError as err:
-                    known[e["path"]] = f"unreadable ({err})"
+                    known[e["path"]] = ("sha256", f"unreadable ({err})")
             self._pool.shutdown(wait=True)
         return mismatches(self.ckpt_dir, self.entries, known)
 
 
-def mismatches(ckpt_dir: Path, entries: list[dict], digests: dict[str, str]) -> list[str]:
-    """One message per entry whose digest (from ``digests``, else hashed now) is not the
-    manifest's."""
+def mismatches(ckpt_dir: Path, entries: list[dict],
+               digests: dict[str, tuple[str, str]]) -> list[str]:
+    """One message per entry whose digest (``{path: (algorithm, hex)}`` from ``digests``, else
+    hashed now by :func:`check_digest`) is not the manifest's."""
     out = []
     for e in entries:
         p = Path(ckpt_dir) / e["path"]
-        digest = digests.get(e["path"])
-        if digest is None:
+        found = digests.get(e["path"])
+        if found is None:
             try:
-                digest = sha256_file(p)
+                found = check_digest(p, e)
             except OSError as err:
-                digest = f"unreadable ({err})"
-        if digest != e["sha256"]:
-            out.append(f"sha256 mismatch for {p}: {digest[:16]}..., "
-                       f"manifest says {e['sha256'][:16]}...")
+                found = ("sha256", f"unreadable ({err})")
+        algo, digest = found
+        if digest != e[algo]:
+            out.append(f"{algo} mismatch for {p}: {digest[:16]}..., "
+                       f"manifest says {e[algo][:16]}...")
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,10 +20,21 @@ from typing import Any
 
 import yaml
 
+try:  # optional: without it the manifest has sha256 only and loads verify with sha256
+    import xxhash
+except ImportError:  # pragma: no cover - xxhash is a dependency; older environments lack it
+    xxhash = None
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "megatron_vlm.checkpoint"
 FORMAT_VERSION = 1
 _HASH_CHUNK = 1 << 22  # 4 MiB reads
+FAST_DIGEST = "xxh3_128"
+"""The manifest's second digest of every file, beside ``sha256``: xxHash's XXH3-128, ~9 GB/s
+per core here against sha256's ~1. Loads verify with it (``hashed_io``); sha256 stays for full
+checks (``verify_checkpoint(full=True)``) and tools. Both detect damage (a flipped bit, a torn
+or truncated copy); neither is a signature: whoever can rewrite a file can rewrite the
+manifest."""
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +52,42 @@ def sha256_file(path: Path, fsync: bool = False) -> str:
     return h.hexdigest()
 
 
+def fast_hasher():
+    """A new XXH3-128 hasher, or None without the ``xxhash`` module."""
+    return xxhash.xxh3_128() if xxhash is not None else None
+
+
+def fast_digest_file(path: Path) -> str:
+    """Hex XXH3-128 of a file's bytes, hashed from a read-only memory map (no copy)."""
+    h = fast_hasher()
+    if h is None:
+        raise RuntimeError("xxhash is not installed")
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            m.madvise(mmap.MADV_WILLNEED)
+            h.update(m)
+    return h.hexdigest()
+
+
+def file_digests(path: Path, fsync: bool = False) -> dict[str, str]:
+    """``{"sha256": ..., FAST_DIGEST: ...}`` of a file in one read (sha256 only without
+    xxhash); optionally fsync it while it is open."""
+    h, fast = hashlib.sha256(), fast_hasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            if fast is not None:
+                fast.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+    out = {"sha256": h.hexdigest()}
+    if fast is not None:
+        out[FAST_DIGEST] = fast.hexdigest()
+    return out
+
+
 def list_files(ckpt_dir: Path) -> list[str]:
     """Every regular file under ``ckpt_dir`` (relative POSIX paths, sorted), manifest excluded."""
     out = []
@@ -52,11 +100,12 @@ def list_files(ckpt_dir: Path) -> list[str]:
 
 
 def file_entries(ckpt_dir: Path, rel_paths: Iterable[str], fsync: bool = False) -> list[dict]:
-    """``{"path", "size", "sha256"}`` for each file (fsynced on the way if asked)."""
+    """``{"path", "size", "sha256", FAST_DIGEST}`` for each file (fsynced on the way if
+    asked)."""
     entries = []
     for rel in rel_paths:
         p = ckpt_dir / rel
-        entries.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p, fsync)})
+        entries.append({"path": rel, "size": p.stat().st_size, **file_digests(p, fsync)})
     return entries
 
 

@@ -283,9 +283,11 @@ def test_corrupted_bytes_are_refused_by_hash(trained, tmp_path):
 
 
 def test_digests_hashed_while_writing_equal_the_files(trained):
-    """The data files' sha256 is computed as they are written (no re-read); it must equal
-    the bytes on disk, and each rank writes WRITE_THREADS data files."""
+    """The data files' sha256 and XXH3-128 are computed as they are written (no re-read); they
+    must equal the bytes on disk, and each rank writes WRITE_THREADS data files."""
     import hashlib
+
+    import xxhash
 
     from megatron_vlm.checkpoint.hashed_io import WRITE_THREADS
 
@@ -296,23 +298,31 @@ def test_digests_hashed_while_writing_equal_the_files(trained):
     for e in manifest["files"]:
         raw = (path / e["path"]).read_bytes()
         assert (e["size"], e["sha256"]) == (len(raw), hashlib.sha256(raw).hexdigest()), e["path"]
+        assert e["xxh3_128"] == xxhash.xxh3_128(raw).hexdigest(), e["path"]
 
 
 @pytest.mark.parametrize("min_cpus", [1, 10**6], ids=["beside_read", "first"])
+@pytest.mark.parametrize("digest", ["xxh3_128", "sha256"])
 def test_load_refuses_corrupted_data_file_by_hash(job, trained, tmp_path, monkeypatch,
-                                                  min_cpus):
+                                                  min_cpus, digest):
     """A flipped byte inside a tensor's storage (same size, DCP reads it without complaint) is
-    caught by the digests, checked beside the read or before it, before the state is applied."""
+    caught by the digests, checked beside the read or before it, before the state is applied:
+    by XXH3-128, or by sha256 in a manifest without XXH3 (checkpoints of older versions)."""
     from megatron_vlm.checkpoint import hashed_io
 
     monkeypatch.setattr(hashed_io, "OVERLAP_MIN_CPUS", min_cpus)
     path = _copy(trained[0], tmp_path)
+    if digest == "sha256":
+        manifest = json.loads((path / "manifest.json").read_text())
+        for e in manifest["files"]:
+            del e["xxh3_128"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
     target = max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
     raw = bytearray(target.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     target.write_bytes(bytes(raw))
     chunks, optimizer, scheduler = _build(job, seed=2)
-    with pytest.raises(CheckpointError, match=rf"sha256 mismatch for .*{target.name}"):
+    with pytest.raises(CheckpointError, match=rf"{digest} mismatch for .*{target.name}"):
         load_checkpoint(path, chunks, optimizer, scheduler)
     chunks, optimizer, scheduler = _build(job, seed=2)
     load_checkpoint(path, chunks, optimizer, scheduler, verify_hashes=False)  # sizes only
@@ -423,11 +433,14 @@ def _replace_listed_file(path: Path, rel: str, data: bytes) -> None:
     """Overwrite a file and update its manifest entry, as a deliberate tamperer would."""
     import hashlib
 
+    import xxhash
+
     (path / rel).write_bytes(data)
     manifest = json.loads((path / "manifest.json").read_text())
     for e in manifest["files"]:
         if e["path"] == rel:
             e["size"], e["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+            e["xxh3_128"] = xxhash.xxh3_128(data).hexdigest()
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
