@@ -119,7 +119,13 @@ class KernelConfig:
 
 @dataclass(kw_only=True)
 class LLMConfig:
-    """The language model: MLA attention, DeepSeek-V3 style MoE, RMSNorm, SwiGLU."""
+    """The language model: RMSNorm, SwiGLU, dense or DeepSeek-V3 style MoE FFNs, and MLA (Kimi
+    K2 / DeepSeek-V3, the default) or grouped-query attention (``attention: gqa``: Qwen3)."""
+
+    attention: Literal["mla", "gqa"] = "mla"
+    """Attention kind. ``mla``: multi-head latent attention (the ``q_lora_rank`` ...
+    ``v_head_dim`` fields); ``gqa``: grouped-query attention (``num_query_groups``,
+    ``kv_channels``, ``qk_layernorm``, ``add_qkv_bias``; the MLA fields are ignored)."""
 
     vocab_size: int = 163840
     """Vocabulary size (padded vocab is computed from it and TP)."""
@@ -139,6 +145,16 @@ class LLMConfig:
     """Per-head query/key dim with RoPE (the rope key is shared across heads)."""
     v_head_dim: int = 128
     """Per-head value dim."""
+    num_query_groups: int | None = None
+    """GQA only: key/value heads (Qwen3-8B: 8); None = ``num_attention_heads`` (plain MHA)."""
+    kv_channels: int | None = None
+    """GQA only: the q/k/v head dim (Qwen3: 128, not ``hidden_size / num_attention_heads``);
+    None = ``hidden_size // num_attention_heads``."""
+    qk_layernorm: bool = False
+    """GQA only: RMSNorm over each query and key head before RoPE (Qwen3: true; HF
+    ``q_norm``/``k_norm``), at ``norm_epsilon``. MLA always has its latent norms."""
+    add_qkv_bias: bool = False
+    """GQA only: biases on the q/k/v projections (Qwen2: true; Qwen3: false)."""
     ffn_hidden_size: int = 18432
     """FFN size of the dense layers."""
     num_dense_layers: int = 1
@@ -169,6 +185,14 @@ class LLMConfig:
     """megatron-core token dispatcher."""
     rope_theta: float = 50000.0
     """RoPE base."""
+    position_embedding: Literal["rope", "mrope"] = "rope"
+    """``rope``: 1D RoPE of each token's position in its document; ``mrope``: multimodal RoPE
+    (Qwen2-VL layout, ``models/mrope.py``) from 3-axis (t, h, w) position ids ``[3, S]``; GQA
+    only (megatron-core supports it with MLA neither)."""
+    mrope_section: list[int] | None = None
+    """With ``mrope``: how many of the head dim's ``kv_channels / 2`` rotary frequencies each
+    axis (t, h, w) takes, in order; chunk ``i`` uses axis ``i % 3`` (Qwen2.5-VL at head dim 128:
+    [16, 24, 24]). Must sum to ``kv_channels / 2``."""
     yarn: YarnConfig = field(default_factory=YarnConfig)
     """YaRN context extension."""
     norm_epsilon: float = 1e-6
@@ -235,6 +259,7 @@ class LLMConfig:
                 f"model.llm.num_dense_layers={self.num_dense_layers} exceeds "
                 f"num_layers={self.num_layers}; set num_dense_layers <= num_layers"
             )
+        self._check_attention()
         if self.num_experts is not None:
             if self.moe_router_topk > self.num_experts:
                 raise ValueError(
@@ -251,6 +276,60 @@ class LLMConfig:
                     f"model.llm.moe_router_num_groups={self.moe_router_num_groups} does not "
                     f"divide num_experts={self.num_experts}"
                 )
+
+    def _check_attention(self) -> None:
+        """The GQA and M-RoPE fields against the attention kind."""
+        if self.attention == "mla":
+            gqa_set = [name for name, off in (
+                ("num_query_groups", None), ("kv_channels", None), ("qk_layernorm", False),
+                ("add_qkv_bias", False)) if getattr(self, name) != off]
+            if gqa_set:
+                raise ValueError(
+                    f"model.llm.{gqa_set[0]} applies to attention=gqa only; with attention=mla "
+                    "leave it unset (MLA's heads are q_lora_rank ... v_head_dim)")
+            if self.position_embedding != "rope":
+                raise ValueError("model.llm.position_embedding=mrope needs attention=gqa "
+                                 "(megatron-core has no M-RoPE for MLA)")
+            return
+        groups = self.num_query_groups or self.num_attention_heads
+        if groups <= 0 or self.num_attention_heads % groups:
+            raise ValueError(
+                f"model.llm.num_query_groups={self.num_query_groups} must divide "
+                f"num_attention_heads={self.num_attention_heads} (Qwen3-8B: 8 of 32)")
+        if self.kv_channels is not None and (self.kv_channels <= 0 or self.kv_channels % 2):
+            raise ValueError(f"model.llm.kv_channels={self.kv_channels} must be a positive even "
+                             "head dim (Qwen3: 128)")
+        if self.yarn.enabled:
+            raise ValueError("model.llm.yarn applies to attention=mla only for now; set "
+                             "yarn.factor=1 with attention=gqa (raise rope_theta instead)")
+        if self.qk_clip:
+            raise ValueError("model.llm.qk_clip is implemented for attention=mla only; set "
+                             "qk_clip=false with attention=gqa (log_max_attention_logit works)")
+        if self.position_embedding == "mrope":
+            half = self.head_dim // 2
+            if (not self.mrope_section or len(self.mrope_section) != 3
+                    or min(self.mrope_section) < 0 or sum(self.mrope_section) != half):
+                raise ValueError(
+                    f"model.llm.mrope_section={self.mrope_section} must be three sizes (t, h, w) "
+                    f"summing to head_dim / 2 = {half} (Qwen2.5-VL, head dim 128: [16, 24, 24])")
+        elif self.mrope_section is not None:
+            raise ValueError("model.llm.mrope_section is set but position_embedding=rope; set "
+                             "position_embedding=mrope or leave mrope_section null")
+
+    @property
+    def head_dim(self) -> int:
+        """GQA: the q/k/v head dim (``kv_channels``, default ``hidden_size // heads``); MLA: the
+        q/k head dim including the rope part (:attr:`qk_head_dim`)."""
+        if self.attention == "mla":
+            return self.qk_head_dim
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: ``num_query_groups`` (default: one per query head; MLA: heads)."""
+        if self.attention == "mla":
+            return self.num_attention_heads
+        return self.num_query_groups or self.num_attention_heads
 
     @property
     def qk_head_dim(self) -> int:

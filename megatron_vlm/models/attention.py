@@ -8,6 +8,10 @@ THD batches and context parallelism, and records no max logits (SPEC §6). This 
   (block-diagonal, causal or bidirectional), where documents may be padded
   (``cu_seqlens_*_padded``): padding keys are never attended;
 * key and value head dims may differ (MLA: 192 vs 128);
+* grouped-query attention (GQA: fewer key/value heads than query heads, megatron's
+  ``SelfAttention`` with ``num_query_groups``): each key/value head serves the
+  ``np / ng`` consecutive query heads of its group (HF's ``repeat_kv``); it is repeated after
+  the context-parallel gather, so the gather moves only the ``ng`` heads;
 * per-head max of the scaled pre-softmax logit over unmasked entries, kept as
   ``current_max_attn_logits`` (the attribute megatron's ``MLASelfAttention.clip_qk`` reads) when
   ``config.qk_clip`` or ``config.log_max_attention_logit`` is set;
@@ -145,6 +149,21 @@ def cp_layout_for(params: PackedSeqParams, total: int, cp_size: int, cp_rank: in
     return layout
 
 
+def repeat_kv_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value with their heads (axis ``head_dim``) repeated to the query's head count
+    (GQA; megatron's query heads are group-major, so head ``h`` uses key/value head
+    ``h // (np / ng)``). Unchanged when the counts already match."""
+    n_q, n_kv = query.shape[head_dim], key.shape[head_dim]
+    if n_q == n_kv:
+        return key, value
+    if n_q % n_kv:
+        raise ValueError(f"{n_q} query heads are not a multiple of {n_kv} key/value heads")
+    rep = n_q // n_kv
+    return (key.repeat_interleave(rep, dim=head_dim),
+            value.repeat_interleave(rep, dim=head_dim))
+
+
 class PackedSelfAttention(MegatronModule):
     """``core_attention`` for megatron-core layer specs: SDPA over padded or packed sequences."""
 
@@ -212,6 +231,7 @@ class PackedSelfAttention(MegatronModule):
             raise NotImplementedError(
                 "context parallelism in PackedSelfAttention needs packed THD batches "
                 "(packed_seq_params with qkv_format='thd'); the sbhd path has no CP split")
+        key, value = repeat_kv_heads(query, key, value, head_dim=2)
         # sbhd -> [b, np, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         mask = None
@@ -249,6 +269,7 @@ class PackedSelfAttention(MegatronModule):
             kv = gather_context_parallel(torch.cat([key, value], dim=-1), layout, self.cp_group)
             key, value = kv[..., :dk], kv[..., dk:]
             q_index = layout.local_index
+        key, value = repeat_kv_heads(query, key, value, head_dim=1)
         out = self._attend_thd(query, key, value, causal, params, q_index)  # [t_q, np, hv]
         if squeeze_batch:
             out = out.reshape(out.shape[0], 1, -1)

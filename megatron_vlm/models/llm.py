@@ -1,12 +1,20 @@
-"""The LLM: a megatron-core ``GPTModel`` with MLA and DeepSeek-V3 style MoE, from ``LLMConfig``.
+"""The LLM: a megatron-core ``GPTModel`` from ``LLMConfig``: MLA (Kimi K2 / DeepSeek-V3) or
+grouped-query attention (Qwen3), dense or DeepSeek-V3 style MoE FFNs, 1D RoPE or our M-RoPE.
 
 Layer implementations (Transformer Engine or local, attention kernel, grouped GEMM) are chosen
 in ``models/specs.py``.
 
 ``build_transformer_config`` is the one place our config becomes megatron's
-``MLATransformerConfig``; every field that matters is set explicitly, because some megatron
-defaults are traps for this family (``rotary_scaling_factor=40``, ``mscale_all_dim=0.0``,
-``moe_router_load_balancing_type='aux_loss'``, ``add_bias_linear=True``...).
+``MLATransformerConfig`` (MLA) or ``TransformerConfig`` (GQA); every field that matters is set
+explicitly, because some megatron defaults are traps for these families
+(``rotary_scaling_factor=40``, ``mscale_all_dim=0.0``, ``moe_router_load_balancing_type=
+'aux_loss'``, ``add_bias_linear=True``, ``kv_channels = hidden / heads``...).
+
+Position embeddings: MLA rotates inside its attention (``GPTModel`` gets
+``position_embedding_type='none'``); GQA with 1D RoPE uses megatron's ``RotaryEmbedding``
+(``'rope'``, NeoX halves, ``rotary_base = rope_theta``); GQA with M-RoPE is
+:class:`~megatron_vlm.models.mrope.MRopeGPTModel` (megatron's ``'none'`` plus our per-token
+3-axis frequencies, see ``models/mrope.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +26,11 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_config import MLATransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
 from megatron_vlm.config.model import KernelConfig, LLMConfig
 from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.models.mrope import MRopeGPTModel
 from megatron_vlm.models.specs import KernelChoice, llm_decoder_block_spec, resolve_kernels
 from megatron_vlm.parallel.runtime import groups_or_default
 
@@ -68,7 +77,9 @@ def mask_padded_vocab(model: GPTModel, vocab_size: int) -> None:
 
 
 def llm_head_dims(llm: LLMConfig) -> tuple[int, int]:
-    """(q/k head dim, v head dim) of the LLM's attention (MLA: 192, 128)."""
+    """(q/k head dim, v head dim) of the LLM's attention (MLA: 192, 128; Qwen3: 128, 128)."""
+    if llm.attention == "gqa":
+        return (llm.head_dim, llm.head_dim)
     return (llm.qk_head_dim, llm.v_head_dim)
 
 
@@ -113,43 +124,16 @@ def recompute_kwargs(recompute: str, num_layers: int, modules: list[str],
     return {"recompute_granularity": "selective", "recompute_modules": modules}
 
 
-def build_transformer_config(
-    llm: LLMConfig, parallel: ParallelConfig, params_dtype: str = "fp32",
-    choice: KernelChoice | None = None,
-) -> MLATransformerConfig:
-    """Map our LLM config onto megatron-core's ``MLATransformerConfig``, field by field.
-
-    ``choice`` (default: :func:`llm_kernel_choice`, as :func:`build_llm` resolves it) supplies
-    the grouped-GEMM and FP8 switches and the kernel fusions.
-    """
-    dtype = _DTYPES[params_dtype]
-    if choice is None:
-        choice = llm_kernel_choice(llm, parallel, params_dtype)
-    on_gpu = torch.cuda.is_available()
-    moe = llm.num_experts is not None
+def _mla_kwargs(llm: LLMConfig) -> dict:
+    """``MLATransformerConfig`` attention fields (MLA, its latent norms, its own RoPE/YaRN)."""
     yarn = llm.yarn
     # YaRN mscale values pass through as given: megatron applies the published formula literally
     # (mscale(s, 0) == 1, so cos/sin get mscale(s, m) / 1). transformers 5.23 instead drops *both*
     # values when either is 0 (cos/sin get mscale(s, 1)); tests/reference/test_yarn_hf.py pins the
     # difference, and HF export must write rope_parameters["attention_factor"] in that case.
-    kwargs = dict(
-        # --- shape
-        num_layers=llm.num_layers,
-        hidden_size=llm.hidden_size,
-        num_attention_heads=llm.num_attention_heads,
-        ffn_hidden_size=llm.ffn_hidden_size,
-        # --- block structure
-        normalization="RMSNorm",
-        layernorm_epsilon=llm.norm_epsilon,  # MLA latent norms: see llm_block_spec
+    return dict(
         qk_layernorm=True,  # MLA's q_a_layernorm / kv_a_layernorm
-        add_bias_linear=False,
         add_qkv_bias=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        hidden_dropout=llm.hidden_dropout,
-        attention_dropout=llm.attention_dropout,
-        init_method_std=llm.init_method_std,
-        # --- MLA
         multi_latent_attention=True,
         q_lora_rank=llm.q_lora_rank,
         kv_lora_rank=llm.kv_lora_rank,
@@ -168,6 +152,67 @@ def build_transformer_config(
         qk_clip=llm.qk_clip,
         qk_clip_threshold=llm.qk_clip_threshold,
         log_max_attention_logit=llm.log_max_attention_logit,
+    )
+
+
+def _gqa_kwargs(llm: LLMConfig) -> dict:
+    """``TransformerConfig`` attention fields of grouped-query attention (Qwen3). RoPE's base
+    and percent are ``GPTModel`` arguments (:func:`build_llm`); megatron's ``TransformerConfig``
+    has no field for them."""
+    return dict(
+        multi_latent_attention=False,
+        num_query_groups=llm.query_groups,
+        kv_channels=llm.head_dim,  # megatron's default hidden / heads is wrong for Qwen3
+        qk_layernorm=llm.qk_layernorm,  # per-head RMSNorm at layernorm_epsilon (HF q/k_norm)
+        add_qkv_bias=llm.add_qkv_bias,
+        softmax_scale=None,  # 1 / sqrt(kv_channels), as HF's head_dim ** -0.5
+        rotary_interleaved=False,  # NeoX rotate_half, as HF Qwen
+        mrope_section=(list(llm.mrope_section) if llm.position_embedding == "mrope"
+                       else None),
+        qk_clip=False,  # refused by LLMConfig for gqa (optim/qk_clip.py is MLA's)
+        log_max_attention_logit=llm.log_max_attention_logit,
+    )
+
+
+def build_transformer_config(
+    llm: LLMConfig, parallel: ParallelConfig, params_dtype: str = "fp32",
+    choice: KernelChoice | None = None,
+) -> TransformerConfig:
+    """Map our LLM config onto megatron-core's ``MLATransformerConfig`` (``attention: mla``) or
+    ``TransformerConfig`` (``attention: gqa``), field by field.
+
+    ``choice`` (default: :func:`llm_kernel_choice`, as :func:`build_llm` resolves it) supplies
+    the grouped-GEMM and FP8 switches and the kernel fusions.
+    """
+    dtype = _DTYPES[params_dtype]
+    if choice is None:
+        choice = llm_kernel_choice(llm, parallel, params_dtype)
+    on_gpu = torch.cuda.is_available()
+    moe = llm.num_experts is not None
+    mla = llm.attention == "mla"
+    if not mla and choice.apply_rope_fusion:
+        # Fused RoPE kernels rotate by position within each document: with M-RoPE's per-token
+        # 3-axis positions (THD) they would be wrong (FAMILIES.md §5); megatron's GQA rope
+        # fusion is not verified here either.
+        raise ValueError("model.kernels.apply_rope_fusion=true applies to MLA with YaRN only; "
+                         "leave it null/false with model.llm.attention=gqa")
+    kwargs = dict(
+        # --- shape
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        # --- block structure
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_epsilon,  # MLA latent norms: see llm_block_spec
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=llm.hidden_dropout,
+        attention_dropout=llm.attention_dropout,
+        init_method_std=llm.init_method_std,
+        # --- attention (MLA or GQA) and its RoPE
+        **(_mla_kwargs(llm) if mla else _gqa_kwargs(llm)),
         # --- parallelism
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
@@ -230,15 +275,15 @@ def build_transformer_config(
             moe_permute_fusion=choice.moe_permute_fusion,
             moe_router_fusion=False,
         )
-    return MLATransformerConfig(**kwargs)
+    return MLATransformerConfig(**kwargs) if mla else TransformerConfig(**kwargs)
 
 
 def llm_block_spec(
-    config: MLATransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None, *,
+    config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None, *,
     choice: KernelChoice, latent_norm_eps: float = LLMConfig.mla_latent_norm_epsilon,
 ) -> TransformerBlockSubmodules:
     """The decoder block spec for this pipeline stage (implementations from
-    ``models/specs.py``: TE modules, or megatron's local MLA/MoE layers with our packed
+    ``models/specs.py``: TE modules, or megatron's local MLA or GQA / MoE layers with our packed
     attention kernel, SP norms and padding-free router); MLA's latent norms at
     ``latent_norm_eps`` (``LLMConfig.mla_latent_norm_epsilon``: ``config`` has no field for it).
 
@@ -292,7 +337,13 @@ def build_llm(
     if choice is None:
         choice = llm_kernel_choice(llm, parallel, params_dtype, kernels)
     config = build_transformer_config(llm, parallel, params_dtype, choice)
-    model = GPTModel(
+    gqa = llm.attention == "gqa"
+    mrope = gqa and llm.position_embedding == "mrope"
+    model_class, extra = GPTModel, {}
+    if mrope:
+        model_class = MRopeGPTModel
+        extra = dict(mrope_theta=llm.rope_theta, mrope_section=llm.mrope_section)
+    model = model_class(
         config=config,
         transformer_layer_spec=llm_block_spec(
             config, vp_stage=vp_stage, choice=choice,
@@ -302,10 +353,14 @@ def build_llm(
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not llm.untie_embeddings,
-        position_embedding_type="none",  # MLA applies RoPE inside attention
+        # MLA applies RoPE inside attention; M-RoPE frequencies come from MRopeGPTModel
+        position_embedding_type="rope" if gqa and not mrope else "none",
+        rotary_percent=1.0,
+        rotary_base=llm.rope_theta,  # GPTModel's RotaryEmbedding reads the argument
         vp_stage=vp_stage,
         pg_collection=pg_collection,
         scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
+        **extra,
     )
     if post_process:
         mask_padded_vocab(model, llm.vocab_size)

@@ -395,6 +395,28 @@ def _te_llm_layer(layer_spec: ModuleSpec, latent_norm_eps: float) -> ModuleSpec:
         sub, self_attention=attn, mlp=_padding_free_router(sub.mlp)))
 
 
+def _local_gqa_layer(layer_spec: ModuleSpec, core_attention: type) -> ModuleSpec:
+    """megatron's local GQA layer (``SelfAttention``: fused ``linear_qkv`` interleaved per query
+    group, optional per-head q/k norms) with our core attention, SP-capable norms (the q/k norms
+    too: megatron's ``WrappedTorchNorm`` refuses sequence parallelism; their gradients are
+    summed over TP by ``finalize_model_grads`` by name) and the padding-free router."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from megatron_vlm.models.norm import SequenceParallelNorm
+
+    sub = layer_spec.submodules
+    attn_sub = sub.self_attention.submodules
+    qk_norm = {name: (IdentityOp if getattr(attn_sub, name) in (None, IdentityOp)
+                      else SequenceParallelNorm) for name in ("q_layernorm", "k_layernorm")}
+    attn = dataclasses.replace(sub.self_attention, submodules=dataclasses.replace(
+        attn_sub, core_attention=core_attention, **qk_norm))
+    new_sub = dataclasses.replace(
+        sub, self_attention=attn, mlp=_padding_free_router(sub.mlp),
+        input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
+    )
+    return dataclasses.replace(layer_spec, submodules=new_sub)
+
+
 def _padding_free_router(mlp):
     from megatron_vlm.models.router import PaddingFreeTopKRouter
 
@@ -402,6 +424,14 @@ def _padding_free_router(mlp):
         return dataclasses.replace(
             mlp, submodules=dataclasses.replace(mlp.submodules, router=PaddingFreeTopKRouter))
     return mlp
+
+
+def _te_gqa_layer(layer_spec: ModuleSpec) -> ModuleSpec:
+    """megatron's TE GQA layer as is (input norm fused into ``linear_qkv``, ``TENorm`` q/k
+    norms, ``TEDotProductAttention``) with the padding-free router."""
+    sub = layer_spec.submodules
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        sub, mlp=_padding_free_router(sub.mlp)))
 
 
 def _torch_grouped_experts(layer_spec: ModuleSpec) -> ModuleSpec:
@@ -442,22 +472,31 @@ def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = 
                            latent_norm_eps: float) -> TransformerBlockSubmodules:
     """The LLM decoder block spec of this pipeline stage for ``choice``; MLA's latent norms at
     ``latent_norm_eps`` (``model.llm.mla_latent_norm_epsilon``), every other norm at
-    ``config.layernorm_epsilon``."""
+    ``config.layernorm_epsilon``. ``config.multi_latent_attention`` picks MLA or GQA layers
+    (megatron's ``SelfAttention``: TE's fused norm + ``linear_qkv`` and ``TENorm`` q/k norms,
+    or the local modules with our packed core attention)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     te = choice.backend == "te"
+    mla = config.multi_latent_attention
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=te,
                                        normalization="RMSNorm", vp_stage=vp_stage,
                                        pp_rank=pp_rank)
     if te:
-        block.layer_specs = [_te_llm_layer(s, latent_norm_eps) for s in block.layer_specs]
+        if mla:
+            block.layer_specs = [_te_llm_layer(s, latent_norm_eps) for s in block.layer_specs]
+        else:
+            block.layer_specs = [_te_gqa_layer(s) for s in block.layer_specs]
         return block
     from megatron_vlm.models.norm import SequenceParallelNorm
 
-    _require_mla_duplicated_linear()
     attention = core_attention_module(choice)
-    block.layer_specs = [_local_llm_layer(s, attention, latent_norm_eps)
-                         for s in block.layer_specs]
+    if mla:
+        _require_mla_duplicated_linear()
+        block.layer_specs = [_local_llm_layer(s, attention, latent_norm_eps)
+                             for s in block.layer_specs]
+    else:
+        block.layer_specs = [_local_gqa_layer(s, attention) for s in block.layer_specs]
     if choice.experts == "torch_grouped_mm":
         block.layer_specs = [_torch_grouped_experts(s) for s in block.layer_specs]
     block.layer_norm = SequenceParallelNorm
