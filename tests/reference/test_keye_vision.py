@@ -267,3 +267,29 @@ def test_init_from_siglip_checkpoint(hf_siglip, ours, tmp_path):
     bad = {k: v for k, v in state.items() if "layers.1." not in k}
     with pytest.raises(ValueError, match="lacks"):
         init_from_siglip(fresh, bad)
+
+
+def test_configs_refuse_with_the_fix():
+    """Validation names the config key; the defaults are Keye-VL 1.5's sizes."""
+    from megatron_vlm.families.keye.config import (
+        KeyeMergerConfig,
+        keye_merger_config,
+        keye_vision_config,
+    )
+
+    real = keye_vision_config()
+    assert (real.head_dim, real.merged_hidden_size, real.pos_emb_side) == (72, 4608, 27)
+    assert keye_merger_config().intermediate_size == 4608
+    with pytest.raises(ValueError, match="num_attention_heads=5 does not divide"):
+        _vision(num_attention_heads=5)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        _vision(hidden_size=24, num_attention_heads=4)  # head dim 6
+    with pytest.raises(ValueError, match="model.projector.output_size=48 != model.llm"):
+        KeyeMergerConfig(vision_hidden_size=HIDDEN, output_size=48).check_matches(
+            vision_config(), 4096)
+
+
+def _vision(**fields):
+    from megatron_vlm.families.keye.config import SiglipVisionConfig
+
+    return SiglipVisionConfig(**fields)

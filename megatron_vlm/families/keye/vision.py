@@ -234,6 +234,11 @@ class KeyeSiglipViT(MegatronModule):
         """The CP group under context parallelism: the gather's backward sums over it."""
         self.replica_group = replica_group
         """Split mode under TP: the TP group the tower is replicated over."""
+        self.num_encoded_items = 0
+        """Frames (images and video frames) this rank has run through :meth:`encode`."""
+        self.encoded_item_log: list[tuple[int, int, int, float]] | None = None
+        """Test-only: when set to a list, :meth:`encode` appends ``(1, h, w, pixel sum)`` of
+        every frame it encodes (MoonViT logs items; here the unit of work is a frame)."""
         if choice is None:
             choice = siglip_kernel_choice(vision, "bf16" if config.bf16 else "fp32")
         self.patch_embed = torch.nn.Conv2d(
@@ -262,6 +267,11 @@ class KeyeSiglipViT(MegatronModule):
         num_patches = pixel_values.shape[0]
         check_grid(grid, num_patches, _NO_FRAME_LIMIT)
         frames = frame_grid(grid)
+        self.num_encoded_items += frames.shape[0]
+        if self.encoded_item_log is not None:
+            sums = pixel_values.detach().double().split(frames.prod(dim=1).tolist())
+            self.encoded_item_log.extend(
+                (*map(int, f), float(x.sum())) for f, x in zip(frames.tolist(), sums))
         device = pixel_values.device
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(1)
         x = self.pos_embed(x, frames).unsqueeze(1)  # [N, 1, D]: megatron's [s, b, h]
