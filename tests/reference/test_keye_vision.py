@@ -200,6 +200,9 @@ def test_packed_images_and_video_equal_reference(ours, hf_siglip, ref_merger):
     assert_close(grouped.flatten(1), ref_merge(expected, GRID))
     assert_close(got_llm, expected_llm)
     assert got_llm.shape == (17, LLM)
+    from megatron_vlm.families.keye.merger import llm_tokens_per_item
+
+    assert llm_tokens_per_item(vision_config(), GRID).tolist() == [6, 3, 8]
 
 
 def test_frames_are_separate_segments(ours):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.config.vision import ProjectorConfig
-from megatron_vlm.families.keye.config import KeyeMergerConfig
+from megatron_vlm.families.keye.config import KeyeMergerConfig, SiglipVisionConfig
 from megatron_vlm.families.keye.vision import frame_grid
 from megatron_vlm.models.projector import build_projector_transformer_config, projector_mlp_spec
 from megatron_vlm.models.vision.merger import tpool_patch_merger
@@ -35,6 +35,17 @@ def keye_merge(x: Tensor, grid_thw: Tensor, kernel_height: int = 2,
     frame, the ``kh x kw`` blocks in raster order, each the concatenation of its patches
     (row-major), i.e. ``view(t, h/kh, kh, w/kw, kw, d).permute(0, 1, 3, 2, 4, 5)``."""
     return tpool_patch_merger(x, frame_grid(grid_thw), kernel_height, kernel_width).flatten(1)
+
+
+def llm_tokens_per_item(vision: SiglipVisionConfig, grid_thw: Tensor) -> Tensor:
+    """``t*h*w / merge``: LLM placeholder tokens of each item ``[M]`` (every frame merged on
+    its own, no temporal pooling); the family's ``llm_tokens_per_item``."""
+    if bool((grid_thw[:, 1] % vision.merge_kernel_height).any()
+            or (grid_thw[:, 2] % vision.merge_kernel_width).any()):
+        raise ValueError(f"grid_thw {grid_thw.tolist()} has a side not divisible by the merge "
+                         f"kernel {vision.merge_kernel_height}x{vision.merge_kernel_width}; "
+                         "resize images to multiples of patch_size x merge kernel (28 px)")
+    return grid_thw.prod(dim=1) // vision.merge_size
 
 
 def merger_transformer_config(merger: KeyeMergerConfig, parallel: ParallelConfig,
