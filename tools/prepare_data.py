@@ -60,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modality", choices=["image", "video", "interleaved", "text"],
                    help="modality label (default: inferred from per-sample counts)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--no-check-media", action="store_true",
-                   help="do not decode media while preparing (faster, bad files pass)")
+    p.add_argument("--check-media", choices=["structure", "full", "none"], default="structure",
+                   help="reject broken media: structure (default: headers, JPEG markers to the "
+                        "EOI, PNG CRCs, video container and packets; no pixel decode), full "
+                        "(decode as training does), none (training skips what fails)")
+    p.add_argument("--no-check-media", action="store_true", help="the same as --check-media none")
     p.add_argument("--shard", metavar="I/N",
                    help="prepare only slice I of N (0-based); then --merge OUT once")
     p.add_argument("--slice-by", choices=["auto", "block", "file"], default="auto",
@@ -104,6 +107,10 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _check_media(args: argparse.Namespace) -> str:
+    return "none" if args.no_check_media else args.check_media
+
+
 def _prepare_args(args: argparse.Namespace) -> list[str]:
     """This command line's preparation arguments, for the SLURM tasks."""
     out = ["--name", args.name, "--out", args.out, "--train", *args.train]
@@ -114,8 +121,8 @@ def _prepare_args(args: argparse.Namespace) -> list[str]:
     if args.modality:
         out += ["--modality", args.modality]
     out += ["--samples-per-shard", str(args.samples_per_shard)]
-    if args.no_check_media:
-        out.append("--no-check-media")
+    if _check_media(args) != "structure":
+        out += ["--check-media", _check_media(args)]
     if args.slice_by != "auto":
         out += ["--slice-by", args.slice_by]
     if args.overwrite:
@@ -204,7 +211,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
     kwargs = {"name": args.name, "modality": args.modality, "media_root": args.media_root,
               "samples_per_shard": args.samples_per_shard,
-              "check_media": not args.no_check_media, "overwrite": args.overwrite,
+              "check_media": _check_media(args), "overwrite": args.overwrite,
               "progress": not args.no_progress, "workers": args.workers,
               "slice_by": args.slice_by}
     inputs = {"train": args.train, "val": args.val}

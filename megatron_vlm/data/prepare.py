@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_vlm.data.media_checks import check_mode
 from megatron_vlm.data.media_errors import BadSampleError
 from megatron_vlm.data.records import DUPLICATE_ID, FORMAT, normalize_record
 from megatron_vlm.data.shards import (
@@ -119,7 +120,7 @@ def _reject(split: str, index: int, src: str, where: str, exc: BadSampleError) -
             "media": media, "message": message}
 
 
-def _prepare_block(split: str, shard_rel: str, key_prefix: str, out: str, check_media: bool,
+def _prepare_block(split: str, shard_rel: str, key_prefix: str, out: str, check_media: str,
                    items: list[tuple], rejects: list[dict]) -> dict[str, Any]:
     """Normalise (and check) one block's loaded records and write its shard ``shard_rel``
     (worker side); sample keys are ``<key_prefix><index:09d>``."""
@@ -232,7 +233,7 @@ class _BlockPool:
 
 
 def _run_blocks(blocks: Iterator[tuple], out: Path, samples_path: Path, rejects_path: Path, *,
-                check_media: bool, after_write: Callable[[Path], None] | None,
+                check_media: str, after_write: Callable[[Path], None] | None,
                 workers: int) -> list[dict[str, Any]]:
     """Prepare ``blocks`` (``_my_blocks``) with ``workers`` processes; write the sample list
     and the reject log (in block order) and return the shard entries."""
@@ -273,7 +274,7 @@ def _run_blocks(blocks: Iterator[tuple], out: Path, samples_path: Path, rejects_
 
 
 def _settings(inputs: dict[str, list[Path]], *, name: str, modality: str | None,
-              media_root: Path | None, samples_per_shard: int, check_media: bool,
+              media_root: Path | None, samples_per_shard: int, check_media: str,
               num_slices: int, slice_by: str) -> dict[str, Any]:
     return {"name": name, "modality": modality, "slice_by": slice_by,
             "inputs": {s: [str(p) for p in inputs.get(s, [])] for s in SPLITS},
@@ -303,7 +304,7 @@ def prepare_slice(
     modality: str | None = None,
     media_root: str | os.PathLike | None = None,
     samples_per_shard: int = 1000,
-    check_media: bool = True,
+    check_media: bool | str = True,
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -325,7 +326,10 @@ def prepare_slice(
         modality: Dataset label for the manifest; inferred from per-sample counts when None.
         media_root: Base of relative media paths (default: each input file's directory).
         samples_per_shard: Input records per block (= at most samples per shard).
-        check_media: Decode every image and video and reject the ones that fail.
+        check_media: Reject broken images and videos (``media_checks``): ``"structure"``
+            (default; True) reads headers and structure (JPEG markers to the EOI, PNG chunk
+            CRCs, a video's container, packets and timestamps), ``"full"`` decodes them as
+            training does, ``"none"`` (False) checks nothing (training skips what fails).
         workers: Processes preparing blocks (default: ``len(os.sched_getaffinity(0))``).
         overwrite: Redo this slice even if done, and drop a merged manifest and index.
         progress: tqdm progress bar on stderr.
@@ -357,6 +361,7 @@ def prepare_slice(
     paths = {s: expand_inputs(inputs.get(s, [])) for s in SPLITS}
     slice_by = resolve_slice_by(slice_by, paths)
     root = None if media_root is None else Path(media_root)
+    check_media = check_mode(check_media)
     settings = _settings(paths, name=name, modality=modality, media_root=root,
                          samples_per_shard=samples_per_shard, check_media=check_media,
                          num_slices=n, slice_by=slice_by)
@@ -540,7 +545,7 @@ def prepare_dataset(
     modality: str | None = None,
     media_root: str | os.PathLike | None = None,
     samples_per_shard: int = 1000,
-    check_media: bool = True,
+    check_media: bool | str = True,
     overwrite: bool = False,
     progress: bool = True,
     verbose: bool = True,

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_vlm.data.image import decode_image
+from megatron_vlm.data.media_checks import check_media as run_media_check
+from megatron_vlm.data.media_checks import check_mode
 from megatron_vlm.data.media_errors import (
     BadSampleError,
     MediaDecodeError,
@@ -54,7 +55,7 @@ from megatron_vlm.data.media_errors import (
     SkipReason,
 )
 from megatron_vlm.data.templates import MEDIA_SPECIAL_TOKENS
-from megatron_vlm.data.video import VideoSource, decode_video
+from megatron_vlm.data.video import VideoSource
 from megatron_vlm.data.video_remux import PacketIndex, cut_clip, packet_index
 
 FORMAT = "megatron_vlm.mm/1"
@@ -137,25 +138,22 @@ def _media_type(name: str, data: bytes | None = None) -> tuple[str, str]:
 _ANON_SOURCE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>|<\d+ bytes>")
 
 
-def _check_decodes(kind: str, data: VideoSource, name: str) -> float | None:
-    """Decode now (a corrupt file is rejected here, not skipped at every epoch); a video's
-    duration in seconds (None if unknown). Errors name ``name``, never anonymous bytes."""
+def _check_decodes(kind: str, data: VideoSource, name: str, mode: str) -> float | None:
+    """Check now (``media_checks``: a broken file is rejected here, not skipped at every
+    epoch); a video's duration in seconds (None if unknown). Errors name ``name``, never
+    anonymous bytes."""
     try:
-        if kind == "image":
-            decode_image(data)
-            return None
-        video = decode_video(data)
+        return run_media_check(kind, data, mode)
     except BadSampleError as exc:
         message = _ANON_SOURCE.sub(name, str(exc))
         if name not in message:
             message = f"{name}: {message}"
         raise type(exc)(message, reason=exc.reason, media=name) from None
-    return video.total_frames / video.fps if video.fps > 0 else None
 
 
-_CHECKED_FILES: OrderedDict[tuple[str, int, int], float | None] = OrderedDict()
-"""(path, size, mtime_ns) -> duration of the last files that decoded: a Panda-70M video with
-many spans (one record each) is decoded once, not once per span."""
+_CHECKED_FILES: OrderedDict[tuple, float | None] = OrderedDict()
+"""(path, size, mtime_ns, mode) -> duration of the last files that passed: a Panda-70M video
+with many spans (one record each) is checked once, not once per span."""
 _PACKET_INDEXES: OrderedDict[tuple[str, int, int], PacketIndex | None] = OrderedDict()
 """(path, size, mtime_ns) -> packet index of the last videos cut into clip segments (one demux
 per file however many spans)."""
@@ -166,7 +164,7 @@ def _file_key(full: Path) -> tuple[str, int, int]:
     return str(full), stat.st_size, stat.st_mtime_ns
 
 
-def _cached(cache: OrderedDict, key: tuple[str, int, int], compute: Any) -> Any:
+def _cached(cache: OrderedDict, key: tuple, compute: Any) -> Any:
     if key not in cache:
         cache[key] = compute()
         if len(cache) > 16:
@@ -174,11 +172,12 @@ def _cached(cache: OrderedDict, key: tuple[str, int, int], compute: Any) -> Any:
     return cache[key]
 
 
-def _check_file(kind: str, data: bytes | None, name: str, full: Path) -> float | None:
-    """``_check_decodes`` of a file, once per (path, size, mtime); ``data`` None: decode the
-    file by its path (a clip's source, whose bytes are not read unless stored whole)."""
-    return _cached(_CHECKED_FILES, _file_key(full),
-                   lambda: _check_decodes(kind, full if data is None else data, name))
+def _check_file(kind: str, data: bytes | None, name: str, full: Path,
+                mode: str) -> float | None:
+    """``_check_decodes`` of a file, once per (path, size, mtime, mode); ``data`` None: check
+    the file by its path (a clip's source, whose bytes are not read unless stored whole)."""
+    return _cached(_CHECKED_FILES, (*_file_key(full), mode),
+                   lambda: _check_decodes(kind, full if data is None else data, name, mode))
 
 
 def _cut_clip(data: bytes | None, full: Path | None, ext: str,
@@ -224,7 +223,7 @@ def _read_media(value: Any, media_root: Path) -> tuple[str, bytes | None, Path |
     return str(full), None, full, clip
 
 
-def _load_media(value: Any, expected: str | None, media_root: Path, check: bool) -> MediaItem:
+def _load_media(value: Any, expected: str | None, media_root: Path, check: str) -> MediaItem:
     name, data, full, clip = _read_media(value, media_root)
     kind, ext = _media_type(name, data)
     if expected is not None and kind != expected:
@@ -239,9 +238,9 @@ def _load_media(value: Any, expected: str | None, media_root: Path, check: bool)
             raise MediaMissingError(f"{kind} file not found: {full}", media=name)
         if clip is None:
             data = full.read_bytes()
-    if check:
-        duration = (_check_decodes(kind, data, name) if full is None
-                    else _check_file(kind, data, name, full))
+    if check != "none":
+        duration = (_check_decodes(kind, data, name, check) if full is None
+                    else _check_file(kind, data, name, full, check))
         if clip is not None and duration is not None and clip[0] >= duration:
             raise MediaDecodeError(f"clip {list(clip)} of {name} starts after the video ends "
                                    f"({duration:.3f} s)", reason=SkipReason.VIDEO_EMPTY,
@@ -318,8 +317,12 @@ def _conversation_segments(turns: Any, num_media: int) -> list[dict]:
     return segments
 
 
-def normalize_record(obj: Any, media_root: Path, check_media: bool = True) -> CanonicalSample:
+def normalize_record(obj: Any, media_root: Path,
+                     check_media: bool | str = True) -> CanonicalSample:
     """One raw record -> ``CanonicalSample`` (see the module docstring for record shapes).
+
+    ``check_media``: ``media_checks`` mode (``structure``, ``full`` or ``none``; True is
+    ``structure``, False ``none``).
 
     Raises:
         BadSampleError: With the reason the record is rejected.
@@ -330,6 +333,7 @@ def normalize_record(obj: Any, media_root: Path, check_media: bool = True) -> Ca
     if not isinstance(rid, (str, int)) or str(rid) == "":
         raise BadSampleError("record has no 'id'", reason=BAD_RECORD)
     rid = str(rid)
+    check_media = check_mode(check_media)
     media: list[MediaItem] = []
     if "segments" in obj or "content" in obj:
         kind, segments = "interleaved", []

@@ -140,24 +140,24 @@ def test_panda_spans_store_segments(tmp_path, sources, monkeypatch):
             ["videoID", "url", "timestamp", "caption"],
             ["vid", "u", "[['0:00:01.250', '0:00:02.050'], ['0:00:00.000', '0:00:00.550']]",
              "['mid', 'first']"]])
-    calls = {"decode": 0}
-    real_decode = records.decode_video
+    calls = {"check": 0}
+    real_check = records.run_media_check
 
-    def counting_decode(*args, **kwargs):
-        calls["decode"] += 1
-        return real_decode(*args, **kwargs)
+    def counting_check(*args, **kwargs):
+        calls["check"] += 1
+        return real_check(*args, **kwargs)
 
-    monkeypatch.setattr(records, "decode_video", counting_decode)
+    monkeypatch.setattr(records, "run_media_check", counting_check)
     records._CHECKED_FILES.clear()
     samples = [normalize_record(load(), tmp_path) for _, load in iter_input(tmp_path / "panda.csv")]
-    assert calls["decode"] == 1  # one media check for the file, however many spans
+    assert calls["check"] == 1  # one media check for the file, however many spans
     for sample, (clip, want, seg_first) in zip(samples, (SPANS["middle"], SPANS["start"])):
         item = sample.media[0]
         assert len(item.data) < 0.6 * len(sources["mp4"])
         meta = json.loads(sample.to_members("k")["k.json"])["media"][0]
         assert meta["clip"] == pytest.approx([max(0.0, clip[0] - seg_first / FPS),
                                               clip[1] - seg_first / FPS])
-        cut = real_decode(item.data, fps=FPS, max_frames=None, backend="pyav",
+        cut = decode_video(item.data, fps=FPS, max_frames=None, backend="pyav",
                           clip=tuple(meta["clip"]))
-        whole = real_decode(sources["mp4"], fps=FPS, max_frames=None, backend="pyav", clip=clip)
+        whole = decode_video(sources["mp4"], fps=FPS, max_frames=None, backend="pyav", clip=clip)
         assert np.array_equal(cut.frames, whole.frames) and len(cut.frames) == len(want)
