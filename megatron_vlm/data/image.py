@@ -173,7 +173,8 @@ class ProcessedImage(MediaGrid):
     """One image ready for the ViT: a single item of ``VisionInputs`` (t = 1)."""
 
     pixel_values: torch.Tensor
-    """[h*w, 3, 14, 14] float32 normalised patches, raster order (row, col)."""
+    """[h*w, 3, 14, 14] float32 normalised patches, raster order (row, col) (uint8 before
+    ``normalize`` when processed with ``normalized=False``)."""
     grid_thw: tuple[int, int, int]
     """(1, h, w) in patches; h and w are even."""
     original_hw: tuple[int, int]
@@ -187,17 +188,18 @@ class ProcessedImage(MediaGrid):
 
 
 def _to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
-    """HF ``convert_to_rgb``: transparency is composited onto white, anything else -> RGB."""
+    """HF ``convert_to_rgb``: transparency is composited onto white, anything else -> RGB
+    (an RGB image is returned as it is: ``convert`` would copy it)."""
     has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
     if has_alpha:
         rgba = img.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
-    """Decode image bytes or a file to an RGB uint8 array ``[H, W, 3]``.
+    """Decode image bytes or a file to an RGB uint8 array ``[H, W, 3]`` (writable).
 
     EXIF orientation is applied (as HF ``load_image`` does); transparency is composited on white.
 
@@ -206,8 +208,18 @@ def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
         MediaDecodeError: Corrupt, truncated or non-image data (reason ``image_decode``), or more
             pixels than PIL's decompression-bomb limit (reason ``image_too_large``).
     """
+    rgb = _decode_rgb(source)
+    return rgb if rgb.flags.writeable else rgb.copy()  # writable: torch.from_numpy is safe
+
+
+def _decode_rgb(source: bytes | str | os.PathLike) -> np.ndarray:
+    """``decode_image`` without its last copy: the array may be read-only (PIL's pixel bytes).
+
+    The decoder's own work plus one copy (PIL keeps RGB as 4 bytes a pixel; ``tobytes`` packs
+    it): no copy for EXIF orientation 1 or for an image already RGB.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        stream: io.BytesIO | Path = io.BytesIO(bytes(source))
+        stream: io.BytesIO | Path = io.BytesIO(source)
         where = f"<{len(source)} bytes>"
     else:
         stream = Path(source)
@@ -220,8 +232,8 @@ def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
             with PIL.Image.open(stream) as img:
                 img.load()  # decode now: truncated data raises here, not lazily later
-                img = PIL.ImageOps.exif_transpose(img)
-                rgb = _to_rgb(img)
+                PIL.ImageOps.exif_transpose(img, in_place=True)  # no copy when upright
+                return np.asarray(_to_rgb(img), dtype=np.uint8)
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
         raise MediaDecodeError(
             f"image too large to decode {where}: {exc}", reason=SkipReason.IMAGE_TOO_LARGE
@@ -233,7 +245,6 @@ def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
             f"cannot decode image {where}: {type(exc).__name__}: {exc}",
             reason=SkipReason.IMAGE_DECODE,
         ) from exc
-    return np.array(rgb, dtype=np.uint8)  # a copy: writable, so torch.from_numpy is safe
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -291,6 +302,72 @@ def patchify(frames_tchw: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.T
     return x.reshape(t * h * w, c, patch_size, patch_size).contiguous()
 
 
+def frames_to_patches(
+    frames_thwc: np.ndarray | torch.Tensor,
+    resized_hw: tuple[int, int],
+    padded_hw: tuple[int, int],
+    normalized: bool = True,
+) -> torch.Tensor:
+    """``patchify(normalize(resize_and_pad(...)))`` in one pass over the pixels, bit for bit.
+
+    The frames stay channels-last throughout (torch's uint8 antialiased bicubic kernel works on
+    packed pixels: no layout copy before or after it), padding writes into one zeroed buffer,
+    and the patch reorder runs on uint8 (a quarter of float32's bytes) before the float
+    conversion and the in-place normalisation. ``normalized=False`` stops at the uint8 patches
+    (``normalize`` later gives the same floats): the hand-over form, a quarter of the bytes.
+
+    Args:
+        frames_thwc: [T, H, W, 3] uint8 (or [H, W, 3] for one image); read only.
+        resized_hw: Target size before padding.
+        padded_hw: Final size (>= ``resized_hw``, multiples of ``PATCH_SIZE``).
+        normalized: Float32 normalised patches (True) or the uint8 patches (False).
+
+    Returns:
+        [T*h*w, 3, 14, 14] float32 (or uint8), order (frame, row, col).
+    """
+    x = _uint8_tensor(frames_thwc)
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    t = x.shape[0]
+    (rh, rw), (ph, pw) = resized_hw, padded_hw
+    if ph < rh or pw < rw:
+        raise ValueError(f"padded size {padded_hw} smaller than resized size {resized_hw}")
+    if ph % PATCH_SIZE or pw % PATCH_SIZE:
+        raise ValueError(f"frame size {ph}x{pw} is not a multiple of patch {PATCH_SIZE}")
+    if tuple(x.shape[1:3]) != (rh, rw):
+        # A channels-last view in, a channels-last result out (same kernel and bits as NCHW).
+        x = F.interpolate(x.permute(0, 3, 1, 2), size=(rh, rw), mode="bicubic",
+                          align_corners=False, antialias=True).permute(0, 2, 3, 1)
+    if (ph, pw) != (rh, rw):
+        padded = x.new_zeros(t, ph, pw, 3)
+        padded[:, :rh, :rw] = x
+        x = padded
+    h, w = ph // PATCH_SIZE, pw // PATCH_SIZE
+    patches = x.reshape(t, h, PATCH_SIZE, w, PATCH_SIZE, 3).permute(0, 1, 3, 5, 2, 4)
+    patches = patches.reshape(t * h * w, 3, PATCH_SIZE, PATCH_SIZE)  # one uint8 copy
+    if not normalized:
+        return patches if patches.data_ptr() != x.data_ptr() else patches.clone()
+    out = patches.to(torch.float32)
+    return out.sub_(127.5).div_(127.5)  # normalize()'s two roundings, in place
+
+
+def _uint8_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A uint8 tensor over ``frames`` without a copy (read-only arrays included: only read)."""
+    if isinstance(frames, torch.Tensor):
+        x = frames
+    else:
+        arr = np.asarray(frames)
+        if not arr.flags.writeable:
+            with warnings.catch_warnings():  # torch warns about read-only arrays; never written
+                warnings.simplefilter("ignore", UserWarning)
+                x = torch.from_numpy(arr)
+        else:
+            x = torch.from_numpy(arr)
+    if x.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8, got {x.dtype}")
+    return x
+
+
 def unpatchify(patches: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
     """Inverse of ``patchify``: [t*h*w, C, p, p] -> [t, C, h*p, w*p]."""
     t, h, w = grid_thw
@@ -304,6 +381,7 @@ def process_image(
     max_patches: int = IMAGE_MAX_PATCHES,
     max_patches_per_side: int = MAX_PATCHES_PER_SIDE,
     min_patches: int | None = None,
+    normalized: bool = True,
 ) -> ProcessedImage:
     """Decode (if needed), size, pad, normalise and patchify one image.
 
@@ -312,6 +390,8 @@ def process_image(
         max_patches: Patch budget (16384 for images; see module docstring on padding).
         max_patches_per_side: Per-side limit in patches.
         min_patches: Upscale smaller images to at least this many patches (None: never).
+        normalized: Float32 normalised patches (default) or uint8 patches that ``normalize``
+            turns into the same floats where that is cheapest (``frames_to_patches``).
 
     Raises:
         MediaDecodeError / MediaMissingError: See ``decode_image``.
@@ -325,13 +405,12 @@ def process_image(
             )
         rgb = image
     else:
-        rgb = decode_image(image)
+        rgb = _decode_rgb(image)
     height, width = rgb.shape[:2]
     resized_hw, padded_hw = navit_resize(
         height, width, PATCH_SIZE, MERGE_SIZE, max_patches, max_patches_per_side, min_patches
     )
-    frames = resize_and_pad(rgb, resized_hw, padded_hw)
-    patches = patchify(normalize(frames))
+    patches = frames_to_patches(rgb, resized_hw, padded_hw, normalized=normalized)
     grid = (1, padded_hw[0] // PATCH_SIZE, padded_hw[1] // PATCH_SIZE)
     return ProcessedImage(
         pixel_values=patches,

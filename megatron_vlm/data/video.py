@@ -53,10 +53,8 @@ from megatron_vlm.data.image import (
     MERGE_SIZE,
     PATCH_SIZE,
     MediaGrid,
+    frames_to_patches,
     navit_resize,
-    normalize,
-    patchify,
-    resize_and_pad,
 )
 from megatron_vlm.data.media_errors import (
     BadSampleError,
@@ -64,6 +62,7 @@ from megatron_vlm.data.media_errors import (
     MediaMissingError,
     SkipReason,
 )
+from megatron_vlm.data.video_pyav import decode_sampled
 
 VIDEO_FPS = 2.0
 """Default sampling rate in frames per second (HF ``Kimi_K25VideoProcessor.fps``)."""
@@ -208,6 +207,11 @@ class VideoTiming:
     """The packet timestamps were broken and ``fps`` is the nominal rate."""
     height: int
     width: int
+    frame_pts: tuple[int, ...] = ()
+    """Sorted presentation timestamps of the frames (packets the decoder keeps): frame ``i`` is
+    shown at ``frame_pts[i]``. Empty when the timestamps were repaired."""
+    keyframe_pts: tuple[int, ...] = ()
+    """Sorted presentation timestamps of the keyframes (where decoding can start)."""
 
 
 def nominal_rate(stream) -> float:
@@ -232,11 +236,14 @@ def stream_timing(container, stream) -> VideoTiming:
     fps = float(rate) if rate else 0.0
     total = int(stream.frames)
     height, width = stream.codec_context.height, stream.codec_context.width
-    pts = [p.pts for p in container.demux(stream) if p.size]
+    packets = [(p.pts, p.is_keyframe, p.is_discard) for p in container.demux(stream) if p.size]
+    pts = [t for t, _, _ in packets]
     broken = len(pts) >= 2 and (None in pts or len(set(pts)) < len(pts))
     if not broken:
+        shown = [(t, key) for t, key, discard in packets if t is not None and not discard]
         return VideoTiming(total_frames=total, fps=fps, repaired=False, height=height,
-                           width=width)
+                           width=width, frame_pts=tuple(sorted(t for t, _ in shown)),
+                           keyframe_pts=tuple(sorted(t for t, key in shown if key)))
     nominal = nominal_rate(stream)
     if nominal <= 0:
         shown = sorted({p for p in pts if p is not None})[:4]
@@ -349,14 +356,14 @@ def _decode_pyav(
                 f"pyav: no frames (frames={total}, fps={video_fps})", reason=SkipReason.VIDEO_EMPTY
             )
         indices = sample_frame_indices(total, video_fps, fps, max_frames, clip)
-        wanted = set(indices.tolist())
-        last = int(indices[-1])
-        frames = []
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                frames.append(frame.to_ndarray(format="rgb24"))
-            if i >= last:
-                break
+        frames = None
+        if timing is not None and timing.frame_pts:
+            frames = decode_sampled(container, stream, indices, timing.frame_pts,
+                                    timing.keyframe_pts)
+            if frames is None:  # the index could not place every frame: decode in order
+                container.seek(0)
+        if frames is None:
+            frames = _decode_in_order(container, stream, indices)
     if len(frames) != len(indices):  # stream ended early: truncated without an error
         raise MediaDecodeError(
             f"pyav: stream ended after {len(frames)} of {len(indices)} sampled frames "
@@ -373,6 +380,19 @@ def _decode_pyav(
     )
 
 
+def _decode_in_order(container, stream, indices: np.ndarray) -> list[np.ndarray]:
+    """Frame ``i`` is the i-th frame out of the decoder; decodes up to the last sampled one."""
+    wanted = set(indices.tolist())
+    last = int(indices[-1])
+    frames = []
+    for i, frame in enumerate(container.decode(stream)):
+        if i in wanted:
+            frames.append(frame.to_ndarray(format="rgb24"))
+        if i >= last:
+            break
+    return frames
+
+
 def decode_video(
     source: VideoSource,
     fps: float = VIDEO_FPS,
@@ -387,9 +407,10 @@ def decode_video(
         source: File path or the file's bytes.
         fps: Target sampling rate.
         max_frames: Frame budget (None: no cap).
-        backend: ``"auto"`` (decord, then PyAV if decord is missing or fails), ``"decord"`` or
-            ``"pyav"``. A stream with repaired timestamps is always decoded by PyAV (decord
-            seeks by timestamp and returns wrong frames for it).
+        backend: ``"auto"`` (by measurement: PyAV first for sparse sampling, see
+            ``SPARSE_SAMPLING``, decord first otherwise; the other one when the first is
+            missing or fails), ``"decord"`` or ``"pyav"``. A stream with repaired timestamps is
+            always decoded by PyAV (decord seeks by timestamp and returns wrong frames for it).
         num_threads: decord decoding threads (1 suits DataLoader workers).
         clip: Sample only inside this span of the source (``sample_frame_indices``).
 
@@ -403,33 +424,54 @@ def decode_video(
         raise ValueError(f"backend must be 'auto', 'decord' or 'pyav', got {backend!r}")
     _open_arg(source)  # missing file -> MediaMissingError before any decoder runs
     timing = read_timing(source)
+    if timing is not None and timing.repaired:
+        order = ["pyav"]
+    elif backend != "auto":
+        order = [backend]
+    else:
+        order = ["pyav", "decord"] if _sparse(timing, fps, max_frames, clip) else ["decord", "pyav"]
     errors: list[str] = []
     reasons: list[str] = []
-    if timing is not None and timing.repaired:
-        backend = "pyav"
-    if backend in ("auto", "decord"):
+    for name in order:
         try:
-            return _decode_decord(source, fps, max_frames, num_threads, clip)
-        except ImportError as exc:
-            if backend == "decord":
-                raise
-            errors.append(f"decord unavailable: {exc}")
-        except Exception as exc:  # RuntimeError, DECORDError (an Exception), MediaDecodeError
-            err = _as_decode_error(exc, "decord")
+            if name == "decord":
+                return _decode_decord(source, fps, max_frames, num_threads, clip)
+            return _decode_pyav(source, fps, max_frames, clip, timing)
+        except Exception as exc:  # decord: RuntimeError, DECORDError; PyAV: av.error.* (e.g.
+            if isinstance(exc, ImportError) and name == "decord":  # InvalidDataError), OSError
+                if backend == "decord":
+                    raise
+                errors.append(f"decord unavailable: {exc}")
+                continue
+            err = _as_decode_error(exc, name)
             if backend == "decord":
                 raise err from exc
             errors.append(str(err))
             reasons.append(err.reason)
+    # "empty" only when every decoder says so; a truncated file can look stream-less to one.
+    empty = all(r == SkipReason.VIDEO_EMPTY for r in reasons)
+    reason = SkipReason.VIDEO_EMPTY if empty else SkipReason.VIDEO_DECODE
+    raise MediaDecodeError("cannot decode video: " + "; ".join(errors), reason=reason)
+
+
+SPARSE_SAMPLING = 0.5
+"""``auto`` decodes with PyAV first when at most this fraction of the frames from the first to
+the last sampled one is sampled (``video_pyav``: it skips the rest; measured by
+``benchmarks/media_floor.py``), with decord first otherwise (denser: every frame is decoded
+anyway, and decord's per-frame cost is lower on small frames)."""
+
+
+def _sparse(timing: VideoTiming | None, fps: float, max_frames: int | None,
+            clip: Clip | None) -> bool:
+    """Whether the sampling is sparse enough for PyAV's skipping decoder (``SPARSE_SAMPLING``)."""
+    if timing is None or not timing.frame_pts or timing.total_frames < 1 or not timing.fps > 0:
+        return False
     try:
-        return _decode_pyav(source, fps, max_frames, clip, timing)
-    except Exception as exc:  # av.error.InvalidDataError (a ValueError), OSError, MediaDecodeError
-        err = _as_decode_error(exc, "pyav")
-        errors.append(str(err))
-        reasons.append(err.reason)
-        # "empty" only when every decoder says so; a truncated file can look stream-less to one.
-        empty = all(r == SkipReason.VIDEO_EMPTY for r in reasons)
-        reason = SkipReason.VIDEO_EMPTY if empty else SkipReason.VIDEO_DECODE
-        raise MediaDecodeError("cannot decode video: " + "; ".join(errors), reason=reason) from exc
+        indices = sample_frame_indices(timing.total_frames, timing.fps, fps, max_frames, clip)
+    except MediaDecodeError:  # a span without frames: the decoders report it
+        return False
+    span = int(indices[-1]) - int(indices[0]) + 1
+    return len(indices) <= SPARSE_SAMPLING * span
 
 
 def _first_line(exc: BaseException) -> str:
@@ -454,6 +496,7 @@ def chunk_frames(
     max_patches: int = VIDEO_CHUNK_MAX_PATCHES,
     temporal_patch_size: int = TEMPORAL_PATCH_SIZE,
     max_patches_per_side: int = MAX_PATCHES_PER_SIDE,
+    normalized: bool = True,
 ) -> list[VideoChunk]:
     """Split sampled frames into chunks of up to ``temporal_patch_size`` (last one short) and
     size, normalise and patchify each like an image.
@@ -464,6 +507,8 @@ def chunk_frames(
         max_patches: Budget of one frame's grid (4096 for video).
         temporal_patch_size: Frames per chunk.
         max_patches_per_side: Per-side limit in patches.
+        normalized: Float32 normalised patches (default) or uint8 ones (``normalize`` later:
+            the hand-over form; see ``image.frames_to_patches``).
     """
     frames_thwc = np.asarray(frames_thwc)
     if frames_thwc.ndim != 4 or frames_thwc.shape[-1] != 3 or frames_thwc.shape[0] < 1:
@@ -479,7 +524,7 @@ def chunk_frames(
     chunks = []
     for start in range(0, frames_thwc.shape[0], temporal_patch_size):
         part = frames_thwc[start : start + temporal_patch_size]
-        pixels = patchify(normalize(resize_and_pad(part, resized_hw, padded_hw)))
+        pixels = frames_to_patches(part, resized_hw, padded_hw, normalized=normalized)
         stamps = tuple(timestamps[start : start + len(part)])
         chunks.append(
             VideoChunk(
