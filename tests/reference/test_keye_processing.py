@@ -18,21 +18,27 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 import PIL.Image
 import PIL.ImageFilter
 import pytest
 import torch
+from keye_reference import import_keye_vl_utils
 
 from megatron_vlm.data.media_errors import BadSampleError
 from megatron_vlm.families.keye import processing as keye
 from megatron_vlm.families.keye import slowfast
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from keye_reference import import_keye_vl_utils  # noqa: E402
-
-cv2 = pytest.importorskip("cv2")
 vp = import_keye_vl_utils()
+
+
+def test_stub_torchvision_is_gone_after_import():
+    """The stub exists only while the package is imported (torchvision is never installed)."""
+    assert "torchvision" not in sys.modules
+    assert vp.torchvision.__name__ == "torchvision"  # the package holds the stub
+    with pytest.raises(RuntimeError, match="stub"):
+        vp.transforms.Resize(224)
 
 
 # ------------------------------------------------------------------------------------ images
