@@ -82,9 +82,10 @@ def megatron_state_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def build_ours(llm, hf_model):
-    """Our LLM (local backend, eval) from ``llm`` with ``hf_model``'s weights; every parameter
-    is loaded (strict), none left at its init."""
+def build_ours(llm, hf_model, kernels=None):
+    """Our LLM (eval; ``kernels``: ``model.kernels``, default auto = local ``sdpa_mask`` on
+    CPU) from ``llm`` with ``hf_model``'s weights; every parameter is loaded (strict), none
+    left at its init."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_vlm.config import ParallelConfig
@@ -92,7 +93,7 @@ def build_ours(llm, hf_model):
 
     torch.manual_seed(0)
     model_parallel_cuda_manual_seed(0)
-    model = build_llm(llm, ParallelConfig()).eval()
+    model = build_llm(llm, ParallelConfig(), kernels=kernels).eval()
     state = megatron_state_from_hf(hf_model.state_dict())
     params = dict(model.named_parameters())
     assert sorted(params) == sorted(state), sorted(set(params) ^ set(state))

@@ -133,6 +133,58 @@ def test_text_only_mrope_equals_1d_rope_exactly(models):
     assert torch.equal(a, b)
 
 
+POS = torch.tensor([[0, 1, 2, 3, 3, 3, 3, 6, 7],
+                    [0, 1, 2, 3, 3, 4, 4, 6, 7],
+                    [0, 1, 2, 3, 4, 3, 4, 6, 7]])
+
+
+def test_sectioned_angles_equal_qwen2vl_rotary_at_head_dim_128():
+    """Qwen2.5-VL's sections [16, 24, 24] at head dim 128, theta 1e6: cos/sin of our angles ==
+    ``Qwen2VLRotaryEmbedding``'s (non-trivial ids)."""
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    from megatron_vlm.models.mrope import mrope_freqs, rope_inv_freq
+
+    config = Qwen2VLConfig(hidden_size=1024, num_attention_heads=8,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                            "mrope_section": [16, 24, 24]}).get_text_config()
+    cos, sin = Qwen2VLRotaryEmbedding(config)(torch.zeros(1), 100 * POS[:, None, :])
+    freqs = mrope_freqs(100 * POS, rope_inv_freq(128, 1e6), [16, 24, 24])[:, 0, 0]
+    assert cos.shape == (1, POS.shape[1], 128)
+    torch.testing.assert_close(freqs.cos(), cos[0], atol=0, rtol=0)
+    torch.testing.assert_close(freqs.sin(), sin[0], atol=0, rtol=0)
+
+
+def test_interleaved_style_equals_glm4v_rotary():
+    """``style="interleaved"`` (GLM-4.1V: sections [2, 3, 3] of a half-rotated head dim 32,
+    adjacent pairs) applied by megatron with ``rotary_interleaved=True`` == transformers'
+    ``Glm4vTextRotaryEmbedding`` + GLM-4V ``apply_rotary_pos_emb`` (partial rotary 0.5)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from transformers.models.glm4v.configuration_glm4v import Glm4vTextConfig
+    from transformers.models.glm4v.modeling_glm4v import (
+        Glm4vTextRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
+
+    from megatron_vlm.models.mrope import mrope_freqs, rope_inv_freq
+
+    config = Glm4vTextConfig(hidden_size=64, num_attention_heads=2, head_dim=32, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+        "mrope_section": [2, 3, 3]})
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, POS.shape[1], 32, generator=gen)  # [b, heads, s, d]
+    cos, sin = Glm4vTextRotaryEmbedding(config)(q, POS[:, None, :])
+    expected, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    freqs = mrope_freqs(POS, rope_inv_freq(16, 1e4), [2, 3, 3], style="interleaved")
+    got = _apply_rotary_pos_emb_bshd(q.permute(2, 0, 1, 3), freqs, rotary_interleaved=True)
+    torch.testing.assert_close(got.permute(1, 2, 0, 3), expected, atol=1e-6, rtol=0)
+    # Control: the sectioned layout is a different rotation.
+    other = _apply_rotary_pos_emb_bshd(q.permute(2, 0, 1, 3),
+                                       mrope_freqs(POS, rope_inv_freq(16, 1e4), [2, 3, 3]))
+    assert (other.permute(1, 2, 0, 3) - expected).abs().max() > 0.1
+
+
 class _FakeGroup:
     def __init__(self, size: int, rank: int) -> None:
         self._size, self._rank = size, rank

@@ -44,10 +44,16 @@ def test_single_sequence_logits_equal_transformers(models):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_packed_documents_logits_equal_transformers_per_document(models):
+@pytest.mark.parametrize("kernel", ["sdpa_mask", "sdpa_doc", "flex"])
+def test_packed_documents_logits_equal_transformers_per_document(models, kernel):
     """Two documents (real 11 and 7 tokens in spans of 12 and 10) in one THD sequence: each
-    document's logits equal HF's on that document alone (positions restart at 0)."""
+    document's logits equal HF's on that document alone (positions restart at 0), with each
+    packed attention kernel that runs on CPU (key/value heads repeated for GQA)."""
+    from megatron_vlm.config.model import KernelConfig
+
     hf, ours = models
+    if kernel != "sdpa_mask":
+        ours = build_ours(our_llm_config(THETA), hf, KernelConfig(attention_kernel=kernel))
     lengths, spans = [11, 7], [12, 10]
     ids = _tokens(sum(spans), seed=2)
     positions = torch.cat([torch.arange(n) for n in spans])[None]
