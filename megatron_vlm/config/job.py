@@ -100,6 +100,15 @@ def _dataclass_of(tp: Any) -> type | None:
     return None
 
 
+def _section_class(cls: type, key: str, data: dict[str, Any], annotation: Any) -> type | None:
+    """The dataclass of field ``key`` of ``cls``: what ``cls.section_type`` says from the
+    section's own dict ``data`` (``ModelConfig``: the family's tower and projector types), else
+    the one in the annotation."""
+    hook = getattr(cls, "section_type", None)
+    chosen = hook(key, data) if hook is not None else None
+    return chosen if chosen is not None else _dataclass_of(annotation)
+
+
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by name."""
     hints = _field_types(cls)
@@ -110,7 +119,7 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
                          f"valid: {sorted(names)}")
     kwargs = {}
     for key, value in data.items():
-        sub = _dataclass_of(hints[key])
+        sub = _section_class(cls, key, data, hints[key])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value)
         elif typing.get_origin(hints[key]) is dict and isinstance(value, dict):
@@ -216,6 +225,9 @@ def _step(tp: Any, node: Any, part: str, path: str) -> tuple[Any, Any]:
         if part not in hints:
             valid = sorted(f.name for f in dataclasses.fields(sub))
             raise ValueError(f"unknown config field {path!r}; valid here: {valid}")
+        chosen = _section_class(sub, part, node if isinstance(node, dict) else {}, None)
+        if chosen is not None:  # ModelConfig's vision/projector: the family's types
+            return chosen | None, node
         return hints[part], node
     if typing.get_origin(tp) is dict:
         return typing.get_args(tp)[1] if typing.get_args(tp) else Any, node

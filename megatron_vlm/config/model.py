@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_vlm.config.families import DEFAULT_FAMILY, family_config_types, family_module
 from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
 
 
@@ -408,14 +409,21 @@ TOKEN_ID_NAMES = ("bos", "eos", "pad", "image", "video", "media_begin", "media_c
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """The whole model: the LLM, and for a VLM the vision tower and projector."""
+    """The whole model: the LLM, and for a VLM the vision tower and projector.
 
+    ``family`` decides what ``vision`` and ``projector`` are (each family declares their
+    dataclasses, ``config/families.py``); a YAML or override reads them as that family's types.
+    """
+
+    family: str = DEFAULT_FAMILY
+    """Model family (``config/families.py``): the vision tower, projector, position ids, media
+    rules, chat template and HF table the run uses (``kimi``: Kimi K2.5 / Kimi-VL)."""
     llm: LLMConfig = field(default_factory=LLMConfig)
     """Language model."""
     vision: VisionConfig | None = None
-    """MoonViT vision tower; None = text-only LLM."""
+    """Vision tower, of the family's type (Kimi: MoonViT ``VisionConfig``); None = text-only."""
     projector: ProjectorConfig | None = None
-    """Vision -> LLM projector; required with ``vision``."""
+    """Vision -> LLM projector, of the family's type; required with ``vision``."""
     params_dtype: Literal["fp32", "bf16"] = "fp32"
     """Parameter/compute dtype (bf16 keeps fp32 main params in the optimizer)."""
     freeze_vision: bool = False
@@ -429,15 +437,35 @@ class ModelConfig:
     token_ids: TokenIdsConfig = field(default_factory=TokenIdsConfig)
     """Special-token ids (None = from the tokenizer at start-up; see TokenIdsConfig)."""
 
+    @classmethod
+    def section_type(cls, name: str, data: dict) -> type | None:
+        """The dataclass of section ``name`` given this config's dict ``data`` (``config/job.py``
+        reads YAML and overrides with it): ``vision`` and ``projector`` are the family's types."""
+        if name not in ("vision", "projector"):
+            return None
+        vision, projector = family_config_types(data.get("family") or DEFAULT_FAMILY)
+        return vision if name == "vision" else projector
+
     def __post_init__(self) -> None:
+        family_module(self.family)  # a clear error for an unknown family
         if (self.vision is None) != (self.projector is None):
             raise ValueError("model.vision and model.projector must be set together (a VLM) or "
                              "both left null (text-only)")
         if self.vision is not None:
+            vision_type, projector_type = family_config_types(self.family)
+            for name, value, want in (("vision", self.vision, vision_type),
+                                      ("projector", self.projector, projector_type)):
+                if not isinstance(value, want):
+                    raise ValueError(
+                        f"model.{name} is a {type(value).__name__} but model.family="
+                        f"{self.family!r} takes a {want.__name__}; set model.family to the "
+                        f"family of this tower or build the config from that family's recipe")
             self.projector.check_matches(self.vision, self.llm.hidden_size)
-            adopt_legacy_qk_clip_tau(self.llm, self.vision.qk_clip_threshold,
-                                     "model.vision.qk_clip_threshold", saved_default=True)
-            self.vision.qk_clip_threshold = None
+            legacy_tau = getattr(self.vision, "qk_clip_threshold", None)
+            adopt_legacy_qk_clip_tau(self.llm, legacy_tau, "model.vision.qk_clip_threshold",
+                                     saved_default=True)
+            if legacy_tau is not None:
+                self.vision.qk_clip_threshold = None
         elif self.freeze_vision or self.freeze_projector:
             raise ValueError("model.freeze_vision/freeze_projector need a vision tower")
 

@@ -198,7 +198,8 @@ class ParallelConfig:
         # the tower is replicated over TP and only the projector (always TP) is split.
         if model.vision is not None:
             vis = model.vision
-            if vis.parallel_mode == "tp" and tp > 1:
+            # A tower config without parallel_mode (a family whose tower has no TP) is split.
+            if getattr(vis, "parallel_mode", "split") == "tp" and tp > 1:
                 if vis.num_attention_heads % tp:
                     out.append(f"parallel.tp={tp} does not divide model.vision."
                                f"num_attention_heads={vis.num_attention_heads} (vision "
@@ -209,7 +210,8 @@ class ParallelConfig:
                     out.append(f"parallel.tp={tp} does not divide model.vision.ffn_hidden_size="
                                f"{vis.ffn_hidden_size} (vision parallel_mode=tp); set "
                                "model.vision.parallel_mode=split")
-            if model.projector is not None and model.projector.intermediate_size % tp:
+            inter = getattr(model.projector, "intermediate_size", None)
+            if inter is not None and inter % tp:
                 out.append(f"parallel.tp={tp} does not divide the projector's intermediate size "
                            f"{model.projector.intermediate_size}")
         # --- sequence alignment (SPEC §11): SP shards S over tp; CP cuts each document

@@ -41,14 +41,14 @@ def ensure_single_process_groups() -> Runtime:
 
 def build_meta_model(model: ModelConfig) -> torch.nn.Module:
     """Our model (TP = 1) on the meta device: names, shapes and sharding, no storage."""
+    from megatron_vlm.families import get_family
     from megatron_vlm.models.llm import build_llm
-    from megatron_vlm.models.vlm import KimiVLM
 
     groups = ensure_single_process_groups().pg_collection
     parallel = ParallelConfig()
     with torch.device("meta"):
         if model.is_vlm:
-            return KimiVLM(model, parallel, pg_collection=groups)
+            return get_family(model.family).build_vlm(model, parallel, pg_collection=groups)
         return build_llm(model.llm, parallel, model.params_dtype, pg_collection=groups)
 
 

@@ -1,17 +1,20 @@
-"""The VLM: vision tower -> projector -> scatter into the text embeddings -> the MoE LLM.
+"""The VLM: vision tower -> projector -> scatter into the text embeddings -> the LLM.
 
-One micro-batch is a packed sequence (SPEC §11). Media items (images, video chunks) are encoded
-together by MoonViT (block-diagonal attention per item), merged 2x2 with temporal mean pooling,
-projected to the LLM width and written into their placeholder positions of the word embeddings
-*before* the sequence is split -- context parallelism (each CP rank keeps its two load-balanced
-chunks of every document, ``parallel/context.py``), then sequence parallelism -- so the split
-sees the merged sequence and a vision token never straddles ranks incorrectly. Pipeline stages
-after the first hold only LLM layers.
+The tower and projector are the model family's (``families/``; Kimi's are built here:
+``kimi_vision_tower``, ``kimi_projector``). One micro-batch is a packed sequence (SPEC §11).
+Media items (images, video chunks) are encoded together by the tower (block-diagonal attention
+per item; Kimi: MoonViT, merged 2x2 with temporal mean pooling), projected to the LLM width and
+written into their placeholder positions of the word embeddings *before* the sequence is split
+-- context parallelism (each CP rank keeps its two load-balanced chunks of every document,
+``parallel/context.py``), then sequence parallelism -- so the split sees the merged sequence and
+a vision token never straddles ranks incorrectly. Pipeline stages after the first hold only LLM
+layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from megatron.core import tensor_parallel
@@ -20,6 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config.model import ModelConfig
 from megatron_vlm.config.parallel import ParallelConfig
+from megatron_vlm.config.vision import VisionConfig
 from megatron_vlm.models.attention import cp_layout_for
 from megatron_vlm.models.llm import build_llm, llm_head_dims, scatter_padding_mask
 from megatron_vlm.models.projector import build_projector
@@ -32,23 +36,30 @@ def kernel_choice(model: ModelConfig, parallel: ParallelConfig) -> KernelChoice:
     """The layer implementations and kernel fusions a model is built with on this machine: one
     choice for the LLM and, in a VLM, the tower (what ``KimiVLM`` and ``build_llm`` resolve)."""
     dropout, heads = model.llm.attention_dropout, llm_head_dims(model.llm)
-    if model.is_vlm:
-        dropout = max(dropout, model.vision.attention_dropout)
-        heads = (*heads, model.vision.head_dim)
+    if model.is_vlm:  # a tower without attention (no head_dim) adds no constraint
+        dropout = max(dropout, getattr(model.vision, "attention_dropout", 0.0))
+        head_dim = getattr(model.vision, "head_dim", None)
+        heads = heads if head_dim is None else (*heads, head_dim)
     return resolve_kernels(model.kernels, params_dtype=model.params_dtype,
                            attention_dropout=dropout, head_dims=heads,
                            context_parallel=parallel.cp > 1, llm=model.llm)
 
 
-class KimiVLM(MegatronModule):
-    """MoonViT + Kimi projector + megatron ``GPTModel`` (MLA/MoE), one pipeline stage of it.
+class VisionLanguageModel(MegatronModule):
+    """A family's vision tower + projector + megatron ``GPTModel``, one pipeline stage of it.
 
-    Built on ``pg_collection`` (training: the runtime's; None: :func:`~megatron_vlm.parallel.
-    runtime.groups_or_default`'s) with ``choice`` (None: :func:`kernel_choice`).
+    The tower and projector come from the model family (``families/``: ``build_vision_tower``,
+    ``build_projector``, ``llm_tokens_per_item``); the LLM is ``build_llm(model.llm)`` for every
+    family. Built on ``pg_collection`` (training: the runtime's; None: :func:`~megatron_vlm.
+    parallel.runtime.groups_or_default`'s) with ``choice`` (None: :func:`kernel_choice`).
     """
 
-    def __init__(self, model: ModelConfig, parallel: ParallelConfig, *, pre_process: bool = True,
-                 post_process: bool = True, vp_stage: int | None = None, pg_collection=None,
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, *,
+                 build_vision_tower: Callable[..., torch.nn.Module],
+                 build_projector: Callable[..., torch.nn.Module],
+                 llm_tokens_per_item: Callable[..., torch.Tensor],
+                 pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None, pg_collection=None,
                  choice: KernelChoice | None = None) -> None:
         pg_collection = groups_or_default(pg_collection, required=True)
         # One implementation choice (backend, attention kernel) for the LLM and the tower.
@@ -70,16 +81,18 @@ class KimiVLM(MegatronModule):
         super().__init__(config=language_model.config)
         self.language_model = language_model
         self.pre_process, self.post_process = pre_process, post_process
+        self.family = model.family
+        self._vision_config = model.vision
+        self._llm_tokens_per_item = llm_tokens_per_item
         # Attributes megatron's schedules and grad finalisation look up on the outer model.
         self.model_type = language_model.model_type
         self.share_embeddings_and_output_weights = (
             language_model.share_embeddings_and_output_weights)
         self.vision_tower = self.projector = None
         if pre_process:
-            self.vision_tower = build_moonvit(model.vision, parallel, model.params_dtype,
-                                              pg_collection=pg_collection, choice=choice)
-            self.projector = build_projector(model.projector, parallel, model.params_dtype,
-                                             tp_group=pg_collection.tp)
+            self.vision_tower = build_vision_tower(model, parallel, pg_collection=pg_collection,
+                                                   choice=choice)
+            self.projector = build_projector(model, parallel, pg_collection=pg_collection)
         freeze = {"vision_tower": model.freeze_vision, "projector": model.freeze_projector,
                   "language_model": model.freeze_llm}
         for name, frozen in freeze.items():
@@ -87,6 +100,10 @@ class KimiVLM(MegatronModule):
             if frozen and module is not None:
                 for param in module.parameters():
                     param.requires_grad_(False)
+
+    def llm_tokens_per_item(self, grid_thw: torch.Tensor) -> torch.Tensor:
+        """``[M]`` placeholder tokens of each media item, by the family's rule."""
+        return self._llm_tokens_per_item(self._vision_config, grid_thw)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline hook: activations from the previous stage go to the LLM decoder."""
@@ -120,9 +137,11 @@ class KimiVLM(MegatronModule):
                 pixel_values.to(device=emb.device, dtype=dtype), grid_thw))
             positions = media_positions.to(emb.device)
             if features.shape[0] != positions.numel():
+                expected = self.llm_tokens_per_item(grid_thw).tolist()
                 raise ValueError(
                     f"media features ({features.shape[0]}) and placeholder tokens "
-                    f"({positions.numel()}) do not match: each item needs h*w/4 placeholders")
+                    f"({positions.numel()}) do not match: family {self.family!r} makes "
+                    f"{expected} tokens of these items")
             if positions.numel() and int(positions.max()) >= emb.shape[0]:
                 raise ValueError("a placeholder span runs past the end of the packed sequence")
             zeros = torch.zeros_like(positions)
@@ -158,3 +177,32 @@ class KimiVLM(MegatronModule):
         return self.language_model(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
             packed_seq_params=packed_seq_params, padding_mask=padding_mask, **kwargs)
+
+
+def kimi_vision_tower(model: ModelConfig, parallel: ParallelConfig, *, pg_collection,
+                      choice: KernelChoice | None = None) -> torch.nn.Module:
+    """The Kimi family's tower: MoonViT (-3D) with its 2x2 temporal-pooling merge."""
+    return build_moonvit(model.vision, parallel, model.params_dtype,
+                         pg_collection=pg_collection, choice=choice)
+
+
+def kimi_projector(model: ModelConfig, parallel: ParallelConfig, *,
+                   pg_collection) -> torch.nn.Module:
+    """The Kimi family's projector: LayerNorm per sub-token -> Linear -> GELU -> Linear."""
+    return build_projector(model.projector, parallel, model.params_dtype,
+                           tp_group=pg_collection.tp)
+
+
+def kimi_llm_tokens_per_item(vision: VisionConfig, grid_thw: torch.Tensor) -> torch.Tensor:
+    """``h*w / merge`` per item: the frames of a chunk are mean-pooled into one (MoonViT-3D)."""
+    return grid_thw[:, 1] * grid_thw[:, 2] // vision.merge_size
+
+
+class KimiVLM(VisionLanguageModel):
+    """MoonViT + Kimi projector + megatron ``GPTModel`` (MLA/MoE): the Kimi family's VLM
+    (``families/kimi`` names these parts)."""
+
+    def __init__(self, model: ModelConfig, parallel: ParallelConfig, **stage) -> None:
+        super().__init__(model, parallel, build_vision_tower=kimi_vision_tower,
+                         build_projector=kimi_projector,
+                         llm_tokens_per_item=kimi_llm_tokens_per_item, **stage)

@@ -35,7 +35,8 @@ import numpy as np
 
 from megatron_vlm.config.job import JobConfig
 from megatron_vlm.config.model import ModelConfig
-from megatron_vlm.planning.activations import head_bytes, llm_layer_bytes, vision_bytes
+from megatron_vlm.families import family_costs
+from megatron_vlm.planning.activations import head_bytes, llm_layer_bytes
 from megatron_vlm.planning.costs import VisionBudget
 from megatron_vlm.planning.memory import OptimizerName, Sharding, TensorTable, static_memory
 from megatron_vlm.planning.stages import StagePlan, StagePlanError, plan_stages
@@ -335,9 +336,9 @@ def rank_memory(inputs: PlanInputs, lay: Layout, plan: StagePlan, rank: int,
             chunk += b["kept"]
             peak_extra = max(peak_extra, b["peak_extra"])
         if stage.index == 0 and model.is_vlm:
-            chunk += vision_bytes(model.vision, model.projector, inputs.vision_budget,
-                                  tp=lay.tp, cp=lay.cp, recompute=inputs.vision_recompute,
-                                  flash=inputs.flash_attention)
+            chunk += family_costs(model.family).vision_bytes(
+                model.vision, model.projector, inputs.vision_budget, tp=lay.tp, cp=lay.cp,
+                recompute=inputs.vision_recompute, flash=inputs.flash_attention)
         act += count * chunk
         if stage.index == last_index:
             act += head_bytes(model.llm, tp=lay.tp, cp=lay.cp, seq_length=inputs.seq_length)

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from megatron_vlm.config.model import ModelConfig
+from megatron_vlm.families import family_costs
 from megatron_vlm.planning.costs import (
     VisionBudget,
     llm_head_flops,
     llm_layer_flops,
-    vision_flops,
 )
 
 
@@ -64,7 +64,8 @@ class StageCosts:
         if model.is_vlm:
             if vision_budget is None:
                 raise ValueError("a VLM needs a vision budget (VisionBudget.from_job)")
-            v = vision_flops(model.vision, model.projector, vision_budget)
+            v = family_costs(model.family).vision_flops(model.vision, model.projector,
+                                                        vision_budget)
             first = {"vision": v["patch_embed"] + v["vit_linear"] + v["vit_attention"],
                      "projector": v["projector"]}
         return cls(tuple(layers), tuple(kinds), first,

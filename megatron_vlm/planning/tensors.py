@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from megatron_vlm.config.model import LLMConfig, ModelConfig
 from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
+from megatron_vlm.families import family_costs
 from megatron_vlm.planning.costs import padded_vocab
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -196,7 +197,8 @@ def chunk_tensors(model: ModelConfig, layers: Sequence[int], *, first: bool, las
             out.append(ParamTensor(prefix + "output_layer.weight", (vocab, llm.hidden_size),
                                    dtype, False, train_llm))
     if first and model.is_vlm:
-        out += vision_tensors(model.vision, model.projector, dtype, tp,
-                              not model.freeze_vision, not model.freeze_projector,
-                              vision_tp=tp if vision_parallel_mode(model.vision) == "tp" else 1)
+        out += family_costs(model.family).vision_tensors(
+            model.vision, model.projector, dtype, tp, not model.freeze_vision,
+            not model.freeze_projector,
+            vision_tp=tp if vision_parallel_mode(model.vision) == "tp" else 1)
     return out

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_vlm.config.job import JobConfig
+from megatron_vlm.families import family_costs
 from megatron_vlm.models.param_count import count_llm_params_closed_form
-from megatron_vlm.planning.tensors import vision_tensors
 
 
 def _count(n: int) -> str:
@@ -47,7 +47,8 @@ def param_summary(job: JobConfig) -> ParamSummary:
     llm = count_llm_params_closed_form(job.model.llm, tp=job.parallel.tp)
     vision = projector = 0
     if job.model.is_vlm:
-        for t in vision_tensors(job.model.vision, job.model.projector, "fp32", tp=1):
+        costs = family_costs(job.model.family)
+        for t in costs.vision_tensors(job.model.vision, job.model.projector, "fp32", tp=1):
             if t.name.startswith("projector."):
                 projector += t.numel
             else:

@@ -9,10 +9,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_vlm.config.job import JobConfig
+from megatron_vlm.families import get_family
 from megatron_vlm.models.gpu_settings import DDPChoice, choose_ddp
 from megatron_vlm.models.llm import build_llm
 from megatron_vlm.models.specs import detect_capabilities
-from megatron_vlm.models.vlm import KimiVLM
 from megatron_vlm.parallel.runtime import Runtime, groups_or_default
 from megatron_vlm.training.telemetry import FinalizeWithTelemetry
 
@@ -65,8 +65,9 @@ def build_model_chunks(job: JobConfig, wrap_ddp: bool = True,
         last = pp_rank == pp_size - 1 and vp_stage == vpp - 1
         vp = vp_stage if job.parallel.vpp else None
         if job.model.is_vlm:
-            model = KimiVLM(job.model, job.parallel, pre_process=first, post_process=last,
-                            vp_stage=vp, pg_collection=pgs, choice=choice)
+            model = get_family(job.model.family).build_vlm(
+                job.model, job.parallel, pre_process=first, post_process=last, vp_stage=vp,
+                pg_collection=pgs, choice=choice)
         else:
             model = build_llm(job.model.llm, job.parallel, job.model.params_dtype,
                               pre_process=first, post_process=last, vp_stage=vp,

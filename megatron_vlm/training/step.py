@@ -25,7 +25,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_vlm.data.contract import PackedBatch, VisionInputs
 from megatron_vlm.models.attention import cp_layout_for, thd_packed_seq_params
 from megatron_vlm.models.llm import scatter_padding_mask
-from megatron_vlm.models.vlm import KimiVLM
+from megatron_vlm.models.vlm import VisionLanguageModel
 from megatron_vlm.training.model_setup import unwrap
 
 
@@ -50,7 +50,7 @@ def context_parallel_index(model, params: PackedSeqParams, seq_length: int,
     cp = inner.config.context_parallel_size
     if cp == 1:
         return None
-    lm = inner.language_model if isinstance(inner, KimiVLM) else inner
+    lm = inner.language_model if isinstance(inner, VisionLanguageModel) else inner
     return cp_layout_for(params, seq_length, cp, lm.pg_collection.cp.rank(), device).local_index
 
 
@@ -70,7 +70,7 @@ def model_inputs(batch: PackedBatch, device: torch.device, model) -> dict:
             and not inner.pre_process):
         # Later pipeline stages: megatron leaves the mask unscattered (gpt_model.py:314).
         padding_mask = scatter_padding_mask(padding_mask)
-    vlm = isinstance(inner, KimiVLM)
+    vlm = isinstance(inner, VisionLanguageModel)
     inputs = {
         # The VLM splits the merged embeddings itself, after the vision scatter.
         "input_ids": batch.tokens.to(device) if vlm else local(batch.tokens),

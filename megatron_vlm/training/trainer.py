@@ -21,6 +21,7 @@ import torch
 from megatron_vlm.checkpoint import load_checkpoint
 from megatron_vlm.checkpoint.run_dir import lr_report, start_run
 from megatron_vlm.config.job import JobConfig
+from megatron_vlm.families import family_costs
 from megatron_vlm.models.llm import padded_vocab_size
 from megatron_vlm.optim.builder import build_optimizer
 from megatron_vlm.optim.schedules import build_scheduler
@@ -30,7 +31,7 @@ from megatron_vlm.training import telemetry
 from megatron_vlm.training.banner import startup_banner
 from megatron_vlm.training.checkpointing import Checkpointer
 from megatron_vlm.training.data_setup import DataSetup
-from megatron_vlm.training.flops import llm_flops_per_token, vit_flops
+from megatron_vlm.training.flops import llm_flops_per_token
 from megatron_vlm.training.init_from import EXTRA_KEY, init_from_checkpoint, trainable_set
 from megatron_vlm.training.metrics import MetricsLogger, plot_loss_curves
 from megatron_vlm.training.model_setup import build_model_chunks, ddp_choice
@@ -94,7 +95,8 @@ class _Run:
         vision, pgs = self.job.model.vision, self.runtime.pg_collection
         if vision is None or not (pgs.pp.rank() == 0 and pgs.cp.rank() == 0):
             return 0.0
-        return sum(vit_flops(vision, self.job.model.llm.hidden_size, b.vision.grid_thw)
+        step_flops = family_costs(self.job.model.family).step_flops
+        return sum(step_flops(vision, self.job.model.llm.hidden_size, b.vision.grid_thw)
                    for b in batches if b.vision is not None)
 
     def step_samples(self, batches: list) -> int:

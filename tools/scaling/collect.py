@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 
 from megatron_vlm.config import load_yaml
-from megatron_vlm.planning.costs import VisionBudget, llm_head_flops, llm_layer_flops, vision_flops
+from megatron_vlm.families import family_costs
+from megatron_vlm.planning.costs import VisionBudget, llm_head_flops, llm_layer_flops
 from tools.scaling.sweep import Sweep
 
 
@@ -73,7 +74,9 @@ def collect_run(run_dir: str | Path, end_steps: list[int]) -> dict:
         capacity = max(math.ceil(patches), item)  # ceil: fill <= 1 for fractional counts
         budget = VisionBudget(patches_per_micro_batch=capacity, patches_per_item=item,
                               fill=patches / capacity)
-        vit_flops = sum(vision_flops(job.model.vision, job.model.projector, budget).values())
+        costs = family_costs(job.model.family)
+        vit_flops = sum(costs.vision_flops(job.model.vision, job.model.projector,
+                                           budget).values())
     final = valid[-1]
     row = {"steps": steps, "tokens": tokens, "llm_flops": llm_flops, "vit_flops": vit_flops,
            "compute": llm_flops + vit_flops,
