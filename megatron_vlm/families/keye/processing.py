@@ -29,6 +29,7 @@ A clip too short to sample one frame (``k == 0``; the package fails with an Inde
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -270,6 +271,7 @@ def plan_video(
         total_tokens: Token budget of the video (65,536).
         min_frame_similarity: Below this a frame becomes slow (None: the package's 0.9).
     """
+    # slowfast.py imports smart_resize from here: imported at call time to avoid the cycle.
     from megatron_vlm.families.keye import slowfast
 
     if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
@@ -313,9 +315,7 @@ def read_video(
     Raises:
         BadSampleError: No frame to sample (``video_empty``) or an aspect ratio above 200.
     """
-    import io
-
-    import decord
+    import decord  # as the package reads files (frame indices and fps as decord counts them)
 
     uri = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else str(source)
     reader = decord.VideoReader(uri, ctx=decord.cpu(0), num_threads=1)
