@@ -12,8 +12,11 @@ theta^(-2j/d)`` are split into ``mrope_section`` chunks (e.g. [16, 24, 24] at d 
 
 ``style="interleaved"`` is GLM-4.1V's variant (FAMILIES.md §2): the same sectioned angles, each
 repeated for an adjacent (GPT-J) pair, ``[f0, f0, f1, f1, ...]`` -- megatron's layout for
-``rotary_interleaved=True``, which the attention must then be configured with (not wired into
-``LLMConfig`` yet).
+``rotary_interleaved=True``, which the attention must then be configured with; with a partial
+rotary dim (GLM: half the head) megatron rotates the first ``rotary_dim`` channels and passes
+the rest, as GLM-4V does. Checked against transformers' ``Glm4vTextRotaryEmbedding``
+(``tests/reference/test_mrope.py``); not wired into ``LLMConfig`` yet (no
+``rotary_interleaved`` / partial-rotary fields).
 
 Why not megatron-core 0.16.1's ``MultimodalRotaryEmbedding`` (FAMILIES.md §5): it allocates
 ``inv_freq`` on ``torch.cuda.current_device()`` (no CPU), its interleaved branch reshapes with
