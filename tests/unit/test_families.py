@@ -16,6 +16,7 @@ import yaml
 from megatron_vlm.config import ModelConfig, apply_overrides, from_dict
 from megatron_vlm.config.families import FAMILY_MODULES, PLUGIN_ENV, family_module, register_family
 from megatron_vlm.config.job import JobConfig
+from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.config.vision import ProjectorConfig, VisionConfig
 from megatron_vlm.families import family_costs, get_family
 from megatron_vlm.recipes import get_recipe
@@ -114,3 +115,57 @@ def test_families_declare_their_recipes_and_types():
     assert kimi.vision_config is VisionConfig and kimi.projector_config is ProjectorConfig
     for name in kimi.recipes:
         assert get_recipe(name).model.family == "kimi", name
+
+
+def _tiny_keye():
+    from megatron_vlm.config.model import LLMConfig
+    from megatron_vlm.families.keye.config import KeyeMergerConfig, SiglipVisionConfig
+
+    llm = LLMConfig(attention="gqa", vocab_size=256, hidden_size=64, num_layers=2,
+                    num_attention_heads=4, num_query_groups=2, kv_channels=16,
+                    qk_layernorm=True, ffn_hidden_size=128, num_experts=None,
+                    num_dense_layers=2, rope_theta=1e6, position_embedding="mrope",
+                    mrope_section=[2, 3, 3], max_position_embeddings=512)
+    vision = SiglipVisionConfig(hidden_size=32, num_layers=1, num_attention_heads=4,
+                                ffn_hidden_size=64, pos_emb_side=4)
+    merger = KeyeMergerConfig(vision_hidden_size=32, output_size=64)
+    return ModelConfig(family="keye", llm=llm, vision=vision, projector=merger)
+
+
+def test_keye_family_builds_and_places_one_block_per_frame():
+    """The Keye family through the interface: its tower, merger and Qwen3/M-RoPE LLM are built
+    by ``get_family('keye')``; a packed batch of an image and a 2-frame video places ``t*h*w/4``
+    tokens per item (one block per frame, no temporal pooling) and moving one frame's pixels
+    changes only that frame's block; the cost model names the built tensors."""
+    from megatron_vlm.convert.mcore import ensure_single_process_groups
+
+    model_cfg = _tiny_keye()
+    groups = ensure_single_process_groups().pg_collection
+    torch.manual_seed(0)
+    vlm = get_family("keye").build_vlm(model_cfg, ParallelConfig(), pg_collection=groups).eval()
+    grid = torch.tensor([[1, 4, 6], [2, 4, 4]])
+    assert vlm.llm_tokens_per_item(grid).tolist() == [6, 8]
+    s = 32
+    pixels = torch.randn(int(grid.prod(dim=1).sum()), 3, 14, 14)
+    positions = torch.cat([torch.arange(2, 8), torch.arange(10, 18)])  # 6 + 8 placeholders
+    ids = torch.randint(0, 200, (1, s))
+    pos = torch.arange(s).view(1, s)
+
+    def embed(px):
+        return vlm.embed(ids, pos, px, grid, positions)[:, 0]
+
+    with torch.no_grad():
+        base = embed(pixels)
+        moved = pixels.clone()
+        moved[-16:] += 1.0  # the video's second frame
+        changed = (embed(moved) - base).abs().amax(dim=1) > 1e-6
+    assert changed.nonzero().flatten().tolist() == list(range(14, 18))
+    built = {k: tuple(v.shape) for k, v in vlm.state_dict().items()
+             if k.startswith(("vision_tower.", "projector.")) and torch.is_tensor(v)}
+    costs = family_costs("keye").vision_tensors(model_cfg.vision, model_cfg.projector, "fp32", 1)
+    assert built == {t.name: t.shape for t in costs}
+    # The YAML of a Keye model reads back as Keye types.
+    from megatron_vlm.config.model import ModelConfig as MC
+
+    again = from_dict(MC, dataclasses.asdict(model_cfg))
+    assert again == model_cfg
