@@ -20,7 +20,8 @@ CONSTRAINTS = ROOT / "constraints-cpu.txt"
 MUST_PIN = (
     "torch", "megatron-core", "transformers", "tokenizers", "compressed-tensors",
     "megatron-energon", "webdataset", "decord", "av", "safetensors", "sentencepiece", "tiktoken",
-    "numpy", "pillow", "jinja2", "ruff",
+    "numpy", "pillow", "jinja2", "ruff", "pyarrow", "keye-vl-utils", "opencv-python-headless",
+    "einops",
 )
 
 _PIN = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;#]+)")
