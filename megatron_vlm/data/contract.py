@@ -75,6 +75,12 @@ class PackedBatch:
     """Longest padded document span (for attention kernels)."""
     vision: VisionInputs | None = None
     """Media of this micro-batch; None for text-only batches."""
+    mrope_position_ids: torch.Tensor | None = None
+    """[3, S] int64 (t, h, w) M-RoPE ids, built per document by the family's position rule
+    (``data/mrope_positions.py``): real tokens by the rule, a document's padding continuing from
+    1 + its largest id, the tail from 0 (equal on the three axes; a text-only pack's rows equal
+    ``position_ids[0]``). None for 1D-RoPE families (Kimi), which read ``position_ids``. Split
+    under context parallelism along its last (token) dim, with the tokens."""
 
     @property
     def seq_length(self) -> int:

@@ -16,7 +16,9 @@ positions restart per document, each span padded, tail padding) and adds the vis
   spans, padding and each document's last token; ``labels`` hold ``pad_id`` wherever the loss
   mask is 0 (so a placeholder id outside the vocabulary never reaches the loss as a label);
 - ``VisionInputs`` lists every image / video chunk in sequence order (document order, then order
-  inside the document); ``placeholder_starts`` index the packed sequence.
+  inside the document); ``placeholder_starts`` index the packed sequence;
+- with a family's M-RoPE ``position_rule`` (a callable: data never imports families),
+  ``mrope_position_ids`` ``[3, S]`` holds its ids per document (``data/mrope_positions.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from megatron_vlm.data.contract import PackedBatch, VisionInputs
+from megatron_vlm.data.mrope_positions import PositionRule, pack_mrope_position_ids
 from megatron_vlm.data.packing import pack_documents, padded_length
 from megatron_vlm.data.templates import TokenizedSample
 from megatron_vlm.data.video import VideoChunk
@@ -130,6 +133,7 @@ def pack_tokenized(
     seq_length: int,
     pad_id: int,
     pad_to_multiple: int = 1,
+    position_rule: PositionRule | None = None,
 ) -> PackedBatch:
     """Lay out documents (with decoded media) as one packed micro-batch with ``VisionInputs``.
 
@@ -138,6 +142,8 @@ def pack_tokenized(
         seq_length: S.
         pad_id: Padding id (tokens and masked labels).
         pad_to_multiple: Each document span is padded to a multiple of this.
+        position_rule: The family's M-RoPE rule (``families/<name>/positions.py``) to fill
+            ``mrope_position_ids``; None (1D RoPE families) leaves it None.
 
     Raises:
         ValueError: Empty document, documents over S, or an item whose patches do not match
@@ -179,6 +185,9 @@ def pack_tokenized(
     batch.loss_mask = torch.from_numpy(loss).unsqueeze(0)
     batch.labels = torch.where(batch.loss_mask > 0, batch.labels, torch.full_like(batch.labels,
                                                                                   pad_id))
+    if position_rule is not None:
+        batch.mrope_position_ids = pack_mrope_position_ids(
+            samples, batch.cu_seqlens_padded, seq_length, position_rule)
     if grids:
         batch.vision = VisionInputs(
             pixel_values=torch.cat(pixels).to(torch.float32),

@@ -58,7 +58,8 @@ def expected_batches() -> dict[str, list[PackedBatch]]:
     family = FamilyBatch(**_text(g, 3), mrope_position_ids=torch.randint(0, S, (3, 1, S),
                                                                          generator=g),
                          grids=[(1, 2, 2), (2, 2, 2)])
-    return {"train": [PackedBatch(**_text(g, 2), vision=media),
+    return {"train": [PackedBatch(**_text(g, 2), vision=media,  # an M-RoPE family's [3, S] ids
+                                  mrope_position_ids=torch.randint(0, S, (3, S), generator=g)),
                       PackedBatch(**_text(g, 3), vision=None),
                       PackedBatch(**_text(g, 1), vision=no_items), family],
             "scalar": [torch.tensor(3.5)]}
