@@ -208,15 +208,16 @@ def decode_image(source: bytes | str | os.PathLike) -> np.ndarray:
         MediaDecodeError: Corrupt, truncated or non-image data (reason ``image_decode``), or more
             pixels than PIL's decompression-bomb limit (reason ``image_too_large``).
     """
-    rgb = _decode_rgb(source)
+    rgb = _decode_pixels(source, rgbx=False)
     return rgb if rgb.flags.writeable else rgb.copy()  # writable: torch.from_numpy is safe
 
 
-def _decode_rgb(source: bytes | str | os.PathLike) -> np.ndarray:
-    """``decode_image`` without its last copy: the array may be read-only (PIL's pixel bytes).
+def _decode_pixels(source: bytes | str | os.PathLike, rgbx: bool) -> np.ndarray:
+    """``decode_image`` without copies; the array may be read-only (PIL's pixel bytes).
 
-    The decoder's own work plus one copy (PIL keeps RGB as 4 bytes a pixel; ``tobytes`` packs
-    it): no copy for EXIF orientation 1 or for an image already RGB.
+    No copy for EXIF orientation 1 or for an image already RGB. PIL keeps RGB as 4 bytes a
+    pixel: ``rgbx=True`` returns that buffer itself, ``[H, W, 4]`` with an unused fourth byte
+    (``_pil_pixels``), else ``[H, W, 3]`` packed by PIL's ``tobytes`` (one copy).
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         stream: io.BytesIO | Path = io.BytesIO(source)
@@ -233,7 +234,8 @@ def _decode_rgb(source: bytes | str | os.PathLike) -> np.ndarray:
             with PIL.Image.open(stream) as img:
                 img.load()  # decode now: truncated data raises here, not lazily later
                 PIL.ImageOps.exif_transpose(img, in_place=True)  # no copy when upright
-                return np.asarray(_to_rgb(img), dtype=np.uint8)
+                rgb = _to_rgb(img)
+                return _pil_pixels(rgb) if rgbx else np.asarray(rgb, dtype=np.uint8)
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as exc:
         raise MediaDecodeError(
             f"image too large to decode {where}: {exc}", reason=SkipReason.IMAGE_TOO_LARGE
@@ -245,6 +247,19 @@ def _decode_rgb(source: bytes | str | os.PathLike) -> np.ndarray:
             f"cannot decode image {where}: {type(exc).__name__}: {exc}",
             reason=SkipReason.IMAGE_DECODE,
         ) from exc
+
+
+def _pil_pixels(img: PIL.Image.Image) -> np.ndarray:
+    """An RGB image's pixels without a copy: ``[H, W, 4]`` RGBX over PIL's own buffer (Arrow
+    export, Pillow >= 11.2; the array keeps the image alive), or ``[H, W, 3]`` (a copy) where
+    that is unavailable (no pyarrow, an image PIL stores in several blocks)."""
+    try:
+        import pyarrow
+
+        flat = pyarrow.array(img).flatten().to_numpy(zero_copy_only=True)
+        return flat.reshape(img.height, img.width, 4)
+    except Exception:  # noqa: BLE001 - any failure: the packed copy is always right
+        return np.asarray(img, dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------------ transforms
@@ -317,7 +332,9 @@ def frames_to_patches(
     (``normalize`` later gives the same floats): the hand-over form, a quarter of the bytes.
 
     Args:
-        frames_thwc: [T, H, W, 3] uint8 (or [H, W, 3] for one image); read only.
+        frames_thwc: [T, H, W, 3] uint8 (or [H, W, 3] for one image); read only. A fourth
+            channel (``[..., 4]``, PIL's RGBX layout) is carried through the resize, whose
+            kernel works on 4-byte pixels anyway, and dropped: RGB bits as for 3 channels.
         resized_hw: Target size before padding.
         padded_hw: Final size (>= ``resized_hw``, multiples of ``PATCH_SIZE``).
         normalized: Float32 normalised patches (True) or the uint8 patches (False).
@@ -338,6 +355,7 @@ def frames_to_patches(
         # A channels-last view in, a channels-last result out (same kernel and bits as NCHW).
         x = F.interpolate(x.permute(0, 3, 1, 2), size=(rh, rw), mode="bicubic",
                           align_corners=False, antialias=True).permute(0, 2, 3, 1)
+    x = x[..., :3]
     if (ph, pw) != (rh, rw):
         padded = x.new_zeros(t, ph, pw, 3)
         padded[:, :rh, :rw] = x
@@ -363,8 +381,9 @@ def _uint8_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
                 x = torch.from_numpy(arr)
         else:
             x = torch.from_numpy(arr)
-    if x.dtype != torch.uint8:
-        raise ValueError(f"frames must be uint8, got {x.dtype}")
+    if x.dtype != torch.uint8 or x.shape[-1] not in (3, 4):
+        raise ValueError(f"frames must be uint8 RGB [..., 3] (or RGBX), got {x.dtype} "
+                         f"{tuple(x.shape)}")
     return x
 
 
@@ -405,7 +424,7 @@ def process_image(
             )
         rgb = image
     else:
-        rgb = _decode_rgb(image)
+        rgb = _decode_pixels(image, rgbx=True)
     height, width = rgb.shape[:2]
     resized_hw, padded_hw = navit_resize(
         height, width, PATCH_SIZE, MERGE_SIZE, max_patches, max_patches_per_side, min_patches

@@ -545,8 +545,10 @@ def process_video(
     max_patches: int = VIDEO_CHUNK_MAX_PATCHES,
     backend: str = "auto",
     clip: Clip | None = None,
+    normalized: bool = True,
 ) -> ProcessedVideo:
-    """Decode (unless given decoded frames), sample and chunk one video.
+    """Decode (unless given decoded frames), sample and chunk one video (``normalized=False``:
+    uint8 patches, see ``chunk_frames``).
 
     Raises:
         MediaMissingError / MediaDecodeError / BadSampleError: See ``decode_video``.
@@ -556,7 +558,8 @@ def process_video(
         if isinstance(source, DecodedVideo)
         else decode_video(source, fps=fps, max_frames=max_frames, backend=backend, clip=clip)
     )
-    chunks = chunk_frames(decoded.frames, decoded.timestamps, max_patches=max_patches)
+    chunks = chunk_frames(decoded.frames, decoded.timestamps, max_patches=max_patches,
+                          normalized=normalized)
     return ProcessedVideo(
         chunks=chunks,
         fps=decoded.fps,

@@ -69,3 +69,23 @@ def test_exif_orientation_applied_and_array_writable():
     PIL.Image.fromarray(img).save(upright, format="PNG")
     plain = decode_image(upright.getvalue())
     assert np.array_equal(plain, img) and plain.flags.writeable
+
+
+def test_encoded_image_through_pil_buffer_equals_the_steps():
+    """Bytes in: PIL's own RGBX buffer goes to the resize without a copy (4 channels here) and
+    gives the bits of the packed RGB array through the step-by-step path."""
+    from megatron_vlm.data.image import _decode_pixels
+
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    data = buf.getvalue()
+    rgbx = _decode_pixels(data, rgbx=True)
+    assert rgbx.shape == (333, 517, 4)
+    rgb = decode_image(data)
+    assert np.array_equal(rgbx[..., :3], rgb)
+    for budget in (64, 256, 16384):  # downscaled twice, and no resize at all
+        resized, padded = navit_resize(333, 517, max_patches=budget)
+        want = patchify(normalize(resize_and_pad(rgb, resized, padded)))
+        assert torch.equal(process_image(data, max_patches=budget).pixel_values, want)
