@@ -59,6 +59,7 @@ from megatron_vlm.data.media_errors import (
     SkipReason,
 )
 from megatron_vlm.data.mm_packing import document_cost, pack_tokenized, select_packs
+from megatron_vlm.data.mrope_positions import PositionRule
 from megatron_vlm.data.shards import BAD_RECORD, FORMAT
 from megatron_vlm.data.slowfast import (
     FAST_TOKEN_RATIO,
@@ -467,6 +468,9 @@ class MMTaskEncoder(TaskEncoder):
         settings: Budgets and media sizing.
         max_consecutive_skips: Abort after this many bad samples in a row.
         warn_every: One log line per this many skips.
+        position_rule: The model family's M-RoPE position rule (a module-level function, so
+            the encoder pickles to energon's workers); packs then carry ``mrope_position_ids``.
+            None for 1D-RoPE families.
     """
 
     # energon decodes txt/json members of foreign datasets only (their field maps read them);
@@ -480,8 +484,10 @@ class MMTaskEncoder(TaskEncoder):
         settings: EncodeSettings,
         max_consecutive_skips: int = 100,
         warn_every: int = 100,
+        position_rule: PositionRule | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.position_rule = position_rule
         self.media_ids = tokenizer.media_token_ids()
         self.settings = settings
         self.max_consecutive_skips = max_consecutive_skips
@@ -554,7 +560,7 @@ class MMTaskEncoder(TaskEncoder):
             raise SkipSample()
         s = self.settings
         batch = pack_tokenized([x.doc for x in samples], s.seq_length,
-                               self.tokenizer.pad_id, s.pad_to_multiple)
+                               self.tokenizer.pad_id, s.pad_to_multiple, self.position_rule)
         tokens: Counter[str] = Counter()
         modalities: Counter[str] = Counter()
         image_tokens = video_tokens = 0

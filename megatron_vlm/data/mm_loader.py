@@ -77,6 +77,7 @@ from megatron_vlm.data.mm_encode import (
     decode_document,
     plan_document,
 )
+from megatron_vlm.data.mrope_positions import PositionRule
 from megatron_vlm.data.shards import iter_shard
 
 # Sample encoding lives in mm_encode.py and the state codec in energon_state.py; their names are
@@ -253,6 +254,8 @@ class MultimodalLoader:
         stage: Mix to use (default ``config.stage``).
         one_pass: Read the (single) dataset of the mix once instead of forever; the stream then
             ends with ``StopIteration`` (evaluation, data audits, exact skip accounting).
+        position_rule: The family's M-RoPE rule (``families/<name>/positions.py``, handed in by
+            the trainer: data never imports families); None for 1D-RoPE families.
     """
 
     def __init__(
@@ -268,6 +271,7 @@ class MultimodalLoader:
         pad_to_multiple: int = 1,
         stage: str | None = None,
         one_pass: bool = False,
+        position_rule: PositionRule | None = None,
     ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank}, {dp_size}")
@@ -290,6 +294,7 @@ class MultimodalLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed
         self.settings = EncodeSettings.from_config(config, seq_length, pad_to_multiple)
+        self.position_rule = position_rule
         self.encoder = self._new_encoder()
         names = [n for n, w in self.mix.weights.items() if w > 0]
         self.datasets = resolve_datasets(config, names, config.verify_shards)
@@ -312,7 +317,7 @@ class MultimodalLoader:
 
     def _new_encoder(self) -> MMTaskEncoder:
         return MMTaskEncoder(self.tokenizer, self.settings, self.config.max_consecutive_skips,
-                             self.config.skip_warn_every)
+                             self.config.skip_warn_every, position_rule=self.position_rule)
 
     @property
     def micro_batches_per_step(self) -> int:

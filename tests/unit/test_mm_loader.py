@@ -1,6 +1,7 @@
 """Multimodal energon loader: exact resume across simulated DP ranks (workers, shuffle buffer),
 refusals, realised mix ratios, seeded corruption fuzz with exact skip counts, shard checks at
-start-up, validation batches and the contract on real packs."""
+start-up, validation batches, the contract on real packs and a family's M-RoPE rule carried
+into them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
 from megatron_vlm.data.corpus import bundled_corpus_dir
@@ -26,6 +28,7 @@ from megatron_vlm.data.mm_loader import (
 )
 from megatron_vlm.data.shards import ShardVerificationError, prepare_dataset
 from megatron_vlm.data.tokenizer import get_or_train_tokenizer
+from megatron_vlm.families.keye.positions import keye_position_ids
 
 SIZES = {"image_caption": (120, 12), "image_qa": (60, 8), "video": (80, 8),
          "interleaved": (40, 6), "text": (300, 20)}
@@ -319,3 +322,31 @@ def test_real_packs_honour_the_contract_and_validation_is_deterministic(corpus, 
     with loader(cfg, tok, dp_rank=1) as other:
         val1 = other.validation_batches(1)
     assert not np.array_equal(val1["text"][0].tokens, val["text"][0].tokens)
+
+
+def test_a_family_position_rule_reaches_every_pack(corpus, tok):
+    # The loader takes an M-RoPE rule as a callable (here Keye's) and every pack carries its ids:
+    # equal axes on text, each media item (one pooled block per item with this tokenizer) at
+    # t = s, h = s + row, w = s + col over its h/2 x w/2 grid, ids never past a token's index.
+    cfg = config(corpus, stage="joint")
+    with loader(cfg, tok, pad_to_multiple=4, dp_size=1, position_rule=keye_position_ids) as mm:
+        batches = mm.next_global_batch()
+    seen_media = 0
+    for batch in batches:
+        ids = batch.mrope_position_ids
+        assert ids.dtype == torch.int64 and ids.shape == (3, 512)
+        media = torch.zeros(512, dtype=torch.bool)
+        v = batch.vision
+        for (_, h, w), start in zip(v.grid_thw.tolist() if v else [],
+                                    v.placeholder_starts.tolist() if v else []):
+            rows, cols = h // 2, w // 2
+            block = ids[:, start : start + rows * cols]
+            r, c = torch.arange(rows).repeat_interleave(cols), torch.arange(cols).repeat(rows)
+            s = int(block[0, 0])
+            assert torch.equal(block, torch.stack([torch.full_like(r, s), s + r, s + c]))
+            media[start : start + rows * cols] = True
+            seen_media += 1
+        assert torch.equal(ids[0][~media], ids[1][~media])
+        assert torch.equal(ids[0][~media], ids[2][~media])
+        assert bool((ids <= batch.position_ids).all())
+    assert seen_media > 0
