@@ -59,6 +59,8 @@ def batch_to_dict(batch: PackedBatch) -> dict[str, Any]:
     out: dict[str, Any] = {name: getattr(batch, name).detach().cpu().clone()
                            for name in _BATCH_TENSORS}
     out["max_seqlen"] = int(batch.max_seqlen)
+    if batch.mrope_position_ids is not None:  # an M-RoPE family's [3, S] ids
+        out["mrope_position_ids"] = batch.mrope_position_ids.detach().cpu().clone()
     vision = batch.vision
     if vision is None:
         out["vision"] = None
@@ -92,7 +94,8 @@ def batch_from_dict(data: dict[str, Any]) -> PackedBatch:
         vision = VisionInputs(pixel_values=pixels,
                               **{n: vis[n] for n in _VISION_TENSORS if n in vis})
     return PackedBatch(**{n: data[n] for n in _BATCH_TENSORS},
-                       max_seqlen=int(data["max_seqlen"]), vision=vision)
+                       max_seqlen=int(data["max_seqlen"]), vision=vision,
+                       mrope_position_ids=data.get("mrope_position_ids"))
 
 
 def stream_digest(batches: list[PackedBatch]) -> str:

@@ -11,6 +11,7 @@ import torch
 from megatron_vlm.data.image import ProcessedImage
 from megatron_vlm.data.mm_packing import pack_tokenized
 from megatron_vlm.data.mrope_positions import VisionBlock, pack_mrope_position_ids, vision_blocks
+from megatron_vlm.data.prepacked import batch_from_dict, batch_to_dict
 from megatron_vlm.data.templates import PlaceholderSpan, TokenizedSample
 from megatron_vlm.data.video import VideoChunk
 from megatron_vlm.families.keye.positions import keye_position_ids
@@ -120,3 +121,11 @@ def test_cp2_split_keeps_each_token_with_its_ids():
         index = context_parallel_layout(batch.cu_seqlens_padded, 16, 2, rank).local_index
         torch.testing.assert_close(split_for_context_parallel(ids, index, dim=-1),
                                    torch.tensor(expected[rank]), rtol=0, atol=0)
+
+
+def test_prepacked_files_keep_the_ids():
+    batch = pack_tokenized([_image_doc()], 8, PAD, position_rule=keye_position_ids)
+    back = batch_from_dict(batch_to_dict(batch))
+    torch.testing.assert_close(back.mrope_position_ids, batch.mrope_position_ids, rtol=0, atol=0)
+    assert batch_from_dict(batch_to_dict(pack_tokenized([_image_doc()], 8, PAD))
+                           ).mrope_position_ids is None
