@@ -21,8 +21,10 @@ written to a shard. Modes (``prepare_data --check-media``):
     AVI RIFF size) ends inside the file; PyAV opens it and finds a video stream; every packet is
     demuxed (no decoding) and their count equals the header's frame count when it has one (a
     cut-off ``faststart`` MP4 keeps its header but loses packets); packet timestamps are checked
-    as the loader checks them (``video.stream_timing``: ``bad_timestamps``); the first frame is
-    decoded. The duration (frames / rate) is returned for clip spans.
+    as the loader checks them (``video.stream_timing``: ``bad_timestamps``); PyAV's probe, which
+    parses the first frames' headers (and for H.264 decodes the first frames, to learn the
+    reorder delay), must find a pixel format and a size: a garbage stream has neither. No frame
+    is decoded beyond the probe's. The duration (frames / rate) is returned for clip spans.
 
 - ``full``: ``image.decode_image`` / ``video.decode_video`` of every file, as training decodes
   them (the frames training samples, not every frame).
@@ -387,9 +389,10 @@ def check_video(source: MediaSource) -> float | None:
             if timing.total_frames and tap.packets != timing.total_frames:
                 raise _bad_video(f"{tap.packets} packets of the {timing.total_frames} frames "
                                  "the header lists: truncated")
-            container.seek(0)
-            if next(iter(container.decode(stream)), None) is None:
-                raise _bad_video("the first frame does not decode")
+            codec = stream.codec_context
+            if codec.pix_fmt is None or not codec.width or not codec.height:
+                raise _bad_video("the stream's first frames do not decode (PyAV's probe found "
+                                 "no pixel format or size)")
     except BadSampleError:
         raise
     except Exception as exc:  # av.error.* (InvalidDataError is a ValueError), OSError

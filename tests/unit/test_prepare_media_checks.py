@@ -144,6 +144,11 @@ def test_videos_structure_matches_full_decode(videos, tmp_path):
     fast[mdat:mdat + 4] = bytes(4)
     assert check_media("video", bytes(fast), "structure") == pytest.approx(2.0)
     assert _reason("video", bytes(fast[:int(len(fast) * 0.7)]), "structure") == "video_decode"
+    # a whole container around a garbage stream: the probe finds no pixel format
+    noise = np.random.default_rng(1).integers(0, 256, len(fast) - mdat - 8, dtype=np.uint8)
+    fast[mdat + 8:] = noise.tobytes()
+    assert _reason("video", bytes(fast), "structure") == _reason("video", bytes(fast), "full") \
+        == "video_decode"
     junk = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     for bad in (b"", junk):
         assert _reason("video", bad, "structure") == _reason("video", bad, "full") == \
