@@ -10,7 +10,9 @@ about ``j + 1/2`` units, so each rank's pair costs the same ``2*cp`` units (load
 What is split and what is not (the same as megatron's THD path with TE):
 
 * split: every per-token tensor -- the merged multimodal embeddings (vision features already
-  scattered in, ``models/vlm.py``), labels, loss mask, position ids, the MoE padding mask;
+  scattered in, ``models/vlm.py``), labels, loss mask, position ids (1D ``[1, S]`` and an M-RoPE
+  family's ``[3, S]`` ``mrope_position_ids``, both along their last dim, so each token keeps its
+  own (t, h, w)), the MoE padding mask;
 * **not** split: ``PackedSeqParams``. Every CP rank keeps the *global* ``cu_seqlens`` /
   ``cu_seqlens_padded`` / ``max_seqlen``: megatron's THD RoPE
   (``models/common/embeddings/rope_utils.py:_apply_rotary_pos_emb_thd``) divides the padded

@@ -15,7 +15,11 @@ from megatron_vlm.data.prepacked import batch_from_dict, batch_to_dict
 from megatron_vlm.data.templates import PlaceholderSpan, TokenizedSample
 from megatron_vlm.data.video import VideoChunk
 from megatron_vlm.families.keye.positions import keye_position_ids
-from megatron_vlm.parallel.context import context_parallel_layout, split_for_context_parallel
+from megatron_vlm.parallel.context import (
+    context_parallel_layout,
+    split_for_context_parallel,
+    unsplit_context_parallel,
+)
 
 PAD, TEXT, IMG, VID = 0, 11, 5, 6
 
@@ -117,10 +121,13 @@ def test_cp2_split_keeps_each_token_with_its_ids():
         0: [[0, 1, 4, 5, 0, 1, 6, 7], [0, 1, 4, 5, 0, 1, 6, 7], [0, 1, 4, 5, 0, 1, 6, 7]],
         1: [[1, 1, 1, 3, 2, 3, 4, 5], [1, 2, 2, 3, 2, 3, 4, 5], [2, 1, 2, 3, 2, 3, 4, 5]],
     }
+    parts = []
     for rank in (0, 1):
         index = context_parallel_layout(batch.cu_seqlens_padded, 16, 2, rank).local_index
-        torch.testing.assert_close(split_for_context_parallel(ids, index, dim=-1),
-                                   torch.tensor(expected[rank]), rtol=0, atol=0)
+        parts.append(split_for_context_parallel(ids, index, dim=-1))
+        torch.testing.assert_close(parts[-1], torch.tensor(expected[rank]), rtol=0, atol=0)
+    torch.testing.assert_close(unsplit_context_parallel(parts, batch.cu_seqlens_padded, 16, -1),
+                               ids, rtol=0, atol=0)
 
 
 def test_prepacked_files_keep_the_ids():
