@@ -4,7 +4,8 @@ module, and a way to build the full-size model on the ``meta`` device (no memory
 Groups (same keys in both counts, so a mismatch names its part):
 
 * ``embedding``: input word embeddings, ``vocab x hidden``.
-* ``attention``: MLA projections and the two latent RMSNorms (q_a_layernorm, kv_a_layernorm).
+* ``attention``: MLA projections and the two latent RMSNorms (q_a_layernorm, kv_a_layernorm);
+  GQA: the fused q/k/v projection (+ bias), the per-head q/k RMSNorms and the output projection.
 * ``layer_norms``: per-layer input and pre-MLP RMSNorms and the final norm.
 * ``dense_mlp``: SwiGLU FFN of the first ``num_dense_layers`` layers.
 * ``router``: the MoE gate ``num_experts x hidden`` (the expert bias is a buffer, not counted).
@@ -41,6 +42,32 @@ PARAM_GROUPS = (
 
 
 
+def _mla_layer_params(llm: LLMConfig) -> int:
+    """One layer's MLA projections and latent RMSNorms."""
+    h, n = llm.hidden_size, llm.num_attention_heads
+    d_qk, d_v, d_rope = llm.qk_head_dim, llm.v_head_dim, llm.qk_rope_head_dim
+    if llm.q_lora_rank is None:
+        q = h * n * d_qk  # q_proj
+    else:
+        q = h * llm.q_lora_rank + llm.q_lora_rank + llm.q_lora_rank * n * d_qk  # down, norm, up
+    kv = (
+        h * (llm.kv_lora_rank + d_rope)  # kv_down: latent + shared rope key
+        + llm.kv_lora_rank  # kv_a_layernorm
+        + llm.kv_lora_rank * n * (llm.qk_nope_head_dim + d_v)  # kv_up: k_nope and v per head
+    )
+    return q + kv + n * d_v * h  # + o_proj
+
+
+def _gqa_layer_params(llm: LLMConfig) -> int:
+    """One layer's GQA attention: fused q/k/v (``n`` query heads, ``g`` key/value heads of dim
+    ``d``), its bias, the per-head q/k RMSNorms and the output projection."""
+    h, n, g, d = llm.hidden_size, llm.num_attention_heads, llm.query_groups, llm.head_dim
+    qkv_rows = (n + 2 * g) * d
+    bias = qkv_rows if llm.add_qkv_bias else 0
+    qk_norms = 2 * d if llm.qk_layernorm else 0
+    return h * qkv_rows + bias + qk_norms + n * d * h
+
+
 def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
     """Parameters of the whole (unsharded) LLM from its dimensions.
 
@@ -54,21 +81,9 @@ def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
         ``expert`` (one routed expert).
     """
     h = llm.hidden_size
-    n = llm.num_attention_heads
-    d_qk, d_v, d_rope = llm.qk_head_dim, llm.v_head_dim, llm.qk_rope_head_dim
     vocab = _padded_vocab(llm.vocab_size, tp)
-
-    if llm.q_lora_rank is None:
-        q = h * n * d_qk  # q_proj
-    else:
-        q = h * llm.q_lora_rank + llm.q_lora_rank + llm.q_lora_rank * n * d_qk  # down, norm, up
-    kv = (
-        h * (llm.kv_lora_rank + d_rope)  # kv_down: latent + shared rope key
-        + llm.kv_lora_rank  # kv_a_layernorm
-        + llm.kv_lora_rank * n * (llm.qk_nope_head_dim + d_v)  # kv_up: k_nope and v per head
-    )
-    o = n * d_v * h
-    attention = llm.num_layers * (q + kv + o)
+    attention = llm.num_layers * (
+        _gqa_layer_params(llm) if llm.attention == "gqa" else _mla_layer_params(llm))
 
     num_moe = llm.num_moe_layers
     num_dense = llm.num_layers - num_moe

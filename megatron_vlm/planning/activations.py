@@ -1,5 +1,5 @@
 """Activation memory per micro-batch: Korthikanti et al. (2022, "Reducing Activation Recomputation
-in Large Transformer Models") adapted to MLA, DeepSeek-style MoE and MoonViT.
+in Large Transformer Models") adapted to MLA or GQA, DeepSeek-style MoE and MoonViT.
 
 Korthikanti et al. count the tensors autograd keeps for the backward pass of one layer: for GPT
 with tensor (t) and sequence parallelism, ``s b h (34 / t + 5 a s / (h t))`` bytes in 16-bit --
@@ -16,6 +16,13 @@ MLA attention (``h`` hidden, ``n`` heads, ``r_q``/``r_kv`` latent ranks, ``d_*``
 after RoPE, ``n d_v`` V, ``n d_v`` core-attention output (= o_proj input), ``n`` softmax
 statistics in fp32 (flash attention). Without a fused kernel add the softmax output,
 ``n S / cp`` per local token (the Korthikanti ``5 a s / h`` term without dropout).
+
+GQA attention (``n`` query heads, ``g`` key/value heads of dim ``d``; Qwen3): ``h`` input-norm
+input, ``h`` ``linear_qkv`` input, ``(n + g) d`` q/k RMSNorm inputs (with ``qk_layernorm``),
+``(n + 2 g) d`` Q and K after RoPE and V (flash attention keeps K and V per group, not repeated
+per head), ``n d`` core-attention output, ``n`` softmax statistics in fp32. RoPE keeps no input
+(its backward needs only cos/sin). No megatron recompute module covers Q, K, V here
+(``mla_up_proj`` is MLA's).
 
 Dense SwiGLU MLP (unfused, as our local spec builds it): ``h`` norm input, ``h`` fc1 input,
 ``2 f`` fc1 output (gate, up), ``f`` SiLU output, ``f`` fc2 input -> ``2h + 4f``.
@@ -91,20 +98,10 @@ def llm_layer_terms(llm: LLMConfig, layer: int, *, tp: int, etp: int, cp: int,
     """Saved tensors of decoder layer ``layer`` per local token (see the module docstring);
     ``torch_grouped_experts``: the routed experts run as torch ``grouped_mm`` (no TE)."""
     h, n = llm.hidden_size, llm.num_attention_heads
-    d_qk, d_v, d_rope = llm.qk_head_dim, llm.v_head_dim, llm.qk_rope_head_dim
     terms = [Term("attn_norm_in", h),
              Term("attn_down_in", h, recompute_module="layernorm")]
-    if llm.q_lora_rank is not None:
-        terms += [Term("q_norm_in", llm.q_lora_rank), Term("q_up_in", llm.q_lora_rank)]
-    terms += [
-        Term("kv_norm_in", llm.kv_lora_rank + d_rope),
-        Term("kv_up_in", llm.kv_lora_rank),
-        Term("rope_in", n * d_rope + tp * d_rope, recompute_module="mla_up_proj"),
-        Term("qk", 2 * n * d_qk, recompute_module="mla_up_proj"),
-        Term("v", n * d_v, recompute_module="mla_up_proj"),
-        Term("attn_out", n * d_v),
-        Term("softmax_stats", n, 4),
-    ]
+    terms += _gqa_terms(llm) if llm.attention == "gqa" else _mla_terms(llm, tp)
+    terms.append(Term("softmax_stats", n, 4))
     if not flash:
         terms.append(Term("softmax_out", n * seq_length / cp, recompute_module="core_attn"))
     terms.append(Term("mlp_norm_in", h))
@@ -123,6 +120,31 @@ def llm_layer_terms(llm: LLMConfig, layer: int, *, tp: int, etp: int, cp: int,
         terms.append(Term("shared_swiglu", 4 * llm.num_shared_experts * fe,
                           recompute_module="shared_experts"))
     return terms
+
+
+def _mla_terms(llm: LLMConfig, tp: int) -> list[Term]:
+    """MLA's saved tensors after the input norm (module docstring)."""
+    n, d_qk, d_v, d_rope = (llm.num_attention_heads, llm.qk_head_dim, llm.v_head_dim,
+                            llm.qk_rope_head_dim)
+    terms = []
+    if llm.q_lora_rank is not None:
+        terms += [Term("q_norm_in", llm.q_lora_rank), Term("q_up_in", llm.q_lora_rank)]
+    return terms + [
+        Term("kv_norm_in", llm.kv_lora_rank + d_rope),
+        Term("kv_up_in", llm.kv_lora_rank),
+        Term("rope_in", n * d_rope + tp * d_rope, recompute_module="mla_up_proj"),
+        Term("qk", 2 * n * d_qk, recompute_module="mla_up_proj"),
+        Term("v", n * d_v, recompute_module="mla_up_proj"),
+        Term("attn_out", n * d_v),
+    ]
+
+
+def _gqa_terms(llm: LLMConfig) -> list[Term]:
+    """GQA's saved tensors after the input norm (module docstring): q/k norm inputs, Q and K
+    after RoPE and V (``g`` key/value heads), the core-attention output."""
+    n, g, d = llm.num_attention_heads, llm.query_groups, llm.head_dim
+    terms = [Term("qk_norm_in", (n + g) * d)] if llm.qk_layernorm else []
+    return terms + [Term("qkv", (n + 2 * g) * d), Term("attn_out", n * d)]
 
 
 def _dropped(recompute: str, modules: Iterable[str]) -> set[str]:

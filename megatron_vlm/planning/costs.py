@@ -102,20 +102,28 @@ def padded_vocab(vocab_size: int, tp: int = 1) -> int:
 
 def llm_layer_flops(llm: LLMConfig, layer: int, seq_length: int) -> dict[str, float]:
     """Training FLOPs of decoder layer ``layer`` (0-based) for one micro-batch of ``seq_length``
-    tokens: ``attention`` (MLA projections, its latent norms and causal core attention) and
+    tokens: ``attention`` (MLA projections and latent norms, or GQA's fused qkv and output
+    projections; causal core attention) and
     ``mlp`` (the dense SwiGLU for the first ``num_dense_layers``, else ``topk`` routed + the
     shared experts)."""
     if not 0 <= layer < llm.num_layers:
         raise ValueError(f"layer {layer} outside 0..{llm.num_layers - 1}")
     h, n = llm.hidden_size, llm.num_attention_heads
-    d_nope, d_rope, d_v = llm.qk_nope_head_dim, llm.qk_rope_head_dim, llm.v_head_dim
-    if llm.q_lora_rank is None:
-        q = h * n * (d_nope + d_rope)
-    else:  # down, q_a_layernorm (one MAC per element, as Megatron-LM), up
-        q = llm.q_lora_rank * (h + n * (d_nope + d_rope) + 1)
-    kv = llm.kv_lora_rank * (h + n * (d_nope + d_v) + 1) + h * d_rope
-    out = n * d_v * h
-    core = seq_length * n * (d_nope + d_rope + d_v) / 2  # causal: half the scores
+    if llm.attention == "gqa":
+        d, g = llm.head_dim, llm.query_groups
+        # fused qkv (q heads + k and v per group) and output projection; q/k norms, biases and
+        # RoPE are not counted (Megatron-LM's MHA/GQA branch)
+        q, kv, out = h * n * d, h * 2 * g * d, n * d * h
+        core = seq_length * n * 2 * d / 2  # QK^T and PV per query head, causal: half
+    else:
+        d_nope, d_rope, d_v = llm.qk_nope_head_dim, llm.qk_rope_head_dim, llm.v_head_dim
+        if llm.q_lora_rank is None:
+            q = h * n * (d_nope + d_rope)
+        else:  # down, q_a_layernorm (one MAC per element, as Megatron-LM), up
+            q = llm.q_lora_rank * (h + n * (d_nope + d_rope) + 1)
+        kv = llm.kv_lora_rank * (h + n * (d_nope + d_v) + 1) + h * d_rope
+        out = n * d_v * h
+        core = seq_length * n * (d_nope + d_rope + d_v) / 2  # causal: half the scores
     if llm.moe_layer_freq[layer]:
         mlp = 3 * h * llm.moe_ffn_hidden_size * (llm.moe_router_topk + llm.num_shared_experts)
     else:

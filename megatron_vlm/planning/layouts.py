@@ -196,6 +196,7 @@ def structural_reasons(inputs: PlanInputs, lay: Layout) -> list[str]:
     if lay.tp > hw.gpus_per_node:
         r.append(f"tp={lay.tp} spans nodes ({hw.gpus_per_node} GPUs per node)")
     for what, size in (("num_attention_heads", llm.num_attention_heads),
+                       ("num_query_groups", llm.query_groups),
                        ("ffn_hidden_size", llm.ffn_hidden_size)):
         if not _divides(lay.tp, size):
             r.append(f"tp={lay.tp} does not divide model.llm.{what}={size}")
@@ -365,7 +366,10 @@ def _comm_seconds(inputs: PlanInputs, lay: Layout, plan: StagePlan, rank: int) -
         per_layer = 8 * tokens * llm.hidden_size * 2 * (lay.tp - 1) / lay.tp
         seconds += len(layers) * per_layer / (hw.nvlink_gbps * 1e9)
     if lay.cp > 1:  # ring exchange of K and V: (cp-1) chunks forward, K, V, dK, dV backward
-        kv = llm.num_attention_heads * (llm.qk_head_dim + llm.v_head_dim) / lay.tp
+        if llm.attention == "gqa":  # K and V of the key/value heads only
+            kv = 2 * llm.query_groups * llm.head_dim / lay.tp
+        else:
+            kv = llm.num_attention_heads * (llm.qk_head_dim + llm.v_head_dim) / lay.tp
         per_layer = 3 * (lay.cp - 1) * tokens * kv * 2
         bw = hw.nvlink_gbps if lay.tp * lay.cp <= hw.gpus_per_node else hw.network_gbps
         seconds += len(layers) * per_layer / (bw * 1e9)

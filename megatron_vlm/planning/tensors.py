@@ -7,6 +7,10 @@ module order, as this project builds them with megatron-core 0.16.1's local spec
   rank, ``models/linear.py``); ``linear_q_up_proj`` / ``linear_q_proj`` / ``linear_kv_up_proj``
   are column-parallel, ``linear_proj`` row-parallel; RMSNorm weights stay fp32
   (``models/norm.py``) in a bf16 model.
+* GQA (``attention: gqa``, Qwen3): megatron's ``SelfAttention`` -- ``linear_proj`` row-parallel,
+  one fused ``linear_qkv`` of ``(heads + 2 groups) x head_dim`` rows split over TP by whole
+  query groups (+ its bias with ``add_qkv_bias``), per-head ``q_layernorm`` / ``k_layernorm``
+  ``[head_dim]`` (fp32, whole on every TP rank) with ``qk_layernorm``.
 * MoE: the router ``[experts, hidden]`` is replicated; ``experts / ep`` local experts per rank
   (megatron's ``SequentialMLP``: ``linear_fc1 [2 F / etp, h]``, ``linear_fc2 [h, F / etp]``);
   shared experts are a TP-sharded SwiGLU MLP.
@@ -80,9 +84,8 @@ def llm_layer_tensors(llm: LLMConfig, layer: int, prefix: str, dtype: str, tp: i
     """Parameters of decoder layer ``layer`` (global index: dense or MoE) on one rank;
     megatron names it by its position in the chunk, ``local_index`` (default ``layer``).
     ``prefix`` ends with a dot."""
-    h, n = llm.hidden_size, llm.num_attention_heads
-    nt = _split(n, tp, "num_attention_heads")
-    d_qk, d_v = llm.qk_head_dim, llm.v_head_dim
+    h = llm.hidden_size
+    nt = _split(llm.num_attention_heads, tp, "num_attention_heads")
     p = f"{prefix}decoder.layers.{layer if local_index is None else local_index}."
     # megatron marks routed-expert weights allreduce=False only under expert parallelism
     # (moe/experts.py); at ep=1 they share the dense buffers and DP group.
@@ -91,23 +94,12 @@ def llm_layer_tensors(llm: LLMConfig, layer: int, prefix: str, dtype: str, tp: i
     def t(name: str, shape: tuple[int, ...], dt: str = dtype, expert: bool = False):
         return ParamTensor(p + name, shape, dt, expert, trainable)
 
-    out = [t("input_layernorm.weight", (h,), "fp32"),
-           t("self_attention.linear_proj.weight", (h, nt * d_v))]
-    if llm.q_lora_rank is None:
-        out.append(t("self_attention.linear_q_proj.weight", (nt * d_qk, h)))
+    out = [t("input_layernorm.weight", (h,), "fp32")]
+    if llm.attention == "gqa":
+        out += _gqa_tensors(llm, t, tp)
     else:
-        out += [t("self_attention.linear_q_down_proj.weight", (llm.q_lora_rank, h)),
-                t("self_attention.linear_q_up_proj.weight", (nt * d_qk, llm.q_lora_rank))]
-    out += [
-        t("self_attention.linear_kv_down_proj.weight",
-          (llm.kv_lora_rank + llm.qk_rope_head_dim, h)),
-        t("self_attention.linear_kv_up_proj.weight",
-          (nt * (llm.qk_nope_head_dim + d_v), llm.kv_lora_rank)),
-    ]
-    if llm.q_lora_rank is not None:
-        out.append(t("self_attention.q_layernorm.weight", (llm.q_lora_rank,), "fp32"))
-    out += [t("self_attention.kv_layernorm.weight", (llm.kv_lora_rank,), "fp32"),
-            t("pre_mlp_layernorm.weight", (h,), "fp32")]
+        out += _mla_tensors(llm, t, nt)
+    out.append(t("pre_mlp_layernorm.weight", (h,), "fp32"))
     if not llm.moe_layer_freq[layer]:
         f = _split(llm.ffn_hidden_size, tp, "ffn_hidden_size")
         return out + [t("mlp.linear_fc1.weight", (2 * f, h)), t("mlp.linear_fc2.weight", (h, f))]
@@ -122,6 +114,45 @@ def llm_layer_tensors(llm: LLMConfig, layer: int, prefix: str, dtype: str, tp: i
         fs = _split(llm.moe_ffn_hidden_size * llm.num_shared_experts, tp, "shared expert FFN")
         out += [t("mlp.shared_experts.linear_fc1.weight", (2 * fs, h)),
                 t("mlp.shared_experts.linear_fc2.weight", (h, fs))]
+    return out
+
+
+def _gqa_tensors(llm: LLMConfig, t, tp: int) -> list[ParamTensor]:
+    """megatron's ``SelfAttention`` (local spec): ``linear_proj`` row-parallel, the fused
+    ``linear_qkv`` column-parallel (``(heads + 2 groups) x head_dim`` rows, interleaved per query
+    group, so TP splits whole groups), its optional bias, and the per-head q/k RMSNorms
+    (``[head_dim]``, whole on every rank, fp32)."""
+    h, d = llm.hidden_size, llm.head_dim
+    nt = _split(llm.num_attention_heads, tp, "num_attention_heads")
+    gt = _split(llm.query_groups, tp, "num_query_groups")
+    out = [t("self_attention.linear_proj.weight", (h, nt * d)),
+           t("self_attention.linear_qkv.weight", ((nt + 2 * gt) * d, h))]
+    if llm.add_qkv_bias:
+        out.append(t("self_attention.linear_qkv.bias", ((nt + 2 * gt) * d,)))
+    if llm.qk_layernorm:
+        out += [t("self_attention.q_layernorm.weight", (d,), "fp32"),
+                t("self_attention.k_layernorm.weight", (d,), "fp32")]
+    return out
+
+
+def _mla_tensors(llm: LLMConfig, t, nt: int) -> list[ParamTensor]:
+    """megatron's ``MLASelfAttention`` (see the module docstring for what TP splits)."""
+    h, d_qk, d_v = llm.hidden_size, llm.qk_head_dim, llm.v_head_dim
+    out = [t("self_attention.linear_proj.weight", (h, nt * d_v))]
+    if llm.q_lora_rank is None:
+        out.append(t("self_attention.linear_q_proj.weight", (nt * d_qk, h)))
+    else:
+        out += [t("self_attention.linear_q_down_proj.weight", (llm.q_lora_rank, h)),
+                t("self_attention.linear_q_up_proj.weight", (nt * d_qk, llm.q_lora_rank))]
+    out += [
+        t("self_attention.linear_kv_down_proj.weight",
+          (llm.kv_lora_rank + llm.qk_rope_head_dim, h)),
+        t("self_attention.linear_kv_up_proj.weight",
+          (nt * (llm.qk_nope_head_dim + d_v), llm.kv_lora_rank)),
+    ]
+    if llm.q_lora_rank is not None:
+        out.append(t("self_attention.q_layernorm.weight", (llm.q_lora_rank,), "fp32"))
+    out.append(t("self_attention.kv_layernorm.weight", (llm.kv_lora_rank,), "fp32"))
     return out
 
 

@@ -2,8 +2,8 @@
 
 megatron-core 0.16.1 does not ship the FLOPs formula: it lives in Megatron-LM's
 ``megatron/training/training.py::num_floating_point_operations`` (SPEC §6). This module
-re-implements its multi-latent-attention + MoE branch as a function of our ``LLMConfig``, so that
-MFU numbers are comparable with Megatron-LM / Megatron-Bridge reports.
+re-implements its multi-latent-attention and GQA branches (dense or MoE) as a function of our
+``LLMConfig``, so that MFU numbers are comparable with Megatron-LM / Megatron-Bridge reports.
 
 Conventions (identical to Megatron-LM):
 
@@ -26,6 +26,10 @@ MLA ``q_term`` / ``kv_lora_rank * (h + n (d_nope + d_v) + 1) + h d_rope`` / ``n 
 ``standard_self_attn_core_term = 6 (n (d_nope + d_rope) / 2 + n d_v / 2)`` per ``L^2``, MLP
 ``6 h (ffn 3 dense + moe_ffn topk 3 moe + shared 3 moe)`` and logits ``6 h V``; MTP is off here
 (``mtp_num_layers`` None) and MoE latent projections are not used by this model family.
+The GQA form (``attention: gqa``) is the same file's "MHA or GQA" branch: per token and layer
+``6 (h (n d + 2 g d) + n d h)`` for the qkv and output projections (no attention output gate
+here; the qkv bias and the q/k RMSNorms are not counted) and ``6 n d`` per ``L^2`` for core
+attention (``/ 2`` causal ``* 2`` for ``QK^T`` and ``PV``), ``d = kv_channels``.
 
 The vision tower follows Megatron-Bridge's ``vit_flops_from_patch_stats``
 (``training/utils/flop_utils.py`` at ``067f987d``): see :func:`vit_flops_from_patch_stats`.
@@ -62,11 +66,12 @@ def llm_flops_breakdown_per_token(
 
     * ``attn_q``: with ``r_q``: q_down ``h*r_q`` + q_a_layernorm ``r_q`` + q_up
       ``r_q*n*(d_nope+d_rope)``; without: q_proj ``h*n*(d_nope+d_rope)``.
+      GQA (``g`` key/value heads of dim ``d``): the query rows of ``linear_qkv``, ``h*n*d``.
     * ``attn_kv``: kv_down ``h*(r_kv+d_rope)`` + kv_a_layernorm ``r_kv`` + kv_up
-      ``r_kv*n*(d_nope+d_v)``.
-    * ``attn_out``: o_proj ``n*d_v*h``.
+      ``r_kv*n*(d_nope+d_v)``. GQA: the key and value rows of ``linear_qkv``, ``h*2*g*d``.
+    * ``attn_out``: o_proj ``n*d_v*h`` (GQA: ``n*d*h``).
     * ``attn_core``: ``Q K^T`` is ``s*n*(d_nope+d_rope)`` and ``P V`` is ``s*n*d_v`` per query
-      token, halved when causal.
+      token, halved when causal (GQA: ``s*n*d`` each).
     * ``mlp_dense``: ``num_dense_layers`` SwiGLU layers, ``3*h*ffn`` each.
     * ``mlp_routed``: ``num_moe_layers * topk`` experts, ``3*h*moe_ffn`` each.
     * ``mlp_shared``: ``num_moe_layers`` shared experts, ``3*h*moe_ffn*num_shared`` each.
@@ -86,17 +91,24 @@ def llm_flops_breakdown_per_token(
         raise ValueError(f"seq_length={seq_length} must be > 0")
     h = llm.hidden_size
     n = llm.num_attention_heads
-    d_nope, d_rope, d_v = llm.qk_nope_head_dim, llm.qk_rope_head_dim, llm.v_head_dim
     num_layers = llm.num_layers
     vocab = padded_vocab_size or _default_padded_vocab(llm.vocab_size)
 
-    if llm.q_lora_rank is None:
-        q_macs = h * n * (d_nope + d_rope)
+    if llm.attention == "gqa":
+        # Megatron-LM's "MHA or GQA" branch: qkv projection h (n d + 2 g d), out proj n d h,
+        # core n d per L^2 for QK^T and again for PV (before the causal half).
+        d, g = llm.head_dim, llm.query_groups
+        q_macs, kv_macs, out_macs = h * n * d, h * 2 * g * d, n * d * h
+        core_macs = 2 * seq_length * n * d
     else:
-        q_macs = llm.q_lora_rank * (h + n * (d_nope + d_rope) + 1)
-    kv_macs = llm.kv_lora_rank * (h + n * (d_nope + d_v) + 1) + h * d_rope
-    out_macs = n * d_v * h
-    core_macs = seq_length * n * (d_nope + d_rope) + seq_length * n * d_v
+        d_nope, d_rope, d_v = llm.qk_nope_head_dim, llm.qk_rope_head_dim, llm.v_head_dim
+        if llm.q_lora_rank is None:
+            q_macs = h * n * (d_nope + d_rope)
+        else:
+            q_macs = llm.q_lora_rank * (h + n * (d_nope + d_rope) + 1)
+        kv_macs = llm.kv_lora_rank * (h + n * (d_nope + d_v) + 1) + h * d_rope
+        out_macs = n * d_v * h
+        core_macs = seq_length * n * (d_nope + d_rope) + seq_length * n * d_v
     if causal:
         core_macs /= 2  # only the lower triangle of the score matrix is computed
 
