@@ -365,8 +365,11 @@ def frames_to_patches(
     patches = patches.reshape(t * h * w, 3, PATCH_SIZE, PATCH_SIZE)  # one uint8 copy
     if not normalized:
         return patches if patches.data_ptr() != x.data_ptr() else patches.clone()
-    out = patches.to(torch.float32)
-    return out.sub_(127.5).div_(127.5)  # normalize()'s two roundings, in place
+    # normalize()'s two float32 roundings: the subtraction converts as it goes (one pass fewer
+    # than converting first; numpy's loop is the faster one here), the division is in place.
+    out = np.subtract(patches.numpy(), np.float32(127.5), dtype=np.float32)
+    np.divide(out, np.float32(127.5), out=out)
+    return torch.from_numpy(out)
 
 
 def _uint8_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:

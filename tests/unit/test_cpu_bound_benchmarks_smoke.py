@@ -2,6 +2,7 @@
 few MB in-process and its JSON carries every figure.
 
 - ``benchmarks/data_demand.py``: media/packing rates and the kimi_k25 cores-per-GPU arithmetic;
+- ``benchmarks/media_floor.py``: image/video to patches vs the raw decoders of the same frames;
 - ``benchmarks/convert_hf.py``: the safetensors loop, 1 and 2-process import/export, INT4 sizes;
 - ``benchmarks/checkpoint_io.py``: our save/load vs plain DCP, the async snapshot and writer.
 """
@@ -26,6 +27,21 @@ def _data_demand(tmp_path) -> None:
     assert r["media"]["image"]["patches"] > 0 and r["media"]["video"]["llm_tokens"] > 0
     assert set(r["demand"]["cases"]) == {f"{m}@{b}" for m in ("stage_mix", "image", "video")
                                          for b in ("vision_share", "full_patch_budget")}
+
+
+def _media_floor(tmp_path) -> None:
+    from benchmarks import media_floor
+
+    data = json.loads(media_floor.main(["--smoke", "--out-dir", str(tmp_path)]).read_text())
+    assert data["smoke"] is True and data["device"]["cpu_model"]
+    res = data["results"]
+    assert set(res["ratios"]) == {f"{m}_{f}" for m in ("image", "video")
+                                  for f in ("float32", "uint8")}
+    assert all(r > 0 for r in res["ratios"].values())
+    # The floors decode the same frames ours does (bit for bit), whichever is the fastest.
+    assert all(res["video"]["floor_frames_equal_ours"].values())
+    assert res["video"]["floor"] in res["video"]["floor_candidates_cpu_s"]
+    assert res["image"]["grid_thw"][0] == 1 and res["video"]["patches"] > 0
 
 
 def _convert_hf(tmp_path) -> None:
@@ -71,7 +87,8 @@ def _checkpoint_io(tmp_path) -> None:
 
 
 def test_cpu_bound_benchmarks_smoke(tmp_path):
-    for name, check in [("data_demand", _data_demand), ("convert_hf", _convert_hf),
+    for name, check in [("data_demand", _data_demand), ("media_floor", _media_floor),
+                        ("convert_hf", _convert_hf),
                         ("checkpoint_io", _checkpoint_io)]:
         out = tmp_path / name
         out.mkdir()
