@@ -5,13 +5,13 @@
 
 1. *blocking, in the step loop*: build the sharded state dict, plan the torch_dist write
    (``dist_checkpointing.save(..., async_sharded_save=True)``; rank 0 writes ``common.pt``),
-   write this rank's ``rank_XXXXX.pt`` (RNG states and loader position *of step N*), then
-   megatron's ``AsyncCallsQueue`` forks the writer. On CPU the fork is the snapshot: the child
-   sees the tensors as they were at step N (copy-on-write) while the parent trains on; on GPU
-   megatron's ``preload_fn`` copies them to host memory first.
-2. *in the background*: the forked process writes the tensors (one thread per bucket file,
-   each byte hashed as it is written, fsync; ``hashed_io.py``), hashes this rank's small files
-   (its rank file, rank 0's ``common.pt``) and leaves the hashes in a sidecar file.
+   write this rank's ``rank_XXXXX.pt`` (RNG states and loader position *of step N*), then copy
+   this rank's tensors into the staging buffer shared with the writer process (the snapshot:
+   training may change them from here on) and hand it the request (``async_writer.py``).
+2. *in the background*: the writer process -- one per trainer, started with the saver, at
+   lower priority -- writes the tensors (one thread per bucket file, each byte hashed as it is
+   written, fsync; ``hashed_io.py``), hashes this rank's small files (its rank file, rank 0's
+   ``common.pt``) and leaves the hashes in a sidecar file.
 3. *blocking, at a later step boundary* (``poll`` finds every rank's writer done, one small
    all-reduce per step while a save is in flight): megatron's finalize (``.metadata``,
    ``metadata.json``), then ours: the ranks' hashes are gathered and rank 0 writes the
@@ -21,6 +21,10 @@
 
 At most one save is in flight: a new save (or :meth:`finish`) first waits for the previous
 one. The time each save blocked the step loop (1 + polls + 3) is measured and reported.
+
+The writer used to be forked per save (megatron's ``TemporalAsyncCaller``): a free snapshot,
+but every page the trainer touched afterwards took a copy-on-write fault, which made the tiny
+run's steps ~2x slower while a write was in flight (``benchmarks/checkpoint_io.py``).
 """
 
 from __future__ import annotations
@@ -28,16 +32,34 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import queue
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import send_handle
 from pathlib import Path
-from typing import Any
 
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.async_utils import (
+    AsyncCaller,
+    AsyncCallsQueue,
+    AsyncRequest,
+)
 from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
 
+from megatron_vlm.checkpoint.async_writer import (
+    RESULTS_PLACEHOLDER,
+    StagingBuffer,
+    sidecar_path,
+    stage,
+    stage_size,
+    write_then_hash,
+)
 from megatron_vlm.checkpoint.dist import (
     Layout,
     PendingSave,
@@ -50,12 +72,7 @@ from megatron_vlm.checkpoint.dist import (
     write_rank_state,
 )
 from megatron_vlm.checkpoint.manifest import CheckpointError, file_entries
-from megatron_vlm.checkpoint.megatron_io import (
-    AsyncTorchDistSaveStrategy,
-    shutdown_results_queue,
-    without_psutil,
-    write_results_queue,
-)
+from megatron_vlm.checkpoint.megatron_io import AsyncTorchDistSaveStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +89,7 @@ class SaveReport:
     blocked_s: float
     """Seconds the training process spent in this save: schedule + polls + wait + finalize."""
     schedule_s: float
-    """Async: state dict, plan, common/rank files and fork; sync: the whole save."""
+    """Async: state dict, plan, common/rank files and staging copy; sync: the whole save."""
     finalize_s: float
     """Async: megatron's finalize + gather of hashes + manifest + rename + prune."""
     write_start_unix: float
@@ -105,40 +122,105 @@ class _InFlight:
     """Set by the finalize step once the checkpoint is complete."""
 
 
-WRITER_NICE = 10
-"""Niceness added to the forked writer, so on cores shared with training (or with other jobs)
-the step loop wins and the write takes longer instead."""
+class WriterProcess(AsyncCaller):
+    """megatron ``AsyncCaller`` running every request in one persistent writer process (see the
+    module docstring). At most one request in flight (``CheckpointSaver`` waits for the previous
+    one before staging the next: the buffer is reused)."""
 
+    def __init__(self) -> None:
+        parent, child = socket.socketpair()
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "megatron_vlm.checkpoint.async_writer", str(child.fileno())],
+            pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL)
+        child.close()
+        self._conn = Connection(parent.detach())
+        # The writer unpickles requests whose functions live in modules this process imported.
+        self._conn.send(("hello", list(sys.path)))
+        self._staging: StagingBuffer | None = None
+        self._results: queue.Queue | None = None
+        self._call_idx: int | None = None
+        self._reply: tuple | None = None
+        self.stage_s = 0.0
+        """Seconds the last request spent copying tensors into the staging buffer."""
 
-def _sidecar(tmp: Path, rank: int) -> Path:
-    return tmp / f".write_rank_{rank:05d}.json"
+    # --- AsyncCaller ---------------------------------------------------------------------
 
+    def schedule_async_call(self, async_req: AsyncRequest) -> None:
+        if async_req.async_fn is None:
+            return
+        if self._call_idx is not None:
+            raise RuntimeError("a checkpoint write is still in flight")
+        args, results = list(async_req.async_fn_args), None
+        t0 = time.perf_counter()
+        if args:  # megatron's (rank, write buckets, results queue); none: nothing to write
+            rank, buckets, results = args
+            need = stage_size(buckets)
+            if self._staging is None or self._staging.nbytes < need:
+                if self._staging is not None:
+                    self._staging.close()
+                self._staging = StagingBuffer(need)
+                self._conn.send(("staging", self._staging.nbytes))
+                send_handle(self._conn, self._staging.fd, self._proc.pid)
+            args = [rank, stage(buckets, self._staging), RESULTS_PLACEHOLDER]
+        self.stage_s = time.perf_counter() - t0
+        payload = pickle.dumps((async_req.async_fn, args, async_req.async_fn_kwargs))
+        self._conn.send(("write", async_req.call_idx, payload))
+        self._results, self._call_idx, self._reply = results, async_req.call_idx, None
 
-def _write_then_hash(write_fn, tmp: str, small: list[str], digests: dict, data: list[str],
-                     sidecar: str, *args, **kwargs):
-    """Runs in the forked writer: megatron's buckets, hashed while written (into ``digests``),
-    then the hashes of this rank's small files; every entry -> sidecar."""
-    start = time.time()
-    record: dict[str, Any] = {"write_start_unix": start}
-    try:
-        os.nice(WRITER_NICE)  # this forked process only: training keeps the CPU when contended
-    except OSError:
-        pass
-    try:
-        with without_psutil():
-            if write_fn is not None:
-                write_fn(*args, **kwargs)  # failures go to megatron's result queue
-            missing = [name for name in data if name not in digests]
-            if missing:
-                raise CheckpointError(f"no digest for data files {missing} (write failed)")
-            record["entries"] = ([digests[name] for name in data]
-                                 + file_entries(Path(tmp), small, fsync=True))
-    except Exception as e:  # noqa: BLE001 -- reported by the finalize step on every rank
-        record["error"] = f"{type(e).__name__}: {e}"
-    record["write_end_unix"] = time.time()
-    part = Path(sidecar + ".part")
-    part.write_text(json.dumps(record))
-    os.replace(part, sidecar)
+    def is_current_async_call_done(self, blocking: bool = False, no_dist: bool = False) -> bool:
+        alive = self._call_idx is not None and not self._collect(blocking)
+        done = not alive if no_dist else self.sync_all_async_calls(int(alive))
+        if done and self._call_idx is not None:
+            self._deliver()
+        return bool(done)
+
+    def close(self, abort: bool = False) -> None:
+        if self._proc is None:
+            return
+        if abort:
+            self._proc.kill()
+        else:
+            try:
+                self._conn.send(("stop",))
+            except OSError:
+                pass
+        self._proc.wait()
+        self._conn.close()
+        if self._staging is not None:
+            self._staging.close()
+        self._proc = self._staging = None
+
+    def __del__(self) -> None:
+        pass  # close() is explicit (CheckpointSaver.close); the writer exits on EOF otherwise
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _collect(self, blocking: bool) -> bool:
+        """Whether the writer has answered the request in flight (waits if ``blocking``)."""
+        if self._reply is not None:
+            return True
+        if not blocking and not self._conn.poll():
+            return False
+        try:
+            self._reply = self._conn.recv()
+        except EOFError:
+            code = self._proc.wait()
+            self._reply = ("dead", self._call_idx,
+                           [RuntimeError(f"checkpoint writer process exited with {code}")])
+        return True
+
+    def _deliver(self) -> None:
+        """Hand the writer's results to megatron's finalize (the writer object's queue)."""
+        self._collect(blocking=True)
+        _, _, results = self._reply
+        for r in results:
+            if self._results is not None:
+                self._results.put(r)
+            elif isinstance(r, Exception):
+                raise r
+        self._results = self._call_idx = self._reply = None
+
 
 
 class CheckpointSaver:
@@ -149,7 +231,8 @@ class CheckpointSaver:
     Args:
         root: checkpoint root (``root/step_XXXXXXX``).
         keep_last: complete checkpoints kept.
-        async_save: write in the background (megatron's ``AsyncCallsQueue``).
+        async_save: write in the background (megatron's ``AsyncCallsQueue`` with our writer
+            process, ``async_writer.WriterProcess``, started here).
         layout: this run's parallel sizes for the manifests (``Runtime.layout()``; None: those
             of the process groups this process made, ``dist.Layout``).
     """
@@ -161,12 +244,13 @@ class CheckpointSaver:
         self.async_save = async_save
         self.layout = layout
         self._queue: AsyncCallsQueue | None = None
+        self._writer: WriterProcess | None = None
         self._in_flight: _InFlight | None = None
         if async_save:
-            # Start the writers' result queue now (a process start-up, ~1 s), not at the
-            # first save inside the step loop.
-            write_results_queue()
-            self._queue = AsyncCallsQueue(persistent=False)  # fork per save (TemporalAsyncCaller)
+            # Started now (an interpreter start-up, in the background), not at the first save.
+            self._writer = WriterProcess()
+            self._queue = AsyncCallsQueue(persistent=True)
+            self._queue.persistent_caller = self._writer
 
     @property
     def in_flight(self) -> bool:
@@ -201,8 +285,8 @@ class CheckpointSaver:
         if request.async_fn is not None:
             data = [bucket[1] for bucket in request.async_fn_args[1]]  # (path, name, data)
         request = request._replace(async_fn=partial(
-            _write_then_hash, request.async_fn, str(pending.tmp), small, strategy.digests, data,
-            str(_sidecar(pending.tmp, pending.rank))))
+            write_then_hash, request.async_fn, str(pending.tmp), small, strategy.digests, data,
+            str(sidecar_path(pending.tmp, pending.rank))))
         flight = _InFlight(pending, schedule_s=0.0)
         request.finalize_fns.insert(0, partial(_mark_finalize_start, flight))
         request.add_finalize_fn(partial(_finalize, flight))
@@ -225,9 +309,8 @@ class CheckpointSaver:
         self.finish()
         wait_for_pruning()
         if self._queue is not None:
-            self._queue.close()
-            shutdown_results_queue()
-            self._queue = None
+            self._queue.close()  # and the writer process
+            self._queue = self._writer = None
 
     # --- internals ------------------------------------------------------------------------
 
@@ -264,7 +347,7 @@ def _finalize(flight: _InFlight) -> None:
     """megatron's finalize has run on every rank (``.metadata``, ``metadata.json``); now ours:
     gather the writers' hashes, manifest, rename, prune."""
     pending = flight.pending
-    sidecar = _sidecar(pending.tmp, pending.rank)
+    sidecar = sidecar_path(pending.tmp, pending.rank)
     try:
         record = json.loads(sidecar.read_text())
         sidecar.unlink()

@@ -5,23 +5,22 @@ and, where megatron builds a helper inside a function, rebinds that module attri
 duration of one call (``_patched``). Why each piece exists:
 
 * ``InProcessTorchDistSaveStrategy`` (with ``_InProcessFileSystemWriter`` and
-  ``_write_buckets_in_process``): the torch_dist save strategy writes through
+  ``async_writer.write_buckets_to_queue``): the torch_dist save strategy writes through
   ``FileSystemWriterAsync``, which even for a synchronous save starts a ``spawn``
   multiprocessing Manager (re-importing ``__main__``) and forks one writer process per bucket
   (``strategies/filesystem_async.py:54,266``).
   We write the same buckets, with fsync and megatron's result protocol, in this process instead:
   one thread per bucket file, every byte hashed as it is written (``hashed_io.py``), so the
-  manifest needs no second read of the data.
-  Without psutil (not a megatron-core dependency) ``filesystem_async.py:642`` raises just to log
-  memory use, so that call is stubbed out while writing (``without_psutil``).
+  manifest needs no second read of the data (and megatron's writer, whose memory logging
+  needs psutil, ``filesystem_async.py:642``, never runs).
 * ``AsyncTorchDistSaveStrategy`` (with ``_AsyncFileSystemWriter``): megatron's own async path
-  (forked writer, per-bucket processes, results through a Manager queue) with another Manager:
-  megatron starts a ``spawn``-context one (``filesystem_async.py:51``), which re-imports
-  ``__main__`` -- re-running any script without a ``__main__`` guard that calls ``train()`` --
-  and dies from a preemption signal sent to the trainer's process group (torchrun's
-  ``killpg``, SLURM), taking the result queue of the save in flight with it. Ours is forked
-  (nothing re-imported; megatron forks its writers the same way) and blocks SIGTERM/SIGUSR1.
-  The queue is built inside a function with no hook, so it is rebound for the call.
+  (forked writer, per-bucket processes, results through a Manager queue) with our writer
+  process instead (``async_writer.py``) and a plain result queue: megatron starts a
+  ``spawn``-context Manager (``filesystem_async.py:51``), which re-imports ``__main__`` --
+  re-running any script without a ``__main__`` guard that calls ``train()`` -- and dies from a
+  preemption signal sent to the trainer's process group (torchrun's ``killpg``, SLURM), taking
+  the result queue of the save in flight with it. The queue is built inside a function with no
+  hook, so it is rebound for the call.
 * ``SafeCommonLoadStrategy``: megatron reads ``common.pt`` with torch's loader (map_location cpu)
   and no ``weights_only`` argument (``strategies/common.py:86``): safe only because torch >= 2.6
   defaults to ``weights_only=True`` and an env var (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``) can flip
@@ -46,7 +45,6 @@ import dataclasses
 import io
 import pickle
 import queue
-import signal
 from collections.abc import Iterator
 from enum import Enum
 from functools import partial
@@ -66,7 +64,7 @@ from megatron.core.dist_checkpointing.strategies.common import (
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from megatron_vlm.checkpoint import hashed_io
+from megatron_vlm.checkpoint import async_writer
 from megatron_vlm.checkpoint.hashed_io import WRITE_THREADS
 from megatron_vlm.checkpoint.manifest import CheckpointError
 
@@ -85,32 +83,9 @@ def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
 # --- save strategy: torch_dist, written in this process -----------------------------------------
 
 
-def without_psutil() -> contextlib.AbstractContextManager:
-    """Stub ``filesystem_async._process_memory`` when psutil is missing.
-
-    filesystem_async.py:642 raises without psutil (not a megatron-core dependency) just to log
-    memory use; in megatron's forked workers that kills the worker before it reports.
-    """
-    if _fs_async.HAVE_PSUTIL:
-        return contextlib.nullcontext()
-    return _patched(_fs_async, "_process_memory", lambda: 0)
-
-
-def _write_buckets_in_process(
-    transform_list: list, digests: dict, rank: int, write_buckets: list,
-    results_queue: queue.Queue,
-) -> None:
-    """Stand-in for ``FileSystemWriterAsync.write_preloaded_data_multiproc``: the same result
-    protocol, the buckets written by threads of this process, each file hashed as it is written
-    (``hashed_io.write_buckets``; its manifest entry lands in ``digests``)."""
-    with without_psutil():
-        # An exception goes into the queue, as from megatron's workers: its finalize step then
-        # reports the failure on every rank instead of leaving the others in a collective.
-        results_queue.put(hashed_io.write_buckets(transform_list, write_buckets, digests))
-
-
 class _HashingWriterMixin:
-    """Writes the buckets with :func:`_write_buckets_in_process` (hashes into ``digests``)."""
+    """Writes the buckets with ``async_writer.write_buckets_to_queue`` (hashes into
+    ``digests``), looked up at each save."""
 
     digests: dict
 
@@ -119,7 +94,8 @@ class _HashingWriterMixin:
         if fn is None:
             return fn, preload_fn, args
         transform_list = [self.transforms] if hasattr(self, "transforms") else []
-        return partial(_write_buckets_in_process, transform_list, self.digests), preload_fn, args
+        return (partial(async_writer.write_buckets_to_queue, transform_list, self.digests),
+                preload_fn, args)
 
 
 def _writer_factory(cls: type, digests: dict):
@@ -158,47 +134,16 @@ class InProcessTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrateg
             return super().async_save(sharded_state_dict, checkpoint_dir)
 
 
-# --- save strategy: megatron's async torch_dist, signal-proof result queue ----------------------
-
-_RESULTS_MANAGER = None
-_RESULTS_QUEUE = None
-
-
-def write_results_queue():
-    """The write-results queue shared by every async save of this process (started once).
-
-    Like megatron's ``_get_write_results_queue`` a Manager queue (it survives the forked
-    writers, and has no pipe-capacity deadlock), but the Manager is forked, not spawned, and
-    blocks SIGTERM and SIGUSR1 (see the module docstring). SIGKILL still ends it; it also ends
-    with this process (multiprocessing's exit finalizer).
-    """
-    global _RESULTS_MANAGER, _RESULTS_QUEUE
-    if _RESULTS_QUEUE is None:
-        from multiprocessing.managers import SyncManager
-
-        import torch.multiprocessing as mp
-
-        manager = SyncManager(ctx=mp.get_context("fork"))
-        manager.start(initializer=signal.pthread_sigmask,
-                      initargs=(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1}))
-        _RESULTS_MANAGER, _RESULTS_QUEUE = manager, manager.Queue()
-    return _RESULTS_QUEUE
-
-
-def shutdown_results_queue() -> None:
-    """Stop the Manager behind :func:`write_results_queue` (no async save may be in flight)."""
-    global _RESULTS_MANAGER, _RESULTS_QUEUE
-    if _RESULTS_MANAGER is not None:
-        _RESULTS_MANAGER.shutdown()
-    _RESULTS_MANAGER = _RESULTS_QUEUE = None
+# --- save strategy: megatron's async torch_dist, written by our writer process -----------------
 
 
 class _AsyncFileSystemWriter(_HashingWriterMixin, _fs_async.FileSystemWriterAsync):
-    """megatron 0.16.1's async writer with :func:`write_results_queue` (module docstring), the
-    buckets written by threads of the forked writer and hashed on the way."""
+    """megatron 0.16.1's async writer, its buckets written (and hashed) by threads of our
+    writer process (``async_writer.WriterProcess``), which hands the results back into a plain
+    queue of this process (megatron's is a spawned Manager's; see the module docstring)."""
 
     def prepare_write_data(self, plan, planner) -> None:
-        with _patched(_fs_async, "_get_write_results_queue", write_results_queue):
+        with _patched(_fs_async, "_get_write_results_queue", queue.Queue):
             super().prepare_write_data(plan, planner)
 
 
@@ -206,8 +151,8 @@ class AsyncTorchDistSaveStrategy(_torch_strategy.TorchDistSaveShardedStrategy):
     """megatron's torch_dist async save with :class:`_AsyncFileSystemWriter`.
 
     ``thread_count=WRITE_THREADS``: the same files as :class:`InProcessTorchDistSaveStrategy`,
-    so async and synchronous checkpoints are alike. ``digests`` is filled in the forked writer
-    (read it there, after the write).
+    so async and synchronous checkpoints are alike. ``digests`` is filled in the writer process
+    (its copy of the request; read it there, after the write).
     """
 
     def __init__(self) -> None:

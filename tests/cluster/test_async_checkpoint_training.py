@@ -5,29 +5,27 @@ while the background writer of step 3's checkpoint is still writing; SIGTERM arr
 that in-flight write still ends with complete checkpoints only (step 3's, finished first, and
 the stop step's) and a clean return; a resumed run continues from the stop step.
 
-The writer is slowed down (a sleep in our bucket writer, ``hashed_io.write_buckets``, inherited
-by the forked writer process) so the overlap does not depend on machine speed; the proof is the
-timestamps of the steps and of the write, not the sleep.
+The writer is slowed down (sleeps in the bucket writer that the writer process runs,
+``slow_ckpt_writer.py``) so the overlap does not depend on machine speed; the proof is the
+timestamps of the steps and of the write, not the sleep. The write happens in the persistent
+writer process, not in the trainer (its pid is recorded).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
+from slow_ckpt_writer import AFTER_SIGNAL_S, BEFORE_SIGNAL_S, LOG_ENV, PID_ENV, slow_write_buckets
 
-from megatron_vlm.checkpoint import find_latest_checkpoint, hashed_io, verify_checkpoint
+from megatron_vlm.checkpoint import async_writer, find_latest_checkpoint, verify_checkpoint
 from megatron_vlm.config import apply_overrides
 from megatron_vlm.recipes import get_recipe
 from megatron_vlm.training.trainer import train
 
 SAVE_AT = 3
-BEFORE_SIGNAL_S = 2.0  # writer: sleep, SIGTERM the trainer, sleep, then write
-AFTER_SIGNAL_S = 1.0
 
 
 def _job(run_dir: Path, steps: int, resume: bool = False):
@@ -45,24 +43,18 @@ def _records(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("async_train")
-    trainer_pid, signal_log = os.getpid(), run_dir / "signal_sent.json"
-    original = hashed_io.write_buckets
-
-    def slow_write(*args, **kwargs):  # runs in the forked writer processes
-        time.sleep(BEFORE_SIGNAL_S)
-        if not signal_log.exists():  # the first save only
-            signal_log.write_text(json.dumps({"time": time.time()}))
-            os.kill(trainer_pid, signal.SIGTERM)
-        time.sleep(AFTER_SIGNAL_S)
-        return original(*args, **kwargs)
-
+    signal_log = run_dir / "signal_sent.json"
     mp = pytest.MonkeyPatch()
-    mp.setattr(hashed_io, "write_buckets", slow_write)
+    mp.setenv(PID_ENV, str(os.getpid()))
+    mp.setenv(LOG_ENV, str(signal_log))
+    mp.setattr(async_writer, "write_buckets_to_queue", slow_write_buckets)
     try:
         result = train(_job(run_dir, steps=1_000))  # the SIGTERM stops it long before
     finally:
         mp.undo()
-    return run_dir, result, json.loads(signal_log.read_text())["time"]
+    sent = json.loads(signal_log.read_text())
+    assert sent["writer_pid"] != os.getpid()  # written by the writer process, not the trainer
+    return run_dir, result, sent["time"]
 
 
 def test_steps_complete_while_the_write_is_in_flight(preempted):
