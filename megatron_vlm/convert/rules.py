@@ -37,6 +37,8 @@ class ConvertContext:
 
     num_heads: int = 0
     """LLM attention heads."""
+    num_query_groups: int = 0
+    """GQA LLMs: key/value heads (``model.llm.num_query_groups``); 0 for MLA."""
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     kv_lora_rank: int = 0

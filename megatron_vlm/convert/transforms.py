@@ -42,6 +42,49 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
+# --- GQA qkv (Qwen3 ...): HF q, k, v -> megatron's linear_qkv, interleaved per query group -------
+
+
+def fuse_gqa_qkv(q: Tensor, k: Tensor, v: Tensor, num_query_groups: int) -> Tensor:
+    """HF ``q [H*d, ...]``, ``k``/``v [G*d, ...]`` -> megatron's GQA ``linear_qkv`` rows: per
+    query group ``g``, its ``H/G`` query heads, then key head ``g``, then value head ``g``
+    (megatron-core ``SelfAttention.get_query_key_value_tensors``)."""
+    parts = [x.reshape(num_query_groups, -1, *x.shape[1:]) for x in (q, k, v)]
+    return torch.cat(parts, dim=1).reshape(-1, *q.shape[1:])
+
+
+def split_gqa_qkv(qkv: Tensor, num_heads: int,
+                  num_query_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inverse of :func:`fuse_gqa_qkv`."""
+    rows, rest = qkv.shape[0], qkv.shape[1:]
+    if rows % (num_heads + 2 * num_query_groups):
+        raise ConversionError(f"has {rows} rows, not a multiple of heads + 2 x query groups = "
+                              f"{num_heads + 2 * num_query_groups}")
+    d = rows // (num_heads + 2 * num_query_groups)
+    q_rows = num_heads // num_query_groups * d
+    per_group = qkv.reshape(num_query_groups, q_rows + 2 * d, *rest)
+    q = per_group[:, :q_rows].reshape(-1, *rest)
+    k = per_group[:, q_rows:q_rows + d].reshape(-1, *rest)
+    v = per_group[:, q_rows + d:].reshape(-1, *rest)
+    return q, k, v
+
+
+def _gqa_to_ours(ts: list[Tensor], ctx: ConvertContext) -> Tensor:
+    q, k, v = ts
+    groups = ctx.num_query_groups
+    if not groups or k.shape[0] % groups or q.shape[0] % groups or k.shape != v.shape:
+        raise ConversionError(f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)} do not "
+                              f"split into {groups} query groups")
+    return fuse_gqa_qkv(q, k, v, groups)
+
+
+GQA_Q_K_V = Transform(
+    "gqa_q_k_v",
+    to_ours=_gqa_to_ours,
+    to_hf=lambda t, ctx: list(split_gqa_qkv(t, ctx.num_heads, ctx.num_query_groups)),
+)
+
+
 # --- gate/up fusion: megatron's gated linear_fc1 is [gate; up] ----------------------------------
 
 FUSE_GATE_UP = Transform(
