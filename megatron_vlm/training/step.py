@@ -35,9 +35,14 @@ def packed_seq_params(batch: PackedBatch, device: torch.device) -> PackedSeqPara
                                  device)
 
 
-def media_positions(vision: VisionInputs) -> torch.Tensor:
-    """Sequence index of every placeholder token, item by item (``[sum(h*w/4)]``)."""
-    counts, starts = vision.num_llm_tokens.tolist(), vision.placeholder_starts.tolist()
+def media_positions(vision: VisionInputs, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Sequence index of every placeholder token, item by item.
+
+    ``counts``: placeholder tokens per item by the model family's rule (``VisionLanguageModel.
+    llm_tokens_per_item``: Kimi ``h*w/4``, Keye ``t*h*w/4``); None: Kimi's rule.
+    """
+    counts = vision.num_llm_tokens if counts is None else counts
+    counts, starts = counts.tolist(), vision.placeholder_starts.tolist()
     if not counts:
         return torch.zeros(0, dtype=torch.long)
     return torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)])
@@ -71,10 +76,13 @@ def model_inputs(batch: PackedBatch, device: torch.device, model) -> dict:
         # Later pipeline stages: megatron leaves the mask unscattered (gpt_model.py:314).
         padding_mask = scatter_padding_mask(padding_mask)
     vlm = isinstance(inner, VisionLanguageModel)
+    # A family with M-RoPE (Keye) carries [3, S] ids; they split along S with their tokens.
+    positions = (batch.position_ids if batch.mrope_position_ids is None
+                 else batch.mrope_position_ids)
     inputs = {
         # The VLM splits the merged embeddings itself, after the vision scatter.
         "input_ids": batch.tokens.to(device) if vlm else local(batch.tokens),
-        "position_ids": batch.position_ids.to(device) if vlm else local(batch.position_ids),
+        "position_ids": positions.to(device) if vlm else local(positions),
         "attention_mask": None,
         "labels": local(batch.labels),
         "packed_seq_params": params,
@@ -83,8 +91,10 @@ def model_inputs(batch: PackedBatch, device: torch.device, model) -> dict:
     if batch.vision is not None:
         if not vlm:
             raise ValueError("a batch with media reached a text-only model; set model.vision")
-        inputs.update(pixel_values=batch.vision.pixel_values, grid_thw=batch.vision.grid_thw,
-                      media_positions=media_positions(batch.vision))
+        grid = batch.vision.grid_thw
+        inputs.update(pixel_values=batch.vision.pixel_values, grid_thw=grid,
+                      media_positions=media_positions(batch.vision,
+                                                      inner.llm_tokens_per_item(grid)))
     return inputs
 
 
