@@ -88,8 +88,9 @@ class VisionBudget:
             item = budget
         else:
             budget = mm.max_patches_per_micro_batch
+            # a tower without temporal patches (Keye's SigLIP) encodes a video frame by frame
             item = max(mm.image_max_patches,
-                       vision.temporal_patch_size * mm.video_chunk_max_patches)
+                       getattr(vision, "temporal_patch_size", 1) * mm.video_chunk_max_patches)
         return cls(patches_per_micro_batch=budget, patches_per_item=min(item, budget), fill=fill)
 
 

@@ -15,6 +15,9 @@ stage   trainable            loss / data (``data.multimodal``)   starts from
                              ``joint`` mix; CP raised
 ======  ===================  ==================================  ===========================
 
+Instead of YaRN, :func:`abf_long_context` extends by raising the RoPE base (ABF; Keye-VL 1.5's
+8K -> 32K -> 128K annealing with base 1e6 -> 8e6).
+
 "Starts from" is ``checkpoint.init_from``: the model weights of the previous stage's newest
 checkpoint; optimizer state is carried over only when the trainable set is identical (the
 trainer compares the set recorded in that checkpoint), otherwise a fresh optimizer is built and
@@ -30,6 +33,7 @@ Import only ``megatron_vlm.config`` here (recipes rule).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from megatron_vlm.config import JobConfig, StageMix
 
@@ -125,6 +129,57 @@ def long_context(job: JobConfig, init_from: str | None = None, *, seq_factor: in
     parallel = dataclasses.replace(out.parallel, cp=cp if cp is not None else 2 * out.parallel.cp)
     model = dataclasses.replace(out.model, llm=llm)
     return dataclasses.replace(out, model=model, data=data, parallel=parallel)
+
+
+def abf_long_context(job: JobConfig, init_from: str | None = None, *, seq_length: int,
+                     rope_theta: float, cp: int, name: str | None = None,
+                     mix: str | None = None, patches: int | None = None,
+                     tp: int | None = None) -> JobConfig:
+    """Long context by adjusted base frequency (ABF; Keye-VL 1.5's annealing, Qwen's long-context
+    stages) instead of YaRN: longer packs and a larger RoPE base (``model.llm.rope_theta``),
+    everything trains, starting from the previous stage's weights.
+
+    A new base changes no tensor (the RoPE frequencies are computed from ``rope_theta``, never
+    stored in a checkpoint), so ``checkpoint.init_from`` loads the previous stage as is; only a
+    resume refuses the changed model (``checkpoint/run_dir.py``).
+
+    Args:
+        job: the previous stage's job (YaRN must be off: one extension method at a time).
+        init_from: the previous stage's checkpoint (root or step directory).
+        seq_length: the new pack length (longer than ``job``'s).
+        rope_theta: the new RoPE base (larger than ``job``'s).
+        cp: context-parallel size of this stage.
+        name: the stage's name (default ``<job>_abf<seq_length>``).
+        mix: key of ``data.multimodal.mixes`` to train on (default: ``job``'s stage).
+        patches: ViT patch budget per pack (default: ``job``'s scaled with the pack length).
+        tp: tensor-parallel size of this stage (default: ``job``'s).
+    """
+    llm = job.model.llm
+    if llm.yarn.enabled:
+        raise ValueError("abf_long_context: model.llm.yarn is on; extend with YaRN "
+                         "(long_context) or with the RoPE base, not both")
+    if seq_length <= job.data.seq_length or rope_theta < llm.rope_theta:
+        raise ValueError(
+            f"abf_long_context: seq_length={seq_length} must exceed {job.data.seq_length} and "
+            f"rope_theta={rope_theta} must be >= model.llm.rope_theta={llm.rope_theta}")
+    mm = job.data.multimodal
+    stage = mix or (mm.stage if mm is not None else None)
+    out = _stage(job, name=name or f"{job.name}_abf{seq_length}", freeze_vision=False,
+                 freeze_projector=False, freeze_llm=False, mix=stage, init_from=init_from)
+    llm = dataclasses.replace(llm, rope_theta=rope_theta,
+                              max_position_embeddings=max(llm.max_position_embeddings,
+                                                          seq_length))
+    mm = out.data.multimodal
+    if patches is None:
+        patches = mm.max_patches_per_micro_batch * seq_length // out.data.seq_length
+    mm = dataclasses.replace(mm, max_patches_per_micro_batch=patches)
+    parallel = dataclasses.replace(out.parallel, cp=cp, tp=tp or out.parallel.tp)
+    # context parallelism cuts every document into 2*cp chunks of whole TP shards
+    align = 2 * cp * parallel.tp if cp > 1 else 1
+    data = dataclasses.replace(out.data, seq_length=seq_length, multimodal=mm,
+                               pad_to_multiple=math.lcm(out.data.pad_to_multiple, align))
+    return dataclasses.replace(out, model=dataclasses.replace(out.model, llm=llm), data=data,
+                               parallel=parallel)
 
 
 # --- the tiny VLM's stages: a few hundred steps each on CPU (``tools/run_stages.py``) -------------

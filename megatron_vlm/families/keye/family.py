@@ -46,5 +46,7 @@ FAMILY = ModelFamily(
     costs=costs,
     position_ids="mrope",
     hf_architectures=("KeyeVL1_5ForConditionalGeneration",),
+    recipes=("keye_vl_1_5_8b", "keye_vl_1_5_8b_anneal_32k", "keye_vl_1_5_8b_anneal_128k",
+             "tiny_keye_cpu"),
     notes={"sources": "FAMILIES.md §1: keye-vl-utils 1.5.2, vLLM keye_vl1_5.py, HF port"},
 )
