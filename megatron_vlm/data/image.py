@@ -326,9 +326,9 @@ def frames_to_patches(
     """``patchify(normalize(resize_and_pad(...)))`` in one pass over the pixels, bit for bit.
 
     The frames stay channels-last throughout (torch's uint8 antialiased bicubic kernel works on
-    packed pixels: no layout copy before or after it), padding writes into one zeroed buffer,
-    and the patch reorder runs on uint8 (a quarter of float32's bytes) before the float
-    conversion and the in-place normalisation. ``normalized=False`` stops at the uint8 patches
+    packed pixels: no layout copy before or after it), the resized frame is written straight
+    into the zero-padded patch layout on uint8 (a quarter of float32's bytes; ``_patch_layout``),
+    then converted and normalised in two passes. ``normalized=False`` stops at the uint8 patches
     (``normalize`` later gives the same floats): the hand-over form, a quarter of the bytes.
 
     Args:
@@ -345,7 +345,6 @@ def frames_to_patches(
     x = _uint8_tensor(frames_thwc)
     if x.dim() == 3:
         x = x.unsqueeze(0)
-    t = x.shape[0]
     (rh, rw), (ph, pw) = resized_hw, padded_hw
     if ph < rh or pw < rw:
         raise ValueError(f"padded size {padded_hw} smaller than resized size {resized_hw}")
@@ -355,21 +354,36 @@ def frames_to_patches(
         # A channels-last view in, a channels-last result out (same kernel and bits as NCHW).
         x = F.interpolate(x.permute(0, 3, 1, 2), size=(rh, rw), mode="bicubic",
                           align_corners=False, antialias=True).permute(0, 2, 3, 1)
-    x = x[..., :3]
-    if (ph, pw) != (rh, rw):
-        padded = x.new_zeros(t, ph, pw, 3)
-        padded[:, :rh, :rw] = x
-        x = padded
-    h, w = ph // PATCH_SIZE, pw // PATCH_SIZE
-    patches = x.reshape(t, h, PATCH_SIZE, w, PATCH_SIZE, 3).permute(0, 1, 3, 5, 2, 4)
-    patches = patches.reshape(t * h * w, 3, PATCH_SIZE, PATCH_SIZE)  # one uint8 copy
+    patches = _patch_layout(x[..., :3], ph, pw)
     if not normalized:
-        return patches if patches.data_ptr() != x.data_ptr() else patches.clone()
+        return patches
     # normalize()'s two float32 roundings: the subtraction converts as it goes (one pass fewer
     # than converting first; numpy's loop is the faster one here), the division is in place.
     out = np.subtract(patches.numpy(), np.float32(127.5), dtype=np.float32)
     np.divide(out, np.float32(127.5), out=out)
     return torch.from_numpy(out)
+
+
+def _patch_layout(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """[T, H, W, 3] uint8 (any strides) -> zero-padded [T*h*w, 3, p, p] patches in one copy:
+    the frame is written straight into the patch layout (whole patches, then the last partial
+    patch column/row/corner), so padding costs no extra pass over the pixels."""
+    p = PATCH_SIZE
+    t, height, width = x.shape[:3]
+    h, w = pad_h // p, pad_w // p
+    shape = (t, h, w, 3, p, p)
+    out = x.new_zeros(shape) if (pad_h, pad_w) != (height, width) else x.new_empty(shape)
+    dst = out.permute(0, 1, 4, 2, 5, 3)  # [t, h, p, w, p, 3]: the frame's pixels, per patch
+    a, b = divmod(height, p)
+    c, d = divmod(width, p)
+    dst[:, :a, :, :c].copy_(x[:, :a * p, :c * p].reshape(t, a, p, c, p, 3))
+    if d:
+        dst[:, :a, :, c, :d].copy_(x[:, :a * p, c * p:].reshape(t, a, p, d, 3))
+    if b:
+        dst[:, a, :b, :c].copy_(x[:, a * p:, :c * p].reshape(t, b, c, p, 3))
+    if b and d:
+        dst[:, a, :b, c, :d].copy_(x[:, a * p:, c * p:])
+    return out.reshape(t * h * w, 3, p, p)
 
 
 def _uint8_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -89,3 +89,16 @@ def test_encoded_image_through_pil_buffer_equals_the_steps():
         resized, padded = navit_resize(333, 517, max_patches=budget)
         want = patchify(normalize(resize_and_pad(rgb, resized, padded)))
         assert torch.equal(process_image(data, max_patches=budget).pixel_values, want)
+
+
+@pytest.mark.parametrize("height, width, channels", [(9, 13, 3), (14, 28, 4), (27, 400, 4),
+                                                     (56, 56, 3), (700, 29, 3)])
+def test_edge_sizes_equal_the_steps(height, width, channels):
+    """Frames under one patch, exact multiples, one partial patch row/column; RGBX input (the
+    fourth byte ignored) gives the bits of its RGB channels."""
+    frames = np.random.default_rng(height).integers(0, 256, (2, height, width, channels),
+                                                   dtype=np.uint8)
+    for budget in (4, 64, 16384):
+        resized, padded = navit_resize(height, width, max_patches=budget)
+        want = patchify(normalize(resize_and_pad(frames[..., :3], resized, padded)))
+        assert torch.equal(frames_to_patches(frames, resized, padded), want)
