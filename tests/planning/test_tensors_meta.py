@@ -29,6 +29,11 @@ MOONLIGHT_LAYOUT = "Et*3|t*4|t*4|t*4|t*3|t*3|t*3|t*3,L"  # pp=4, vpp=2, 27 layer
 # The recipe recomputes the expert activation, which megatron allows only with grouped expert
 # GEMMs (an H100 has them; this CPU build of the bf16 model does not). Shapes do not change.
 NO_MOE_ACT = ["model.llm.recompute=none"]
+#: The tiny Keye recipe's LLM alone as an MoE GQA model with a qkv bias.
+TEXT_MOE_GQA = ["model.vision=null", "model.projector=null", "data.multimodal=null",
+                "model.params_dtype=bf16", "model.llm.num_experts=4",
+                "model.llm.moe_ffn_hidden_size=32", "model.llm.num_dense_layers=1",
+                "model.llm.moe_router_topk=2", "model.llm.add_qkv_bias=true"]
 
 CASES = [
     # The tiny VLM as rank 0 of TP=2 x EP=2 (bf16) and rank 3 of TP=2 x EP=4 x ETP=2 (fp32).
@@ -44,6 +49,12 @@ CASES = [
      "etp": 1, "pp": 4, "vpp": 2, "layout": MOONLIGHT_LAYOUT, "overrides": NO_MOE_ACT},
     {"kind": "meta", "recipe": "kimi_vl_a3b", "world": 64, "rank": 48, "tp": 2, "ep": 8,
      "etp": 1, "pp": 4, "vpp": 2, "layout": MOONLIGHT_LAYOUT, "overrides": NO_MOE_ACT},
+    # GQA (the tiny Keye LLM, text-only, MoE, qkv bias): linear_qkv split by whole query
+    # groups, q/k norms whole, as ranks 1 and 3 of TP=2 x EP=2 (ETP 1 and 2).
+    {"kind": "meta", "recipe": "tiny_keye_cpu", "world": 4, "rank": 1, "tp": 2, "ep": 2,
+     "etp": 1, "overrides": TEXT_MOE_GQA},
+    {"kind": "meta", "recipe": "tiny_keye_cpu", "world": 4, "rank": 3, "tp": 2, "ep": 2,
+     "etp": 2, "overrides": TEXT_MOE_GQA},
     # DDP buffers and optimizer shards of the tiny VLM at DP=4 (EP=2 adds expert buffers).
     {"kind": "buffers", "recipe": "tiny_vlm_cpu", "world": 4, "rank": 1,
      "overrides": ["parallel.use_distributed_optimizer=true", "model.params_dtype=bf16"]},
