@@ -1,19 +1,31 @@
-"""Preparation throughput per core: image-text pairs/s through ``prepare_data`` with and without
-media checks, the cost a slice pays to skip the other slices' records, the merge, and energon's
-index (the rates behind the 1B-pair plan in docs/data_at_scale.md).
+"""Preparation throughput per core: media checks on (structure, the default) vs off vs a full decode
+vs ``tar`` of the same files, in interleaved rounds; then what a slice pays to skip the other
+slices' records, the merge, and energon's index (the rates behind docs/data_at_scale.md's plan).
 
-Inputs: ``num_images`` distinct JPEGs (``width`` x ``height``, smooth noise so they compress like
-photographs, quality 90) referenced by ``num_records`` caption records in one JSONL file, read
-from the page cache (so these are CPU rates; disk and network are sized in the plan). Each
-measurement is one process with one worker (``workers=1``; OMP/torch threads 1), so its rate is
-per core; ``workers=2`` is recorded too, but on a shared 2-core machine it says little.
+Inputs: ``num_images`` distinct photograph-like JPEGs (``width`` x ``height``, smooth colour
+fields plus noise, quality 90: a few hundred KB each) and ``num_videos`` H.264 MP4 clips
+(1280x720, 30 fps, ``video_seconds`` long at ~4.5 Mbps, ``faststart``), each file referenced once
+by one caption record of a JSONL file, read from the page cache (CPU rates; disk and network are
+sized in the plan).
+
+Each round runs, in a rotating order, one slice (``prepare_slice``, ``workers=1``: one process,
+OMP/torch threads 1) with ``check_media`` ``structure``, ``none`` and ``full``, and ``tar -cf`` of
+the same media files plus the JSONL (a subprocess; its start-up is in its time). The slice reads
+every record and media file, checks, writes the shards and re-reads each shard to verify its
+SHA-256; ``tar`` only copies the bytes. Ratios are taken per round, then the median; the load
+average is recorded before and after. ``checks_2_workers`` (once) is the same slice with two
+processes.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import resource
 import shutil
+import statistics
+import subprocess
 import tempfile
 import time
 import tracemalloc
@@ -23,55 +35,179 @@ import numpy as np
 
 from benchmarks.common import parse_args, write_result
 
+MODES = ("structure", "none", "full")
 
-def make_inputs(root: Path, num_images: int, num_records: int, width: int,
-                height: int) -> tuple[Path, int]:
-    """JPEGs + a caption JSONL; returns (jsonl, mean image bytes)."""
+
+def photo_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+    """A photograph-like JPEG: smooth colour fields (bicubic upsampled) with mild noise."""
     import PIL.Image
 
+    noise = rng.normal(0, 5, (height, width, 3))
+    arr = np.clip(np.asarray(_scene(rng, width, height), dtype=np.float32) + noise, 0, 255)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def h264_clip(path: Path, rng: np.random.Generator, width: int, height: int, seconds: float,
+              fps: int = 30, bit_rate: int = 4_500_000) -> None:
+    """An MP4/H.264 clip: a photograph-like scene panning 4 px per frame, with grain."""
+    import av
+
+    frames = max(1, int(seconds * fps))
+    big = np.asarray(_scene(rng, width + 4 * frames, height))
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.bit_rate = bit_rate
+        stream.options = {"preset": "veryfast", "threads": "1"}
+        for i in range(frames):
+            grain = rng.integers(0, 6, (height, width, 3), dtype=np.uint8)
+            frame = np.ascontiguousarray(big[:, 4 * i:4 * i + width]) + grain
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _scene(rng: np.random.Generator, width: int, height: int):
+    import PIL.Image
+
+    low = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3)).astype(np.uint8)
+    return PIL.Image.fromarray(low).resize((width, height), PIL.Image.BICUBIC)
+
+
+def make_inputs(root: Path, cfg: dict) -> dict:
+    """JPEGs and clips, and two caption JSONLs referencing each file once: ``mixed`` (every
+    image, the clips spread among them) and ``videos`` (the clips alone)."""
     rng = np.random.default_rng(0)
-    (root / "img").mkdir(parents=True)
-    sizes = []
-    for i in range(num_images):
-        low = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3)).astype(np.uint8)
-        img = PIL.Image.fromarray(low).resize((width, height), PIL.Image.BICUBIC)
-        noise = rng.normal(0, 12, (height, width, 3))
-        arr = np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-        path = root / "img" / f"{i:06d}.jpg"
-        PIL.Image.fromarray(arr).save(path, quality=90)
-        sizes.append(path.stat().st_size)
-    jsonl = root / "pairs.jsonl"
-    with open(jsonl, "w") as f:
-        for r in range(num_records):
-            f.write(json.dumps({"id": f"p{r:09d}", "image": f"img/{r % num_images:06d}.jpg",
-                                "caption": f"a photograph, number {r}, of something."}) + "\n")
-    return jsonl, int(np.mean(sizes))
+    (root / "media").mkdir(parents=True)
+    records, videos, sizes = [], [], {}
+    for i in range(cfg["num_images"]):
+        name = f"media/{i:06d}.jpg"
+        (root / name).write_bytes(photo_jpeg(rng, cfg["width"], cfg["height"]))
+        records.append({"id": f"i{i:06d}", "image": name,
+                        "caption": f"a photograph, number {i}, of something."})
+    for i in range(cfg["num_videos"]):
+        name = f"media/v{i:03d}.mp4"
+        h264_clip(root / name, rng, cfg["video_width"], cfg["video_height"],
+                  cfg["video_seconds"])
+        videos.append({"id": f"v{i:03d}", "video": name, "caption": "a clip."})
+        records.insert(len(records) * (i + 1) // (cfg["num_videos"] + 1), videos[-1])
+    out = {}
+    for label, rows in (("mixed", records), ("videos", videos)):
+        jsonl = root / f"{label}.jsonl"
+        jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files = [r.get("image") or r["video"] for r in rows]
+        sizes = [(root / f).stat().st_size for f in files]
+        out[label] = {"jsonl": jsonl, "files": [jsonl.name, *files], "records": len(rows),
+                      "media_bytes": sum(sizes)}
+    image_sizes = [(root / r["image"]).stat().st_size for r in records if "image" in r]
+    video_sizes = [(root / r["video"]).stat().st_size for r in videos]
+    out["mean_image_bytes"] = int(np.mean(image_sizes)) if image_sizes else 0
+    out["mean_video_bytes"] = int(np.mean(video_sizes)) if video_sizes else 0
+    return out
 
 
-def time_prepare(jsonl: Path, out: Path, check: bool, workers: int, sps: int) -> dict:
-    from megatron_vlm.data.prepare import merge_slices, prepare_slice
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_slice(jsonl: Path, out: Path, mode: str, workers: int, sps: int) -> dict:
+    """One ``prepare_slice`` (no merge): wall and CPU seconds, samples, bytes, rejects."""
+    from megatron_vlm.data import records
+    from megatron_vlm.data.prepare import prepare_slice
 
     shutil.rmtree(out, ignore_errors=True)
-    w0 = _wchar()
+    records._CHECKED_FILES.clear()  # each run checks every file (the cache is per path)
+    w0, c0, k0 = _wchar(), time.process_time(), _children_cpu()
     t0 = time.perf_counter()
     part = prepare_slice({"train": [jsonl]}, out, name="bench", samples_per_shard=sps,
-                         check_media=check, workers=workers)
-    t1 = time.perf_counter()
+                         check_media=mode, workers=workers)
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() - c0 + _children_cpu() - k0
     w1 = _wchar()
-    wrote = None if w0 is None else w1 - w0  # this process only: the workers' writes are not in it
-    tracemalloc.start()
-    summary = merge_slices(out, verbose=False, workers=1)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    t2 = time.perf_counter()
     samples = sum(s["samples"] for s in part["shards"])
     written = sum(s["bytes"] for s in part["shards"])
-    out_row = {"samples": samples, "slice_seconds": t1 - t0, "merge_seconds": t2 - t1,
-            "pairs_per_s": samples / (t1 - t0), "shard_bytes": written,
-            "merge_peak_python_bytes": peak, "rejected": sum(summary.rejected.values())}
-    if workers == 1 and wrote is not None:  # item 6: each sample byte written once
-        out_row["write_bytes_per_shard_byte"] = wrote / written
-    return out_row
+    row = {"samples": samples, "seconds": seconds, "cpu_seconds": cpu,
+           "pairs_per_s": samples / seconds, "shard_bytes": written}
+    if workers == 1 and w0 is not None:  # item 6: each sample byte written once
+        row["write_bytes_per_shard_byte"] = (w1 - w0) / written
+    return row
+
+
+def time_tar(root: Path, files: list[str], out: Path) -> dict:
+    """``tar -cf`` of ``files`` (the JSONL and its media, relative to ``root``; a subprocess),
+    wall and CPU seconds."""
+    out.unlink(missing_ok=True)
+    k0, t0 = _children_cpu(), time.perf_counter()
+    subprocess.run(["tar", "-cf", str(out), "-C", str(root), *files], check=True)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "cpu_seconds": _children_cpu() - k0,
+            "bytes": out.stat().st_size}
+
+
+def interleaved(inputs: dict, work: Path, rounds: int, sps: int,
+                modes: tuple[str, ...] = MODES) -> dict:
+    """A warm-up, then ``rounds`` rounds of every mode and ``tar``, the order rotating each
+    round; per-round ratios and their medians."""
+    jobs = [*modes, "tar"]
+    runs: dict[str, list[dict]] = {j: [] for j in jobs}
+    jsonl = inputs["jsonl"]
+    for mode in modes:  # warm-up, not counted: imports, decoder start-up, page cache
+        time_slice(jsonl, work / f"out_{mode}", mode, 1, sps)
+    for r in range(rounds):
+        for job in jobs[r % len(jobs):] + jobs[:r % len(jobs)]:
+            if job == "tar":
+                runs[job].append(time_tar(jsonl.parent, inputs["files"], work / "base.tar"))
+            else:
+                runs[job].append(time_slice(jsonl, work / f"out_{job}", job, 1, sps))
+
+    def med(job: str, key: str = "seconds") -> float:
+        return statistics.median(x[key] for x in runs[job])
+
+    def ratio(num: str, den: str, key: str = "seconds") -> float:
+        return statistics.median(a[key] / b[key] for a, b in zip(runs[num], runs[den]))
+
+    n, media = inputs["records"], inputs["media_bytes"]
+    out = {
+        "records": n, "media_bytes": media, "runs": runs,
+        "median_seconds": {j: med(j) for j in jobs},
+        "median_cpu_seconds": {j: med(j, "cpu_seconds") for j in jobs},
+        "pairs_per_s": {j: n / med(j) for j in jobs},
+        "media_mb_per_s": {j: media / 1e6 / med(j) for j in jobs},
+        # rates over rates = inverse time ratios, per round
+        "checks_over_no_checks": ratio("none", "structure"),
+        "cpu_checks_over_no_checks": ratio("none", "structure", "cpu_seconds"),
+        "checks_over_tar": ratio("tar", "structure"),
+        "no_checks_over_tar": ratio("tar", "none"),
+    }
+    if "full" in modes:
+        out["full_decode_over_no_checks"] = ratio("none", "full")
+        out["checks_over_full_decode"] = ratio("full", "structure")
+    return out
+
+
+def time_checks_per_file(root: Path, repeats: int) -> dict:
+    """Median milliseconds of ``check_media`` per file kind and mode (where the time goes)."""
+    from megatron_vlm.data.media_checks import check_media
+
+    out: dict = {}
+    for kind, pattern in (("image", "*.jpg"), ("video", "*.mp4")):
+        files = sorted((root / "media").glob(pattern))
+        if not files:
+            continue
+        for mode in ("structure", "full"):
+            times = []
+            for path in files:
+                data = path.read_bytes()
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    check_media(kind, data, mode)
+                    times.append(time.perf_counter() - t0)
+            out[f"{kind}_{mode}_ms"] = 1e3 * statistics.median(times)
+        out[f"{kind}_full_over_structure"] = (out[f"{kind}_full_ms"]
+                                              / out[f"{kind}_structure_ms"])
+    return out
 
 
 def _wchar() -> int | None:
@@ -190,29 +326,41 @@ def main(argv: list[str] | None = None):
     import megatron_vlm.data.prepare  # noqa: F401
 
     if args.smoke:
-        cfg = {"num_images": 8, "num_records": 40, "width": 96, "height": 64,
-               "samples_per_shard": 10, "enumeration_records": 2000}
+        cfg = {"num_images": 6, "width": 160, "height": 120, "num_videos": 1,
+               "video_width": 128, "video_height": 72, "video_seconds": 0.5, "rounds": 1,
+               "samples_per_shard": 4, "enumeration_records": 2000}
     else:
-        cfg = {"num_images": 200, "num_records": 2000, "width": 512, "height": 384,
+        cfg = {"num_images": 200, "width": 1280, "height": 960, "num_videos": 4,
+               "video_width": 1280, "video_height": 720, "video_seconds": 4.0, "rounds": 7,
                "samples_per_shard": 1000, "enumeration_records": 200_000}
-    results: dict = {}
+    results: dict = {"loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        jsonl, mean_bytes = make_inputs(root / "raw", cfg["num_images"], cfg["num_records"],
-                                        cfg["width"], cfg["height"])
-        results["mean_image_bytes"] = mean_bytes
-        for label, check, workers in (("checks_1_worker", True, 1),
-                                      ("no_checks_1_worker", False, 1),
-                                      ("checks_2_workers", True, 2)):
-            results[label] = time_prepare(jsonl, root / "out", check, workers,
-                                          cfg["samples_per_shard"])
-        res = results["no_checks_1_worker"]
+        inputs = make_inputs(root / "raw", cfg)
+        results["mean_image_bytes"] = inputs["mean_image_bytes"]
+        results["mean_video_bytes"] = inputs["mean_video_bytes"]
+        results["interleaved"] = interleaved(inputs["mixed"], root, cfg["rounds"],
+                                             cfg["samples_per_shard"])
+        (root / "v").mkdir()
+        results["interleaved_videos_only"] = interleaved(
+            inputs["videos"], root / "v", cfg["rounds"], cfg["samples_per_shard"],
+            ("structure", "none"))
+        results["checks_2_workers"] = time_slice(inputs["mixed"]["jsonl"], root / "out_2",
+                                                 "structure", 2, cfg["samples_per_shard"])
+        results["check_ms_per_file"] = time_checks_per_file(root / "raw",
+                                                            1 if args.smoke else 3)
+        row = results["interleaved"]["runs"]["none"][-1]
+        results["write_bytes_per_shard_byte"] = row.get("write_bytes_per_shard_byte")
         results["shard_overhead_bytes_per_sample"] = (
-            res["shard_bytes"] / res["samples"] - mean_bytes)
-        results["index"] = time_merge_parts(root / "out")
+            row["shard_bytes"] - inputs["mixed"]["media_bytes"]) / row["samples"]
+        shutil.rmtree(root / "out_full", ignore_errors=True)
+        tracemalloc.start()
+        results["merge_seconds"] = _merge(root / "out_none")
+        results["merge_peak_python_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        results["index"] = time_merge_parts(root / "out_none")
         big = root / "big.jsonl"
-        with open(jsonl) as src:
-            lines = src.readlines()
+        lines = inputs["mixed"]["jsonl"].read_text().splitlines(keepends=True)
         with open(big, "w") as f:
             for k in range(cfg["enumeration_records"]):
                 f.write(lines[k % len(lines)])
@@ -220,10 +368,20 @@ def main(argv: list[str] | None = None):
         results["merge_scale"] = time_merge_scale(root, cfg["enumeration_records"] // 2)
         results["tar_enumeration"] = time_tar_enumeration(
             root, cfg["enumeration_records"] // 20, 1 if args.smoke else 3)
-    notes = ("One process per measurement, page-cached inputs (CPU rates). pairs_per_s of "
-             "checks_1_worker / no_checks_1_worker are per core. merge_peak_python_bytes / "
-             "samples sizes the merge's memory (duplicate-id detection holds every id).")
+    results["loadavg_after"] = os.getloadavg()
+    notes = ("One process per slice (workers=1), page-cached inputs: CPU rates per core. "
+             "interleaved.*_over_*: rate of the first over the second, per round, median "
+             "(checks = check_media 'structure', the default). tar: tar -cf of the same "
+             "files, a subprocess.")
     return write_result("prepare_throughput", cfg, results, args.out_dir, args.smoke, notes)
+
+
+def _merge(out: Path) -> float:
+    from megatron_vlm.data.prepare import merge_slices
+
+    t0 = time.perf_counter()
+    merge_slices(out, verbose=False, workers=1)
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
