@@ -80,14 +80,18 @@ def hf_outputs(table: Table, ctx: ConvertContext, name: str, shape: tuple[int, .
 
 def plan_shards(table: Table, ctx: ConvertContext, names: list[str],
                 shape_of: Callable[[str], tuple[int, ...]], dtype_of: Callable[[str], torch.dtype],
-                dtype: torch.dtype, int4: bool, max_shard_bytes: int) -> list[Shard]:
+                dtype: torch.dtype, int4: bool, max_shard_bytes: int,
+                extra: dict[str, list[HfOut]] | None = None) -> list[Shard]:
     """Our tensors in order, packed into shards of at most ``max_shard_bytes`` (a larger tensor
-    gets a shard of its own)."""
+    gets a shard of its own). ``extra``: names that are no tensor of ours (carried HF tensors)
+    with the HF outputs they stand for."""
     int4_dtypes = _int4_dtypes() if int4 else None
+    extra = extra or {}
     shards: list[Shard] = []
     current: Shard | None = None
     for name in names:
-        outs = hf_outputs(table, ctx, name, shape_of(name), dtype_of(name), dtype, int4_dtypes)
+        outs = extra[name] if name in extra else hf_outputs(
+            table, ctx, name, shape_of(name), dtype_of(name), dtype, int4_dtypes)
         size = sum(o.nbytes for o in outs)
         if current is None or (current.ours and current.nbytes + size > max_shard_bytes):
             current = Shard("", [], [])

@@ -44,7 +44,7 @@ from megatron_vlm.convert.hf_io import INDEX_NAME
 from megatron_vlm.convert.importer import context_for, load_job_model, table_for
 from megatron_vlm.convert.int4 import quantize_int4, release_freed_heap, require_library
 from megatron_vlm.convert.rules import ConversionError, Table
-from megatron_vlm.convert.tables import FAMILIES
+from megatron_vlm.convert.tables import Family, conversion_family, export_family_for
 from megatron_vlm.convert.tokenizer_export import (
     RunTokenizer,
     check_with_transformers,
@@ -181,6 +181,39 @@ class _Setup:
     reader: object
     te_layout: bool
     shards: list
+    carried: dict = field(default_factory=dict)
+    """Pseudo name (``CARRY_PREFIX`` + HF key) -> its HF output, for carried HF tensors."""
+    carry_source: object = None
+    """Where the carried tensors come from (``hf_carry.safetensors``); None: zeros."""
+    notes: list = field(default_factory=list)
+
+
+CARRY_PREFIX = "hf_carry:"
+"""Prefix of the export plan's names for carried HF tensors (no tensor of ours)."""
+
+
+def _plan_carried(step_dir: Path, family: Family, model: ModelConfig,
+                  dtype: torch.dtype) -> tuple[dict, object, list[str]]:
+    """The carried HF tensors to write (``Family.carried``): the import's copy beside the
+    checkpoint (``<root>/hf_carry.safetensors``), else zeros for ``Family.carried_defaults``."""
+    from megatron_vlm.convert.export_plan import HfOut
+    from megatron_vlm.convert.hf_io import SafetensorsFile
+    from megatron_vlm.convert.importer import CARRY_FILE
+
+    if not family.carried:
+        return {}, None, []
+    path = step_dir.parent / CARRY_FILE
+    if path.is_file():
+        source = SafetensorsFile(path)
+        shapes = {k: source.spec(k).shape for k in source.keys()}
+        notes = []
+    else:
+        source = None
+        shapes = family.carried_defaults(model) if family.carried_defaults else {}
+        notes = [f"{k} (unused by the model; the release ships it) written as zeros: no "
+                 f"{CARRY_FILE} beside the checkpoint" for k in shapes]
+    carried = {CARRY_PREFIX + k: HfOut(k, tuple(shape), dtype) for k, shape in shapes.items()}
+    return carried, source, notes
 
 
 def _setup(checkpoint: Path, family: str | None, dtype: str, int4_experts: bool,
@@ -205,17 +238,20 @@ def _setup(checkpoint: Path, family: str | None, dtype: str, int4_experts: bool,
     manifest = verify_checkpoint(step_dir)
     run = _read_run(manifest["config_yaml"], step_dir)
     model = run.model
-    family = family or ("kimi_k25" if model.is_vlm else "deepseek_v3")
+    family = family or export_family_for(model.family, model.is_vlm)
+    fam = conversion_family(family)
     ctx = context_for(model, rope_interleave=True)
-    table = table_for(FAMILIES[family], model, ctx)
+    table = table_for(fam, model, ctx)
     slots = tensor_slots(
         build_meta_model(model).sharded_state_dict(metadata=dict(SHARDED_METADATA)))
     reader = CheckpointReader(step_dir, slots)
     reader.slots, te_layout = _checkpoint_slots(slots, table, set(reader.global_shapes))
-    shards = plan_shards(table, ctx, list(slots), reader.saved_shape,
+    carried, carry_source, notes = _plan_carried(step_dir, fam, model, _DTYPES[dtype])
+    shards = plan_shards(table, ctx, list(slots) + list(carried), reader.saved_shape,
                          lambda n: reader.dtypes[reader.slots[n].key], _DTYPES[dtype],
-                         int4_experts, max_shard_bytes)
-    return _Setup(step_dir, manifest, run, family, ctx, table, reader, te_layout, shards)
+                         int4_experts, max_shard_bytes, extra={k: [o] for k, o in carried.items()})
+    return _Setup(step_dir, manifest, run, family, ctx, table, reader, te_layout, shards,
+                  carried, carry_source, notes)
 
 
 def _parts(out: Path) -> Path:
@@ -246,6 +282,9 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
     target = _DTYPES[dtype]
 
     def convert(name: str, tensor) -> list[tuple[str, torch.Tensor]]:
+        if name in s.carried:
+            bar.update()
+            return [(s.carried[name].name, tensor.to(target))]
         rule, binding = s.table.lookup(name)
         if isinstance(tensor, list):  # row blocks (distcp_read)
             hf = _regroup(tensor, len(rule.hf_names(binding))) if rule.transform.blocks else None
@@ -264,6 +303,8 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
         return written
 
     def nbytes(name: str) -> int:
+        if name in s.carried:
+            return s.carried[name].nbytes
         return (torch.Size(s.reader.saved_shape(name)).numel()
                 * s.reader.dtypes[s.reader.slots[name].key].itemsize)
 
@@ -275,6 +316,11 @@ def export_slice(checkpoint: Path, out: Path, index: int = 0, count: int = 1, *,
         call at a time: it is not thread-safe)."""
         out, rest = {}, []
         for name in names:
+            if name in s.carried:
+                hf = s.carried[name]
+                out[name] = (s.carry_source.read(hf.name) if s.carry_source is not None
+                             else torch.zeros(hf.shape, dtype=hf.dtype))
+                continue
             got = direct.read(name, s.reader.saved_shape(name))
             if got is None:
                 rest.append(name)
@@ -332,6 +378,10 @@ def finish_export(checkpoint: Path, out: Path, count: int = 1, *, family: str | 
     model, run = s.run.model, s.run
     tok = run_tokenizer(run.data, model.is_vlm, run.run_dirs, tokenizer)
     token_ids, notes = export_token_ids(model, tok)
+    if s.family not in ("kimi_k25", "deepseek_v3"):  # only Kimi's config gets default media ids
+        notes = [n.replace("config.json gets Kimi K2.5's defaults", "config.json leaves them "
+                           "out") for n in notes]
+    notes = list(s.notes) + notes
     hf_config = model_to_hf(model, s.family, dtype, int4_experts=int4_experts,
                             token_ids=token_ids)
     for p in parts.glob("*.done"):

@@ -227,7 +227,10 @@ def moonvit_to_hf(vision: VisionConfig) -> dict[str, Any]:
 
 def model_from_hf(cfg: dict[str, Any], family: Family,
                   params_dtype: str = "fp32") -> tuple[ModelConfig, bool]:
-    """(our model config, rope_interleave) for a K2.5 / Kimi-VL / DeepSeek-V3 config."""
+    """(our model config, rope_interleave) for a K2.5 / Kimi-VL / DeepSeek-V3 config, or by
+    the family's own mapping (``Family.config_from_hf``)."""
+    if family.config_from_hf is not None:
+        return family.config_from_hf(cfg, params_dtype)
     check_quantization_config(cfg)
     if family.name == "deepseek_v3":
         llm, interleave = llm_from_hf(cfg)
@@ -282,6 +285,13 @@ def model_to_hf(model: ModelConfig, family: str, dtype: str, int4_experts: bool 
     ``token_ids``: the ids to write (default ``model.token_ids``): bos/eos/pad in the text
     config where known; media ids, where unknown, ``Kimi_K25Config``'s defaults.
     """
+    if family not in ("kimi_k25", "deepseek_v3"):
+        from megatron_vlm.convert.tables import conversion_family
+
+        to_hf = conversion_family(family).config_to_hf
+        _require(to_hf is not None, f"export family {family!r} writes no config.json")
+        _require(not int4_experts, f"--int4-experts: family {family!r} has no INT4 experts")
+        return to_hf(model, dtype, token_ids if token_ids is not None else model.token_ids)
     torch_dtype = {"bf16": "bfloat16", "fp32": "float32"}[dtype]
     ids = token_ids if token_ids is not None else model.token_ids
     text = llm_to_hf(model.llm)

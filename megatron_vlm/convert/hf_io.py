@@ -160,6 +160,15 @@ class SafetensorsDir(TensorSource):
         return flat.view(e.spec.dtype).view(e.spec.shape)
 
 
+class SafetensorsFile(SafetensorsDir):
+    """The tensors of one ``.safetensors`` file (read as :class:`SafetensorsDir` reads)."""
+
+    def __init__(self, file: Path) -> None:  # noqa: D107 -- one file, no index
+        self.path = Path(file).parent
+        self._entries = {}
+        self._scan(Path(file))
+
+
 class DictSource(TensorSource):
     """An in-memory state dict (a module's ``state_dict()``, or tensors already loaded)."""
 

@@ -43,14 +43,18 @@ def context_for(model: ModelConfig, rope_interleave: bool = True) -> ConvertCont
 
     llm = model.llm
     vision = model.vision
+    # MoonViT's table is [H, W, D] (SigLIP's flat one is reshaped); other towers keep theirs.
+    pos_shape = ((vision.pos_emb_height, vision.pos_emb_width, vision.hidden_size)
+                 if vision is not None and hasattr(vision, "pos_emb_height") else ())
     return ConvertContext(
-        num_heads=llm.num_attention_heads, qk_nope_head_dim=llm.qk_nope_head_dim,
+        num_heads=llm.num_attention_heads,
+        num_query_groups=llm.query_groups if llm.attention == "gqa" else 0,
+        qk_nope_head_dim=llm.qk_nope_head_dim,
         qk_rope_head_dim=llm.qk_rope_head_dim, kv_lora_rank=llm.kv_lora_rank,
         vocab_size=llm.vocab_size, padded_vocab_size=padded_vocab_size(llm.vocab_size, 1),
         rope_interleave=rope_interleave, num_dense_layers=llm.num_dense_layers,
         vision_num_heads=vision.num_attention_heads if vision else 0,
-        vision_pos_emb_shape=(vision.pos_emb_height, vision.pos_emb_width, vision.hidden_size)
-        if vision else ())
+        vision_pos_emb_shape=pos_shape)
 
 
 def table_for(family: Family, model: ModelConfig, ctx: ConvertContext) -> Table:
@@ -66,11 +70,24 @@ class ImportPlan:
     skipped: Counter = field(default_factory=Counter)
 
 
+CARRY_FILE = "hf_carry.safetensors"
+"""Beside an imported checkpoint (``<out>/``): the HF tensors the model does not use but the
+release ships (``Family.carried``), which export writes back unchanged."""
+CARRIED = "carried unchanged to export (unused by the model)"
+
+
+def carried_keys(keys, family: Family) -> list[str]:
+    """The keys of ``keys`` that ``family`` carries through (``Family.carried``)."""
+    return [k for k in keys if any(re.search(p, k) for p in family.carried)]
+
+
 def _skip_reason(key: str, family: Family, num_layers: int) -> str | None:
     m = _LAYER.search(key)
-    if (family.name != "siglip" and m and int(m.group(1)) >= num_layers
-            and "vision_tower" not in key):
+    if (family.name != "siglip" and family.model_family == "kimi" and m
+            and int(m.group(1)) >= num_layers and "vision_tower" not in key):
         return "multi-token-prediction layers (not part of the model)"
+    if carried_keys([key], family):
+        return CARRIED
     if any(re.search(p, key) for p in family.skipped):
         return "no counterpart in our model"
     return None
@@ -252,9 +269,12 @@ def _prepare(hf_dir: Path, params_dtype: str, log: bool = True) -> _Prepared:
     for reason, count in plan.skipped.items():
         if log:
             logger.warning("skipped %d HF tensor(s): %s", count, reason)
+    extra = {"source": str(hf_dir), "family": family.name}
+    if plan.skipped.get(CARRIED):
+        extra["carried"] = CARRY_FILE
     return _Prepared(model, family, tokenizer, ctx, source, meta, expected, plan,
                      job_yaml(model, f"hf_import:{hf_dir.name}", tokenizer),
-                     {"hf_import": {"source": str(hf_dir), "family": family.name}})
+                     {"hf_import": extra})
 
 
 def _check_out(out: Path) -> None:
@@ -286,6 +306,22 @@ def import_slice(hf_dir: Path, out: Path, index: int, count: int, *, params_dtyp
         bar.close()
 
 
+def _write_carried(p: _Prepared, out: Path) -> None:
+    """``out/hf_carry.safetensors``: the carried HF tensors as the checkpoint has them."""
+    from safetensors.torch import save_file
+
+    keys = carried_keys(p.source.keys(), p.family)
+    if not keys:
+        return
+    tmp = out / f".tmp-carry-{secrets.token_hex(4)}.safetensors"
+    try:
+        save_file({k: p.source.read(k).contiguous() for k in keys}, str(tmp),
+                  metadata={"format": "pt", "family": p.family.name})
+        os.replace(tmp, out / CARRY_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def finish_import(hf_dir: Path, out: Path, count: int, *, params_dtype: str = "fp32",
                   prepared: _Prepared | None = None) -> ImportResult:
     """Join the ``count`` finished slices under ``out`` into ``out/step_0000000`` and write
@@ -295,6 +331,7 @@ def finish_import(hf_dir: Path, out: Path, count: int, *, params_dtype: str = "f
     hf_dir, out = Path(hf_dir), Path(out)
     p = prepared or _prepare(hf_dir, params_dtype, log=False)
     step_dir = finish_checkpoint(out, count, p.config_yaml, p.extra)
+    _write_carried(p, out)
     tmp = out / f".tmp-job-{secrets.token_hex(4)}.yaml"
     tmp.write_text(p.config_yaml)
     os.replace(tmp, out / "job.yaml")

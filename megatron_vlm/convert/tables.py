@@ -10,7 +10,11 @@ MoE layers keep a separate ``pre_mlp_layernorm``; the ViT's standard TE layer fu
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from megatron_vlm.convert.int4 import dequantize_int4
 from megatron_vlm.convert.rules import Alias, Rule, prefixed
@@ -185,15 +189,37 @@ SIGLIP_RENAMES = [Alias("vision_model.{rest}", "{rest}")]
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: what its ``config.json`` says, its tables and accepted key layouts."""
+    """A model family: what its ``config.json`` says, its tables and accepted key layouts.
+
+    The Kimi / DeepSeek / SigLIP tables live in this module; another model family declares its
+    own in ``megatron_vlm/families/<name>/hf_table.py`` as ``HF_FAMILY`` (found through the
+    family registry by :func:`family_of` / :func:`conversion_family`), with its rules and its
+    ``config.json`` mapping as the callables below.
+    """
 
     name: str
     architectures: tuple[str, ...]
     alias_passes: tuple[tuple[Alias, ...], ...]
     skipped: tuple[str, ...] = ()
     """Regexes of HF keys we know and deliberately drop (counted and logged)."""
+    carried: tuple[str, ...] = ()
+    """Regexes of HF keys the release ships but the model does not use: import keeps them
+    beside the checkpoint (``hf_carry.safetensors``), export writes them back unchanged."""
+    model_family: str = "kimi"
+    """``model.family`` of the models this table converts (the export default for them)."""
+    build_rules: Callable[[bool, bool], list[Rule]] | None = None
+    """``(q_lora, tied) -> rules`` of a family declared outside this module."""
+    config_from_hf: Callable[[dict[str, Any], str], Any] | None = None
+    """``(config.json, params_dtype) -> (ModelConfig, rope_interleave)`` (None: Kimi's)."""
+    config_to_hf: Callable[..., dict[str, Any]] | None = None
+    """``(model, dtype, token_ids) -> config.json`` (None: Kimi's ``hf_config.model_to_hf``)."""
+    carried_defaults: Callable[[Any], dict[str, tuple[int, ...]]] | None = None
+    """``model -> {HF key: shape}``: carried keys an export must write even when the
+    checkpoint has no carried copy (a model trained here): written as zeros."""
 
     def rules(self, q_lora: bool, tied: bool) -> list[Rule]:
+        if self.build_rules is not None:
+            return self.build_rules(q_lora, tied)
         if self.name == "deepseek_v3":
             return llm_rules(q_lora, tied)
         if self.name == "siglip":
@@ -219,11 +245,60 @@ FAMILIES = {
 }
 
 
+def family_tables() -> dict[str, Family]:
+    """Every conversion table: this module's and each registered model family's ``HF_FAMILY``
+    (its package's ``hf_table`` module, when it has one; ``config/families.py``)."""
+    from megatron_vlm.config.families import FAMILY_MODULES, family_module
+
+    tables = dict(FAMILIES)
+    for name in sorted(FAMILY_MODULES):
+        module = family_module(name) + ".hf_table"
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            continue
+        family = getattr(importlib.import_module(module), "HF_FAMILY", None)
+        if not isinstance(family, Family):
+            raise ValueError(f"{module} declares no HF_FAMILY (a convert.tables.Family)")
+        if family.name in tables and tables[family.name] is not family:
+            raise ValueError(f"{module}.HF_FAMILY is named {family.name!r}, which is taken")
+        tables[family.name] = family
+    return tables
+
+
+def conversion_family(name: str) -> Family:
+    """The conversion table ``name`` (``--family`` of an export)."""
+    tables = family_tables()
+    if name not in tables:
+        from megatron_vlm.convert.rules import ConversionError
+
+        raise ConversionError(f"export family {name!r} is not known; choose one of "
+                              f"{sorted(n for n in tables if n != 'siglip')}")
+    return tables[name]
+
+
+def export_family_for(model_family: str, is_vlm: bool) -> str:
+    """The default export table of a ``model.family``: Kimi's VLM -> ``kimi_k25``, its LLM
+    alone -> ``deepseek_v3``; another family's own table."""
+    if model_family == "kimi":
+        return "kimi_k25" if is_vlm else "deepseek_v3"
+    names = [f.name for f in family_tables().values() if f.model_family == model_family]
+    if not names:
+        from megatron_vlm.convert.rules import ConversionError
+
+        raise ConversionError(f"model.family={model_family!r} has no HF table (an hf_table "
+                              "module declaring HF_FAMILY in its package)")
+    return names[0]
+
+
 def family_of(architecture: str) -> Family:
-    for family in FAMILIES.values():
+    tables = family_tables()
+    for family in tables.values():
         if architecture in family.architectures:
             return family
-    known = sorted(a for f in FAMILIES.values() for a in f.architectures)
+    known = sorted(a for f in tables.values() for a in f.architectures)
     from megatron_vlm.convert.rules import ConversionError
 
     raise ConversionError(f"unknown architecture {architecture!r}; supported: {known}")
