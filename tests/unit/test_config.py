@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vlm.config import JobConfig, apply_overrides, load_yaml
+from megatron_vlm.config import JobConfig, ModelConfig, apply_overrides, load_yaml
+from megatron_vlm.config.families import FAMILY_MODULES, family_config_types
 from megatron_vlm.config.job import _dataclass_of
 from megatron_vlm.recipes import RECIPES, get_recipe
 
@@ -125,11 +126,16 @@ _KEY = re.compile(r"(?<![\w./])(?:model|parallel|data|optim|train|checkpoint)"
 _FILE = re.compile(r"\.(?:py|txt|yaml|json|jsonl|model)$")
 
 
-def _is_config_key(path: str) -> bool:
-    """Whether ``a.b.c`` walks JobConfig's fields (and dict entries)."""
-    tp = JobConfig
-    for part in path.split("."):
+def _is_config_key(path: str, tp=JobConfig) -> bool:
+    """Whether ``a.b.c`` walks JobConfig's fields (and dict entries); ``model.vision`` and
+    ``model.projector`` are any registered family's types (``config/families.py``)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
         sub = _dataclass_of(tp)
+        if sub is ModelConfig and part in ("vision", "projector"):
+            rest = ".".join(parts[i + 1:])
+            types = [family_config_types(name)[part != "vision"] for name in FAMILY_MODULES]
+            return not rest or any(_is_config_key(rest, t) for t in types)
         if sub is not None:
             hints = typing.get_type_hints(sub)
             if part not in hints:
