@@ -18,13 +18,18 @@ written to a shard. Modes (``prepare_data --check-media``):
   - every image: PIL's header (format, size) and its decompression-bomb limit
     (``image_too_large``), as ``image.decode_image`` applies it.
   - video: the container's top-level structure (MP4/MOV boxes, Matroska/WebM EBML elements, the
-    AVI RIFF size) ends inside the file; PyAV opens it and finds a video stream; every packet is
-    demuxed (no decoding) and their count equals the header's frame count when it has one (a
-    cut-off ``faststart`` MP4 keeps its header but loses packets); packet timestamps are checked
-    as the loader checks them (``video.stream_timing``: ``bad_timestamps``); PyAV's probe, which
-    parses the first frames' headers (and for H.264 decodes the first frames, to learn the
-    reorder delay), must find a pixel format and a size: a garbage stream has neither. No frame
-    is decoded beyond the probe's. The duration (frames / rate) is returned for clip spans.
+    AVI RIFF size) ends inside the file. Then, for an MP4/MOV whose video track's sample table
+    ``mp4_boxes`` reads (what muxers write unfragmented): every sample lies inside the file (a
+    cut-off ``faststart`` MP4 keeps its index but loses samples), the first samples of an
+    H.264/HEVC track are whole length-prefixed NAL units (a garbage stream is not), the track
+    has a size and non-zero sample durations; no demuxer or decoder is opened (~0.1 ms). Any
+    other video (Matroska, WebM, AVI, fragmented MP4, zero durations) goes to PyAV: its probe
+    must find a video stream with a pixel format and a size (the probe parses the first frames
+    and decodes H.264's first frames: a garbage stream has neither), every packet is demuxed
+    (no decoding) and their count equals the header's frame count when it has one, and the
+    packet timestamps are checked as the loader checks them (``video.stream_timing``:
+    ``bad_timestamps``); ~20 ms for a 720p clip, the probe's decode. The duration (frames /
+    average rate, as PyAV reports them) is returned for clip spans.
 
 - ``full``: ``image.decode_image`` / ``video.decode_video`` of every file, as training decodes
   them (the frames training samples, not every frame).
@@ -33,11 +38,12 @@ written to a shard. Modes (``prepare_data --check-media``):
 What ``structure`` cannot see, and training then skips and counts by reason (the loader decodes
 every sample inside ``SkipCounter``): damage *inside* entropy-coded data that leaves the structure
 whole (bit flips in a JPEG's scan, in a WebP's VP8 data or in a GIF's LZW data; a PNG whose
-deflate data is bad but whose CRCs match, which takes deliberate construction); an H.264/HEVC
-bitstream damaged after the first frame, or frames a decoder refuses (an unsupported profile)
-after the first; a truncated Matroska/WebM written as a live stream (unknown segment size, no
+deflate data is bad but whose CRCs match, which takes deliberate construction); a video
+bitstream damaged inside its NAL units or after the first samples, or frames a decoder refuses
+(an unsupported profile or codec); in an MP4, composition offsets (``ctts``) that make two frames'
+timestamps equal; a truncated Matroska/WebM written as a live stream (unknown segment size, no
 frame count); an EXIF orientation block that breaks ``exif_transpose``. ``full`` catches the
-first two for the frames training samples.
+damaged data and refused frames among the frames training samples.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import warnings
 import zlib
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 
 from megatron_vlm.data.media_errors import (
@@ -57,6 +64,7 @@ from megatron_vlm.data.media_errors import (
     MediaMissingError,
     SkipReason,
 )
+from megatron_vlm.data.mp4_boxes import VideoTrack, nal_units_tile, video_track
 
 CHECK_MODES = ("structure", "full", "none")
 """``check_media`` values; ``True`` means ``structure``, ``False`` ``none``."""
@@ -294,7 +302,7 @@ def _container_end(head: bytes, size: int, read_at) -> None:
     ``head`` holds the first bytes; ``read_at(offset, count)`` reads more (MP4 box headers).
     Other containers are left to PyAV.
     """
-    if head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+    if head[4:8] in _MP4_TOP:
         pos = 0
         while pos < size:
             box = read_at(pos, 16)
@@ -358,23 +366,60 @@ def check_video(source: MediaSource) -> float | None:
         MediaMissingError: A path that does not exist.
         BadSampleError: Broken timestamps and no nominal rate (``bad_timestamps``).
     """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        return _check_video(len(data), lambda at, k: data[at:at + k], io.BytesIO(data))
+    path = Path(_exists(source))
+    with open(path, "rb") as f:
+        def read_at(at: int, k: int) -> bytes:
+            f.seek(at)
+            return f.read(k)
+
+        return _check_video(path.stat().st_size, read_at, str(path))
+
+
+def _check_video(size: int, read_at, uri) -> float | None:
+    head = read_at(0, 4096)
+    _container_end(head, size, read_at)
+    if head[4:8] in _MP4_TOP:
+        try:
+            track = video_track(read_at, size)
+        except ValueError as exc:
+            raise _bad_video(f"MP4 boxes damaged: {exc}") from None
+        if track is not None:
+            return _check_mp4_samples(track, size, read_at)
+    return _probe(uri)
+
+
+_MP4_TOP = (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")
+NAL_SAMPLES_CHECKED = 4
+"""Leading samples of an H.264/HEVC MP4 track whose NAL units must tile them exactly."""
+
+
+def _check_mp4_samples(track: VideoTrack, size: int, read_at) -> float:
+    """Every sample inside the file, the first samples whole NAL units; the duration."""
+    ends = track.offsets + track.sizes
+    if (ends > size).any() or (track.offsets < 0).any():
+        cut = int(np.argmax(ends > size))
+        raise _bad_video(f"MP4 sample {cut} of {track.num_frames} ends at byte {int(ends[cut])}, "
+                         f"after the end of the file ({size} bytes): truncated")
+    if track.nal_length_size is not None:
+        for i in range(min(NAL_SAMPLES_CHECKED, track.num_frames)):
+            sample = read_at(int(track.offsets[i]), int(track.sizes[i]))
+            if not nal_units_tile(sample, track.nal_length_size):
+                raise _bad_video(f"MP4 sample {i} ({track.codec.decode(errors='replace')}) is "
+                                 "not a sequence of NAL units: damaged")
+    if not track.duration_s > 0:
+        raise _bad_video(f"{track.num_frames} frames lasting 0 s", SkipReason.VIDEO_EMPTY)
+    return track.duration_s
+
+
+def _probe(uri) -> float:
+    """PyAV's probe, a demux of every packet (no decoding) and the loader's timing check."""
     import av
 
     from megatron_vlm.data.video import stream_timing
 
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        size, uri = len(data), io.BytesIO(data)
-        _container_end(data[:4096], size, lambda at, k: data[at:at + k])
-    else:
-        path = Path(_exists(source))
-        size, uri = path.stat().st_size, str(path)
-        with open(path, "rb") as f:
-            def read_at(at: int, k: int) -> bytes:
-                f.seek(at)
-                return f.read(k)
-
-            _container_end(read_at(0, 4096), size, read_at)
     try:
         with av.open(uri) as container:
             if not container.streams.video:

@@ -18,6 +18,7 @@ import PIL.ImageFile
 import pytest
 from tiny_runs import load_tool
 
+from megatron_vlm.data import media_checks
 from megatron_vlm.data.media_checks import check_media, check_mode
 from megatron_vlm.data.media_errors import BadSampleError, MediaMissingError
 from megatron_vlm.data.mm_corpus import encode_h264
@@ -49,16 +50,20 @@ def _frames(num: int = 12, width: int = 64, height: int = 48) -> np.ndarray:
     return rng.integers(0, 256, (num, height, width, 3), dtype=np.uint8)
 
 
-def _encode_file(path: Path, fmt: str, options: dict | None = None, fps: int = 6) -> bytes:
+def _encode_file(path: Path, fmt: str, options: dict | None = None, fps: int = 6,
+                 codec: str = "libx264", zero_pts: bool = False) -> bytes:
     frames = _frames()
     with av.open(str(path), "w", format=fmt, options=options or {}) as container:
-        stream = container.add_stream("libx264", rate=fps)
+        stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "veryfast", "threads": "1"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "veryfast", "threads": "1"}
+        for frame in [*(av.VideoFrame.from_ndarray(f, "rgb24") for f in frames), None]:
+            for packet in stream.encode(frame):
+                if zero_pts:  # every timestamp 0: broken timing
+                    packet.pts = packet.dts = 0
+                container.mux(packet)
     return path.read_bytes()
 
 
@@ -138,23 +143,49 @@ def test_videos_structure_matches_full_decode(videos, tmp_path):
         for frac in (0.2, 0.5, 0.9):
             cut = data[:int(len(data) * frac)]
             assert _reason("video", cut, "structure") == "video_decode", (name, frac)
-    # an mdat "to the end of the file" (size 0) passes the box walk: the packet count catches it
+    # an mdat "to the end of the file" (size 0) passes the box walk; the sample table (and,
+    # in PyAV's probe, the fallback for MP4s the table reader does not model, the packet
+    # count) catches the cut
     fast = bytearray(videos["faststart"])
     mdat = fast.index(b"mdat") - 4
     fast[mdat:mdat + 4] = bytes(4)
     assert check_media("video", bytes(fast), "structure") == pytest.approx(2.0)
-    assert _reason("video", bytes(fast[:int(len(fast) * 0.7)]), "structure") == "video_decode"
-    # a whole container around a garbage stream: the probe finds no pixel format
+    cut = bytes(fast[:int(len(fast) * 0.7)])
+    for check in (lambda v: check_media("video", v, "structure"), _probe):
+        with pytest.raises(BadSampleError, match="truncated") as err:
+            check(cut)
+        assert err.value.reason == "video_decode"
+    # a whole container around a garbage stream: its samples are not NAL units (the probe
+    # finds no pixel format)
     noise = np.random.default_rng(1).integers(0, 256, len(fast) - mdat - 8, dtype=np.uint8)
     fast[mdat + 8:] = noise.tobytes()
-    assert _reason("video", bytes(fast), "structure") == _reason("video", bytes(fast), "full") \
-        == "video_decode"
+    for check in (lambda v: check_media("video", v, "full"),
+                  lambda v: check_media("video", v, "structure"), _probe):
+        with pytest.raises(BadSampleError) as err:
+            check(bytes(fast))
+        assert err.value.reason == "video_decode"
     junk = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes()
     for bad in (b"", junk):
         assert _reason("video", bad, "structure") == _reason("video", bad, "full") == \
             "video_decode"
     with pytest.raises(MediaMissingError):
         check_media("video", tmp_path / "nope.mp4", "structure")
+
+
+def _probe(data: bytes) -> float:
+    return media_checks._probe(io.BytesIO(data))
+
+
+def test_mp4_sample_table_matches_pyav_and_leaves_broken_timing_to_it(videos, tmp_path):
+    """The MP4 sample table gives PyAV's frames / average rate; zero timestamps go to PyAV's
+    timing check: repaired from H.264's declared rate, rejected without one (MJPEG)."""
+    for name in ("mp4", "faststart"):
+        assert check_media("video", videos[name]) == pytest.approx(_probe(videos[name]))
+    zero = _encode_file(tmp_path / "z.mp4", "mp4", zero_pts=True)
+    assert check_media("video", zero) == pytest.approx(check_media("video", zero, "full"))
+    mjpeg = _encode_file(tmp_path / "m.mp4", "mp4", codec="mjpeg", zero_pts=True)
+    assert _reason("video", mjpeg, "structure") == _reason("video", mjpeg, "full") == \
+        "bad_timestamps"
 
 
 def test_cut_videos_full_decode_agrees_where_it_notices(videos):
