@@ -215,3 +215,89 @@ def test_export_without_the_carried_copy_writes_zeros(keye, tmp_path):
     assert torch.equal(exported[PACKING], torch.zeros(32768, VISION["hidden_size"]))
     assert any(PACKING in note and "zeros" in note for note in result.notes), result.notes
     assert all(torch.equal(exported[k], v) for k, v in tensors.items() if k != PACKING)
+
+
+def _layer_pattern(keys) -> set[str]:
+    import re
+
+    return {re.sub(r"\.\d+\.", ".N.", k) for k in keys}
+
+
+def test_real_sizes_plan_both_ways(megatron_groups):
+    """Keye-VL-1.5-8B's sizes (the ``keye_vl_1_5_8b`` recipe's model) on meta tensors:
+    ``config.json`` written and read back gives the same config; transformers' Qwen3-8B and
+    SigLIP-so400m modules (built on ``meta``) with the merger and packing table have the
+    committed names (layer-for-layer) and every shape our table maps them to, both ways."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from megatron_vlm.convert.export_plan import plan_shards
+    from megatron_vlm.convert.hf_config import model_from_hf, model_to_hf
+    from megatron_vlm.convert.hf_io import DictSource
+    from megatron_vlm.convert.importer import CARRIED, context_for, plan_import, table_for
+    from megatron_vlm.convert.mcore import SHARDED_METADATA, build_meta_model, tensor_slots
+    from megatron_vlm.convert.tables import family_of
+    from megatron_vlm.families.keye.recipes import keye_vl_1_5_8b
+    from megatron_vlm.families.keye.siglip_init import siglip_prefix
+
+    family = family_of("KeyeVL1_5ForConditionalGeneration")
+    cfg = model_to_hf(keye_vl_1_5_8b().model, "keye_vl_1_5", "bf16")
+    model, _ = model_from_hf(cfg, family, "bf16")
+    assert model_to_hf(model, "keye_vl_1_5", "bf16") == cfg
+    text = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "head_dim", "rms_norm_eps")}
+    assert text == dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                        head_dim=128, rms_norm_eps=1e-6)
+    vision = {k: v for k, v in cfg["vision_config"].items() if k != "spatial_merge_size"}
+    with torch.device("meta"):
+        qwen3 = Qwen3ForCausalLM(Qwen3Config(**text, tie_word_embeddings=False))
+        siglip = SiglipVisionModel(SiglipVisionConfig(**vision, vision_use_head=False))
+    hf = {k: v for k, v in qwen3.state_dict().items()}
+    state = siglip.state_dict()
+    prefix = siglip_prefix(state)
+    hf.update({"visual.vision_model." + k[len(prefix):]: v for k, v in state.items()})
+    merged = 4 * vision["hidden_size"]
+    for name, shape in (("embeddings.packing_position_embedding.weight", (32768, 1152)),):
+        hf["visual.vision_model." + name] = torch.empty(shape, device="meta")
+    for name, shape in (("pre_norm", (merged,)), ("linear_1", (merged, merged)),
+                        ("linear_2", (4096, merged))):
+        hf[f"mlp_AR.{name}.weight"] = torch.empty(shape, device="meta")
+        hf[f"mlp_AR.{name}.bias"] = torch.empty(shape[:1], device="meta")
+    assert _layer_pattern(hf) == _layer_pattern(committed_keys())
+    assert len(hf) == 3 + 11 * 36 + 4 + 16 * 27 + 2 + 6
+
+    ctx = context_for(model)
+    table = table_for(family, model, ctx)
+    slots = tensor_slots(build_meta_model(model).sharded_state_dict(
+        metadata=dict(SHARDED_METADATA)))
+    expected = {n: (s.shape, s.dtype) for n, s in slots.items()}
+    plan = plan_import(table, DictSource(hf), expected, family, 36, "meta")
+    assert dict(plan.skipped) == {CARRIED: 1}
+    shards = plan_shards(table, ctx, list(expected), lambda n: expected[n][0],
+                         lambda n: expected[n][1], torch.bfloat16, False, 5 * 2**30)
+    outs = {o.name: o.shape for s in shards for o in s.outs}
+    assert outs == {k: tuple(v.shape) for k, v in hf.items() if "packing" not in k}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_sliding_window": True}, "use_sliding_window=true is not supported"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+    ({"attention_bias": True}, "attention_bias=true is not supported"),
+    ({"vision_config": {**VISION, "hidden_act": "gelu"}}, "hidden_act='gelu'"),
+])
+def test_config_refusals_name_the_field(change, message):
+    from megatron_vlm.convert.hf_config import model_from_hf
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.convert.tables import family_of
+
+    family = family_of("KeyeVL1_5ForConditionalGeneration")
+    model, _ = model_from_hf(release_config(), family)  # the unchanged config reads
+    assert model.family == "keye" and model.projector.norm_epsilon == 1e-5
+    top = ("architectures", "model_type", "vision_config", "image_token_id", "video_token_id",
+           "vision_start_token_id", "vision_end_token_id", "torch_dtype")
+    nested = {k: v for k, v in release_config().items() if k in top}
+    nested["text_config"] = {k: v for k, v in release_config().items() if k not in nested}
+    assert model_from_hf(nested, family)[0] == model  # text fields in text_config read alike
+    with pytest.raises(ConversionError, match=message):
+        model_from_hf({**release_config(), **change}, family)
