@@ -301,3 +301,18 @@ def test_config_refusals_name_the_field(change, message):
     assert model_from_hf(nested, family)[0] == model  # text fields in text_config read alike
     with pytest.raises(ConversionError, match=message):
         model_from_hf({**release_config(), **change}, family)
+
+
+def test_every_family_architecture_reaches_its_table():
+    """The converter finds a table for each HF architecture a registered family declares, and
+    that table converts that family's models (Keye through its own package's ``hf_table``)."""
+    from megatron_vlm.convert.tables import export_family_for, family_of
+    from megatron_vlm.families import family_names, get_family
+
+    for name in family_names():
+        for arch in get_family(name).hf_architectures:
+            assert family_of(arch).model_family == name, (name, arch)
+    assert family_of("KeyeVL1_5ForConditionalGeneration").name == "keye_vl_1_5"
+    assert export_family_for("keye", True) == "keye_vl_1_5"
+    assert (export_family_for("kimi", True), export_family_for("kimi", False)) == (
+        "kimi_k25", "deepseek_v3")
