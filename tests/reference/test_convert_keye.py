@@ -316,3 +316,28 @@ def test_every_family_architecture_reaches_its_table():
     assert export_family_for("keye", True) == "keye_vl_1_5"
     assert (export_family_for("kimi", True), export_family_for("kimi", False)) == (
         "kimi_k25", "deepseek_v3")
+
+
+def test_bf16_release_round_trip_with_default_dtypes(keye, tmp_path):
+    """As the release ships it (bf16): import (fp32 default) then export (bf16 default) gives
+    the same bytes."""
+    from safetensors.torch import save_file
+
+    from megatron_vlm.convert import export_hf, import_hf
+
+    _, _, tensors, _ = keye
+    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    save_file(bf16, str(hf / "model.safetensors"))
+    config = {**release_config(), "torch_dtype": "bfloat16"}
+    (hf / "config.json").write_text(json.dumps(config))
+    result = import_hf(hf, tmp_path / "ours", progress=False)
+    assert result.family == "keye_vl_1_5" and result.model.params_dtype == "fp32"
+    export_hf(tmp_path / "ours", tmp_path / "out", progress=False)
+    exported = read_safetensors_dir(tmp_path / "out")
+    assert exported.keys() == bf16.keys()
+    for key, original in bf16.items():
+        assert exported[key].dtype == torch.bfloat16, key
+        assert torch.equal(exported[key].view(torch.uint8), original.view(torch.uint8)), key
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == config
