@@ -9,6 +9,9 @@ and counts skipped samples per reason (the whole pipeline is described in ``mm_l
 With ``video_sampler="slowfast"`` (Keye-VL 1.5, ``slowfast.py``) planning a video decodes it,
 since its slow/fast labels and hence its chunk grids depend on the pixels; only the grids are
 kept, and the decode after the packing choice recomputes the plan and must agree with it.
+
+What is family-specific (template, image sizing, video items, decoding) comes from the model
+family's media rules, ``EncodeSettings.rules`` (``media_rules.py``; Kimi K2.5's by default).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from megatron_vlm.data.media_errors import (
     SkipCounter,
     SkipReason,
 )
+from megatron_vlm.data.media_rules import KIMI_MEDIA_RULES, MediaRules
 from megatron_vlm.data.mm_packing import document_cost, pack_tokenized, select_packs
 from megatron_vlm.data.mrope_positions import PositionRule
 from megatron_vlm.data.shards import BAD_RECORD, FORMAT
@@ -68,9 +72,8 @@ from megatron_vlm.data.slowfast import (
     SlowFastPlan,
     plan_slowfast,
     process_slowfast,
-    slowfast_segments,
 )
-from megatron_vlm.data.templates import MediaTokenIds, Text, TokenizedSample, tokenize_interleaved
+from megatron_vlm.data.templates import Text, TokenizedSample
 from megatron_vlm.data.video import (
     TEMPORAL_PATCH_SIZE,
     Clip,
@@ -115,10 +118,14 @@ class EncodeSettings:
     slowfast_patch_tolerance: float = PATCH_TOLERANCE
     slowfast_max_video_tokens: int | None = None
     """Token budget of one video under SlowFast (None: no limit)."""
+    rules: MediaRules = KIMI_MEDIA_RULES
+    """The model family's media rules (``data/media_rules.py``): template, sizing, sampling,
+    decoding, position rule. Kimi K2.5's by default."""
 
     @classmethod
     def from_config(
-        cls, cfg: MultimodalDataConfig, seq_length: int, pad_to_multiple: int
+        cls, cfg: MultimodalDataConfig, seq_length: int, pad_to_multiple: int,
+        rules: MediaRules | None = None,
     ) -> EncodeSettings:
         sf = cfg.slowfast
         max_video_tokens = sf.max_video_tokens
@@ -144,6 +151,7 @@ class EncodeSettings:
             slowfast_reference=sf.reference,
             slowfast_patch_tolerance=sf.patch_tolerance,
             slowfast_max_video_tokens=max_video_tokens,
+            rules=KIMI_MEDIA_RULES if rules is None else rules,
         )
 
     @property
@@ -173,7 +181,7 @@ class PlannedMedia:
     ``repaired_timestamps``)."""
 
 
-def _plan_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
+def plan_kimi_image(data: bytes, s: EncodeSettings) -> ProcessedImage:
     """Grid of an image from its header (EXIF rotation applied, as ``decode_image`` does)."""
     try:
         with warnings.catch_warnings():
@@ -228,8 +236,8 @@ def _slowfast_plan(decoded: DecodedVideo, s: EncodeSettings) -> SlowFastPlan:
                          s.slowfast_patch_tolerance)
 
 
-def _plan_video(data: bytes, s: EncodeSettings,
-                clip: Clip | None = None) -> tuple[VideoHeader | list[VideoChunk], bool]:
+def plan_kimi_video(data: bytes, s: EncodeSettings,
+                    clip: Clip | None = None) -> tuple[VideoHeader | list[VideoChunk], bool]:
     """(uniform: the header, chunked later at the fitted settings by ``video_chunks``;
     SlowFast: the chunks, not fitted), whether the timestamps were repaired."""
     if s.slowfast:  # the slow/fast labels need pixels: decode now (pixels are not kept)
@@ -243,24 +251,28 @@ def _plan_video(data: bytes, s: EncodeSettings,
     return header, header.timestamps_repaired
 
 
-def _tokenize(parts: list, s: EncodeSettings, tokenizer: Any, media_ids: MediaTokenIds,
+def _tokenize(parts: list, s: EncodeSettings, tokenizer: Any, media_ids: Any,
               frame_max_patches: int, fps: float) -> tuple[TokenizedSample, list[int]]:
-    """The document of ``parts`` (Text, an image, a video header or SlowFast chunks) with the
-    videos at these settings, EOS appended; and the item count of each media."""
-    segments: list[Any] = []
+    """The document of ``parts`` (Text, an image, a video header or a video's items) with the
+    videos at these settings, by the family's template, EOS appended; and the item count of
+    each media."""
+    groups: list[Any] = []
     counts: list[int] = []
     for part in parts:
         if isinstance(part, Text):
-            segments.append(part)
+            groups.append(part)
             continue
         if isinstance(part, VideoHeader):
             items: list = video_chunks(part, frame_max_patches, fps, s.video_max_frames)
+            groups.append(items)
+        elif isinstance(part, list):
+            items = part
+            groups.append(items)
         else:
-            items = part if isinstance(part, list) else [part]
-        is_slowfast = isinstance(part, list)
-        segments.extend(slowfast_segments(items) if is_slowfast else items)
+            items = [part]
+            groups.append(part)
         counts.append(len(items))
-    doc = tokenize_interleaved(segments, tokenizer, media_ids, s.markers_loss)
+    doc = s.rules.tokenize(groups, tokenizer, media_ids, s.markers_loss)
     doc = TokenizedSample(
         tokens=np.append(doc.tokens, tokenizer.eos_id).astype(np.int64),
         target_mask=np.append(doc.target_mask, True),
@@ -275,9 +287,11 @@ def plan_document(
     members: dict[str, bytes],
     settings: EncodeSettings,
     tokenizer: Any,
-    media_ids: MediaTokenIds,
+    media_ids: Any,
 ) -> tuple[TokenizedSample, list[PlannedMedia]]:
-    """Tokenise one canonical sample (shards.py format) without decoding its media.
+    """Tokenise one canonical sample (shards.py format) without decoding its media, by the
+    family's media rules (``settings.rules``; ``media_ids``: ``settings.rules.media_ids(
+    tokenizer)``).
 
     A document over a budget that holds (uniform-sampled) video is fitted first: lower
     per-frame resolution, then lower sampling rate (video_fit.py); the settings chosen are kept
@@ -313,11 +327,11 @@ def plan_document(
         if not data:
             raise MediaMissingError(f"member m{i}.{meta['ext']} is missing or empty")
         if meta["type"] == "image":
-            parts.append(_plan_image(data, settings))
+            parts.append(settings.rules.plan_image(data, settings))
             planned.append(PlannedMedia("image", data, []))
         else:
             clip = media_clip(meta)
-            video, repaired = _plan_video(data, settings, clip)
+            video, repaired = settings.rules.plan_video(data, settings, clip)
             parts.append(video)
             planned.append(PlannedMedia("video", data, [], clip=clip,
                                         timestamps_repaired=repaired))
@@ -350,10 +364,11 @@ def plan_document(
             f"{s.seq_length} / {s.max_patches}{fitted}", reason=SkipReason.TOO_LONG)
     doc, counts = build(fit.frame_max_patches, fit.fps)
     first = 0
-    for m, n in zip(planned, counts):
+    media_parts = [p for p in parts if not isinstance(p, Text)]
+    for m, n, part in zip(planned, counts, media_parts):
         m.item_indices = list(range(first, first + n))
         first += n
-        if m.type == "video" and not s.slowfast:
+        if isinstance(part, VideoHeader):  # fitted (Kimi's uniform sampler)
             m.fps, m.frame_max_patches, m.fit = fit.fps, fit.frame_max_patches, fit.kind
     return doc, planned
 
@@ -364,10 +379,28 @@ def _item_key(item: ProcessedImage | VideoChunk) -> tuple:
             bool(getattr(item, "is_fast", False)))
 
 
+def decode_kimi_media(m: PlannedMedia, settings: EncodeSettings) -> list:
+    """Kimi's decode of one planned image or video (``KimiMediaRules.decode``)."""
+    if m.type == "image":
+        return [process_image(m.data, settings.image_max_patches,
+                              min_patches=settings.image_min_patches)]
+    if settings.slowfast:
+        video = decode_video(m.data, settings.video_fps, settings.video_max_frames,
+                             settings.video_backend, clip=m.clip)
+        return process_slowfast(video.frames, video.timestamps, _slowfast_plan(video, settings))
+    # at the settings the plan fitted the document to
+    fps = settings.video_fps if m.fps is None else m.fps
+    budget = (settings.video_chunk_max_patches if m.frame_max_patches is None
+              else m.frame_max_patches)
+    return process_video(m.data, fps, settings.video_max_frames, budget,
+                         settings.video_backend, clip=m.clip).chunks
+
+
 def decode_document(
     doc: TokenizedSample, media: list[PlannedMedia], settings: EncodeSettings
 ) -> TokenizedSample:
-    """Decode a planned document's media and check them against the plan.
+    """Decode a planned document's media (``settings.rules.decode``) and check them against
+    the plan.
 
     Raises:
         BadSampleError: Undecodable media, or a decode that disagrees with the header probe.
@@ -375,20 +408,7 @@ def decode_document(
     items = list(doc.items)
     for m in media:
         planned = [items[i] for i in m.item_indices]
-        if m.type == "image":
-            decoded: list = [process_image(m.data, settings.image_max_patches,
-                                           min_patches=settings.image_min_patches)]
-        elif settings.slowfast:
-            video = decode_video(m.data, settings.video_fps, settings.video_max_frames,
-                                 settings.video_backend, clip=m.clip)
-            decoded = process_slowfast(video.frames, video.timestamps,
-                                       _slowfast_plan(video, settings))
-        else:  # at the settings the plan fitted the document to
-            fps = settings.video_fps if m.fps is None else m.fps
-            budget = (settings.video_chunk_max_patches if m.frame_max_patches is None
-                      else m.frame_max_patches)
-            decoded = process_video(m.data, fps, settings.video_max_frames, budget,
-                                    settings.video_backend, clip=m.clip).chunks
+        decoded = settings.rules.decode(m, settings)
         got = [_item_key(d) for d in decoded]
         want = [_item_key(p) for p in planned]
         if got != want:
@@ -463,9 +483,9 @@ class MMTaskEncoder(TaskEncoder):
     """energon task encoder: raw sample -> planned document -> two-budget packs.
 
     Args:
-        tokenizer: ``encode``/``eos_id``/``pad_id`` plus ``media_token_ids()`` (e.g.
-            ``SpecialTokensTokenizer`` or ``KimiTokenizer``).
-        settings: Budgets and media sizing.
+        tokenizer: ``encode``/``eos_id``/``pad_id`` and the media special tokens of
+            ``settings.rules`` (e.g. ``SpecialTokensTokenizer`` or ``KimiTokenizer``).
+        settings: Budgets, media sizing and the family's media rules.
         max_consecutive_skips: Abort after this many bad samples in a row.
         warn_every: One log line per this many skips.
         position_rule: The model family's M-RoPE position rule (a module-level function, so
@@ -488,7 +508,7 @@ class MMTaskEncoder(TaskEncoder):
     ) -> None:
         self.tokenizer = tokenizer
         self.position_rule = position_rule
-        self.media_ids = tokenizer.media_token_ids()
+        self.media_ids = settings.rules.media_ids(tokenizer)
         self.settings = settings
         self.max_consecutive_skips = max_consecutive_skips
         self.skips = SkipCounter(warn_every=warn_every, name="multimodal data")

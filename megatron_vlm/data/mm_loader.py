@@ -6,7 +6,8 @@ shard slices)::
     prepared datasets (shards.py), energon/img2dataset datasets read in place (foreign.py)
       --MetadatasetV2 blend (weights per stage)--> shuffle buffer
       -> cook: raw tar members of one sample (a foreign layout mapped to canonical members)
-      -> preencode (every sample): probe media headers, plan grids/chunks, Kimi templates ->
+      -> preencode (every sample): probe media headers, plan grids/chunks, the family's media
+         template (``media_rules``; Kimi K2.5's by default) ->
          TokenizedSample with empty pixel tensors (cheap: the packing buffer holds many; the
          SlowFast video sampler decodes videos here, its grids depend on the pixels)
       -> select_samples_to_pack: two-budget best fit over the packing buffer (mm_packing)
@@ -66,6 +67,7 @@ from megatron_vlm.data.foreign import (
     not_a_dataset_message,
 )
 from megatron_vlm.data.media_errors import BadSampleError, SkipCounter
+from megatron_vlm.data.media_rules import KIMI_MEDIA_RULES, MediaRules
 from megatron_vlm.data.mm_encode import (
     EncodedMMSample,
     EncodeSettings,
@@ -244,7 +246,8 @@ class MultimodalLoader:
 
     Args:
         config: Datasets, stage mixes, budgets, workers.
-        tokenizer: With ``media_token_ids()`` (``SpecialTokensTokenizer`` / ``KimiTokenizer``).
+        tokenizer: With the media special tokens of ``media_rules`` (``SpecialTokensTokenizer`` /
+            ``KimiTokenizer``).
         seq_length: S, LLM tokens per micro-batch.
         global_batch_size: Micro-batches per optimizer step over all DP ranks.
         dp_rank: This rank's data-parallel index.
@@ -255,7 +258,9 @@ class MultimodalLoader:
         one_pass: Read the (single) dataset of the mix once instead of forever; the stream then
             ends with ``StopIteration`` (evaluation, data audits, exact skip accounting).
         position_rule: The family's M-RoPE rule (``families/<name>/positions.py``, handed in by
-            the trainer: data never imports families); None for 1D-RoPE families.
+            the trainer: data never imports families); None: the rule of ``media_rules``.
+        media_rules: The family's media rules (``media_rules.py``; handed in by the trainer);
+            None: Kimi K2.5's.
     """
 
     def __init__(
@@ -272,6 +277,7 @@ class MultimodalLoader:
         stage: str | None = None,
         one_pass: bool = False,
         position_rule: PositionRule | None = None,
+        media_rules: MediaRules | None = None,
     ) -> None:
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank}, {dp_size}")
@@ -293,8 +299,10 @@ class MultimodalLoader:
         self.global_batch_size = global_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed = seed
-        self.settings = EncodeSettings.from_config(config, seq_length, pad_to_multiple)
-        self.position_rule = position_rule
+        self.settings = EncodeSettings.from_config(config, seq_length, pad_to_multiple,
+                                                   media_rules)
+        self.position_rule = (self.settings.rules.position_rule if position_rule is None
+                              else position_rule)
         self.encoder = self._new_encoder()
         names = [n for n, w in self.mix.weights.items() if w > 0]
         self.datasets = resolve_datasets(config, names, config.verify_shards)
@@ -504,6 +512,8 @@ class MultimodalLoader:
                         if k != "video_sampler" and not k.startswith("slowfast_")}
         if self.settings.image_min_patches is None:  # states saved before the option resume
             settings.pop("image_min_patches")
+        if self.settings.rules == KIMI_MEDIA_RULES:  # states saved before families resume
+            settings.pop("rules")
         return {
             "stage": self.stage,
             "datasets": {n: [str(i.path), i.manifest["splits"]["train"]["samples"]]

@@ -209,7 +209,10 @@ def _check_grid(item: ProcessedImage | VideoChunk) -> int:
     return item.num_tokens
 
 
-class _Builder:
+class TokenBuilder:
+    """Accumulates one document's tokens, targets, placeholder spans and items (the pieces every
+    family's template is made of; ``ids`` needs ``all_ids``)."""
+
     def __init__(self, tokenizer: TextEncoder, ids: MediaTokenIds, markers_loss: bool) -> None:
         self.tokenizer = tokenizer
         self.ids = ids
@@ -237,7 +240,16 @@ class _Builder:
         self.tokens.append(token_id)
         self.targets.append(self.markers_loss if loss is None else loss)
 
+    def placeholders(self, token_id: int, item: ProcessedImage | VideoChunk, num: int,
+                     is_video: bool) -> None:
+        """``num`` placeholders of ``item`` (never targets), recorded as its span."""
+        self.spans.append(PlaceholderSpan(len(self.tokens), num, len(self.items), is_video))
+        self.items.append(item)
+        self.tokens.extend([token_id] * num)
+        self.targets.extend([False] * num)
+
     def media(self, item: ProcessedImage | VideoChunk) -> None:
+        """One item in Kimi K2.5's template."""
         num = _check_grid(item)
         is_video = isinstance(item, VideoChunk)
         if is_video:
@@ -246,11 +258,23 @@ class _Builder:
         self.text(VIDEO_WORD if is_video else IMAGE_WORD, self.markers_loss)
         self.special(self.ids.media_content)
         placeholder = self.ids.video_placeholder if is_video else self.ids.image_placeholder
-        self.spans.append(PlaceholderSpan(len(self.tokens), num, len(self.items), is_video))
-        self.items.append(item)
-        self.tokens.extend([placeholder] * num)
-        self.targets.extend([False] * num)
+        self.placeholders(placeholder, item, num, is_video)
         self.special(self.ids.media_end)
+
+    def sample(self) -> TokenizedSample:
+        """The document built so far.
+
+        Raises:
+            BadSampleError: No tokens (``empty_text``).
+        """
+        if not self.tokens:
+            raise BadSampleError("sample has no tokens", reason=SkipReason.EMPTY_TEXT)
+        return TokenizedSample(
+            tokens=np.asarray(self.tokens, dtype=np.int64),
+            target_mask=np.asarray(self.targets, dtype=bool),
+            placeholder_spans=self.spans,
+            items=self.items,
+        )
 
 
 def tokenize_interleaved(
@@ -279,7 +303,7 @@ def tokenize_interleaved(
             (``placeholder_in_text``).
         MediaGridError: An item whose grid breaks the model contract (``bad_grid``).
     """
-    b = _Builder(tokenizer, media_ids, markers_loss)
+    b = TokenBuilder(tokenizer, media_ids, markers_loss)
     for seg in segments:
         if isinstance(seg, Text):
             b.text(seg.text, seg.loss)
@@ -295,14 +319,7 @@ def tokenize_interleaved(
             b.special(token_id, seg.loss)
         else:
             raise TypeError(f"unsupported segment type {type(seg).__name__}")
-    if not b.tokens:
-        raise BadSampleError("sample has no tokens", reason=SkipReason.EMPTY_TEXT)
-    return TokenizedSample(
-        tokens=np.asarray(b.tokens, dtype=np.int64),
-        target_mask=np.asarray(b.targets, dtype=bool),
-        placeholder_spans=b.spans,
-        items=b.items,
-    )
+    return b.sample()
 
 
 def render_text(segments: Sequence[Segment]) -> str:

@@ -12,8 +12,12 @@ export's config.json carries), and the one rule that decides which tokenizer ser
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from megatron_vlm.config.model import TOKEN_ID_NAMES, TokenIdsConfig
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
+from megatron_vlm.data.media_rules import KIMI_MEDIA_RULES, MediaRules, token_ids_config
+from megatron_vlm.data.templates import MEDIA_SPECIAL_TOKENS
 from megatron_vlm.data.tokenizer import SentencePieceTokenizer, Tokenizer
 
 DOCUMENT_ID_NAMES = ("bos", "eos", "pad")
@@ -22,32 +26,33 @@ MEDIA_ID_NAMES = tuple(n for n in TOKEN_ID_NAMES if n not in DOCUMENT_ID_NAMES)
 """The ``TokenIdsConfig`` fields only a VLM carries."""
 
 
-def tokenizer_for_model(tok: Tokenizer, is_vlm: bool) -> Tokenizer:
-    """``tok`` as the model uses it: a VLM's SentencePiece model with the media tokens appended."""
+def tokenizer_for_model(tok: Tokenizer, is_vlm: bool,
+                        special_tokens: Sequence[str] = MEDIA_SPECIAL_TOKENS) -> Tokenizer:
+    """``tok`` as the model uses it: a VLM's SentencePiece model with the media tokens of its
+    family (``MediaRules.special_tokens``; Kimi's by default) appended."""
     if is_vlm and isinstance(tok, SentencePieceTokenizer):
-        return SpecialTokensTokenizer(tok)
+        return SpecialTokensTokenizer(tok, tuple(special_tokens))
     return tok
 
 
-def tokenizer_token_ids(tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
-    """The special-token ids of ``tok`` (media ones for a VLM; raises naming missing ones)."""
+def tokenizer_token_ids(tok: Tokenizer, is_vlm: bool,
+                        rules: MediaRules | None = None) -> TokenIdsConfig:
+    """The special-token ids of ``tok`` (media ones for a VLM, by the family's media ``rules``,
+    Kimi's by default; raises naming missing ones)."""
     ids: dict[str, int | None] = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
     if is_vlm:
-        media = tok.media_token_ids()
-        ids.update(image=media.image_placeholder, video=media.video_placeholder,
-                   media_begin=media.media_begin, media_content=media.media_content,
-                   media_end=media.media_end)
+        ids.update(token_ids_config((rules or KIMI_MEDIA_RULES).media_ids(tok)))
     return TokenIdsConfig(**ids)
 
 
-def resolve_token_ids(configured: TokenIdsConfig, tok: Tokenizer,
-                      is_vlm: bool) -> tuple[TokenIdsConfig, list[str]]:
+def resolve_token_ids(configured: TokenIdsConfig, tok: Tokenizer, is_vlm: bool,
+                      rules: MediaRules | None = None) -> tuple[TokenIdsConfig, list[str]]:
     """(``model.token_ids`` filled from ``tok``, notes on document ids that yielded to it).
 
     Raises:
         ValueError: Naming each ``model.token_ids.<media>`` that disagrees with the tokenizer.
     """
-    actual = tokenizer_token_ids(tok, is_vlm)
+    actual = tokenizer_token_ids(tok, is_vlm, rules)
     differs = [n for n in TOKEN_ID_NAMES if getattr(configured, n) is not None
                and getattr(actual, n) is not None
                and getattr(configured, n) != getattr(actual, n)]
