@@ -67,6 +67,11 @@ class ModelFamily:
     ``step_flops(vision, llm_hidden_size, grid_thw) -> float``."""
     position_ids: Literal["rope", "mrope"] = "rope"
     """1D RoPE ids per document, or 3-axis M-RoPE ids built by the family's position rule."""
+    media_rules: Callable[[Any], Any] | None = None
+    """``(data.multimodal config or None) -> MediaRules`` (``data/media_rules.py``): the data
+    side's template, media sizing, video items, special tokens and position rule, which the
+    trainer hands to the tokenizer and the multimodal loader. None: Kimi K2.5's
+    (``media_rules.kimi_media_rules``)."""
     hf_architectures: tuple[str, ...] = ()
     """HF ``architectures`` this family imports and exports (``convert/tables.py``)."""
     recipes: tuple[str, ...] = ()

@@ -13,7 +13,9 @@ from megatron_vlm.config.job import JobConfig
 from megatron_vlm.config.model import TokenIdsConfig
 from megatron_vlm.data.contract import PackedBatch
 from megatron_vlm.data.corpus import bundled_corpus_dir
+from megatron_vlm.data.media_rules import MediaRules, kimi_media_rules
 from megatron_vlm.data.prepacked import PrepackedLoader
+from megatron_vlm.data.templates import MEDIA_SPECIAL_TOKENS
 from megatron_vlm.data.text_loader import TextLoader, validation_batches
 from megatron_vlm.data.token_ids import (
     resolve_token_ids,
@@ -75,9 +77,19 @@ def _trained_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Sente
     return tok
 
 
+def media_rules_for(job: JobConfig) -> MediaRules:
+    """The model family's media rules for this job's data (``ModelFamily.media_rules``; Kimi
+    K2.5's for a family that declares none)."""
+    from megatron_vlm.families import get_family  # the family module builds models: lazily
+
+    factory = get_family(job.model.family).media_rules or kimi_media_rules
+    return factory(job.data.multimodal)
+
+
 def build_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Tokenizer:
     """The run's tokenizer: ``data.tokenizer`` if set (media tokens must be in it), else a
-    SentencePiece model trained here; a VLM's SentencePiece gets the media tokens appended.
+    SentencePiece model trained here; a VLM's SentencePiece gets its family's media tokens
+    appended.
 
     Raises:
         ValueError: A tokenizer that cannot be read, lacks the media tokens a VLM needs, or has
@@ -87,8 +99,10 @@ def build_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Tokenize
         tok = load_tokenizer(job.data.tokenizer, job.data.tokenizer_type)
     else:
         tok = _trained_tokenizer(job, corpus_dir, run_dir)
-    tok = tokenizer_for_model(tok, job.model.is_vlm)
-    rows = embedding_rows(tok, job.model.is_vlm)  # raises naming missing media tokens
+    rules = media_rules_for(job) if job.model.is_vlm else None
+    tok = tokenizer_for_model(tok, job.model.is_vlm,
+                              rules.special_tokens if rules else MEDIA_SPECIAL_TOKENS)
+    rows = embedding_rows(tok, job.model.is_vlm, rules)  # raises naming missing media tokens
     if rows > job.model.llm.vocab_size:
         raise ValueError(
             f"the tokenizer ({tok.describe()}) has {rows} ids but "
@@ -97,13 +111,14 @@ def build_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Tokenize
     return tok
 
 
-def embedding_rows(tok: Tokenizer, is_vlm: bool) -> int:
+def embedding_rows(tok: Tokenizer, is_vlm: bool, rules: MediaRules | None = None) -> int:
     """Embedding rows the tokenizer needs: its ids, less media placeholders at the top of the
     range (Kimi's video placeholder is the first id past the table: the model replaces
-    placeholders with vision features before the lookup, so they need no row)."""
+    placeholders with vision features before the lookup, so they need no row). ``rules``: the
+    family's media rules (Kimi's by default)."""
     rows = tok.vocab_size
     if is_vlm:
-        placeholders = tok.media_token_ids().placeholder_ids
+        placeholders = (rules or kimi_media_rules()).media_ids(tok).placeholder_ids
         while rows - 1 in placeholders:
             rows -= 1
     return rows
@@ -120,7 +135,8 @@ def build_data(job: JobConfig, dp_rank: int, dp_size: int, run_dir: Path,
     """
     corpus_dir = Path(job.data.corpus_dir) if job.data.corpus_dir else bundled_corpus_dir()
     tok = build_tokenizer(job, corpus_dir, Path(run_dir))
-    token_ids, notes = resolve_token_ids(job.model.token_ids, tok, job.model.is_vlm)
+    rules = media_rules_for(job) if job.model.is_vlm else None
+    token_ids, notes = resolve_token_ids(job.model.token_ids, tok, job.model.is_vlm, rules)
     if is_batch_source(pg_collection):
         setup = _build_loaders(job, tok, corpus_dir, dp_rank, dp_size)
     else:
@@ -173,7 +189,8 @@ def _build_prepacked(job: JobConfig, tok: Tokenizer, dp_rank: int, dp_size: int)
     loader = PrepackedLoader(job.data.prepacked, seq_length=job.data.seq_length,
                              global_batch_size=job.data.global_batch_size, dp_rank=dp_rank,
                              dp_size=dp_size)
-    ids = tokenizer_token_ids(tok, job.model.is_vlm)
+    rules = media_rules_for(job) if job.model.is_vlm else None
+    ids = tokenizer_token_ids(tok, job.model.is_vlm, rules)
     loader.check_tokenizer(tok.vocab_size, dataclasses.asdict(ids))
     return DataSetup(tok, loader, loader.validation_batches(job.train.eval_batches))
 
@@ -182,10 +199,12 @@ def _build_multimodal(job: JobConfig, tok: Tokenizer, dp_rank: int, dp_size: int
     """energon loader over the multimodal shards."""
     from megatron_vlm.data.mm_loader import MultimodalLoader
 
+    rules = media_rules_for(job)
     loader = MultimodalLoader(
         job.data.multimodal, tok, seq_length=job.data.seq_length,
         global_batch_size=job.data.global_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=job.data.seed, pad_to_multiple=job.data.pad_to_multiple,
+        media_rules=rules, position_rule=rules.position_rule,
     )
     # Already this rank's share of each dataset's val split.
     return DataSetup(tok, loader, loader.validation_batches(job.train.eval_batches))

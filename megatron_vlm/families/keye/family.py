@@ -17,6 +17,7 @@ from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.families.base import ModelFamily
 from megatron_vlm.families.keye import costs
 from megatron_vlm.families.keye.config import PROJECTOR_CONFIG, VISION_CONFIG
+from megatron_vlm.families.keye.media import keye_media_rules
 from megatron_vlm.families.keye.merger import build_keye_merger, llm_tokens_per_item
 from megatron_vlm.families.keye.vision import build_keye_vision
 
@@ -45,6 +46,7 @@ FAMILY = ModelFamily(
     llm_tokens_per_item=llm_tokens_per_item,
     costs=costs,
     position_ids="mrope",
+    media_rules=keye_media_rules,
     hf_architectures=("KeyeVL1_5ForConditionalGeneration",),
     recipes=("keye_vl_1_5_8b", "keye_vl_1_5_8b_anneal_32k", "keye_vl_1_5_8b_anneal_128k",
              "tiny_keye_cpu"),

@@ -8,6 +8,7 @@ module names them.
 
 from __future__ import annotations
 
+from megatron_vlm.data.media_rules import kimi_media_rules
 from megatron_vlm.families.base import ModelFamily
 from megatron_vlm.families.kimi import costs
 from megatron_vlm.families.kimi.config import PROJECTOR_CONFIG, VISION_CONFIG
@@ -23,6 +24,7 @@ FAMILY = ModelFamily(
     llm_tokens_per_item=kimi_llm_tokens_per_item,
     costs=costs,
     position_ids="rope",
+    media_rules=kimi_media_rules,
     hf_architectures=("Kimi_K25ForConditionalGeneration", "KimiK25ForConditionalGeneration",
                       "KimiVLForConditionalGeneration", "DeepseekV3ForCausalLM"),
     recipes=("kimi_k25", "kimi_k25_512", "kimi_k25_32k", "kimi_k25_128k", "kimi_vl_a3b",
