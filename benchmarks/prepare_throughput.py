@@ -236,8 +236,9 @@ def time_merge_parts(out: Path) -> dict:
             "shards": len(shards)}
 
 
-def time_merge_scale(root: Path, num_records: int) -> dict:
-    """Merge samples/s and memory per sample on a text-only dataset of ``num_records``."""
+def time_merge_scale(root: Path, num_records: int, index_workers: tuple[int, ...] = (1, 2)) -> dict:
+    """Merge samples/s and memory per sample on a text-only dataset of ``num_records``; energon's
+    index alone with each of ``index_workers`` processes."""
     from megatron_vlm.data.prepare import merge_slices, prepare_slice
 
     jsonl = root / "text.jsonl"
@@ -266,15 +267,15 @@ def time_merge_scale(root: Path, num_records: int) -> dict:
     finally:
         prepare.write_energon_index = saved
     index_s = {}
-    for workers in (1, 2):
+    for workers in index_workers:
         shutil.rmtree(out / ".nv-meta")
         t0 = time.perf_counter()
         write_energon_index(out, shards, verbose=False, workers=workers)
         index_s[workers] = time.perf_counter() - t0
     return {"samples": num_records, "shards": len(shards), "merge_seconds": seconds,
             "merge_samples_per_s": num_records / seconds,
-            "energon_index_seconds_1_worker": index_s[1],
-            "energon_index_seconds_2_workers": index_s[2],
+            **{f"energon_index_seconds_{w}_worker{'s' * (w > 1)}": index_s[w]
+               for w in index_workers},
             "merge_without_index_samples_per_s": num_records / own_s,
             "merge_peak_python_bytes_per_sample": peak / num_records}
 
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None):
             for k in range(cfg["enumeration_records"]):
                 f.write(lines[k % len(lines)])
         results["enumeration"] = time_enumeration(big, 1 if args.smoke else 3)
-        results["merge_scale"] = time_merge_scale(root, cfg["enumeration_records"] // 2)
+        results["merge_scale"] = time_merge_scale(root, cfg["enumeration_records"] // 2,
+                                                  (1,) if args.smoke else (1, 2))
         results["tar_enumeration"] = time_tar_enumeration(
             root, cfg["enumeration_records"] // 20, 1 if args.smoke else 3)
     results["loadavg_after"] = os.getloadavg()

@@ -4,7 +4,9 @@ few MB in-process and its JSON carries every figure.
 - ``benchmarks/data_demand.py``: media/packing rates and the kimi_k25 cores-per-GPU arithmetic;
 - ``benchmarks/media_floor.py``: image/video to patches vs the raw decoders of the same frames;
 - ``benchmarks/convert_hf.py``: the safetensors loop, 1 and 2-process import/export, INT4 sizes;
-- ``benchmarks/checkpoint_io.py``: our save/load vs plain DCP, the async snapshot and writer.
+- ``benchmarks/checkpoint_io.py``: our save/load vs plain DCP, the async snapshot and writer;
+- ``benchmarks/prepare_throughput.py``: preparation with structure / no / full media checks vs
+  ``tar`` of the same files.
 """
 
 from __future__ import annotations
@@ -86,10 +88,33 @@ def _checkpoint_io(tmp_path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt_io_")]  # cleaned up
 
 
+def _prepare_throughput(tmp_path) -> None:
+    from benchmarks import prepare_throughput
+
+    data = json.loads(prepare_throughput.main(["--smoke", "--out-dir", str(tmp_path)]).read_text())
+    assert data["smoke"] is True and data["device"]["cpu_model"]
+    res = data["results"]
+    for label, jobs in (("interleaved", ("structure", "none", "full", "tar")),
+                        ("interleaved_videos_only", ("structure", "none", "tar"))):
+        runs = res[label]["runs"]
+        assert set(runs) == set(jobs)
+        modes = [j for j in jobs if j != "tar"]
+        assert {r["samples"] for m in modes for r in runs[m]} == {res[label]["records"]}
+        assert len({r["shard_bytes"] for m in modes for r in runs[m]}) == 1  # same shards
+        assert runs["tar"][0]["bytes"] >= res[label]["media_bytes"] > 0
+        assert res[label]["checks_over_no_checks"] > 0 and res[label]["checks_over_tar"] > 0
+    assert res["checks_2_workers"]["shard_bytes"] == res["interleaved"]["runs"]["none"][0][
+        "shard_bytes"]
+    assert res["check_ms_per_file"]["video_structure_ms"] > 0
+    assert res["enumeration"]["records"] == data["config"]["enumeration_records"]
+    assert res["merge_scale"]["merge_samples_per_s"] > 0 and len(res["loadavg_after"]) == 3
+
+
 def test_cpu_bound_benchmarks_smoke(tmp_path):
     for name, check in [("data_demand", _data_demand), ("media_floor", _media_floor),
                         ("convert_hf", _convert_hf),
-                        ("checkpoint_io", _checkpoint_io)]:
+                        ("checkpoint_io", _checkpoint_io),
+                        ("prepare_throughput", _prepare_throughput)]:
         out = tmp_path / name
         out.mkdir()
         check(out)

@@ -221,20 +221,6 @@ def test_modality_per_sample():
     assert infer_modality(Counter(interleaved=3, caption=1), Counter(image=4)) == "interleaved"
 
 
-def test_prepare_throughput_benchmark_smoke(tmp_path):
-    from benchmarks import prepare_throughput
-
-    data = json.loads(prepare_throughput.main(["--smoke", "--out-dir", str(tmp_path)]).read_text())
-    res = data["results"]
-    assert data["smoke"] is True and data["device"]["cpu_model"]
-    for label in ("checks_1_worker", "no_checks_1_worker", "checks_2_workers"):
-        assert res[label]["samples"] == data["config"]["num_records"] and res[label][
-            "pairs_per_s"] > 0
-    assert res["checks_1_worker"]["shard_bytes"] == res["checks_2_workers"]["shard_bytes"]
-    assert res["enumeration"]["records"] == data["config"]["enumeration_records"]
-    assert res["merge_scale"]["merge_samples_per_s"] > 0
-
-
 def _wchar() -> int:
     """Bytes this process has passed to write() so far (Linux /proc/self/io)."""
     for line in Path("/proc/self/io").read_text().splitlines():
