@@ -330,8 +330,8 @@ def finish_import(hf_dir: Path, out: Path, count: int, *, params_dtype: str = "f
 
     hf_dir, out = Path(hf_dir), Path(out)
     p = prepared or _prepare(hf_dir, params_dtype, log=False)
+    _write_carried(p, out)  # first: a finished step directory always has its carried copy
     step_dir = finish_checkpoint(out, count, p.config_yaml, p.extra)
-    _write_carried(p, out)
     tmp = out / f".tmp-job-{secrets.token_hex(4)}.yaml"
     tmp.write_text(p.config_yaml)
     os.replace(tmp, out / "job.yaml")
