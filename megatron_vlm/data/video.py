@@ -337,8 +337,9 @@ def _decode_pyav(
     source: VideoSource, fps: float, max_frames: int | None, clip: Clip | None = None,
     timing: VideoTiming | None = None,
 ) -> DecodedVideo:
-    """PyAV decode in decode order (frame ``i`` is the i-th frame out of the decoder);
-    ``timing`` (repaired) replaces the stream's own frame rate."""
+    """PyAV decode: frame ``i`` is the i-th frame out of the decoder. With ``timing``'s index
+    (intact timestamps) only what the sampled frames need is decoded (``video_pyav``), else the
+    stream is decoded in order; a repaired ``timing`` replaces the stream's own frame rate."""
     import av
 
     uri, _ = _open_arg(source)
