@@ -95,3 +95,34 @@ def test_unplaceable_frames_fall_back_to_in_order(clips, monkeypatch):
     monkeypatch.setattr(video_mod, "read_timing", lambda source: bad)
     out = decode_video(path, fps=2.0, backend="pyav")
     assert np.array_equal(out.frames, in_order(path, indices))
+
+
+@pytest.mark.parametrize("name, codec, options", [
+    ("open_gop.mkv", "libx264", {"preset": "veryfast",
+                                 "x264-params": "keyint=10:open-gop=1:bframes=3"}),
+    ("vp9.webm", "libvpx-vp9", {"g": "10", "lag-in-frames": "25", "auto-alt-ref": "1"}),
+])
+def test_other_containers_and_codecs(tmp_path, name, codec, options):
+    """Matroska/WebM indexes, an open GOP (non-IDR keyframes) and VP9's hidden alt-ref frames:
+    the sparse decoder places every sampled frame and returns the full decode's pixels."""
+    path = tmp_path / name
+    rng = np.random.default_rng(1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.options = options
+        for i in range(40):
+            img = rng.integers(0, 256, (H, W, 3), dtype=np.uint8) // 4 + (i * 5) % 192
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8),
+                                                                   format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    timing = read_timing(path)
+    assert len(timing.keyframe_pts) >= 4
+    indices = video_mod.sample_frame_indices(40, FPS, 7.0, None)
+    with av.open(str(path)) as container:
+        frames = decode_sampled(container, container.streams.video[0], indices,
+                                timing.frame_pts, timing.keyframe_pts)
+    assert frames is not None
+    assert np.array_equal(np.stack(frames), in_order(path, indices))
