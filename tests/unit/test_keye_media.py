@@ -60,9 +60,9 @@ def E(text: str) -> list[int]:  # noqa: N802 - the byte ids of a text
     return list(text.encode())
 
 
-def _clip(frames: list[np.ndarray], rate: int = 4) -> bytes:
+def _clip(frames: list[np.ndarray], rate: int = 4, fmt: str = "mp4") -> bytes:
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    with av.open(buf, mode="w", format=fmt) as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
@@ -175,6 +175,20 @@ def test_document_is_keye_template_with_one_item_per_image_and_frame(video, samp
     for f, src, size in zip(frames, source, ref.frame_sizes):
         expected = _patches(resize_video_frames(src[None], size)[0])
         torch.testing.assert_close(f.pixel_values, expected, atol=1e-6, rtol=0)
+
+
+def test_a_container_without_frame_counts_gives_the_same_document():
+    # Matroska carries no frame count: the video is decoded whole and sampled by the same rule.
+    a, b = _pictures()
+    record, members = _document(_clip([a, a, a, a, b, b], fmt="matroska"))
+    s = _settings("uniform")
+    doc, media = plan_document(record, members, s, TOK, s.rules.media_ids(TOK))
+    assert doc.tokens.tolist() == _expected(fast=False)[0]
+    decoded = decode_document(doc, media, s)
+    source = _source_frames(members["m1.mp4"], [0, 2, 5])
+    torch.testing.assert_close(decoded.items[3].pixel_values,
+                               _patches(resize_video_frames(source[2:], (168, 224))[0]),
+                               atol=1e-6, rtol=0)
 
 
 def test_packed_mrope_ids_are_keye_position_ids_of_each_document(video):

@@ -18,7 +18,10 @@ released code wins over the report):
   frames at ``linspace(0, n - 1, k).round()``, timestamps ``float32(i / src_fps)``; SlowFast frame
   types when ``data.multimodal.video_sampler: slowfast`` (else every frame slow), the slow/fast
   frame sizes of the package's budget search, frames resized as the released HF processor does
-  (bilinear, antialias, uint8). A ``clip`` span applies the same rule to the span's frames.
+  (bilinear, antialias, uint8). A ``clip`` span applies the same rule to the span's frames. Only
+  the sampled frames are decoded (PyAV's sparse decoder, frames counted and timed as
+  ``video.read_timing`` reads the header); a container without frame counts is decoded whole by
+  ``video.decode_video`` and sampled from that.
 * **Pixels.** ``x / 255`` normalised with mean = std = 0.5 per channel: SigLIP's normalisation,
   which the released ``preprocessor_config.json`` is recorded to carry (FAMILIES.md §1 (U); the
   processor class itself defaults to OpenAI-CLIP's mean/std when the file names none: check the
@@ -56,6 +59,7 @@ from megatron_vlm.data.mrope_positions import PositionRule
 from megatron_vlm.data.templates import Text, TextEncoder, TokenBuilder, TokenizedSample
 from megatron_vlm.data.tokenizer import MissingSpecialTokenError
 from megatron_vlm.data.video import VideoChunk, clip_frame_range, decode_video, read_timing
+from megatron_vlm.data.video_pyav import decode_sampled
 from megatron_vlm.families.keye import slowfast as keye_slowfast
 from megatron_vlm.families.keye.positions import keye_position_ids
 from megatron_vlm.families.keye.processing import (
@@ -87,7 +91,8 @@ KEYE_SPECIAL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, FRAME, FA
 
 _NO_PIXELS = torch.empty(0, 3, PATCH_SIZE, PATCH_SIZE)
 _ALL_FRAMES_FPS = 1e9
-"""A sampling rate above any source's: ``decode_video`` then returns every frame of the span."""
+"""A sampling rate above any source's: ``decode_video`` then returns every frame of the span
+(the fallback for containers PyAV cannot time or decode)."""
 
 
 @dataclass(frozen=True)
@@ -259,9 +264,52 @@ def _frame_plan(frames: np.ndarray | None, height: int, width: int, num: int, sl
     return types, sizes
 
 
-def _decode_span(data: bytes, settings: Any, clip):
-    """Every frame of the (clip) span; frame ``j`` is source index ``frame_indices[0] + j``."""
-    return decode_video(data, _ALL_FRAMES_FPS, None, settings.video_backend, clip=clip)
+def _decode_indices(data: bytes, indices: np.ndarray, timing) -> np.ndarray | None:
+    """[k, H, W, 3] uint8 source frames ``indices`` by PyAV (sparse decode where the stream's
+    index places them, else in decode order); None when PyAV cannot deliver all of them."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            frames = None
+            if timing.frame_pts:
+                frames = decode_sampled(container, stream, indices, timing.frame_pts,
+                                        timing.keyframe_pts)
+                if frames is None:
+                    container.seek(0)
+            if frames is None:
+                wanted, last, frames = set(indices.tolist()), int(indices[-1]), []
+                for i, frame in enumerate(container.decode(stream)):
+                    if i in wanted:
+                        frames.append(frame.to_ndarray(format="rgb24"))
+                    if i >= last:
+                        break
+    except Exception:  # av.error.* on damaged input: the fallback decoder reports it
+        return None
+    if len(frames) != len(indices):
+        return None
+    return np.ascontiguousarray(np.stack(frames), dtype=np.uint8)
+
+
+def _read_frames(data: bytes, settings: Any, clip,
+                 rules: KeyeMediaRules) -> tuple[_Sampled, np.ndarray, bool]:
+    """The sampled frames of a video: (sampling, [k, H, W, 3] uint8, timestamps repaired).
+
+    Only the sampled frames are decoded (PyAV, timed by the header as ``video.read_timing``
+    reads it); a container without frame counts, or one PyAV cannot decode, is decoded whole by
+    ``video.decode_video`` (the configured backend) and sampled from that.
+    """
+    timing = read_timing(data)
+    if timing is not None and timing.total_frames > 0 and timing.fps > 0:
+        sampled = _sample(timing.total_frames, timing.fps, clip, settings, rules)
+        frames = _decode_indices(data, sampled.indices, timing)
+        if frames is not None:
+            return sampled, frames, timing.repaired
+    video = decode_video(data, _ALL_FRAMES_FPS, None, settings.video_backend, clip=clip)
+    sampled = _sample(video.total_frames, video.fps, clip, settings, rules)
+    frames = video.frames[sampled.indices - int(video.frame_indices[0])]
+    return sampled, frames, video.timestamps_repaired
 
 
 def _frame_items(sampled: _Sampled, types: np.ndarray, sizes,
@@ -316,15 +364,14 @@ class KeyeMediaRules:
         return ProcessedImage(_NO_PIXELS, grid, (height, width), size)
 
     def plan_video(self, data: bytes, settings: Any, clip) -> tuple[list[VideoChunk], bool]:
-        """The video's frame items (grids, timestamps, fast flags); decodes it for SlowFast."""
+        """The video's frame items (grids, timestamps, fast flags) from its header; SlowFast
+        types need the sampled frames' pixels (decoded, not kept)."""
         timing = None if settings.slowfast else read_timing(data)
         if timing is None or timing.total_frames < 1 or not timing.fps > 0:
-            video = _decode_span(data, settings, clip)
-            sampled = _sample(video.total_frames, video.fps, clip, settings, self)
-            frames = video.frames[sampled.indices - int(video.frame_indices[0])]
+            sampled, frames, repaired = _read_frames(data, settings, clip, self)
             types, sizes = _frame_plan(frames, *frames.shape[1:3], len(frames),
                                        settings.slowfast, self)
-            return _frame_items(sampled, types, sizes, None), video.timestamps_repaired
+            return _frame_items(sampled, types, sizes, None), repaired
         sampled = _sample(timing.total_frames, timing.fps, clip, settings, self)
         types, sizes = _frame_plan(None, timing.height, timing.width, len(sampled.indices),
                                    False, self)
@@ -343,9 +390,7 @@ class KeyeMediaRules:
                                    max_tokens=self.image_max_tokens)
             return [ProcessedImage(_patches(resized.pixels), (1, *resized.grid_hw),
                                    (height, width), resized.pixels.shape[:2])]
-        video = _decode_span(media.data, settings, media.clip)
-        sampled = _sample(video.total_frames, video.fps, media.clip, settings, self)
-        frames = video.frames[sampled.indices - int(video.frame_indices[0])]
+        sampled, frames, _ = _read_frames(media.data, settings, media.clip, self)
         types, sizes = _frame_plan(frames, *frames.shape[1:3], len(frames), settings.slowfast,
                                    self)
         pixels: list[torch.Tensor | None] = [None] * len(frames)
