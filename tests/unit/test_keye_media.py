@@ -27,6 +27,7 @@ from megatron_vlm.data.mm_loader import MultimodalLoader
 from megatron_vlm.data.mm_packing import pack_tokenized
 from megatron_vlm.data.mrope_positions import VisionBlock
 from megatron_vlm.data.shards import FORMAT
+from megatron_vlm.data.token_ids import resolve_token_ids
 from megatron_vlm.data.tokenizer import MissingSpecialTokenError, get_or_train_tokenizer
 from megatron_vlm.families import get_family
 from megatron_vlm.families.keye.config import SiglipVisionConfig
@@ -37,6 +38,8 @@ from megatron_vlm.families.keye.media import (
 )
 from megatron_vlm.families.keye.positions import keye_position_ids
 from megatron_vlm.families.keye.processing import plan_video, resize_image, resize_video_frames
+from megatron_vlm.recipes import get_recipe
+from megatron_vlm.training.data_setup import build_tokenizer, embedding_rows, media_rules_for
 from tests.fixtures.formats import image_bytes
 
 av = pytest.importorskip("av")
@@ -230,12 +233,33 @@ def test_rules_pickle_map_the_config_and_refuse_a_tokenizer_without_keye_tokens(
         rules.media_ids(SpecialTokensTokenizer(_Bytes()))  # Kimi's tokens only
 
 
-def test_loader_packs_match_the_keye_family_tokens_per_item(tmp_path_factory):
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("spm")
+
+
+def test_a_keye_job_gets_keye_tokens_ids_and_rules(spm_dir):
+    # The trainer's wiring: the family's media tokens appended to the tiny SentencePiece model
+    # in KEYE_SPECIAL_TOKENS order (ids 1024..1030), model.token_ids filled from them, the
+    # family's rules built from data.multimodal (image_max_patches 256 -> 64 tokens).
+    job = get_recipe("tiny_keye_cpu")
+    tok = build_tokenizer(job, bundled_corpus_dir(), spm_dir)
+    assert [tok.special_tokens[t] for t in KEYE_SPECIAL_TOKENS] == list(range(1024, 1031))
+    rules = media_rules_for(job)
+    assert isinstance(rules, KeyeMediaRules) and rules.image_max_tokens == 64
+    assert rules.position_rule is keye_position_ids
+    ids, _ = resolve_token_ids(job.model.token_ids, tok, True, rules)
+    assert (ids.media_begin, ids.media_end, ids.image, ids.video, ids.media_content) == (
+        1024, 1025, 1026, 1027, None)
+    assert embedding_rows(tok, True, rules) == 1031 <= job.model.llm.vocab_size
+
+
+def test_loader_packs_match_the_keye_family_tokens_per_item(tmp_path_factory, spm_dir):
     sizes = {"image_caption": (24, 2), "video": (16, 2), "interleaved": (12, 2),
              "text": (40, 4)}
     corpus = bundled_mm_corpus(tmp_path_factory.mktemp("cache"), sizes, seed=3,
                                samples_per_shard=20)
-    spm = get_or_train_tokenizer(bundled_corpus_dir(), tmp_path_factory.mktemp("spm"), 1024, 0)
+    spm = get_or_train_tokenizer(bundled_corpus_dir(), spm_dir, 1024, 1234)
     tok = SpecialTokensTokenizer(spm, KEYE_SPECIAL_TOKENS)
     ids = {t: tok.special_tokens[t] for t in KEYE_SPECIAL_TOKENS}
     # 1 fps: the corpus's 4-6 s clips give 4-6 frames of Keye's 49-token floor (112 px -> 196)
