@@ -128,6 +128,14 @@ class WriterProcess(AsyncCaller):
     one before staging the next: the buffer is reused)."""
 
     def __init__(self) -> None:
+        self._start()
+        self._results: queue.Queue | None = None
+        self._call_idx: int | None = None
+        self._reply: tuple | None = None
+        self.stage_s = 0.0
+        """Seconds the last request spent copying tensors into the staging buffer."""
+
+    def _start(self) -> None:
         parent, child = socket.socketpair()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self._proc = subprocess.Popen(
@@ -138,11 +146,6 @@ class WriterProcess(AsyncCaller):
         # The writer unpickles requests whose functions live in modules this process imported.
         self._conn.send(("hello", list(sys.path)))
         self._staging: StagingBuffer | None = None
-        self._results: queue.Queue | None = None
-        self._call_idx: int | None = None
-        self._reply: tuple | None = None
-        self.stage_s = 0.0
-        """Seconds the last request spent copying tensors into the staging buffer."""
 
     # --- AsyncCaller ---------------------------------------------------------------------
 
@@ -151,6 +154,13 @@ class WriterProcess(AsyncCaller):
             return
         if self._call_idx is not None:
             raise RuntimeError("a checkpoint write is still in flight")
+        if self._proc.poll() is not None:  # the writer died (killed?): a new one
+            logger.warning("checkpoint writer process exited with %s; starting a new one",
+                           self._proc.returncode)
+            self._conn.close()
+            if self._staging is not None:
+                self._staging.close()
+            self._start()
         args, results = list(async_req.async_fn_args), None
         t0 = time.perf_counter()
         if args:  # megatron's (rank, write buckets, results queue); none: nothing to write
@@ -217,8 +227,8 @@ class WriterProcess(AsyncCaller):
         for r in results:
             if self._results is not None:
                 self._results.put(r)
-            elif isinstance(r, Exception):
-                raise r
+            else:  # nothing to write here; a failure still shows as a missing sidecar
+                logger.error("checkpoint writer: %r", r)
         self._results = self._call_idx = self._reply = None
 
 
