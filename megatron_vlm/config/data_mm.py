@@ -152,7 +152,12 @@ class MultimodalDataConfig:
     """``uniform``: Kimi K2.5 chunks of 4 frames at one grid; ``slowfast``: Keye-VL 1.5
     SlowFast (static frames at a reduced grid in their own chunks, marked with fast_start/
     fast_end; thresholds in ``slowfast``). SlowFast decodes each video when planning it (the
-    labels need pixels): twice per sample instead of once, and at start-up calibration too."""
+    labels need pixels): twice per sample instead of once, and at start-up calibration too.
+    These are the Kimi family's options (data/slowfast.py: the report's wording with Kimi's
+    markers). ``model.family: keye`` always cuts videos into one item per frame by Keye's released
+    rules (families/keye/media.py); there ``slowfast`` turns on keye-vl-utils' SlowFast (0.9
+    similarity to the last slow frame, its budget search; of ``slowfast.*`` only
+    ``max_video_tokens`` applies) and ``uniform`` makes every frame slow."""
     slowfast: SlowFastConfig = field(default_factory=SlowFastConfig)
     """SlowFast thresholds and budgets (used when ``video_sampler="slowfast"``)."""
     markers_loss: bool = True
