@@ -557,6 +557,39 @@ def test_async_save_equals_sync_save_while_training_goes_on(job, tmp_path,
     _assert_same_tensors(_params(chunks2), before)
 
 
+def test_async_saves_share_one_writer_process_which_is_replaced_if_it_dies(job, tmp_path):
+    """Every async save of a saver goes to one writer process (not the trainer, not a fork per
+    save); a writer killed between saves is replaced, and the next save is complete and equals
+    the live weights."""
+    import os
+    import signal
+
+    from megatron_vlm.checkpoint import CheckpointSaver
+
+    chunks, optimizer, scheduler = _build(job, seed=1)
+    _train_step(chunks, optimizer, scheduler, 0)
+    saver = CheckpointSaver(tmp_path, keep_last=3, async_save=True)
+    try:
+        writer = saver._writer._proc
+        for step in (1, 2):
+            saver.save(step, chunks, optimizer, scheduler, {}, job.to_yaml())
+            saver.finish()
+        assert saver._writer._proc is writer and writer.pid != os.getpid()
+        assert writer.poll() is None  # still alive between saves
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        saver.save(3, chunks, optimizer, scheduler, {}, job.to_yaml())
+        (report,) = saver.finish()
+        assert saver._writer._proc is not writer
+    finally:
+        saver.close()
+    assert report.path == find_latest_checkpoint(tmp_path) == tmp_path / "step_0000003"
+    verify_checkpoint(report.path, full=True)
+    chunks2, optimizer2, scheduler2 = _build(job, seed=2)
+    load_checkpoint(report.path, chunks2, optimizer2, scheduler2)
+    _assert_same_tensors(_params(chunks2), _params(chunks))
+
+
 def test_verify_share_partitions_files_by_writer():
     """Every file is verified by exactly one rank; a data file by the rank that wrote (and, in
     an unchanged layout, reads) it."""
