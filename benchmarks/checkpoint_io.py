@@ -8,11 +8,13 @@ state (fp32 weights + Adam moments after one step), then in interleaved pairs (o
    same tensors (``FileSystemWriter`` defaults: fsync on, one thread);
 2. ``load``: ``checkpoint.load_checkpoint(verify_hashes=True)`` vs ``dcp.load`` of the same
    tensors into preallocated ones; ``load_sizes_only`` (``verify_hashes=False``) for reference;
-3. ``async``: the tiny run (``tiny_text_cpu``'s model) trained in alternating blocks of steps
-   without saves and with ``CheckpointSaver(async_save=True)`` saving after every step: the
-   training part of each step (medians; the background writer's cost), the time each save
-   blocks the loop, and the time an async save blocks before its writer runs for the tiny and
-   the big state, extrapolated linearly to 10 GB.
+3. ``async``: the tiny run (``tiny_text_cpu``'s model) trained in interleaved pairs of blocks
+   of steps without saves and with ``CheckpointSaver(async_save=True)`` saving after every
+   step: the training part of the steps that ran inside a write (wall and CPU seconds, page
+   faults; the background writer's cost) against the block without saves, the time each save
+   blocks the loop, and the time an async save blocks before its writer runs (state dict,
+   plan, the copy into the writer's staging buffer) for the tiny and the big state,
+   extrapolated linearly to 10 GB.
 
 Each figure is the median of >= 5 pairs; ratios are baseline time / our time per pair (so >= 0.8
 means "at least 0.8x the baseline's speed"). The load average is recorded before and after.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -182,45 +185,63 @@ def bench_save_load(work: Path, cfg: dict, job, chunks, optimizer, scheduler) ->
 
 
 def _async_block(saver, state: tuple, steps: int, start: int, vocab: int,
-                 with_saves: bool) -> tuple[list[float], list[float]]:
-    """``steps`` training steps (saving after each if asked); the seconds of each step's
-    training alone (the background writer's cost shows there) and, per finished save, the
-    seconds it blocked the loop."""
+                 with_saves: bool) -> dict[str, list]:
+    """``steps`` training steps (saving after each if asked). Per step: the seconds of its
+    training alone (the background writer's cost shows there), its CPU seconds and minor page
+    faults in this process, and its ``[start, end]`` wall-clock window; per finished save, the
+    seconds it blocked the loop and the writer's ``[start, end]`` window."""
     chunks, optimizer, scheduler = state
-    times, blocked = [], []
+    out: dict[str, list] = {"train_s": [], "cpu_s": [], "faults": [], "window": [],
+                            "blocked_s": [], "write_window": []}
+
+    def record(reports, drop_wait: bool = False) -> None:
+        for r in reports:
+            out["blocked_s"].append(r.blocked_s - (r.wait_s if drop_wait else 0.0))
+            out["write_window"].append((r.write_start_unix, r.write_end_unix))
+
     for step in range(start, start + steps):
-        t0 = time.perf_counter()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        w0, t0, c0 = time.time(), time.perf_counter(), time.process_time()
         _train_step(chunks, optimizer, scheduler, step, vocab)
-        times.append(time.perf_counter() - t0)
+        out["train_s"].append(time.perf_counter() - t0)
+        out["cpu_s"].append(time.process_time() - c0)
+        out["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        out["window"].append((w0, time.time()))
         if with_saves:
-            reports = saver.poll()
-            reports += saver.save(step, chunks, optimizer, scheduler, {}, "model: {}\n")
-            blocked += [r.blocked_s for r in reports]
+            record(saver.poll())
+            record(saver.save(step, chunks, optimizer, scheduler, {}, "model: {}\n"))
     if with_saves:
-        blocked += [r.blocked_s - r.wait_s for r in saver.finish()]
-    return times, blocked
+        record(saver.finish(), drop_wait=True)
+    return out
 
 
-def _snapshot_s(work: Path, state: tuple) -> float:
-    """Seconds one async save blocks before its writer runs (state dict, plan, fork)."""
-    from megatron_vlm.checkpoint import CheckpointSaver
+def _overlapped(block: dict[str, list]) -> list[int]:
+    """Indices of the block's steps that ran at least half inside some write window."""
+    idx = []
+    for i, (a, b) in enumerate(block["window"]):
+        inside = sum(max(0.0, min(b, we) - max(a, ws)) for ws, we in block["write_window"])
+        if inside >= 0.5 * (b - a):
+            idx.append(i)
+    return idx
 
-    saver = CheckpointSaver(work, keep_last=1, async_save=True)
-    try:
-        out = []
-        for step in (1, 2, 3):
-            saver.save(step, *state, {}, "model: {}\n")
-            out.append(saver._in_flight.schedule_s)
-            saver.finish()
-    finally:
-        saver.close()
-    return statistics.median(out)
+
+def _snapshot_s(saver, state: tuple, first_step: int) -> tuple[float, float]:
+    """Seconds one async save blocks before its writer runs (state dict, plan, staging copy),
+    and the staging copy's share; medians of three saves (the first may grow the buffer)."""
+    out, copy = [], []
+    for step in range(first_step, first_step + 3):
+        saver.save(step, *state, {}, "model: {}\n")
+        out.append(saver._in_flight.schedule_s)
+        copy.append(saver._writer.stage_s)
+        saver.finish()
+    return statistics.median(out), statistics.median(copy)
 
 
 def bench_async(work: Path, cfg: dict, big_state: tuple) -> dict[str, Any]:
-    """The tiny run (``tiny_text_cpu``'s model) trained in alternating blocks without saves and
-    with an async save after every step; and the blocking part of an async save of the tiny and
-    the big state, extrapolated linearly to 10 GB of rank state."""
+    """The tiny run (``tiny_text_cpu``'s model) trained in interleaved pairs of blocks without
+    saves and with an async save after every step (steps that ran mostly inside a write window
+    against the steps of the block without saves); and the blocking part of an async save of
+    the tiny and the big state, extrapolated linearly to 10 GB of rank state."""
     from megatron_vlm.checkpoint import CheckpointSaver
 
     tiny_cfg = dict(SMOKE)
@@ -229,34 +250,56 @@ def bench_async(work: Path, cfg: dict, big_state: tuple) -> dict[str, Any]:
     vocab, steps = tiny_cfg["vocab_size"], cfg["async_steps"]
     _train_step(*tiny, 0, vocab)
     saver = CheckpointSaver(work / "async", keep_last=2, async_save=True)
-    plain, saving, blocked, step = [], [], [], 1
+    pairs, blocked, step = [], [], 1
     try:
-        for _ in range(max(2, cfg["pairs"] // 2)):
-            for with_saves in (False, True):
-                times, b = _async_block(saver, tiny, steps, step, vocab, with_saves)
-                (saving if with_saves else plain).extend(times)
-                blocked += b
+        saver.save(0, *tiny, {}, "model: {}\n")  # the writer process's start-up, not timed
+        saver.finish()
+        for i in range(max(1, cfg["pairs"])):
+            pair = {}
+            for with_saves in ((False, True) if i % 2 == 0 else (True, False)):
+                block = _async_block(saver, tiny, steps, step, vocab, with_saves)
                 step += steps
+                if with_saves:
+                    blocked += block["blocked_s"]
+                    keep = _overlapped(block) or list(range(steps))
+                    pair["overlapped_steps"] = len(_overlapped(block))
+                else:
+                    keep = list(range(steps))
+                for key in ("train_s", "cpu_s", "faults"):
+                    pair[f"{key}_{'saving' if with_saves else 'plain'}"] = statistics.median(
+                        block[key][j] for j in keep)
+            pairs.append(pair)
+        sizes = [sum(v.numel() * v.element_size() for v in plain_state(*st[:2]).values())
+                 for st in (tiny, big_state)]
+        snaps = [_snapshot_s(saver, tiny, 10**6)]
+        snaps.append(_snapshot_s(saver, big_state, 10**6 + 10) if sizes[1] > sizes[0]
+                     else snaps[0])
     finally:
         saver.close()
-    sizes = [sum(v.numel() * v.element_size() for v in plain_state(*st[:2]).values())
-             for st in (tiny, big_state)]
-    snaps = [_snapshot_s(work / "snap0", tiny)]
-    snaps.append(_snapshot_s(work / "snap1", big_state) if sizes[1] > sizes[0] else snaps[0])
+    blocking = [s for s, _ in snaps]
     # Smoke: one size, so the proportional figure stands in for the slope.
-    slope = ((snaps[1] - snaps[0]) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0]
-             else snaps[1] / sizes[1])
-    step_plain, step_saving = statistics.median(plain), statistics.median(saving)
-    block = statistics.median(blocked)
-    return {"tiny_train_s_without_saves": step_plain,
-            "tiny_train_s_while_writer_runs": step_saving,
-            "writer_cost_fraction": step_saving / step_plain - 1.0,
-            "tiny_blocked_s_per_save": block,
-            "blocked_fraction_of_step": block / step_plain,
-            "snapshot_s": dict(zip(("tiny", "big"), snaps)),
+    slope = ((blocking[1] - blocking[0]) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0]
+             else blocking[1] / sizes[1])
+
+    def med(key: str) -> float:
+        return statistics.median(p[key] for p in pairs)
+
+    return {"pairs": pairs,
+            "tiny_train_s_without_saves": med("train_s_plain"),
+            "tiny_train_s_while_writer_runs": med("train_s_saving"),
+            "writer_cost_fraction": statistics.median(
+                p["train_s_saving"] / p["train_s_plain"] - 1.0 for p in pairs),
+            "writer_cpu_cost_fraction": statistics.median(
+                p["cpu_s_saving"] / p["cpu_s_plain"] - 1.0 for p in pairs),
+            "page_faults_per_step": {"plain": med("faults_plain"),
+                                     "saving": med("faults_saving")},
+            "tiny_blocked_s_per_save": statistics.median(blocked),
+            "blocked_fraction_of_step": statistics.median(blocked) / med("train_s_plain"),
+            "snapshot_s": dict(zip(("tiny", "big"), blocking)),
+            "staging_copy_s": dict(zip(("tiny", "big"), (c for _, c in snaps))),
             "rank_state_bytes": dict(zip(("tiny", "big"), sizes)),
-            "blocked_s_at_10GB_linear": snaps[0] + slope * (10e9 - sizes[0]),
-            "blocked_s_per_10GB_proportional": snaps[1] * 10e9 / sizes[1]}
+            "blocked_s_at_10GB_linear": blocking[0] + slope * (10e9 - sizes[0]),
+            "blocked_s_per_10GB_proportional": blocking[1] * 10e9 / sizes[1]}
 
 
 def main(argv: list[str] | None = None) -> Path:

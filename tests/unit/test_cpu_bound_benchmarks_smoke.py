@@ -84,6 +84,8 @@ def _checkpoint_io(tmp_path) -> None:
     a = res["async"]
     assert a["tiny_train_s_without_saves"] > 0 and a["tiny_train_s_while_writer_runs"] > 0
     assert a["tiny_blocked_s_per_save"] > 0 and a["blocked_s_at_10GB_linear"] > 0
+    assert len(a["pairs"]) >= 1 and set(a["page_faults_per_step"]) == {"plain", "saving"}
+    assert 0 < a["staging_copy_s"]["tiny"] <= a["snapshot_s"]["tiny"]
     assert len(res["loadavg_before"]) == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("ckpt_io_")]  # cleaned up
 
@@ -95,7 +97,8 @@ def _prepare_throughput(tmp_path) -> None:
     assert data["smoke"] is True and data["device"]["cpu_model"]
     res = data["results"]
     for label, jobs in (("interleaved", ("structure", "none", "full", "tar")),
-                        ("interleaved_videos_only", ("structure", "none", "tar"))):
+                        ("interleaved_videos_only", ("structure", "none", "tar")),
+                        ("interleaved_small_images", ("structure", "none", "full", "tar"))):
         runs = res[label]["runs"]
         assert set(runs) == set(jobs)
         modes = [j for j in jobs if j != "tar"]
