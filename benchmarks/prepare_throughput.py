@@ -6,7 +6,8 @@ Inputs: ``num_images`` distinct photograph-like JPEGs (``width`` x ``height``, s
 fields plus noise, quality 90: a few hundred KB each) and ``num_videos`` H.264 MP4 clips
 (1280x720, 30 fps, ``video_seconds`` long at ~4.5 Mbps, ``faststart``), each file referenced once
 by one caption record of a JSONL file, read from the page cache (CPU rates; disk and network are
-sized in the plan).
+sized in the plan). The same rounds run on the clips alone and on ``num_small_images`` 512x384
+JPEGs (~90 KB, the size of the plan in docs/data_at_scale.md).
 
 Each round runs, in a rotating order, one slice (``prepare_slice``, ``workers=1``: one process,
 OMP/torch threads 1) with ``check_media`` ``structure``, ``none`` and ``full``, and ``tar -cf`` of
@@ -76,8 +77,9 @@ def _scene(rng: np.random.Generator, width: int, height: int):
 
 
 def make_inputs(root: Path, cfg: dict) -> dict:
-    """JPEGs and clips, and two caption JSONLs referencing each file once: ``mixed`` (every
-    image, the clips spread among them) and ``videos`` (the clips alone)."""
+    """JPEGs and clips, and caption JSONLs referencing each file once: ``mixed`` (every large
+    image, the clips spread among them), ``videos`` (the clips alone) and ``small_images``
+    (``small_width`` x ``small_height`` JPEGs, the size docs/data_at_scale.md's plan assumes)."""
     rng = np.random.default_rng(0)
     (root / "media").mkdir(parents=True)
     records, videos, sizes = [], [], {}
@@ -92,8 +94,13 @@ def make_inputs(root: Path, cfg: dict) -> dict:
                   cfg["video_seconds"])
         videos.append({"id": f"v{i:03d}", "video": name, "caption": "a clip."})
         records.insert(len(records) * (i + 1) // (cfg["num_videos"] + 1), videos[-1])
+    small = []
+    for i in range(cfg["num_small_images"]):
+        name = f"media/s{i:06d}.jpg"
+        (root / name).write_bytes(photo_jpeg(rng, cfg["small_width"], cfg["small_height"]))
+        small.append({"id": f"s{i:06d}", "image": name, "caption": f"a small photograph {i}."})
     out = {}
-    for label, rows in (("mixed", records), ("videos", videos)):
+    for label, rows in (("mixed", records), ("videos", videos), ("small_images", small)):
         jsonl = root / f"{label}.jsonl"
         jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files = [r.get("image") or r["video"] for r in rows]
@@ -192,7 +199,7 @@ def time_checks_per_file(root: Path, repeats: int) -> dict:
     from megatron_vlm.data.media_checks import check_media
 
     out: dict = {}
-    for kind, pattern in (("image", "*.jpg"), ("video", "*.mp4")):
+    for kind, pattern in (("image", "[0-9]*.jpg"), ("video", "*.mp4")):  # the large JPEGs
         files = sorted((root / "media").glob(pattern))
         if not files:
             continue
@@ -328,11 +335,13 @@ def main(argv: list[str] | None = None):
 
     if args.smoke:
         cfg = {"num_images": 6, "width": 160, "height": 120, "num_videos": 1,
-               "video_width": 128, "video_height": 72, "video_seconds": 0.5, "rounds": 1,
+               "video_width": 128, "video_height": 72, "video_seconds": 0.5,
+               "num_small_images": 3, "small_width": 96, "small_height": 64, "rounds": 1,
                "samples_per_shard": 4, "enumeration_records": 2000}
     else:
         cfg = {"num_images": 200, "width": 1280, "height": 960, "num_videos": 4,
-               "video_width": 1280, "video_height": 720, "video_seconds": 4.0, "rounds": 7,
+               "video_width": 1280, "video_height": 720, "video_seconds": 4.0,
+               "num_small_images": 400, "small_width": 512, "small_height": 384, "rounds": 7,
                "samples_per_shard": 1000, "enumeration_records": 200_000}
     results: dict = {"loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -343,9 +352,14 @@ def main(argv: list[str] | None = None):
         results["interleaved"] = interleaved(inputs["mixed"], root, cfg["rounds"],
                                              cfg["samples_per_shard"])
         (root / "v").mkdir()
+        (root / "s").mkdir()
         results["interleaved_videos_only"] = interleaved(
             inputs["videos"], root / "v", cfg["rounds"], cfg["samples_per_shard"],
             ("structure", "none"))
+        results["interleaved_small_images"] = interleaved(
+            inputs["small_images"], root / "s", cfg["rounds"], cfg["samples_per_shard"])
+        results["mean_small_image_bytes"] = (inputs["small_images"]["media_bytes"]
+                                             // max(1, inputs["small_images"]["records"]))
         results["checks_2_workers"] = time_slice(inputs["mixed"]["jsonl"], root / "out_2",
                                                  "structure", 2, cfg["samples_per_shard"])
         results["check_ms_per_file"] = time_checks_per_file(root / "raw",

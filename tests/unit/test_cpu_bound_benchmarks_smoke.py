@@ -97,7 +97,8 @@ def _prepare_throughput(tmp_path) -> None:
     assert data["smoke"] is True and data["device"]["cpu_model"]
     res = data["results"]
     for label, jobs in (("interleaved", ("structure", "none", "full", "tar")),
-                        ("interleaved_videos_only", ("structure", "none", "tar"))):
+                        ("interleaved_videos_only", ("structure", "none", "tar")),
+                        ("interleaved_small_images", ("structure", "none", "full", "tar"))):
         runs = res[label]["runs"]
         assert set(runs) == set(jobs)
         modes = [j for j in jobs if j != "tar"]
