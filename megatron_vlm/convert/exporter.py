@@ -376,8 +376,11 @@ def finish_export(checkpoint: Path, out: Path, count: int = 1, *, family: str | 
                               f"it (--slice {missing[0]}/{count}) before finishing")
     s = setup or _setup(checkpoint, family, dtype, int4_experts, max_shard_bytes)
     model, run = s.run.model, s.run
-    tok = run_tokenizer(run.data, model.is_vlm, run.run_dirs, tokenizer)
-    token_ids, notes = export_token_ids(model, tok)
+    from megatron_vlm.families import family_media_rules  # family modules build models: lazily
+
+    rules = family_media_rules(model.family) if model.is_vlm else None
+    tok = run_tokenizer(run.data, model.is_vlm, run.run_dirs, tokenizer, rules)
+    token_ids, notes = export_token_ids(model, tok, rules)
     if s.family not in ("kimi_k25", "deepseek_v3"):  # only Kimi's config gets default media ids
         notes = [n.replace("config.json gets Kimi K2.5's defaults", "config.json leaves them "
                            "out") for n in notes]

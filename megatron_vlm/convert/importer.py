@@ -197,10 +197,13 @@ def adopt_hf_tokenizer(model: ModelConfig, hf_dir: Path) -> str | None:
     from megatron_vlm.config.model import TOKEN_ID_NAMES
     from megatron_vlm.data.token_ids import tokenizer_for_model, tokenizer_token_ids
     from megatron_vlm.data.tokenizer_loader import load_tokenizer
+    from megatron_vlm.families import family_media_rules
 
+    rules = family_media_rules(model.family) if model.is_vlm else None
     try:
-        tok = tokenizer_for_model(load_tokenizer(hf_dir), model.is_vlm)
-        ids = tokenizer_token_ids(tok, model.is_vlm)
+        tok = tokenizer_for_model(load_tokenizer(hf_dir), model.is_vlm,
+                                  rules.special_tokens if rules else ())
+        ids = tokenizer_token_ids(tok, model.is_vlm, rules)
     except (ValueError, ConversionError) as e:
         logger.info("no usable tokenizer in %s (%s): job.yaml leaves data.tokenizer unset",
                     hf_dir, e)

@@ -37,6 +37,7 @@ from megatron_vlm.config.data import DataConfig
 from megatron_vlm.config.model import TOKEN_ID_NAMES, ModelConfig, TokenIdsConfig
 from megatron_vlm.convert.rules import ConversionError
 from megatron_vlm.data.kimi_tokenizer import KIMI_PAT_STR, KimiTokenizer
+from megatron_vlm.data.media_rules import MediaRules
 from megatron_vlm.data.token_ids import (
     DOCUMENT_ID_NAMES,
     MEDIA_ID_NAMES,
@@ -59,15 +60,21 @@ class RunTokenizer:
 
 
 def run_tokenizer(data: DataConfig | None, is_vlm: bool, run_dirs: list[Path],
-                  override: Path | None = None) -> RunTokenizer:
+                  override: Path | None = None, rules: MediaRules | None = None) -> RunTokenizer:
     """The run's tokenizer (see the module docstring). ``override`` that cannot be read raises;
-    the checkpoint's own choice that cannot be read here is reported as none."""
+    the checkpoint's own choice that cannot be read here is reported as none. ``rules``: the
+    model family's media rules (their special tokens are appended to a SentencePiece model;
+    None: Kimi K2.5's)."""
+
+    def for_model(tok: Tokenizer) -> Tokenizer:
+        return tokenizer_for_model(tok, is_vlm, *([rules.special_tokens] if rules else []))
+
     if override is not None:
         try:
             tok = load_tokenizer(override)
         except ValueError as e:
             raise ConversionError(f"--tokenizer {override}: {e}") from e
-        return RunTokenizer(tokenizer_for_model(tok, is_vlm), f"--tokenizer {override}")
+        return RunTokenizer(for_model(tok), f"--tokenizer {override}")
     if data is None:
         return RunTokenizer(None, "the checkpoint's config has no data section")
     if data.tokenizer:
@@ -76,26 +83,28 @@ def run_tokenizer(data: DataConfig | None, is_vlm: bool, run_dirs: list[Path],
         except ValueError as e:
             return RunTokenizer(None, f"data.tokenizer={data.tokenizer} cannot be read here "
                                       f"({e}); pass --tokenizer PATH")
-        return RunTokenizer(tokenizer_for_model(tok, is_vlm), f"data.tokenizer={data.tokenizer}")
+        return RunTokenizer(for_model(tok), f"data.tokenizer={data.tokenizer}")
     name = f"spm_{data.tokenizer_vocab_size}.model"
     for d in run_dirs:
         if (d / name).is_file():
             tok = SentencePieceTokenizer(d / name)
-            return RunTokenizer(tokenizer_for_model(tok, is_vlm), f"the run's trained {d / name}")
+            return RunTokenizer(for_model(tok), f"the run's trained {d / name}")
     where = ", ".join(str(d) for d in run_dirs) or "(no run directory known)"
     return RunTokenizer(None, f"data.tokenizer is null and the run's trained {name} is not in "
                               f"{where}; pass --tokenizer PATH")
 
 
-def _token_ids(tok: Tokenizer, is_vlm: bool) -> TokenIdsConfig:
+def _token_ids(tok: Tokenizer, is_vlm: bool, rules: MediaRules | None) -> TokenIdsConfig:
     try:
-        return tokenizer_token_ids(tok, is_vlm)
+        return tokenizer_token_ids(tok, is_vlm, rules)
     except ValueError as e:
         raise ConversionError(f"the tokenizer to export cannot serve this VLM: {e}") from e
 
 
-def export_token_ids(model: ModelConfig, run: RunTokenizer) -> tuple[TokenIdsConfig, list[str]]:
-    """(the ids to export, notes on where any came from other than ``model.token_ids``).
+def export_token_ids(model: ModelConfig, run: RunTokenizer,
+                     rules: MediaRules | None = None) -> tuple[TokenIdsConfig, list[str]]:
+    """(the ids to export, notes on where any came from other than ``model.token_ids``);
+    ``rules``: the model family's media rules (None: Kimi K2.5's).
 
     Raises:
         ConversionError: A recorded ``model.token_ids`` id differs from the tokenizer's.
@@ -103,7 +112,7 @@ def export_token_ids(model: ModelConfig, run: RunTokenizer) -> tuple[TokenIdsCon
     names = TOKEN_ID_NAMES if model.is_vlm else DOCUMENT_ID_NAMES
     recorded = model.token_ids
     tok = run.tokenizer
-    actual = _token_ids(tok, model.is_vlm) if tok is not None else TokenIdsConfig()
+    actual = _token_ids(tok, model.is_vlm, rules) if tok is not None else TokenIdsConfig()
     wrong = [f"model.token_ids.{n}={getattr(recorded, n)} but the tokenizer has "
              f"{getattr(actual, n)}" for n in names
              if tok is not None and getattr(recorded, n) is not None

@@ -25,6 +25,14 @@ def get_family(name: str) -> ModelFamily:
     return family
 
 
+def family_media_rules(name: str, multimodal=None):
+    """The data-side rules (``data/media_rules.py``) of family ``name`` for the data config
+    ``multimodal`` (None: the family's defaults); Kimi K2.5's for a family that declares none."""
+    from megatron_vlm.data.media_rules import kimi_media_rules
+
+    return (get_family(name).media_rules or kimi_media_rules)(multimodal)
+
+
 def family_costs(name: str):
     """The FLOPs and memory model of family ``name`` (its light ``costs`` module: importing
     it builds no model, so the planner stays fast)."""
@@ -36,4 +44,4 @@ def family_names() -> list[str]:
     return sorted(FAMILY_MODULES)
 
 
-__all__ = ["ModelFamily", "family_costs", "family_names", "get_family"]
+__all__ = ["ModelFamily", "family_costs", "family_media_rules", "family_names", "get_family"]

@@ -80,10 +80,9 @@ def _trained_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Sente
 def media_rules_for(job: JobConfig) -> MediaRules:
     """The model family's media rules for this job's data (``ModelFamily.media_rules``; Kimi
     K2.5's for a family that declares none)."""
-    from megatron_vlm.families import get_family  # the family module builds models: lazily
+    from megatron_vlm.families import family_media_rules  # family modules build models: lazily
 
-    factory = get_family(job.model.family).media_rules or kimi_media_rules
-    return factory(job.data.multimodal)
+    return family_media_rules(job.model.family, job.data.multimodal)
 
 
 def build_tokenizer(job: JobConfig, corpus_dir: Path, run_dir: Path) -> Tokenizer:
