@@ -10,19 +10,22 @@ text tokens before each frame) + text; micro-batch 1 holds a video as ONE item o
 M-RoPE ids: ``keye_position_ids`` per document (one block per image or frame) packed with
 ``pack_mrope_position_ids`` (padding continues the document's ids).
 
-``python keye_worker.py OUT reference`` (one process): builds the model, saves its initial
-weights (``OUT/init``), runs the reference case from them and, as a control, the loss of the same
-weights on 1D positions (M-RoPE with t = h = w). ``torchrun --nproc-per-node=2 keye_worker.py OUT
-layouts``: every 2-rank case of :data:`LAYOUTS` in one process start (megatron's groups rebuilt
-per layout). Each case loads the initial checkpoint (resharded) and records the loss and every
-gradient (whole, globally named) of step 1, the grad norms of two AdamW steps, the parameters
-after them and the loss of a forward pass on the batch; also which frames each rank's tower
-encoded. Rank 0 writes ``OUT/<role>.pt``.
+``torchrun --nproc-per-node=2 keye_worker.py OUT all`` (the test's one process start): rank 0
+first runs the reference alone in a world of one process (:func:`reference_before_layouts`): it
+builds the model, saves its initial weights (``OUT/init``; TP init draws per-rank RNG, so a
+shared seed is not enough), runs the reference case from them and, as a control, the loss of the
+same weights on 1D positions (M-RoPE with t = h = w); then both ranks run every case of
+:data:`LAYOUTS` (megatron's groups rebuilt per layout). ``python keye_worker.py OUT reference``
+runs the reference alone. Each case loads the initial checkpoint (resharded) and records the loss
+and every gradient (whole, globally named) of step 1, the grad norms of two AdamW steps, the
+parameters after them and the loss of a forward pass on the batch; also which frames each rank's
+tower encoded. Rank 0 writes ``OUT/<role>.pt``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +47,7 @@ from megatron_vlm.data.templates import PlaceholderSpan, TokenizedSample  # noqa
 from megatron_vlm.families.keye.positions import keye_position_ids  # noqa: E402
 from megatron_vlm.optim.builder import build_optimizer  # noqa: E402
 from megatron_vlm.optim.schedules import build_scheduler  # noqa: E402
-from megatron_vlm.parallel.init import init_distributed  # noqa: E402
+from megatron_vlm.parallel.init import destroy_distributed, init_distributed  # noqa: E402
 from megatron_vlm.recipes import get_recipe  # noqa: E402
 from megatron_vlm.training.model_setup import build_model_chunks, unwrap  # noqa: E402
 from megatron_vlm.training.trainer import run_forward_backward  # noqa: E402
@@ -186,20 +189,40 @@ def run_case(overrides: list[str], out: Path, init: Path) -> dict:
             "items": logs}
 
 
+def reference(out: Path, init: Path) -> dict:
+    """The one-process case: saves the initial weights, then runs them (and the 1D control)."""
+    job, chunks, _, _ = setup([], out)
+    save_checkpoint(init.parent, 0, chunks, None, None, {}, job.to_yaml())
+    flat = all_batches()
+    for b in flat:  # control: the same batch with 1D positions (t = h = w)
+        b.mrope_position_ids = None
+    return {"loss_1d": forward_loss(chunks, flat), "ref": run_case([], out, init)}
+
+
+def reference_before_layouts(out: Path, init: Path) -> dict:
+    """Rank 0 of the 2-rank start runs :func:`reference` alone, in a world of one process (its
+    own private store: ``init_distributed`` without ``WORLD_SIZE``), then leaves it; rank 1 waits
+    in the launcher's rendezvous meanwhile. One process start less than a separate reference."""
+    if os.environ["RANK"] != "0":
+        return {}
+    # Without these two, torch would join the launcher's store as a client (rendezvous.py).
+    saved = {k: os.environ.pop(k) for k in ("WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE")
+             if k in os.environ}
+    try:
+        return reference(out, init)
+    finally:
+        destroy_distributed()
+        os.environ.update(saved)
+
+
 def main() -> None:
     out, role = Path(sys.argv[1]), sys.argv[2]
     init = out / "init" / "step_0000000"
-    results: dict = {}
     t0 = time.perf_counter()
-    if role == "reference":
-        job, chunks, _, _ = setup([], out)
-        save_checkpoint(init.parent, 0, chunks, None, None, {}, job.to_yaml())
-        flat = all_batches()
-        for b in flat:  # control: the same batch with 1D positions (t = h = w)
-            b.mrope_position_ids = None
-        results["loss_1d"] = forward_loss(chunks, flat)
-        results["ref"] = run_case([], out, init)
-    else:
+    if role == "reference":  # a separate one-process start (the same numbers as below)
+        results = reference(out, init)
+    else:  # "all": the reference on rank 0, then every layout on both ranks
+        results = reference_before_layouts(out, init)
         for name, overrides in LAYOUTS.items():
             log(f"layout {name}")
             results[name] = run_case(overrides, out, init)

@@ -10,11 +10,13 @@ document, packed by ``pack_mrope_position_ids``); documents are padded to 8 (= 2
 chunk boundaries fall inside images, frames and padding. SigLIP NaViT tower (2D RoPE, one
 attention segment per frame), the 1.5 merger, Qwen3 GQA LLM with q/k RMSNorm; fp32, dropout 0.
 
-Process starts: the one-process reference (which also saves the initial weights every layout
-loads: TP init draws per-rank RNG), and ONE 2-rank start for all layouts: TP=2 + SP with the
-tower split over TP (each frame encoded on one rank) and with TP inside the tower; PP=2 (tower
-and merger on stage 0, M-RoPE ids on both stages, 1F1B over 2 micro-batches); CP=2 (merged
-embeddings and their M-RoPE ids split per document, frames split over the CP ranks).
+One process start (2 ranks): rank 0 first runs the one-process reference alone, in a world of
+one process (it also saves the initial weights every layout loads: TP init draws per-rank RNG;
+bit-identical to a separate ``keye_worker.py OUT reference`` start), then both ranks run every
+layout: TP=2 + SP with the tower split over TP (each frame encoded on one rank) and with TP
+inside the tower; PP=2 (tower and merger on stage 0, M-RoPE ids on both stages, 1F1B over 2
+micro-batches); CP=2 (merged embeddings and their M-RoPE ids split per document, frames split
+over the CP ranks).
 
 Checked per layout: loss, every gradient and the grad norm of step 1; the grad norm of step 2,
 the parameters after two AdamW steps (lr 3e-3) and the loss on the batch after them; which
@@ -45,12 +47,10 @@ LAYOUTS = ["tp2_sp", "tp2_sp_vit_tp", "pp2", "cp2"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("keye_layouts")
-    worker = str(HERE / "keye_worker.py")
-    run_worker([sys.executable, worker, str(out), "reference"])
     run_worker([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node=2", worker, str(out), "layouts"])
-    return (torch.load(out / "reference.pt", weights_only=True),
-            torch.load(out / "layouts.pt", weights_only=True))
+                "--nproc-per-node=2", str(HERE / "keye_worker.py"), str(out), "all"])
+    results = torch.load(out / "all.pt", weights_only=True)
+    return results, results
 
 
 def test_mrope_ids_matter(runs):
