@@ -4,7 +4,7 @@ line of every completed save (how long it blocked the loop).
 Policy (``maybe_save``): every ``checkpoint.save_interval`` steps, and whenever forced (a stop, the
 end of the run with ``checkpoint.save_on_exit``), never twice for one step (a run resumed at a
 step counts that step as saved). The save itself is ``checkpoint.CheckpointSaver``'s (synchronous
-or in a forked writer).
+or in the background writer process).
 """
 
 from __future__ import annotations

@@ -467,7 +467,7 @@ def test_tampered_pickles_are_not_executed(job, trained, tmp_path, victim):
     assert not marker.exists()
 
 
-# --- async save (megatron's AsyncCallsQueue; forked writer) ------------------------------------
+# --- async save (megatron's AsyncCallsQueue; our persistent writer process) ---------------------
 
 
 def _dcp_tensors(ckpt: Path, out: Path) -> dict[str, torch.Tensor]:
