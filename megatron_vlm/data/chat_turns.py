@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_vlm.data.chat_template import render_chat_template
+from megatron_vlm.data.media_errors import BadSampleError
 
 ROLES = ("system", "user", "assistant")
 """Roles a turn marker may name."""
@@ -121,3 +122,25 @@ def render_string(pieces: Sequence[TemplateText | ChatTurn],
     """The rendered conversation as one string (``content_text`` writes a turn's content), for
     checks against ``apply_chat_template(tokenize=False)``."""
     return "".join(p.text if isinstance(p, TemplateText) else content_text(p) for p in pieces)
+
+
+def chat_segments(segments: list[dict[str, Any]], rules: Any,
+                  tokenizer: Any) -> list[dict[str, Any]]:
+    """``segments`` with role-tagged turns (``{"turn": role}`` markers) written out by the chat
+    template: the tokenizer's own, else the family's (``rules.chat_template``); the template's
+    text becomes ``special`` text segments (``data/chat_turns.py``). Unchanged without turns."""
+    if not any("turn" in seg for seg in segments):
+        return segments
+    try:
+        head, turns = split_turns(segments)
+        template = getattr(tokenizer, "chat_template", None) or rules.chat_template
+        pieces = render_turns(turns, template, end_of_turn=rules.end_of_turn)
+    except ValueError as exc:  # a bad role, or a template that rewrites the turns
+        raise BadSampleError(f"conversation: {exc}", reason="bad_record") from exc
+    out = list(head)
+    for piece in pieces:
+        if isinstance(piece, TemplateText):
+            out.append({"text": piece.text, "loss": piece.loss, "special": True})
+        else:
+            out.extend(piece.parts)
+    return out

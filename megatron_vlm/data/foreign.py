@@ -8,8 +8,9 @@ writes (``mm_dataset.json`` + canonical shards):
   ``energon prepare DIR --sample-type VQASample --field-map
   '{"image": "jpg", "context": "json[question]", "answers": "json[answers]"}'``. energon hands
   the typed sample to the task encoder, which maps it here to a canonical record: a caption is
-  ``<image> caption`` (trained on); a VQA sample is the conversation ``user: <image>context\\n
-  assistant: answer\\n`` with loss on the answer only (the highest weighted answer, else the
+  ``<image> caption`` (trained on); a VQA sample is a role-tagged conversation (a user turn
+  ``<image>context``, an assistant turn ``answer``; the family's chat template writes them,
+  ``chat_turns.py``) with loss on the answer only (the highest weighted answer, else the
   first). Media stay bytes: ``TextMemberDecoder`` decodes only ``txt``/``json`` members.
 - ``energon prepare --sample-type CrudeWebdataset`` of interleaved documents (energon's field map
   cannot build ``InterleavedSample.sequence``, a list). Our cooker reads this member layout::
@@ -46,10 +47,8 @@ from megatron.energon.flavors.webdataset.sample_decoder import SampleDecoder
 
 from megatron_vlm.data.media_errors import BadSampleError, MediaDecodeError, SkipReason
 from megatron_vlm.data.records import (
-    ASSISTANT_PREFIX,
     BAD_RECORD,
     FORMAT,
-    USER_PREFIX,
     CanonicalSample,
     MediaItem,
     check_text,
@@ -174,11 +173,10 @@ def vqa_members(key: str, image: Any, context: Any, answers: Any,
         weights = [float(w) for w in answer_weights]
         best = weights.index(max(weights))
     answer = _text(answers[best], f"{key}: answer")
-    segments = [
-        {"text": USER_PREFIX, "loss": False}, {"media": 0},
+    segments = [  # role-tagged turns: the family's chat template writes them (chat_turns.py)
+        {"turn": "user"}, {"media": 0},
         {"text": _text(context, f"{key}: context"), "loss": False},
-        {"text": "\n", "loss": False},
-        {"text": ASSISTANT_PREFIX, "loss": False}, {"text": answer + "\n", "loss": True},
+        {"turn": "assistant"}, {"text": answer, "loss": True},
     ]
     return _members(key, "conversation", segments, [_media(image, f"{key}: image")])
 

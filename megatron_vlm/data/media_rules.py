@@ -24,6 +24,8 @@ The planning contract (``mm_encode.plan_document``):
   no pixels);
 * ``tokenize(groups, tokenizer, ids, markers_loss)`` -> ``TokenizedSample``: ``groups`` in order
   are ``templates.Text``, one image item, or one video's list of items;
+* role-tagged samples (``{"turn": role}`` segments) are written with the tokenizer's chat
+  template, else the family's ``chat_template`` (``data/chat_turns.py``);
 * ``decode(media, settings)`` -> the items of one planned image or video with pixels
   (``[t*h*w, 3, 14, 14]`` float32 each), equal in grid, timestamp and slow/fast flag to the plan.
 """
@@ -36,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from megatron_vlm.data.mrope_positions import PositionRule
 from megatron_vlm.data.templates import (
+    KIMI_CHAT_TEMPLATE,
+    KIMI_END_OF_TURN,
     MEDIA_SPECIAL_TOKENS,
     TextEncoder,
     TokenizedSample,
@@ -111,6 +115,17 @@ class MediaRules(Protocol):
         """Placeholder tokens one item becomes (the model's ``llm_tokens_per_item``)."""
         ...
 
+    @property
+    def chat_template(self) -> str:
+        """The family's chat layout (Jinja) for role-tagged samples when the run's tokenizer
+        ships no template of its own (``data/chat_turns.py``)."""
+        ...
+
+    @property
+    def end_of_turn(self) -> str:
+        """The string that closes a turn (a target after an assistant turn)."""
+        ...
+
 
 # ------------------------------------------------------------------------------------ Kimi
 
@@ -170,6 +185,14 @@ class KimiMediaRules:
     def placeholder_count(self, item: Any) -> int:
         """``h*w/4`` (MoonViT-3D pools a chunk's frames into one frame's tokens)."""
         return item.num_tokens
+
+    @property
+    def chat_template(self) -> str:
+        return KIMI_CHAT_TEMPLATE
+
+    @property
+    def end_of_turn(self) -> str:
+        return KIMI_END_OF_TURN
 
 
 KIMI_MEDIA_RULES = KimiMediaRules()

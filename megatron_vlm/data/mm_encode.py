@@ -39,6 +39,7 @@ from megatron.energon import (
 from megatron.energon.errors import FatalSampleError
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig
+from megatron_vlm.data.chat_turns import chat_segments
 from megatron_vlm.data.contract import PackedBatch
 from megatron_vlm.data.foreign import (
     SOURCE_FORMAT,
@@ -312,9 +313,10 @@ def plan_document(
     parts: list[Any] = []
     planned: list[PlannedMedia] = []
     used: set[int] = set()
-    for seg in record.get("segments", []):
+    for seg in chat_segments(record.get("segments", []), settings.rules, tokenizer):
         if "text" in seg:
-            parts.append(Text(str(seg["text"]), bool(seg.get("loss", True))))
+            parts.append(Text(str(seg["text"]), bool(seg.get("loss", True)),
+                              bool(seg.get("special", False))))
             continue
         i = seg.get("media")
         if not isinstance(i, int) or not 0 <= i < len(media_meta) or i in used:

@@ -25,8 +25,10 @@ Record shapes:
   "caption": "..."}``
 - LLaVA-style:   ``{"id": ..., "image" | "video": path(s), "conversations": [{"from": "human",
   "value": "<image>\\nq"}, {"from": "gpt", "value": "a"}, ...]}``; each ``<image>`` / ``<video>``
-  tag places the next media item (untagged media go before the first turn). Human turns and the
-  ``assistant:`` prefixes are prompt spans (no loss); answers are trained on.
+  tag places the next media item (untagged media go before the first turn). Turns are stored
+  role-tagged (a ``{"turn": "user" | "assistant"}`` segment opens each), not rendered: the model
+  family's chat template writes them at encode time (``chat_turns.py``). Human turns are prompt
+  spans (no loss); answers are trained on.
 - interleaved:   ``{"id": ..., "segments": [{"text": ...}, {"image": path}, {"video": path}, ...]}``
   (``{"type": "image" | "video", "path": ..., "clip": [start_s, end_s]}`` is accepted too).
 
@@ -64,8 +66,6 @@ IMAGE_EXTS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "bmp": 
               "gif": "gif"}
 VIDEO_EXTS = {"mp4": "mp4", "mkv": "mkv", "webm": "webm", "avi": "avi", "mov": "mov"}
 MEDIA_TAGS = {"<image>": "image", "<video>": "video"}
-USER_PREFIX = "user: "
-ASSISTANT_PREFIX = "assistant: "
 BAD_RECORD = "bad_record"
 """Skip reason: malformed JSON or a record of no known shape."""
 DUPLICATE_ID = "duplicate_id"
@@ -92,7 +92,8 @@ class CanonicalSample:
     kind: str
     """``text`` | ``caption`` | ``conversation`` | ``interleaved``."""
     segments: list[dict[str, Any]]
-    """``{"text": str, "loss": bool}`` or ``{"media": index into media}``, in sequence order."""
+    """``{"text": str, "loss": bool}``, ``{"media": index into media}`` or a turn marker
+    ``{"turn": role}`` (conversations), in sequence order."""
     media: list[MediaItem] = field(default_factory=list)
 
     def to_members(self, key: str) -> dict[str, bytes]:
@@ -297,7 +298,7 @@ def _conversation_segments(turns: Any, num_media: int) -> list[dict]:
         role = str(turn.get("from", "")).lower()
         value = check_text(turn["value"])
         if role in ("human", "user"):
-            segments.append({"text": USER_PREFIX, "loss": False})
+            segments.append({"turn": "user"})
             for piece in tag_re.split(value):
                 if piece in MEDIA_TAGS:
                     if next_media >= num_media:
@@ -306,10 +307,9 @@ def _conversation_segments(turns: Any, num_media: int) -> list[dict]:
                     next_media += 1
                 elif piece:
                     segments.append({"text": piece, "loss": False})
-            segments.append({"text": "\n", "loss": False})
         elif role in ("gpt", "assistant"):
-            segments.append({"text": ASSISTANT_PREFIX, "loss": False})
-            segments.append({"text": value + "\n", "loss": True})
+            segments.append({"turn": "assistant"})
+            segments.append({"text": value, "loss": True})
         else:
             raise BadSampleError(f"unknown conversation role {role!r}", reason=BAD_RECORD)
     if next_media != num_media:

@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_vlm.data.records import (  # noqa: F401  (re-exported: the names lived here)
-    ASSISTANT_PREFIX,
     BAD_RECORD,
     DUPLICATE_ID,
     FORMAT,
-    USER_PREFIX,
     CanonicalSample,
     MediaItem,
     normalize_record,

@@ -107,6 +107,22 @@ class MediaTokenIds:
         return frozenset(ids)
 
 
+KIMI_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|im_system|>system<|im_middle|>"
+    "{% elif message['role'] == 'user' %}<|im_user|>user<|im_middle|>"
+    "{% else %}<|im_assistant|>assistant<|im_middle|>{% endif %}"
+    "{{ message['content'] }}<|im_end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_assistant|>assistant<|im_middle|>{% endif %}"
+)
+"""Kimi's chat layout (roles as ``<|im_user|>``/``<|im_assistant|>``/``<|im_system|>`` + name +
+``<|im_middle|>``, turns closed by ``<|im_end|>``), for role-tagged samples when the run's
+tokenizer ships no chat template of its own (the tiny SentencePiece run); a K2.5 tokenizer's own
+template is used when it has one (``data/chat_turns.py``)."""
+KIMI_END_OF_TURN = "<|im_end|>"
+"""Closes a turn in Kimi's chat layout (a target after an assistant turn)."""
+
 KIMI_K25_MEDIA_TOKEN_IDS = MediaTokenIds(
     media_begin=163602,  # HF Kimi_K25Config.vision_start_token_id
     media_content=163603,
@@ -118,9 +134,12 @@ KIMI_K25_MEDIA_TOKEN_IDS = MediaTokenIds(
 
 
 class TextEncoder(Protocol):
-    """What the templates need from a tokenizer."""
+    """What the templates need from a tokenizer (``encode_with_special`` only for a chat
+    template's own text, ``Text.special``)."""
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_with_special(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -129,6 +148,10 @@ class Text:
 
     text: str
     loss: bool = True
+    special: bool = False
+    """Trusted text whose special-token strings become their ids (a chat template's own text,
+    ``data/chat_turns.py``: ``<|im_end|>`` is one id). Sample text never is: web text that
+    spells a special token stays plain text."""
 
 
 @dataclass
@@ -222,8 +245,9 @@ class TokenBuilder:
         self.spans: list[PlaceholderSpan] = []
         self.items: list[ProcessedImage | VideoChunk] = []
 
-    def text(self, text: str, loss: bool) -> None:
-        ids = list(self.tokenizer.encode(text))
+    def text(self, text: str, loss: bool, special: bool = False) -> None:
+        ids = list(self.tokenizer.encode_with_special(text) if special
+                   else self.tokenizer.encode(text))
         bad = self.ids.all_ids.intersection(ids)
         if bad:
             # Web text containing "<|media_pad|>" must never become a placeholder: the ViT
@@ -306,7 +330,7 @@ def tokenize_interleaved(
     b = TokenBuilder(tokenizer, media_ids, markers_loss)
     for seg in segments:
         if isinstance(seg, Text):
-            b.text(seg.text, seg.loss)
+            b.text(seg.text, seg.loss, seg.special)
         elif isinstance(seg, ProcessedVideo):
             for chunk in seg.chunks:
                 b.media(chunk)

@@ -84,6 +84,11 @@ def _documents(path: Path, tok, **kw) -> tuple[dict[str, tuple[str, str]], dict[
     return out, metrics
 
 
+def _answer(tok, answer: str) -> str:
+    """The trained-on text of a VQA answer: the answer and its turn's end (``<|im_end|>``)."""
+    return tok.decode(tok.encode(answer) + tok.encode_with_special("<|im_end|>"))
+
+
 # --------------------------------------------------------------------------------- tests
 
 
@@ -123,8 +128,10 @@ def test_energon_vqa_sample_trains_on_the_best_answer_only(tmp_path, tok):
     assert sorted(docs) == ["q0", "q1", "q2"]
     for i, (question, answers, _w) in enumerate(VQA):
         prompt, trained = docs[f"q{i}"]
-        assert trained == answers[0]  # no weights mapped: the first answer
-        assert question in prompt and prompt.startswith("user:")
+        # No weights mapped: the first answer, then the end of the assistant turn (Kimi's chat
+        # layout, the tiny tokenizer having no template of its own: <|im_end|> spelled out).
+        assert trained == _answer(tok, answers[0])
+        assert question in prompt and prompt.startswith(tok.decode(tok.encode("<|im_user|>user")))
 
 
 def test_energon_vqa_answer_weights_pick_the_answer(tmp_path, tok):
@@ -138,7 +145,8 @@ def test_energon_vqa_answer_weights_pick_the_answer(tmp_path, tok):
                                       "answers": "json[answers]",
                                       "answer_weights": "json[weights]"})
     docs, _ = _documents(ds, tok)
-    assert {k: v[1] for k, v in docs.items()} == {"w0": "red", "w1": "in the middle cell"}
+    assert {k: v[1] for k, v in docs.items()} == {"w0": _answer(tok, "red"),
+                                                  "w1": _answer(tok, "in the middle cell")}
 
 
 def _interleaved_dataset(ds: Path) -> tuple[dict[str, str], dict[str, list]]:

@@ -19,8 +19,6 @@ from megatron_vlm.data.mm_corpus import (
     render_video_frames,
 )
 from megatron_vlm.data.shards import (
-    ASSISTANT_PREFIX,
-    USER_PREFIX,
     ShardVerificationError,
     iter_shard,
     prepare_dataset,
@@ -98,11 +96,13 @@ def test_prepare_writes_canonical_samples_and_counts_rejections(raw, tmp_path):
     assert samples[0]["m0.jpg"] == (raw / "media/a.jpg").read_bytes()
     assert set(samples[2]) == {"json", "m0.jpg", "m1.png"}
     conv = recs[2]["segments"]
-    # Media sit where the tags were; prompts (user turns, assistant prefix) carry no loss.
-    assert conv[:2] == [{"text": USER_PREFIX, "loss": False}, {"media": 0}]
+    # Turns are role-tagged (the family's chat template writes them at encode time); media sit
+    # where the tags were; prompts carry no loss, answers do.
+    assert conv[:2] == [{"turn": "user"}, {"media": 0}]
     trained = [s["text"] for s in conv if s.get("loss")]
-    assert trained == ["a circle.\n", "the same.\n"]
-    assert {"text": ASSISTANT_PREFIX, "loss": False} in conv and {"media": 1} in conv
+    assert trained == ["a circle.", "the same."]
+    assert [s["turn"] for s in conv if "turn" in s] == ["user", "assistant"] * 2
+    assert {"media": 1} in conv
     assert [s.get("media") for s in recs[3]["segments"]] == [None, 0, None, 1]
     # energon's index agrees with what we wrote, per split.
     info = json.loads((out / ".nv-meta/.info.json").read_text())["shard_counts"]

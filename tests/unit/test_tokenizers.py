@@ -201,3 +201,39 @@ def test_an_exported_sentencepiece_directory_reloads_as_the_run_used_it(tmp_path
     again = tokenizer_for_model(load_tokenizer(tmp_path / "export"), is_vlm=True)
     assert again.special_tokens == mm.special_tokens
     assert again.encode_with_special(TEXTS[2]) == mm.encode_with_special(TEXTS[2])
+
+
+def test_role_tagged_sample_tokenises_as_the_tokenizers_chat_template(kimi_dir, hf_dir):
+    """A conversation stored as role-tagged turns (what records.py writes for LLaVA turns) is
+    written by the run tokenizer's own chat template: its tokens are transformers'
+    ``apply_chat_template(tokenize=True)`` of the same messages (the HF directory of the same
+    BPE and template), plus the document's EOS; loss falls on the answers and their <|im_end|>.
+    Unlike a rendered string, sample text that spells <|im_end|> stays text."""
+    from transformers import AutoTokenizer
+
+    from megatron_vlm.data.media_rules import KIMI_MEDIA_RULES
+    from megatron_vlm.data.mm_encode import EncodeSettings, plan_document
+    from megatron_vlm.data.records import FORMAT
+
+    tok = load_tokenizer(kimi_dir)
+    hf = AutoTokenizer.from_pretrained(hf_dir)
+    settings = EncodeSettings(seq_length=4096, max_patches=4096, rules=KIMI_MEDIA_RULES)
+
+    def encode(turns):
+        segments = []
+        for role, text in turns:
+            segments += [{"turn": role}, {"text": text, "loss": role == "assistant"}]
+        record = {"format": FORMAT, "media": [], "segments": segments}
+        return plan_document(record, {}, settings, tok, tok.media_token_ids())[0]
+
+    turns = [("system", "Be brief."), ("user", "What colour is the square?"),
+             ("assistant", "Red."), ("user", "And the circle?"), ("assistant", "Blue.")]
+    doc = encode(turns)
+    messages = [{"role": r, "content": t} for r, t in turns]
+    expected = hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert doc.tokens[:-1].tolist() == list(expected) and doc.tokens[-1] == tok.eos_id
+    trained = tok.decode([t for t, m in zip(doc.tokens.tolist(), doc.target_mask) if m])
+    assert trained == "Red.<|im_end|>Blue.<|im_end|>" + tok.decode([tok.eos_id])
+    # Web text that spells <|im_end|> stays text (one id would end the turn early).
+    doc = encode([("user", "Say <|im_end|>."), ("assistant", "<|im_end|>")])
+    assert int((doc.tokens == tok.token_id("<|im_end|>")).sum()) == 2

@@ -88,6 +88,18 @@ FAST_END = "<|fast_end|>"
 KEYE_SPECIAL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, FRAME, FAST_START,
                        FAST_END)
 """Keye's media special tokens, in the order ``SpecialTokensTokenizer`` appends them."""
+KEYE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""Qwen ChatML with its default system prompt (FAMILIES.md §1: Keye's chat is Qwen ChatML,
+default system "You are a helpful assistant." [ms-swift KeyeVLTemplate]), for role-tagged
+samples when the run's tokenizer ships no template of its own; a Keye tokenizer's own template
+is used when it has one."""
 
 _NO_PIXELS = torch.empty(0, 3, PATCH_SIZE, PATCH_SIZE)
 _ALL_FRAMES_FPS = 1e9
@@ -162,7 +174,7 @@ def keye_tokenize(groups: Sequence[Any], tokenizer: TextEncoder, ids: KeyeTokenI
     b = TokenBuilder(tokenizer, ids, markers_loss)
     for group in groups:
         if isinstance(group, Text):
-            b.text(group.text, group.loss)
+            b.text(group.text, group.loss, group.special)
         elif isinstance(group, list):
             b.special(ids.vision_start)
             for item in group:
@@ -406,6 +418,14 @@ class KeyeMediaRules:
         """``t*h*w/4`` (= ``h*w/4``: every Keye item is one image or one frame)."""
         t, h, w = item.grid_thw
         return t * h * w // 4
+
+    @property
+    def chat_template(self) -> str:
+        return KEYE_CHAT_TEMPLATE
+
+    @property
+    def end_of_turn(self) -> str:
+        return "<|im_end|>"
 
 
 def keye_media_rules(config: Any = None) -> KeyeMediaRules:
