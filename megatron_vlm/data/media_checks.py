@@ -16,7 +16,11 @@ written to a shard. Modes (``prepare_data --check-media``):
   - WebP: the RIFF size inside the file and the chunks filling it exactly, a VP8/VP8L/ANMF chunk.
   - other image formats (BMP, ...): a full decode (they are cheap or rare).
   - every image: PIL's header (format, size) and its decompression-bomb limit
-    (``image_too_large``), as ``image.decode_image`` applies it.
+    (``image_too_large``), as ``image.decode_image`` applies it. An image these checks find
+    broken is decoded in full and rejected only if that fails too (``image.decode_image``,
+    training's decoder): a PNG without IEND or a GIF without its trailer, which PIL reads, is
+    kept. So the check never rejects an image training could read, and costs a decode only
+    for the broken ones.
   - video: the container's top-level structure (MP4/MOV boxes, Matroska/WebM EBML elements, the
     AVI RIFF size) ends inside the file. Then, for an MP4/MOV whose video track's sample table
     ``mp4_boxes`` reads (what muxers write unfragmented): every sample lies inside the file (a
@@ -115,9 +119,27 @@ def check_media(kind: str, source: MediaSource, mode: str = "structure") -> floa
         video = decode_video(source)
         return video.total_frames / video.fps if video.fps > 0 else None
     if kind == "image":
-        check_image(_read(source))
+        data = _read(source)
+        try:
+            check_image(data)
+        except MediaDecodeError as exc:
+            if exc.reason != SkipReason.IMAGE_DECODE:
+                raise
+            _confirm_by_decoding(data, exc)
         return None
     return check_video(source)
+
+
+def _confirm_by_decoding(data: bytes, exc: MediaDecodeError) -> None:
+    """Decode an image the structure check found broken: it is rejected (with the structure
+    check's message) only if the decoder training uses fails too, so the default check never
+    rejects an image training could read (a PNG without IEND, a GIF without its trailer)."""
+    from megatron_vlm.data.image import decode_image
+
+    try:
+        decode_image(data)
+    except MediaDecodeError:
+        raise exc from None
 
 
 def _read(source: MediaSource) -> bytes:

@@ -116,6 +116,11 @@ def test_structure_details(images):
     assert check_media("image", jpg + b"trailing bytes after EOI") is None  # PIL ignores them
     # a JPEG cut right after its last scan byte, before EOI: structure says truncated
     assert _reason("image", jpg[:-2], "structure") == "image_decode"
+    # a broken structure is confirmed by a full decode: a PNG cut just before IEND and a GIF
+    # without its trailer are read by PIL (and by training), so they are kept
+    for name, cut in (("png", 12), ("gif", 1)):
+        assert _reason("image", images[name][:-cut], "full") == "ok"
+        assert _reason("image", images[name][:-cut], "structure") == "ok"
     png = bytearray(images["png"])
     idat = png.index(b"IDAT")
     png[idat + 20] ^= 0xFF  # one byte of the deflate data: its chunk CRC no longer matches
