@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--check-media", choices=["structure", "full", "none"], default="structure",
                    help="reject broken media: structure (default: headers, JPEG markers to the "
-                        "EOI, PNG CRCs, video container and packets; no pixel decode), full "
+                        "EOI, PNG CRCs, MP4 sample tables; no pixel decode), full "
                         "(decode as training does), none (training skips what fails)")
     p.add_argument("--no-check-media", action="store_true", help="the same as --check-media none")
     p.add_argument("--shard", metavar="I/N",
