@@ -328,7 +328,7 @@ def prepare_slice(
         samples_per_shard: Input records per block (= at most samples per shard).
         check_media: Reject broken images and videos (``media_checks``): ``"structure"``
             (default; True) reads headers and structure (JPEG markers to the EOI, PNG chunk
-            CRCs, a video's container, packets and timestamps), ``"full"`` decodes them as
+            CRCs, a video's container and sample table), ``"full"`` decodes them as
             training does, ``"none"`` (False) checks nothing (training skips what fails).
         workers: Processes preparing blocks (default: ``len(os.sched_getaffinity(0))``).
         overwrite: Redo this slice even if done, and drop a merged manifest and index.
