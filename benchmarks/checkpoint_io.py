@@ -305,6 +305,8 @@ def bench_async(work: Path, cfg: dict, big_state: tuple) -> dict[str, Any]:
             "staging_copy_s": dict(zip(("tiny", "big"), (c for _, c in snaps))),
             "rank_state_bytes": dict(zip(("tiny", "big"), sizes)),
             "blocked_s_at_10GB_linear": blocking[0] + slope * (10e9 - sizes[0]),
+            # Less noisy: the tiny save's fixed part plus the big state's staging copy rate.
+            "blocked_s_at_10GB_from_copy_rate": blocking[0] + snaps[1][1] * 10e9 / sizes[1],
             "blocked_s_per_10GB_proportional": blocking[1] * 10e9 / sizes[1]}
 
 
