@@ -39,8 +39,8 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, write_result
 
-FULL = {"hidden_size": 512, "vocab_size": 32768, "pairs": 7, "async_steps": 10}
-SMOKE = {"hidden_size": 64, "vocab_size": 1024, "pairs": 1, "async_steps": 2}
+FULL = {"hidden_size": 512, "vocab_size": 32768, "pairs": 7, "async_steps": 10, "snapshots": 3}
+SMOKE = {"hidden_size": 64, "vocab_size": 1024, "pairs": 1, "async_steps": 2, "snapshots": 1}
 """``SMOKE``'s model is also the tiny run of the async part."""
 SEQ = 64
 
@@ -225,11 +225,11 @@ def _overlapped(block: dict[str, list]) -> list[int]:
     return idx
 
 
-def _snapshot_s(saver, state: tuple, first_step: int) -> tuple[float, float]:
+def _snapshot_s(saver, state: tuple, first_step: int, n: int) -> tuple[float, float]:
     """Seconds one async save blocks before its writer runs (state dict, plan, staging copy),
-    and the staging copy's share; medians of three saves (the first may grow the buffer)."""
+    and the staging copy's share; medians of ``n`` saves (the first may grow the buffer)."""
     out, copy = [], []
-    for step in range(first_step, first_step + 3):
+    for step in range(first_step, first_step + n):
         saver.save(step, *state, {}, "model: {}\n")
         out.append(saver._in_flight.schedule_s)
         copy.append(saver._writer.stage_s)
@@ -274,9 +274,9 @@ def bench_async(work: Path, cfg: dict, big_state: tuple) -> dict[str, Any]:
             pairs.append(pair)
         sizes = [sum(v.numel() * v.element_size() for v in plain_state(*st[:2]).values())
                  for st in (tiny, big_state)]
-        snaps = [_snapshot_s(saver, tiny, 10**6)]
-        snaps.append(_snapshot_s(saver, big_state, 10**6 + 10) if sizes[1] > sizes[0]
-                     else snaps[0])
+        snaps = [_snapshot_s(saver, tiny, 10**6, cfg["snapshots"])]
+        snaps.append(_snapshot_s(saver, big_state, 10**6 + 10, cfg["snapshots"])
+                     if sizes[1] > sizes[0] else snaps[0])
     finally:
         saver.close()
     blocking = [s for s, _ in snaps]
