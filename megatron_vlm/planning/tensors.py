@@ -162,6 +162,27 @@ def vision_parallel_mode(vision: VisionConfig) -> str:
     return getattr(vision, "parallel_mode", "tp")
 
 
+def vit_encoder_tensors(v, num_layers: int, h: int, ht: int, f: int) -> list[ParamTensor]:
+    """The pre-LN ViT encoder with biases that MoonViT and SigLIP towers share (megatron's local
+    layer names): ``num_layers`` layers of width ``h`` (``ht`` = h / vision TP, ``f`` = MLP width
+    / vision TP) and the final LayerNorm; ``v(name, shape, dtype=...)`` makes one tensor."""
+    out = []
+    for i in range(num_layers):
+        q = f"encoder.layers.{i}."
+        out += [v(q + "input_layernorm.weight", (h,), "fp32"),
+                v(q + "input_layernorm.bias", (h,), "fp32"),
+                v(q + "self_attention.linear_proj.weight", (h, ht)),
+                v(q + "self_attention.linear_proj.bias", (h,)),
+                v(q + "self_attention.linear_qkv.weight", (3 * ht, h)),
+                v(q + "self_attention.linear_qkv.bias", (3 * ht,)),
+                v(q + "pre_mlp_layernorm.weight", (h,), "fp32"),
+                v(q + "pre_mlp_layernorm.bias", (h,), "fp32"),
+                v(q + "mlp.linear_fc1.weight", (f, h)), v(q + "mlp.linear_fc1.bias", (f,)),
+                v(q + "mlp.linear_fc2.weight", (h, f)), v(q + "mlp.linear_fc2.bias", (h,))]
+    return out + [v("encoder.final_layernorm.weight", (h,), "fp32"),
+                  v("encoder.final_layernorm.bias", (h,), "fp32")]
+
+
 def vision_tensors(vision: VisionConfig, projector: ProjectorConfig, dtype: str, tp: int,
                    train_vision: bool = True, train_projector: bool = True,
                    vision_tp: int | None = None) -> list[ParamTensor]:
@@ -178,20 +199,7 @@ def vision_tensors(vision: VisionConfig, projector: ProjectorConfig, dtype: str,
 
     out = [v("patch_embed.weight", (h, c, ps, ps)), v("patch_embed.bias", (h,)),
            v("pos_embed.weight", (vision.pos_emb_height, vision.pos_emb_width, h))]
-    for i in range(vision.num_layers):
-        q = f"encoder.layers.{i}."
-        out += [v(q + "input_layernorm.weight", (h,), "fp32"),
-                v(q + "input_layernorm.bias", (h,), "fp32"),
-                v(q + "self_attention.linear_proj.weight", (h, ht)),
-                v(q + "self_attention.linear_proj.bias", (h,)),
-                v(q + "self_attention.linear_qkv.weight", (3 * ht, h)),
-                v(q + "self_attention.linear_qkv.bias", (3 * ht,)),
-                v(q + "pre_mlp_layernorm.weight", (h,), "fp32"),
-                v(q + "pre_mlp_layernorm.bias", (h,), "fp32"),
-                v(q + "mlp.linear_fc1.weight", (f, h)), v(q + "mlp.linear_fc1.bias", (f,)),
-                v(q + "mlp.linear_fc2.weight", (h, f)), v(q + "mlp.linear_fc2.bias", (h,))]
-    out += [v("encoder.final_layernorm.weight", (h,), "fp32"),
-            v("encoder.final_layernorm.bias", (h,), "fp32")]
+    out += vit_encoder_tensors(v, vision.num_layers, h, ht, f)
     inter = _split(projector.intermediate_size, tp, "projector intermediate size")
 
     def pj(name: str, shape: tuple[int, ...]):

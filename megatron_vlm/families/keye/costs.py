@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from megatron_vlm.planning.activations import vision_bytes
 from megatron_vlm.planning.costs import vision_flops
-from megatron_vlm.planning.tensors import ParamTensor
+from megatron_vlm.planning.tensors import ParamTensor, vit_encoder_tensors
 
 
 def _split(size: int, tp: int, what: str) -> int:
@@ -35,20 +35,7 @@ def vision_tensors(vision, projector, dtype: str, tp: int, train_vision: bool = 
 
     out = [v("patch_embed.weight", (h, c, ps, ps)), v("patch_embed.bias", (h,)),
            v("pos_embed.weight", (vision.pos_emb_side ** 2, h))]
-    for i in range(vision.num_layers):
-        q = f"encoder.layers.{i}."
-        out += [v(q + "input_layernorm.weight", (h,), "fp32"),
-                v(q + "input_layernorm.bias", (h,), "fp32"),
-                v(q + "self_attention.linear_proj.weight", (h, ht)),
-                v(q + "self_attention.linear_proj.bias", (h,)),
-                v(q + "self_attention.linear_qkv.weight", (3 * ht, h)),
-                v(q + "self_attention.linear_qkv.bias", (3 * ht,)),
-                v(q + "pre_mlp_layernorm.weight", (h,), "fp32"),
-                v(q + "pre_mlp_layernorm.bias", (h,), "fp32"),
-                v(q + "mlp.linear_fc1.weight", (f, h)), v(q + "mlp.linear_fc1.bias", (f,)),
-                v(q + "mlp.linear_fc2.weight", (h, f)), v(q + "mlp.linear_fc2.bias", (h,))]
-    out += [v("encoder.final_layernorm.weight", (h,), "fp32"),
-            v("encoder.final_layernorm.bias", (h,), "fp32")]
+    out += vit_encoder_tensors(v, vision.num_layers, h, ht, f)  # MoonViT's encoder layout
     k, inter = projector.input_size, _split(projector.intermediate_size, tp, "merger width")
 
     def p(name: str, shape: tuple[int, ...], dt: str = dtype) -> ParamTensor:
