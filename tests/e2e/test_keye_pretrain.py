@@ -6,9 +6,9 @@
   same), for images and for videos (``tools/vision_probe.py``);
 - frame order is NOT checked: at this budget (~200 steps) the tiny Keye model does not learn
   the direction of motion (the direction word scores ~1.25 nats with the true frames and with
-  them reversed alike; uniform over 4 is 1.39). For Keye the order reaches the model only
-  through the per-frame timestamp text and the M-RoPE start of each frame's block; the Kimi
-  run needed 600 steps and a lucky seed (``tiny_cpu``'s docstring);
+  them reversed alike, also at 400 steps; uniform over 4 is 1.39). For Keye the order reaches
+  the model only through the per-frame timestamp text and the M-RoPE start of each frame's
+  block; the Kimi run needed 600 steps and a lucky seed (``tiny_cpu``'s docstring);
 - a fresh process resumed from its middle checkpoint repeats the next steps exactly (loss,
   gradient norm, learning rate, data mix);
 - ``tools/convert_hf.py export`` of its final checkpoint writes the released key names
