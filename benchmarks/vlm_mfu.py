@@ -67,7 +67,7 @@ def save_batches(batches, path: Path) -> Path:
     for i, b in enumerate(batches):
         for f in dataclasses.fields(b):
             value = getattr(b, f.name)
-            if f.name == "vision":
+            if f.name == "vision" or value is None:  # optional fields (mrope_position_ids)
                 continue
             arrays[f"{i}.{f.name}"] = np.asarray(value.numpy() if torch.is_tensor(value) else value)
         if b.vision is None:
