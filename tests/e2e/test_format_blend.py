@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures.formats import image_bytes, write_all
+from fixtures.formats import image_bytes, write_all, write_llava_json
 from fixtures.loader_checks import decode_documents, energon_prepare, write_tar
 
 from megatron_vlm.config.data_mm import MultimodalDataConfig, StageMix
@@ -73,9 +73,10 @@ def tok(tmp_path_factory) -> SpecialTokensTokenizer:
     return SpecialTokensTokenizer(spm)
 
 
-def test_every_format_reaches_the_batch_with_its_captions(blend, tok):
+def test_every_format_reaches_the_batch_with_its_captions(blend, tok, tmp_path):
     root, expected, dirs = blend
     assert len(expected) == 8
+    turns_of = {e.id: e.segments for e in write_llava_json(tmp_path).samples}
     for name, captions in expected.items():
         cfg = MultimodalDataConfig(
             root=str(root), datasets={name: dirs[name]}, num_workers=0, shuffle_buffer_size=1,
@@ -88,6 +89,11 @@ def test_every_format_reaches_the_batch_with_its_captions(blend, tok):
         for sid, (_prompt, trained) in docs.items():
             # through the tiny tokenizer (it maps characters it lacks, e.g. "ü", to unk)
             want = tok.decode(tok.encode(captions[sid]))
+            if name == "llava":  # conversations: each answer's turn ends with Kimi's <|im_end|>
+                end = _squash(tok.decode(tok.encode_with_special("<|im_end|>")))
+                assert _squash(trained).count(end) == sum(  # one per assistant turn
+                    "turn" in s and s["turn"] == "assistant" for s in turns_of[sid]), sid
+                trained = _squash(trained).replace(end, "")
             assert _squash(trained) == _squash(want), (name, sid)
 
 
