@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_vlm.convert.int4 import dequantize_int4
-from megatron_vlm.convert.rules import Alias, Rule, prefixed
+from megatron_vlm.convert.rules import Alias, Rule, Transform, prefixed
 from megatron_vlm.convert.transforms import (
     FLAT_POS_TABLE,
     FUSE_GATE_UP,
@@ -125,12 +125,13 @@ KIMI_VL_PROJECTOR = ("multi_modal_projector.pre_norm", "multi_modal_projector.li
 # --- SigLIP (SiglipVisionModel, transformers 5.23 names) -> MoonViT ------------------------------
 
 
-def siglip_rules() -> list[Rule]:
+def siglip_rules(pos_table: Transform = FLAT_POS_TABLE) -> list[Rule]:
+    """SigLIP's vision tower names -> our ViT's; ``pos_table``: how the flat ``[side^2, d]`` table
+    maps onto ours (MoonViT's ``[h, w, d]``: ``FLAT_POS_TABLE``; Keye keeps it flat)."""
     hl, ol = "encoder.layers.{L}.", "encoder.layers.{L}."
     return [
         Rule("embeddings.patch_embedding.{p}", "patch_embed.{p}"),
-        Rule("embeddings.position_embedding.weight", "pos_embed.weight",
-             transform=FLAT_POS_TABLE),
+        Rule("embeddings.position_embedding.weight", "pos_embed.weight", transform=pos_table),
         Rule(hl + "layer_norm1.{p}", ol + "input_layernorm.{p}",
              te=ol + "self_attention.linear_qkv.layer_norm_{p}"),
         Rule(tuple(hl + f"self_attn.{n}_proj.{{p}}" for n in "qkv"),

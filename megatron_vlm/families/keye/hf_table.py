@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import re
 
-from megatron_vlm.convert.rules import Rule, prefixed
-from megatron_vlm.convert.tables import Family
-from megatron_vlm.convert.transforms import FUSE_GATE_UP, GQA_Q_K_V, PAD_VOCAB, VIT_Q_K_V
+from megatron_vlm.convert.rules import IDENTITY, Rule, prefixed
+from megatron_vlm.convert.tables import Family, siglip_rules
+from megatron_vlm.convert.transforms import FUSE_GATE_UP, GQA_Q_K_V, PAD_VOCAB
 from megatron_vlm.families.keye import hf_config
 
 LLM_PREFIX = "model."
@@ -64,22 +64,9 @@ def qwen3_rules() -> list[Rule]:
 
 
 def keye_vision_rules() -> list[Rule]:
-    """The tower (under ``visual.vision_model.`` / ``vision_tower.``): SigLIP's names."""
-    hl, ol = "encoder.layers.{L}.", "encoder.layers.{L}."
-    return [
-        Rule("embeddings.patch_embedding.{p}", "patch_embed.{p}"),
-        Rule("embeddings.position_embedding.weight", "pos_embed.weight"),
-        Rule(hl + "layer_norm1.{p}", ol + "input_layernorm.{p}",
-             te=ol + "self_attention.linear_qkv.layer_norm_{p}"),
-        Rule(tuple(hl + f"self_attn.{n}_proj.{{p}}" for n in "qkv"),
-             ol + "self_attention.linear_qkv.{p}", transform=VIT_Q_K_V),
-        Rule(hl + "self_attn.out_proj.{p}", ol + "self_attention.linear_proj.{p}"),
-        Rule(hl + "layer_norm2.{p}", ol + "pre_mlp_layernorm.{p}",
-             te=ol + "mlp.linear_fc1.layer_norm_{p}"),
-        Rule(hl + "mlp.fc1.{p}", ol + "mlp.linear_fc1.{p}"),
-        Rule(hl + "mlp.fc2.{p}", ol + "mlp.linear_fc2.{p}"),
-        Rule("post_layernorm.{p}", "encoder.final_layernorm.{p}"),
-    ]
+    """The tower (under ``visual.vision_model.`` / ``vision_tower.``): SigLIP's names, the
+    position table kept flat (``[27*27, d]``, as the released checkpoint stores it)."""
+    return siglip_rules(pos_table=IDENTITY)
 
 
 def keye_merger_rules() -> list[Rule]:
