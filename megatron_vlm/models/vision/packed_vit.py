@@ -76,8 +76,9 @@ class PackedViT(MegatronModule):
 
     A subclass sets :attr:`layer_spec`, :attr:`kernel_choice`, :attr:`max_frames` and defines
     :meth:`position_table` and :meth:`rope_angles` (and :meth:`segments` if a segment is not an
-    item). ``vision`` is the tower's config (MoonViT's ``VisionConfig`` or a family's): fields
-    ``in_channels``, ``hidden_size``, ``ffn_hidden_size``, ``patch_size``, ``num_layers``,
+    item, :meth:`patch_embedding` if a patch is not one Conv2d). ``vision`` is the tower's
+    config (MoonViT's ``VisionConfig`` or a family's): fields ``in_channels``,
+    ``hidden_size``, ``ffn_hidden_size``, ``patch_size``, ``num_layers``,
     ``merge_kernel_height/width``, ``merge_size`` are read here.
     """
 
@@ -116,10 +117,7 @@ class PackedViT(MegatronModule):
             choice = self.kernel_choice(vision, "bf16" if config.bf16 else "fp32")
         # Built in this order (patch conv, position table, encoder): parameter init draws from
         # the RNG in it.
-        self.patch_embed = torch.nn.Conv2d(
-            vision.in_channels, vision.hidden_size, kernel_size=vision.patch_size,
-            stride=vision.patch_size, dtype=config.params_dtype,
-        )
+        self.patch_embed = self.patch_embedding()
         self.pos_embed = self.position_table()
         self.encoder = TransformerBlock(
             config=config,
@@ -135,6 +133,15 @@ class PackedViT(MegatronModule):
         self.tp_group = self.encoder.tp_group
         if replica_group is not None:
             mark_replicated(self)
+
+    def patch_embedding(self) -> torch.nn.Module:
+        """The ``patch_embed`` module: ``patch_embed(pixel_values) -> [N, D, ...]`` (flattened
+        after it) with a ``weight`` (its dtype and device are the tower's); a per-patch Conv2d
+        (GLM's tower: a Conv3d over 2 frames and an RMSNorm)."""
+        vision = self.vision
+        return torch.nn.Conv2d(vision.in_channels, vision.hidden_size,
+                               kernel_size=vision.patch_size, stride=vision.patch_size,
+                               dtype=self.config.params_dtype)
 
     def position_table(self) -> torch.nn.Module:
         """The ``pos_embed`` module: ``pos_embed(x [N, D], segments) -> x + positions``."""
