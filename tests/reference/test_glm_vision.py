@@ -240,3 +240,32 @@ def test_tokens_and_configs():
         merger.check_matches(vision, 4096)
     with pytest.raises(ValueError, match="must be a square"):
         GlmMergerConfig(merge_size=2)
+
+
+@pytest.mark.parametrize("which", ["ours45", "ours41"])
+def test_cost_model_matches_modules(which, request):
+    """``costs.vision_tensors`` names every parameter with its shape (TP 1; the qkv bias only
+    with ``attention_bias``); ``step_flops`` equals torch's FLOP counter on our forward (convs
+    and matmuls) plus the per-temporal-patch attention counted here; the planner's
+    ``vision_flops`` of a one-item budget equals ``step_flops`` of that item."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_vlm.families.glm import costs
+    from megatron_vlm.planning.costs import VisionBudget
+
+    tower, merger = request.getfixturevalue(which)
+    vision, merger_config = configs(which == "ours41")
+    params = {n: tuple(p.shape) for n, p in tower.named_parameters(prefix="vision_tower")}
+    params.update({n: tuple(p.shape) for n, p in merger.named_parameters(prefix="projector")})
+    assert {t.name: t.shape for t in costs.vision_tensors(vision, merger_config, "bf16", 1)} \
+        == params
+    pixels = pixels_for(GRID, seed=4)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        merger(tower(pixels, GRID))
+    attention = 4 * LAYERS * HIDDEN * sum(t * (h * w) ** 2 for t, h, w in GRID.tolist())
+    step = costs.step_flops(vision, OUT, GRID, merger_config)
+    assert step == pytest.approx(3 * (counter.get_total_flops() + attention), rel=1e-12)
+    budget = VisionBudget(patches_per_micro_batch=48, patches_per_item=48, frames_per_item=2)
+    planned = costs.vision_flops(vision, merger_config, budget)
+    assert sum(planned.values()) == pytest.approx(
+        costs.step_flops(vision, OUT, torch.tensor([[2, 4, 6]]), merger_config), rel=1e-12)
