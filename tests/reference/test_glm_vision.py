@@ -269,3 +269,47 @@ def test_cost_model_matches_modules(which, request):
     planned = costs.vision_flops(vision, merger_config, budget)
     assert sum(planned.values()) == pytest.approx(
         costs.step_flops(vision, OUT, torch.tensor([[2, 4, 6]]), merger_config), rel=1e-12)
+
+
+def test_name_map_round_trip(ours41, hf_glm41v):
+    """Export through the same rules gives transformers' tensors back bit for bit (the fused
+    qkv with its bias, gate/up pairs, the downsample under the projector)."""
+    from megatron_vlm.convert.rules import ConvertContext, Table
+    from megatron_vlm.families.glm.hf_vision_names import glm_visual_rules
+
+    tower, merger = ours41
+    table = Table(glm_visual_rules(hf_prefix=""), ConvertContext(vision_num_heads=HEADS))
+    ours = dict(tower.named_parameters(prefix="vision_tower"))
+    ours.update(merger.named_parameters(prefix="projector"))
+    exported = {}
+    for name, param in ours.items():
+        rule, binding = table.lookup(name)
+        exported.update(zip(rule.hf_names(binding), rule.transform.to_hf(param.detach(),
+                                                                          table.ctx)))
+    hf = hf_glm41v.state_dict()
+    assert exported.keys() == hf.keys()
+    for name, value in hf.items():
+        assert torch.equal(exported[name], value), name
+    te = table.to_te_name("vision_tower.encoder.layers.1.pre_mlp_layernorm.weight")
+    assert te == "vision_tower.encoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+
+
+def test_vision_config_from_and_to_hf(hf_glm45v):
+    """transformers' configs -> ours -> back: the tiny one and the defaults (GLM-4.1V's sizes,
+    equal to our real-size configs)."""
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.families.glm.config import glm_merger_config, glm_vision_config
+    from megatron_vlm.families.glm.hf_vision_config import vision_from_hf, vision_to_hf
+
+    hf = hf_glm45v.config.vision_config.to_dict()
+    vision, merger = vision_from_hf(hf)
+    assert (vision, merger) == configs(False)
+    back = vision_to_hf(vision, merger)
+    assert {k: hf[k] for k in back} == back
+    assert vision_from_hf(Glm4vVisionConfig().to_dict()) == (glm_vision_config(),
+                                                              glm_merger_config())
+    with pytest.raises(ConversionError, match="hidden_act='gelu'"):
+        vision_from_hf({**hf, "hidden_act": "gelu"})
+    vision.ffn_hidden_size = 2 * OUT
+    with pytest.raises(ConversionError, match="one out_hidden_size"):
+        vision_to_hf(vision, merger)
