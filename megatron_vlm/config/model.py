@@ -194,8 +194,29 @@ class LLMConfig:
     """With ``mrope``: how many of the head dim's ``kv_channels / 2`` rotary frequencies each
     axis (t, h, w) takes, in order; chunk ``i`` uses axis ``i % 3`` (Qwen2.5-VL at head dim 128:
     [16, 24, 24]). Must sum to ``kv_channels / 2``."""
+    mrope_style: Literal["neox", "interleaved"] = "neox"
+    """With ``mrope``: how the sectioned angles pair up the rotated channels. ``neox``: halves
+    ``[f, f]`` rotated with rotate_half (Qwen2-VL, Keye, GLM-4.5V); ``interleaved``: adjacent
+    pairs ``[f0, f0, f1, f1, ...]`` (GPT-J; GLM-4.1V), megatron's ``rotary_interleaved``."""
+    rotary_fraction: float = 1.0
+    """GQA only: the fraction of each q/k head dim RoPE rotates: the first ``rotary_fraction *
+    head_dim`` channels, the rest pass unrotated (HF ``partial_rotary_factor``, megatron's
+    ``rotary_percent``; GLM-4.5V / 4.1V: 0.5). With ``mrope`` the sections cover those rotated
+    channels' frequencies."""
     yarn: YarnConfig = field(default_factory=YarnConfig)
     """YaRN context extension."""
+    sandwich_norms: bool = False
+    """Extra RMSNorms on the attention output and on the MLP output, each before its residual
+    add (GLM-4.1V / GLM-4: HF ``post_self_attn_layernorm`` and ``post_mlp_layernorm``; four
+    norms per layer). A layer-spec extension of megatron's ``TransformerLayer``
+    (``models/sandwich.py``)."""
+    mtp_num_layers: int = 0
+    """Multi-token-prediction layers after the decoder, each predicting one token further
+    (megatron ``mtp_num_layers``; GLM-4.5-Air: 1, HF ``num_nextn_predict_layers``). 0 = none."""
+    mtp_loss_weight: float = 0.0
+    """Weight of the MTP losses in the training loss (megatron ``mtp_loss_scaling_factor``, split
+    over the MTP layers). 0 (default) builds the MTP layers so that they load and export, but
+    trains nothing through them: the LM loss and every gradient outside them are unchanged."""
     norm_epsilon: float = 1e-6
     """RMSNorm epsilon of the layer and final norms (HF ``rms_norm_eps``)."""
     mla_latent_norm_epsilon: float = 1e-6
@@ -252,6 +273,10 @@ class LLMConfig:
                 f"model.llm.norm_epsilon={self.norm_epsilon} and model.llm."
                 f"mla_latent_norm_epsilon={self.mla_latent_norm_epsilon} must both be > 0 "
                 "(DeepSeek-V3 / Kimi: 1e-6)")
+        if self.mtp_num_layers < 0 or self.mtp_loss_weight < 0:
+            raise ValueError(
+                f"model.llm.mtp_num_layers={self.mtp_num_layers} and mtp_loss_weight="
+                f"{self.mtp_loss_weight} must be >= 0 (GLM-4.5-Air: 1 layer, weight 0 or 0.3)")
         if self.hidden_size <= 0 or self.num_layers <= 0 or self.num_attention_heads <= 0:
             raise ValueError(
                 "model.llm hidden_size, num_layers and num_attention_heads must be > 0")
@@ -291,6 +316,10 @@ class LLMConfig:
             if self.position_embedding != "rope":
                 raise ValueError("model.llm.position_embedding=mrope needs attention=gqa "
                                  "(megatron-core has no M-RoPE for MLA)")
+            if self.rotary_fraction != 1.0:
+                raise ValueError(
+                    f"model.llm.rotary_fraction={self.rotary_fraction} applies to attention=gqa; "
+                    "MLA's rotated part is qk_rope_head_dim: leave rotary_fraction at 1")
             return
         groups = self.num_query_groups or self.num_attention_heads
         if groups <= 0 or self.num_attention_heads % groups:
@@ -306,16 +335,27 @@ class LLMConfig:
         if self.qk_clip:
             raise ValueError("model.llm.qk_clip is implemented for attention=mla only; set "
                              "qk_clip=false with attention=gqa (log_max_attention_logit works)")
+        rotary_dim = self.head_dim * self.rotary_fraction
+        if not (0 < self.rotary_fraction <= 1) or rotary_dim != int(rotary_dim) or rotary_dim % 2:
+            raise ValueError(
+                f"model.llm.rotary_fraction={self.rotary_fraction} must be in (0, 1] and rotate "
+                f"an even number of the head dim's {self.head_dim} channels (GLM: 0.5)")
         if self.position_embedding == "mrope":
-            half = self.head_dim // 2
+            half = self.rotary_dim // 2
+            what = ("head_dim / 2" if self.rotary_fraction == 1
+                    else "head_dim * rotary_fraction / 2")
             if (not self.mrope_section or len(self.mrope_section) != 3
                     or min(self.mrope_section) < 0 or sum(self.mrope_section) != half):
                 raise ValueError(
                     f"model.llm.mrope_section={self.mrope_section} must be three sizes (t, h, w) "
-                    f"summing to head_dim / 2 = {half} (Qwen2.5-VL, head dim 128: [16, 24, 24])")
+                    f"summing to {what} = {half} (Qwen2.5-VL, head dim 128: [16, 24, 24]; "
+                    "GLM-4.5V, 64 rotated dims: [8, 12, 12])")
         elif self.mrope_section is not None:
             raise ValueError("model.llm.mrope_section is set but position_embedding=rope; set "
                              "position_embedding=mrope or leave mrope_section null")
+        elif self.mrope_style != "neox":
+            raise ValueError(f"model.llm.mrope_style={self.mrope_style} applies to "
+                             "position_embedding=mrope; leave it at neox with 1D rope")
 
     @property
     def head_dim(self) -> int:
@@ -324,6 +364,11 @@ class LLMConfig:
         if self.attention == "mla":
             return self.qk_head_dim
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """GQA: the q/k channels RoPE rotates, ``head_dim * rotary_fraction`` (GLM-4.5V: 64)."""
+        return int(self.head_dim * self.rotary_fraction)
 
     @property
     def query_groups(self) -> int:

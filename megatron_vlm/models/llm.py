@@ -31,7 +31,12 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from megatron_vlm.config.model import KernelConfig, LLMConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.models.mrope import MRopeGPTModel
-from megatron_vlm.models.specs import KernelChoice, llm_decoder_block_spec, resolve_kernels
+from megatron_vlm.models.specs import (
+    KernelChoice,
+    llm_decoder_block_spec,
+    llm_mtp_block_spec,
+    resolve_kernels,
+)
 from megatron_vlm.parallel.runtime import groups_or_default
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -166,7 +171,8 @@ def _gqa_kwargs(llm: LLMConfig) -> dict:
         qk_layernorm=llm.qk_layernorm,  # per-head RMSNorm at layernorm_epsilon (HF q/k_norm)
         add_qkv_bias=llm.add_qkv_bias,
         softmax_scale=None,  # 1 / sqrt(kv_channels), as HF's head_dim ** -0.5
-        rotary_interleaved=False,  # NeoX rotate_half, as HF Qwen
+        # NeoX rotate_half (HF Qwen, GLM-4.5V) unless M-RoPE pairs adjacent channels (GLM-4.1V)
+        rotary_interleaved=llm.position_embedding == "mrope" and llm.mrope_style == "interleaved",
         mrope_section=(list(llm.mrope_section) if llm.position_embedding == "mrope"
                        else None),
         qk_clip=False,  # refused by LLMConfig for gqa (optim/qk_clip.py is MLA's)
@@ -240,6 +246,9 @@ def build_transformer_config(
         cuda_graph_scope=[],  # megatron's default "full" is deprecated and warns
         # --- loss: global per-token mean across micro-batches and DP ranks (SPEC §11)
         calculate_per_token_loss=True,
+        # --- multi-token prediction (megatron's MTP block after the decoder; GLM-4.5-Air: 1)
+        mtp_num_layers=llm.mtp_num_layers or None,
+        mtp_loss_scaling_factor=llm.mtp_loss_weight,
         # --- activation recompute (model.llm.recompute)
         **recompute_kwargs(llm.recompute, llm.recompute_num_layers, llm.recompute_modules,
                            choice),
@@ -281,16 +290,51 @@ def build_transformer_config(
 def llm_block_spec(
     config: TransformerConfig, vp_stage: int | None = None, pp_rank: int | None = None, *,
     choice: KernelChoice, latent_norm_eps: float = LLMConfig.mla_latent_norm_epsilon,
+    sandwich_norms: bool = False,
 ) -> TransformerBlockSubmodules:
     """The decoder block spec for this pipeline stage (implementations from
     ``models/specs.py``: TE modules, or megatron's local MLA or GQA / MoE layers with our packed
     attention kernel, SP norms and padding-free router); MLA's latent norms at
-    ``latent_norm_eps`` (``LLMConfig.mla_latent_norm_epsilon``: ``config`` has no field for it).
+    ``latent_norm_eps`` (``LLMConfig.mla_latent_norm_epsilon``: ``config`` has no field for it);
+    ``sandwich_norms`` (``LLMConfig.sandwich_norms``) adds GLM-4.1V's output norms.
 
     ``choice`` is the one ``config`` was built with (:func:`build_transformer_config`): a
     megatron config alone lacks the LLM fields the choice depends on."""
     return llm_decoder_block_spec(config, choice, vp_stage=vp_stage, pp_rank=pp_rank,
-                                  latent_norm_eps=latent_norm_eps)
+                                  latent_norm_eps=latent_norm_eps, sandwich_norms=sandwich_norms)
+
+
+def gpt_model_args(llm: LLMConfig, parallel: ParallelConfig, config: TransformerConfig,
+                   choice: KernelChoice, vp_stage: int | None = None) -> tuple[type, dict]:
+    """The ``GPTModel`` class and its architecture arguments for ``llm`` (everything but the
+    stage flags and process groups): :func:`build_llm` and ``param_count.build_llm_on_meta``
+    build from the same ones.
+
+    Position embeddings: MLA rotates inside its attention and M-RoPE comes from
+    :class:`MRopeGPTModel` (both ``'none'`` to megatron); GQA with 1D RoPE is megatron's
+    ``'rope'`` over the first ``rotary_fraction`` of each head.
+    """
+    gqa = llm.attention == "gqa"
+    mrope = gqa and llm.position_embedding == "mrope"
+    block = llm_block_spec(config, vp_stage=vp_stage, choice=choice,
+                           latent_norm_eps=llm.mla_latent_norm_epsilon,
+                           sandwich_norms=llm.sandwich_norms)
+    kwargs = dict(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
+        max_sequence_length=llm.max_position_embeddings,
+        share_embeddings_and_output_weights=not llm.untie_embeddings,
+        position_embedding_type="rope" if gqa and not mrope else "none",
+        rotary_percent=llm.rotary_fraction,  # GPTModel's RotaryEmbedding reads the arguments
+        rotary_base=llm.rope_theta,
+        mtp_block_spec=llm_mtp_block_spec(config, block, choice, vp_stage=vp_stage),
+    )
+    if not mrope:
+        return GPTModel, kwargs
+    kwargs.update(mrope_theta=llm.rope_theta, mrope_section=llm.mrope_section,
+                  mrope_style=llm.mrope_style, rotary_dim=llm.rotary_dim)
+    return MRopeGPTModel, kwargs
 
 
 def scatter_padding_mask(padding_mask: torch.Tensor,
@@ -337,30 +381,14 @@ def build_llm(
     if choice is None:
         choice = llm_kernel_choice(llm, parallel, params_dtype, kernels)
     config = build_transformer_config(llm, parallel, params_dtype, choice)
-    gqa = llm.attention == "gqa"
-    mrope = gqa and llm.position_embedding == "mrope"
-    model_class, extra = GPTModel, {}
-    if mrope:
-        model_class = MRopeGPTModel
-        extra = dict(mrope_theta=llm.rope_theta, mrope_section=llm.mrope_section)
+    model_class, kwargs = gpt_model_args(llm, parallel, config, choice, vp_stage)
     model = model_class(
-        config=config,
-        transformer_layer_spec=llm_block_spec(
-            config, vp_stage=vp_stage, choice=choice,
-            latent_norm_eps=llm.mla_latent_norm_epsilon),
-        vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
-        max_sequence_length=llm.max_position_embeddings,
+        **kwargs,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=not llm.untie_embeddings,
-        # MLA applies RoPE inside attention; M-RoPE frequencies come from MRopeGPTModel
-        position_embedding_type="rope" if gqa and not mrope else "none",
-        rotary_percent=1.0,
-        rotary_base=llm.rope_theta,  # GPTModel's RotaryEmbedding reads the argument
         vp_stage=vp_stage,
         pg_collection=pg_collection,
         scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
-        **extra,
     )
     if post_process:
         mask_padded_vocab(model, llm.vocab_size)

@@ -15,8 +15,9 @@ repeated for an adjacent (GPT-J) pair, ``[f0, f0, f1, f1, ...]`` -- megatron's l
 ``rotary_interleaved=True``, which the attention must then be configured with; with a partial
 rotary dim (GLM: half the head) megatron rotates the first ``rotary_dim`` channels and passes
 the rest, as GLM-4V does. Checked against transformers' ``Glm4vTextRotaryEmbedding``
-(``tests/reference/test_mrope.py``); not wired into ``LLMConfig`` yet (no
-``rotary_interleaved`` / partial-rotary fields).
+(``tests/reference/test_mrope.py``) and whole GLM LLMs (``tests/reference/test_glm_llm.py``);
+``LLMConfig.mrope_style`` picks the style and ``rotary_fraction`` the rotated part
+(``models/llm.py`` sets megatron's ``rotary_interleaved`` to match).
 
 Why not megatron-core 0.16.1's ``MultimodalRotaryEmbedding`` (FAMILIES.md §5): it allocates
 ``inv_freq`` on ``torch.cuda.current_device()`` (no CPU), its interleaved branch reshapes with
@@ -48,7 +49,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
-MRopeStyle = Literal["sectioned", "interleaved"]
+MRopeStyle = Literal["neox", "interleaved"]
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, device=None) -> torch.Tensor:
@@ -76,7 +77,7 @@ def as_three_axes(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def mrope_freqs(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section: list[int],
-                style: MRopeStyle = "sectioned") -> torch.Tensor:
+                style: MRopeStyle = "neox") -> torch.Tensor:
     """Rotary angles ``[S, B, 1, 2 * len(inv_freq)]`` (megatron's ``freqs`` layout) for 3-axis
     ``position_ids`` (see :func:`as_three_axes`).
 
@@ -85,7 +86,7 @@ def mrope_freqs(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sectio
         inv_freq: ``[d / 2]`` inverse frequencies (:func:`rope_inv_freq`).
         mrope_section: frequencies per chunk, summing to ``d / 2``; chunk ``i`` uses axis
             ``i % 3``.
-        style: ``sectioned`` (Qwen2-VL: angles as NeoX halves ``[f, f]``) or ``interleaved``
+        style: ``neox`` (Qwen2-VL, GLM-4.5V: angles as NeoX halves ``[f, f]``) or ``interleaved``
             (GLM-4.1V: each angle for an adjacent pair, ``[f0, f0, f1, f1, ...]``; needs
             megatron's ``rotary_interleaved=True``).
     """
@@ -97,12 +98,12 @@ def mrope_freqs(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sectio
     angles = pos[..., None] * inv_freq  # [3, B, S, d/2], fp32 as megatron and HF
     chunks = angles.split(list(mrope_section), dim=-1)
     freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)  # [B, S, d/2]
-    if style == "sectioned":
+    if style == "neox":
         emb = torch.cat((freqs, freqs), dim=-1)
     elif style == "interleaved":
         emb = freqs.repeat_interleave(2, dim=-1)
     else:
-        raise ValueError(f"M-RoPE style {style!r}: choose sectioned or interleaved")
+        raise ValueError(f"M-RoPE style {style!r}: choose neox or interleaved")
     return emb.transpose(0, 1)[:, :, None, :].contiguous()  # [S, B, 1, d]
 
 
@@ -111,7 +112,7 @@ class MultimodalRoPE(torch.nn.Module):
     are the tokens this rank computes, or the whole sequence: see :class:`MRopeGPTModel`)."""
 
     def __init__(self, rotary_dim: int, theta: float, mrope_section: list[int],
-                 style: MRopeStyle = "sectioned") -> None:
+                 style: MRopeStyle = "neox") -> None:
         super().__init__()
         self.mrope_section = list(mrope_section)
         self.style = style
@@ -168,10 +169,12 @@ def thd_freqs_for_megatron(freqs: torch.Tensor, params: PackedSeqParams, cp_size
 class MRopeGPTModel(GPTModel):
     """megatron's ``GPTModel`` whose decoder rotates by our M-RoPE: build it with
     ``position_embedding_type='none'`` plus ``mrope_theta`` / ``mrope_section``; ``forward``
-    takes ``position_ids`` ``[3, S]`` (or ``[3, B, S]``; ``[1, S]`` = text only)."""
+    takes ``position_ids`` ``[3, S]`` (or ``[3, B, S]``; ``[1, S]`` = text only).
+    ``rotary_dim``: the rotated q/k channels (None: the whole head, ``kv_channels``)."""
 
     def __init__(self, *args, mrope_theta: float, mrope_section: list[int],
-                 mrope_style: MRopeStyle = "sectioned", **kwargs) -> None:
+                 mrope_style: MRopeStyle = "neox", rotary_dim: int | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.position_embedding_type != "none" or self.config.multi_latent_attention:
             raise ValueError("MRopeGPTModel needs position_embedding_type='none' and non-MLA "
@@ -179,7 +182,12 @@ class MRopeGPTModel(GPTModel):
         if self.config.apply_rope_fusion:
             raise ValueError("M-RoPE needs apply_rope_fusion=False: the fused THD RoPE ignores "
                              "per-token positions")
-        rotary_dim = self.config.kv_channels
+        if (mrope_style == "interleaved") != self.config.rotary_interleaved:
+            raise ValueError(f"mrope_style={mrope_style} needs megatron's rotary_interleaved="
+                             f"{mrope_style == 'interleaved'} (the attention's rotate layout)")
+        # Partial rotary (GLM: half the head): megatron's apply_rotary_pos_emb rotates the first
+        # freqs.shape[-1] channels and passes the rest through.
+        rotary_dim = rotary_dim or self.config.kv_channels
         self.mrope = MultimodalRoPE(rotary_dim, mrope_theta, mrope_section, mrope_style)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,

@@ -467,14 +467,27 @@ def _require_mla_duplicated_linear() -> None:
             "Transformer Engine installed use model.kernels.backend=te")
 
 
+def _norm_module(choice: KernelChoice) -> type:
+    """The LLM's standalone norm class for ``choice`` (TE's ``TENorm`` or our SP-aware norm)."""
+    if choice.backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from megatron_vlm.models.norm import SequenceParallelNorm
+
+    return SequenceParallelNorm
+
+
 def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = None,
-                           pp_rank: int | None = None, *,
-                           latent_norm_eps: float) -> TransformerBlockSubmodules:
+                           pp_rank: int | None = None, *, latent_norm_eps: float,
+                           sandwich_norms: bool = False) -> TransformerBlockSubmodules:
     """The LLM decoder block spec of this pipeline stage for ``choice``; MLA's latent norms at
     ``latent_norm_eps`` (``model.llm.mla_latent_norm_epsilon``), every other norm at
     ``config.layernorm_epsilon``. ``config.multi_latent_attention`` picks MLA or GQA layers
     (megatron's ``SelfAttention``: TE's fused norm + ``linear_qkv`` and ``TENorm`` q/k norms,
-    or the local modules with our packed core attention)."""
+    or the local modules with our packed core attention). ``sandwich_norms``
+    (``model.llm.sandwich_norms``): every layer gets GLM-4.1V's post-attention and post-MLP norms
+    (``models/sandwich.py``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
     te = choice.backend == "te"
@@ -487,20 +500,46 @@ def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = 
             block.layer_specs = [_te_llm_layer(s, latent_norm_eps) for s in block.layer_specs]
         else:
             block.layer_specs = [_te_gqa_layer(s) for s in block.layer_specs]
-        return block
-    from megatron_vlm.models.norm import SequenceParallelNorm
-
-    attention = core_attention_module(choice)
-    if mla:
-        _require_mla_duplicated_linear()
-        block.layer_specs = [_local_llm_layer(s, attention, latent_norm_eps)
-                             for s in block.layer_specs]
     else:
-        block.layer_specs = [_local_gqa_layer(s, attention) for s in block.layer_specs]
-    if choice.experts == "torch_grouped_mm":
-        block.layer_specs = [_torch_grouped_experts(s) for s in block.layer_specs]
-    block.layer_norm = SequenceParallelNorm
+        attention = core_attention_module(choice)
+        if mla:
+            _require_mla_duplicated_linear()
+            block.layer_specs = [_local_llm_layer(s, attention, latent_norm_eps)
+                                 for s in block.layer_specs]
+        else:
+            block.layer_specs = [_local_gqa_layer(s, attention) for s in block.layer_specs]
+        if choice.experts == "torch_grouped_mm":
+            block.layer_specs = [_torch_grouped_experts(s) for s in block.layer_specs]
+        block.layer_norm = _norm_module(choice)
+    if sandwich_norms:
+        from megatron_vlm.models.sandwich import with_sandwich_norms
+
+        block.layer_specs = [with_sandwich_norms(s, _norm_module(choice))
+                             for s in block.layer_specs]
     return block
+
+
+def llm_mtp_block_spec(config, block: TransformerBlockSubmodules, choice: KernelChoice,
+                       vp_stage: int | None = None, pp_rank: int | None = None):
+    """megatron's multi-token-prediction block spec (``config.mtp_num_layers`` layers, each a
+    copy of ``block``'s last layer spec with megatron's ``enorm``/``hnorm``/``eh_proj`` and final
+    norm), or None without MTP or when this stage holds none. Local backend: the MTP norms are
+    our SP-aware norms (megatron's local ``WrappedTorchNorm`` refuses sequence parallelism)."""
+    if not config.mtp_num_layers:
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    te = choice.backend == "te"
+    spec = get_gpt_mtp_block_spec(config, block, use_transformer_engine=te,
+                                  vp_stage=vp_stage, pp_rank=pp_rank)
+    if spec is None or te:
+        return spec
+    norm = _norm_module(choice)
+    spec.layer_specs = [
+        dataclasses.replace(layer, submodules=dataclasses.replace(
+            layer.submodules, enorm=norm, hnorm=norm, layer_norm=norm))
+        for layer in spec.layer_specs]
+    return spec
 
 
 @dataclass(frozen=True)
