@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 import torch
 
-from megatron_vlm.config.data_mm import MultimodalDataConfig
+from megatron_vlm.config.data_mm import MultimodalDataConfig, SlowFastConfig
 from megatron_vlm.data.chat_turns import chat_segments
 from megatron_vlm.data.image import unpatchify
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
@@ -220,8 +220,12 @@ def test_rules_pickle_map_the_config_and_refuse_a_tokenizer_without_glm_tokens()
     cfg = MultimodalDataConfig(image_max_patches=30000)
     rules = glm_media_rules(cfg)
     assert rules == GlmMediaRules()  # GLM's released image ceiling is 30,000 patches
-    small = glm_media_rules(MultimodalDataConfig(image_max_patches=256, image_min_patches=16))
+    small = glm_media_rules(MultimodalDataConfig(
+        image_max_patches=256, image_min_patches=16,
+        slowfast=SlowFastConfig(max_video_tokens=1000)))
     assert (small.image_min_pixels, small.image_max_pixels) == (16 * 392, 256 * 392)
+    assert small.video_max_pixels == 1000 * 2 * 28 * 28
+    assert rules.video_max_pixels == 28 * 28 * 2 * 30000
     settings = EncodeSettings.from_config(cfg, 512, 1, small)
     assert pickle.loads(pickle.dumps(settings)) == settings
     assert token_ids_config(rules.media_ids(TOK)) == {

@@ -30,7 +30,12 @@ What the multimodal loader does differently for GLM (``../shared/FAMILIES.md`` Â
 Budgets from ``data.multimodal`` where they map: ``image_max_patches`` is the ViT patch ceiling of
 one image (one temporal patch: ``h*w``), so ``image_max_pixels = image_max_patches * 2 * 14^2``
 (GLM's released 28*28*15000 px is ``image_max_patches = 30000``); ``image_min_patches`` likewise
-(unset: GLM's 112*112 px). The video bounds and the 300 s duration rule are GLM's.
+(unset: GLM's 112*112 px); ``slowfast.max_video_tokens``, the LLM token budget of one video
+(as for Keye), bounds a video's ``t*H*W <= tokens * 2 * 28^2`` px (unset: GLM's 30,000 tokens).
+A document longer than ``seq_length`` is skipped (``too_long``): GLM's videos are not fitted the
+way Kimi's uniform chunks are (``video_fit.py``), so a run at 8K sets that budget below it.
+``video_fps`` is the sampling rate; ``video_max_frames`` is not used (GLM's 300 s rule caps a
+video at 600 frames).
 
 Imports ``megatron_vlm.data`` and this family's processing only (never models/).
 """
@@ -58,6 +63,7 @@ from megatron_vlm.families.glm.positions import glm_position_ids
 from megatron_vlm.families.glm.processing import (
     IMAGE_MAX_PIXELS,
     IMAGE_MIN_PIXELS,
+    MERGE_SIZE,
     TEMPORAL_PATCH_SIZE,
     VIDEO_MAX_DURATION,
     VIDEO_MAX_PIXELS,
@@ -377,8 +383,12 @@ def glm_media_rules(config: Any = None) -> GlmMediaRules:
     per_patch = TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE
     image_min = (IMAGE_MIN_PIXELS if config.image_min_patches is None
                  else config.image_min_patches * per_patch)
-    return GlmMediaRules(image_min_pixels=image_min,
-                         image_max_pixels=max(image_min, config.image_max_patches * per_patch))
+    video_tokens = config.slowfast.max_video_tokens
+    per_token = TEMPORAL_PATCH_SIZE * (PATCH_SIZE * MERGE_SIZE) ** 2
+    return GlmMediaRules(
+        image_min_pixels=image_min,
+        image_max_pixels=max(image_min, config.image_max_patches * per_patch),
+        video_max_pixels=VIDEO_MAX_PIXELS if video_tokens is None else video_tokens * per_token)
 
 
 __all__ = ["GLM_CHAT_TEMPLATE", "GLM_END_OF_TURN", "GLM_SPECIAL_TOKENS", "GlmMediaRules",
