@@ -211,8 +211,8 @@ PROJECTOR_CONFIG = GlmMergerConfig
 
 
 def glm_vision_config() -> GlmVisionConfig:
-    """Real-size GLM-4.1V / GLM-4.5V tower (the same for both; ~0.8B parameters with the
-    projector)."""
+    """Real-size GLM-4.1V / GLM-4.5V tower (the same for both): 682.2M parameters, 892.5M with
+    the 13696-wide projector (= transformers' ``Glm4vVisionModel()``)."""
     return GlmVisionConfig(
         hidden_size=1536, num_layers=24, num_attention_heads=12, ffn_hidden_size=4096,
         patch_size=14, temporal_patch_size=2, pos_emb_side=24, rope_theta=10000.0,
