@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import MLATransformerConfig, T
 from megatron_vlm.config.model import KernelConfig, LLMConfig
 from megatron_vlm.config.parallel import ParallelConfig
 from megatron_vlm.models.mrope import MRopeGPTModel
+from megatron_vlm.models.mtp import MtpGPTModel, MtpMRopeGPTModel
 from megatron_vlm.models.specs import (
     KernelChoice,
     llm_decoder_block_spec,
@@ -330,11 +331,12 @@ def gpt_model_args(llm: LLMConfig, parallel: ParallelConfig, config: Transformer
         rotary_base=llm.rope_theta,
         mtp_block_spec=llm_mtp_block_spec(config, block, choice, vp_stage=vp_stage),
     )
+    mtp = llm.mtp_num_layers > 0  # logits without labels need models/mtp.py's mixin
     if not mrope:
-        return GPTModel, kwargs
+        return (MtpGPTModel if mtp else GPTModel), kwargs
     kwargs.update(mrope_theta=llm.rope_theta, mrope_section=llm.mrope_section,
                   mrope_style=llm.mrope_style, rotary_dim=llm.rotary_dim)
-    return MRopeGPTModel, kwargs
+    return (MtpMRopeGPTModel if mtp else MRopeGPTModel), kwargs
 
 
 def scatter_padding_mask(padding_mask: torch.Tensor,

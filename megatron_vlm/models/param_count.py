@@ -6,12 +6,16 @@ Groups (same keys in both counts, so a mismatch names its part):
 * ``embedding``: input word embeddings, ``vocab x hidden``.
 * ``attention``: MLA projections and the two latent RMSNorms (q_a_layernorm, kv_a_layernorm);
   GQA: the fused q/k/v projection (+ bias), the per-head q/k RMSNorms and the output projection.
-* ``layer_norms``: per-layer input and pre-MLP RMSNorms and the final norm.
+* ``layer_norms``: per-layer input and pre-MLP RMSNorms (with ``sandwich_norms`` also the
+  post-attention and post-MLP ones) and the final norm.
 * ``dense_mlp``: SwiGLU FFN of the first ``num_dense_layers`` layers.
 * ``router``: the MoE gate ``num_experts x hidden`` (the expert bias is a buffer, not counted).
 * ``routed_experts``: all routed experts.
 * ``shared_experts``: the shared expert(s).
 * ``output_layer``: the untied output head (0 when tied).
+* ``mtp``: the multi-token-prediction layers (``mtp_num_layers``): per layer megatron's
+  ``enorm``, ``hnorm``, ``eh_proj`` (``2 hidden x hidden``), final norm and one decoder layer of
+  the last layer's kind (GLM-4.5-Air: MoE); they share the embedding and output head.
 
 ``activated`` counts what one token uses: everything except the routed experts it is not sent to
 (``topk`` of ``num_experts`` per MoE layer), embeddings and head included.
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
 
 PARAM_GROUPS = (
     "embedding", "attention", "layer_norms", "dense_mlp", "router", "routed_experts",
-    "shared_experts", "output_layer",
+    "shared_experts", "output_layer", "mtp",
 )
 
 
@@ -82,34 +86,43 @@ def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
     """
     h = llm.hidden_size
     vocab = _padded_vocab(llm.vocab_size, tp)
-    attention = llm.num_layers * (
-        _gqa_layer_params(llm) if llm.attention == "gqa" else _mla_layer_params(llm))
+    layer_attention = _gqa_layer_params(llm) if llm.attention == "gqa" else _mla_layer_params(llm)
+    layer_norms = (4 if llm.sandwich_norms else 2) * h
 
     num_moe = llm.num_moe_layers
     num_dense = llm.num_layers - num_moe
     swiglu = 3 * h  # gate, up, down: 3 matrices of hidden x ffn
     expert = swiglu * llm.moe_ffn_hidden_size
+    num_experts = llm.num_experts or 0
+    moe_layer = num_experts * h + num_experts * expert + llm.num_shared_experts * expert
+    last_is_moe = llm.moe_layer_freq[-1] == 1
+    mtp_layer = (3 * h + 2 * h * h + layer_attention + layer_norms
+                 + (moe_layer if last_is_moe else swiglu * llm.ffn_hidden_size))
     counts = {
         "embedding": vocab * h,
-        "attention": attention,
-        "layer_norms": llm.num_layers * 2 * h + h,
+        "attention": llm.num_layers * layer_attention,
+        "layer_norms": llm.num_layers * layer_norms + h,
         "dense_mlp": num_dense * swiglu * llm.ffn_hidden_size,
-        "router": num_moe * (llm.num_experts or 0) * h,
-        "routed_experts": num_moe * (llm.num_experts or 0) * expert,
+        "router": num_moe * num_experts * h,
+        "routed_experts": num_moe * num_experts * expert,
         "shared_experts": num_moe * llm.num_shared_experts * expert,
         "output_layer": vocab * h if llm.untie_embeddings else 0,
+        "mtp": llm.mtp_num_layers * mtp_layer,
     }
     total = sum(counts.values())
-    inactive = num_moe * ((llm.num_experts or 0) - llm.moe_router_topk) * expert
+    inactive_layers = num_moe + (llm.mtp_num_layers if last_is_moe else 0)
+    inactive = inactive_layers * (num_experts - llm.moe_router_topk) * expert
     return {**counts, "total": total, "activated": total - inactive, "expert": expert}
 
 
 # megatron-core 0.16.1 parameter names (local spec) -> group; first match wins.
 _GROUP_PATTERNS = (
+    ("mtp", re.compile(r"(^|\.)mtp\.layers\.")),
     ("embedding", re.compile(r"(^|\.)embedding\.word_embeddings\.")),
     ("output_layer", re.compile(r"(^|\.)output_layer\.")),
     ("attention", re.compile(r"\.self_attention\.")),
-    ("layer_norms", re.compile(r"(input_layernorm|pre_mlp_layernorm|final_layernorm)\.")),
+    ("layer_norms", re.compile(r"(input_layernorm|pre_mlp_layernorm|final_layernorm"
+                               r"|post_self_attn_layernorm|post_mlp_layernorm)\.")),
     ("router", re.compile(r"\.mlp\.router\.")),
     ("routed_experts", re.compile(r"\.mlp\.experts\.")),
     ("shared_experts", re.compile(r"\.mlp\.shared_experts\.")),
@@ -184,14 +197,7 @@ def build_llm_on_meta(
     Process groups for ``parallel``: ``pg_collection``, or (None) those ``init_distributed``
     made (as for ``build_llm``).
     """
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_vlm.models.llm import (
-        build_transformer_config,
-        llm_block_spec,
-        llm_kernel_choice,
-        padded_vocab_size,
-    )
+    from megatron_vlm.models.llm import build_transformer_config, gpt_model_args, llm_kernel_choice
     from megatron_vlm.parallel.runtime import groups_or_default
 
     choice = llm_kernel_choice(llm, parallel, params_dtype)  # one choice for config and spec
@@ -199,16 +205,12 @@ def build_llm_on_meta(
     config.use_cpu_initialization = True
     config.perform_initialization = False
     with allocate_on_meta():
-        # Keep these arguments in step with models/llm.py::build_llm; the tiny-model test checks
-        # that the two builds have the same parameter names and shapes.
-        return GPTModel(
-            config=config,
-            transformer_layer_spec=llm_block_spec(config, choice=choice),
-            vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
-            max_sequence_length=llm.max_position_embeddings,
+        # The class and architecture arguments of models/llm.py::build_llm (gpt_model_args); the
+        # tiny-model test checks that the two builds have the same parameter names and shapes.
+        model_class, kwargs = gpt_model_args(llm, parallel, config, choice)
+        return model_class(
+            **kwargs,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=not llm.untie_embeddings,
-            position_embedding_type="none",
             pg_collection=groups_or_default(pg_collection, required=True),
         )

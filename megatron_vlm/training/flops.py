@@ -24,8 +24,11 @@ Conventions (identical to Megatron-LM):
 Checked against Megatron-LM ``megatron/training/training.py`` at ``d98e8a64`` (2026-08-22): the
 MLA ``q_term`` / ``kv_lora_rank * (h + n (d_nope + d_v) + 1) + h d_rope`` / ``n d_v h`` terms,
 ``standard_self_attn_core_term = 6 (n (d_nope + d_rope) / 2 + n d_v / 2)`` per ``L^2``, MLP
-``6 h (ffn 3 dense + moe_ffn topk 3 moe + shared 3 moe)`` and logits ``6 h V``; MTP is off here
-(``mtp_num_layers`` None) and MoE latent projections are not used by this model family.
+``6 h (ffn 3 dense + moe_ffn topk 3 moe + shared 3 moe)`` and logits ``6 h V``; MoE latent
+projections are not used by this model family. Multi-token prediction (``mtp_num_layers``,
+GLM-4.5-Air) as the same file counts it: each MTP layer is one more layer of the last layer's
+kind (attention and MLP terms), plus ``6 (3 h + 2 h^2)`` for its norms and ``eh_proj`` and one
+more ``6 h V`` output layer.
 The GQA form (``attention: gqa``) is the same file's "MHA or GQA" branch: per token and layer
 ``6 (h (n d + 2 g d) + n d h)`` for the qkv and output projections (no attention output gate
 here; the qkv bias and the q/k RMSNorms are not counted) and ``6 n d`` per ``L^2`` for core
@@ -75,7 +78,9 @@ def llm_flops_breakdown_per_token(
     * ``mlp_dense``: ``num_dense_layers`` SwiGLU layers, ``3*h*ffn`` each.
     * ``mlp_routed``: ``num_moe_layers * topk`` experts, ``3*h*moe_ffn`` each.
     * ``mlp_shared``: ``num_moe_layers`` shared experts, ``3*h*moe_ffn*num_shared`` each.
-    * ``logits``: output layer ``h*vocab`` (padded vocab).
+    * ``logits``: output layer ``h*vocab`` (padded vocab), once more per MTP layer.
+    * ``mtp``: per MTP layer its three norms and ``eh_proj``, ``3*h + 2*h*h`` (its decoder layer
+      is in the attention and MLP terms, as one more layer of the last layer's kind).
 
     Args:
         llm: the LLM config.
@@ -91,7 +96,8 @@ def llm_flops_breakdown_per_token(
         raise ValueError(f"seq_length={seq_length} must be > 0")
     h = llm.hidden_size
     n = llm.num_attention_heads
-    num_layers = llm.num_layers
+    mtp = llm.mtp_num_layers
+    num_layers = llm.num_layers + mtp
     vocab = padded_vocab_size or _default_padded_vocab(llm.vocab_size)
 
     if llm.attention == "gqa":
@@ -113,7 +119,8 @@ def llm_flops_breakdown_per_token(
         core_macs /= 2  # only the lower triangle of the score matrix is computed
 
     moe = llm.num_experts is not None
-    num_moe_layers = llm.num_moe_layers
+    # Megatron-LM: the MTP layers are of the last decoder layer's kind
+    num_moe_layers = llm.num_moe_layers + (mtp if llm.moe_layer_freq[-1] == 1 else 0)
     num_dense_layers = num_layers - num_moe_layers
     # Megatron-LM: 2 GEMMs per MLP (h -> ffn, ffn -> h) scaled by 3/2 for SwiGLU = 3 h*ffn MACs.
     mlp_unit = 2 * GATED_LINEAR_MULTIPLIER * h
@@ -136,7 +143,8 @@ def llm_flops_breakdown_per_token(
         "mlp_dense": f * dense_macs,
         "mlp_routed": f * routed_macs,
         "mlp_shared": f * shared_macs,
-        "logits": f * h * vocab,
+        "logits": f * h * vocab * (1 + mtp),
+        "mtp": f * mtp * (3 * h + 2 * h * h),
     }
 
 

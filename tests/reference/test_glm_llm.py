@@ -283,7 +283,8 @@ def _loss_and_grads(model, ids, positions, labels):
 
 def test_glm45v_mtp_layer_weight_zero_changes_nothing(glm45):
     """GLM-4.5-Air's MTP layer (megatron's ``mtp_num_layers=1``): every tensor maps to
-    Megatron-Bridge's HF names (``build_ours`` checks both directions); with the default loss
+    Megatron-Bridge's HF names (``build_ours`` checks both directions); logits without labels
+    equal transformers' (the MTP layer skipped); with the default loss
     weight 0 the per-token LM loss equals cross-entropy of transformers' logits, the MTP layer
     gets exactly zero gradients and every other gradient equals the model without MTP; with
     weight 0.3 the MTP layer trains (non-zero gradients) and the main gradients change."""
@@ -293,8 +294,10 @@ def test_glm45v_mtp_layer_weight_zero_changes_nothing(glm45):
                       fused_gate_up=False, extra=extra)
     assert ours.config.mtp_loss_scaling_factor == 0.0
     ids, labels = _tokens(DOC_A.shape[1], seed=5), _tokens(DOC_A.shape[1], seed=6)
-    expected = torch.nn.functional.cross_entropy(hf_logits(hf, ids, DOC_A)[0], labels[0],
-                                                 reduction="none")
+    logits = hf_logits(hf, ids, DOC_A)
+    with torch.no_grad():  # without labels: the main model's logits (models/mtp.py)
+        torch.testing.assert_close(ours(ids, DOC_A, None), logits, atol=ATOL, rtol=0)
+    expected = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")
     loss, grads = _loss_and_grads(ours, ids, DOC_A, labels)
     torch.testing.assert_close(loss[0], expected, atol=ATOL, rtol=0)
     mtp = {n: g for n, g in grads.items() if n.startswith("mtp.")}
@@ -333,3 +336,40 @@ def test_glm_llm_options_are_checked():
         LLMConfig(attention="gqa", mrope_style="interleaved")
     with pytest.raises(ValueError, match="mtp_num_layers=-1"):
         LLMConfig(mtp_num_layers=-1)
+
+
+@pytest.mark.parametrize("which", ["glm45v_mtp", "glm41v"])
+def test_parameter_count_closed_form_equals_built_model(megatron_groups, which):
+    """``count_llm_params_closed_form`` (MTP layer, sandwich norms) == the parameters of the
+    built model per group, and the meta-device build has the same names and shapes."""
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.models.llm import build_llm
+    from megatron_vlm.models.param_count import (
+        PARAM_GROUPS,
+        build_llm_on_meta,
+        count_llm_params_closed_form,
+        count_module_params,
+    )
+
+    llm = glm45v_llm(mtp_num_layers=1) if which == "glm45v_mtp" else glm41v_llm()
+    built = build_llm(llm, ParallelConfig())
+    counted, closed = count_module_params(built), count_llm_params_closed_form(llm)
+    assert {g: counted[g] for g in PARAM_GROUPS} == {g: closed[g] for g in PARAM_GROUPS}
+    assert (closed["mtp"] > 0) == (which == "glm45v_mtp")
+    meta = build_llm_on_meta(llm, ParallelConfig(), "fp32")
+    assert ({n: p.shape for n, p in meta.named_parameters()}
+            == {n: p.shape for n, p in built.named_parameters()})
+
+
+def test_mtp_flops_by_hand():
+    """Megatron-LM's MTP FLOPs (``training.py``: one more layer of the last layer's kind, its
+    norms and ``eh_proj``, one more output layer), by hand for the tiny GLM-4.5V at 64 tokens."""
+    from megatron_vlm.training.flops import llm_flops_per_token
+
+    s, h, n, g, d, vocab = 64, 64, 4, 2, 32, VOCAB
+    attention = h * n * d + h * 2 * g * d + n * d * h + 2 * s * n * d / 2  # causal core
+    moe_mlp = 3 * h * 32 * (2 + 1)  # top-2 routed + 1 shared expert of 32
+    extra = 6 * (attention + moe_mlp + 3 * h + 2 * h * h + h * vocab)
+    delta = (llm_flops_per_token(glm45v_llm(mtp_num_layers=1), s)
+             - llm_flops_per_token(glm45v_llm(), s))
+    assert delta == pytest.approx(extra, rel=1e-12)
