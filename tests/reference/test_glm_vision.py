@@ -313,3 +313,15 @@ def test_vision_config_from_and_to_hf(hf_glm45v):
     vision.ffn_hidden_size = 2 * OUT
     with pytest.raises(ConversionError, match="one out_hidden_size"):
         vision_to_hf(vision, merger)
+
+
+def test_real_size_parameter_count():
+    """The cost model's real-size tower + projector hold as many parameters as transformers'
+    default ``Glm4vVisionModel`` (built on the meta device)."""
+    from megatron_vlm.families.glm import costs
+    from megatron_vlm.families.glm.config import glm_merger_config, glm_vision_config
+
+    with torch.device("meta"):
+        hf = Glm4vVisionModel(Glm4vVisionConfig())
+    ours = costs.vision_tensors(glm_vision_config(), glm_merger_config(), "bf16", 1)
+    assert sum(t.numel for t in ours) == sum(p.numel() for p in hf.parameters()) == 892_498_432
