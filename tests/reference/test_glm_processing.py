@@ -165,6 +165,24 @@ def image_files(tmp_path_factory) -> list:
     return paths + [path]
 
 
+def test_normalisation_of_every_value_equals_processors():
+    """All 256 values per channel: the image path against Glm4vImageProcessorPil's own rescale
+    and normalize, the video path against the video processor's fused constants with
+    torchvision's ``normalize`` arithmetic (``(x - mean) / std``)."""
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    chw = values[0].numpy()
+    ref = IMAGES.normalize(IMAGES.rescale(chw, 1 / 255), glm.CLIP_MEAN, glm.CLIP_STD)
+    assert ref.dtype == np.float32
+    assert torch.equal(glm.normalize_patches(values.contiguous(), video=False)[0],
+                       torch.from_numpy(ref))
+    mean, std, _ = VIDEOS._fuse_mean_std_and_rescale_factor(
+        do_normalize=True, image_mean=glm.CLIP_MEAN, image_std=glm.CLIP_STD, do_rescale=True,
+        rescale_factor=1 / 255)
+    ref = (values.to(torch.float32) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+    assert torch.equal(glm.normalize_patches(values.contiguous(), video=True), ref)
+    assert not torch.equal(glm.normalize_patches(values.contiguous(), video=False), ref)
+
+
 def test_image_pixels_equal_processor(image_files):
     """All images in one processor call: rows concatenated in order, grids (1, h, w)."""
     pil = [PIL.Image.open(p) for p in image_files]

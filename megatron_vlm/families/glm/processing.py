@@ -152,37 +152,28 @@ def num_video_patches(num_frames: int, height: int, width: int, *,
 # ---------------------------------------------------------------------------------- normalising
 
 
-def _image_table() -> np.ndarray:
-    """[3, 256] float32: ``Glm4vImageProcessorPil``'s rescale then normalise of each uint8 value
-    (``float32(float64(v) * (1/255))``, then ``(x - mean) / std`` in float32)."""
-    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None]
-    std = np.asarray(CLIP_STD, dtype=np.float32)[:, None]
-    return (x[None, :] - mean) / std
-
-
-def _video_table() -> np.ndarray:
-    """[3, 256] float32: the video processor's fused rescale+normalise of each uint8 value:
-    ``(float32(v) - mean*255) / (std*255)``, mean and std float32 tensors times ``1 / (1/255)``."""
-    x = torch.arange(256, dtype=torch.float32)[None, :]
-    mean = torch.tensor(CLIP_MEAN) * (1.0 / (1 / 255))
-    std = torch.tensor(CLIP_STD) * (1.0 / (1 / 255))
-    return ((x - mean[:, None]) / std[:, None]).numpy()
-
-
-IMAGE_TABLE = _image_table()
-VIDEO_TABLE = _video_table()
+_MEAN = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+_STD = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
+# The video processor's fused constants: float32 tensors times 1 / (1/255) (= 255.0).
+_MEAN_255 = (torch.tensor(CLIP_MEAN) * (1.0 / (1 / 255))).view(1, 3, 1, 1)
+_STD_255 = (torch.tensor(CLIP_STD) * (1.0 / (1 / 255))).view(1, 3, 1, 1)
 
 
 def normalize_patches(patches_u8: torch.Tensor, *, video: bool) -> torch.Tensor:
     """Float32 patches of uint8 ``[N, 3, p, p]`` patches, by the image or the video processor's
-    arithmetic (both elementwise per channel: looked up, bit for bit)."""
-    table = torch.from_numpy(VIDEO_TABLE if video else IMAGE_TABLE)
+    arithmetic, bit for bit (both elementwise per channel, so patch order does not matter).
+
+    Image: ``float32(float64(v) * (1/255))`` then ``(x - mean) / std`` in float32; the first step
+    equals ``float32(v) / 255`` for every uint8 ``v`` (checked on all 256). Video:
+    ``(float32(v) - mean*255) / (std*255)`` in float32.
+    """
     if patches_u8.dtype != torch.uint8 or patches_u8.dim() != 4 or patches_u8.shape[1] != 3:
         raise ValueError(f"expected uint8 [N, 3, p, p] patches, got {patches_u8.dtype} "
                          f"{tuple(patches_u8.shape)}")
-    idx = patches_u8.long() + torch.arange(3).view(1, 3, 1, 1) * 256
-    return table.reshape(-1)[idx]
+    x = patches_u8.to(torch.float32)
+    if video:
+        return x.sub_(_MEAN_255).div_(_STD_255)
+    return x.div_(255).sub_(_MEAN).div_(_STD)
 
 
 def hf_patch_rows(patches: torch.Tensor, grid_thw: Sequence[int]) -> torch.Tensor:
