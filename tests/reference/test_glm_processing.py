@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_vlm.data.image import unpatchify
+from megatron_vlm.data.image import ProcessedImage, unpatchify
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
 from megatron_vlm.data.media_errors import BadSampleError
 from megatron_vlm.families.glm import processing as glm
@@ -115,6 +115,25 @@ def test_image_and_video_patch_counts_equal_transformers():
         glm.num_video_patches(1, 100, 100)
 
 
+class _Bytes:
+    """A tiny byte-level tokenizer (ids 0..255 are the UTF-8 bytes)."""
+
+    vocab_size, eos_id, pad_id = 258, 256, 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+
+TOK = SpecialTokensTokenizer(_Bytes(), GLM_SPECIAL_TOKENS)
+
+
+def _our_text(groups: list) -> str:
+    """Our template's tokens of ``groups``, written back as text."""
+    doc = glm_tokenize(groups, TOK, glm_token_ids(TOK), markers_loss=True)
+    names = {i: t for t, i in TOK.special_tokens.items()}
+    return "".join(names[i] if i in names else chr(i) for i in doc.tokens.tolist())
+
+
 # ------------------------------------------------------------------------------------ images
 
 
@@ -196,6 +215,12 @@ def test_image_pixels_equal_processor(image_files):
         rows.append(glm.hf_patch_rows(patches, (2, *ours.grid_hw)))
     assert ref["image_grid_thw"].tolist() == [list(g) for g in grids]
     assert torch.equal(torch.cat(rows), ref["pixel_values"])
+    # The prompt: the processor puts h*w/4 <|image|> in place of the chat template's one.
+    processor = SimpleNamespace(image_processor=IMAGES, image_token="<|image|>")
+    for k, (_, h, w) in enumerate(grids):
+        ref_text = Glm4vProcessor.replace_image_token(processor, ref, k)
+        ours = _our_text([ProcessedImage(torch.empty(0), (2, h, w), (0, 0), (0, 0))])
+        assert ours == f"<|begin_of_image|>{ref_text}<|end_of_image|>"
     # Our patches are raster order (frame, row, col) of the image's two equal frames.
     first = 0
     for img, (_, h, w) in zip(pil, grids):
@@ -297,25 +322,6 @@ def _hf_video_rows(frames: np.ndarray, num_frames: int) -> tuple[torch.Tensor, l
     return rows[0], [t, gh, gw]
 
 
-class _Bytes:
-    """A tiny byte-level tokenizer (ids 0..255 are the UTF-8 bytes)."""
-
-    vocab_size, eos_id, pad_id = 258, 256, 257
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode())
-
-
-TOK = SpecialTokensTokenizer(_Bytes(), GLM_SPECIAL_TOKENS)
-
-
-def _our_video_text(items: list) -> str:
-    """Our template's tokens of one video, written back as text."""
-    doc = glm_tokenize([items], TOK, glm_token_ids(TOK), markers_loss=True)
-    names = {i: t for t, i in TOK.special_tokens.items()}
-    return "".join(names[i] if i in names else chr(i) for i in doc.tokens.tolist())
-
-
 def _hf_video_text(metadata, grid: list[int]) -> str:
     """What ``Glm4vProcessor`` puts in place of the chat template's ``<|video|>``."""
     processor = SimpleNamespace(image_token="<|image|>", video_processor=VIDEOS)
@@ -349,4 +355,4 @@ def test_clip_equals_processor(clip_files, name):
     assert torch.equal(raster, frames_from_hf_rows(ref_rows, ref_grid))
     # The chat template writes <|begin_of_video|><|video|><|end_of_video|>; the processor
     # replaces <|video|>.
-    assert _our_video_text(items) == f"<|begin_of_video|>{ref_text}<|end_of_video|>"
+    assert _our_text([items]) == f"<|begin_of_video|>{ref_text}<|end_of_video|>"
