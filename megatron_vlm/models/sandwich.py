@@ -87,7 +87,8 @@ def with_sandwich_norms(layer_spec: ModuleSpec, norm: ModuleSpec | type) -> Modu
     """``layer_spec`` (a megatron ``TransformerLayer`` spec) as a :class:`SandwichNormLayer`
     whose two output norms are ``norm`` (the spec's other norms' class: our SP-aware norm on the
     local backend, ``TENorm`` with Transformer Engine)."""
-    if not (isinstance(layer_spec.module, type) and issubclass(layer_spec.module, TransformerLayer)):
+    module = layer_spec.module
+    if not (isinstance(module, type) and issubclass(module, TransformerLayer)):
         raise ValueError(f"sandwich norms extend megatron's TransformerLayer, not "
                          f"{layer_spec.module!r}")
     fields = {f.name: getattr(layer_spec.submodules, f.name)

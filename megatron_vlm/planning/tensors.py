@@ -79,14 +79,15 @@ def _split(size: int, parts: int, what: str) -> int:
 
 
 def llm_layer_tensors(llm: LLMConfig, layer: int, prefix: str, dtype: str, tp: int, ep: int,
-                      etp: int, trainable: bool = True, local_index: int | None = None
-                      ) -> list[ParamTensor]:
+                      etp: int, trainable: bool = True, local_index: int | None = None,
+                      name: str | None = None) -> list[ParamTensor]:
     """Parameters of decoder layer ``layer`` (global index: dense or MoE) on one rank;
     megatron names it by its position in the chunk, ``local_index`` (default ``layer``).
-    ``prefix`` ends with a dot."""
+    ``prefix`` ends with a dot. ``name``: the layer's whole name prefix instead (an MTP layer's
+    ``mtp.layers.i.transformer_layer.``)."""
     h = llm.hidden_size
     nt = _split(llm.num_attention_heads, tp, "num_attention_heads")
-    p = f"{prefix}decoder.layers.{layer if local_index is None else local_index}."
+    p = name or f"{prefix}decoder.layers.{layer if local_index is None else local_index}."
     # megatron marks routed-expert weights allreduce=False only under expert parallelism
     # (moe/experts.py); at ep=1 they share the dense buffers and DP group.
     expert_parallel = ep > 1
@@ -100,6 +101,9 @@ def llm_layer_tensors(llm: LLMConfig, layer: int, prefix: str, dtype: str, tp: i
     else:
         out += _mla_tensors(llm, t, nt)
     out.append(t("pre_mlp_layernorm.weight", (h,), "fp32"))
+    if llm.sandwich_norms:  # models/sandwich.py (GLM-4.1V)
+        out += [t("post_self_attn_layernorm.weight", (h,), "fp32"),
+                t("post_mlp_layernorm.weight", (h,), "fp32")]
     if not llm.moe_layer_freq[layer]:
         f = _split(llm.ffn_hidden_size, tp, "ffn_hidden_size")
         return out + [t("mlp.linear_fc1.weight", (2 * f, h)), t("mlp.linear_fc2.weight", (h, f))]
@@ -213,6 +217,24 @@ def vision_tensors(vision: VisionConfig, projector: ProjectorConfig, dtype: str,
                   pj("mlp.linear_fc2.bias", (projector.output_size,))]
 
 
+def mtp_tensors(llm: LLMConfig, prefix: str, dtype: str, tp: int, ep: int, etp: int,
+                trainable: bool = True) -> list[ParamTensor]:
+    """The MTP layers on the last stage (megatron's ``mtp.layers.i``: ``enorm``, ``hnorm``,
+    the column-parallel ``eh_proj`` ``2h -> h``, one decoder layer of the last layer's kind,
+    ``final_layernorm``); they share the embedding and output head."""
+    h, out = llm.hidden_size, []
+    for i in range(llm.mtp_num_layers):
+        p = f"{prefix}mtp.layers.{i}."
+        out += [ParamTensor(p + "enorm.weight", (h,), "fp32", False, trainable),
+                ParamTensor(p + "hnorm.weight", (h,), "fp32", False, trainable),
+                ParamTensor(p + "eh_proj.weight", (_split(h, tp, "hidden_size"), 2 * h), dtype,
+                            False, trainable)]
+        out += llm_layer_tensors(llm, llm.num_layers - 1, prefix, dtype, tp, ep, etp, trainable,
+                                 name=p + "transformer_layer.")
+        out.append(ParamTensor(p + "final_layernorm.weight", (h,), "fp32", False, trainable))
+    return out
+
+
 def chunk_tensors(model: ModelConfig, layers: Sequence[int], *, first: bool, last: bool,
                   tp: int = 1, ep: int = 1, etp: int | None = None
                   ) -> list[ParamTensor]:
@@ -232,6 +254,7 @@ def chunk_tensors(model: ModelConfig, layers: Sequence[int], *, first: bool, las
     if last:
         out.append(ParamTensor(prefix + "decoder.final_layernorm.weight", (llm.hidden_size,),
                                "fp32", False, train_llm))
+        out += mtp_tensors(llm, prefix, dtype, tp, ep, etp, train_llm)
         if llm.untie_embeddings or not first:
             out.append(ParamTensor(prefix + "output_layer.weight", (vocab, llm.hidden_size),
                                    dtype, False, train_llm))

@@ -220,12 +220,14 @@ def test_glm45v_text_logits_equal_transformers(glm45):
     assert (hf_logits(hf, ids, DOC_A[0]) - expected).abs().max() > 1e3 * ATOL
 
 
-def test_glm45v_packed_documents_equal_transformers_per_document(glm45):
+@pytest.mark.parametrize("which", ["glm45", "glm41"])
+def test_packed_documents_equal_transformers_per_document(request, which):
     """Two documents in one THD sequence (11 tokens in a span of 12, 9 in 10), ``[3, S]`` ids:
-    each document's logits equal HF's on that document alone (MoE routing per token)."""
+    each document's logits equal HF's on that document alone (GLM-4.5V: MoE routing per token;
+    GLM-4.1V: interleaved pairs through megatron's THD RoPE)."""
     from qwen3_reference import packed_params
 
-    hf, ours = glm45
+    hf, ours = request.getfixturevalue(which)
     lengths, spans = [DOC_A.shape[1], DOC_B.shape[1]], [12, 10]
     ids = _tokens(sum(spans), seed=2)
     positions = torch.zeros(3, sum(spans), dtype=torch.long)
@@ -373,3 +375,66 @@ def test_mtp_flops_by_hand():
     delta = (llm_flops_per_token(glm45v_llm(mtp_num_layers=1), s)
              - llm_flops_per_token(glm45v_llm(), s))
     assert delta == pytest.approx(extra, rel=1e-12)
+
+
+@pytest.mark.parametrize("which", ["glm45v_mtp", "glm41v"])
+def test_planner_tensor_list_equals_built_model(megatron_groups, which):
+    """The memory planner's parameter list (``planning/tensors.py``: sandwich norms, the MTP
+    layer on the last stage) has the built model's names and shapes."""
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.config.model import ModelConfig
+    from megatron_vlm.models.llm import build_llm
+    from megatron_vlm.planning.tensors import chunk_tensors
+
+    llm = glm45v_llm(mtp_num_layers=1) if which == "glm45v_mtp" else glm41v_llm()
+    built = build_llm(llm, ParallelConfig())
+    listed = chunk_tensors(ModelConfig(llm=llm), range(llm.num_layers), first=True, last=True)
+    assert ({t.name: tuple(t.shape) for t in listed}
+            == {n: tuple(p.shape) for n, p in built.named_parameters()})
+
+
+class _FakeGroup:
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def test_partial_interleaved_rope_under_context_parallel():
+    """CP = 2 with GLM-4.1V's rotation (interleaved pairs over the first half of a 32-channel
+    head): megatron's THD RoPE on each rank's share (``parallel/context.py``'s split) rotates
+    every token by its own 3-axis angles and passes the unrotated half through, as the whole
+    sequence does."""
+    from megatron.core.models.common.embeddings.rope_utils import (
+        _apply_rotary_pos_emb_bshd,
+        _apply_rotary_pos_emb_thd,
+    )
+    from qwen3_reference import packed_params
+
+    from megatron_vlm.models.mrope import mrope_freqs, rope_inv_freq, thd_freqs_for_megatron
+    from megatron_vlm.parallel.context import context_parallel_layout
+
+    spans, lengths = [12, 8], [11, 8]
+    total = sum(spans)
+    params = packed_params(lengths, spans)
+    positions = torch.zeros(3, total, dtype=torch.long)
+    positions[:, :11] = DOC_A
+    positions[:, 12:20] = DOC_B[:, 1:] + 7
+    inv = rope_inv_freq(16, THETA)
+    whole = mrope_freqs(positions, inv, SECTION, style="interleaved")
+    for rank in range(2):
+        local = context_parallel_layout(params.cu_seqlens_q_padded, total, 2, rank).local_index
+        x = torch.randn(total // 2, 2, 32, generator=torch.Generator().manual_seed(rank))
+        expected = _apply_rotary_pos_emb_bshd(x[:, None], whole[local],
+                                              rotary_interleaved=True)[:, 0]
+        freqs = thd_freqs_for_megatron(
+            mrope_freqs(positions[:, local], inv, SECTION, style="interleaved"), params, 2, rank)
+        got = _apply_rotary_pos_emb_thd(x, params.cu_seqlens_q_padded, freqs,
+                                        rotary_interleaved=True, cp_group=_FakeGroup(2, rank))
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        assert torch.equal(got[..., 16:], x[..., 16:])  # the unrotated half
+        assert (got[..., :16] - x[..., :16]).abs().max() > 0.1
