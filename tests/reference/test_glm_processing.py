@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from megatron_vlm.data.image import ProcessedImage, unpatchify
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
 from megatron_vlm.data.media_errors import BadSampleError
+from megatron_vlm.data.mm_packing import pack_tokenized
+from megatron_vlm.data.templates import Text
 from megatron_vlm.families.glm import processing as glm
 from megatron_vlm.families.glm.media import (
     GLM_SPECIAL_TOKENS,
@@ -40,6 +42,7 @@ from megatron_vlm.families.glm.media import (
     glm_token_ids,
     glm_tokenize,
 )
+from megatron_vlm.families.glm.patch_layout import tower_inputs
 
 av = pytest.importorskip("av")
 from transformers.models.glm4v.image_processing_pil_glm4v import (  # noqa: E402
@@ -356,3 +359,29 @@ def test_clip_equals_processor(clip_files, name):
     # The chat template writes <|begin_of_video|><|video|><|end_of_video|>; the processor
     # replaces <|video|>.
     assert _our_text([items]) == f"<|begin_of_video|>{ref_text}<|end_of_video|>"
+
+
+def test_packed_batch_gives_the_tower_the_processors_pixel_values(image_files, clip_files):
+    """Two images and a video decoded by our media rules, packed (mm_packing), then
+    ``patch_layout.tower_inputs``: the processors' pixel_values of the images, then of the
+    video, and their grids with the video split per temporal patch (as the tower and
+    ``Glm4vModel.get_video_features`` split it)."""
+    rules, settings = GlmMediaRules(), SimpleNamespace(video_fps=2.0, video_backend="auto")
+    pictures = [image_files[0], image_files[4]]
+    images = [rules.decode(SimpleNamespace(type="image", data=p.read_bytes(), clip=None),
+                           settings)[0] for p in pictures]
+    clip = clip_files["320x240_ntsc"]
+    patches = rules.decode(SimpleNamespace(type="video", data=clip.read_bytes(), clip=None),
+                           settings)
+    doc = glm_tokenize([images[0], Text("and"), images[1], patches], TOK, glm_token_ids(TOK),
+                       markers_loss=True)
+    batch = pack_tokenized([doc], 1024, TOK.pad_id)
+    rows, grid = tower_inputs(batch.vision.pixel_values, batch.vision.grid_thw)
+
+    ref_images = IMAGES(images=[PIL.Image.open(p) for p in pictures], return_tensors="pt")
+    frames, metadata = read_video_pyav(str(clip), sample_indices_fn=VIDEOS.sample_frames)
+    ref_video, (t, h, w) = _hf_video_rows(frames, len(metadata.frames_indices))
+    assert torch.equal(rows, torch.cat([ref_images["pixel_values"], ref_video]))
+    assert grid.tolist() == ref_images["image_grid_thw"].tolist() + [[1, h, w]] * t
+    # the model's placeholders: h*w/4 per tower item, as Glm4vProcessor expands them
+    assert (grid.prod(dim=1) // 4).tolist() == [s.length for s in doc.placeholder_spans]

@@ -27,15 +27,14 @@ one temporal patch; the prompt writes ``str(int(ts))`` of its first frame's time
 
 **Layout.** Patches are ours, not HF's: ``[2*h*w, 3, 14, 14]`` per temporal patch, raster order
 (frame, row, col), grid ``(2, h, w)`` in frames (``data/contract.py``: ``t*h*w`` patches,
-``h*w/4`` LLM tokens). ``hf_patch_rows`` gives transformers' ``pixel_values`` rows
-(``[h*w, 3*2*14*14]``, block-major: 2x2 blocks of the merge in raster order, each block's 4
-patches in raster order, channels then frames in a row) for the references.
+``h*w/4`` LLM tokens). ``patch_layout.hf_patch_rows`` gives transformers' ``pixel_values`` rows
+(``[h*w, 3*2*14*14]``, block-major) and ``patch_layout.tower_inputs`` a packed batch's, for the
+tower and the references.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +43,7 @@ import torch
 
 from megatron_vlm.data.image import _to_rgb, frames_to_patches
 from megatron_vlm.data.media_errors import BadSampleError, SkipReason
+from megatron_vlm.families.glm.patch_layout import hf_patch_rows
 
 PATCH_SIZE = 14
 """ViT patch side in pixels."""
@@ -174,18 +174,6 @@ def normalize_patches(patches_u8: torch.Tensor, *, video: bool) -> torch.Tensor:
     if video:
         return x.sub_(_MEAN_255).div_(_STD_255)
     return x.div_(255).sub_(_MEAN).div_(_STD)
-
-
-def hf_patch_rows(patches: torch.Tensor, grid_thw: Sequence[int]) -> torch.Tensor:
-    """Our ``[t*h*w, C, p, p]`` raster patches (``t`` frames, even) as transformers'
-    ``pixel_values`` rows ``[t/2*h*w, C*2*p*p]`` (module docstring: block-major)."""
-    t, h, w = (int(v) for v in grid_thw)
-    m, tp = MERGE_SIZE, TEMPORAL_PATCH_SIZE
-    c, p = patches.shape[1], patches.shape[2]
-    x = patches.reshape(t // tp, tp, h // m, m, w // m, m, c, p, p)
-    # [T, tp, bh, mh, bw, mw, C, p, p] -> [T, bh, bw, mh, mw, C, tp, p, p]
-    x = x.permute(0, 2, 4, 3, 5, 6, 1, 7, 8)
-    return x.reshape(t // tp * h * w, c * tp * p * p)
 
 
 # ----------------------------------------------------------------------------------------- images
