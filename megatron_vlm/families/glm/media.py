@@ -16,9 +16,11 @@ What the multimodal loader does differently for GLM (``../shared/FAMILIES.md`` Â
   frames (an image's frame twice), ``[2*h*w, 3, 14, 14]`` patches in raster order
   (``data/contract.py``); the tower's Conv3d folds the 2 frames, so an item becomes ``h*w/4``
   tokens and one M-RoPE block (``positions.py``).
-* **Images.** ``processing.resize_image`` on the decoded RGB image (EXIF orientation applied and
-  transparency on white, as transformers' ``load_image`` and ``convert_to_rgb`` do): bounds
-  ``2*H*W`` in ``[112*112, 28*28*15000]`` px, PIL bicubic, CLIP mean/std.
+* **Images.** ``processing.resize_image`` on the decoded RGB image (``data.image.decode_image``:
+  EXIF orientation applied as transformers' ``load_image`` does, transparency composited on white
+  as the processor's ``convert_to_rgb`` does a PIL image handed to it; ``load_image`` itself, for
+  paths and URLs, drops alpha instead): bounds ``2*H*W`` in ``[112*112, 28*28*15000]`` px, PIL
+  bicubic, CLIP mean/std.
 * **Videos.** ``processing.sample_frames`` at ``data.multimodal.video_fps`` (GLM: 2) over the
   clip (or its ``clip`` span), frame count and rate as transformers' PyAV reader takes them
   (``stream.frames``, ``average_rate``; duration ``n / fps``); every frame sized by
