@@ -22,7 +22,7 @@ from megatron_vlm.config.data_mm import MultimodalDataConfig, SlowFastConfig
 from megatron_vlm.data.chat_turns import chat_segments
 from megatron_vlm.data.image import unpatchify
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
-from megatron_vlm.data.media_rules import token_ids_config
+from megatron_vlm.data.media_rules import MediaRules, MediaTokens, token_ids_config
 from megatron_vlm.data.mm_encode import EncodeSettings, decode_document, plan_document
 from megatron_vlm.data.mm_packing import pack_tokenized
 from megatron_vlm.data.mrope_positions import VisionBlock
@@ -232,5 +232,6 @@ def test_rules_pickle_map_the_config_and_refuse_a_tokenizer_without_glm_tokens()
         "image": IMG, "video": VID, "media_begin": BOI, "media_content": None,
         "media_end": EOI}
     assert rules.media_ids(TOK).placeholder_ids == {IMG}
+    assert isinstance(rules, MediaRules) and isinstance(rules.media_ids(TOK), MediaTokens)
     with pytest.raises(MissingSpecialTokenError, match="begin_of_image"):
         rules.media_ids(SpecialTokensTokenizer(_Bytes()))  # Kimi's tokens only
