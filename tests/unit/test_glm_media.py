@@ -18,18 +18,22 @@ import PIL.Image
 import pytest
 import torch
 
-from megatron_vlm.config.data_mm import MultimodalDataConfig, SlowFastConfig
+from megatron_vlm.config.data_mm import MultimodalDataConfig, SlowFastConfig, StageMix
 from megatron_vlm.data.chat_turns import chat_segments
+from megatron_vlm.data.corpus import bundled_corpus_dir
 from megatron_vlm.data.image import unpatchify
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
 from megatron_vlm.data.media_rules import MediaRules, MediaTokens, token_ids_config
+from megatron_vlm.data.mm_corpus import bundled_mm_corpus
 from megatron_vlm.data.mm_encode import EncodeSettings, decode_document, plan_document
+from megatron_vlm.data.mm_loader import MultimodalLoader
 from megatron_vlm.data.mm_packing import pack_tokenized
 from megatron_vlm.data.mrope_positions import VisionBlock
 from megatron_vlm.data.shards import FORMAT
-from megatron_vlm.data.tokenizer import MissingSpecialTokenError
+from megatron_vlm.data.tokenizer import MissingSpecialTokenError, get_or_train_tokenizer
 from megatron_vlm.families.glm import processing as glm
 from megatron_vlm.families.glm.media import GLM_SPECIAL_TOKENS, GlmMediaRules, glm_media_rules
+from megatron_vlm.families.glm.patch_layout import tower_inputs
 from megatron_vlm.families.glm.positions import glm_position_ids
 from tests.fixtures.formats import image_bytes
 
@@ -235,3 +239,43 @@ def test_rules_pickle_map_the_config_and_refuse_a_tokenizer_without_glm_tokens()
     assert isinstance(rules, MediaRules) and isinstance(rules.media_ids(TOK), MediaTokens)
     with pytest.raises(MissingSpecialTokenError, match="begin_of_image"):
         rules.media_ids(SpecialTokensTokenizer(_Bytes()))  # Kimi's tokens only
+
+
+def test_loader_packs_match_the_glm_tokens_per_item(tmp_path_factory):
+    """The energon loader on the bundled corpus with GLM's rules: every item's h*w/4
+    <|image|> placeholders sit between <|begin_of_image|> and <|end_of_image|>, a video's inside
+    its wrappers, the patches fill the micro-batch's vision inputs, M-RoPE ids per pack."""
+    sizes = {"image_caption": (12, 2), "video": (8, 2), "text": (20, 2)}
+    corpus = bundled_mm_corpus(tmp_path_factory.mktemp("cache"), sizes, seed=3,
+                               samples_per_shard=20)
+    spm = get_or_train_tokenizer(bundled_corpus_dir(), tmp_path_factory.mktemp("spm"), 1024,
+                                 1234)
+    tok = SpecialTokensTokenizer(spm, GLM_SPECIAL_TOKENS)
+    boi, eoi, bov, eov, img, _ = (tok.special_tokens[t] for t in GLM_SPECIAL_TOKENS)
+    cfg = MultimodalDataConfig(
+        root=str(corpus), num_workers=0, shuffle_buffer_size=8, packing_buffer_size=16,
+        max_patches_per_micro_batch=4096, image_max_patches=256, video_fps=1.0,
+        mixes={"all": StageMix(weights={n: 1 for n in sizes}, unit="samples")}, stage="all")
+    with MultimodalLoader(cfg, tok, seq_length=512, global_batch_size=2, dp_rank=0, dp_size=1,
+                          seed=1, pad_to_multiple=4, media_rules=glm_media_rules(cfg)) as loader:
+        batches = loader.next_global_batch() + loader.next_global_batch()
+    patches = images = 0
+    for batch in batches:
+        tokens = batch.tokens[0]
+        assert batch.mrope_position_ids.shape == (3, 512)
+        v = batch.vision
+        if v is None:
+            continue
+        _, grid = tower_inputs(v.pixel_values, v.grid_thw)
+        counts = (grid.prod(dim=1) // 4).tolist()
+        assert bool((v.grid_thw[:, 0] == 2).all()) and int((tokens == img).sum()) == sum(counts)
+        for start, count, is_video in zip(v.placeholder_starts.tolist(), counts,
+                                          v.is_video.tolist()):
+            assert int(tokens[start - 1]) == boi and int(tokens[start + count]) == eoi
+            assert bool((tokens[start : start + count] == img).all())
+            inside = int((tokens[:start] == bov).sum()) - int((tokens[:start] == eov).sum())
+            assert inside == int(is_video)
+            patches += is_video
+            images += not is_video
+        assert int(v.cu_seqlens[-1]) == v.pixel_values.shape[0] <= 4096
+    assert patches > 0 and images > 0
