@@ -167,6 +167,19 @@ def test_a_container_without_frame_counts_gives_the_same_document():
     assert torch.equal(decoded.items[2].pixel_values, glm.resize_video_frames(source, (56, 56)))
 
 
+def test_a_clip_span_is_sampled_inside_the_span(video):
+    """Span [0.5, 1.75) s of the 6-frame 4 fps clip: source frames 2..5, 1.0 s: floor(2.0) = 2
+    frames at 2 + ceil(i * 4 / 2) = 2, 4 (indices of the source), one temporal patch at 0.5 s;
+    2 frames of 64x48 are below the 112*112 floor like the image: 84 x 112 px."""
+    planned, _ = SETTINGS.rules.plan_video(video, SETTINGS, (0.5, 1.75))
+    (item,) = SETTINGS.rules.decode(
+        type("M", (), {"type": "video", "data": video, "clip": (0.5, 1.75)})(), SETTINGS)
+    assert [(p.grid_thw, p.frame_timestamps) for p in planned] == [((2, 6, 8), (0.5, 1.0))]
+    assert item.frame_timestamps == (0.5, 1.0)
+    source = _source_frames(video, [2, 4])
+    assert torch.equal(item.pixel_values, glm.resize_video_frames(source, (84, 112)))
+
+
 def test_packed_mrope_ids_are_glm_position_ids_of_each_document(video):
     record, members = _document(video)
     ids = SETTINGS.rules.media_ids(TOK)
