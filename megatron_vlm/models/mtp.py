@@ -7,26 +7,52 @@ MTP losses (labels rolled one token further per layer) are scaled by
 states' gradient by ``MTPLossAutoScaler``, so the returned per-token LM loss is the main
 model's alone.
 
-One gap: with MTP on, ``_postprocess`` calls ``labels.clone()`` unconditionally
-(``models/gpt/gpt_model.py:612``), so a forward without labels -- logits for evaluation, probes
-or a comparison with transformers -- fails. Without labels the MTP layers have nothing to
-predict; :class:`MtpLogitsMixin` skips them and returns the main model's logits, exactly what
-megatron computes for them when labels are given.
+Two gaps, closed by :class:`MtpLogitsMixin`:
+
+* With MTP on, ``_postprocess`` calls ``labels.clone()`` unconditionally
+  (``models/gpt/gpt_model.py:612``), so a forward without labels -- logits for evaluation,
+  probes or a comparison with transformers -- fails. Without labels the MTP layers have nothing
+  to predict: they are skipped and the main model's logits returned, exactly what megatron
+  computes for them when labels are given.
+* megatron's packed-sequence roll (``multi_token_prediction.py::_roll_tensor_packed_seq``: the
+  MTP inputs, labels and loss mask shifted one token left within each document) indexes the
+  packed tensor with ``cu_seqlens_q``. Ours are the real lengths' cumulative sums (TE's THD
+  convention), the documents' places in the sequence are ``cu_seqlens_q_padded``: with padding
+  the roll would cut documents at the wrong tokens (and under CP it divides those boundaries by
+  ``cp``, assuming spans padded to ``2 cp``). The MTP part is therefore given the padded
+  boundaries as its documents: rolls then stay inside each padded span, and a real token's last
+  neighbour is its document's padding (its label masked); real tokens' attention is unchanged
+  (causal: padding comes after them in their span).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_vlm.models.mrope import MRopeGPTModel
 
 
+def padded_documents(params: PackedSeqParams | None) -> PackedSeqParams | None:
+    """THD ``params`` whose documents are the padded spans (``cu_seqlens_*_padded``); others
+    unchanged (see the module docstring)."""
+    if params is None or params.qkv_format != "thd" or params.cu_seqlens_q_padded is None:
+        return params
+    return dataclasses.replace(params, cu_seqlens_q=params.cu_seqlens_q_padded,
+                               cu_seqlens_kv=params.cu_seqlens_kv_padded)
+
+
 class MtpLogitsMixin:
-    """``_postprocess`` without labels: the main model's logits ``[b, s, vocab]``, MTP skipped
-    (module docstring); with labels, megatron's own (LM loss, MTP losses on the gradient)."""
+    """``_postprocess`` without labels: the main model's logits ``[b, s, vocab]``, MTP skipped;
+    with labels, megatron's own (LM loss, MTP losses on the gradient) with the padded document
+    boundaries for the MTP part (module docstring)."""
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs):
         if labels is not None or not self.config.mtp_num_layers:
+            if self.config.mtp_num_layers:
+                kwargs["packed_seq_params"] = padded_documents(kwargs.get("packed_seq_params"))
             return super()._postprocess(hidden_states=hidden_states, input_ids=input_ids,
                                         position_ids=position_ids, labels=labels, **kwargs)
         if kwargs.get("inference_context") is not None:

@@ -85,6 +85,8 @@ def model_inputs(batch: PackedBatch, device: torch.device, model) -> dict:
         "position_ids": positions.to(device) if vlm else local(positions),
         "attention_mask": None,
         "labels": local(batch.labels),
+        # read only by megatron's MTP layers (their losses skip masked and padded positions)
+        "loss_mask": local(batch.loss_mask),
         "packed_seq_params": params,
         "padding_mask": padding_mask,
     }

@@ -438,3 +438,41 @@ def test_partial_interleaved_rope_under_context_parallel():
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
         assert torch.equal(got[..., 16:], x[..., 16:])  # the unrotated half
         assert (got[..., :16] - x[..., :16]).abs().max() > 0.1
+
+
+def test_mtp_packed_documents_equal_each_document_alone(glm45):
+    """MTP trained (weight 0.3) on two documents packed with padding (THD): every gradient,
+    the MTP layer's included, equals the sum over each document run alone (sbhd): megatron's
+    MTP roll stays inside each document (``models/mtp.py`` gives it the padded boundaries) and
+    the loss mask keeps padding out of the MTP loss."""
+    from qwen3_reference import packed_params
+
+    hf, _ = glm45
+    extra = _mtp_release_tensors(hf, GLM45_TEXT["num_hidden_layers"], seed=8)
+    ours = build_ours(glm45v_llm(mtp_num_layers=1, mtp_loss_weight=0.3), hf, moe=True,
+                      sandwich=False, fused_gate_up=False, extra=extra)
+    lengths, spans = [DOC_A.shape[1], DOC_B.shape[1]], [12, 10]
+    ids, labels = _tokens(sum(spans), seed=9), _tokens(sum(spans), seed=10)
+    positions = torch.zeros(3, sum(spans), dtype=torch.long)
+    mask = torch.zeros(1, sum(spans))
+    starts = [0, spans[0]]
+    for start, doc in zip(starts, (DOC_A, DOC_B)):
+        positions[:, start:start + doc.shape[1]] = doc
+        mask[:, start:start + doc.shape[1]] = 1.0
+
+    def grads_of(*args, **kwargs):
+        ours.zero_grad(set_to_none=True)
+        loss = ours(*args, **kwargs)
+        (loss * kwargs["loss_mask"]).sum().backward()
+        return {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    packed = grads_of(ids, positions, None, labels=labels, loss_mask=mask,
+                      packed_seq_params=packed_params(lengths, spans))
+    alone = [grads_of(ids[:, s:s + doc.shape[1]], doc, None,
+                      labels=labels[:, s:s + doc.shape[1]],
+                      loss_mask=torch.ones(1, doc.shape[1]))
+             for s, doc in zip(starts, (DOC_A, DOC_B))]
+    assert packed["mtp.layers.0.eh_proj.weight"].abs().max() > 1e-3
+    for name, grad in packed.items():  # fp32 summation order: within 1e-5 of the largest
+        expected = alone[0][name] + alone[1][name]
+        assert (grad - expected).abs().max() <= 1e-5 * expected.abs().max(), name
