@@ -20,6 +20,7 @@ import os
 FAMILY_MODULES: dict[str, str] = {
     "kimi": "megatron_vlm.families.kimi",
     "keye": "megatron_vlm.families.keye",
+    "glm": "megatron_vlm.families.glm",
 }
 """Family name -> its package. Kimi K2.5 / Kimi-VL is the default family."""
 

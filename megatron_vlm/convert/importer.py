@@ -58,6 +58,8 @@ def context_for(model: ModelConfig, rope_interleave: bool = True) -> ConvertCont
 
 
 def table_for(family: Family, model: ModelConfig, ctx: ConvertContext) -> Table:
+    if family.model_rules is not None:
+        return Table(family.model_rules(model), ctx)
     return Table(family.rules(q_lora=model.llm.q_lora_rank is not None,
                               tied=not model.llm.untie_embeddings), ctx)
 

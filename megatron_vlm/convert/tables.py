@@ -217,6 +217,10 @@ class Family:
     carried_defaults: Callable[[Any], dict[str, tuple[int, ...]]] | None = None
     """``model -> {HF key: shape}``: carried keys an export must write even when the
     checkpoint has no carried copy (a model trained here): written as zeros."""
+    model_rules: Callable[[Any], list[Rule]] | None = None
+    """``model -> rules``, for a table that depends on more of ``ModelConfig`` than ``q_lora``
+    and ``tied`` (GLM: MoE or dense layers, sandwich norms, MTP layers after the last layer);
+    :func:`~megatron_vlm.convert.importer.table_for` prefers it to :meth:`rules`."""
 
     def rules(self, q_lora: bool, tied: bool) -> list[Rule]:
         if self.build_rules is not None:
