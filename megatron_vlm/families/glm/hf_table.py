@@ -1,4 +1,4 @@
-"""GLM-4.5V / GLM-4.1V HF name-mapping table (``convert_hf.py import/export``, ``convert/rules.py``).
+"""GLM-4.5V / GLM-4.1V HF name-mapping table (``convert_hf.py``, ``convert/rules.py``).
 
 HF names are transformers 5.25's modules (``Glm4vMoeForConditionalGeneration`` /
 ``Glm4vForConditionalGeneration``: ``model.language_model.*`` the text model, ``model.visual.*``
