@@ -23,6 +23,13 @@ Two gaps, closed by :class:`MtpLogitsMixin`:
   boundaries as its documents: rolls then stay inside each padded span, and a real token's last
   neighbour is its document's padding (its label masked); real tokens' attention is unchanged
   (causal: padding comes after them in their span).
+* The MTP layers embed the (rolled) ``input_ids`` themselves, on this rank's tokens. A VLM hands
+  its LLM the whole sequence's ids (it splits the merged embeddings over CP itself,
+  ``models/vlm.py``), so under context parallelism the ids and position ids are cut to this CP
+  rank's tokens (``parallel/context.py``'s split, as megatron's CP roll expects) for the MTP part.
+  The MTP input at a media placeholder is the placeholder token's embedding (the merged vision
+  features are the decoder's input only); the loss mask keeps predicting placeholders out of the
+  loss, as for the main head.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import dataclasses
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_vlm.models.attention import cp_layout_for
 from megatron_vlm.models.mrope import MRopeGPTModel
 
 
@@ -52,7 +60,10 @@ class MtpLogitsMixin:
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs):
         if labels is not None or not self.config.mtp_num_layers:
             if self.config.mtp_num_layers:
-                kwargs["packed_seq_params"] = padded_documents(kwargs.get("packed_seq_params"))
+                params = kwargs.get("packed_seq_params")
+                input_ids = self._cp_local(input_ids, params)
+                position_ids = self._cp_local(position_ids, params)
+                kwargs["packed_seq_params"] = padded_documents(params)
             return super()._postprocess(hidden_states=hidden_states, input_ids=input_ids,
                                         position_ids=position_ids, labels=labels, **kwargs)
         if kwargs.get("inference_context") is not None:
@@ -64,6 +75,18 @@ class MtpLogitsMixin:
         logits, _ = self.output_layer(hidden_states, weight=weight,
                                       runtime_gather_output=kwargs.get("runtime_gather_output"))
         return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v], as megatron
+
+    def _cp_local(self, x, params: PackedSeqParams | None):
+        """Whole-sequence ids ``[..., S]`` -> this CP rank's ``[..., S / cp]`` (ids already
+        local, e.g. a text-only model's from ``training/step.py``, pass unchanged)."""
+        cp = self.config.context_parallel_size
+        if cp == 1 or x is None or params is None or params.qkv_format != "thd":
+            return x
+        total = int(params.cu_seqlens_q_padded[-1])
+        if x.shape[-1] != total:
+            return x
+        layout = cp_layout_for(params, total, cp, self.pg_collection.cp.rank(), x.device)
+        return x.index_select(x.dim() - 1, layout.local_index.to(x.device))
 
 
 class MtpGPTModel(MtpLogitsMixin, GPTModel):

@@ -4,7 +4,9 @@ text only, on an identical padded packed batch with 3-axis M-RoPE ids that diffe
 Two tiny LLMs (fp32, dropout 0, AdamW): ``glm45`` -- GQA with q/k/v bias, partial rotary 0.5,
 NeoX M-RoPE, a dense first layer then sigmoid-routed MoE with expert bias and a shared expert, and
 one MTP layer trained with loss weight 0.3 (so the MTP path carries gradient); ``glm41`` -- dense,
-sandwich norms, interleaved M-RoPE. Two micro-batches of :data:`SEQ` tokens, documents padded to
+sandwich norms, interleaved M-RoPE; and ``vlm_mtp``, the tiny Kimi VLM (``tiny_vlm_cpu``, 2 LLM
+layers) with one MTP layer at weight 0.3 on ``vlm_cases``' media batches (its LLM receives the
+whole sequence's ids under CP). Two micro-batches of :data:`SEQ` tokens, documents padded to
 :data:`PAD_TO` (= 2*cp*tp); each document is text, an ``h x w`` block with GLM's ids (t = s,
 h = s + row, w = s + col, the next text at s + max(h, w)) and text.
 
@@ -27,6 +29,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vlm_cases  # noqa: E402
 from vlm_cases import save_results, whole  # noqa: E402
 from vlm_worker import log  # noqa: E402
 
@@ -63,7 +66,13 @@ CASES = {
     ("glm45", "cp2"): ["parallel.cp=2"],  # M-RoPE and the MTP roll on CP shares
     ("glm41", "tp2_sp"): TP2,
     ("glm41", "cp2"): ["parallel.cp=2"],
+    # the tiny Kimi VLM with an MTP layer: its LLM gets the whole sequence's ids under CP
+    ("vlm_mtp", "cp2"): ["parallel.cp=2"],
 }
+VLM_COMMON = ["model.llm.num_layers=2", f"model.llm.vocab_size={vlm_cases.VOCAB}",
+              f"data.seq_length={vlm_cases.SEQ}", f"data.pad_to_multiple={vlm_cases.PAD_TO}",
+              "data.global_batch_size=4", "model.llm.mtp_num_layers=1",
+              "model.llm.mtp_loss_weight=0.3"]
 
 
 def glm45_llm() -> LLMConfig:
@@ -88,6 +97,7 @@ def glm41_llm() -> LLMConfig:
 
 
 LLMS = {"glm45": glm45_llm, "glm41": glm41_llm}
+MODELS = [*LLMS, "vlm_mtp"]
 
 
 def glm_ids(before: int, block: tuple[int, int], after: int) -> np.ndarray:
@@ -117,14 +127,20 @@ def make_batch(docs: list, seed: int) -> PackedBatch:
     return batch
 
 
-def all_batches() -> list[PackedBatch]:
+def all_batches(model: str) -> list[PackedBatch]:
+    if model == "vlm_mtp":
+        return vlm_cases.all_batches()
     return [make_batch(docs, seed=300 + i) for i, docs in enumerate(MICRO_BATCHES)]
 
 
 def setup(model: str, overrides: list[str], out: Path):
-    job = get_recipe("tiny_text_cpu")
-    job = dataclasses.replace(job, model=dataclasses.replace(job.model, llm=LLMS[model]()))
-    job = apply_overrides(job, [*COMMON, f"train.output_dir={out / model}", *overrides])
+    if model == "vlm_mtp":
+        job = apply_overrides(get_recipe("tiny_vlm_cpu"), [
+            *COMMON, *VLM_COMMON, f"train.output_dir={out / model}", *overrides])
+    else:
+        job = get_recipe("tiny_text_cpu")
+        job = dataclasses.replace(job, model=dataclasses.replace(job.model, llm=LLMS[model]()))
+        job = apply_overrides(job, [*COMMON, f"train.output_dir={out / model}", *overrides])
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     init_distributed(job.parallel, job.train.seed)
@@ -141,7 +157,8 @@ def _swiglu_whole(grads: dict[str, torch.Tensor], tp: int) -> dict[str, torch.Te
         return grads
     out = {}
     for name, t in grads.items():
-        if name.endswith("linear_fc1.weight") and ".local_experts." not in name:
+        if (name.endswith("linear_fc1.weight") and ".local_experts." not in name
+                and not name.startswith("language_model.")):  # the VLM's: done by whole()
             parts = t.chunk(2 * tp, dim=0)  # [g0; u0; g1; u1; ...]
             t = torch.cat(parts[0::2] + parts[1::2])
         out[name] = t
@@ -152,7 +169,7 @@ def step(chunks, optimizer, scheduler, batches, probe=None):
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
-    total = run_forward_backward(chunks, batches, SEQ, forward_only=False)
+    total = run_forward_backward(chunks, batches, batches[0].seq_length, forward_only=False)
     extra = probe() if probe is not None else None
     _, grad_norm, _ = optimizer.step()
     scheduler.step(increment=1)
@@ -163,7 +180,7 @@ def run_case(model: str, overrides: list[str], out: Path) -> dict:
     job, chunks, optimizer, scheduler = setup(model, overrides, out)
     load_checkpoint(out / model / "init" / "step_0000000", chunks, None, None,
                     load_optimizer=False)
-    batches = all_batches()
+    batches = all_batches(model)
     tp = job.parallel.tp
     params0 = _swiglu_whole(whole(chunks, "param"), tp)
     loss, norm, grads = step(chunks, optimizer, scheduler, batches,
@@ -181,7 +198,7 @@ def references(out: Path) -> dict:
              if k in os.environ}
     try:
         results = {}
-        for model in LLMS:
+        for model in MODELS:
             job, chunks, _, _ = setup(model, [], out)
             save_checkpoint(out / model / "init", 0, chunks, None, None, {}, job.to_yaml())
             results[f"{model}/ref"] = run_case(model, [], out)
