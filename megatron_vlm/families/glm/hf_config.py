@@ -94,8 +94,9 @@ def _moe_fields(text: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def llm_from_hf(text: dict[str, Any], moe: bool) -> LLMConfig:
-    """Our GQA LLM from a GLM ``text_config`` (``moe``: GLM-4.5V's, else GLM-4.1V's)."""
+def llm_from_hf(text: dict[str, Any], moe: bool, tied: bool = False) -> LLMConfig:
+    """Our GQA LLM from a GLM ``text_config`` (``moe``: GLM-4.5V's, else GLM-4.1V's; ``tied``:
+    the top-level ``tie_word_embeddings``, which a ``text_config`` one also sets)."""
     _require(text.get("hidden_act", "silu") == "silu",
              f"text_config.hidden_act={text.get('hidden_act')!r}: GLM's MLPs are SwiGLU (silu)")
     _require(not text.get("use_qk_norm", False), "text_config.use_qk_norm=true (GLM-4.5's "
@@ -118,7 +119,7 @@ def llm_from_hf(text: dict[str, Any], moe: bool) -> LLMConfig:
         mrope_style="neox" if moe else "interleaved", rotary_fraction=fraction,
         sandwich_norms=not moe, norm_epsilon=float(text.get("rms_norm_eps", 1e-5)),
         init_method_std=float(text.get("initializer_range", 0.02)),
-        untie_embeddings=not text.get("tie_word_embeddings", False),
+        untie_embeddings=not (tied or text.get("tie_word_embeddings", False)),
         attention_dropout=float(text.get("attention_dropout", 0.0)),
         max_position_embeddings=int(text.get("max_position_embeddings", 65536 if moe else 32768)),
         **fields)
@@ -160,7 +161,6 @@ def llm_to_hf(llm: LLMConfig) -> dict[str, Any]:
         "max_position_embeddings": llm.max_position_embeddings,
         "initializer_range": llm.init_method_std, "rms_norm_eps": llm.norm_epsilon,
         "rope_parameters": rope, "attention_dropout": llm.attention_dropout,
-        "tie_word_embeddings": not llm.untie_embeddings,
     }
     if moe:
         out.update({
@@ -197,7 +197,8 @@ def model_from_hf(cfg: dict[str, Any], params_dtype: str = "fp32") -> tuple[Mode
                                                                      dict),
              "a GLM config.json has text_config and vision_config sections")
     text = cfg["text_config"]
-    llm = llm_from_hf(text, moe=archs[0] == MOE_ARCHITECTURE)
+    llm = llm_from_hf(text, moe=archs[0] == MOE_ARCHITECTURE,
+                      tied=bool(cfg.get("tie_word_embeddings", False)))
     vision, projector = vision_from_hf(cfg["vision_config"])
     _require(projector.output_size == llm.hidden_size,
              f"vision_config.out_hidden_size={projector.output_size} != text_config.hidden_size="
