@@ -30,11 +30,17 @@ Two gaps, closed by :class:`MtpLogitsMixin`:
   The MTP input at a media placeholder is the placeholder token's embedding (the merged vision
   features are the decoder's input only); the loss mask keeps predicting placeholders out of the
   loss, as for the main head.
+* Likewise a VLM builds its LLM with ``scatter_embedding_sequence_parallel=False`` (it scatters
+  the merged embeddings over sequence parallelism itself), while the MTP layers embed with that
+  same ``embedding`` module: for the MTP part its output is scattered to this rank's sequence
+  slice, as the hidden states it is joined with.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -64,8 +70,9 @@ class MtpLogitsMixin:
                 input_ids = self._cp_local(input_ids, params)
                 position_ids = self._cp_local(position_ids, params)
                 kwargs["packed_seq_params"] = padded_documents(params)
-            return super()._postprocess(hidden_states=hidden_states, input_ids=input_ids,
-                                        position_ids=position_ids, labels=labels, **kwargs)
+            with self._mtp_embedding_scattered():
+                return super()._postprocess(hidden_states=hidden_states, input_ids=input_ids,
+                                            position_ids=position_ids, labels=labels, **kwargs)
         if kwargs.get("inference_context") is not None:
             raise NotImplementedError("inference (KV cache) with MTP layers is not implemented")
         if not self.post_process:
@@ -75,6 +82,21 @@ class MtpLogitsMixin:
         logits, _ = self.output_layer(hidden_states, weight=weight,
                                       runtime_gather_output=kwargs.get("runtime_gather_output"))
         return logits.transpose(0, 1).contiguous()  # [s, b, v] -> [b, s, v], as megatron
+
+    @contextlib.contextmanager
+    def _mtp_embedding_scattered(self) -> Iterator[None]:
+        """While the MTP layers run: the embedding scatters its output over sequence parallelism
+        (module docstring; only the MTP layers embed inside ``_postprocess``)."""
+        embedding = getattr(self, "embedding", None)
+        if (embedding is None or not self.config.mtp_num_layers
+                or not self.config.sequence_parallel or embedding.scatter_to_sequence_parallel):
+            yield
+            return
+        embedding.scatter_to_sequence_parallel = True
+        try:
+            yield
+        finally:
+            embedding.scatter_to_sequence_parallel = False
 
     def _cp_local(self, x, params: PackedSeqParams | None):
         """Whole-sequence ids ``[..., S]`` -> this CP rank's ``[..., S / cp]`` (ids already

@@ -68,6 +68,7 @@ CASES = {
     ("glm41", "cp2"): ["parallel.cp=2"],
     # the tiny Kimi VLM with an MTP layer: its LLM gets the whole sequence's ids under CP
     ("vlm_mtp", "cp2"): ["parallel.cp=2"],
+    ("vlm_mtp", "tp2_sp"): TP2,  # ... and scatters its merged embeddings over SP itself
 }
 VLM_COMMON = ["model.llm.num_layers=2", f"model.llm.vocab_size={vlm_cases.VOCAB}",
               f"data.seq_length={vlm_cases.SEQ}", f"data.pad_to_multiple={vlm_cases.PAD_TO}",
@@ -150,15 +151,14 @@ def setup(model: str, overrides: list[str], out: Path):
     return job, chunks, optimizer, build_scheduler(job.optim, optimizer, job.train.steps)
 
 
-def _swiglu_whole(grads: dict[str, torch.Tensor], tp: int) -> dict[str, torch.Tensor]:
+def _swiglu_whole(grads: dict[str, torch.Tensor], tp: int, model: str) -> dict[str, torch.Tensor]:
     """``vlm_cases.whole`` regroups TP-gathered SwiGLU ``linear_fc1`` (``[gate_r; up_r]`` per
-    rank) only under the VLM's ``language_model.`` prefix: do it for the bare LLM's names."""
-    if tp == 1:
+    rank) only under the VLM's ``language_model.`` prefix: do it for the bare LLMs' names."""
+    if tp == 1 or model == "vlm_mtp":
         return grads
     out = {}
     for name, t in grads.items():
-        if (name.endswith("linear_fc1.weight") and ".local_experts." not in name
-                and not name.startswith("language_model.")):  # the VLM's: done by whole()
+        if name.endswith("linear_fc1.weight") and ".local_experts." not in name:
             parts = t.chunk(2 * tp, dim=0)  # [g0; u0; g1; u1; ...]
             t = torch.cat(parts[0::2] + parts[1::2])
         out[name] = t
@@ -182,12 +182,12 @@ def run_case(model: str, overrides: list[str], out: Path) -> dict:
                     load_optimizer=False)
     batches = all_batches(model)
     tp = job.parallel.tp
-    params0 = _swiglu_whole(whole(chunks, "param"), tp)
+    params0 = _swiglu_whole(whole(chunks, "param"), tp, model)
     loss, norm, grads = step(chunks, optimizer, scheduler, batches,
-                             probe=lambda: _swiglu_whole(whole(chunks, "grad"), tp))
+                             probe=lambda: _swiglu_whole(whole(chunks, "grad"), tp, model))
     norms = [norm] + [step(chunks, optimizer, scheduler, batches)[1] for _ in range(STEPS - 1)]
     return {"loss": loss, "grad_norms": norms, "grads": grads, "params0": params0,
-            "params_end": _swiglu_whole(whole(chunks, "param"), tp)}
+            "params_end": _swiglu_whole(whole(chunks, "param"), tp, model)}
 
 
 def references(out: Path) -> dict:

@@ -6,9 +6,11 @@ sigmoid-routed MoE with expert bias and a shared expert, one MTP layer trained a
 embedding there) and CP=2 (M-RoPE ids and the MTP roll on CP shares); GLM-4.1V-style LLM (dense,
 sandwich norms, interleaved M-RoPE) in TP=2 + SP and CP=2. Two packed micro-batches of 64 tokens,
 documents padded to 8, 3-axis ids that differ per axis (an image-like block in every document).
-And the tiny Kimi VLM with an MTP layer (weight 0.3) in CP=2 on the VLM layout tests' media
-batches: the VLM hands its LLM the whole sequence's ids, which the MTP layer must cut to its CP
-share (``models/mtp.py``; without that the CP=2 run fails on a 128 vs 64 token concatenation).
+And the tiny Kimi VLM with an MTP layer (weight 0.3) in CP=2 and TP=2 + SP on the VLM layout
+tests' media batches: the VLM hands its LLM the whole sequence's ids and scatters the merged
+embeddings over SP itself, so the MTP layers must cut the ids to their CP share and scatter their
+own embeddings (``models/mtp.py``; without either, the run fails on a 128 vs 64 token
+concatenation).
 
 Checked per layout: loss, every gradient (MTP layer included; every one non-zero in the
 reference) and the grad norms of two AdamW steps, and the parameters after them. Tolerances as
@@ -33,7 +35,7 @@ from vlm_runs import run_worker
 
 HERE = Path(__file__).resolve().parent
 CASES = ["glm45/tp2_sp_ep2", "glm45/pp2", "glm45/cp2", "glm41/tp2_sp", "glm41/cp2",
-         "vlm_mtp/cp2"]
+         "vlm_mtp/cp2", "vlm_mtp/tp2_sp"]
 
 
 @pytest.fixture(scope="module")
