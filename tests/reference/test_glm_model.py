@@ -31,50 +31,14 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from hf_fixtures import perturb_all  # noqa: E402
+from glm_reference import IDS, MEDIA_IDS, TOK, VOCAB, hf_glm, release_state  # noqa: E402
 
 from megatron_vlm.data.image import ProcessedImage  # noqa: E402
-from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer  # noqa: E402
 from megatron_vlm.data.templates import Text  # noqa: E402
 from megatron_vlm.data.video import VideoChunk  # noqa: E402
-from megatron_vlm.families.glm.media import (  # noqa: E402
-    GLM_SPECIAL_TOKENS,
-    glm_token_ids,
-    glm_tokenize,
-)
+from megatron_vlm.families.glm.media import glm_tokenize  # noqa: E402
 
 ATOL = 1e-5
-VOCAB = 128
-ROPE = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
-        "mrope_section": [2, 3, 3]}
-VISION = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, patch_size=14,
-              image_size=56, spatial_merge_size=2, temporal_patch_size=2)
-GLM45_TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                  moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                  n_shared_experts=1, routed_scaling_factor=1.5, first_k_dense_replace=1,
-                  n_group=1, topk_group=1, norm_topk_prob=True, attention_bias=True,
-                  rms_norm_eps=1e-5, max_position_embeddings=256, rope_parameters=ROPE)
-GLM41_TEXT = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                  max_position_embeddings=256, rope_parameters=ROPE)
-
-
-class _Chars:
-    """A tiny text tokenizer: one id per character below 120; GLM's six media tokens follow at
-    122..127 (``SpecialTokensTokenizer``)."""
-
-    vocab_size, eos_id, pad_id = 122, 120, 121
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) % 120 for c in text]
-
-
-TOK = SpecialTokensTokenizer(_Chars(), GLM_SPECIAL_TOKENS)
-IDS = glm_token_ids(TOK)
-MEDIA_IDS = dict(image_token_id=IDS.image, video_token_id=IDS.video,
-                 image_start_token_id=IDS.begin_of_image, image_end_token_id=IDS.end_of_image,
-                 video_start_token_id=IDS.begin_of_video, video_end_token_id=IDS.end_of_video)
 
 
 def _pixels(h: int, w: int, seed: int, frames: int = 2) -> torch.Tensor:
@@ -105,49 +69,6 @@ DOCUMENTS = {
 }
 
 
-def _hf_model(moe: bool):
-    from transformers import (
-        Glm4vConfig,
-        Glm4vForConditionalGeneration,
-        Glm4vMoeConfig,
-        Glm4vMoeForConditionalGeneration,
-    )
-
-    torch.manual_seed(0)
-    text = GLM45_TEXT if moe else GLM41_TEXT
-    config_cls = Glm4vMoeConfig if moe else Glm4vConfig
-    config = config_cls(text_config=text, vision_config=dict(
-        VISION, out_hidden_size=text["hidden_size"]), **MEDIA_IDS)
-    for c in (config, config.text_config, config.vision_config):
-        c._attn_implementation = "eager"
-    model = (Glm4vMoeForConditionalGeneration if moe else Glm4vForConditionalGeneration)(config)
-    with torch.no_grad():
-        # std ~0.1-0.15 on every weight: sharp attention, so a wrong position or patch order
-        # reaches the logits; random fp32 expert bias that changes the routing.
-        perturb_all(model, seed=1, scale=0.3)
-        if not moe:
-            for p in model.model.language_model.parameters():
-                p.mul_(0.8)  # hidden 128: keeps the logits ~5
-    return model.eval()
-
-
-def _release_state(hf) -> dict[str, torch.Tensor]:
-    """transformers' tensors under the release names (fused in-memory experts split)."""
-    out = {}
-    for key, value in hf.state_dict().items():
-        if key.endswith("mlp.experts.gate_up_proj"):
-            pre = key[: -len("gate_up_proj")]
-            for e, t in enumerate(value):
-                out[f"{pre}{e}.gate_proj.weight"], out[f"{pre}{e}.up_proj.weight"] = t.chunk(2)
-        elif key.endswith("mlp.experts.down_proj"):
-            pre = key[: -len("down_proj")]
-            for e, t in enumerate(value):
-                out[f"{pre}{e}.down_proj.weight"] = t
-        else:
-            out[key] = value
-    return out
-
-
 def build_ours(hf, megatron_groups):
     """Our VLM from the HF config (``hf_config.model_from_hf``) with HF's weights through the
     family's table."""
@@ -168,7 +89,7 @@ def build_ours(hf, megatron_groups):
                                       pg_collection=megatron_groups).eval()
     ctx = context_for(model_cfg, interleave)
     table = table_for(HF_FAMILY, model_cfg, ctx)
-    hf_state, used, state = _release_state(hf), set(), {}
+    hf_state, used, state = release_state(hf), set(), {}
     for name, ours in vlm.state_dict().items():
         if name.endswith("._extra_state"):
             continue
@@ -185,13 +106,13 @@ def build_ours(hf, megatron_groups):
 
 @pytest.fixture(scope="module")
 def glm45(megatron_groups):
-    hf = _hf_model(moe=True)
+    hf = hf_glm(moe=True)
     return (hf, *build_ours(hf, megatron_groups))
 
 
 @pytest.fixture(scope="module")
 def glm41(megatron_groups):
-    hf = _hf_model(moe=False)
+    hf = hf_glm(moe=False)
     return (hf, *build_ours(hf, megatron_groups))
 
 

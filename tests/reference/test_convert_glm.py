@@ -1,0 +1,139 @@
+"""GLM-4.5V / GLM-4.1V HF conversion (issue 20 item 5): a tiny checkpoint in the release layout,
+built from transformers' own modules (``glm_reference.hf_glm``, experts per expert as released,
+bf16 with the router's fp32 ``e_score_correction_bias``) plus, for GLM-4.5V, one MTP layer under
+Megatron-Bridge's GLM-4.5 names (``families/glm/hf_table.py``), goes through
+``tools/convert_hf.py import`` and ``export --dtype bf16`` (streaming, two shards and an index):
+
+* every tensor comes back byte for byte (MTP tensors and the fp32 bias included), under exactly
+  the names written, and the exported ``config.json`` carries transformers' values;
+* transformers loads the exported directory (``from_pretrained``; it leaves the MTP layer out,
+  as it does for the release) and its logits equal our imported model's on a text document.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from glm_reference import LLM_PREFIX, hf_glm, mtp_release_tensors, release_state  # noqa: E402
+from hf_fixtures import read_safetensors_dir  # noqa: E402
+
+ATOL = 1e-5
+
+
+def release_config(hf, mtp: bool) -> dict:
+    """transformers' ``config.json`` of ``hf`` (``to_dict``) naming its architecture, with
+    ``num_nextn_predict_layers`` when the checkpoint holds an MTP layer."""
+    cfg = hf.config.to_dict()
+    cfg["architectures"] = [type(hf).__name__]
+    cfg["dtype"] = "bfloat16"
+    if mtp:
+        cfg["text_config"]["num_nextn_predict_layers"] = 1
+    return cfg
+
+
+def release_tensors(hf, mtp: bool) -> dict[str, torch.Tensor]:
+    tensors = release_state(hf)
+    if mtp:
+        tensors.update(mtp_release_tensors(hf, seed=5))
+    return {k: v if k.endswith("e_score_correction_bias") else v.to(torch.bfloat16)
+            for k, v in tensors.items()}
+
+
+@pytest.fixture(scope="module", params=["glm45v", "glm41v"])
+def converted(request, megatron_groups, tmp_path_factory):
+    """(HF tensors written, their config, the work dir) after import + export."""
+    from safetensors.torch import save_file
+    from tiny_runs import load_tool
+
+    moe = request.param == "glm45v"
+    tmp = tmp_path_factory.mktemp(request.param)
+    hf = hf_glm(moe)
+    tensors, config = release_tensors(hf, mtp=moe), release_config(hf, mtp=moe)
+    src = tmp / "hf"
+    src.mkdir()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(src / file))
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (src / "config.json").write_text(json.dumps(config))
+    cli = load_tool("convert_hf")
+    assert cli.main(["import", str(src), str(tmp / "ours"), "--quiet"]) == 0
+    assert cli.main(["export", str(tmp / "ours"), str(tmp / "exported"), "--dtype", "bf16",
+                     "--max-shard-gb", "0.0002", "--quiet"]) == 0
+    return request.param, tensors, config, tmp
+
+
+def test_import_export_is_bit_identical(converted):
+    which, tensors, _, tmp = converted
+    exported = read_safetensors_dir(tmp / "exported")
+    assert sorted(exported) == sorted(tensors)
+    index = json.loads((tmp / "exported" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(tensors)
+    assert len(set(index["weight_map"].values())) > 1  # streamed into several shards
+    for key, original in tensors.items():
+        got = exported[key]
+        assert got.dtype == original.dtype and got.shape == original.shape, key
+        assert torch.equal(got.view(torch.uint8), original.contiguous().view(torch.uint8)), key
+    mtp = [k for k in tensors if k.startswith(f"{LLM_PREFIX}layers.3.")]
+    assert (len(mtp) > 20) == (which == "glm45v")  # the MTP layer (decoder layer + 4 tensors)
+    assert f"{LLM_PREFIX}layers.3.eh_proj.weight" in mtp or which == "glm41v"
+
+
+def test_exported_config_is_transformers(converted):
+    """Every key the export writes has transformers' value; only the video wrapper ids (no
+    field of ours, never read by transformers 5.25) are left to its defaults."""
+    _, _, config, tmp = converted
+    exported = json.loads((tmp / "exported" / "config.json").read_text())
+    assert exported["architectures"] == config["architectures"]
+    for section in ("text_config", "vision_config"):
+        for key, value in exported[section].items():
+            assert config[section][key] == value, (section, key)
+    top = {k: v for k, v in exported.items() if k not in ("text_config", "vision_config")}
+    assert top == {k: config[k] for k in top}
+    assert set(config) - set(exported) >= {"video_start_token_id", "video_end_token_id"}
+    for key in ("image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id"):
+        assert exported[key] == config[key]
+
+
+def _load_imported(step_dir: Path):
+    from megatron_vlm.checkpoint import load_checkpoint, read_manifest
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.convert.importer import load_job_model
+    from megatron_vlm.families import get_family
+    from megatron_vlm.parallel.init import ensure_single_process_groups
+
+    model_cfg = load_job_model(read_manifest(step_dir)["config_yaml"])
+    groups = ensure_single_process_groups().pg_collection
+    model = get_family("glm").build_vlm(model_cfg, ParallelConfig(), pg_collection=groups)
+    load_checkpoint(step_dir, [model], None, None, load_optimizer=False)
+    return model.eval(), model_cfg
+
+
+def test_transformers_loads_the_export_and_equals_ours(converted):
+    """``from_pretrained`` on the exported directory (fp32) misses nothing (the MTP layer is all
+    it leaves unused); its text logits equal our imported model's (3-axis ids t = h = w)."""
+    import transformers
+
+    which, tensors, config, tmp = converted
+    cls = getattr(transformers, config["architectures"][0])
+    hf, info = cls.from_pretrained(tmp / "exported", dtype=torch.float32,
+                                   output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert all(k.startswith(f"{LLM_PREFIX}layers.3.") for k in info["unexpected_keys"])
+    ours, model_cfg = _load_imported(tmp / "ours" / "step_0000000")
+    assert model_cfg.llm.mtp_num_layers == (1 if which == "glm45v" else 0)
+    ids = torch.randint(0, 120, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        got = ours(ids, torch.arange(20).expand(3, 1, -1)[:, 0], None)
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(got[..., :expected.shape[-1]], expected, atol=ATOL, rtol=0)
