@@ -263,12 +263,13 @@ def test_cost_model_matches_modules(which, request):
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         merger(tower(pixels, GRID))
     attention = 4 * LAYERS * HIDDEN * sum(t * (h * w) ** 2 for t, h, w in GRID.tolist())
-    step = costs.step_flops(vision, OUT, GRID, merger_config)
+    frames = GRID * torch.tensor([2, 1, 1])  # the packed batch's grids count frames
+    step = costs.step_flops(vision, OUT, frames, merger_config)
     assert step == pytest.approx(3 * (counter.get_total_flops() + attention), rel=1e-12)
     budget = VisionBudget(patches_per_micro_batch=48, patches_per_item=48, frames_per_item=2)
     planned = costs.vision_flops(vision, merger_config, budget)
     assert sum(planned.values()) == pytest.approx(
-        costs.step_flops(vision, OUT, torch.tensor([[2, 4, 6]]), merger_config), rel=1e-12)
+        costs.step_flops(vision, OUT, torch.tensor([[4, 4, 6]]), merger_config), rel=1e-12)
 
 
 def test_name_map_round_trip(ours41, hf_glm41v):

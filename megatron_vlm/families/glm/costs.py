@@ -123,14 +123,16 @@ def vision_bytes(vision, projector, budget, *, tp: int, cp: int, recompute: str 
 
 
 def step_flops(vision, llm_hidden_size: int, grid_thw, projector=None) -> float:
-    """Training FLOPs of the tower + projector on media items ``grid_thw [M, 3]`` (``t``
-    temporal patches each its own attention segment and its own ``h*w/4`` tokens) for MFU.
-    ``projector``: ``model.projector`` (its SwiGLU width); None assumes
-    :data:`MERGER_FFN_RATIO` x ``llm_hidden_size``."""
+    """Training FLOPs of the tower + projector on media items ``grid_thw [M, 3]`` for MFU, as
+    the packed batch holds them (the trainer's call): ``(frames, h, w)``, every
+    ``temporal_patch_size`` frames one temporal patch, its own attention segment of ``h*w``
+    patches and its own ``h*w/4`` tokens. ``projector``: ``model.projector`` (its SwiGLU width);
+    None assumes :data:`MERGER_FFN_RATIO` x ``llm_hidden_size``."""
     ffn = (projector.ffn_hidden_size if projector is not None
            else round(MERGER_FFN_RATIO * llm_hidden_size))
     patches = segment_sq = 0
-    for t, h, w in (tuple(int(x) for x in row) for row in grid_thw.tolist()):
+    for frames, h, w in (tuple(int(x) for x in row) for row in grid_thw.tolist()):
+        t = frames // vision.temporal_patch_size
         patches += t * h * w
         segment_sq += t * (h * w) ** 2
     fwd = _forward_flops(vision, llm_hidden_size, ffn, patches, segment_sq,
