@@ -67,6 +67,8 @@ class MtpLogitsMixin:
         if labels is not None or not self.config.mtp_num_layers:
             if self.config.mtp_num_layers:
                 params = kwargs.get("packed_seq_params")
+                # a VLM's placeholder ids may lie outside the table (models/vlm.py embed)
+                input_ids = input_ids.masked_fill(input_ids >= self.vocab_size, 0)
                 input_ids = self._cp_local(input_ids, params)
                 position_ids = self._cp_local(position_ids, params)
                 kwargs["packed_seq_params"] = padded_documents(params)

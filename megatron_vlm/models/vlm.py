@@ -109,6 +109,12 @@ class VisionLanguageModel(MegatronModule):
         """Pipeline hook: activations from the previous stage go to the LLM decoder."""
         self.language_model.set_input_tensor(input_tensor)
 
+    def shared_embedding_or_output_weight(self):
+        """Grad-finalisation hook: with MTP layers (or tied embeddings) megatron all-reduces the
+        word embedding's gradient between the first and the last pipeline stage, asking the
+        outer model for it (``finalize_model_grads.py:147``)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
               pixel_values: torch.Tensor | None = None, grid_thw: torch.Tensor | None = None,
               media_positions: torch.Tensor | None = None,

@@ -69,6 +69,7 @@ CASES = {
     # the tiny Kimi VLM with an MTP layer: its LLM gets the whole sequence's ids under CP
     ("vlm_mtp", "cp2"): ["parallel.cp=2"],
     ("vlm_mtp", "tp2_sp"): TP2,  # ... and scatters its merged embeddings over SP itself
+    ("vlm_mtp", "pp2"): ["parallel.pp=2"],  # tower on stage 0, MTP on stage 1
 }
 VLM_COMMON = ["model.llm.num_layers=2", f"model.llm.vocab_size={vlm_cases.VOCAB}",
               f"data.seq_length={vlm_cases.SEQ}", f"data.pad_to_multiple={vlm_cases.PAD_TO}",

@@ -6,11 +6,12 @@ sigmoid-routed MoE with expert bias and a shared expert, one MTP layer trained a
 embedding there) and CP=2 (M-RoPE ids and the MTP roll on CP shares); GLM-4.1V-style LLM (dense,
 sandwich norms, interleaved M-RoPE) in TP=2 + SP and CP=2. Two packed micro-batches of 64 tokens,
 documents padded to 8, 3-axis ids that differ per axis (an image-like block in every document).
-And the tiny Kimi VLM with an MTP layer (weight 0.3) in CP=2 and TP=2 + SP on the VLM layout
-tests' media batches: the VLM hands its LLM the whole sequence's ids and scatters the merged
-embeddings over SP itself, so the MTP layers must cut the ids to their CP share and scatter their
-own embeddings (``models/mtp.py``; without either, the run fails on a 128 vs 64 token
-concatenation).
+And the tiny Kimi VLM with an MTP layer (weight 0.3) in CP=2, TP=2 + SP and PP=2 on the VLM
+layout tests' media batches: the VLM hands its LLM the whole sequence's ids and scatters the
+merged embeddings over SP itself, so the MTP layers must cut the ids to their CP share and scatter
+their own embeddings (``models/mtp.py``; without either, the run fails on a 128 vs 64 token
+concatenation); under PP megatron syncs the last stage's embedding copy through the VLM
+(``VisionLanguageModel.shared_embedding_or_output_weight``).
 
 Checked per layout: loss, every gradient (MTP layer included; every one non-zero in the
 reference) and the grad norms of two AdamW steps, and the parameters after them. Tolerances as
@@ -20,7 +21,7 @@ gradient within 1e-5 of its largest entry (seen <= 8.5e-7), grad norms 1e-5 rela
 within 5e-4 after two steps (seen <= 1.4e-4: AdamW's per-element normalisation amplifies 1e-7
 gradient noise where |g| is near eps). Checked by mutation: without ``models/mtp.py``'s padded
 document boundaries megatron's MTP roll fails under CP=2 (it divides the real-length boundaries
-by cp). One process start, ~13 s of cases after start-up (~30 s wall on 2 cores).
+by cp). One process start, ~22 s of cases after start-up (~25 s CPU per rank).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from vlm_runs import run_worker
 
 HERE = Path(__file__).resolve().parent
 CASES = ["glm45/tp2_sp_ep2", "glm45/pp2", "glm45/cp2", "glm41/tp2_sp", "glm41/cp2",
-         "vlm_mtp/cp2", "vlm_mtp/tp2_sp"]
+         "vlm_mtp/cp2", "vlm_mtp/tp2_sp", "vlm_mtp/pp2"]
 
 
 @pytest.fixture(scope="module")
