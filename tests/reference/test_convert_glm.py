@@ -7,7 +7,8 @@ Megatron-Bridge's GLM-4.5 names (``families/glm/hf_table.py``), goes through
 * every tensor comes back byte for byte (MTP tensors and the fp32 bias included), under exactly
   the names written, and the exported ``config.json`` carries transformers' values;
 * transformers loads the exported directory (``from_pretrained``; it leaves the MTP layer out,
-  as it does for the release) and its logits equal our imported model's on a text document.
+  as it does for the release) and its logits equal our imported model's on a text document;
+* what transformers' own ``save_pretrained`` writes imports too.
 """
 
 from __future__ import annotations
@@ -136,4 +137,23 @@ def test_transformers_loads_the_export_and_equals_ours(converted):
         expected = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         got = ours(ids, torch.arange(20).expand(3, 1, -1)[:, 0], None)
     assert expected.abs().max() > 1.0
+    torch.testing.assert_close(got[..., :expected.shape[-1]], expected, atol=ATOL, rtol=0)
+
+
+def test_save_pretrained_layout_imports(megatron_groups, tmp_path):
+    """What transformers 5.25 itself writes (``save_pretrained`` of the tiny GLM-4.5V, fp32: the
+    release's per-expert names, no MTP layer) imports into a model whose text logits equal
+    transformers'."""
+    from tiny_runs import load_tool
+
+    hf = hf_glm(moe=True)
+    hf.save_pretrained(tmp_path / "hf")
+    cli = load_tool("convert_hf")
+    assert cli.main(["import", str(tmp_path / "hf"), str(tmp_path / "ours"), "--quiet"]) == 0
+    ours, model_cfg = _load_imported(tmp_path / "ours" / "step_0000000")
+    assert model_cfg.llm.mtp_num_layers == 0 and model_cfg.llm.num_experts == 8
+    ids = torch.randint(0, 120, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        got = ours(ids, torch.arange(20).expand(3, -1), None)
     torch.testing.assert_close(got[..., :expected.shape[-1]], expected, atol=ATOL, rtol=0)
