@@ -157,3 +157,66 @@ def test_save_pretrained_layout_imports(megatron_groups, tmp_path):
         expected = hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         got = ours(ids, torch.arange(20).expand(3, -1), None)
     torch.testing.assert_close(got[..., :expected.shape[-1]], expected, atol=ATOL, rtol=0)
+
+
+def _meta_release(hf_cls, config_cls, cfg: dict, mtp: bool) -> dict[str, torch.Tensor]:
+    """transformers' modules of ``cfg`` on the meta device, in the release layout, with the MTP
+    layer's names (a copy of the last layer's plus Megatron-Bridge's four) when ``mtp``."""
+    with torch.device("meta"):
+        hf = hf_cls(config_cls(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    state = release_state(hf)
+    if mtp:
+        n, hidden = cfg["text_config"]["num_hidden_layers"], cfg["text_config"]["hidden_size"]
+        last, nxt = f"{LLM_PREFIX}layers.{n - 1}.", f"{LLM_PREFIX}layers.{n}."
+        state.update({k.replace(last, nxt, 1): v for k, v in state.items() if k.startswith(last)})
+        for name, shape in (("enorm", (hidden,)), ("hnorm", (hidden,)),
+                            ("shared_head.norm", (hidden,)), ("eh_proj", (hidden, 2 * hidden))):
+            state[f"{nxt}{name}.weight"] = torch.empty(shape, device="meta")
+    return state
+
+
+@pytest.mark.parametrize("recipe", ["glm45v", "glm41v_9b"])
+def test_real_sizes_plan_both_ways(megatron_groups, recipe):
+    """The recipes' real-size models: ``config.json`` written and read back gives the same
+    config; with the real widths (layers cut to 2 + the MTP layer, the same names layer for
+    layer) transformers' modules on the meta device have exactly the tensors our table maps,
+    every shape checked both ways (import plan and export shards)."""
+    import dataclasses
+
+    import transformers
+
+    from megatron_vlm.convert.export_plan import plan_shards
+    from megatron_vlm.convert.hf_io import DictSource
+    from megatron_vlm.convert.importer import context_for, plan_import, table_for
+    from megatron_vlm.convert.mcore import SHARDED_METADATA, build_meta_model, tensor_slots
+    from megatron_vlm.families.glm.hf_config import model_from_hf, model_to_hf
+    from megatron_vlm.families.glm.hf_table import HF_FAMILY
+    from megatron_vlm.recipes import get_recipe
+
+    real = get_recipe(recipe).model
+    cfg = model_to_hf(real, "bf16", real.token_ids)
+    model, _ = model_from_hf(cfg, "bf16")
+    assert model_to_hf(model, "bf16", model.token_ids) == cfg
+    assert model.llm == dataclasses.replace(real.llm, mtp_loss_weight=model.llm.mtp_loss_weight,
+                                            init_method_std=model.llm.init_method_std)
+    assert (model.vision, model.projector) == (real.vision, real.projector)
+
+    moe = real.llm.num_experts is not None
+    small = json.loads(json.dumps(cfg))
+    small["text_config"].update(num_hidden_layers=2)
+    arch = cfg["architectures"][0]
+    config_cls = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))
+    hf = _meta_release(getattr(transformers, arch), config_cls, small, mtp=moe)
+    model, _ = model_from_hf(small, "bf16")
+    ctx = context_for(model)
+    table = table_for(HF_FAMILY, model, ctx)
+    slots = tensor_slots(build_meta_model(model).sharded_state_dict(
+        metadata=dict(SHARDED_METADATA)))
+    expected = {n: (s.shape, s.dtype) for n, s in slots.items()}
+    plan = plan_import(table, DictSource(hf), expected, HF_FAMILY, 2, "meta")
+    assert not plan.skipped
+    shards = plan_shards(table, ctx, list(expected), lambda n: expected[n][0],
+                         lambda n: expected[n][1], torch.bfloat16, False, 5 * 2**30)
+    outs = {o.name: o.shape for s in shards for o in s.outs}
+    assert outs == {k: tuple(v.shape) for k, v in hf.items()}
+    assert any(".mlp.experts.127." in k for k in outs) == moe
