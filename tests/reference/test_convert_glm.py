@@ -220,3 +220,60 @@ def test_real_sizes_plan_both_ways(megatron_groups, recipe):
     outs = {o.name: o.shape for s in shards for o in s.outs}
     assert outs == {k: tuple(v.shape) for k, v in hf.items()}
     assert any(".mlp.experts.127." in k for k in outs) == moe
+
+
+def _tiny_config(moe: bool) -> dict:
+    from glm_reference import GLM41_TEXT, GLM45_TEXT, VISION
+    from transformers import Glm4vConfig, Glm4vMoeConfig
+
+    text = GLM45_TEXT if moe else GLM41_TEXT
+    cfg = (Glm4vMoeConfig if moe else Glm4vConfig)(
+        text_config=text, vision_config=dict(VISION, out_hidden_size=text["hidden_size"])
+    ).to_dict()
+    cfg["architectures"] = ["Glm4vMoeForConditionalGeneration" if moe
+                            else "Glm4vForConditionalGeneration"]
+    return cfg
+
+
+@pytest.mark.parametrize("moe, section, change, message", [
+    (True, "text_config", {"hidden_act": "gelu"}, "text_config.hidden_act='gelu'"),
+    (True, "text_config", {"use_qk_norm": True}, "use_qk_norm=true"),
+    (True, "text_config", {"norm_topk_prob": False}, "norm_topk_prob=false"),
+    (True, "text_config", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+     "rope type 'yarn'"),
+    (False, "text_config", {"head_dim": 64}, "GLM-4.1V's attention uses hidden_size"),
+    (True, "vision_config", {"out_hidden_size": 48}, "out_hidden_size=48 != text_config"),
+    (True, None, {"quantization_config": {"quant_method": "fp8"}}, "quantized GLM"),
+    (True, None, {"architectures": ["Glm4vForCausalLM"]}, "the GLM table converts one of"),
+])
+def test_config_refusals_name_the_field(moe, section, change, message):
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.families.glm.hf_config import model_from_hf
+
+    cfg = _tiny_config(moe)
+    model_from_hf(cfg)  # the unchanged config reads
+    (cfg[section] if section else cfg).update(change)
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(")):
+        model_from_hf(cfg)
+
+
+def test_export_refuses_what_transformers_cannot_build():
+    """A GLM model the two architectures cannot express is refused naming the key."""
+    import dataclasses
+
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.families.glm.hf_config import model_from_hf, model_to_hf
+
+    for moe, change, message in (
+            (True, {"sandwich_norms": True}, "sandwich_norms=false"),
+            (True, {"mrope_style": "interleaved"}, "mrope_style=neox"),
+            (False, {"sandwich_norms": False}, "sandwich_norms=true"),
+            (False, {"mtp_num_layers": 1}, "mtp_num_layers=0")):
+        model, _ = model_from_hf(_tiny_config(moe))
+        model.llm = dataclasses.replace(model.llm, **change)
+        with pytest.raises(ConversionError, match=message):
+            model_to_hf(model, "bf16", model.token_ids)
+    model, _ = model_from_hf(_tiny_config(True))
+    model.family = "keye"
+    with pytest.raises(ConversionError, match="needs a GLM VLM checkpoint"):
+        model_to_hf(model, "bf16", model.token_ids)
