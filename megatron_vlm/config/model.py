@@ -121,7 +121,9 @@ class KernelConfig:
 @dataclass(kw_only=True)
 class LLMConfig:
     """The language model: RMSNorm, SwiGLU, dense or DeepSeek-V3 style MoE FFNs, and MLA (Kimi
-    K2 / DeepSeek-V3, the default) or grouped-query attention (``attention: gqa``: Qwen3)."""
+    K2 / DeepSeek-V3, the default) or grouped-query attention (``attention: gqa``: Qwen3, GLM-4).
+    GLM options: partial rotary (``rotary_fraction``), the M-RoPE layout (``mrope_style``),
+    GLM-4.1V's sandwich norms and GLM-4.5-Air's MTP layer (``mtp_num_layers``)."""
 
     attention: Literal["mla", "gqa"] = "mla"
     """Attention kind. ``mla``: multi-head latent attention (the ``q_lora_rank`` ...
