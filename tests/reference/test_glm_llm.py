@@ -122,10 +122,10 @@ def glm41v_llm(**overrides):
     return LLMConfig(**kwargs)
 
 
-def release_state(hf_model) -> dict[str, torch.Tensor]:
+def release_state(hf_model, prefix: str = "model.language_model.") -> dict[str, torch.Tensor]:
     """The HF LLM's tensors under LLM-relative names (``lm_head`` top-level), transformers'
     fused in-memory experts split into the release's per-expert ``gate/up/down_proj``."""
-    prefix, out = "model.language_model.", {}
+    out = {}
     for key, value in hf_model.state_dict().items():
         if key == "lm_head.weight":
             out[key] = value
@@ -146,7 +146,8 @@ def release_state(hf_model) -> dict[str, torch.Tensor]:
 
 
 def build_ours(llm, hf_model, *, moe: bool, sandwich: bool, fused_gate_up: bool,
-               extra: dict[str, torch.Tensor] | None = None):
+               extra: dict[str, torch.Tensor] | None = None,
+               hf_prefix: str = "model.language_model."):
     """Our LLM (eval) with ``hf_model``'s weights through the GLM name rules: every tensor of
     our state dict is produced by exactly one rule, and every HF tensor is used. ``extra``:
     HF-named tensors absent from transformers' model (the MTP layer)."""
@@ -167,7 +168,7 @@ def build_ours(llm, hf_model, *, moe: bool, sandwich: bool, fused_gate_up: bool,
     rules = glm_llm_rules(moe=moe, sandwich=sandwich, fused_gate_up=fused_gate_up,
                           num_layers=llm.num_layers, mtp_num_layers=llm.mtp_num_layers)
     table = Table(rules + glm_head_rules(), ctx)
-    hf_state = {**release_state(hf_model), **(extra or {})}
+    hf_state = {**release_state(hf_model, hf_prefix), **(extra or {})}
     used, state = set(), {}
     for name, ours in model.state_dict().items():
         if name.endswith("._extra_state"):  # megatron's (empty) per-module extra state
@@ -476,3 +477,36 @@ def test_mtp_packed_documents_equal_each_document_alone(glm45):
     for name, grad in packed.items():  # fp32 summation order: within 1e-5 of the largest
         expected = alone[0][name] + alone[1][name]
         assert (grad - expected).abs().max() <= 1e-5 * expected.abs().max(), name
+
+
+def test_glm45_text_llm_1d_partial_rope_equals_transformers(megatron_groups):
+    """GLM-4.5-Air as a text LLM (``Glm4MoeForCausalLM``: 1D RoPE over the first half of each
+    head, NeoX halves) == ours with ``position_embedding: rope`` and ``rotary_fraction: 0.5``
+    (megatron's ``RotaryEmbedding`` with ``rotary_percent``); packed, positions restarting per
+    document. Control: the whole head rotated gives other logits."""
+    from qwen3_reference import packed_params
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    torch.manual_seed(0)
+    text = {k: v for k, v in GLM45_TEXT.items() if k != "rope_parameters"}
+    config = Glm4MoeConfig(**text, rope_parameters={"rope_type": "default", "rope_theta": THETA,
+                                                    "partial_rotary_factor": 0.5})
+    config._attn_implementation = "eager"
+    hf = Glm4MoeForCausalLM(config).eval()
+    _perturb(hf, 11)
+    rules = dict(moe=True, sandwich=False, fused_gate_up=False, hf_prefix="model.")
+    ours = build_ours(glm45v_llm(position_embedding="rope", mrope_section=None), hf, **rules)
+    lengths, spans = [11, 9], [12, 10]
+    ids = _tokens(sum(spans), seed=12)
+    positions = torch.cat([torch.arange(n) for n in spans])[None]
+    params = packed_params(lengths, spans)
+    with torch.no_grad():
+        got = ours(ids, positions, None, packed_seq_params=params)
+        for start, n in zip((0, spans[0]), lengths):
+            expected = hf(input_ids=ids[:, start:start + n]).logits
+            assert expected.abs().max() > 1.0
+            torch.testing.assert_close(got[:, start:start + n], expected, atol=ATOL, rtol=0)
+        whole = build_ours(glm45v_llm(position_embedding="rope", mrope_section=None,
+                                      rotary_fraction=1.0), hf, **rules)
+        other = whole(ids, positions, None, packed_seq_params=params)
+    assert (other - got).abs().max() > 1e3 * ATOL
