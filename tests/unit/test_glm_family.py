@@ -38,6 +38,14 @@ def test_registry_and_conversion_table():
     for arch in family.hf_architectures:
         assert family_of(arch).model_family == "glm"
     assert export_family_for("glm", True) == "glm4v"
+    # GLM-4.5-Air's MTP layer (HF layer 46) is carried when config.json names no MTP layer
+    from megatron_vlm.convert.importer import carried_keys
+    from megatron_vlm.families.glm.hf_table import HF_FAMILY
+
+    keys = [f"model.language_model.layers.{n}.{t}" for n, t in
+            ((46, "eh_proj.weight"), (46, "mlp.gate.weight"), (45, "mlp.gate.weight"),
+             (460, "enorm.weight"))]
+    assert carried_keys(keys, HF_FAMILY) == keys[:2]
 
 
 def test_tokens_per_item_count_frames():

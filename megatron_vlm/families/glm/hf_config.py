@@ -15,7 +15,8 @@ norms, q/k/v biases always on and head dim ``hidden_size / num_attention_heads``
 config default) or 1.0 (GLM-4.1V's rotary module), as transformers reads them.
 
 MTP: ``text_config.num_nextn_predict_layers`` (GLM-4.5 / Air's field; transformers' GLM-4.5V
-does not build the layer) -> ``model.llm.mtp_num_layers``, written back when non-zero.
+does not build the layer) -> ``model.llm.mtp_num_layers``, written back when non-zero. Without
+the field, a 46-layer checkpoint's layer 46 is carried unchanged (``hf_table.UNREAD_MTP_LAYER``).
 
 Token ids: ``image_token_id``, ``video_token_id``, ``image_start_token_id``,
 ``image_end_token_id`` map to ``model.token_ids.{image, video, media_begin, media_end}``; bos /

@@ -61,10 +61,17 @@ def _no_model_rules(q_lora: bool, tied: bool) -> list[Rule]:
                      "(Family.model_rules)")
 
 
+UNREAD_MTP_LAYER = rf"^{LLM_PREFIX.replace('.', r'[.]')}layers[.]46[.]"
+"""GLM-4.5-Air's MTP layer (HF layer 46) in a checkpoint whose ``config.json`` names no
+``num_nextn_predict_layers``: transformers skips it (``Glm4vMoePreTrainedModel.
+_keys_to_ignore_on_load_unexpected``), import carries it unchanged to export. With the field set,
+the layer is imported (its keys are then used, never carried)."""
+
 HF_FAMILY = Family(
     "glm4v", hf_config.ARCHITECTURES, alias_passes=(tuple(EXPERT_LAYOUTS),),
-    model_family="glm", build_rules=_no_model_rules, config_from_hf=hf_config.model_from_hf,
-    config_to_hf=hf_config.model_to_hf, model_rules=glm_rules,
+    carried=(UNREAD_MTP_LAYER,), model_family="glm", build_rules=_no_model_rules,
+    config_from_hf=hf_config.model_from_hf, config_to_hf=hf_config.model_to_hf,
+    model_rules=glm_rules,
 )
 """The GLM-4.5V / GLM-4.1V conversion table, found by ``convert.tables.family_of`` for either
 architecture and by ``conversion_family('glm4v')`` / ``model.family: glm`` on export (the
