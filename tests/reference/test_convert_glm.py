@@ -277,3 +277,27 @@ def test_export_refuses_what_transformers_cannot_build():
     model.family = "keye"
     with pytest.raises(ConversionError, match="needs a GLM VLM checkpoint"):
         model_to_hf(model, "bf16", model.token_ids)
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_released_rope_layout_reads_as_transformers_reads_it(moe):
+    """The released files' RoPE layout (``rope_scaling`` with ``mrope_section``, ``rope_theta``
+    and ``partial_rotary_factor`` beside it in ``text_config``; several eos ids) gives the base,
+    rotary fraction and sections transformers 5.25 normalises it to (``rope_parameters``)."""
+    import transformers
+
+    from megatron_vlm.families.glm.hf_config import model_from_hf
+
+    cfg = _tiny_config(moe)
+    text = cfg["text_config"]
+    del text["rope_parameters"]
+    text.update(rope_scaling={"type": "default", "mrope_section": [2, 3, 3]}, rope_theta=5000.0,
+                partial_rotary_factor=0.5, eos_token_id=[120, 121])
+    model, _ = model_from_hf(json.loads(json.dumps(cfg)))
+    config_cls = getattr(transformers, "Glm4vMoeConfig" if moe else "Glm4vConfig")
+    rope = config_cls(**{k: v for k, v in cfg.items() if k != "architectures"}
+                      ).text_config.rope_parameters
+    llm = model.llm
+    assert (llm.rope_theta, llm.rotary_fraction, llm.mrope_section) == (
+        rope["rope_theta"], rope["partial_rotary_factor"], rope["mrope_section"])
+    assert llm.rope_theta == 5000.0 and model.token_ids.eos == 120
