@@ -142,6 +142,12 @@ class MultimodalDataConfig:
     ``video_chunk_max_patches`` down to this, then ``video_min_fps`` applies (data/video_fit.py).
     A value >= ``video_chunk_max_patches`` turns the resolution step off. Uniform sampler only:
     SlowFast videos are not fitted (``slowfast.max_video_tokens`` bounds them)."""
+    video_frame_min_patches: int | None = None
+    """Patch floor of one video frame for families that size every frame on its own (Keye-VL
+    1.5: None = the released floor of 48 LLM tokens = 192 patches, which upscales small frames).
+    Set only to test on tiny clips (``tiny_keye_cpu``: 16 patches, 2x2 tokens a frame, so more
+    videos fit a step); a real Keye run keeps None. Not used by Kimi (``video_fit`` sizes its
+    chunks)."""
     video_min_fps: float = 0.5
     """Lowest sampling rate a too-long video sample is fitted down to (after its resolution);
     still over a budget there, it is skipped as ``too_long``. A value >= ``video_fps`` turns the
@@ -204,6 +210,10 @@ class MultimodalDataConfig:
                 f"data.multimodal.image_min_patches={self.image_min_patches} must be between 1 "
                 f"and data.multimodal.image_max_patches={self.image_max_patches} (or None: no "
                 "upscaling)")
+        if self.video_frame_min_patches is not None and self.video_frame_min_patches < 4:
+            raise ValueError("data.multimodal.video_frame_min_patches must be >= 4 (one LLM "
+                             f"token) or None (the family's floor), got "
+                             f"{self.video_frame_min_patches}")
         if self.packing_buffer_size is not None and self.packing_buffer_size < 1:
             raise ValueError("data.multimodal.packing_buffer_size must be >= 1 or None (auto), "
                              f"got {self.packing_buffer_size}")

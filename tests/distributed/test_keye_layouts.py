@@ -30,6 +30,13 @@ whose |g| is near eps, as in test_vlm_layouts.py) and the whole update within 1e
 split by megatron's whole-sequence zigzag under CP (the reported bug) move the CP=2 loss by
 4.7e-4 and gradients by 1.1 of their max, 1D ids on the second pipeline stage move the PP=2 loss
 by 1.4e-4.
+
+AdamW is pinned in ``keye_worker.py``. With Muon and its default bf16 Newton-Schulz iteration the
+layouts' updates differ by a few percent after two steps: inputs that differ in the last fp32
+bit round differently in bf16 (measured 4.7% at TP=2 on Kimi's model, test_muon_layouts.py).
+Rerun by hand with ``optim.optimizer=muon optim.muon_ns_dtype=fp32`` in place of the AdamW pin
+(2026-12-07): all 13 cases pass at these tolerances, so Keye's GQA/M-RoPE parameters reach
+Muon's block split correctly under TP, PP and CP.
 """
 
 from __future__ import annotations

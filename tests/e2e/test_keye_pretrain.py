@@ -4,11 +4,10 @@
 - its vision path carries information: held-out caption loss with the true media is clearly
   lower than with the media shuffled between samples (a model that ignores pixels scores the
   same), for images and for videos (``tools/vision_probe.py``);
-- frame order is NOT checked: at this budget (~200 steps) the tiny Keye model does not learn
-  the direction of motion (the direction word scores ~1.25 nats with the true frames and with
-  them reversed alike, also at 400 steps; uniform over 4 is 1.39). For Keye the order reaches
-  the model only through the per-frame timestamp text and the M-RoPE start of each frame's
-  block; the Kimi run needed 600 steps and a lucky seed (``tiny_cpu``'s docstring);
+- it reads frame order: the direction word of the video captions ("moves from the <left>") is
+  known with the true frames and the opposite one is predicted with every video played
+  backwards (``reversed_direction``); for Keye the order reaches the model only through each
+  frame's timestamp text and the M-RoPE start of its block (each frame is encoded on its own);
 - a fresh process resumed from its middle checkpoint repeats the next steps exactly (loss,
   gradient norm, learning rate, data mix);
 - ``tools/convert_hf.py export`` of its final checkpoint writes the released key names
@@ -33,9 +32,9 @@ RESUMED_STEPS = 10
 TIMING_KEYS = {"time", "step_time_s", "tokens_per_s", "samples_per_s", "tflops_per_device",
                "mfu"}
 """Metrics that measure wall time; everything else must repeat exactly."""
-IMAGE_RATIO, VIDEO_RATIO = 1.3, 1.35
-"""Shuffled / true held-out caption loss the run must exceed; measured 1.57 (images) and 1.71
-(videos) on Intel Xeon, one thread (train.seed=2: 1.49 and 1.53); a model that ignores pixels
+IMAGE_RATIO, VIDEO_RATIO = 1.3, 2.0
+"""Shuffled / true held-out caption loss the run must exceed; measured 1.76 (images) and 5.9
+(videos) on Intel Xeon, one thread (train.seed=2: 1.77 and 6.4); a model that ignores pixels
 scores 1.0."""
 
 
@@ -63,6 +62,17 @@ def test_pixels_matter_for_images_and_videos(probes):
     assert img["shuffled_items"] >= 20 and img["shuffled"] > IMAGE_RATIO * img["true"], img
     assert vid["shuffled_items"] == vid["items"] >= 20, vid
     assert vid["shuffled"] > VIDEO_RATIO * vid["true"], vid
+
+
+def test_frame_order_matters_for_motion(probes):
+    r = probes["video"]
+    # Enough direction words that the gap is not noise; every frame but a middle one changes.
+    assert r["direction_tokens"] >= 40 and r["reversed_items"] >= 0.8 * r["items"], r
+    # Known with the true frames (uniform over 4 is 1.39; knowing only the axis, which the set
+    # of frames tells, leaves ln 2 = 0.69), the opposite one with them reversed. Measured 0.14
+    # vs 3.68 (train.seed=2: 0.10 vs 5.14).
+    assert r["true_direction"] < 0.45, r
+    assert r["reversed_direction"] > r["true_direction"] + 1.5, r
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from megatron_vlm.families.keye.config import SiglipVisionConfig
 from megatron_vlm.families.keye.media import (
     KEYE_SPECIAL_TOKENS,
     KeyeMediaRules,
+    _frame_plan,
     keye_media_rules,
 )
 from megatron_vlm.families.keye.positions import keye_position_ids
@@ -231,6 +232,23 @@ def test_rules_pickle_map_the_config_and_refuse_a_tokenizer_without_keye_tokens(
         "image": IP, "video": VP, "media_begin": VS, "media_content": None, "media_end": VE}
     with pytest.raises(MissingSpecialTokenError, match="vision_start"):
         rules.media_ids(SpecialTokensTokenizer(_Bytes()))  # Kimi's tokens only
+
+
+def test_frame_floor_is_keyes_48_tokens_unless_a_tiny_run_lowers_it():
+    # Keye's released floor: a 112 px frame is upscaled to 196 px = 7 x 7 = 49 tokens, whatever
+    # the frame ceiling says; data.multimodal.video_frame_min_patches lowers it (tiny runs only).
+    def frame_grids(cfg):
+        rules = keye_media_rules(cfg)
+        _, sizes = _frame_plan(None, 112, 112, 3, False, rules)
+        return [s // 14 for s in sizes.slow_size]
+
+    assert frame_grids(MultimodalDataConfig(video_chunk_max_patches=16)) == [14, 14]
+    assert keye_media_rules(MultimodalDataConfig()).video_frame_floor == 48
+    small = MultimodalDataConfig(video_chunk_max_patches=16, video_frame_min_patches=16)
+    assert keye_media_rules(small).video_frame_floor == 4
+    assert frame_grids(small) == [4, 4]  # 56 px: 2 x 2 LLM tokens
+    with pytest.raises(ValueError, match="video_frame_min_patches must be >= 4"):
+        MultimodalDataConfig(video_frame_min_patches=2)
 
 
 @pytest.fixture(scope="module")

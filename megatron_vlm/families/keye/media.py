@@ -31,7 +31,8 @@ Budgets from ``data.multimodal`` where they map: ``image_max_patches / 4`` is th
 ceiling, ``image_min_patches / 4`` the floor (unset: Keye's 4), ``video_chunk_max_patches / 4`` a
 slow frame's token ceiling (Keye's is 768 = 3,072 patches), ``slowfast.max_video_tokens`` the
 budget of one video (unset: Keye's 65,536), ``video_fps`` / ``video_max_frames`` the sampling. A
-frame's floor is Keye's 48 tokens, whatever the config says (the package raises it to 48).
+frame's floor is Keye's 48 tokens (the package raises any smaller floor to 48);
+``video_frame_min_patches / 4`` replaces it for tiny test clips only.
 
 Imports ``megatron_vlm.data`` and this family's processing only (never models/).
 """
@@ -272,7 +273,7 @@ def _frame_plan(frames: np.ndarray | None, height: int, width: int, num: int, sl
     sizes = keye_slowfast.slow_fast_sizes(
         height, width, num_slow=num - num_fast, num_fast=num_fast,
         min_tokens=rules.video_min_tokens, max_tokens=rules.video_max_tokens,
-        total_tokens=rules.video_total_tokens)
+        total_tokens=rules.video_total_tokens, frame_floor=rules.video_frame_floor)
     return types, sizes
 
 
@@ -348,7 +349,10 @@ class KeyeMediaRules:
     image_max_tokens: int = IMAGE_MAX_TOKENS
     """Token ceiling of an image (Keye: 20,480)."""
     video_min_tokens: int = VIDEO_MIN_TOKENS
-    """Token floor of a video frame (raised to 48 whatever is set, as the package does)."""
+    """Token floor of a video frame (raised to ``video_frame_floor``, as the package does)."""
+    video_frame_floor: int = VIDEO_MIN_TOKENS
+    """The package's constant floor of a frame, 48 tokens; lowered only for tiny test clips
+    (``data.multimodal.video_frame_min_patches / 4``)."""
     video_max_tokens: int = VIDEO_MAX_TOKENS
     """Token ceiling of a slow video frame (Keye: 768)."""
     video_total_tokens: int = VIDEO_TOTAL_TOKENS
@@ -436,7 +440,10 @@ def keye_media_rules(config: Any = None) -> KeyeMediaRules:
     image_min = (IMAGE_MIN_TOKENS if config.image_min_patches is None
                  else max(1, config.image_min_patches // 4))
     total = config.slowfast.max_video_tokens
+    floor = (VIDEO_MIN_TOKENS if config.video_frame_min_patches is None
+             else config.video_frame_min_patches // 4)
     return KeyeMediaRules(
+        video_min_tokens=floor, video_frame_floor=floor,
         image_min_tokens=image_min,
         image_max_tokens=max(image_min, config.image_max_patches // 4),
         video_max_tokens=max(1, config.video_chunk_max_patches // 4),

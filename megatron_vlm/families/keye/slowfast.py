@@ -137,14 +137,16 @@ def slow_token_budget(
     min_tokens: int = VIDEO_MIN_TOKENS,
     max_tokens: int = VIDEO_MAX_TOKENS,
     total_tokens: int = VIDEO_TOTAL_TOKENS,
+    frame_floor: int = VIDEO_MIN_TOKENS,
 ) -> int:
     """Step 5: the package's binary search for slow tokens per frame, quirk included.
 
     Returns the smallest ``t`` in ``[min_tokens, max_tokens)`` whose estimate
     ``num_slow * t + num_fast * max(int(0.3 * t), min_tokens)`` is above ``total_tokens``, else
-    ``max_tokens`` (``min_tokens`` is raised to 48 first, as the package does).
+    ``max_tokens`` (``min_tokens`` is raised to ``frame_floor`` first: the package's constant
+    48; only a tiny test run lowers it, ``KeyeMediaRules.video_frame_floor``).
     """
-    min_tokens = max(min_tokens, VIDEO_MIN_TOKENS)
+    min_tokens = max(min_tokens, frame_floor)
 
     def estimate(tokens: int) -> int:
         return num_slow * tokens + num_fast * max(int(FAST_TOKEN_RATIO * tokens), min_tokens)
@@ -180,17 +182,20 @@ def slow_fast_sizes(
     min_tokens: int = VIDEO_MIN_TOKENS,
     max_tokens: int = VIDEO_MAX_TOKENS,
     total_tokens: int = VIDEO_TOTAL_TOKENS,
+    frame_floor: int = VIDEO_MIN_TOKENS,
 ) -> SlowFastSizes:
-    """Steps 5-6 for frames of ``height`` x ``width`` px."""
-    min_tokens = max(min_tokens, VIDEO_MIN_TOKENS)
+    """Steps 5-6 for frames of ``height`` x ``width`` px (``frame_floor``: the package's 48
+    tokens; see ``slow_token_budget``)."""
+    min_tokens = max(min_tokens, frame_floor)
     searched = slow_token_budget(num_slow, num_fast, min_tokens=min_tokens,
-                                 max_tokens=max_tokens, total_tokens=total_tokens)
+                                 max_tokens=max_tokens, total_tokens=total_tokens,
+                                 frame_floor=frame_floor)
     min_pixels = min_tokens * PIXELS_PER_TOKEN
     slow = smart_resize(height, width, min_pixels=min_pixels,
                         max_pixels=searched * PIXELS_PER_TOKEN)
     slow_tokens = slow[0] * slow[1] / FACTOR / FACTOR
     # The floor is the package's constant 48 tokens, not the (possibly raised) min_tokens.
     fast_max_pixels = max(int(slow_tokens * FAST_TOKEN_RATIO) * PIXELS_PER_TOKEN,
-                          VIDEO_MIN_TOKENS * PIXELS_PER_TOKEN)
+                          frame_floor * PIXELS_PER_TOKEN)
     fast = smart_resize(height, width, min_pixels=min_pixels, max_pixels=fast_max_pixels)
     return SlowFastSizes(slow_tokens_searched=searched, slow_size=slow, fast_size=fast)
