@@ -18,8 +18,10 @@ from torch.distributed.checkpoint import FileSystemReader
 TOY_ENV = {"PYTHONPATH": str(REPO / "tests"), "MEGATRON_VLM_FAMILIES": "toy=fixtures.toy_family"}
 TOY_ARGS = ["model.family=toy", "model.vision={hidden_size: 16}",
             "model.projector={vision_hidden_size: 16, output_size: 64}",
-            "optim.warmup_steps=1", "train.eval_interval=4", "train.eval_batches=2",
-            "train.log_interval=1", "checkpoint.save_interval=4"]
+            "optim.warmup_steps=1", "train.eval_interval=4", "train.eval_batches=1",
+            "train.log_interval=1", "checkpoint.save_interval=4",
+            # small: the captions' datasets only, 2 packs a step (the interface is what is tested)
+            "data.multimodal.stage=alignment", "data.global_batch_size=2"]
 
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
