@@ -96,9 +96,29 @@ def test_no_container_or_venv_is_refused_unless_the_nodes_python_is_asked_for(ca
     assert "python -m torch.distributed.run" in script
 
 
-@pytest.mark.parametrize("recipe", sorted(H100_GPUS))
+def _laid_out_gpus() -> dict[str, int]:
+    """Recipe -> H100 GPUs of every real-size recipe: Kimi's and each registered family's
+    (``families/<name>/recipes.py``'s ``H100_GPUS``, where it has one)."""
+    import importlib
+
+    from megatron_vlm.config.families import FAMILY_MODULES
+
+    gpus = dict(H100_GPUS)
+    for module in FAMILY_MODULES.values():
+        try:
+            recipes = importlib.import_module(module + ".recipes")
+        except ModuleNotFoundError:
+            continue
+        gpus.update(getattr(recipes, "H100_GPUS", {}))
+    return gpus
+
+
+ALL_H100_GPUS = _laid_out_gpus()
+
+
+@pytest.mark.parametrize("recipe", sorted(ALL_H100_GPUS))
 def test_every_recipe_renders_on_the_nodes_it_is_laid_out_for(recipe, capsys):
-    nodes = H100_GPUS[recipe] // 8
+    nodes = ALL_H100_GPUS[recipe] // 8
     assert launch_main(["--recipe", recipe, "--nodes", str(nodes), *IMAGE, "--dry-run",
                         *DATA]) == 0
     script = capsys.readouterr().out
