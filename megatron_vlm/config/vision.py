@@ -7,7 +7,7 @@ Hugging Face ``Kimi_K25VisionConfig`` names are given in each docstring for the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(kw_only=True)
@@ -112,19 +112,23 @@ class VisionConfig:
 
 
 @dataclass(kw_only=True)
-class ProjectorConfig:
-    """Kimi projector: LayerNorm per sub-token -> view -> Linear -> GELU (exact) -> Linear."""
+class MergeProjectorBase:
+    """What every projector that concatenates ``merge_size`` patch features into one LLM token
+    and maps it through two linears declares (Kimi's projector, Keye-VL 1.5's merger). Each
+    family's projector config derives from it with its own docstring, defaults and layer order;
+    the families' configs stay separate types (``model.family`` picks one)."""
 
     vision_hidden_size: int = 1152
-    """Width of one sub-token (the ViT hidden size; HF ``projection_hidden_size``)."""
+    """Width of one patch feature (the ViT hidden size; HF ``projection_hidden_size``)."""
     merge_size: int = 4
-    """Sub-tokens concatenated into one LLM token (merge_kernel_height x merge_kernel_width)."""
+    """Patch features concatenated into one LLM token (merge_kernel_height x
+    merge_kernel_width)."""
     ffn_hidden_size: int | None = None
     """Output width of the first linear; None = vision_hidden_size x merge_size (4608)."""
     output_size: int = 7168
-    """LLM hidden size (Kimi K2: 7168, Moonlight: 2048)."""
+    """LLM hidden size."""
     norm_epsilon: float = 1e-5
-    """Epsilon of the per-sub-token LayerNorm (HF ``projection_layer_norm_eps``)."""
+    """Epsilon of the projector's LayerNorm."""
     init_method_std: float = 0.02
     """Std of the normal init of linear weights."""
 
@@ -136,10 +140,13 @@ class ProjectorConfig:
             raise ValueError(
                 f"model.projector.ffn_hidden_size={self.ffn_hidden_size} must be >= 1 or null"
             )
+        if self.norm_epsilon <= 0.0:
+            raise ValueError(f"model.projector.norm_epsilon={self.norm_epsilon} must be > 0 "
+                             "(e.g. 1e-5)")
 
     @property
     def input_size(self) -> int:
-        """Width of one merged token (4608 for MoonViT)."""
+        """Width of one merged token (4608 for a 1152-wide ViT and a 2x2 merge)."""
         return self.vision_hidden_size * self.merge_size
 
     @property
@@ -147,9 +154,10 @@ class ProjectorConfig:
         """Output width of the first linear."""
         return self.ffn_hidden_size or self.input_size
 
-    def check_matches(self, vision: VisionConfig, llm_hidden_size: int) -> None:
+    def check_matches(self, vision: Any, llm_hidden_size: int) -> None:
         """Raise ``ValueError`` naming the fix when this projector cannot sit between
-        ``vision`` and an LLM of width ``llm_hidden_size``."""
+        ``vision`` (any tower config with ``hidden_size`` and ``merge_size``) and an LLM of
+        width ``llm_hidden_size``."""
         if self.vision_hidden_size != vision.hidden_size:
             raise ValueError(
                 f"model.projector.vision_hidden_size={self.vision_hidden_size} != "
@@ -165,6 +173,16 @@ class ProjectorConfig:
                 f"model.projector.output_size={self.output_size} != model.llm.hidden_size="
                 f"{llm_hidden_size}; set them equal"
             )
+
+
+@dataclass(kw_only=True)
+class ProjectorConfig(MergeProjectorBase):
+    """Kimi projector: LayerNorm per sub-token -> view -> Linear -> GELU (exact) -> Linear."""
+
+    output_size: int = 7168
+    """LLM hidden size (Kimi K2: 7168, Moonlight: 2048)."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the per-sub-token LayerNorm (HF ``projection_layer_norm_eps``)."""
 
 
 def moonvit_config() -> VisionConfig:

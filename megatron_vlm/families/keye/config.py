@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_vlm.config.vision import MergeProjectorBase
+
 
 @dataclass(kw_only=True)
 class SiglipVisionConfig:
@@ -112,62 +114,17 @@ class SiglipVisionConfig:
 
 
 @dataclass(kw_only=True)
-class KeyeMergerConfig:
+class KeyeMergerConfig(MergeProjectorBase):
     """Keye-VL 1.5 merger (``mlp_AR``): per frame, the ``kh x kw`` patches of each block are
     concatenated (``k*d``) -> LayerNorm(``k*d``) -> Linear ``k*d -> k*d`` -> GELU (exact) ->
     Linear ``k*d -> llm hidden``, all with biases. Unlike Kimi's projector the LayerNorm comes
     after the merge, over the whole ``k*d`` row (Keye-VL v1 / Preview normalised each patch
-    before it)."""
+    before it). Fields shared with Kimi's projector: ``MergeProjectorBase``."""
 
-    vision_hidden_size: int = 1152
-    """Width of one patch feature (the ViT hidden size)."""
-    merge_size: int = 4
-    """Patches concatenated into one LLM token (merge_kernel_height x merge_kernel_width)."""
-    ffn_hidden_size: int | None = None
-    """Output width of the first linear; None = vision_hidden_size x merge_size (4608)."""
     output_size: int = 4096
     """LLM hidden size (Qwen3-8B: 4096)."""
     norm_epsilon: float = 1e-5
     """Epsilon of the LayerNorm over the merged row (``mlp_AR.pre_norm``: 1e-5)."""
-    init_method_std: float = 0.02
-    """Std of the normal init of linear weights."""
-
-    def __post_init__(self) -> None:
-        for name in ("vision_hidden_size", "merge_size", "output_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.projector.{name}={getattr(self, name)} must be >= 1")
-        if self.ffn_hidden_size is not None and self.ffn_hidden_size < 1:
-            raise ValueError(
-                f"model.projector.ffn_hidden_size={self.ffn_hidden_size} must be >= 1 or null")
-        if self.norm_epsilon <= 0.0:
-            raise ValueError(f"model.projector.norm_epsilon={self.norm_epsilon} must be > 0 "
-                             "(Keye: 1e-5)")
-
-    @property
-    def input_size(self) -> int:
-        """Width of one merged token (4608)."""
-        return self.vision_hidden_size * self.merge_size
-
-    @property
-    def intermediate_size(self) -> int:
-        """Output width of the first linear."""
-        return self.ffn_hidden_size or self.input_size
-
-    def check_matches(self, vision: SiglipVisionConfig, llm_hidden_size: int) -> None:
-        """Raise ``ValueError`` naming the fix when this merger cannot sit between ``vision``
-        and an LLM of width ``llm_hidden_size``."""
-        if self.vision_hidden_size != vision.hidden_size:
-            raise ValueError(
-                f"model.projector.vision_hidden_size={self.vision_hidden_size} != "
-                f"model.vision.hidden_size={vision.hidden_size}; set them equal")
-        if self.merge_size != vision.merge_size:
-            raise ValueError(
-                f"model.projector.merge_size={self.merge_size} != merge_kernel_height x "
-                f"merge_kernel_width={vision.merge_size} of model.vision; set them equal")
-        if self.output_size != llm_hidden_size:
-            raise ValueError(
-                f"model.projector.output_size={self.output_size} != model.llm.hidden_size="
-                f"{llm_hidden_size}; set them equal")
 
 
 VISION_CONFIG = SiglipVisionConfig
