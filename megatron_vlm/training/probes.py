@@ -54,25 +54,24 @@ def shuffle_media(batches: list[PackedBatch], seed: int = 0) -> list[PackedBatch
 
 
 def video_items(vision: VisionInputs) -> list[list[int]]:
-    """Item indices of each video of a micro-batch, chunks in time order.
+    """Item indices of each video of a micro-batch, chunks in time order. A video whose items
+    differ in frame size (Keye's SlowFast: slow and fast frames) gives one list per frame size,
+    so ``reverse_frames`` plays each size's frames backwards among the slots of that size (the
+    placeholders stay; the slow frames' order and the fast frames' order both reverse).
 
     Raises:
-        ValueError: The batch does not say which chunks form one video (``media_index``), or a
-            video's chunks differ in frame size.
+        ValueError: The batch does not say which chunks form one video (``media_index``).
     """
     if vision.media_index is None:
         raise ValueError("VisionInputs.media_index is None: the producer did not record which "
                          "chunks belong to one video, so frame order cannot be reversed")
-    videos: dict[int, list[int]] = {}
+    videos: dict[int, dict[tuple[int, int], list[int]]] = {}
     for i, (media, is_video) in enumerate(zip(vision.media_index.tolist(),
                                               vision.is_video.tolist())):
         if is_video:
-            videos.setdefault(media, []).append(i)
-    for items in videos.values():
-        sizes = {tuple(vision.grid_thw[i, 1:].tolist()) for i in items}
-        if len(sizes) != 1:
-            raise ValueError(f"video items {items} have different frame grids {sorted(sizes)}")
-    return list(videos.values())
+            size = tuple(vision.grid_thw[i, 1:].tolist())
+            videos.setdefault(media, {}).setdefault(size, []).append(i)
+    return [items for sizes in videos.values() for items in sizes.values()]
 
 
 def reverse_frames(batches: list[PackedBatch]) -> list[PackedBatch]:

@@ -9,6 +9,7 @@ the expected pixels come from reversing the raw frames and chunking them again.
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -115,6 +116,23 @@ def test_reversal_is_a_no_op_where_time_carries_nothing(kind, num):
     (rev,) = reverse_frames([batch])
     assert count_changed_items([batch], [rev]) == 0
     assert torch.equal(rev.vision.pixel_values, batch.vision.pixel_values)
+
+
+def test_a_video_of_two_frame_sizes_reverses_each_size_among_its_slots():
+    # SlowFast (Keye): one video's slow and fast frames have different grids. Built here as
+    # two clips of different sizes recorded as one video: each size's frames are played
+    # backwards in its own slots, exactly as if they were two videos.
+    small = _frames("moving", 6)
+    big = np.repeat(np.repeat(_frames("moving", 5, seed=2), 2, axis=1), 2, axis=2)
+    two_videos = _batch(_video(small), _video(big))
+    assert len({tuple(g) for g in two_videos.vision.grid_thw[:, 1:].tolist()}) == 2
+    one_video = copy.deepcopy(two_videos)
+    one_video.vision.media_index = torch.zeros_like(one_video.vision.media_index)
+    assert video_items(one_video.vision) == [[0, 1], [2, 3]]
+    (rev,) = reverse_frames([one_video])
+    (want,) = reverse_frames([two_videos])
+    assert count_changed_items([one_video], [rev]) == 4
+    assert torch.equal(rev.vision.pixel_values, want.vision.pixel_values)
 
 
 def test_reversal_refuses_batches_without_video_membership():
