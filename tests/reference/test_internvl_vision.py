@@ -1,0 +1,266 @@
+"""InternVL3.5 vision tower + projector == transformers 5.25 ``InternVLModel.get_image_features``.
+
+Two tiny random ``InternVLConfig`` s, fp32: a 300M-style tower (LayerNorm, q/k/v biases) and a
+6B-style one (RMSNorm, whole-width qk-norm, no q/k/v bias), both with layer scale, CLS token and
+learned table, pixel shuffle 0.5 and ``mlp1``. Tiles are 112 px (8x8 patches of 14, 16 LLM
+tokens each) so the test stays small; our tower takes them as raster ``[N, 3, 14, 14]`` patches
+with one ``grid_thw`` row ``(tiles, 8, 8)`` per image. Every HF tensor is perturbed away from its
+init (LayerNorm 1/0, layer scale 0.1, zero CLS/table) so a wrong mapping changes the output.
+Weights are copied through the family's HF name map.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from hf_fixtures import perturb
+from transformers.models.internvl.configuration_internvl import InternVLConfig
+from transformers.models.internvl.modeling_internvl import InternVLModel
+
+ATOL = 1e-5
+HIDDEN, HEADS, LAYERS, FFN, OUT, SIDE, PATCH = 64, 4, 2, 96, 48, 8, 14
+TILE = SIDE * PATCH
+GRID = torch.tensor([[3, SIDE, SIDE], [1, SIDE, SIDE], [2, SIDE, SIDE]])  # 6 tiles, 3 images
+TILES = int(GRID[:, 0].sum())
+TOKENS_PER_TILE = SIDE * SIDE // 4
+VARIANTS = {
+    "300m": dict(norm_type="layer_norm", use_qk_norm=False, attention_bias=True),
+    "6b": dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False),
+}
+
+
+def hf_model(variant: str, seed: int) -> InternVLModel:
+    torch.manual_seed(seed)
+    vision = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  intermediate_size=FFN, image_size=TILE, patch_size=PATCH,
+                  layer_norm_eps=1e-6, **VARIANTS[variant])
+    text = dict(model_type="qwen2", vocab_size=64, hidden_size=OUT, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config = InternVLConfig(vision_config=vision, text_config=text, downsample_ratio=0.5)
+    config.vision_config._attn_implementation = "eager"
+    model = InternVLModel(config).eval()
+    perturb(model.vision_tower, seed=seed + 10)
+    perturb(model.multi_modal_projector, seed=seed + 20)
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf_300m():
+    return hf_model("300m", seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf_6b():
+    return hf_model("6b", seed=1)
+
+
+def configs(variant: str):
+    from megatron_vlm.families.internvl.config import InternVisionConfig, InternVLProjectorConfig
+
+    v = VARIANTS[variant]
+    vision = InternVisionConfig(
+        hidden_size=HIDDEN, num_layers=LAYERS, num_attention_heads=HEADS, ffn_hidden_size=FFN,
+        patch_size=PATCH, pos_emb_side=SIDE, norm_type=v["norm_type"], norm_epsilon=1e-6,
+        qkv_bias=v["attention_bias"], qk_norm=v["use_qk_norm"])
+    projector = InternVLProjectorConfig(vision_hidden_size=HIDDEN, merge_size=4, output_size=OUT)
+    return vision, projector
+
+
+def name_table():
+    from megatron_vlm.convert.rules import ConvertContext, Table
+    from megatron_vlm.families.internvl.hf_vision_names import internvl_visual_rules
+
+    rules = internvl_visual_rules(hf_vision_prefix="vision_tower.",
+                                  hf_projector_prefix="multi_modal_projector.")
+    return Table(rules, ConvertContext(vision_num_heads=HEADS))
+
+
+def hf_visual_state(hf: InternVLModel) -> dict:
+    return {k: v for k, v in hf.state_dict().items() if not k.startswith("language_model.")}
+
+
+def copy_by_name_map(tower, projector, hf: InternVLModel) -> None:
+    """Fill our tower and projector from the HF model through the family's rules."""
+    table, state, used = name_table(), hf_visual_state(hf), []
+    with torch.no_grad():
+        for prefix, module in (("vision_tower.", tower), ("projector.", projector)):
+            for name, param in module.named_parameters():
+                rule, binding = table.lookup(prefix + name)
+                names = rule.hf_names(binding)
+                used += names
+                param.copy_(rule.transform.to_ours([state[n] for n in names], table.ctx))
+    assert sorted(used) == sorted(state), set(state) ^ set(used)  # each HF tensor exactly once
+
+
+def build_ours(hf: InternVLModel, variant: str):
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.families.internvl.projector import build_internvl_projector
+    from megatron_vlm.families.internvl.vision import build_internvit
+
+    vision, projector_config = configs(variant)
+    tower = build_internvit(vision, ParallelConfig()).eval()
+    projector = build_internvl_projector(projector_config, ParallelConfig()).eval()
+    copy_by_name_map(tower, projector, hf)
+    return tower, projector
+
+
+@pytest.fixture(scope="module")
+def ours_300m(megatron_groups, hf_300m):
+    return build_ours(hf_300m, "300m")
+
+
+@pytest.fixture(scope="module")
+def ours_6b(megatron_groups, hf_6b):
+    return build_ours(hf_6b, "6b")
+
+
+def tiles_for(num_tiles: int, seed: int, side: int = SIDE) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(num_tiles, 3, side * PATCH, side * PATCH, generator=gen) * 2 - 1
+
+
+def to_patches(tiles: torch.Tensor) -> torch.Tensor:
+    """``[T, 3, H, W]`` tiles -> raster ``[T*h*w, 3, 14, 14]`` patches (the data side's
+    layout)."""
+    t, c, height, width = tiles.shape
+    x = tiles.view(t, c, height // PATCH, PATCH, width // PATCH, PATCH)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, c, PATCH, PATCH)
+
+
+def assert_close(actual, expected, atol=ATOL):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = (actual - expected).abs().max().item()
+    assert diff <= atol, f"max abs diff {diff:.3e} > {atol:.0e}"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("variant", ["300m", "6b"])
+def test_packed_tiles_equal_get_image_features(variant, request):
+    """Three images of 3, 1 and 2 tiles in one packed call: the LLM embeddings of every tile,
+    and the tower's per-patch features (CLS dropped), equal transformers'."""
+    hf = request.getfixturevalue(f"hf_{variant}")
+    tower, projector = request.getfixturevalue(f"ours_{variant}")
+    tiles = tiles_for(TILES, seed=0)
+    with torch.no_grad():
+        out = hf.get_image_features(tiles)
+        expected = out.pooler_output  # [tiles, 16, OUT]
+        pre = out.last_hidden_state[:, 1:]  # CLS dropped
+        got_pre = tower.encode(to_patches(tiles), GRID)
+        got = projector(tower(to_patches(tiles), GRID))
+    assert expected.abs().max() > 0.1 and pre.abs().max() > 0.5
+    assert_close(got_pre, pre.reshape(-1, HIDDEN))
+    assert_close(got, expected.reshape(-1, OUT))
+    assert got.shape == (TILES * TOKENS_PER_TILE, OUT)
+
+
+def test_tiles_are_separate_segments_and_cls_matters(ours_300m, hf_300m, monkeypatch):
+    """Tiles never attend to each other (packed == one call per tile; swapping two tiles of an
+    image swaps their features); controls: another CLS token (every patch attends to it), or
+    the layer scales at 1, move ours far from the reference."""
+    from megatron_vlm.families.internvl.vision import LayerScaleBiasDropoutAdd
+
+    tower, _ = ours_300m
+    tiles = tiles_for(TILES, seed=1)
+    patches, per_tile = to_patches(tiles), SIDE * SIDE
+    one = torch.tensor([[1, SIDE, SIDE]])
+    with torch.no_grad():
+        pre = hf_300m.get_image_features(tiles).last_hidden_state[:, 1:].reshape(-1, HIDDEN)
+        got = tower.encode(patches, GRID)
+        alone = torch.cat([tower.encode(p, one) for p in patches.split(per_tile)])
+        swapped = tower.encode(to_patches(tiles[[1, 0, 2, 3, 4, 5]]), GRID)
+        scales = [m.weight for m in tower.modules() if isinstance(m, LayerScaleBiasDropoutAdd)]
+        saved = [w.clone() for w in scales]
+        for w in scales:
+            w.fill_(1.0)
+        unscaled = tower.encode(patches, GRID)
+        for w, s in zip(scales, saved):
+            w.copy_(s)
+        cls = tower.pos_embed.cls_token.clone()
+        # (a constant shift would vanish in the first LayerNorm)
+        tower.pos_embed.cls_token.add_(torch.randn(HIDDEN, generator=torch.Generator()
+                                                   .manual_seed(5)))
+        moved_cls = tower.encode(patches, GRID)
+        tower.pos_embed.cls_token.copy_(cls)
+    assert_close(alone, got)
+    assert_close(swapped[:per_tile], got[per_tile:2 * per_tile])
+    assert (unscaled - pre).abs().max() > 1e3 * ATOL
+    assert (moved_cls - pre).abs().max() > 1e3 * ATOL
+    assert_close(tower.encode(patches, GRID).detach(), pre)  # restored
+
+
+def test_qk_norm_is_whole_width(ours_6b, hf_6b, monkeypatch):
+    """The 6B's q/k norm spans all heads: one norm equals transformers' ``q_norm`` on a row;
+    control: megatron's per-head reading of the same weights (each head normalised on its own)
+    moves the tower far from the reference."""
+    from megatron_vlm.families.internvl.vision import WholeWidthRMSNorm
+
+    tower, _ = ours_6b
+    tiles = tiles_for(2, seed=2)
+    grid = torch.tensor([[2, SIDE, SIDE]])
+    norms = [m for m in tower.modules() if isinstance(m, WholeWidthRMSNorm)]
+    assert len(norms) == 2 * LAYERS
+
+    def per_head(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.view(x.shape[-2:]) * xf.to(x.dtype)
+
+    x = torch.randn(3, 1, HEADS, HIDDEN // HEADS)
+    with torch.no_grad():
+        pre = hf_6b.get_image_features(tiles).last_hidden_state[:, 1:].reshape(-1, HIDDEN)
+        hf_norm = hf_6b.vision_tower.encoder.layer[0].attention.q_norm
+        assert_close(norms[0](x).flatten(-2), hf_norm(x.flatten(-2)))
+        got = tower.encode(to_patches(tiles), grid)
+        with monkeypatch.context() as m:
+            m.setattr(WholeWidthRMSNorm, "forward", per_head)
+            got_per_head = tower.encode(to_patches(tiles), grid)
+    assert_close(got, pre)
+    assert (got_per_head - pre).abs().max() > 1e3 * ATOL
+
+
+def test_pixel_shuffle_is_the_towers_merge(ours_300m, hf_300m):
+    """The literal port of InternVL's pixel shuffle equals transformers' and the tower's 2x2
+    row-major merge; the projector takes either form."""
+    from megatron_vlm.families.internvl.projector import pixel_shuffle
+
+    tower, projector = ours_300m
+    x = torch.randn(3, SIDE, SIDE, HIDDEN)
+    assert torch.equal(pixel_shuffle(x), hf_300m.pixel_shuffle(x, scale_factor=0.5))
+    grid = torch.tensor([[3, SIDE, SIDE]])
+    merged = tower._merge(x.reshape(-1, HIDDEN), tower.segments(grid))
+    shuffled = pixel_shuffle(x).reshape(-1, 4 * HIDDEN)
+    assert torch.equal(merged.flatten(1), shuffled)
+    with torch.no_grad():
+        assert torch.equal(projector(merged), projector(shuffled))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        pixel_shuffle(torch.randn(1, 3, 4, 8))
+
+
+def test_tokens_and_configs():
+    """Token counts per item; validation names the config key; real sizes."""
+    from megatron_vlm.families.internvl.config import (
+        InternVisionConfig,
+        internvit_6b_config,
+        internvit_300m_config,
+        internvl_projector_config,
+    )
+    from megatron_vlm.families.internvl.projector import llm_tokens_per_item
+
+    vision, projector = configs("300m")
+    assert llm_tokens_per_item(vision, GRID).tolist() == [48, 16, 32]
+    with pytest.raises(ValueError, match="448 px"):
+        llm_tokens_per_item(vision, torch.tensor([[1, 3, 4]]))
+    small, big = internvit_300m_config(), internvit_6b_config()
+    assert (small.tile_size, small.tokens_per_tile, small.head_dim) == (448, 256, 64)
+    assert (big.head_dim, big.merged_hidden_size) == (128, 12800)
+    assert internvl_projector_config(big, 5120).input_size == 12800
+    with pytest.raises(ValueError, match="num_attention_heads=5 does not divide"):
+        InternVisionConfig(num_attention_heads=5)
+    with pytest.raises(ValueError, match="model.vision.norm_type='batch_norm'"):
+        InternVisionConfig(norm_type="batch_norm")
+    with pytest.raises(ValueError, match="model.projector.output_size=48 != model.llm"):
+        projector.check_matches(vision, 4096)
