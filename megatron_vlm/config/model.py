@@ -161,7 +161,13 @@ class LLMConfig:
     ffn_hidden_size: int = 18432
     """FFN size of the dense layers."""
     num_dense_layers: int = 1
-    """The first layers use a dense FFN (Kimi K2: 1, DeepSeek-V3: 3)."""
+    """The first layers use a dense FFN (Kimi K2: 1, DeepSeek-V3: 3). With ``moe_layer_pattern``:
+    the number of dense layers in it (its 0s), wherever they are."""
+    moe_layer_pattern: list[int] | None = None
+    """MoE models whose dense layers are not just the first ones: megatron's per-layer
+    ``moe_layer_freq`` list, one entry per layer, 1 = MoE, 0 = dense (``ffn_hidden_size``).
+    Qwen3-MoE: layer ``i`` is MoE iff ``i`` is not in HF ``mlp_only_layers`` and ``(i + 1) %
+    decoder_sparse_step == 0`` (Qwen3-30B-A3B: all 1). None = ``num_dense_layers`` 0s, then 1s."""
     num_experts: int | None = 384
     """Routed experts per MoE layer; None = dense model."""
     moe_router_topk: int = 8
@@ -171,7 +177,13 @@ class LLMConfig:
     moe_ffn_hidden_size: int = 2048
     """FFN size of one routed expert."""
     moe_router_score_function: Literal["sigmoid", "softmax"] = "sigmoid"
-    """Router score function."""
+    """Router score function. ``sigmoid`` (Kimi, GLM): the top-k sigmoid scores renormalised;
+    ``softmax`` (Qwen3-MoE, GPT-OSS): see ``moe_router_pre_softmax``."""
+    moe_router_pre_softmax: bool = False
+    """``softmax`` router only. False: top-k of the router logits, then a softmax over those k
+    (equal to softmax over all experts, top-k, renormalised: Qwen3-MoE ``norm_topk_prob: true``;
+    GPT-OSS); True: softmax over all experts, then top-k, not renormalised (Qwen3-MoE
+    ``norm_topk_prob: false``). megatron's ``moe_router_pre_softmax``."""
     moe_router_topk_scaling_factor: float = 2.827
     """Routed scaling factor applied to the normalised top-k probabilities."""
     moe_router_num_groups: int | None = None
@@ -288,6 +300,7 @@ class LLMConfig:
                 f"num_layers={self.num_layers}; set num_dense_layers <= num_layers"
             )
         self._check_attention()
+        self._check_moe_pattern()
         if self.num_experts is not None:
             if self.moe_router_topk > self.num_experts:
                 raise ValueError(
@@ -304,6 +317,27 @@ class LLMConfig:
                     f"model.llm.moe_router_num_groups={self.moe_router_num_groups} does not "
                     f"divide num_experts={self.num_experts}"
                 )
+
+    def _check_moe_pattern(self) -> None:
+        """``moe_layer_pattern`` and ``moe_router_pre_softmax`` against the layers and router."""
+        if self.moe_router_pre_softmax and self.moe_router_score_function != "softmax":
+            raise ValueError("model.llm.moe_router_pre_softmax=true applies to "
+                             "moe_router_score_function=softmax; set it false with sigmoid")
+        pattern = self.moe_layer_pattern
+        if pattern is None:
+            return
+        if self.num_experts is None:
+            raise ValueError("model.llm.moe_layer_pattern is set but num_experts is null (a "
+                             "dense model); leave moe_layer_pattern null")
+        if len(pattern) != self.num_layers or set(pattern) - {0, 1}:
+            raise ValueError(
+                f"model.llm.moe_layer_pattern={pattern} must have num_layers={self.num_layers} "
+                "entries, each 1 (MoE) or 0 (dense)")
+        if pattern.count(0) != self.num_dense_layers:
+            raise ValueError(
+                f"model.llm.moe_layer_pattern has {pattern.count(0)} dense layers (0s) but "
+                f"num_dense_layers={self.num_dense_layers}; set num_dense_layers to the number "
+                "of 0s")
 
     def _check_attention(self) -> None:
         """The GQA and M-RoPE fields against the attention kind."""
@@ -393,6 +427,8 @@ class LLMConfig:
         """megatron's per-layer pattern: 0 = dense FFN, 1 = MoE."""
         if self.num_experts is None:
             return [0] * self.num_layers
+        if self.moe_layer_pattern is not None:
+            return list(self.moe_layer_pattern)
         return [0] * self.num_dense_layers + [1] * (self.num_layers - self.num_dense_layers)
 
 

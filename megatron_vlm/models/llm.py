@@ -275,7 +275,7 @@ def build_transformer_config(
             moe_router_group_topk=llm.moe_router_group_topk,
             moe_router_enable_expert_bias=llm.moe_router_enable_expert_bias,
             moe_router_bias_update_rate=llm.moe_router_bias_update_rate,
-            moe_router_pre_softmax=False,
+            moe_router_pre_softmax=llm.moe_router_pre_softmax,
             moe_router_dtype="fp32",
             moe_router_load_balancing_type="seq_aux_loss" if llm.moe_aux_loss_coeff else "none",
             moe_aux_loss_coeff=llm.moe_aux_loss_coeff,
