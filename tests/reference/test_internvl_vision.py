@@ -264,3 +264,98 @@ def test_tokens_and_configs():
         InternVisionConfig(norm_type="batch_norm")
     with pytest.raises(ValueError, match="model.projector.output_size=48 != model.llm"):
         projector.check_matches(vision, 4096)
+
+
+def test_other_grid_resizes_table_as_transformers(ours_300m, hf_300m):
+    """A tile of another size (6x6 patches) resizes the table bicubically as transformers'
+    ``interpolate_pos_encoding`` does (InternVL's own tiles are always the table's size)."""
+    tower, _ = ours_300m
+    tile = tiles_for(1, seed=6, side=6)
+    with torch.no_grad():
+        expected = hf_300m.vision_tower(tile).last_hidden_state[0, 1:]
+        got = tower.encode(to_patches(tile), torch.tensor([[1, 6, 6]]))
+    assert_close(got, expected)
+
+
+@pytest.mark.parametrize("variant", ["300m", "6b"])
+def test_cost_model_matches_modules(variant, request):
+    """``costs.vision_tensors`` names every parameter with its shape (TP 1); ``step_flops``
+    equals torch's FLOP counter on our forward (conv and matmuls) plus the per-tile attention
+    (CLS included) counted here; the planner's ``vision_flops`` of a one-item budget equals
+    ``step_flops`` of that item."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_vlm.families.internvl import costs
+    from megatron_vlm.planning.costs import VisionBudget
+
+    tower, projector = request.getfixturevalue(f"ours_{variant}")
+    vision, projector_config = configs(variant)
+    params = {n: tuple(p.shape) for n, p in tower.named_parameters(prefix="vision_tower")}
+    params.update({n: tuple(p.shape) for n, p in projector.named_parameters(prefix="projector")})
+    assert {t.name: t.shape for t in costs.vision_tensors(vision, projector_config, "bf16", 1)} \
+        == params
+    patches = to_patches(tiles_for(TILES, seed=7))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        projector(tower(patches, GRID))
+    attention = 4 * LAYERS * HIDDEN * TILES * (SIDE * SIDE + 1) ** 2
+    step = costs.step_flops(vision, OUT, GRID, projector_config)
+    assert step == pytest.approx(3 * (counter.get_total_flops() + attention), rel=1e-12)
+    budget = VisionBudget(patches_per_micro_batch=3 * SIDE * SIDE,
+                          patches_per_item=3 * SIDE * SIDE, frames_per_item=3)
+    planned = costs.vision_flops(vision, projector_config, budget)
+    assert sum(planned.values()) == pytest.approx(
+        costs.step_flops(vision, OUT, GRID[:1]), rel=1e-12)
+    assert costs.vision_bytes(vision, projector_config, budget, tp=1, cp=1) > 0
+
+
+def test_name_map_round_trip(ours_6b, hf_6b):
+    """Export through the same rules gives transformers' tensors back bit for bit (q, k, v
+    split from megatron's per-head qkv, the layer scales, the whole-width q/k norms)."""
+    tower, projector = ours_6b
+    table = name_table()
+    ours = dict(tower.named_parameters(prefix="vision_tower"))
+    ours.update(projector.named_parameters(prefix="projector"))
+    exported = {}
+    for name, param in ours.items():
+        rule, binding = table.lookup(name)
+        exported.update(zip(rule.hf_names(binding),
+                            rule.transform.to_hf(param.detach(), table.ctx)))
+    hf = hf_visual_state(hf_6b)
+    assert exported.keys() == hf.keys()
+    for name, value in hf.items():
+        assert torch.equal(exported[name], value), name
+    te = table.to_te_name("vision_tower.encoder.layers.1.pre_mlp_layernorm.weight")
+    assert te == "vision_tower.encoder.layers.1.mlp.linear_fc1.layer_norm_weight"
+
+
+@pytest.mark.parametrize("variant", ["300m", "6b"])
+def test_real_size_parameter_count(variant):
+    """The cost model's real-size tower + ``mlp1`` (into a 4096-wide LLM) hold as many
+    parameters as transformers' ``InternVLVisionModel`` + ``InternVLMultiModalProjector`` of the
+    same sizes (built on the meta device)."""
+    from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+    from transformers.models.internvl.modeling_internvl import (
+        InternVLMultiModalProjector,
+        InternVLVisionModel,
+    )
+
+    from megatron_vlm.families.internvl import costs
+    from megatron_vlm.families.internvl.config import (
+        internvit_6b_config,
+        internvit_300m_config,
+        internvl_projector_config,
+    )
+
+    vision = internvit_300m_config() if variant == "300m" else internvit_6b_config()
+    hf_vision = InternVLVisionConfig(
+        hidden_size=vision.hidden_size, num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_attention_heads, intermediate_size=vision.ffn_hidden_size,
+        norm_type=vision.norm_type, use_qk_norm=vision.qk_norm, attention_bias=vision.qkv_bias)
+    config = InternVLConfig(vision_config=hf_vision.to_dict(),
+                            text_config=dict(model_type="qwen2", hidden_size=4096))
+    with torch.device("meta"):
+        hf = [InternVLVisionModel(config.vision_config), InternVLMultiModalProjector(config)]
+    ours = costs.vision_tensors(vision, internvl_projector_config(vision, 4096), "bf16", 1)
+    expected = {"300m": 304_012_288 + 33_570_816, "6b": 5_536_496_000 + 69_239_808}[variant]
+    assert sum(t.numel for t in ours) == sum(p.numel() for m in hf for p in m.parameters()) \
+        == expected
