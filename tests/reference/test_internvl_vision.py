@@ -359,3 +359,40 @@ def test_real_size_parameter_count(variant):
     expected = {"300m": 304_012_288 + 33_570_816, "6b": 5_536_496_000 + 69_239_808}[variant]
     assert sum(t.numel for t in ours) == sum(p.numel() for m in hf for p in m.parameters()) \
         == expected
+
+
+def test_vision_config_from_and_to_hf(hf_6b):
+    """transformers' ``InternVLConfig`` -> ours -> back: the tiny 6B-style one and both real
+    presets; import refuses what the tower cannot run, naming the field."""
+    import dataclasses
+
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.families.internvl.config import (
+        internvit_6b_config,
+        internvit_300m_config,
+        internvl_projector_config,
+    )
+    from megatron_vlm.families.internvl.hf_vision_config import vision_from_hf, vision_to_hf
+
+    hf = hf_6b.config.to_dict()
+    vision, projector = vision_from_hf(hf, OUT)
+    assert (vision, projector) == configs("6b")
+    back = vision_to_hf(vision, projector)
+    assert {k: hf[k] for k in back if k != "vision_config"} == \
+        {k: v for k, v in back.items() if k != "vision_config"}
+    hf_vision = {k: list(v) if isinstance(v, tuple) else v
+                 for k, v in hf["vision_config"].items()}
+    assert {k: hf_vision[k] for k in back["vision_config"]} == back["vision_config"]
+    for real in (internvit_300m_config(), internvit_6b_config()):
+        real = dataclasses.replace(real, parallel_mode="split")
+        proj = internvl_projector_config(real, 4096)
+        text = dict(model_type="qwen3", hidden_size=4096)
+        rebuilt = InternVLConfig(**vision_to_hf(real, proj), text_config=text).to_dict()
+        assert vision_from_hf(rebuilt, 4096) == (real, proj)
+    with pytest.raises(ConversionError, match="vision_feature_layer=-2"):
+        vision_from_hf({**hf, "vision_feature_layer": -2}, OUT)
+    with pytest.raises(ConversionError, match="vision_config.use_mean_pooling=False"):
+        vision_from_hf({**hf, "vision_config": {**hf["vision_config"],
+                                                 "use_mean_pooling": False}}, OUT)
+    with pytest.raises(ConversionError, match="downsample_ratio=0.3"):
+        vision_from_hf({**hf, "downsample_ratio": 0.3}, OUT)
