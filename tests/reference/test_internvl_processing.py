@@ -89,6 +89,8 @@ def _sizes() -> list[tuple[int, int]]:
     # area rule's border 0.5 * 448^2 * cols * rows
     cases += [(s, s) for s in (316, 317, 448, 633, 634, 950, 951)]
     cases += [(s, 2 * s) for s in (316, 317, 447, 448, 449)]
+    # ties whose area is exactly 0.5 * 448^2 * cols * rows (the rule is ">", not ">=")
+    cases += [(588, 2048), (882, 1024), (896, 1008), (1008, 896)]
     return cases
 
 
