@@ -396,3 +396,56 @@ def test_vision_config_from_and_to_hf(hf_6b):
                                                  "use_mean_pooling": False}}, OUT)
     with pytest.raises(ConversionError, match="downsample_ratio=0.3"):
         vision_from_hf({**hf, "downsample_ratio": 0.3}, OUT)
+
+
+def remote_layout(hf_state: dict) -> dict:
+    """transformers' state in the remote-code layout: the inverse of the renames and the qkv
+    split of transformers' ``convert_internvl_weights_to_hf.py``, written out here."""
+    renames = [("vision_tower.", "vision_model."), ("encoder.layer.", "encoder.layers."),
+               ("cls_token", "class_embedding"), ("position_embeddings", "position_embedding"),
+               ("patch_embeddings.projection", "patch_embedding"), ("lambda_", "ls"),
+               ("attention.projection_layer", "attn.proj"), ("attention.", "attn."),
+               ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+               ("multi_modal_projector.layer_norm", "mlp1.0"),
+               ("multi_modal_projector.linear_1", "mlp1.1"),
+               ("multi_modal_projector.linear_2", "mlp1.3")]
+    out = {}
+    for name, value in hf_state.items():
+        for old, new in renames:
+            name = name.replace(old, new)
+        if ".attn.q_proj." in name:
+            parts = [hf_state_value(hf_state, name, x) for x in "qkv"]
+            out[name.replace(".attn.q_proj.", ".attn.qkv.")] = torch.cat(parts)
+        elif ".attn.k_proj." not in name and ".attn.v_proj." not in name:
+            out[name] = value
+    return out
+
+
+def hf_state_value(hf_state: dict, remote_name: str, which: str):
+    layer, rest = remote_name.split(".encoder.layers.")[1].split(".", 1)
+    return hf_state[f"vision_tower.encoder.layer.{layer}.attention.{which}_proj."
+                    + rest.rsplit(".", 1)[1]]
+
+
+@pytest.mark.parametrize("variant", ["300m", "6b"])
+def test_remote_code_layout_round_trip(variant, request):
+    """The remote-code checkpoint layout (fused ``attn.qkv``, ``ls1``/``ls2``, ``mlp1.{0,1,3}``)
+    imports to exactly the tensors the HF layout gives, and exports back bit for bit."""
+    from megatron_vlm.convert.rules import ConvertContext, Table
+    from megatron_vlm.families.internvl.hf_vision_names import internvl_remote_visual_rules
+
+    hf = request.getfixturevalue(f"hf_{variant}")
+    tower, projector = request.getfixturevalue(f"ours_{variant}")
+    remote = remote_layout(hf_visual_state(hf))
+    table = Table(internvl_remote_visual_rules(), ConvertContext(vision_num_heads=HEADS))
+    ours = dict(tower.named_parameters(prefix="vision_tower"))
+    ours.update(projector.named_parameters(prefix="projector"))
+    exported = {}
+    for name, param in ours.items():
+        rule, binding = table.lookup(name)
+        names = rule.hf_names(binding)
+        assert torch.equal(rule.transform.to_ours([remote[n] for n in names], table.ctx), param)
+        exported.update(zip(names, rule.transform.to_hf(param.detach(), table.ctx)))
+    assert exported.keys() == remote.keys()
+    assert all(torch.equal(exported[n], v) for n, v in remote.items())
+    assert ("vision_model.encoder.layers.0.attn.qkv.bias" in remote) == (variant == "300m")
