@@ -26,6 +26,10 @@ class YarnConfig:
     mscale_all_dim: float = 1.0
     """m' dividing the cos/sin scale; softmax scale gets mscale(s, m')^2. mscale(s, 0) = 1 by the
     formula (transformers instead ignores both m and m' when either is 0; see models/llm.py)."""
+    truncate: bool = True
+    """Round the correction range to whole dims (floor / ceil; DeepSeek-V3, Kimi). False keeps
+    it fractional (GPT-OSS: HF ``rope_parameters.truncate: false``; megatron's
+    ``yarn_correction_range_round_to_int``). GQA only."""
 
     def __post_init__(self) -> None:
         if self.factor < 1.0:
@@ -123,7 +127,10 @@ class LLMConfig:
     """The language model: RMSNorm, SwiGLU, dense or DeepSeek-V3 style MoE FFNs, and MLA (Kimi
     K2 / DeepSeek-V3, the default) or grouped-query attention (``attention: gqa``: Qwen3, GLM-4).
     GLM options: partial rotary (``rotary_fraction``), the M-RoPE layout (``mrope_style``),
-    GLM-4.1V's sandwich norms and GLM-4.5-Air's MTP layer (``mtp_num_layers``)."""
+    GLM-4.1V's sandwich norms and GLM-4.5-Air's MTP layer (``mtp_num_layers``). Qwen3-MoE:
+    ``moe_layer_pattern``, ``moe_router_pre_softmax``. GPT-OSS: ``attention_sinks``,
+    ``sliding_window`` / ``window_attn_skip_freq``, ``mlp_activation: clamped_swiglu``,
+    ``add_bias_linear``, YaRN with ``yarn.truncate``."""
 
     attention: Literal["mla", "gqa"] = "mla"
     """Attention kind. ``mla``: multi-head latent attention (the ``q_lora_rank`` ...
@@ -158,6 +165,29 @@ class LLMConfig:
     ``q_norm``/``k_norm``), at ``norm_epsilon``. MLA always has its latent norms."""
     add_qkv_bias: bool = False
     """GQA only: biases on the q/k/v projections (Qwen2: true; Qwen3: false)."""
+    add_bias_linear: bool = False
+    """Biases on every other linear too: the attention output projection, the MLPs' and experts'
+    ``linear_fc1``/``linear_fc2`` and the router (megatron ``add_bias_linear``; GPT-OSS: true,
+    with ``add_qkv_bias``)."""
+    attention_sinks: bool = False
+    """GQA only: one learned logit per head that joins every query's softmax denominator and
+    attends to nothing (GPT-OSS HF ``sinks``; megatron ``softmax_type='learnable'``, parameter
+    ``core_attention.softmax_offset``)."""
+    sliding_window: int | None = None
+    """GQA only: sliding-window layers let a query see itself and the ``sliding_window - 1``
+    tokens before it in its document (GPT-OSS: 128; megatron ``window_size = (sliding_window -
+    1, 0)``). None = full causal attention in every layer."""
+    window_attn_skip_freq: int | None = None
+    """With ``sliding_window``: every ``N``-th layer (1-based: layers N, 2N, ...) keeps full
+    attention, the others slide (GPT-OSS: 2, layer 0 sliding); None = every layer slides.
+    megatron's ``window_attn_skip_freq``."""
+    mlp_activation: Literal["swiglu", "clamped_swiglu"] = "swiglu"
+    """The gated MLPs' and experts' activation on ``linear_fc1 = [gate; up]``. ``swiglu``:
+    ``silu(gate) * up``; ``clamped_swiglu`` (GPT-OSS): ``g * sigmoid(1.702 g) * (u + 1)`` with
+    ``g = min(gate, swiglu_limit)``, ``u = clamp(up, -swiglu_limit, swiglu_limit)`` (megatron
+    ``quick_gelu`` + ``glu_linear_offset=1`` + ``activation_func_clamp_value``)."""
+    swiglu_limit: float = 7.0
+    """``clamped_swiglu``'s clamp (GPT-OSS HF ``swiglu_limit``: 7)."""
     ffn_hidden_size: int = 18432
     """FFN size of the dense layers."""
     num_dense_layers: int = 1
@@ -301,6 +331,7 @@ class LLMConfig:
             )
         self._check_attention()
         self._check_moe_pattern()
+        self._check_window()
         if self.num_experts is not None:
             if self.moe_router_topk > self.num_experts:
                 raise ValueError(
@@ -339,12 +370,37 @@ class LLMConfig:
                 f"num_dense_layers={self.num_dense_layers}; set num_dense_layers to the number "
                 "of 0s")
 
+    def _check_window(self) -> None:
+        """``sliding_window``, ``window_attn_skip_freq`` and the clamped SwiGLU."""
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model.llm.sliding_window={self.sliding_window} must be >= 1 "
+                             "tokens (GPT-OSS: 128) or null")
+        if self.window_attn_skip_freq is not None:
+            if self.sliding_window is None:
+                raise ValueError("model.llm.window_attn_skip_freq needs sliding_window; set "
+                                 "sliding_window (GPT-OSS: 128) or leave it null")
+            if self.window_attn_skip_freq < 1:
+                raise ValueError(f"model.llm.window_attn_skip_freq={self.window_attn_skip_freq} "
+                                 "must be >= 1 (GPT-OSS: 2)")
+        if not self.swiglu_limit > 0:
+            raise ValueError(f"model.llm.swiglu_limit={self.swiglu_limit} must be > 0 "
+                             "(GPT-OSS: 7)")
+
+    def layer_slides(self, layer: int) -> bool:
+        """Whether 0-based decoder layer ``layer`` uses the sliding window (megatron's
+        ``is_layer_window_attention`` on 1-based layer numbers)."""
+        if self.sliding_window is None:
+            return False
+        freq = self.window_attn_skip_freq
+        return freq is None or (layer + 1) % freq != 0
+
     def _check_attention(self) -> None:
         """The GQA and M-RoPE fields against the attention kind."""
         if self.attention == "mla":
             gqa_set = [name for name, off in (
                 ("num_query_groups", None), ("kv_channels", None), ("qk_layernorm", False),
-                ("add_qkv_bias", False)) if getattr(self, name) != off]
+                ("add_qkv_bias", False), ("attention_sinks", False), ("sliding_window", None))
+                if getattr(self, name) != off]
             if gqa_set:
                 raise ValueError(
                     f"model.llm.{gqa_set[0]} applies to attention=gqa only; with attention=mla "
@@ -352,6 +408,9 @@ class LLMConfig:
             if self.position_embedding != "rope":
                 raise ValueError("model.llm.position_embedding=mrope needs attention=gqa "
                                  "(megatron-core has no M-RoPE for MLA)")
+            if not self.yarn.truncate:
+                raise ValueError("model.llm.yarn.truncate=false applies to attention=gqa; MLA's "
+                                 "YaRN always rounds its correction range")
             if self.rotary_fraction != 1.0:
                 raise ValueError(
                     f"model.llm.rotary_fraction={self.rotary_fraction} applies to attention=gqa; "
@@ -365,9 +424,9 @@ class LLMConfig:
         if self.kv_channels is not None and (self.kv_channels <= 0 or self.kv_channels % 2):
             raise ValueError(f"model.llm.kv_channels={self.kv_channels} must be a positive even "
                              "head dim (Qwen3: 128)")
-        if self.yarn.enabled:
-            raise ValueError("model.llm.yarn applies to attention=mla only for now; set "
-                             "yarn.factor=1 with attention=gqa (raise rope_theta instead)")
+        if self.yarn.enabled and self.position_embedding != "rope":
+            raise ValueError("model.llm.yarn with attention=gqa needs position_embedding=rope "
+                             "(megatron has no YaRN M-RoPE); set yarn.factor=1")
         if self.qk_clip:
             raise ValueError("model.llm.qk_clip is implemented for attention=mla only; set "
                              "qk_clip=false with attention=gqa (log_max_attention_logit works)")

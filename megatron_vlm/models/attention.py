@@ -15,6 +15,10 @@ THD batches and context parallelism, and records no max logits (SPEC §6). This 
 * per-head max of the scaled pre-softmax logit over unmasked entries, kept as
   ``current_max_attn_logits`` (the attribute megatron's ``MLASelfAttention.clip_qk`` reads) when
   ``config.qk_clip`` or ``config.log_max_attention_logit`` is set;
+* GPT-OSS's attention sinks (``config.softmax_type='learnable'``: a learned logit per head in
+  every softmax denominator, parameter ``softmax_offset`` as in megatron's ``DotProductAttention``
+  and TE's) and sliding window (``config.window_size = (left, 0)`` on the layers megatron's
+  ``is_layer_window_attention`` picks: a query sees the ``left`` keys before it in its document);
 * context parallelism (``config.context_parallel_size > 1``, THD only): the input holds this CP
   rank's two load-balanced chunks of every document (``parallel/context.py``) while
   ``PackedSeqParams`` stay global (megatron's convention); K and V are all-gathered over the CP
@@ -38,9 +42,14 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    is_layer_window_attention,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from megatron_vlm.parallel.context import (
     ContextParallelLayout,
@@ -105,14 +114,32 @@ def segment_ids_from_cu_seqlens(
     return seg, valid
 
 
+def window_mask(rows: torch.Tensor, keys: torch.Tensor,
+                window: tuple[int, int] | None) -> torch.Tensor | None:
+    """``[len(rows), len(keys)]`` True where key position ``k`` is inside query position ``q``'s
+    window ``q - left <= k <= q + right`` (megatron / flash convention, -1 = unbounded); None
+    without a window."""
+    if window is None:
+        return None
+    left, right = window
+    diff = keys[None, :] - rows[:, None]
+    mask = torch.ones_like(diff, dtype=torch.bool)
+    if left >= 0:
+        mask = mask & (diff >= -left)
+    if right >= 0:
+        mask = mask & (diff <= right)
+    return mask
+
+
 def packed_attention_mask(
     segment_ids: torch.Tensor, valid: torch.Tensor, causal: bool,
-    q_index: torch.Tensor | None = None,
+    q_index: torch.Tensor | None = None, window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Boolean ``[t_q, t]`` mask (True = attend) for a packed sequence of ``t`` tokens.
 
     A query attends keys of its own document that are real (not padding), and earlier ones when
-    causal. A padding query attends only itself, so its (unused) output stays finite.
+    causal, within ``window`` (``(left, right)`` tokens, see :func:`window_mask`) when given. A
+    padding query attends only itself, so its (unused) output stays finite.
     ``q_index [t_q]``: global token index of each query row (context parallelism); None = all
     ``t`` tokens in order.
     """
@@ -122,6 +149,8 @@ def packed_attention_mask(
     mask = same & valid[None, :] & (segment_ids[None, :] >= 0)
     if causal:  # documents are contiguous: "earlier in the document" = lower global index
         mask = mask & (keys[None, :] <= rows[:, None])
+    if window is not None:  # contiguous documents: position distance = index distance
+        mask = mask & window_mask(rows, keys, window)
     eye = keys[None, :] == rows[:, None]
     mask = torch.where(valid[rows][:, None], mask, eye)
     return mask
@@ -204,8 +233,41 @@ class PackedSelfAttention(MegatronModule):
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
         self.record_max_logits = bool(config.qk_clip or config.log_max_attention_logit)
+        # Sliding window of this layer (megatron's rule on 1-based layer numbers), or None.
+        self.window = (tuple(config.window_size) if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number) else None)
+        self.softmax_offset = self._build_sinks(config, pg_collection)
         # Per local head, max over all calls since the last reset (megatron's clip_qk resets it).
         self.current_max_attn_logits: torch.Tensor | None = None
+
+    def _build_sinks(self, config: TransformerConfig, pg_collection) -> torch.Tensor | None:
+        """Attention sinks, one logit per local head (megatron's ``softmax_type``): learned
+        (``learnable``, GPT-OSS), fixed 0 (``off-by-one``) or none (``vanilla``)."""
+        kind = getattr(config, "softmax_type", "vanilla")
+        if kind == "vanilla":
+            return None
+        tp = groups_or_default(pg_collection, required=True).tp.size()
+        heads = config.num_attention_heads // tp
+        if kind == "off-by-one":
+            return torch.zeros(heads)
+        sinks = torch.nn.Parameter(torch.empty(heads, dtype=config.params_dtype))
+        if config.perform_initialization:
+            config.init_method(sinks)
+        # Each TP rank holds its heads' sinks: sharded, so not counted as TP-duplicated in the
+        # gradient norm.
+        set_tensor_model_parallel_attributes(sinks, True, 0, 1)
+        return sinks
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """The learned sinks, sharded over TP by head (as megatron's ``DotProductAttention``)."""
+        if not isinstance(self.softmax_offset, torch.nn.Parameter):
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        state = self.state_dict(prefix="", keep_vars=True)
+        groups = groups_or_default(required=True)
+        dp_cp = (metadata or {}).get("dp_cp_group") or groups.dp_cp
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"softmax_offset": 0}, sharded_offsets, tp_group=groups.tp,
+            dp_cp_group=dp_cp)
 
     def _is_causal(self, attn_mask_type: AttnMaskType | None) -> bool:
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
@@ -235,15 +297,18 @@ class PackedSelfAttention(MegatronModule):
         # sbhd -> [b, np, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         mask = None
+        sq, sk = q.shape[2], k.shape[2]
         if attention_mask is not None:
             # megatron masks are True where attention is *forbidden*.
             mask = ~attention_mask.bool()
             if causal:
-                sq, sk = q.shape[2], k.shape[2]
                 mask = mask & torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         elif causal:
-            sq, sk = q.shape[2], k.shape[2]
             mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        if self.window is not None:
+            pos = torch.arange(sk, device=q.device)
+            near = window_mask(pos[sk - sq:], pos, self.window)
+            mask = near if mask is None else mask & near
         out = self._attend(q, k, v, mask)  # [b, np, s, hv]
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
@@ -293,7 +358,7 @@ class PackedSelfAttention(MegatronModule):
         else:
             cu_q, cu_q_real = params.cu_seqlens_q, None
         seg, valid = segment_ids_from_cu_seqlens(cu_q, key.shape[0], cu_q_real)
-        mask = packed_attention_mask(seg, valid, causal, q_index).to(query.device)
+        mask = packed_attention_mask(seg, valid, causal, q_index, self.window).to(query.device)
         # [t, np, hn] -> [1, np, t, hn]
         q, k, v = (x.permute(1, 0, 2).unsqueeze(0) for x in (query, key, value))
         # Padding queries attend themselves only to stay finite; they never count in max logits.
@@ -313,6 +378,8 @@ class PackedSelfAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         if self.record_max_logits:
             self._record_max_logits(q, k, mask if record_mask is None else record_mask)
+        if self.softmax_offset is not None:
+            return self._attend_with_sinks(q, k, v, mask, dropout_p)
         if dropout_p > 0.0:
             from megatron.core import tensor_parallel
 
@@ -321,6 +388,25 @@ class PackedSelfAttention(MegatronModule):
                     q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale
                 )
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
+
+    def _attend_with_sinks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+        """Attention whose softmax denominators also hold ``exp(sink_h)`` (GPT-OSS, HF's eager
+        ``sinks`` column; SDPA has no such term): explicit logits, fp32 softmax over
+        ``[logits, sink]``, the sink's column dropped."""
+        logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        sinks = self.softmax_offset.to(device=logits.device, dtype=torch.float32)
+        sink_col = sinks.view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
+        probs = probs.to(v.dtype)
+        if dropout_p > 0.0:
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                probs = F.dropout(probs, p=dropout_p, training=True)
+        return torch.matmul(probs, v)
 
     @torch.no_grad()
     def _record_max_logits(

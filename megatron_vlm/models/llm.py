@@ -1,5 +1,7 @@
 """The LLM: a megatron-core ``GPTModel`` from ``LLMConfig``: MLA (Kimi K2 / DeepSeek-V3) or
-grouped-query attention (Qwen3), dense or DeepSeek-V3 style MoE FFNs, 1D RoPE or our M-RoPE.
+grouped-query attention (Qwen3, GLM, GPT-OSS's sinks and sliding window), dense or MoE FFNs
+(DeepSeek-V3 style, Qwen3-MoE, GPT-OSS's biased experts and clamped SwiGLU), 1D RoPE, YaRN or
+our M-RoPE.
 
 Layer implementations (Transformer Engine or local, attention kernel, grouped GEMM) are chosen
 in ``models/specs.py``.
@@ -12,7 +14,8 @@ explicitly, because some megatron defaults are traps for these families
 
 Position embeddings: MLA rotates inside its attention (``GPTModel`` gets
 ``position_embedding_type='none'``); GQA with 1D RoPE uses megatron's ``RotaryEmbedding``
-(``'rope'``, NeoX halves, ``rotary_base = rope_theta``); GQA with M-RoPE is
+(``'rope'``, NeoX halves, ``rotary_base = rope_theta``) or, with ``yarn.factor > 1`` (GPT-OSS),
+its ``YarnRotaryEmbedding`` (``'yarn'``); GQA with M-RoPE is
 :class:`~megatron_vlm.models.mrope.MRopeGPTModel` (megatron's ``'none'`` plus our per-token
 3-axis frequencies, see ``models/mrope.py``).
 """
@@ -24,6 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
@@ -178,7 +182,38 @@ def _gqa_kwargs(llm: LLMConfig) -> dict:
                        else None),
         qk_clip=False,  # refused by LLMConfig for gqa (optim/qk_clip.py is MLA's)
         log_max_attention_logit=llm.log_max_attention_logit,
+        # GPT-OSS: per-head learned sinks; sliding window (megatron's window counts the keys
+        # before the query, HF's sliding_window includes the query) on every layer but each
+        # window_attn_skip_freq-th (1-based)
+        softmax_type="learnable" if llm.attention_sinks else "vanilla",
+        window_size=(llm.sliding_window - 1, 0) if llm.sliding_window else None,
+        window_attn_skip_freq=llm.window_attn_skip_freq,
     )
+
+
+def _activation_kwargs(llm: LLMConfig) -> dict:
+    """Gated MLP activation: SwiGLU, or GPT-OSS's clamped SwiGLU ``quick_gelu(min(g, l)) *
+    (clamp(u, -l, l) + 1)`` through megatron's own options (FAMILIES.md §5)."""
+    if llm.mlp_activation == "clamped_swiglu":
+        return dict(gated_linear_unit=True, activation_func=quick_gelu, glu_linear_offset=1.0,
+                    activation_func_clamp_value=llm.swiglu_limit)
+    return dict(gated_linear_unit=True, activation_func=F.silu)
+
+
+def _set_gqa_yarn(config: TransformerConfig, llm: LLMConfig) -> None:
+    """YaRN for GQA: megatron-core 0.16.1's ``GPTModel(position_embedding_type='yarn')`` and its
+    attention read these ``yarn_*`` attributes off the config (``gpt_model.py:172``,
+    ``yarn_rotary_pos_embedding.py:274``); ``TransformerConfig`` declares none of them. HF's
+    default attention factor (GPT-OSS: no mscale keys) is ``0.1 ln s + 1`` = megatron's
+    mscale(s, 1) / mscale(s, 0)."""
+    yarn = llm.yarn
+    config.yarn_rotary_scaling_factor = yarn.factor
+    config.yarn_original_max_position_embeddings = yarn.original_max_position_embeddings
+    config.yarn_beta_fast = yarn.beta_fast
+    config.yarn_beta_slow = yarn.beta_slow
+    config.yarn_mscale = yarn.mscale
+    config.yarn_mscale_all_dim = yarn.mscale_all_dim
+    config.yarn_correction_range_round_to_int = yarn.truncate
 
 
 def build_transformer_config(
@@ -212,9 +247,8 @@ def build_transformer_config(
         # --- block structure
         normalization="RMSNorm",
         layernorm_epsilon=llm.norm_epsilon,  # MLA latent norms: see llm_block_spec
-        add_bias_linear=False,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        add_bias_linear=llm.add_bias_linear,
+        **_activation_kwargs(llm),
         hidden_dropout=llm.hidden_dropout,
         attention_dropout=llm.attention_dropout,
         init_method_std=llm.init_method_std,
@@ -285,7 +319,12 @@ def build_transformer_config(
             moe_permute_fusion=choice.moe_permute_fusion,
             moe_router_fusion=False,
         )
-    return MLATransformerConfig(**kwargs) if mla else TransformerConfig(**kwargs)
+    if mla:
+        return MLATransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    if llm.yarn.enabled:
+        _set_gqa_yarn(config, llm)
+    return config
 
 
 def llm_block_spec(
@@ -326,7 +365,8 @@ def gpt_model_args(llm: LLMConfig, parallel: ParallelConfig, config: Transformer
         vocab_size=padded_vocab_size(llm.vocab_size, parallel.tp),
         max_sequence_length=llm.max_position_embeddings,
         share_embeddings_and_output_weights=not llm.untie_embeddings,
-        position_embedding_type="rope" if gqa and not mrope else "none",
+        position_embedding_type=(("yarn" if llm.yarn.enabled else "rope") if gqa and not mrope
+                                 else "none"),
         rotary_percent=llm.rotary_fraction,  # GPTModel's RotaryEmbedding reads the arguments
         rotary_base=llm.rope_theta,
         mtp_block_spec=llm_mtp_block_spec(config, block, choice, vp_stage=vp_stage),
@@ -392,6 +432,11 @@ def build_llm(
         pg_collection=pg_collection,
         scatter_embedding_sequence_parallel=scatter_embedding_sequence_parallel,
     )
+    if llm.attention == "gqa" and llm.yarn.enabled and hasattr(model, "rotary_pos_emb"):
+        # megatron-core 0.16.1's GPTModel builds YarnRotaryEmbedding without its cp_group (it
+        # then reads parallel_state's); give it the model's (sbhd CP slicing; THD passes the
+        # packed params' group per call).
+        model.rotary_pos_emb.cp_group = pg_collection.cp
     if post_process:
         mask_padded_vocab(model, llm.vocab_size)
     return model

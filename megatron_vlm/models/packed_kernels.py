@@ -25,6 +25,12 @@ each kernel the local queries with their global token indices (``q_index``); ``s
 one SDPA per local chunk of a document (causal aligned to the lower right), ``flex`` builds its
 block mask over ``[local queries, global keys]``; ``varlen`` refuses CP.
 
+Sinks and sliding windows (GPT-OSS; ``PackedSelfAttention``): ``sdpa_doc`` masks each document's
+window explicitly and forms a sink layer's softmax itself; ``flex`` puts the window in its block
+mask (blocks outside it are skipped) and rescales its output by ``sigmoid(lse - sink)`` (the
+sink's share of the denominator, from flex's log-sum-exp); ``varlen`` refuses both (torch's
+flash varlen has no sinks).
+
 Max logits (QK-Clip): every kernel computes the per-head max of the scaled logits explicitly, per
 document and in query chunks, under ``no_grad`` -- one extra ``Q K^T`` with fp32 accumulation, only
 when ``qk_clip``/``log_max_attention_logit`` is on. (flex's ``AuxRequest(max_scores=True)`` is
@@ -44,7 +50,7 @@ import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch.nn.attention.bias import causal_lower_right
 
-from megatron_vlm.models.attention import PackedSelfAttention
+from megatron_vlm.models.attention import PackedSelfAttention, window_mask
 
 #: Queries per block of the explicit max-logit computation (bounds its ``[np, chunk, n]`` buffer).
 MAX_LOGIT_QUERY_CHUNK = 1024
@@ -256,10 +262,34 @@ class DocumentSDPAAttention(PackedSelfAttention):
                 nk = run.offset + nq if causal else layout.real[run.doc]
                 q = query[run.row : run.row + nq].transpose(0, 1).unsqueeze(0)
                 k, v = (x[start : start + nk].transpose(0, 1).unsqueeze(0) for x in (key, value))
-                pieces.append(self._sdpa(q, k, v, causal, dropout_p)[0].transpose(0, 1))
+                if self.window is not None or self.softmax_offset is not None:
+                    out = self._attend_masked(q, k, v, run.offset, causal, dropout_p)
+                else:
+                    out = self._sdpa(q, k, v, causal, dropout_p)
+                pieces.append(out[0].transpose(0, 1))
             if run.rows > nq:
                 pieces.append(value.new_zeros(run.rows - nq, heads, dv))
         return torch.cat(pieces, dim=0)  # [t_q, np, hv]
+
+    def _attend_masked(self, q, k, v, offset: int, causal: bool,
+                       dropout_p: float) -> torch.Tensor:
+        """One document's queries (positions ``offset ...``) against its keys (positions ``0
+        ...``) with an explicit causal and window mask, and the sinks when the layer has them."""
+        rows = torch.arange(offset, offset + q.shape[2], device=q.device)
+        keys = torch.arange(k.shape[2], device=q.device)
+        mask = (keys[None, :] <= rows[:, None]) if causal else None
+        near = window_mask(rows, keys, self.window)
+        if near is not None:
+            mask = near if mask is None else mask & near
+        if self.softmax_offset is not None:
+            return self._attend_with_sinks(q, k, v, mask, dropout_p)
+        if dropout_p > 0.0:
+            from megatron.core import tensor_parallel
+
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.softmax_scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.softmax_scale)
 
     def _sdpa(self, q, k, v, causal: bool, dropout_p: float) -> torch.Tensor:
         mask = None
@@ -310,7 +340,8 @@ class FlexPackedAttention(PackedSelfAttention):
                     q_index: torch.Tensor | None = None):
         from torch.nn.attention.flex_attention import create_block_mask
 
-        key = ("flex", causal, None if q_index is None else id(q_index))
+        window = self.window
+        key = ("flex", causal, window, None if q_index is None else id(q_index))
         hit = layout.cache.get(key)
         if hit is None or hit[0] is not q_index:
             seg, valid = layout.segment_ids, layout.valid
@@ -323,6 +354,11 @@ class FlexPackedAttention(PackedSelfAttention):
                 allowed = (seg[g] == seg[kv_idx]) & valid[kv_idx]
                 if causal:
                     allowed = allowed & (g >= kv_idx)
+                if window is not None:  # contiguous documents: index distance = position's
+                    if window[0] >= 0:
+                        allowed = allowed & (g - kv_idx <= window[0])
+                    if window[1] >= 0:
+                        allowed = allowed & (kv_idx - g <= window[1])
                 # A padding query attends itself only, as in the reference, so rows stay finite.
                 return allowed | ((g == kv_idx) & ~valid[g])
 
@@ -340,9 +376,22 @@ class FlexPackedAttention(PackedSelfAttention):
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, np, t, h]
         # flex runs through torch.compile even in eager mode (torch 2.13 raises with dynamo
         # disabled, e.g. TORCH_COMPILE_DISABLE=1), so dynamo is re-enabled for this call only.
+        sinks = self.softmax_offset is not None
+        extra = {}
+        if sinks:
+            from torch.nn.attention.flex_attention import AuxRequest
+
+            extra["return_aux"] = AuxRequest(lse=True)
         with torch._dynamo.config.patch(disable=False):
             out = self._flex(query.device)(q, k, v, block_mask=block_mask,
-                                           scale=self.softmax_scale)
+                                           scale=self.softmax_scale, **extra)
+        if sinks:
+            # softmax over [logits, sink] = softmax over logits * sum / (sum + e^sink)
+            out, aux = out
+            lse = aux.lse
+            sink = self.softmax_offset.to(device=lse.device, dtype=torch.float32)
+            share = torch.sigmoid(lse.float() - sink.view(1, -1, 1))  # [1, np, t]
+            out = (out.float() * share.unsqueeze(-1)).to(out.dtype)
         return out[0].transpose(0, 1)  # [t, np, hv]
 
 
@@ -389,6 +438,10 @@ class VarlenPackedAttention(PackedSelfAttention):
             raise NotImplementedError(
                 "attention kernel 'varlen' has no context-parallel path; with parallel.cp > 1 "
                 "use model.kernels.attention_kernel=sdpa_doc (or the TE backend)")
+        if self.softmax_offset is not None or self.window is not None:
+            raise NotImplementedError(
+                "attention kernel 'varlen' has no attention sinks or sliding window here; use "
+                "model.kernels.attention_kernel=flex or sdpa_doc (or the TE backend)")
         if self.varlen_fn is None and resolve_varlen() is None:
             raise RuntimeError("torch.nn.attention.varlen is not available in torch "
                                f"{torch.__version__}; choose another attention kernel")

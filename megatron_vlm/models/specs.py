@@ -216,8 +216,10 @@ def choose_kernels(
                 "backend only; with Transformer Engine leave it at auto (TE picks its kernel)")
         kernel = "te"
     else:
+        extras = llm is not None and (llm.attention_sinks or llm.sliding_window is not None)
         kernel = _choose_local_kernel(kernels.attention_kernel, caps, params_dtype,
-                                      attention_dropout, head_dims, reasons, context_parallel)
+                                      attention_dropout, head_dims, reasons, context_parallel,
+                                      extras)
     # --- routed experts
     experts = _choose_experts(kernels.moe_grouped_gemm, backend, caps, params_dtype, reasons)
     # --- fusions and overlaps
@@ -229,10 +231,13 @@ def choose_kernels(
 
 
 def _local_kernel_problem(kernel: str, caps: Capabilities, params_dtype: str, dropout: float,
-                          head_dims: tuple[int, ...], context_parallel: bool = False) -> str | None:
+                          head_dims: tuple[int, ...], context_parallel: bool = False,
+                          sinks_or_window: bool = False) -> str | None:
     """Why ``kernel`` cannot run here, or None when it can."""
     if kernel in ("sdpa_mask", "sdpa_doc"):
         return None
+    if kernel == "varlen" and sinks_or_window:
+        return "varlen has no attention sinks or sliding window (model.llm GPT-OSS options)"
     if kernel == "varlen" and context_parallel:
         return "varlen has no context-parallel path (parallel.cp > 1)"
     if kernel in ("flex", "varlen") and dropout > 0.0:
@@ -253,10 +258,10 @@ def _local_kernel_problem(kernel: str, caps: Capabilities, params_dtype: str, dr
 
 def _choose_local_kernel(requested: str, caps: Capabilities, params_dtype: str, dropout: float,
                          head_dims: tuple[int, ...], reasons: list[str],
-                         context_parallel: bool = False) -> str:
+                         context_parallel: bool = False, sinks_or_window: bool = False) -> str:
     if requested != "auto":
         problem = _local_kernel_problem(requested, caps, params_dtype, dropout, head_dims,
-                                        context_parallel)
+                                        context_parallel, sinks_or_window)
         if problem:
             raise ValueError(f"model.kernels.attention_kernel={requested}: {problem}; "
                              "choose another kernel or auto")
@@ -268,7 +273,7 @@ def _choose_local_kernel(requested: str, caps: Capabilities, params_dtype: str, 
     skipped = []
     for kernel in ("varlen", "flex"):
         problem = _local_kernel_problem(kernel, caps, params_dtype, dropout, head_dims,
-                                        context_parallel)
+                                        context_parallel, sinks_or_window)
         if problem is None:
             reasons.append(f"attention {kernel}: fastest available"
                            + (f" ({'; '.join(skipped)})" if skipped else ""))

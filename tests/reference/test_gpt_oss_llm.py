@@ -1,0 +1,222 @@
+"""GPT-OSS LLM (InternVL3.5-20B-A4B's text model) from megatron-core modules == transformers'
+``GptOssForCausalLM``.
+
+Tiny fp32 model: hidden 64, 4 layers alternating sliding (layer 0) / full attention with a
+6-token window (documents of 17 and 11 tokens: longer than the window), GQA 4 query / 2
+key-value heads of dim 16 with q/k/v/o biases and learned per-head sinks, every layer MoE (8
+biased experts of width 32, top 2 of a biased router's logits then softmax), the clamped SwiGLU
+with the +1 (limit 1.5 here, so that the clamps bite at these scales), YaRN (factor 4 from 64
+positions, correction range not truncated). megatron-core's own options
+(``softmax_type='learnable'``, ``window_size``, ``window_attn_skip_freq``, ``quick_gelu`` +
+``glu_linear_offset`` + ``activation_func_clamp_value``, ``add_bias_linear``, GPTModel's
+``yarn``) with our packed THD attention kernels (``sdpa_mask``, ``sdpa_doc``, ``flex``: the
+CPU ones). Weights through ``families/internvl/hf_llm_names.py``'s GPT-OSS rules and its
+fused-expert aliases. Documents with padding in their spans against HF on each document alone.
+Measured max |ours - HF|: see :data:`MEASURED`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+from internvl_llm_reference import build_ours, packed_params, perturb, tokens
+
+ATOL = 1e-5
+VOCAB, THETA, WINDOW, LIMIT = 128, 1e4, 6, 1.5
+YARN = {"rope_type": "yarn", "rope_theta": THETA, "factor": 4.0, "beta_fast": 32.0,
+        "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 64}
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=8,
+            num_experts_per_tok=2, sliding_window=WINDOW, swiglu_limit=LIMIT,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=256,
+            attention_bias=True, rope_parameters=YARN)
+MEASURED = "packed: 4.9e-6 sdpa_mask, 4.2e-6 sdpa_doc, 5.7e-6 flex (logits up to ~5.6)"
+
+
+def hf_gpt_oss(seed: int = 0):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    config = GptOssConfig(**TEXT)
+    config._attn_implementation = "eager"
+    model = GptOssForCausalLM(config).eval()
+    perturb(model, seed + 1, std=0.2, bias_std=0.5)
+    return model
+
+
+def our_llm(**overrides):
+    from megatron_vlm.config.model import LLMConfig, YarnConfig
+
+    kwargs = dict(
+        attention="gqa", vocab_size=VOCAB, hidden_size=64, num_layers=4, num_attention_heads=4,
+        num_query_groups=2, kv_channels=16, add_qkv_bias=True, add_bias_linear=True,
+        attention_sinks=True, sliding_window=WINDOW, window_attn_skip_freq=2,
+        mlp_activation="clamped_swiglu", swiglu_limit=LIMIT, ffn_hidden_size=32,
+        num_dense_layers=0, num_experts=8, moe_router_topk=2, num_shared_experts=0,
+        moe_ffn_hidden_size=32, moe_router_score_function="softmax",
+        moe_router_pre_softmax=False, moe_router_topk_scaling_factor=1.0,
+        moe_router_enable_expert_bias=False, rope_theta=THETA,
+        # HF's default attention factor 0.1 ln s + 1 = megatron's mscale(s, 1) / mscale(s, 0)
+        yarn=YarnConfig(factor=4.0, original_max_position_embeddings=64, beta_fast=32.0,
+                        beta_slow=1.0, mscale=1.0, mscale_all_dim=0.0, truncate=False),
+        norm_epsilon=1e-5, untie_embeddings=True, max_position_embeddings=256)
+    kwargs.update(overrides)
+    return LLMConfig(**kwargs)
+
+
+def hf_state(hf_model) -> dict[str, torch.Tensor]:
+    """LLM-relative HF names (``lm_head`` top-level), the fused experts split by the family's
+    import aliases (:data:`GPT_OSS_EXPERT_LAYOUTS`)."""
+    from megatron_vlm.families.internvl.hf_llm_names import GPT_OSS_EXPERT_LAYOUTS
+
+    out = {}
+    for key, value in hf_model.state_dict().items():
+        name = key.removeprefix("model.")
+        if "rotary_emb" in name:
+            continue
+        for alias in GPT_OSS_EXPERT_LAYOUTS:
+            binding = alias.match(name)
+            if binding is not None:
+                for e in range(value.shape[0]):
+                    dst = alias.dst[0].replace("{pre}", binding["pre"]).replace("{E}", str(e))
+                    out[dst] = alias.fn([value], None, e)[0]
+                break
+        else:
+            out[name] = value
+    return out
+
+
+def build(llm=None, hf=None, kernels=None):
+    from megatron_vlm.families.internvl.hf_llm_names import gpt_oss_llm_rules, internvl_head_rules
+
+    hf = hf or hf_gpt_oss()
+    llm = llm or our_llm()
+    return hf, build_ours(llm, hf_state(hf), gpt_oss_llm_rules() + internvl_head_rules(), kernels)
+
+
+@pytest.fixture(scope="module")
+def models(megatron_groups):
+    return build()
+
+
+LENGTHS, SPANS = [17, 11], [18, 13]
+
+
+def _packed_logits(ours, ids):
+    positions = torch.cat([torch.arange(n) for n in SPANS])[None]
+    with torch.no_grad():
+        return ours(ids, positions, None, packed_seq_params=packed_params(LENGTHS, SPANS))
+
+
+def _check_per_document(hf, got, ids) -> None:
+    with torch.no_grad():
+        for start, n in zip([0, SPANS[0]], LENGTHS):
+            expected = hf(input_ids=ids[:, start:start + n]).logits
+            assert expected.abs().max() > 1.0
+            torch.testing.assert_close(got[:, start:start + n], expected, atol=ATOL, rtol=0)
+
+
+def test_single_sequence_logits_equal_transformers(models):
+    """sbhd (no packing): 20 tokens, windows of 6 in layers 0 and 2."""
+    hf, ours = models
+    ids = tokens(20, seed=1, vocab=VOCAB)
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got = ours(ids, torch.arange(20)[None], None)
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_mask", "sdpa_doc", "flex"])
+def test_packed_documents_equal_transformers_per_document(models, kernel):
+    from megatron_vlm.config.model import KernelConfig
+
+    hf, ours = models
+    if kernel != "sdpa_mask":
+        _, ours = build(hf=hf, kernels=KernelConfig(attention_kernel=kernel))
+    ids = tokens(sum(SPANS), seed=2, vocab=VOCAB)
+    _check_per_document(hf, _packed_logits(ours, ids), ids)
+
+
+@pytest.mark.parametrize("change", ["no_sinks", "no_window", "window_everywhere", "limit_7",
+                                    "no_yarn_truncate"])
+def test_each_gpt_oss_option_reaches_the_logits(models, change):
+    """Controls: the same weights with one option changed differ from HF (so each is tested)."""
+    hf, ours = models
+    llm = our_llm()
+    if change == "no_sinks":
+        with torch.no_grad():
+            other = build(hf=hf)[1]
+            for layer in other.decoder.layers:
+                layer.self_attention.core_attention.softmax_offset.fill_(-1e4)
+    else:
+        edits = {"no_window": dict(sliding_window=None, window_attn_skip_freq=None),
+                 "window_everywhere": dict(window_attn_skip_freq=None),
+                 "limit_7": dict(swiglu_limit=7.0),
+                 "no_yarn_truncate": dict(yarn=dataclasses.replace(llm.yarn, truncate=True))}
+        other = build(llm=our_llm(**edits[change]), hf=hf)[1]
+    ids = tokens(sum(SPANS), seed=2, vocab=VOCAB)
+    got = _packed_logits(other, ids)
+    with torch.no_grad():
+        expected = hf(input_ids=ids[:, :LENGTHS[0]]).logits
+    assert (got[:, :LENGTHS[0]] - expected).abs().max() > 100 * ATOL
+
+
+def test_gpt_oss_transformer_config_fields():
+    """GPT-OSS-20B sizes map onto megatron's own options, field by field."""
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.config.model import YarnConfig
+    from megatron_vlm.models.llm import build_transformer_config
+
+    llm = our_llm(vocab_size=201088, hidden_size=2880, num_layers=24, num_attention_heads=64,
+                  num_query_groups=8, kv_channels=64, num_experts=32, moe_router_topk=4,
+                  moe_ffn_hidden_size=2880, ffn_hidden_size=2880, sliding_window=128,
+                  swiglu_limit=7.0, rope_theta=150000.0,
+                  yarn=YarnConfig(factor=32.0, original_max_position_embeddings=4096,
+                                  mscale=1.0, mscale_all_dim=0.0, truncate=False))
+    c = build_transformer_config(llm, ParallelConfig(), "bf16")
+    assert c.softmax_type == "learnable" and c.window_size == (127, 0)
+    assert c.window_attn_skip_freq == 2
+    slides = [is_layer_window_attention(c.window_size, c.window_attn_skip_freq, n + 1)
+              for n in range(24)]
+    assert slides == [i % 2 == 0 for i in range(24)] == [llm.layer_slides(i) for i in range(24)]
+    assert c.activation_func is quick_gelu and c.gated_linear_unit
+    assert c.glu_linear_offset == 1.0 and c.activation_func_clamp_value == 7.0
+    assert c.add_bias_linear and c.add_qkv_bias and c.num_moe_experts == 32
+    assert c.moe_router_score_function == "softmax" and not c.moe_router_pre_softmax
+    assert c.moe_shared_expert_intermediate_size is None
+    assert not c.moe_router_enable_expert_bias
+    assert (c.yarn_rotary_scaling_factor, c.yarn_original_max_position_embeddings) == (32, 4096)
+    assert not c.yarn_correction_range_round_to_int
+
+
+def test_gpt_oss_options_are_checked():
+    from megatron_vlm.config.model import LLMConfig, YarnConfig
+
+    with pytest.raises(ValueError, match="attention_sinks applies to attention=gqa"):
+        LLMConfig(attention_sinks=True)
+    with pytest.raises(ValueError, match="window_attn_skip_freq needs sliding_window"):
+        our_llm(sliding_window=None)
+    with pytest.raises(ValueError, match="yarn.truncate=false applies to attention=gqa"):
+        LLMConfig(yarn=YarnConfig(factor=4.0, truncate=False))
+
+
+def test_varlen_refuses_sinks_and_auto_skips_it():
+    from megatron_vlm.config.model import KernelConfig
+    from megatron_vlm.models.specs import Capabilities, choose_kernels
+
+    caps = Capabilities(cuda=True, transformer_engine=False, varlen=True, flex=True,
+                        grouped_gemm=False)
+    llm = our_llm()
+    with pytest.raises(ValueError, match="varlen has no attention sinks"):
+        choose_kernels(KernelConfig(backend="local", attention_kernel="varlen"), caps,
+                       params_dtype="bf16", llm=llm)
+    choice = choose_kernels(KernelConfig(backend="local"), caps, params_dtype="bf16", llm=llm)
+    assert choice.attention_kernel == "flex"
