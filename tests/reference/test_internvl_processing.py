@@ -34,6 +34,7 @@ import torch
 
 from megatron_vlm.data.image import unpatchify
 from megatron_vlm.data.kimi_tokenizer import SpecialTokensTokenizer
+from megatron_vlm.data.mm_packing import pack_tokenized
 from megatron_vlm.data.templates import Text
 from megatron_vlm.data.video import VideoChunk
 from megatron_vlm.families.internvl import processing as ivl
@@ -364,3 +365,27 @@ def test_clip_frames_equal_the_processors(clip_files, name):
     ref = ONE_TILE(images=list(frames), return_tensors="pt")["pixel_values"]
     ours = torch.cat([unpatchify(i.pixel_values, i.grid_thw) for i in items])
     assert torch.equal(ours, ref)
+
+
+def test_packed_batch_gives_the_model_the_processors_pixel_values(image_files, clip_files):
+    """An image document and a video document packed by the loader's packer: the micro-batch's
+    patches in transformers' layout (``hf_pixel_values``) == the processors' ``pixel_values``
+    (image tiles, then one tile per frame), the placeholders == 256 per tile."""
+    ids = RULES.media_ids(OURS)
+    settings = SimpleNamespace(video_fps=1.0, video_max_frames=16, video_backend="auto")
+    image = RULES.decode(SimpleNamespace(type="image", data=image_files["3x2"].read_bytes(),
+                                         clip=None), None)
+    data = clip_files["320x240_ntsc"].read_bytes()
+    frames = RULES.decode(SimpleNamespace(type="video", data=data, clip=None), settings)
+    docs = [internvl_tokenize([Text("see "), image[0]], OURS, ids, True),
+            internvl_tokenize([frames, Text("ok")], OURS, ids, True)]
+    batch = pack_tokenized(docs, 4096, OURS.pad_id, pad_to_multiple=8)
+    ref_image = IMAGES(images=[PIL.Image.open(image_files["3x2"])],
+                       return_tensors="pt")["pixel_values"]
+    video, _ = read_video_pyav(str(clip_files["320x240_ntsc"]),
+                               sample_indices_fn=lambda metadata, **kw: HF_SAMPLE(metadata, 1.0))
+    ref_video = ONE_TILE(images=list(video), return_tensors="pt")["pixel_values"]
+    got = ivl.hf_pixel_values(batch.vision.pixel_values)
+    assert torch.equal(got, torch.cat([ref_image, ref_video]))
+    assert batch.vision.grid_thw.tolist() == [[7, 32, 32]] + [[1, 32, 32]] * 3
+    assert int((batch.tokens == ids.img_context).sum()) == (7 + 3) * 256

@@ -163,6 +163,70 @@ def test_document_is_internvl_template_with_tiles_and_one_item_per_frame(video):
     assert not torch.equal(want[0], want[1])  # frames 1 and 3 differ
 
 
+def _clip_matroska(frames: list[np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="matroska") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "10", "preset": "ultrafast", "threads": "1"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def _decoded(data: bytes) -> list[np.ndarray]:
+    with av.open(io.BytesIO(data)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def test_a_container_without_frame_counts_gives_the_same_document():
+    # Matroska carries no frame count: the video is decoded whole and sampled by the same rule.
+    mkv = _clip_matroska(_frames())
+    record, members = _document(mkv)
+    doc, media = plan_document(record, members, SETTINGS, TOK, SETTINGS.rules.media_ids(TOK))
+    assert doc.tokens.tolist() == _expected()
+    frames = decode_document(doc, media, SETTINGS).items[1:]
+    assert [f.timestamp for f in frames] == [0.25, 0.75, 1.25]
+    source = _decoded(mkv)
+    want = _normalised(np.stack([_resized(source[i], 448, 448) for i in (1, 3, 5)]))
+    assert torch.equal(torch.cat([unpatchify(f.pixel_values, f.grid_thw) for f in frames]), want)
+
+
+def test_a_clip_span_is_sampled_inside_the_span(video):
+    """Span [0.5, 1.75) s of the 6-frame 4 fps clip: source frames 2..5 (1.0 s), int(4 / 4 * 2)
+    = 2 frames at the middles of 2 spans: 2 + 1, 2 + 3 = 3, 5 (0.75 s, 1.25 s)."""
+    planned, _ = SETTINGS.rules.plan_video(video, SETTINGS, (0.5, 1.75))
+    items = SETTINGS.rules.decode(
+        type("M", (), {"type": "video", "data": video, "clip": (0.5, 1.75)})(), SETTINGS)
+    assert [(p.grid_thw, p.timestamp) for p in planned] == [((1, 32, 32), 0.75),
+                                                           ((1, 32, 32), 1.25)]
+    assert [(i.grid_thw, i.timestamp) for i in items] == [((1, 32, 32), 0.75),
+                                                         ((1, 32, 32), 1.25)]
+    source = _decoded(video)
+    want = _normalised(np.stack([_resized(source[i], 448, 448) for i in (3, 5)]))
+    assert torch.equal(torch.cat([unpatchify(i.pixel_values, i.grid_thw) for i in items]), want)
+
+
+def test_rotated_jpeg_is_planned_and_decoded_upright():
+    """EXIF orientation 6 (90 degrees): a 200x60 (w x h) JPEG is 60 wide and 200 tall upright,
+    aspect 0.3: the 1x3 grid + thumbnail, as decoded."""
+    img = PIL.Image.new("RGB", (200, 60), (10, 200, 30))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    planned = SETTINGS.rules.plan_image(buf.getvalue(), SETTINGS)
+    (decoded,) = SETTINGS.rules.decode(
+        type("M", (), {"type": "image", "data": buf.getvalue(), "clip": None})(), SETTINGS)
+    assert planned.original_hw == decoded.original_hw == (200, 60)
+    assert planned.grid_thw == decoded.grid_thw == (4, 32, 32)
+    assert planned.resized_hw == decoded.resized_hw == (3 * 448, 448)
+
+
 def test_packed_positions_are_1d_per_document_without_mrope(video):
     record, members = _document(video)
     ids = SETTINGS.rules.media_ids(TOK)

@@ -30,6 +30,7 @@ not installed). Frames are sampled as ``InternVLVideoProcessor.sample_frames`` d
 ``k`` tiles (thumbnail included) is one item with grid ``(k, 32, 32)`` and ``k*1024`` patches
 ``[k*1024, 3, 14, 14]``, tile-major (``data/contract.py``'s (t, h, w) with t = tiles); after the
 0.5 pixel shuffle each tile is ``32*32/4 = 256`` LLM tokens, ``t*h*w/4`` per item.
+``hf_pixel_values`` turns a packed batch's patches into transformers' ``[tiles, 3, 448, 448]``.
 """
 
 from __future__ import annotations
@@ -252,7 +253,20 @@ def video_frame_patches(frames: np.ndarray, *, tile_size: int = TILE_SIZE) -> to
     return normalize_patches(frames_to_patches(tiles, size, size, normalized=False))
 
 
+def hf_pixel_values(pixel_values: torch.Tensor, tile_size: int = TILE_SIZE) -> torch.Tensor:
+    """transformers' ``pixel_values`` ``[tiles, 3, T, T]`` of our packed raster patches
+    ``[tiles*(T/14)^2, 3, 14, 14]`` (every item's tiles in item order, thumbnail after its image's
+    tiles, one tile per video frame): what ``InternVLModel.get_image_features`` takes."""
+    side = tile_size // PATCH_SIZE
+    num = pixel_values.shape[0] // (side * side)
+    if pixel_values.dim() != 4 or num * side * side != pixel_values.shape[0]:
+        raise ValueError(f"expected [tiles*{side * side}, 3, 14, 14] patches, got "
+                         f"{tuple(pixel_values.shape)}")
+    x = pixel_values.reshape(num, side, side, 3, PATCH_SIZE, PATCH_SIZE)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(num, 3, tile_size, tile_size)
+
+
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_TILES", "MIN_TILES", "TILE_SIZE", "TiledImage",
-           "check_tile_size", "frame_timestamps", "normalize_patches", "num_tiles",
-           "sample_frame_indices", "supported_grids", "tile_grid", "tile_image",
+           "check_tile_size", "frame_timestamps", "hf_pixel_values", "normalize_patches",
+           "num_tiles", "sample_frame_indices", "supported_grids", "tile_grid", "tile_image",
            "tokens_per_tile", "video_frame_patches"]
