@@ -15,6 +15,8 @@ text with those images into the ids our template writes; ``replace_video_token``
 torchvision) over many frame counts and rates, and H.264 clips written here with PyAV read by
 transformers' ``read_video_pyav`` with that sampler and by our media rules (plan and decode):
 indices, times, and every frame's pixels == the image processor's one-tile output for it.
+Last, a packed batch of our decoded media gives the model (``hf_pixel_values``) the processors'
+``pixel_values``.
 """
 
 from __future__ import annotations

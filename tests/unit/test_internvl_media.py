@@ -5,7 +5,8 @@ hand from InternVL's template (image: <img> + 256 <IMG_CONTEXT> per tile + </img
 (1, 32, 32) item per sampled frame with pixels computed here from PIL and the processor's
 arithmetic (transformers' own classes: tests/reference/test_internvl_processing.py), 1D
 position ids per document (no M-RoPE), the ChatML turns and end-of-turn targets, the rules'
-config mapping and pickling, and the energon loader on the bundled corpus with these rules.
+config mapping and pickling, and the energon loader on the bundled corpus with these rules; also
+a container without frame counts, a clip span and an EXIF-rotated JPEG.
 """
 
 from __future__ import annotations
