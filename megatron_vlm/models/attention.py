@@ -392,12 +392,13 @@ class PackedSelfAttention(MegatronModule):
     def _attend_with_sinks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
         """Attention whose softmax denominators also hold ``exp(sink_h)`` (GPT-OSS, HF's eager
-        ``sinks`` column; SDPA has no such term): explicit logits, fp32 softmax over
+        ``sinks`` column; SDPA has no such term): explicit logits, an fp32 softmax over
         ``[logits, sink]``, the sink's column dropped."""
-        logits = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax (fp64 stays fp64)
+        logits = torch.matmul(q, k.transpose(-1, -2)).to(acc) * self.softmax_scale
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
-        sinks = self.softmax_offset.to(device=logits.device, dtype=torch.float32)
+        sinks = self.softmax_offset.to(device=logits.device, dtype=acc)
         sink_col = sinks.view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
         probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :-1]
         probs = probs.to(v.dtype)

@@ -389,9 +389,10 @@ class FlexPackedAttention(PackedSelfAttention):
             # softmax over [logits, sink] = softmax over logits * sum / (sum + e^sink)
             out, aux = out
             lse = aux.lse
-            sink = self.softmax_offset.to(device=lse.device, dtype=torch.float32)
-            share = torch.sigmoid(lse.float() - sink.view(1, -1, 1))  # [1, np, t]
-            out = (out.float() * share.unsqueeze(-1)).to(out.dtype)
+            acc = torch.promote_types(out.dtype, torch.float32)
+            sink = self.softmax_offset.to(device=lse.device, dtype=acc)
+            share = torch.sigmoid(lse.to(acc) - sink.view(1, -1, 1))  # [1, np, t]
+            out = (out.to(acc) * share.unsqueeze(-1)).to(out.dtype)
         return out[0].transpose(0, 1)  # [t, np, hv]
 
 
