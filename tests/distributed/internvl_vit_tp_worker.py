@@ -108,9 +108,13 @@ def run_case(variant: str, mode: str, sp: bool, ref, state, grads, patches, weig
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
             diff = max(diff, (p.grad - shard(grads[prefix + name], p, rank, 2)).abs().max().item())
         worst[prefix] = diff
+    sharded = tower.sharded_state_dict(prefix="vision_tower.")
+    qnorm = sharded.get("vision_tower.encoder.layers.0.self_attention.q_layernorm.weight")
     return {"output": (ours - ref).abs().max().item(), "vit_grad": worst["vision_tower."],
             "proj_grad": worst["projector."], "encoded": tower.num_encoded_items,
-            "scale": ref.abs().max().item()}
+            "scale": ref.abs().max().item(),
+            # checkpoint sharding of the whole-width q norm: (layers, TP) fragments
+            "qnorm_fragments": list(qnorm.axis_fragmentations) if qnorm is not None else None}
 
 
 def main() -> None:

@@ -30,6 +30,10 @@ def test_internvit_tp_matches_transformers(tmp_path):
             assert res["scale"] > 0.1, (case, res)
             assert res["output"] < 2e-5, (case, res)
             assert res["vit_grad"] < 5e-5 and res["proj_grad"] < 5e-5, (case, res)
+    # The whole-width q norm checkpoints as TP shards in tp mode, whole in split mode.
+    # (2 layers, TP) fragments.
+    assert all(r["6b_tp_sp1"]["qnorm_fragments"] == [2, 2] for r in ranks)
+    assert all(r["6b_split_sp1"]["qnorm_fragments"] == [2, 1] for r in ranks)
     # 5 tiles: TP encodes all on both ranks, split shares them out.
     assert [r["6b_tp_sp1"]["encoded"] for r in ranks] == [5, 5]
     assert sum(r["6b_split_sp1"]["encoded"] for r in ranks) == 5
