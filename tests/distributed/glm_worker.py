@@ -132,6 +132,8 @@ CASES = {
     # whole sequence's ids and position ids to its CP share
     ("glm45v", "cp2"): ["parallel.cp=2"],
     ("glm41v", "tp2_sp"): TP2,  # sandwich norms on sequence slices
+    # TP inside the tower: every temporal patch on both ranks, one sharded pass
+    ("glm41v", "tp2_sp_vit_tp"): [*TP2, "model.vision.parallel_mode=tp"],
     ("glm41v", "cp2"): ["parallel.cp=2"],
 }
 
@@ -196,14 +198,16 @@ def setup(model: str, overrides: list[str], out: Path):
     return job, chunks, optimizer, build_scheduler(job.optim, optimizer, job.train.steps)
 
 
-def whole_swiglu(chunks: list, what: str, tp: int) -> dict[str, torch.Tensor]:
-    """``vlm_cases.whole``, with the projector's TP-gathered SwiGLU ``linear_fc1`` (``[gate_r;
-    up_r]`` per rank; ``whole`` regroups only the LLM's) regrouped into ``[gate; up]``."""
+def whole_swiglu(chunks: list, what: str, job) -> dict[str, torch.Tensor]:
+    """``vlm_cases.whole``, with the TP-gathered SwiGLU ``linear_fc1`` of the projector and, in
+    ``tp`` mode, of the tower (``[gate_r; up_r]`` per rank; ``whole`` regroups only the LLM's)
+    regrouped into ``[gate; up]``."""
     out = whole(chunks, what)
-    if tp == 1:
-        return out
+    tp = job.parallel.tp
+    sharded = ("projector.", "vision_tower.") if job.model.vision.parallel_mode == "tp" else (
+        "projector.",)
     for name, t in out.items():
-        if name.startswith("projector.") and name.endswith("linear_fc1.weight"):
+        if tp > 1 and name.startswith(sharded) and name.endswith("linear_fc1.weight"):
             parts = t.chunk(2 * tp, dim=0)  # [g0; u0; g1; u1; ...]
             out[name] = torch.cat(parts[0::2] + parts[1::2])
     return out
@@ -232,19 +236,18 @@ def run_case(model: str, overrides: list[str], out: Path) -> dict:
     load_checkpoint(out / model / "init" / "step_0000000", chunks, None, None,
                     load_optimizer=False)  # strict, resharded
     batches = all_batches()  # dp = 1 in every case: each rank holds both micro-batches
-    tp = job.parallel.tp
     vit = unwrap(chunks[0]).vision_tower if unwrap(chunks[0]).pre_process else None
     if vit is not None:
         vit.encoded_item_log = []
-    params0 = whole_swiglu(chunks, "param", tp)
+    params0 = whole_swiglu(chunks, "param", job)
     loss, norm, grads = step(chunks, optimizer, scheduler, batches,
-                             probe=lambda: whole_swiglu(chunks, "grad", tp))
+                             probe=lambda: whole_swiglu(chunks, "grad", job))
     items = gather_item_logs(vit, batches, job.model.vision.parallel_mode)
     if vit is not None:
         vit.encoded_item_log = None
     norms = [norm] + [step(chunks, optimizer, scheduler, batches)[1] for _ in range(STEPS - 1)]
     return {"loss": loss, "grad_norms": norms, "grads": grads, "params0": params0,
-            "params_end": whole_swiglu(chunks, "param", tp),
+            "params_end": whole_swiglu(chunks, "param", job),
             "loss_end": forward_loss(chunks, batches), "items": items}
 
 
