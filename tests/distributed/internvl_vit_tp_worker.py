@@ -109,7 +109,7 @@ def run_case(variant: str, mode: str, sp: bool, ref, state, grads, patches, weig
             diff = max(diff, (p.grad - shard(grads[prefix + name], p, rank, 2)).abs().max().item())
         worst[prefix] = diff
     sharded = tower.sharded_state_dict(prefix="vision_tower.")
-    qnorm = sharded.get("vision_tower.encoder.layers.0.self_attention.q_layernorm.weight")
+    qnorm = sharded.get("vision_tower.encoder.layers.0.self_attention.q_norm.weight")
     return {"output": (ours - ref).abs().max().item(), "vit_grad": worst["vision_tower."],
             "proj_grad": worst["projector."], "encoded": tower.num_encoded_items,
             "scale": ref.abs().max().item(),

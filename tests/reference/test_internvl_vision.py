@@ -220,6 +220,12 @@ def test_qk_norm_is_whole_width(ours_6b, hf_6b, monkeypatch):
             got_per_head = tower.encode(to_patches(tiles), grid)
     assert_close(got, pre)
     assert (got_per_head - pre).abs().max() > 1e3 * ATOL
+    # megatron 0.16.1's finalize_model_grads sums over TP the grads of every parameter named
+    # *q_layernorm* / *k_layernorm* when the LLM has qk_layernorm (Qwen3): these TP-sharded
+    # norms must not carry those names.
+    names = [n for n, _ in tower.named_parameters()]
+    assert sum(".self_attention.q_norm." in n for n in names) == LAYERS
+    assert not any("q_layernorm" in n or "k_layernorm" in n for n in names)
 
 
 def test_pixel_shuffle_is_the_towers_merge(ours_300m, hf_300m):

@@ -35,8 +35,8 @@ def _layer_tensors(v, vision, i: int, h: int, ht: int, f: int, dtype: str) -> li
     if vision.qkv_bias:
         out.append(v(q + "self_attention.linear_qkv.bias", (3 * ht,)))
     if vision.qk_norm:
-        out += [v(q + "self_attention.q_layernorm.weight", (ht,)),
-                v(q + "self_attention.k_layernorm.weight", (ht,))]
+        out += [v(q + "self_attention.q_norm.weight", (ht,)),
+                v(q + "self_attention.k_norm.weight", (ht,))]
     out += [v(q + "self_attention.linear_proj.weight", (h, ht)),
             v(q + "self_attention.linear_proj.bias", (h,)), v(q + "self_attn_bda.weight", (h,))]
     out += [v(q + f"pre_mlp_layernorm.{p}", (h,), "fp32") for p in norm_params]

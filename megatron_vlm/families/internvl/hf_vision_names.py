@@ -12,7 +12,7 @@ repository; the script is not in the wheel).
   (``VIT_Q_K_V``, needs ``ConvertContext.vision_num_heads``; no RoPE, so no row permutation);
   their biases only for 300M (6B has none, and ours then has no ``linear_qkv.bias``);
 * ``lambda_1`` / ``lambda_2`` -> the layer scales of the layer's bdas;
-* 6B's whole-width ``q_norm`` / ``k_norm`` ``[hidden]`` -> ``q_layernorm`` / ``k_layernorm``
+* 6B's whole-width ``q_norm`` / ``k_norm`` ``[hidden]`` -> the attention's ``q_norm`` / ``k_norm``
   (same head-major order);
 * CLS token and table keep HF's shapes.
 
@@ -48,8 +48,8 @@ def internvit_rules() -> list[Rule]:
              transform=VIT_Q_K_V),
         Rule(tuple(n + ".bias" for n in qkv), ol + "self_attention.linear_qkv.bias",
              transform=VIT_Q_K_V),
-        Rule(attn + "q_norm.weight", ol + "self_attention.q_layernorm.weight"),
-        Rule(attn + "k_norm.weight", ol + "self_attention.k_layernorm.weight"),
+        Rule(attn + "q_norm.weight", ol + "self_attention.q_norm.weight"),
+        Rule(attn + "k_norm.weight", ol + "self_attention.k_norm.weight"),
         Rule(attn + "projection_layer.{p}", ol + "self_attention.linear_proj.{p}"),
         Rule(hl + "lambda_1", ol + "self_attn_bda.weight"),
         Rule(hl + "layernorm_after.{p}", ol + "pre_mlp_layernorm.{p}",
@@ -88,8 +88,8 @@ def internvit_remote_rules() -> list[Rule]:
         Rule(hl + "norm1.{p}", ol + "input_layernorm.{p}",
              te=ol + "self_attention.linear_qkv.layer_norm_{p}"),
         Rule(hl + "attn.qkv.{p}", ol + "self_attention.linear_qkv.{p}", transform=VIT_WQKV),
-        Rule(hl + "attn.q_norm.weight", ol + "self_attention.q_layernorm.weight"),
-        Rule(hl + "attn.k_norm.weight", ol + "self_attention.k_layernorm.weight"),
+        Rule(hl + "attn.q_norm.weight", ol + "self_attention.q_norm.weight"),
+        Rule(hl + "attn.k_norm.weight", ol + "self_attention.k_norm.weight"),
         Rule(hl + "attn.proj.{p}", ol + "self_attention.linear_proj.{p}"),
         Rule(hl + "ls1", ol + "self_attn_bda.weight"),
         Rule(hl + "norm2.{p}", ol + "pre_mlp_layernorm.{p}",

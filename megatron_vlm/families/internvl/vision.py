@@ -11,9 +11,9 @@ norm) and ``vision_feature_select_strategy='default'`` (CLS dropped), as
 
 The two sizes differ in the block: 300M has LayerNorm and q/k/v biases; 6B has RMSNorm, no q/k/v
 bias, and RMS-normalises q and k over the WHOLE width (all heads at once, HF ``q_norm`` /
-``k_norm`` of size ``hidden``), not per head as megatron's ``qk_layernorm`` does:
-:class:`WholeWidthRMSNorm` is handed in as megatron's ``q_layernorm`` / ``k_layernorm`` and
-all-reduces the sum of squares over TP, so TP inside the tower gives the unsharded result.
+``k_norm`` of size ``hidden``), not per head as megatron's ``qk_layernorm`` does: the
+attention's own :class:`WholeWidthRMSNorm` s all-reduce the sum of squares over TP, so TP
+inside the tower gives the unsharded result.
 No RoPE: positions are the learned table only.
 
 How the tower takes the packed batch: the data side hands raster patches ``[N, 3, 14, 14]``
@@ -107,22 +107,22 @@ class WholeWidthRMSNorm(torch.nn.Module):
     """RMSNorm of q (or k) ``[s, b, heads, head_dim]`` over all heads together (HF
     ``InternVLVisionRMSNorm(hidden)`` applied before the head split), in fp32 like HF.
 
-    Built by megatron's ``SelfAttention`` as ``q_layernorm`` / ``k_layernorm`` (it passes the
-    head dim as ``hidden_size``); the weight is this TP rank's heads' share ``[local heads *
-    head_dim]`` (TP-sharded on dim 0). :class:`InternViTSelfAttention` hands it the TP group:
-    the sum of squares is all-reduced there, forward and backward (every rank's output depends
-    on every rank's input)."""
+    :class:`InternViTSelfAttention`'s ``q_norm`` / ``k_norm``; the weight is this TP rank's
+    heads' share ``[local heads * head_dim]`` (TP-sharded on dim 0) and the sum of squares is
+    all-reduced over ``tp_group``, forward and backward (every rank's output depends on every
+    rank's input). Epsilon: HF builds these norms at RMSNorm's default 1e-6 whatever
+    ``layer_norm_eps`` is."""
 
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(self, config: TransformerConfig,
+                 tp_group: torch.distributed.ProcessGroup | None) -> None:
         super().__init__()
-        del eps  # megatron passes layernorm_epsilon; HF builds q_norm / k_norm at a fixed 1e-6
         tp = config.tensor_model_parallel_size
-        self.full_width = config.num_attention_heads * hidden_size
+        self.full_width = config.num_attention_heads * config.kv_channels
         self.eps = QK_NORM_EPSILON
         self.weight = torch.nn.Parameter(torch.ones(self.full_width // tp,
                                                     dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
-        self.tp_group: torch.distributed.ProcessGroup | None = None
+        self.tp_group = tp_group
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [s, b, local heads, head_dim]`` -> normalised, same shape and dtype."""
@@ -142,14 +142,31 @@ class WholeWidthRMSNorm(torch.nn.Module):
 
 
 class InternViTSelfAttention(SelfAttention):
-    """megatron's ``SelfAttention`` (no RoPE: the tower passes none) whose whole-width q/k
-    norms get the attention's TP group."""
+    """megatron's ``SelfAttention`` (no RoPE: the tower passes none) with, when built with
+    ``qk_norm=True`` (InternViT-6B), whole-width RMSNorms ``q_norm`` / ``k_norm`` applied to q
+    and k after megatron's split.
 
-    def __init__(self, *args, **kwargs) -> None:
+    Not megatron's ``q_layernorm`` / ``k_layernorm`` slots: megatron 0.16.1's
+    ``finalize_model_grads`` sums over TP the gradient of every parameter whose name contains
+    ``q_layernorm`` / ``k_layernorm`` when the model's config has ``qk_layernorm`` (a Qwen3
+    LLM does), which is right for its per-head norms, replicated over TP, and wrong for these
+    TP-sharded ones."""
+
+    def __init__(self, *args, qk_norm: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        for norm in (self.q_layernorm, self.k_layernorm):
-            if isinstance(norm, WholeWidthRMSNorm):
-                norm.tp_group = self.pg_collection.tp
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            self.q_norm = WholeWidthRMSNorm(self.config, self.pg_collection.tp)
+            self.k_norm = WholeWidthRMSNorm(self.config, self.pg_collection.tp)
+
+    def get_query_key_value_tensors(self, hidden_states: Tensor, *args, **kwargs):
+        """q, k, v ``[s, b, np, hn]`` from megatron, q and k normalised over all heads."""
+        out = super().get_query_key_value_tensors(hidden_states, *args, **kwargs)
+        if self.q_norm is None:
+            return out
+        assert kwargs.get("split_qkv", True), "InternViTSelfAttention needs split q, k, v"
+        query, key, *rest = out
+        return (self.q_norm(query), self.k_norm(key), *rest)
 
 
 @functools.cache
@@ -173,17 +190,16 @@ def internvit_layer_spec(choice: KernelChoice, vision: InternVisionConfig,
     spec = moonvit_layer_spec(choice, attention=InternViTSelfAttention)
     layer = spec.submodules
     attention = layer.self_attention.submodules
-    if vision.qk_norm:
-        attention = dataclasses.replace(attention, q_layernorm=WholeWidthRMSNorm,
-                                        k_layernorm=WholeWidthRMSNorm)
     if not vision.qkv_bias:
         attention = dataclasses.replace(attention, linear_qkv=without_bias(attention.linear_qkv))
     scale = ModuleSpec(module=LayerScaleBiasDropoutAdd, params={
         "hidden_size": vision.hidden_size, "init_value": vision.layer_scale_init,
         "dtype": config.params_dtype, "sequence_parallel": config.sequence_parallel})
-    layer = dataclasses.replace(
-        layer, self_attention=dataclasses.replace(layer.self_attention, submodules=attention),
-        self_attn_bda=scale, mlp_bda=scale)
+    self_attention = dataclasses.replace(
+        layer.self_attention, submodules=attention,
+        params={**layer.self_attention.params, "qk_norm": vision.qk_norm})
+    layer = dataclasses.replace(layer, self_attention=self_attention, self_attn_bda=scale,
+                                mlp_bda=scale)
     return dataclasses.replace(spec, submodules=layer)
 
 
@@ -255,14 +271,16 @@ def internvit_transformer_config(vision: InternVisionConfig, parallel: ParallelC
                                  choice: KernelChoice | None = None) -> TransformerConfig:
     """MoonViT's megatron mapping (shape, parallelism, numerics, recompute) with InternViT's
     block set field by field: LayerNorm or RMSNorm, exact GELU, linear biases (the qkv bias per
-    ``model.vision.qkv_bias``, see :func:`without_bias`), whole-width qk-norm flag."""
+    ``model.vision.qkv_bias``, see :func:`without_bias`)."""
     base = build_vision_transformer_config(megatron_vision_view(vision), parallel, params_dtype,
                                            choice)
     norm = {"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}[vision.norm_type]
     return dataclasses.replace(
         base, normalization=norm, layernorm_epsilon=vision.norm_epsilon, add_bias_linear=True,
         add_qkv_bias=vision.qkv_bias, gated_linear_unit=False, activation_func=F.gelu,
-        bias_activation_fusion=False, qk_layernorm=vision.qk_norm,
+        # qk_layernorm stays False: the 6B's q/k norms are the attention's own (see
+        # InternViTSelfAttention), not megatron's per-head ones.
+        bias_activation_fusion=False, qk_layernorm=False,
     )
 
 
@@ -272,7 +290,7 @@ class InternViT(PackedViT):
 
     Parameter names (local spec): ``patch_embed`` (Conv2d with bias), ``pos_embed.cls_token``,
     ``pos_embed.position_embeddings``, ``encoder.layers.{i}.{input_layernorm,
-    self_attention.linear_qkv, self_attention.q_layernorm, self_attention.k_layernorm (6B),
+    self_attention.linear_qkv, self_attention.q_norm, self_attention.k_norm (6B),
     self_attention.linear_proj, self_attn_bda.weight, pre_mlp_layernorm, mlp.linear_fc1,
     mlp.linear_fc2, mlp_bda.weight}``; no final norm. ``linear_qkv`` rows are megatron's per-head
     ``[q_h; k_h; v_h]``.
