@@ -64,12 +64,21 @@ def _mla_layer_params(llm: LLMConfig) -> int:
 
 def _gqa_layer_params(llm: LLMConfig) -> int:
     """One layer's GQA attention: fused q/k/v (``n`` query heads, ``g`` key/value heads of dim
-    ``d``), its bias, the per-head q/k RMSNorms and the output projection."""
+    ``d``), its bias, the per-head q/k RMSNorms, the output projection (and its bias with
+    ``add_bias_linear``) and the per-head sinks (GPT-OSS)."""
     h, n, g, d = llm.hidden_size, llm.num_attention_heads, llm.query_groups, llm.head_dim
     qkv_rows = (n + 2 * g) * d
-    bias = qkv_rows if llm.add_qkv_bias else 0
+    bias = qkv_rows if (llm.add_qkv_bias or llm.add_bias_linear) else 0
     qk_norms = 2 * d if llm.qk_layernorm else 0
-    return h * qkv_rows + bias + qk_norms + n * d * h
+    out_bias = h if llm.add_bias_linear else 0
+    sinks = n if llm.attention_sinks else 0
+    return h * qkv_rows + bias + qk_norms + n * d * h + out_bias + sinks
+
+
+def _swiglu_params(h: int, ffn: int, bias: bool) -> int:
+    """A gated MLP ``hidden -> [gate; up] (2 ffn) -> hidden``, with megatron's fc1/fc2 biases
+    (``add_bias_linear``)."""
+    return 3 * h * ffn + ((2 * ffn + h) if bias else 0)
 
 
 def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
@@ -91,21 +100,25 @@ def count_llm_params_closed_form(llm: LLMConfig, tp: int = 1) -> dict[str, int]:
 
     num_moe = llm.num_moe_layers
     num_dense = llm.num_layers - num_moe
-    swiglu = 3 * h  # gate, up, down: 3 matrices of hidden x ffn
-    expert = swiglu * llm.moe_ffn_hidden_size
+    bias = llm.add_bias_linear
+    expert = _swiglu_params(h, llm.moe_ffn_hidden_size, bias)
+    shared = (_swiglu_params(h, llm.num_shared_experts * llm.moe_ffn_hidden_size, bias)
+              if llm.num_shared_experts else 0)
+    dense = _swiglu_params(h, llm.ffn_hidden_size, bias)
     num_experts = llm.num_experts or 0
-    moe_layer = num_experts * h + num_experts * expert + llm.num_shared_experts * expert
+    router = num_experts * (h + 1) if bias else num_experts * h
+    moe_layer = router + num_experts * expert + shared
     last_is_moe = llm.moe_layer_freq[-1] == 1
     mtp_layer = (3 * h + 2 * h * h + layer_attention + layer_norms
-                 + (moe_layer if last_is_moe else swiglu * llm.ffn_hidden_size))
+                 + (moe_layer if last_is_moe else dense))
     counts = {
         "embedding": vocab * h,
         "attention": llm.num_layers * layer_attention,
         "layer_norms": llm.num_layers * layer_norms + h,
-        "dense_mlp": num_dense * swiglu * llm.ffn_hidden_size,
-        "router": num_moe * num_experts * h,
+        "dense_mlp": num_dense * dense,
+        "router": num_moe * router,
         "routed_experts": num_moe * num_experts * expert,
-        "shared_experts": num_moe * llm.num_shared_experts * expert,
+        "shared_experts": num_moe * shared,
         "output_layer": vocab * h if llm.untie_embeddings else 0,
         "mtp": llm.mtp_num_layers * mtp_layer,
     }

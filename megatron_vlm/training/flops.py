@@ -74,7 +74,9 @@ def llm_flops_breakdown_per_token(
       ``r_kv*n*(d_nope+d_v)``. GQA: the key and value rows of ``linear_qkv``, ``h*2*g*d``.
     * ``attn_out``: o_proj ``n*d_v*h`` (GQA: ``n*d*h``).
     * ``attn_core``: ``Q K^T`` is ``s*n*(d_nope+d_rope)`` and ``P V`` is ``s*n*d_v`` per query
-      token, halved when causal (GQA: ``s*n*d`` each).
+      token, halved when causal (GQA: ``s*n*d`` each). A causal sliding-window layer (GPT-OSS,
+      window ``w < s``) computes the band of the score matrix only: ``s/2 - (s-w)^2 / (2s)`` keys
+      per query instead of ``s/2`` (the same continuous count as the causal half).
     * ``mlp_dense``: ``num_dense_layers`` SwiGLU layers, ``3*h*ffn`` each.
     * ``mlp_routed``: ``num_moe_layers * topk`` experts, ``3*h*moe_ffn`` each.
     * ``mlp_shared``: ``num_moe_layers`` shared experts, ``3*h*moe_ffn*num_shared`` each.
@@ -115,8 +117,15 @@ def llm_flops_breakdown_per_token(
         kv_macs = llm.kv_lora_rank * (h + n * (d_nope + d_v) + 1) + h * d_rope
         out_macs = n * d_v * h
         core_macs = seq_length * n * (d_nope + d_rope) + seq_length * n * d_v
+    core_layers = float(num_layers)
     if causal:
         core_macs /= 2  # only the lower triangle of the score matrix is computed
+        window = llm.sliding_window
+        if window is not None and window < seq_length:
+            # sliding layers keep the band of width w: (s^2 - (s - w)^2) / 2 of s^2 / 2 scores
+            band = 1.0 - (1.0 - window / seq_length) ** 2
+            sliding = sum(llm.layer_slides(i) for i in range(llm.num_layers))
+            core_layers = num_layers - sliding * (1.0 - band)
 
     moe = llm.num_experts is not None
     # Megatron-LM: the MTP layers are of the last decoder layer's kind
@@ -139,7 +148,7 @@ def llm_flops_breakdown_per_token(
         "attn_q": f * num_layers * q_macs,
         "attn_kv": f * num_layers * kv_macs,
         "attn_out": f * num_layers * out_macs,
-        "attn_core": f * num_layers * core_macs,
+        "attn_core": f * core_layers * core_macs,
         "mlp_dense": f * dense_macs,
         "mlp_routed": f * routed_macs,
         "mlp_shared": f * shared_macs,

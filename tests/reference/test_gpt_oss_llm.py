@@ -220,3 +220,31 @@ def test_varlen_refuses_sinks_and_auto_skips_it():
                        params_dtype="bf16", llm=llm)
     choice = choose_kernels(KernelConfig(backend="local"), caps, params_dtype="bf16", llm=llm)
     assert choice.attention_kernel == "flex"
+
+
+def test_param_count_closed_form_equals_built_model(models):
+    """Sinks, q/k/v/o biases, router and expert biases are in the closed-form count."""
+    from megatron_vlm.models.param_count import count_llm_params_closed_form, count_module_params
+
+    _, ours = models
+    built = count_module_params(ours)
+    closed = count_llm_params_closed_form(our_llm())
+    assert {k: closed[k] for k in built} == built
+    assert built["attention"] == 4 * (64 * 128 + 128 + 64 * 64 + 64 + 4)
+
+
+def test_flops_count_the_sliding_band_only():
+    """Causal sliding layers compute ``(s^2 - (s-w)^2) / 2`` scores, full layers ``s^2 / 2``:
+    at s = 4w the band is 7/16 of the triangle; half the layers slide here."""
+    from megatron_vlm.training.flops import llm_flops_breakdown_per_token
+
+    s = 4 * WINDOW
+    full = llm_flops_breakdown_per_token(our_llm(sliding_window=None, window_attn_skip_freq=None),
+                                         s)["attn_core"]
+    swa = llm_flops_breakdown_per_token(our_llm(), s)["attn_core"]
+    assert swa == pytest.approx(full * (2 + 2 * 7 / 16) / 4)
+    every = llm_flops_breakdown_per_token(our_llm(window_attn_skip_freq=None), s)["attn_core"]
+    assert every == pytest.approx(full * 7 / 16)
+    longer = llm_flops_breakdown_per_token(our_llm(), WINDOW)["attn_core"]  # window >= s: full
+    assert longer == llm_flops_breakdown_per_token(
+        our_llm(sliding_window=None, window_attn_skip_freq=None), WINDOW)["attn_core"]

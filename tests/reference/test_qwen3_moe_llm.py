@@ -168,3 +168,14 @@ def test_moe_layer_pattern_is_checked():
         LLMConfig(**base, moe_router_pre_softmax=True)
     llm = LLMConfig(**base, moe_layer_pattern=[1, 0, 1], num_dense_layers=1)
     assert llm.moe_layer_freq == [1, 0, 1] and llm.num_moe_layers == 2
+
+
+def test_param_count_closed_form_equals_built_model(normalised):
+    """A dense layer inside the MoE stack (``moe_layer_pattern``) counts as dense."""
+    from megatron_vlm.models.param_count import count_llm_params_closed_form, count_module_params
+
+    _, ours = normalised
+    built = count_module_params(ours)
+    closed = count_llm_params_closed_form(our_llm(True))
+    assert {k: closed[k] for k in built} == built
+    assert built["dense_mlp"] == 3 * 48 * 96 and built["router"] == 2 * 8 * 48
