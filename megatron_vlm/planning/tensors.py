@@ -11,6 +11,8 @@ module order, as this project builds them with megatron-core 0.16.1's local spec
   one fused ``linear_qkv`` of ``(heads + 2 groups) x head_dim`` rows split over TP by whole
   query groups (+ its bias with ``add_qkv_bias``), per-head ``q_layernorm`` / ``k_layernorm``
   ``[head_dim]`` (fp32, whole on every TP rank) with ``qk_layernorm``.
+* GPT-OSS: per-head ``core_attention.softmax_offset`` sinks and ``add_bias_linear``'s biases
+  (``linear_proj``, router, every ``linear_fc1``/``linear_fc2``) after their weights.
 * MoE: the router ``[experts, hidden]`` is replicated; ``experts / ep`` local experts per rank
   (megatron's ``SequentialMLP``: ``linear_fc1 [2 F / etp, h]``, ``linear_fc2 [h, F / etp]``);
   shared experts are a TP-sharded SwiGLU MLP.
@@ -106,18 +108,30 @@ def llm_layer_tensors(llm: LLMConfig, layer: int, prefix: str, dtype: str, tp: i
                 t("post_mlp_layernorm.weight", (h,), "fp32")]
     if not llm.moe_layer_freq[layer]:
         f = _split(llm.ffn_hidden_size, tp, "ffn_hidden_size")
-        return out + [t("mlp.linear_fc1.weight", (2 * f, h)), t("mlp.linear_fc2.weight", (h, f))]
+        return out + _mlp_tensors(llm, t, "mlp.", f)
     local = _split(llm.num_experts, ep, "num_experts")
     fe = _split(llm.moe_ffn_hidden_size, etp, "moe_ffn_hidden_size")
     out.append(t("mlp.router.weight", (llm.num_experts, h)))
+    if llm.add_bias_linear:
+        out.append(t("mlp.router.bias", (llm.num_experts,)))
     for e in range(local):
-        q = f"mlp.experts.local_experts.{e}."
-        out += [t(q + "linear_fc1.weight", (2 * fe, h), expert=expert_parallel),
-                t(q + "linear_fc2.weight", (h, fe), expert=expert_parallel)]
+        out += _mlp_tensors(llm, t, f"mlp.experts.local_experts.{e}.", fe, expert_parallel)
     if llm.num_shared_experts:
         fs = _split(llm.moe_ffn_hidden_size * llm.num_shared_experts, tp, "shared expert FFN")
-        out += [t("mlp.shared_experts.linear_fc1.weight", (2 * fs, h)),
-                t("mlp.shared_experts.linear_fc2.weight", (h, fs))]
+        out += _mlp_tensors(llm, t, "mlp.shared_experts.", fs)
+    return out
+
+
+def _mlp_tensors(llm: LLMConfig, t, q: str, f: int, expert: bool = False) -> list[ParamTensor]:
+    """A gated MLP's ``linear_fc1 [2 f, h]`` and ``linear_fc2 [h, f]`` (``f`` this rank's
+    width), each followed by its bias with ``add_bias_linear`` (fc2's whole: row-parallel)."""
+    h = llm.hidden_size
+    out = [t(q + "linear_fc1.weight", (2 * f, h), expert=expert)]
+    if llm.add_bias_linear:
+        out.append(t(q + "linear_fc1.bias", (2 * f,), expert=expert))
+    out.append(t(q + "linear_fc2.weight", (h, f), expert=expert))
+    if llm.add_bias_linear:
+        out.append(t(q + "linear_fc2.bias", (h,), expert=expert))
     return out
 
 
@@ -129,9 +143,14 @@ def _gqa_tensors(llm: LLMConfig, t, tp: int) -> list[ParamTensor]:
     h, d = llm.hidden_size, llm.head_dim
     nt = _split(llm.num_attention_heads, tp, "num_attention_heads")
     gt = _split(llm.query_groups, tp, "num_query_groups")
-    out = [t("self_attention.linear_proj.weight", (h, nt * d)),
-           t("self_attention.linear_qkv.weight", ((nt + 2 * gt) * d, h))]
-    if llm.add_qkv_bias:
+    out = []
+    if llm.attention_sinks:  # models/attention.py: one learned logit per local head
+        out.append(t("self_attention.core_attention.softmax_offset", (nt,)))
+    out.append(t("self_attention.linear_proj.weight", (h, nt * d)))
+    if llm.add_bias_linear:  # row-parallel: the whole bias on every rank
+        out.append(t("self_attention.linear_proj.bias", (h,)))
+    out.append(t("self_attention.linear_qkv.weight", ((nt + 2 * gt) * d, h)))
+    if llm.add_qkv_bias or llm.add_bias_linear:
         out.append(t("self_attention.linear_qkv.bias", ((nt + 2 * gt) * d,)))
     if llm.qk_layernorm:
         out += [t("self_attention.q_layernorm.weight", (d,), "fp32"),

@@ -66,3 +66,22 @@ def packed_params(lengths: list[int], spans: list[int]):
 
 def tokens(n: int, seed: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def planned_and_built_tensors(llm) -> tuple[list, list]:
+    """``planning.tensors.chunk_tensors`` of ``llm`` (bf16, one stage) and the parameters of the
+    model ``build_llm`` makes on the meta device: (name, shape, dtype) lists in module order."""
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.config.model import ModelConfig
+    from megatron_vlm.models.llm import build_llm
+    from megatron_vlm.parallel.init import ensure_single_process_groups
+    from megatron_vlm.planning.tensors import chunk_tensors
+
+    groups = ensure_single_process_groups(seed=1234).pg_collection
+    with torch.device("meta"):
+        model = build_llm(llm, ParallelConfig(), "bf16", pg_collection=groups)
+    planned = chunk_tensors(ModelConfig(llm=llm, params_dtype="bf16"), range(llm.num_layers),
+                            first=True, last=True)
+    dtypes = {torch.bfloat16: "bf16", torch.float32: "fp32"}
+    built = [(n, tuple(p.shape), dtypes[p.dtype]) for n, p in model.named_parameters()]
+    return [(t.name, t.shape, t.dtype) for t in planned], built

@@ -248,3 +248,12 @@ def test_flops_count_the_sliding_band_only():
     longer = llm_flops_breakdown_per_token(our_llm(), WINDOW)["attn_core"]  # window >= s: full
     assert longer == llm_flops_breakdown_per_token(
         our_llm(sliding_window=None, window_attn_skip_freq=None), WINDOW)["attn_core"]
+
+
+def test_planned_tensors_equal_the_built_model(megatron_groups):
+    """The planner's tensor list has the sinks and every bias, in megatron's module order."""
+    from internvl_llm_reference import planned_and_built_tensors
+
+    planned, built = planned_and_built_tensors(our_llm())
+    assert planned == built
+    assert ("decoder.layers.0.self_attention.core_attention.softmax_offset", (4,), "bf16") in built

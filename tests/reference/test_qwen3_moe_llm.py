@@ -179,3 +179,11 @@ def test_param_count_closed_form_equals_built_model(normalised):
     closed = count_llm_params_closed_form(our_llm(True))
     assert {k: closed[k] for k in built} == built
     assert built["dense_mlp"] == 3 * 48 * 96 and built["router"] == 2 * 8 * 48
+
+
+def test_planned_tensors_equal_the_built_model(megatron_groups):
+    from internvl_llm_reference import planned_and_built_tensors
+
+    planned, built = planned_and_built_tensors(our_llm(True))
+    assert planned == built
+    assert ("decoder.layers.1.mlp.linear_fc1.weight", (192, 48), "bf16") in built
