@@ -39,7 +39,13 @@ import torch
 from megatron.core import parallel_state as ps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vlm_cases import gather_item_logs, save_results, whole  # noqa: E402
+from vlm_cases import (  # noqa: E402
+    gather_dp_sharded_grads,
+    gather_item_logs,
+    my_batches,
+    save_results,
+    whole,
+)
 from vlm_worker import log  # noqa: E402
 
 from megatron_vlm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -131,6 +137,9 @@ CASES = {
     # merged embeddings and their M-RoPE ids split per document over CP; the MTP layer cuts the
     # whole sequence's ids and position ids to its CP share
     ("glm45v", "cp2"): ["parallel.cp=2"],
+    # EP over the data-parallel ranks (DP = 2, one micro-batch each): experts split, the dense
+    # parameters' gradients averaged over DP
+    ("glm45v", "ep2_dp2"): ["parallel.ep=2"],
     ("glm41v", "tp2_sp"): TP2,  # sandwich norms on sequence slices
     # TP inside the tower: every temporal patch on both ranks, one sharded pass
     ("glm41v", "tp2_sp_vit_tp"): [*TP2, "model.vision.parallel_mode=tp"],
@@ -235,13 +244,18 @@ def run_case(model: str, overrides: list[str], out: Path) -> dict:
     job, chunks, optimizer, scheduler = setup(model, overrides, out)
     load_checkpoint(out / model / "init" / "step_0000000", chunks, None, None,
                     load_optimizer=False)  # strict, resharded
-    batches = all_batches()  # dp = 1 in every case: each rank holds both micro-batches
+    _, batches = my_batches(all_batches())  # this DP rank's share (both unless ep2_dp2)
     vit = unwrap(chunks[0]).vision_tower if unwrap(chunks[0]).pre_process else None
     if vit is not None:
         vit.encoded_item_log = []
     params0 = whole_swiglu(chunks, "param", job)
-    loss, norm, grads = step(chunks, optimizer, scheduler, batches,
-                             probe=lambda: whole_swiglu(chunks, "grad", job))
+
+    def probe():
+        if job.parallel.use_distributed_optimizer:
+            gather_dp_sharded_grads(chunks)
+        return whole_swiglu(chunks, "grad", job)
+
+    loss, norm, grads = step(chunks, optimizer, scheduler, batches, probe)
     items = gather_item_logs(vit, batches, job.model.vision.parallel_mode)
     if vit is not None:
         vit.encoded_item_log = None

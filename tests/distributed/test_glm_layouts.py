@@ -23,7 +23,8 @@ temporal patch encoded on one rank; merger SwiGLU and qkv bias sharded; the MTP 
 own embeddings over SP), PP=2 (tower and merger on stage 0, M-RoPE ids on both stages, the MTP
 layer on the last stage with megatron's embedding copy synced through the VLM, 1F1B over 2
 micro-batches) and CP=2 (merged embeddings and their M-RoPE ids split per document, temporal
-patches split over the CP ranks, the MTP layer cuts ids and positions to its CP share); GLM-4.1V
+patches split over the CP ranks, the MTP layer cuts ids and positions to its CP share) and EP=2
+over DP=2 (one micro-batch per rank, experts split over the data-parallel ranks); GLM-4.1V
 at TP=2 + SP (tower split over TP, and TP inside the tower: its SwiGLU blocks sharded) and CP=2.
 
 Checked per case: loss, every gradient (tower, projector, LLM and MTP layer; every one non-zero
@@ -34,8 +35,8 @@ summation order only): loss 1e-6 relative (seen <= 1.3e-7); each gradient's max 
 its largest entry (seen <= 7.9e-7); grad norms 1e-5 relative (seen <= 9.2e-7); every parameter
 within 2e-4 after two steps (seen <= 5.8e-5: AdamW's per-element normalisation amplifies 1e-7
 gradient noise on entries whose |g| is near eps; with init std 0.1 the k bias of each head's
-unrotated half, whose true gradient is 0, reaches 5e-4) and the whole update within 1e-4 relative (Frobenius; seen
-<= 3.8e-5); the loss after the steps 1e-5 relative (seen <= 1.2e-7).
+unrotated half, whose true gradient is 0, reaches 5e-4) and the whole update within 1e-4
+relative (Frobenius; seen <= 3.8e-5); the loss after the steps 1e-5 relative (seen <= 1.2e-7).
 
 Controls (``test_wrong_mrope_ids_would_fail``): the reference weights on the same batch with 1D
 ids (t = h = w) move the loss by 4.1e-6 / 6.0e-6 relative (GLM-4.5V / 4.1V; init std 0.02 keeps
@@ -48,7 +49,7 @@ or its SP scatter the CP=2 / TP=2 cases fail (96 vs 48 token concatenation), wit
 ``VisionLanguageModel.shared_embedding_or_output_weight`` the PP=2 case fails (AttributeError):
 these cases cover what the tiny Kimi VLM + MTP cases of the former test_glm_llm_layouts.py did.
 
-One process start, 2 ranks: ~31 s CPU in all (user time of the pytest run; ~11-21 s of cases
+One process start, 2 ranks: 31-33 s CPU in all (user time of the pytest run; 11-21 s of cases
 after start-up on a loaded 2-core machine).
 """
 
@@ -64,8 +65,8 @@ from vlm_cases import relative_error
 from vlm_runs import run_worker
 
 HERE = Path(__file__).resolve().parent
-CASES = ["glm45v/tp2_sp_ep2", "glm45v/pp2", "glm45v/cp2", "glm41v/tp2_sp", "glm41v/tp2_sp_vit_tp",
-         "glm41v/cp2"]
+CASES = ["glm45v/tp2_sp_ep2", "glm45v/pp2", "glm45v/cp2", "glm45v/ep2_dp2", "glm41v/tp2_sp",
+         "glm41v/tp2_sp_vit_tp", "glm41v/cp2"]
 NUM_SEGMENTS = 7  # temporal patches per step: two images + 2 video patches; an image + 2
 
 
@@ -127,9 +128,9 @@ def test_parameters_after_two_steps_match_one_process(runs, case):
 @pytest.mark.parametrize("case", CASES)
 def test_each_temporal_patch_is_encoded_once(runs, case):
     """The tower's unit of work is one image or one temporal patch (``(1, h, w)``): the reference
-    encodes all 7 once; split mode over TP or CP encodes each on exactly one rank, both ranks
-    busy; TP inside the tower encodes every one on both TP ranks (one sharded pass); under PP
-    only stage 0 holds the tower."""
+    encodes all 7 once; split mode over TP or CP, and DP (each rank its micro-batch), encodes
+    each on exactly one rank, both ranks busy; TP inside the tower encodes every one on both TP
+    ranks (one sharded pass); under PP only stage 0 holds the tower."""
     ref = _ref(runs, case)["items"]
     segments = Counter(ref[0]["encoded"])
     assert len(ref) == 1 and sum(segments.values()) == NUM_SEGMENTS
