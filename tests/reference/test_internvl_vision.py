@@ -455,3 +455,34 @@ def test_remote_code_layout_round_trip(variant, request):
     assert exported.keys() == remote.keys()
     assert all(torch.equal(exported[n], v) for n, v in remote.items())
     assert ("vision_model.encoder.layers.0.attn.qkv.bias" in remote) == (variant == "300m")
+
+
+def test_full_recompute_same_grads(ours_6b):
+    """``model.vision.recompute='full'`` (megatron re-runs each layer, layer scales and the
+    whole-width q/k norms included) gives the same features and gradients."""
+    import dataclasses
+
+    from megatron_vlm.config import ParallelConfig
+    from megatron_vlm.families.internvl.vision import build_internvit
+
+    tower, _ = ours_6b
+    vision, _ = configs("6b")
+    recomputed = build_internvit(dataclasses.replace(vision, recompute="full"), ParallelConfig())
+    recomputed.load_state_dict(tower.state_dict())
+    patches = to_patches(tiles_for(2, seed=8))
+    grid = torch.tensor([[2, SIDE, SIDE]])
+    grads, calls = [], []
+    recomputed.encoder.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    for model in (tower, recomputed):
+        model.train()
+        model.zero_grad()
+        out = model(patches, grid)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.eval()
+        model.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert_close(grads[1][name], grad)
+    assert grads[0]["encoder.layers.0.self_attention.q_norm.weight"].abs().max() > 0
+    assert len(calls) == 2  # forward, then the recompute in backward
