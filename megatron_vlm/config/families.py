@@ -21,6 +21,7 @@ FAMILY_MODULES: dict[str, str] = {
     "kimi": "megatron_vlm.families.kimi",
     "keye": "megatron_vlm.families.keye",
     "glm": "megatron_vlm.families.glm",
+    "internvl": "megatron_vlm.families.internvl",
 }
 """Family name -> its package. Kimi K2.5 / Kimi-VL is the default family."""
 
