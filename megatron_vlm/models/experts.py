@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 from megatron_vlm.models.specs import grouped_mm_fn
@@ -127,3 +128,21 @@ class GroupedMMSequentialMLP(SequentialMLP):
                    + [e.linear_fc2.weight for e in self.local_experts])
         out = GroupedExperts.apply(x, permuted_probs, offs, len(self.local_experts), *weights)
         return out, None  # [T, h]
+
+
+class ExpertBiasRowParallelLinear(RowParallelLinear):
+    """A routed expert's ``linear_fc2`` when the experts have biases (GPT-OSS).
+
+    megatron-core 0.16.1's ``MLP.forward`` adds an expert's fc2 bias, scaled by the routing
+    probability, *in place* to this layer's output (``transformer/mlp.py:247``). Without expert
+    communication (TP = EP = 1) that output is the input returned as is by megatron's
+    ``_ReduceFromModelParallelRegion`` autograd function, and autograd refuses the in-place add
+    when training ("Output 0 of _ReduceFromModelParallelRegion is a view and is being modified
+    inplace"). The output is copied then (inference and bias-free experts are untouched).
+    """
+
+    def forward(self, input_: torch.Tensor):
+        output, bias = super().forward(input_)
+        if bias is not None and torch.is_grad_enabled():
+            output = output.clone()
+        return output, bias

@@ -456,6 +456,26 @@ def _torch_grouped_experts(layer_spec: ModuleSpec) -> ModuleSpec:
         layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
 
 
+def _expert_bias_fc2(layer_spec: ModuleSpec) -> ModuleSpec:
+    """Routed experts with biases (GPT-OSS): ``linear_fc2`` as
+    :class:`~megatron_vlm.models.experts.ExpertBiasRowParallelLinear` (megatron adds the bias in
+    place to an output autograd may not modify at TP = EP = 1)."""
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    from megatron_vlm.models.experts import ExpertBiasRowParallelLinear
+
+    mlp = layer_spec.submodules.mlp
+    experts = getattr(getattr(mlp, "submodules", None), "experts", None)
+    if experts is None or experts.module is not SequentialMLP or experts.submodules is None:
+        return layer_spec
+    experts = dataclasses.replace(experts, submodules=dataclasses.replace(
+        experts.submodules, linear_fc2=ExpertBiasRowParallelLinear))
+    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules,
+                                                                 experts=experts))
+    return dataclasses.replace(
+        layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
+
+
 def _require_mla_duplicated_linear() -> None:
     """The local spec's MLA down-projections are ``DuplicatedLinear``, which megatron-core 0.16.1
     MLA accepts only once the start-up shims rebound its ``Linear`` name
@@ -513,6 +533,8 @@ def llm_decoder_block_spec(config, choice: KernelChoice, vp_stage: int | None = 
                                  for s in block.layer_specs]
         else:
             block.layer_specs = [_local_gqa_layer(s, attention) for s in block.layer_specs]
+        if config.add_bias_linear:
+            block.layer_specs = [_expert_bias_fc2(s) for s in block.layer_specs]
         if choice.experts == "torch_grouped_mm":
             block.layer_specs = [_torch_grouped_experts(s) for s in block.layer_specs]
         block.layer_norm = _norm_module(choice)
