@@ -193,10 +193,12 @@ def _real_queries(run: QueryRun, layout: DocumentLayout) -> int:
 def document_max_logits(
     q: torch.Tensor, k: torch.Tensor, layout: DocumentLayout, causal: bool, scale: float,
     chunk: int = MAX_LOGIT_QUERY_CHUNK, q_index: torch.Tensor | None = None,
+    window: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Per-head max of the scaled logits ``q k^T * scale`` over legal (real query, real key, same
-    document, causal when asked) entries; ``q [t_q, np, hk]``, ``k [t, np, hk]`` -> ``[np]`` fp32
-    (-inf if none). ``q_index``: global index of each query row (context parallelism)."""
+    document, causal when asked, inside ``window`` when given) entries; ``q [t_q, np, hk]``,
+    ``k [t, np, hk]`` -> ``[np]`` fp32 (-inf if none). ``q_index``: global index of each query
+    row (context parallelism)."""
     best = torch.full((q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
     # bf16/fp16 values are exact in TF32 (10-bit mantissa), so TF32 tensor cores give the fp32
     # result with fp32 accumulation at a fraction of the cost of true fp32 GEMMs.
@@ -206,7 +208,8 @@ def document_max_logits(
             if nq:
                 nk = run.offset + nq if causal else layout.real[run.doc]
                 best = torch.maximum(best, _run_max(q, k, run.row, nq, layout.starts[run.doc],
-                                                    nk, run.offset, causal, scale, chunk))
+                                                    nk, run.offset, causal, scale, chunk,
+                                                    window))
     return best
 
 
@@ -226,7 +229,7 @@ class _tf32_if_exact:
 
 
 def _run_max(q, k, row: int, nq: int, k_start: int, nk: int, offset: int, causal: bool,
-             scale: float, chunk: int) -> torch.Tensor:
+             scale: float, chunk: int, window: tuple[int, int] | None = None) -> torch.Tensor:
     """Per-head max over queries ``q[row : row + nq]`` (document positions ``offset + i``) and
     keys ``k[k_start : k_start + nk]`` (document positions ``0..nk-1``)."""
     best = torch.full((q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
@@ -235,10 +238,13 @@ def _run_max(q, k, row: int, nq: int, k_start: int, nk: int, offset: int, causal
         c1 = min(nq, c0 + chunk)
         qd = q[row + c0 : row + c1].float().transpose(0, 1)  # [np, c, hk]
         logits = torch.matmul(qd, kd.transpose(1, 2)) * scale  # [np, c, nk]
+        pos = torch.arange(offset + c0, offset + c1, device=q.device)
+        keys = torch.arange(nk, device=q.device)
         if causal:
-            pos = torch.arange(offset + c0, offset + c1, device=q.device)[:, None]
-            future = torch.arange(nk, device=q.device)[None, :] > pos
-            logits = logits.masked_fill(future, float("-inf"))
+            logits = logits.masked_fill(keys[None, :] > pos[:, None], float("-inf"))
+        near = window_mask(pos, keys, window)
+        if near is not None:
+            logits = logits.masked_fill(~near, float("-inf"))
         best = torch.maximum(best, logits.amax(dim=(1, 2)))
     return best
 
@@ -252,7 +258,8 @@ class DocumentSDPAAttention(PackedSelfAttention):
         layout = document_layout(params, key.shape[0], query.device)
         if self.record_max_logits:
             self._update_max_logits(document_max_logits(
-                query, key, layout, causal, self.softmax_scale, q_index=q_index))
+                query, key, layout, causal, self.softmax_scale, q_index=q_index,
+                window=self.window))
         dropout_p = self.dropout_p if self.training else 0.0
         pieces = []
         heads, dv = value.shape[1], value.shape[2]
@@ -371,7 +378,8 @@ class FlexPackedAttention(PackedSelfAttention):
         layout = document_layout(params, key.shape[0], query.device)
         if self.record_max_logits:
             self._update_max_logits(document_max_logits(
-                query, key, layout, causal, self.softmax_scale, q_index=q_index))
+                query, key, layout, causal, self.softmax_scale, q_index=q_index,
+                window=self.window))
         block_mask = self._block_mask(layout, causal, query.device, q_index)
         q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, np, t, h]
         # flex runs through torch.compile even in eager mode (torch 2.13 raises with dynamo

@@ -51,11 +51,11 @@ def reference(q, k, v, sinks, scale: float, left: int | None):
     return out
 
 
-def _attention(cls, window: bool, sinks: torch.Tensor):
+def _attention(cls, window: bool, sinks: torch.Tensor, record: bool = False):
     config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
                                kv_channels=DIM, attention_dropout=0.0, softmax_type="learnable",
                                window_size=(LEFT, 0) if window else None,
-                               params_dtype=torch.float64)
+                               params_dtype=torch.float64, log_max_attention_logit=record)
     mod = cls(config, layer_number=1, attn_mask_type=AttnMaskType.causal)
     with torch.no_grad():
         mod.softmax_offset.copy_(sinks)
@@ -131,3 +131,21 @@ def test_window_layers_follow_megatron_skip_freq(megatron_groups):
     windows = [PackedSelfAttention(config, layer_number=n, attn_mask_type=AttnMaskType.causal)
                .window for n in range(1, 5)]
     assert windows == [(LEFT, 0), None, (LEFT, 0), None]
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_max_logits_only_inside_the_window(megatron_groups, kernel):
+    """Recorded per-head max logits (``log_max_attention_logit``) count window entries only."""
+    q, k, v, sinks, params, real = _inputs()
+    mod = _attention(KERNELS[kernel], True, sinks, record=True)
+    with torch.no_grad():
+        mod(q, k, v, None, packed_seq_params=params)
+    cu, cu_pad = _docs()
+    best = torch.full((HEADS,), float("-inf"), dtype=torch.float64)
+    for start, n in zip(cu_pad[:-1].tolist(), REAL):
+        logits = torch.einsum("qhd,khd->hqk", q[start:start + n], k[start:start + n])
+        pos = torch.arange(n)
+        ok = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= pos[:, None] - LEFT)
+        best = torch.maximum(best, (logits * mod.softmax_scale).masked_fill(~ok, -torch.inf)
+                             .amax(dim=(1, 2)))
+    torch.testing.assert_close(mod.current_max_attn_logits.double(), best, atol=0, rtol=1e-6)
