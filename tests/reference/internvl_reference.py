@@ -100,11 +100,26 @@ def hf_state(hf) -> dict[str, torch.Tensor]:
     return state
 
 
+RELEASE_PREFIXES = (("model.language_model.", "language_model.model."),
+                    ("lm_head.", "language_model.lm_head."),
+                    ("model.vision_tower.", "vision_tower."),
+                    ("model.multi_modal_projector.", "multi_modal_projector."))
+"""In-memory -> release names (what ``save_pretrained`` writes)."""
+
+
+def release_name(key: str) -> str:
+    for memory, release in RELEASE_PREFIXES:
+        if key.startswith(memory):
+            return release + key[len(memory):]
+    raise KeyError(key)
+
+
 def release_state(hf) -> dict[str, torch.Tensor]:
-    """The release layout: Qwen3-MoE experts per expert (``experts.{E}.gate_proj.weight`` ...);
-    GPT-OSS fused as its release holds them; the rest as transformers names it."""
+    """The release layout (``save_pretrained``'s names) with Qwen3-MoE experts per expert
+    (``experts.{E}.gate_proj.weight`` ...); GPT-OSS fused as its release holds them."""
     out = {}
     for key, value in hf_state(hf).items():
+        key = release_name(key)
         fused = key.endswith("mlp.experts.gate_up_proj") or key.endswith("mlp.experts.down_proj")
         if not fused or hf.config.text_config.model_type != "qwen3_moe":
             out[key] = value

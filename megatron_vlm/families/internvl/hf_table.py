@@ -1,24 +1,30 @@
 """InternVL3.5 HF name-mapping table (``convert_hf.py``, ``convert/rules.py``).
 
-HF names are transformers 5.25's ``InternVLForConditionalGeneration`` (the
-``OpenGVLab/InternVL3_5-*-HF`` checkpoints): ``model.language_model.*`` the text model
-(Qwen3, Qwen3-MoE or GPT-OSS, headless), ``model.vision_tower.*`` InternViT,
-``model.multi_modal_projector.*`` ``mlp1``, top-level ``lm_head`` (absent when
-``tie_word_embeddings``). Parts:
+HF names are the release layout of the ``OpenGVLab/InternVL3_5-*-HF`` checkpoints, which is also
+what transformers 5.25's ``save_pretrained`` writes for ``InternVLForConditionalGeneration``
+(it reverses its ``llava`` checkpoint conversion mapping): ``language_model.model.*`` the text
+model (Qwen3, Qwen3-MoE or GPT-OSS), ``language_model.lm_head.weight`` (absent when
+``tie_word_embeddings``), ``vision_tower.*`` InternViT, ``multi_modal_projector.*`` ``mlp1``.
+Export writes these names. Parts:
 
 * LLM: ``families/internvl/hf_llm_names.py`` (Qwen3 / Qwen3-MoE per-expert release names /
-  GPT-OSS per-expert slices), under ``model.language_model.`` -> ``language_model.``;
+  GPT-OSS per-expert slices), under ``language_model.model.`` -> ``language_model.``;
 * tower and projector: ``families/internvl/hf_vision_names.py``.
 
-Fused expert layouts accepted on import (``alias_passes``, in order): GPT-OSS's per-layer
-``experts.gate_up_proj [E, H, 2I]`` + ``gate_up_proj_bias`` and ``down_proj`` + ``down_proj_bias``
-(the release's and transformers' layout) are recognised by their bias, which Qwen3-MoE's experts
-lack, and cut into per-expert slices first (:data:`GPT_OSS_FUSED_EXPERTS`); then
-transformers' fused Qwen3-MoE experts (``gate_up_proj [E, 2I, H]``, ``down_proj``, no bias;
-what its ``save_pretrained`` writes) are split as for every MoE family
-(``convert.tables.EXPERT_LAYOUTS``). Export writes the per-expert names: the Qwen3-MoE release
-layout; for GPT-OSS those are the slices, which transformers does not load (re-fusing on export
-is not done).
+Other layouts accepted on import (``alias_passes``, in order):
+
+1. transformers' in-memory names (``model.language_model.*``, ``lm_head``,
+   ``model.vision_tower.*``, ``model.multi_modal_projector.*``: a ``state_dict()`` saved as is)
+   renamed to the release's (:data:`IN_MEMORY_NAMES`);
+2. GPT-OSS's fused per-layer experts ``experts.gate_up_proj [E, H, 2I]`` + ``gate_up_proj_bias``
+   and ``down_proj`` + ``down_proj_bias`` (its release's and transformers' layout), recognised by
+   their bias, which Qwen3-MoE's experts lack, cut into per-expert slices
+   (:data:`GPT_OSS_FUSED_EXPERTS`);
+3. transformers' fused Qwen3-MoE experts (``gate_up_proj [E, 2I, H]``, ``down_proj``, no bias)
+   split as for every MoE family (``convert.tables.EXPERT_LAYOUTS``).
+
+Export writes per-expert names: the Qwen3-MoE release layout; for GPT-OSS those are the slices,
+which transformers does not load (re-fusing on export is not done).
 
 The table depends on the text model (dense, MoE pattern, GPT-OSS), so the family declares
 ``model_rules`` (``convert.importer.table_for``).
@@ -37,8 +43,21 @@ from megatron_vlm.families.internvl.hf_llm_names import (
 )
 from megatron_vlm.families.internvl.hf_vision_names import internvl_visual_rules
 
-LLM_PREFIX = "model.language_model."
-"""Where ``InternVLForConditionalGeneration`` keeps its text model."""
+LLM_PREFIX = "language_model.model."
+"""Where the release keeps the text model (in memory: ``model.language_model.``)."""
+HEAD_PREFIX = "language_model."
+"""The release's ``language_model.lm_head.weight`` (in memory: ``lm_head.weight``)."""
+VISION_PREFIX = "vision_tower."
+PROJECTOR_PREFIX = "multi_modal_projector."
+
+IN_MEMORY_NAMES = [
+    Alias("model.language_model.{rest}", LLM_PREFIX + "{rest}"),
+    Alias("lm_head.{rest}", HEAD_PREFIX + "lm_head.{rest}"),
+    Alias("model.vision_tower.{rest}", VISION_PREFIX + "{rest}"),
+    Alias("model.multi_modal_projector.{rest}", PROJECTOR_PREFIX + "{rest}"),
+]
+"""transformers' in-memory names -> the release's (transformers 5.25 ``conversion_mapping``'s
+``llava`` renames, reversed)."""
 
 
 def _expert_pair(ts, ctx, e: int):
@@ -72,9 +91,9 @@ def internvl_rules(model) -> list[Rule]:
     vision)."""
     rules = prefixed(llm_rules(model.llm), LLM_PREFIX, "language_model.")
     if model.llm.untie_embeddings:
-        rules += prefixed(internvl_head_rules(), "", "language_model.")
+        rules += prefixed(internvl_head_rules(), HEAD_PREFIX, "language_model.")
     if model.is_vlm:
-        rules += internvl_visual_rules()
+        rules += internvl_visual_rules(VISION_PREFIX, PROJECTOR_PREFIX)
     return rules
 
 
@@ -85,7 +104,7 @@ def _no_model_rules(q_lora: bool, tied: bool) -> list[Rule]:
 
 HF_FAMILY = Family(
     "internvl", (hf_config.ARCHITECTURE,),
-    alias_passes=(tuple(GPT_OSS_FUSED_EXPERTS), tuple(EXPERT_LAYOUTS)),
+    alias_passes=(tuple(IN_MEMORY_NAMES), tuple(GPT_OSS_FUSED_EXPERTS), tuple(EXPERT_LAYOUTS)),
     model_family="internvl", build_rules=_no_model_rules,
     config_from_hf=hf_config.model_from_hf, config_to_hf=hf_config.model_to_hf,
     model_rules=internvl_rules,
