@@ -11,7 +11,9 @@ index):
   imported model's on a text document;
 * GPT-OSS as transformers writes it (``save_pretrained``: fused per-layer experts with biases)
   imports into a model whose logits equal transformers'. Its export writes per-expert slices
-  (``experts.{E}.gate_up_proj``), which transformers does not load: not covered here.
+  (``experts.{E}.gate_up_proj``), which transformers does not load: not covered here;
+* the real sizes (InternVL3.5-8B, 30B-A3B, 20B-A4B): config both ways, and transformers' modules
+  on the meta device have exactly the tensors the table maps, shapes checked both ways.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 pytest.importorskip("transformers")
 from hf_fixtures import read_safetensors_dir  # noqa: E402
-from internvl_reference import VOCAB, hf_internvl, release_state  # noqa: E402
+from internvl_reference import VOCAB, hf_internvl, release_name, release_state  # noqa: E402
 
 ATOL = 1e-5
 CASES = {"qwen3_tied": ("qwen3", True), "qwen3_moe": ("qwen3_moe", False)}
@@ -151,3 +153,94 @@ def test_gpt_oss_save_pretrained_layout_imports(megatron_groups, tmp_path):
     ours, model_cfg = _load_imported(tmp_path / "ours" / "step_0000000")
     assert model_cfg.llm.attention_sinks and model_cfg.llm.num_experts == 8
     _text_logits_equal(hf, ours, seed=4)
+
+
+# ------------------------------------------------------------------------------ real sizes
+
+REAL_VISION_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=4096, image_size=448, patch_size=14,
+                        norm_type="layer_norm", attention_bias=True, use_qk_norm=False,
+                        layer_norm_eps=1e-6, layer_scale_init_value=0.1)
+REAL_TEXTS = {
+    # InternVL3.5-8B: Qwen3-8B
+    "qwen3": dict(model_type="qwen3", vocab_size=151936, hidden_size=4096,
+                  intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                  rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    # InternVL3.5-30B-A3B: Qwen3-30B-A3B
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+                      intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                      num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                      decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
+                      rms_norm_eps=1e-6,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    # InternVL3.5-20B-A4B: gpt-oss-20b
+    "gpt_oss": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880,
+                    intermediate_size=2880, num_hidden_layers=24, num_attention_heads=64,
+                    num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                    num_experts_per_tok=4, sliding_window=128, swiglu_limit=7.0,
+                    attention_bias=True, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0,
+                                     "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                     "truncate": False,
+                                     "original_max_position_embeddings": 4096}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REAL_TEXTS))
+def test_real_sizes_plan_both_ways(megatron_groups, kind):
+    """InternVL3.5-8B / 30B-A3B / 20B-A4B's configs (InternViT-300M + the real text model):
+    ``config.json`` read, written and read again gives the same config; with the real widths
+    (text layers cut to 2) transformers' modules on the meta device, in the release layout
+    (through the family's alias passes: GPT-OSS's fused experts sliced), have exactly the
+    tensors our table maps, every shape checked both ways (import plan and export shards)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    from megatron_vlm.convert.export_plan import plan_shards
+    from megatron_vlm.convert.hf_io import AliasedSource, DictSource
+    from megatron_vlm.convert.importer import context_for, plan_import, table_for
+    from megatron_vlm.convert.mcore import SHARDED_METADATA, build_meta_model, tensor_slots
+    from megatron_vlm.families.internvl.hf_config import model_from_hf, model_to_hf
+    from megatron_vlm.families.internvl.hf_table import HF_FAMILY
+
+    def config(layers: int) -> dict:
+        cfg = InternVLConfig(vision_config=REAL_VISION_300M, tie_word_embeddings=False,
+                             text_config=dict(REAL_TEXTS[kind], num_hidden_layers=layers),
+                             image_token_id=151671).to_dict()
+        cfg["architectures"] = ["InternVLForConditionalGeneration"]
+        return cfg
+
+    full, _ = model_from_hf(config(REAL_TEXTS[kind]["num_hidden_layers"]), "bf16")
+    again, _ = model_from_hf(model_to_hf(full, "bf16", full.token_ids), "bf16")
+    assert again == full
+    assert full.projector.output_size == full.llm.hidden_size and full.vision.num_layers == 24
+
+    small = config(2)
+    with torch.device("meta"):
+        hf = InternVLForConditionalGeneration(InternVLConfig(**small))
+    state = {release_name(k): v for k, v in hf.state_dict().items()}
+    if kind == "qwen3_moe":  # the release holds Qwen3-MoE's experts one by one
+        state = {k: v for k, v in state.items() if ".mlp.experts." not in k}
+        for layer in range(2):
+            pre = f"language_model.model.layers.{layer}.mlp.experts."
+            for e in range(128):
+                for name, shape in (("gate_proj", (768, 2048)), ("up_proj", (768, 2048)),
+                                    ("down_proj", (2048, 768))):
+                    state[f"{pre}{e}.{name}.weight"] = torch.empty(shape, device="meta")
+    model, _ = model_from_hf(small, "bf16")
+    ctx = context_for(model)
+    source = DictSource(state)
+    for aliases in HF_FAMILY.alias_passes:
+        source = AliasedSource(source, aliases, ctx)
+    table = table_for(HF_FAMILY, model, ctx)
+    slots = tensor_slots(build_meta_model(model).sharded_state_dict(
+        metadata=dict(SHARDED_METADATA)))
+    expected = {n: (s.shape, s.dtype) for n, s in slots.items()}
+    plan = plan_import(table, source, expected, HF_FAMILY, 2, "meta")
+    assert not plan.skipped
+    shards = plan_shards(table, ctx, list(expected), lambda n: expected[n][0],
+                         lambda n: expected[n][1], torch.bfloat16, False, 5 * 2**30)
+    outs = {o.name: o.shape for s in shards for o in s.outs}
+    assert outs == {k: tuple(source.spec(k).shape) for k in source.keys()}
+    assert any(".mlp.experts.31." in k for k in outs) == (kind != "qwen3")
