@@ -1,7 +1,8 @@
 """Convert checkpoints between Hugging Face safetensors and megatron_vlm (megatron dist) format.
 
     python tools/convert_hf.py import HF_DIR OUT_ROOT [--params-dtype fp32|bf16] [--workers N]
-    python tools/convert_hf.py export CKPT OUT_DIR [--family kimi_k25|deepseek_v3|keye_vl_1_5|glm4v]
+    python tools/convert_hf.py export CKPT OUT_DIR
+                                       [--family kimi_k25|deepseek_v3|keye_vl_1_5|glm4v|internvl]
                                        [--dtype bf16|fp32] [--max-shard-gb 5]
                                        [--int4-experts] [--tokenizer PATH]
 
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("checkpoint", type=Path, help="step directory or checkpoint root")
     exp.add_argument("out", type=Path, help="directory to create")
     exp.add_argument("--family", default=None,
-                     help="HF layout to write: kimi_k25, deepseek_v3, keye_vl_1_5 or glm4v; "
+                     help="HF layout to write: kimi_k25, deepseek_v3, keye_vl_1_5, glm4v or "
+                          "internvl; "
                           "default: the checkpoint's model.family's (Kimi: kimi_k25 for a VLM, "
                           "deepseek_v3 for a text-only model)")
     exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
