@@ -313,3 +313,27 @@ def test_gradients_equal_transformers(megatron_groups):
         # fp32 sums of up to ~20 (embedding rows): 1e-5 of the tensor's largest entry
         err = float((have - want).abs().max())
         assert err <= 1e-5 * max(1.0, float(want.abs().max())), (oname, err)
+
+
+def test_config_both_ways():
+    """transformers' ``GptOssConfig`` -> our LLMConfig is the one written by hand above, and
+    back to a config transformers builds the same model from; unsupported fields are refused."""
+    from transformers import GptOssConfig
+
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.families.internvl.hf_llm_config import llm_from_hf, llm_to_hf
+
+    config = GptOssConfig(**TEXT)
+    hf = config.to_dict()
+    llm = llm_from_hf(hf)
+    assert llm == our_llm()
+    exported = llm_to_hf(llm, "gpt_oss")
+    again = GptOssConfig(**{k: v for k, v in exported.items() if k != "model_type"})
+    for key in ("layer_types", "sliding_window", "swiglu_limit", "num_local_experts",
+                "num_experts_per_tok", "intermediate_size", "head_dim", "rope_parameters"):
+        assert getattr(again, key) == getattr(config, key), key
+    assert llm_from_hf(again.to_dict()) == llm
+    with pytest.raises(ConversionError, match="layer_types"):
+        llm_from_hf({**hf, "layer_types": ["full_attention", "sliding_attention"] * 2})
+    with pytest.raises(ConversionError, match="swiglu_alpha"):
+        llm_from_hf({**hf, "swiglu_alpha": 1.0})

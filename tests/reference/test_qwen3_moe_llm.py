@@ -187,3 +187,42 @@ def test_planned_tensors_equal_the_built_model(megatron_groups):
     planned, built = planned_and_built_tensors(our_llm(True))
     assert planned == built
     assert ("decoder.layers.1.mlp.linear_fc1.weight", (192, 48), "bf16") in built
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_config_both_ways(norm_topk_prob):
+    """transformers' ``Qwen3MoeConfig`` -> our LLMConfig is the one written by hand above, and
+    back to a config transformers builds the same model from."""
+    from transformers import Qwen3MoeConfig
+
+    from megatron_vlm.families.internvl.hf_llm_config import llm_from_hf, llm_to_hf
+
+    config = Qwen3MoeConfig(**TEXT, norm_topk_prob=norm_topk_prob)
+    hf = config.to_dict()
+    llm = llm_from_hf(hf)
+    assert llm == our_llm(norm_topk_prob)
+    exported = llm_to_hf(llm, "qwen3_moe")
+    again = Qwen3MoeConfig(**{k: v for k, v in exported.items() if k != "model_type"})
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                "head_dim", "num_key_value_heads", "intermediate_size", "rope_parameters"):
+        assert getattr(again, key) == getattr(config, key), key
+    assert again.mlp_only_layers == [1] and llm_from_hf(again.to_dict()) == llm
+
+
+def test_dense_qwen3_config_maps_to_the_tested_llm():
+    """InternVL3.5-8B's Qwen3: the tiny ``Qwen3ForCausalLM`` config of ``test_qwen3_llm``
+    (``qwen3_reference``) maps to the LLMConfig that test proves equal, and back."""
+    import qwen3_reference as ref
+    from transformers import Qwen3Config
+
+    from megatron_vlm.families.internvl.hf_llm_config import llm_from_hf, llm_to_hf
+
+    config = Qwen3Config(  # hf_qwen3's config, without building its model
+        vocab_size=ref.VOCAB, hidden_size=ref.HIDDEN, intermediate_size=ref.FFN,
+        num_hidden_layers=ref.LAYERS, num_attention_heads=ref.HEADS,
+        num_key_value_heads=ref.KV_HEADS, head_dim=ref.HEAD_DIM, rms_norm_eps=ref.EPS,
+        tie_word_embeddings=False, attention_bias=False, max_position_embeddings=256,
+        rope_parameters={"rope_type": "default", "rope_theta": THETA})
+    llm = llm_from_hf(config.to_dict())
+    assert llm == ref.our_llm_config(THETA)
+    assert llm_from_hf(llm_to_hf(llm, "qwen3")) == llm
