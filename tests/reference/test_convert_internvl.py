@@ -244,3 +244,60 @@ def test_real_sizes_plan_both_ways(megatron_groups, kind):
     outs = {o.name: o.shape for s in shards for o in s.outs}
     assert outs == {k: tuple(source.spec(k).shape) for k in source.keys()}
     assert any(".mlp.experts.31." in k for k in outs) == (kind != "qwen3")
+
+
+def _tiny_config(kind: str) -> dict:
+    from internvl_reference import TEXTS, VISION
+    from transformers import InternVLConfig
+
+    cfg = InternVLConfig(vision_config=VISION, text_config=TEXTS[kind]).to_dict()
+    cfg["architectures"] = ["InternVLForConditionalGeneration"]
+    return cfg
+
+
+@pytest.mark.parametrize("kind, section, change, message", [
+    ("qwen3", "text_config", {"model_type": "llama"}, "text_config.model_type='llama'"),
+    ("qwen3", "text_config", {"hidden_act": "gelu"}, "text_config.hidden_act='gelu'"),
+    ("qwen3", "text_config", {"attention_bias": True}, "attention_bias=true"),
+    ("qwen3", "text_config", {"use_sliding_window": True}, "use_sliding_window=true"),
+    ("qwen3", "text_config", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+     "rope type 'yarn'"),
+    ("gpt_oss", "text_config", {"attention_bias": False}, "attention_bias=false"),
+    ("gpt_oss", "text_config", {"layer_types": ["full_attention", "sliding_attention"] * 2},
+     "layer_types"),
+    ("gpt_oss", "text_config", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 64,
+                                                    "attention_factor": 2.0}},
+     "attention_factor"),
+    ("qwen3", None, {"vision_feature_layer": -2}, "vision_feature_layer=-2"),
+    ("qwen3", None, {"architectures": ["LlavaForConditionalGeneration"]}, "architectures"),
+])
+def test_config_refusals_name_the_field(kind, section, change, message):
+    """What our model cannot run is refused on import with the field's name."""
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.families.internvl.hf_config import model_from_hf
+
+    cfg = _tiny_config(kind)
+    (cfg[section] if section else cfg).update(change)
+    with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        model_from_hf(cfg)
+
+
+def test_export_refuses_what_internvl_cannot_express():
+    """GLM-4.1V's sandwich norms, a GLM-style sigmoid router with a shared expert, or M-RoPE
+    have no InternVL text model: export names the keys."""
+    import dataclasses
+
+    from megatron_vlm.convert.rules import ConversionError
+    from megatron_vlm.families.internvl.hf_config import model_from_hf, model_to_hf
+
+    model, _ = model_from_hf(_tiny_config("qwen3_moe"))
+    for change, message in (
+            (dict(sandwich_norms=True), "sandwich_norms=false"),
+            (dict(moe_router_score_function="sigmoid", num_shared_experts=1),
+             "moe_router_score_function=softmax"),
+            (dict(position_embedding="mrope", mrope_section=[2, 3, 3]),
+             "position_embedding=rope")):
+        llm = dataclasses.replace(model.llm, **change)
+        with pytest.raises(ConversionError, match=message):
+            model_to_hf(dataclasses.replace(model, llm=llm), "bf16", model.token_ids)
