@@ -36,3 +36,19 @@ def tiny_keye_run(tmp_path_factory) -> TinyRun:
     # ~2 minutes on 2 idle cores (issue 19's CI budget: <= 150 s).
     proc = run_train(["--recipe", "tiny_keye_cpu", f"train.output_dir={run_dir}"], timeout=600)
     return TinyRun(run_dir, proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def tiny_glm_run(tmp_path_factory) -> TinyRun:
+    """``python -m megatron_vlm.train --recipe tiny_glm_cpu`` with the recipe's defaults (the tiny
+    GLM-4.5V-shaped VLM on the bundled multimodal corpus, a checkpoint at its middle and end):
+    reused by the GLM probe and export tests (tests/e2e/test_glm_pretrain.py).
+
+    Treat the run directory as read-only; ``TinyRun.fork`` copies a checkpoint to continue from.
+    """
+    from tiny_runs import run_train
+
+    run_dir = tmp_path_factory.mktemp("tiny_glm_run")
+    # ~100 s on 2 idle cores (issue 20's CI budget).
+    proc = run_train(["--recipe", "tiny_glm_cpu", f"train.output_dir={run_dir}"], timeout=600)
+    return TinyRun(run_dir, proc.stdout)
