@@ -337,3 +337,26 @@ def test_config_both_ways():
         llm_from_hf({**hf, "layer_types": ["full_attention", "sliding_attention"] * 2})
     with pytest.raises(ConversionError, match="swiglu_alpha"):
         llm_from_hf({**hf, "swiglu_alpha": 1.0})
+
+
+def test_gpt_oss_20b_count_equals_transformers():
+    """The released GPT-OSS-20B sizes (transformers' ``GptOssConfig`` defaults but 24 layers and
+    32 experts): the config mapping's LLM has transformers' parameter count, 20.9 B, in the
+    closed form and in the planner's tensor list (padded vocabulary: 201088 is a multiple of
+    128)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from megatron_vlm.config.model import ModelConfig
+    from megatron_vlm.families.internvl.hf_llm_config import llm_from_hf
+    from megatron_vlm.models.param_count import count_llm_params_closed_form
+    from megatron_vlm.planning.tensors import chunk_tensors
+
+    config = GptOssConfig(num_hidden_layers=24, num_local_experts=32)
+    with torch.device("meta"):
+        expected = GptOssForCausalLM(config).num_parameters()
+    llm = llm_from_hf(config.to_dict())
+    assert llm.window_attn_skip_freq == 2 and llm.sliding_window == 128
+    assert count_llm_params_closed_form(llm)["total"] == expected == 20_914_757_184
+    planned = chunk_tensors(ModelConfig(llm=llm, params_dtype="bf16"), range(24), first=True,
+                            last=True)
+    assert sum(t.numel for t in planned) == expected

@@ -226,3 +226,29 @@ def test_dense_qwen3_config_maps_to_the_tested_llm():
     llm = llm_from_hf(config.to_dict())
     assert llm == ref.our_llm_config(THETA)
     assert llm_from_hf(llm_to_hf(llm, "qwen3")) == llm
+
+
+def test_qwen3_30b_a3b_count_equals_transformers():
+    """The released Qwen3-30B-A3B sizes (InternVL3.5-30B-A3B's LLM): the config mapping's LLM
+    has transformers' parameter count, closed form and planner's tensor list alike."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from megatron_vlm.config.model import ModelConfig
+    from megatron_vlm.families.internvl.hf_llm_config import llm_from_hf
+    from megatron_vlm.models.param_count import count_llm_params_closed_form
+    from megatron_vlm.planning.tensors import chunk_tensors
+
+    config = Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, moe_intermediate_size=768,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, tie_word_embeddings=False)
+    with torch.device("meta"):
+        expected = Qwen3MoeForCausalLM(config).num_parameters()
+    llm = llm_from_hf(config.to_dict())
+    assert llm.moe_layer_pattern is None and llm.num_moe_layers == 48
+    counts = count_llm_params_closed_form(llm)
+    assert counts["total"] == expected
+    assert 3.2e9 < counts["activated"] < 3.4e9  # "A3B"
+    planned = chunk_tensors(ModelConfig(llm=llm, params_dtype="bf16"), range(48), first=True,
+                            last=True)
+    assert sum(t.numel for t in planned) == expected
