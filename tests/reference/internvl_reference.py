@@ -1,13 +1,14 @@
 """Tiny InternVL3.5 transformers models (``InternVLForConditionalGeneration``) with each of the
 three text models, shared by ``test_internvl_model.py`` and ``test_convert_internvl.py``.
 
-Vision: a 300M-style InternViT (LayerNorm, q/k/v biases, layer scale, CLS + learned table), 2
-layers of 32 wide (4 heads), 112-px tiles (8x8 patches of 14, 16 LLM tokens per tile after the
-0.5 pixel shuffle), ``mlp1`` into the text width. Text models as the LLM reference tests size
-them: Qwen3 dense (hidden 64), Qwen3-MoE (``test_qwen3_moe_llm``: a dense middle layer, top-2 of
-8 softmax-routed experts), GPT-OSS (``test_gpt_oss_llm``: sinks, 6-token sliding window on layers
-0 and 2, clamped SwiGLU, biased router/experts, YaRN). Media ids come from :data:`TOK`, a
-character tokenizer with InternVL's three special tokens at 125..127.
+Vision: a 300M-style InternViT (LayerNorm, q/k/v biases, layer scale, CLS + learned table; or
+the 6B-style block: RMSNorm, whole-width q/k norms, no q/k/v bias), 2 layers of 32 wide (4
+heads), 112-px tiles (8x8 patches of 14, 16 LLM tokens per tile after the 0.5 pixel shuffle),
+``mlp1`` into the text width. Text models as the LLM reference tests size them: Qwen3 dense
+(hidden 64), Qwen3-MoE (``test_qwen3_moe_llm``: a dense middle layer, top-2 of 8 softmax-routed
+experts), GPT-OSS (``test_gpt_oss_llm``: sinks, 6-token sliding window on layers 0 and 2,
+clamped SwiGLU, biased router/experts, YaRN). Media ids come from :data:`TOK`, a character
+tokenizer with InternVL's three special tokens at 125..127.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ SIDE = TILE // 14
 VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
               image_size=TILE, patch_size=14, layer_norm_eps=1e-6, norm_type="layer_norm",
               use_qk_norm=False, attention_bias=True)
+VISION_6B = dict(VISION, norm_type="rms_norm", use_qk_norm=True, attention_bias=False)
+"""The 6B-style block (RMSNorm, whole-width q/k norms, no q/k/v bias) at the same tiny size."""
 DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 1e4}
 TEXTS = {
     "qwen3": dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
@@ -68,15 +71,17 @@ TOK = SpecialTokensTokenizer(_Chars(), INTERNVL_SPECIAL_TOKENS)
 IDS = internvl_token_ids(TOK)
 
 
-def hf_internvl(kind: str, tied: bool = False):
+def hf_internvl(kind: str, tied: bool = False, vit6b: bool = False):
     """A tiny perturbed ``InternVLForConditionalGeneration`` with text model ``kind``, eval
-    mode, eager attention; ``tied``: the top-level ``tie_word_embeddings``."""
+    mode, eager attention; ``tied``: the top-level ``tie_word_embeddings``; ``vit6b``: the
+    6B-style tower."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     torch.manual_seed(0)
     text = TEXTS[kind]
-    config = InternVLConfig(vision_config=VISION, text_config=text, downsample_ratio=0.5,
-                            image_token_id=IDS.img_context, tie_word_embeddings=tied)
+    config = InternVLConfig(vision_config=VISION_6B if vit6b else VISION, text_config=text,
+                            downsample_ratio=0.5, image_token_id=IDS.img_context,
+                            tie_word_embeddings=tied)
     for c in (config, config.text_config, config.vision_config):
         c._attn_implementation = "eager"
     model = InternVLForConditionalGeneration(config)

@@ -5,7 +5,8 @@ through ``tools/convert_hf.py import`` and ``export --dtype bf16`` (streaming, t
 index):
 
 * Qwen3 dense with tied embeddings (``InternVLConfig``'s default: no head tensor) and
-  Qwen3-MoE with an untied head and per-expert release names: every tensor comes back byte for
+  Qwen3-MoE with an untied head and per-expert release names, and Qwen3 with the 6B-style tower
+  (q/k norms, no q/k/v biases): every tensor comes back byte for
   byte under exactly the names written, the exported ``config.json`` carries transformers' values,
   and transformers loads the export (nothing missing or unexpected) with logits equal to our
   imported model's on a text document;
@@ -29,7 +30,9 @@ from hf_fixtures import read_safetensors_dir  # noqa: E402
 from internvl_reference import VOCAB, hf_internvl, release_name, release_state  # noqa: E402
 
 ATOL = 1e-5
-CASES = {"qwen3_tied": ("qwen3", True), "qwen3_moe": ("qwen3_moe", False)}
+CASES = {"qwen3_tied": ("qwen3", True, False), "qwen3_moe": ("qwen3_moe", False, False),
+         "qwen3_vit6b": ("qwen3", False, True)}
+"""case -> (text model, tied embeddings, 6B-style tower)."""
 
 
 def release_config(hf) -> dict:
@@ -45,9 +48,9 @@ def converted(request, megatron_groups, tmp_path_factory):
     from safetensors.torch import save_file
     from tiny_runs import load_tool
 
-    kind, tied = CASES[request.param]
+    kind, tied, vit6b = CASES[request.param]
     tmp = tmp_path_factory.mktemp(request.param)
-    hf = hf_internvl(kind, tied=tied)
+    hf = hf_internvl(kind, tied=tied, vit6b=vit6b)
     tensors = {k: v.to(torch.bfloat16) for k, v in release_state(hf).items()}
     config = release_config(hf)
     src = tmp / "hf"
@@ -81,6 +84,8 @@ def test_import_export_is_bit_identical(converted):
     assert ("language_model.lm_head.weight" in tensors) == (case != "qwen3_tied")
     experts = [k for k in tensors if ".mlp.experts.7.down_proj.weight" in k]
     assert len(experts) == (2 if case == "qwen3_moe" else 0)  # layers 0 and 2; 1 is dense
+    qk_norms = [k for k in tensors if k.endswith("attention.q_norm.weight")]
+    assert len(qk_norms) == (2 if case == "qwen3_vit6b" else 0)
 
 
 def test_exported_config_is_transformers(converted):

@@ -1,6 +1,7 @@
 """The whole InternVL3.5 VLM (``get_family('internvl').build_vlm``) == transformers 5.25's
 ``InternVLForConditionalGeneration`` with each of its three text models (Qwen3 dense, Qwen3-MoE,
-GPT-OSS), tiny random fp32 models (``internvl_reference.py``), logits within 1e-5.
+GPT-OSS; and Qwen3 with the 6B-style tower), tiny random fp32 models (``internvl_reference.py``),
+logits within 1e-5.
 
 Our side is what training runs: documents written by the family's template
 (``families/internvl/media.py``: ``<img>`` + 16 ``<IMG_CONTEXT>`` per 112-px tile + ``</img>``,
@@ -34,7 +35,7 @@ from megatron_vlm.data.video import VideoChunk  # noqa: E402
 from megatron_vlm.families.internvl.media import internvl_tokenize  # noqa: E402
 
 ATOL = 1e-5
-MEASURED = {"qwen3": 6.3e-6, "qwen3_moe": 6.7e-6, "gpt_oss": 3.3e-6}
+MEASURED = {"qwen3": 6.3e-6, "qwen3_moe": 6.7e-6, "gpt_oss": 3.3e-6, "qwen3_vit6b": 5.8e-6}
 """Max |ours - HF| over the four documents (logits up to ~6), Intel Xeon CPU."""
 PER_TILE = SIDE * SIDE
 
@@ -108,10 +109,13 @@ def build_ours(hf, megatron_groups):
     return vlm, model_cfg
 
 
-@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gpt_oss"])
+@pytest.fixture(scope="module", params=["qwen3", "qwen3_moe", "gpt_oss", "qwen3_vit6b"])
 def pair(request, megatron_groups):
-    hf = hf_internvl(request.param)
-    return (request.param, hf, *build_ours(hf, megatron_groups))
+    """(text model kind, HF model, our VLM, our config); ``qwen3_vit6b``: Qwen3 with the
+    6B-style tower."""
+    kind = request.param.removesuffix("_vit6b")
+    hf = hf_internvl(kind, vit6b=request.param.endswith("_vit6b"))
+    return (kind, hf, *build_ours(hf, megatron_groups))
 
 
 # ------------------------------------------------------------------------------ both sides
