@@ -16,9 +16,10 @@ transformers' side is its released path per document: ``input_ids`` and ``pixel_
 3, 112, 112]`` (``processing.hf_pixel_values``: every tile of the document's images and video
 frames in order; InternVL puts video frames through the image path with the same placeholder).
 
-One packed batch of four documents: text only; a 3-tile image (2 tiles + thumbnail) and a
-1-tile image; a 3-frame video; an image then a video. Measured max |ours - HF|: see
-:data:`MEASURED`.
+One packed batch of five documents: text only; a 3-tile image and a 1-tile image; a 3-frame
+video; an image then a video; a 170x300 photo tiled by ``processing.tile_image`` at 112 px (tiles
++ thumbnail; transformers' side gets ``GotOcr2ImageProcessorPil``'s pixel values of the photo).
+Measured max |ours - HF|: see :data:`MEASURED`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from megatron_vlm.data.video import VideoChunk  # noqa: E402
 from megatron_vlm.families.internvl.media import internvl_tokenize  # noqa: E402
 
 ATOL = 1e-5
-MEASURED = {"qwen3": 6.3e-6, "qwen3_moe": 6.7e-6, "gpt_oss": 3.3e-6, "qwen3_vit6b": 5.8e-6}
+MEASURED = {"qwen3": 6.3e-6, "qwen3_moe": 7.0e-6, "gpt_oss": 3.3e-6, "qwen3_vit6b": 5.8e-6}
 """Max |ours - HF| over the four documents (logits up to ~6), Intel Xeon CPU."""
 PER_TILE = SIDE * SIDE
 
@@ -55,11 +56,37 @@ def video(frames: int, seed: int) -> list[VideoChunk]:
                        chunk_index=i) for i in range(frames)]
 
 
+def _photo():
+    """A 170x300 RGB image tiled by our processing (``tile_image`` at 112 px: tiles by the
+    closest aspect ratio + thumbnail), and transformers' ``GotOcr2ImageProcessorPil`` pixel
+    values of the same image (size 112, crop_to_patches, InternVL's mean/std)."""
+    import numpy as np
+    import PIL.Image
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil,
+    )
+
+    from megatron_vlm.families.internvl.processing import IMAGENET_MEAN, IMAGENET_STD, tile_image
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (17, 30, 3), dtype=np.uint8).repeat(10, 0).repeat(10, 1)
+    photo = PIL.Image.fromarray(pixels)
+    tiled = tile_image(photo, tile_size=TILE)
+    item = ProcessedImage(tiled.patches(), tiled.grid_thw, (170, 300), (170, 300))
+    processor = GotOcr2ImageProcessorPil(size={"height": TILE, "width": TILE},
+                                         crop_to_patches=True, min_patches=1, max_patches=12,
+                                         image_mean=list(IMAGENET_MEAN),
+                                         image_std=list(IMAGENET_STD))
+    return item, processor(images=[photo], return_tensors="pt")["pixel_values"]
+
+
+PHOTO, PHOTO_HF_PIXELS = _photo()
 DOCUMENTS = {
     "text": [Text("a plain text document, no media at all")],
     "images": [Text("look: "), image(3, 1), Text(" and "), image(1, 2), Text(" what?")],
     "video": [Text("clip "), video(3, 3), Text(" what happens?")],
     "image_and_video": [image(2, 4), Text("then"), video(2, 5), Text(" same?")],
+    "photo": [Text("photo: "), PHOTO, Text(" describe it")],
 }
 
 
@@ -139,9 +166,14 @@ def ours_logits(vlm, docs: list) -> tuple[torch.Tensor, list[tuple[int, int]]]:
 
 
 def hf_logits(hf, doc: list) -> torch.Tensor:
-    """transformers' logits ``[L, V]`` of one document (its tiles and frames as pixel_values)."""
+    """transformers' logits ``[L, V]`` of one document (its tiles and frames as pixel_values;
+    the photo's from transformers' own image processor)."""
     from megatron_vlm.families.internvl.processing import hf_pixel_values
 
+    if doc is DOCUMENTS["photo"]:
+        ids = torch.from_numpy(internvl_tokenize(doc, TOK, IDS, markers_loss=True).tokens)[None]
+        with torch.no_grad():
+            return hf(input_ids=ids.long(), pixel_values=PHOTO_HF_PIXELS).logits[0]
     ids = torch.from_numpy(internvl_tokenize(doc, TOK, IDS, markers_loss=True).tokens)[None]
     items = [i for g in doc if not isinstance(g, Text)
              for i in (g if isinstance(g, list) else [g])]  # document order
@@ -169,11 +201,13 @@ def _check(hf, vlm, names: list[str]) -> float:
 
 
 def test_packed_documents_equal_transformers(pair):
-    """Four documents (text; a 3-tile and a 1-tile image; a 3-frame video; an image and a
-    video) in one packed micro-batch: each document's logits equal transformers' on that
-    document alone, for each text model."""
+    """Five documents (text; a 3-tile and a 1-tile image; a 3-frame video; an image and a
+    video; a photo tiled by our processing with its thumbnail, transformers given its own
+    processor's pixels) in one packed micro-batch: each document's logits equal transformers'
+    on that document alone, for each text model."""
     kind, hf, vlm, _ = pair
-    worst = _check(hf, vlm, ["text", "images", "video", "image_and_video"])
+    assert PHOTO.grid_thw[0] == PHOTO_HF_PIXELS.shape[0] == 9  # 4x2 tiles + thumbnail
+    worst = _check(hf, vlm, ["text", "images", "video", "image_and_video", "photo"])
     print(f"{kind}: max |ours - HF| = {worst:.1e}")
 
 
