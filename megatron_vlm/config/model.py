@@ -166,9 +166,9 @@ class LLMConfig:
     add_qkv_bias: bool = False
     """GQA only: biases on the q/k/v projections (Qwen2: true; Qwen3: false)."""
     add_bias_linear: bool = False
-    """Biases on every other linear too: the attention output projection, the MLPs' and experts'
-    ``linear_fc1``/``linear_fc2`` and the router (megatron ``add_bias_linear``; GPT-OSS: true,
-    with ``add_qkv_bias``)."""
+    """GQA only: biases on every other linear too: the attention output projection, the MLPs'
+    and experts' ``linear_fc1``/``linear_fc2`` and the router (megatron ``add_bias_linear``;
+    GPT-OSS: true, with ``add_qkv_bias``)."""
     attention_sinks: bool = False
     """GQA only: one learned logit per head that joins every query's softmax denominator and
     attends to nothing (GPT-OSS HF ``sinks``; megatron ``softmax_type='learnable'``, parameter
@@ -399,7 +399,8 @@ class LLMConfig:
         if self.attention == "mla":
             gqa_set = [name for name, off in (
                 ("num_query_groups", None), ("kv_channels", None), ("qk_layernorm", False),
-                ("add_qkv_bias", False), ("attention_sinks", False), ("sliding_window", None))
+                ("add_qkv_bias", False), ("attention_sinks", False), ("sliding_window", None),
+                ("add_bias_linear", False))
                 if getattr(self, name) != off]
             if gqa_set:
                 raise ValueError(

@@ -202,6 +202,8 @@ def test_gpt_oss_options_are_checked():
 
     with pytest.raises(ValueError, match="attention_sinks applies to attention=gqa"):
         LLMConfig(attention_sinks=True)
+    with pytest.raises(ValueError, match="add_bias_linear applies to attention=gqa"):
+        LLMConfig(add_bias_linear=True)
     with pytest.raises(ValueError, match="window_attn_skip_freq needs sliding_window"):
         our_llm(sliding_window=None)
     with pytest.raises(ValueError, match="yarn.truncate=false applies to attention=gqa"):
