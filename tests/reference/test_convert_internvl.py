@@ -266,7 +266,7 @@ def _tiny_config(kind: str) -> dict:
     ("qwen3", "text_config", {"attention_bias": True}, "attention_bias=true"),
     ("qwen3", "text_config", {"use_sliding_window": True}, "use_sliding_window=true"),
     ("qwen3", "text_config", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
-     "rope type 'yarn'"),
+     "plain RoPE"),
     ("gpt_oss", "text_config", {"attention_bias": False}, "attention_bias=false"),
     ("gpt_oss", "text_config", {"layer_types": ["full_attention", "sliding_attention"] * 2},
      "layer_types"),
