@@ -19,6 +19,9 @@ per segment, the 2x2 merge of each tile's grid = pixel shuffle v2), so no reorde
 between the packed batch and the tower (GLM needs ``patch_layout.py``; InternVL does not). Each
 tile or frame becomes ``h*w/4`` = 256 LLM tokens (``<IMG_CONTEXT>`` placeholders).
 
+Recipes (``recipes.py``): InternVL3.5-8B and InternVL3.5-30B-A3B pretraining at 32K, laid out
+for H100. The tiny CPU recipe is not built yet, so the family declares none.
+
 Out of scope: InternVL3.5-Flash's Visual Resolution Router (ViCO), which decides tokens per tile
 inside the model and so breaks the data side's placeholder counts (issue 21).
 """
@@ -67,8 +70,10 @@ FAMILY = ModelFamily(
     position_ids="rope",
     media_rules=internvl_media_rules,
     hf_architectures=("InternVLForConditionalGeneration",),
-    recipes=("internvl3_5_8b", "internvl3_5_30b_a3b", "tiny_internvl_cpu"),
+    recipes=("internvl3_5_8b", "internvl3_5_30b_a3b"),
     notes={"sources": "FAMILIES.md §3: transformers 5.25 models/internvl, models/got_ocr2, "
                       "models/qwen3, models/qwen3_moe, models/gpt_oss",
-           "out_of_scope": "InternVL3.5-Flash's Visual Resolution Router (ViCO)"},
+           "out_of_scope": "InternVL3.5-Flash's Visual Resolution Router (ViCO)",
+           "recipes": "recipes.py: InternVL3.5-8B and 30B-A3B at 32K on H100; no tiny CPU "
+                      "recipe yet"},
 )
